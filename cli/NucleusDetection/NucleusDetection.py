@@ -1,0 +1,22 @@
+"""NucleusDetection: nuclei of a slide -> DSA annotation (+ CSV, GeoJSON, overlay)."""
+
+import time
+
+from nucleus_models.cli_support import run_cli
+
+
+def main(args):
+    from nucleus_models.detection import DetectionParams, detect_nuclei, write_outputs
+    from nucleus_models.progress import FilterProgress
+
+    params = DetectionParams.from_namespace(args)
+    progress = FilterProgress("NucleusDetection", f"model {params.model}")
+    progress.start()
+    t0 = time.perf_counter()
+    result = detect_nuclei(params, progress=progress)
+    write_outputs(result)
+    progress.end(time.perf_counter() - t0)
+
+
+if __name__ == "__main__":
+    run_cli(main, __file__)

@@ -1,0 +1,1 @@
+"""Slicer CLIs: one folder per CLI, ``<Name>/<Name>.py`` + ``<Name>.xml``."""

@@ -1,0 +1,61 @@
+"""What every Slicer CLI script of the project shares: parsing and clean failures.
+
+A CLI script is ``main(args)`` plus ``run_cli(main, __file__)``: the XML next
+to the script defines the parameters (slicer_cli_web's parser), any
+:class:`~nucleus_models.errors.NucleusModelsError` becomes one line on stderr
+and exit status 2, and logging goes to stderr (stdout carries only the
+``<filter-progress>`` lines slicer_cli_web reads).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+from .errors import NucleusModelsError
+
+__all__ = ["build_parser", "run_cli", "fail"]
+
+log = logging.getLogger("nucleus_models.cli")
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    """Print ``error: message`` as one line on stderr and exit."""
+    sys.stderr.write("error: " + " ".join(str(message).split()) + "\n")
+    sys.stderr.flush()
+    raise SystemExit(code)
+
+
+def build_parser(xml_path: str) -> Any:
+    """slicer_cli_web's argument parser for ``xml_path``, failing in one line."""
+    from slicer_cli_web import CLIArgumentParser
+
+    class _Parser(CLIArgumentParser):  # type: ignore[misc, valid-type]
+        def error(self, message: str) -> NoReturn:  # argparse prints usage + error; we print one line
+            fail(f"{os.path.basename(xml_path)[:-4]}: {message}")
+
+    return _Parser(xml_path)
+
+
+def run_cli(main: Callable[[Any], Any], script_file: str) -> None:
+    """Parse ``sys.argv`` with the XML beside ``script_file`` and run ``main``."""
+    logging.basicConfig(
+        level=os.environ.get("NUCLEUS_LOG_LEVEL", "INFO"),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    for noisy in ("large_image", "distributed", "tornado", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    parser = build_parser(os.path.splitext(os.path.abspath(script_file))[0] + ".xml")
+    args = parser.parse_args()
+    try:
+        main(args)
+    except NucleusModelsError as exc:
+        fail(str(exc))
+    except MemoryError:
+        fail("out of memory: use a smaller analysis_tile_size or batch_size")
+    except KeyboardInterrupt:
+        fail("interrupted", 130)

@@ -1,0 +1,315 @@
+"""Nucleus detection on a slide: the one function the NucleusDetection CLI calls.
+
+``detect_nuclei(params)`` opens the slide, resolves the analysis region and
+resolution, builds the tissue mask and the tile grid, runs the model through
+the tile runner and returns a :class:`DetectionResult` (nuclei in base-pixel
+slide coordinates plus everything needed to record provenance).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from .errors import NoTissueError, ParameterError
+from .models import ModelSpec, get_spec
+from .types import Nuclei
+
+__all__ = ["DetectionParams", "DetectionResult", "detect_nuclei", "MODEL_OPTION_NAMES"]
+
+log = logging.getLogger(__name__)
+
+#: Parameters passed to the model builder when set (>= 0); -1 keeps the model's tuned value.
+MODEL_OPTION_NAMES = (
+    "foreground_threshold",
+    "min_radius",
+    "max_radius",
+    "local_max_search_radius",
+    "min_nucleus_area",
+)
+
+
+@dataclass
+class DetectionParams:
+    """Parameters of nucleus detection; field names are the CLI's XML names."""
+
+    inputImageFile: str
+    outputNucleiAnnotationFile: str | None = None
+    model: str = "classical-he"
+    analysis_roi: list[float] = field(default_factory=lambda: [-1.0, -1.0, -1.0, -1.0])
+    input_mpp: float = -1.0
+    nuclei_annotation_format: str = "polygon"
+    annotation_name: str = ""
+    outputNucleiCSVFile: str | None = None
+    outputNucleiGeoJSONFile: str | None = None
+    outputOverlayImageFile: str | None = None
+    analysis_tile_size: int = -1
+    analysis_tile_overlap: int = -1
+    min_fgnd_frac: float = 0.0
+    batch_size: int = -1
+    device: str = "auto"
+    scheduler: str = ""
+    num_workers: int = 0
+    foreground_threshold: float = -1.0
+    min_radius: float = -1.0
+    max_radius: float = -1.0
+    local_max_search_radius: float = -1.0
+    min_nucleus_area: float = -1.0
+
+    @classmethod
+    def from_namespace(cls, ns: Any) -> DetectionParams:
+        """Build from an argparse namespace (unknown attributes are ignored)."""
+        names = cls.__dataclass_fields__.keys()
+        return cls(**{k: getattr(ns, k) for k in names if hasattr(ns, k)})
+
+    def model_options(self) -> dict[str, Any]:
+        """Builder options: the thresholds the user set, plus the device."""
+        opts: dict[str, Any] = {
+            k: getattr(self, k) for k in MODEL_OPTION_NAMES if getattr(self, k) is not None and getattr(self, k) >= 0
+        }
+        if self.device and self.device != "auto":
+            opts["device"] = self.device
+        return opts
+
+
+@dataclass
+class DetectionResult:
+    """Nuclei plus what is needed to describe how they were found."""
+
+    nuclei: Nuclei
+    params: DetectionParams
+    spec: ModelSpec
+    slide: dict[str, Any]
+    region: list[int]
+    tiles: dict[str, int]
+    timings: dict[str, float]
+    version: str = __version__
+
+    def provenance(self) -> dict[str, Any]:
+        """JSON-ready record: parameters, model, sha256, version, counts, timings."""
+        counts = {
+            name: int(np.sum(self.nuclei.labels == i)) for i, name in enumerate(self.spec.classes)
+        }
+        return {
+            "software": "nucleus-models",
+            "version": self.version,
+            "cli": "NucleusDetection",
+            "params": asdict(self.params),
+            "model": {
+                "name": self.spec.name,
+                "sha256": self.spec.sha256,
+                "mpp": self.spec.mpp,
+                "classes": list(self.spec.classes),
+                "thresholds": dict(self.spec.thresholds),
+            },
+            "slide": self.slide,
+            "analysis_region": self.region,
+            "tiles": self.tiles,
+            "nuclei_count": len(self.nuclei),
+            "class_counts": counts,
+            "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
+        }
+
+
+Progress = Callable[[float], None]
+
+
+def detect_nuclei(params: DetectionParams, *, progress: Progress | None = None) -> DetectionResult:
+    """Detect nuclei in ``params.inputImageFile``.
+
+    Raises
+    ------
+    SlideError, ParameterError, ModelError, NoTissueError
+        With a one-line message for the user.
+    """
+    from .wsi import TileJob, clip_region, open_slide, parse_roi, run_tiles, tile_grid
+    from .wsi import tile_tissue_fraction, tissue_mask
+
+    t0 = time.perf_counter()
+    spec = get_spec(params.model)  # unknown model fails before any I/O
+    if params.nuclei_annotation_format not in ("polygon", "point", "box", "boundary", "bbox"):
+        raise ParameterError(
+            f"nuclei_annotation_format must be polygon, point or box, got {params.nuclei_annotation_format!r}"
+        )
+    roi = parse_roi(params.analysis_roi)
+    input_mpp = params.input_mpp if params.input_mpp and params.input_mpp > 0 else None
+    slide = open_slide(params.inputImageFile, input_mpp=input_mpp)
+    base_mpp = slide.require_mpp()
+    region = clip_region(roi, slide.width, slide.height)
+
+    downsample = spec.mpp / base_mpp
+    image_w = max(1, int(math.floor(slide.width / downsample)))
+    image_h = max(1, int(math.floor(slide.height / downsample)))
+    tile_size = params.analysis_tile_size if params.analysis_tile_size > 0 else spec.tile_size
+    min_overlap = int(math.ceil(spec.max_nucleus_diameter_um / spec.mpp))
+    overlap = params.analysis_tile_overlap if params.analysis_tile_overlap >= 0 else max(spec.tile_overlap, min_overlap)
+    if params.analysis_tile_overlap >= 0 and overlap < min_overlap:
+        log.warning(
+            "tile overlap %d px is smaller than the largest nucleus (%d px): nuclei may be cut at seams",
+            overlap,
+            min_overlap,
+        )
+    bounds = (
+        int(math.floor(region.left / downsample)),
+        int(math.floor(region.top / downsample)),
+        min(int(math.ceil((region.left + region.width) / downsample)), image_w),
+        min(int(math.ceil((region.top + region.height) / downsample)), image_h),
+    )
+    tiles = tile_grid(bounds, tile_size=tile_size, overlap=overlap, image_size=(image_w, image_h))
+
+    thumb, tscale = slide.thumbnail(2048)
+    tissue = tissue_mask(thumb, modality=spec.modality)
+    if region.polygons:
+        tissue = tissue & _polygon_mask(region.polygons, tissue.shape, tscale)
+    keep = []
+    for t in tiles:
+        box = tuple(v * downsample for v in t.core)
+        frac = tile_tissue_fraction(tissue, box, tscale)  # type: ignore[arg-type]
+        if frac > params.min_fgnd_frac or (frac > 0 and params.min_fgnd_frac <= 0):
+            keep.append(t)
+    if not keep:
+        raise NoTissueError(
+            f"{slide.path.rsplit('/', 1)[-1]}: no tissue found in the analysis region {region.as_list()}"
+        )
+    from .models import get_model
+
+    model = get_model(spec.name, **params.model_options())
+    context = model.prepare(thumb, tissue)
+    t_setup = time.perf_counter()
+
+    job = TileJob(
+        slide_path=slide.path,
+        input_mpp=input_mpp,
+        model_name=spec.name,
+        model_options=tuple(sorted(params.model_options().items())),
+        context=context,
+        downsample=downsample,
+        image_size=(image_w, image_h),
+        analysis_mpp=spec.mpp,
+    )
+
+    def tick(done: int, total: int) -> None:
+        if progress is not None:
+            progress(done / max(total, 1))
+
+    nuclei = run_tiles(
+        job,
+        keep,
+        scheduler=params.scheduler,
+        num_workers=params.num_workers,
+        batch_size=params.batch_size if params.batch_size > 0 else spec.batch_size,
+        progress=tick,
+    )
+    # nuclei must lie in the requested region (centroid rule, like the seams)
+    inside = (
+        (nuclei.centroids[:, 0] >= region.left)
+        & (nuclei.centroids[:, 0] < region.left + region.width)
+        & (nuclei.centroids[:, 1] >= region.top)
+        & (nuclei.centroids[:, 1] < region.top + region.height)
+    )
+    if region.polygons and len(nuclei):
+        inside &= _in_polygons(nuclei.centroids, region.polygons)
+    nuclei = nuclei.select(inside)
+    t_end = time.perf_counter()
+    return DetectionResult(
+        nuclei=nuclei,
+        params=params,
+        spec=spec,
+        slide={
+            "file": slide.path.rsplit("/", 1)[-1],
+            "width": slide.width,
+            "height": slide.height,
+            "mpp": base_mpp,
+            "mpp_source": slide.mpp_source,
+        },
+        region=region.as_list(),
+        tiles={"total": len(tiles), "analysed": len(keep), "size": tile_size, "overlap": overlap},
+        timings={"setup": t_setup - t0, "tiles": t_end - t_setup, "total": t_end - t0},
+    )
+
+
+def _in_polygons(points: np.ndarray, polygons: tuple[np.ndarray, ...]) -> np.ndarray:
+    import shapely
+
+    geom = shapely.union_all([shapely.Polygon(p) for p in polygons])
+    return shapely.contains_xy(geom, points[:, 0], points[:, 1])
+
+
+def _polygon_mask(polygons: tuple[np.ndarray, ...], shape: tuple[int, ...], scale: float) -> np.ndarray:
+    from skimage.draw import polygon as draw_polygon
+
+    mask = np.zeros(shape[:2], bool)
+    for p in polygons:
+        rr, cc = draw_polygon(p[:, 1] * scale, p[:, 0] * scale, shape[:2])
+        mask[rr, cc] = True
+    # keep tiles that only graze the polygon
+    from scipy import ndimage as ndi
+
+    return ndi.binary_dilation(mask, iterations=2)
+
+
+def write_outputs(result: DetectionResult) -> list[str]:
+    """Write every output the parameters ask for; return the paths written.
+
+    Documents are built in memory first and each file is written atomically,
+    so a failure leaves no partial file behind.
+    """
+    from .io import annotation_document, geojson_document, write_annotation, write_csv, write_geojson
+
+    p, spec = result.params, result.spec
+    prov = result.provenance()
+    name = p.annotation_name or f"Nuclei ({spec.name})"
+    written: list[str] = []
+    if p.outputNucleiAnnotationFile:
+        doc = annotation_document(
+            result.nuclei,
+            name=name,
+            form=p.nuclei_annotation_format,
+            class_names=spec.classes,
+            class_colors=spec.class_colors,
+            description=f"{len(result.nuclei)} nuclei by {spec.name} (nucleus-models {result.version})",
+            attributes=prov,
+        )
+        write_annotation(p.outputNucleiAnnotationFile, doc)
+        written.append(p.outputNucleiAnnotationFile)
+    if p.outputNucleiCSVFile:
+        write_csv(p.outputNucleiCSVFile, result.nuclei, class_names=spec.classes, mpp=result.slide["mpp"])
+        written.append(p.outputNucleiCSVFile)
+    if p.outputNucleiGeoJSONFile:
+        gj = geojson_document(
+            result.nuclei, class_names=spec.classes, class_colors=spec.class_colors, properties=prov
+        )
+        write_geojson(p.outputNucleiGeoJSONFile, gj)
+        written.append(p.outputNucleiGeoJSONFile)
+    if p.outputOverlayImageFile:
+        _write_overlay(result)
+        written.append(p.outputOverlayImageFile)
+    return written
+
+
+def _write_overlay(result: DetectionResult, max_size: int = 2048) -> None:
+    from .io import write_overlay
+    from .wsi import open_slide
+
+    p = result.params
+    slide = open_slide(p.inputImageFile, input_mpp=p.input_mpp if p.input_mpp > 0 else None)
+    x, y, w, h = result.region
+    scale = min(1.0, max_size / max(w, h))
+    out_w, out_h = max(1, round(w * scale)), max(1, round(h * scale))
+    img = slide.read_region(x, y, w, h, out_w=out_w, out_h=out_h)
+    assert p.outputOverlayImageFile is not None
+    write_overlay(
+        p.outputOverlayImageFile,
+        img,
+        nuclei=result.nuclei,
+        origin=(x, y),
+        scale=out_w / w,
+        class_colors=result.spec.class_colors,
+    )

@@ -1,0 +1,107 @@
+"""DSA annotation documents (large_image's annotation schema).
+
+One document per run: ``{"name", "description", "elements", "attributes"}``.
+Elements are ``polyline`` (closed, nucleus outline), ``point`` or
+``rectangle``, coloured by class, with the class name as ``group`` and the
+per-nucleus score and measurements under ``user``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from ..types import Nuclei
+from .atomic import atomic_write
+
+__all__ = ["annotation_document", "write_annotation", "FORMS"]
+
+FORMS = ("polygon", "point", "box")
+_ALIASES = {"boundary": "polygon", "bbox": "box"}
+
+
+def _fill(color: str, alpha: float = 0.25) -> str:
+    if color.startswith("rgb(") and color.endswith(")"):
+        return f"rgba({color[4:-1]},{alpha})"
+    return color
+
+
+def annotation_document(
+    nuclei: Nuclei,
+    *,
+    name: str,
+    form: str = "polygon",
+    class_names: Sequence[str] = ("nucleus",),
+    class_colors: Sequence[str] = ("rgb(0,200,255)",),
+    description: str = "",
+    attributes: dict[str, Any] | None = None,
+    decimals: int = 1,
+) -> dict[str, Any]:
+    """Build an annotation document for ``nuclei`` (base-pixel coordinates).
+
+    Parameters
+    ----------
+    form : {"polygon", "point", "box"}
+        Element type per nucleus (HistomicsTK's ``boundary``/``bbox`` accepted).
+    attributes : dict
+        Provenance (parameters, model, sha256, version, counts, timings).
+    """
+    form = _ALIASES.get(form, form)
+    if form not in FORMS:
+        raise ValueError(f"unknown annotation form {form!r}; use one of {FORMS}")
+    colors = list(class_colors) + ["rgb(255,255,0)"] * max(0, len(class_names) - len(class_colors))
+    meas_keys = [k for k in nuclei.measurements if k != "area_px"]
+    meas = {k: np.round(nuclei.measurements[k].astype(float), 3).tolist() for k in meas_keys}
+    scores = np.round(nuclei.scores.astype(float), 3).tolist()
+    labels = nuclei.labels.tolist()
+    elements: list[dict[str, Any]] = []
+    cent = np.round(nuclei.centroids, decimals).tolist()
+    boxes = np.round(nuclei.boxes, decimals).tolist()
+    polys = nuclei.polygons() if form == "polygon" else None
+    for i in range(len(nuclei)):
+        lab = labels[i]
+        el: dict[str, Any]
+        if form == "polygon":
+            assert polys is not None
+            pts = np.round(polys[i].astype(float), decimals)
+            el = {
+                "type": "polyline",
+                "closed": True,
+                "points": np.c_[pts, np.zeros(len(pts))].tolist(),
+                "fillColor": _fill(colors[lab]),
+            }
+        elif form == "point":
+            el = {"type": "point", "center": [cent[i][0], cent[i][1], 0]}
+        else:
+            x0, y0, x1, y1 = boxes[i]
+            el = {
+                "type": "rectangle",
+                "center": [round((x0 + x1) / 2, decimals), round((y0 + y1) / 2, decimals), 0],
+                "width": round(x1 - x0, decimals),
+                "height": round(y1 - y0, decimals),
+                "rotation": 0,
+                "fillColor": _fill(colors[lab]),
+            }
+        el["lineColor"] = colors[lab]
+        el["lineWidth"] = 1
+        el["group"] = class_names[lab]
+        user = {"score": scores[i]}
+        for k in meas_keys:
+            user[k] = meas[k][i]
+        el["user"] = user
+        elements.append(el)
+    doc: dict[str, Any] = {"name": name, "elements": elements}
+    if description:
+        doc["description"] = description
+    if attributes is not None:
+        doc["attributes"] = attributes
+    return doc
+
+
+def write_annotation(path: str, doc: dict[str, Any]) -> None:
+    """Write an annotation document as compact JSON, atomically."""
+    with atomic_write(path, "w", encoding="utf-8") as f:
+        json.dump(doc, f, separators=(",", ":"), allow_nan=False)

@@ -1,0 +1,78 @@
+"""Per-nucleus CSV and GeoJSON (a FeatureCollection QuPath imports as detections)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from ..types import Nuclei
+from .atomic import atomic_write
+
+__all__ = ["write_csv", "geojson_document", "write_geojson"]
+
+
+def write_csv(path: str, nuclei: Nuclei, *, class_names: Sequence[str], mpp: float | None = None) -> None:
+    """One row per nucleus: id, centroid, box (base pixels), score, class, measurements."""
+    table = nuclei.to_table(class_names)
+    cols = list(table)
+    with atomic_write(path, "w", encoding="utf-8", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", *cols] + (["x_um", "y_um"] if mpp else []))
+        for i in range(len(nuclei)):
+            row: list[Any] = [i + 1]
+            for c in cols:
+                v = table[c][i]
+                row.append(round(float(v), 3) if isinstance(v, np.floating | float) else v)
+            if mpp:
+                row += [round(float(table["x"][i]) * mpp, 2), round(float(table["y"][i]) * mpp, 2)]
+            w.writerow(row)
+
+
+def _rgb_triplet(color: str) -> list[int]:
+    inner = color[color.index("(") + 1 : color.index(")")] if "(" in color else "255,255,0"
+    return [int(float(v)) for v in inner.split(",")[:3]]
+
+
+def geojson_document(
+    nuclei: Nuclei,
+    *,
+    class_names: Sequence[str],
+    class_colors: Sequence[str],
+    properties: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """GeoJSON FeatureCollection; each nucleus a Polygon with QuPath's properties."""
+    feats = []
+    polys = nuclei.polygons()
+    for i in range(len(nuclei)):
+        ring = np.round(polys[i].astype(float), 2).tolist()
+        if ring and ring[0] != ring[-1]:
+            ring.append(ring[0])
+        lab = int(nuclei.labels[i])
+        meas = {"score": round(float(nuclei.scores[i]), 4)}
+        meas.update({k: round(float(v[i]), 4) for k, v in nuclei.measurements.items()})
+        feats.append(
+            {
+                "type": "Feature",
+                "id": i + 1,
+                "geometry": {"type": "Polygon", "coordinates": [ring]},
+                "properties": {
+                    "objectType": "detection",
+                    "classification": {"name": class_names[lab], "color": _rgb_triplet(class_colors[lab])},
+                    "measurements": meas,
+                },
+            }
+        )
+    doc: dict[str, Any] = {"type": "FeatureCollection", "features": feats}
+    if properties:
+        doc["properties"] = properties
+    return doc
+
+
+def write_geojson(path: str, doc: dict[str, Any]) -> None:
+    """Write a GeoJSON document atomically."""
+    with atomic_write(path, "w", encoding="utf-8") as f:
+        json.dump(doc, f, separators=(",", ":"), allow_nan=False)

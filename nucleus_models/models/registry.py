@@ -1,0 +1,58 @@
+"""Registry of named nucleus models (``<arch>-<data>``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import ModelError
+from .base import ModelSpec, NucleusModel
+
+__all__ = ["register_model", "get_model", "get_spec", "list_models"]
+
+
+@dataclass(frozen=True)
+class _Entry:
+    spec: ModelSpec
+    builder: Callable[..., NucleusModel]
+
+
+_REGISTRY: dict[str, _Entry] = {}
+
+
+def register_model(spec: ModelSpec) -> Callable[[Callable[..., NucleusModel]], Callable[..., NucleusModel]]:
+    """Decorator registering ``builder(**options) -> NucleusModel`` under ``spec.name``."""
+
+    def deco(builder: Callable[..., NucleusModel]) -> Callable[..., NucleusModel]:
+        if spec.name in _REGISTRY:
+            raise ValueError(f"model {spec.name!r} is already registered")
+        _REGISTRY[spec.name] = _Entry(spec, builder)
+        return builder
+
+    return deco
+
+
+def _ensure_builtin() -> None:
+    from . import classical  # noqa: F401  (registers classical-he, histomicstk-kofahi)
+
+
+def list_models() -> list[str]:
+    """Names of all registered models, sorted."""
+    _ensure_builtin()
+    return sorted(_REGISTRY)
+
+
+def get_spec(name: str) -> ModelSpec:
+    """The spec of model ``name`` (cheap: builds nothing)."""
+    _ensure_builtin()
+    try:
+        return _REGISTRY[name].spec
+    except KeyError:
+        raise ModelError(f"unknown model {name!r}; available: {', '.join(sorted(_REGISTRY))}") from None
+
+
+def get_model(name: str, **options: Any) -> NucleusModel:
+    """Build model ``name`` with builder ``options`` (e.g. thresholds, device)."""
+    spec = get_spec(name)
+    return _REGISTRY[name].builder(**options)

@@ -1,0 +1,236 @@
+"""The tile runner: read ahead, run the model in batches, merge without seams.
+
+Each tile is read with ``overlap`` pixels of context on every side, the model
+segments the whole read window, and only nuclei whose centroid lies in the
+tile's *core* are kept (cores partition the analysis region; see
+:mod:`.tiling`).  Nuclei touching an inner edge of the read window are cut
+and dropped: their centroid can only lie in a neighbour's core, where they
+are whole.  So every nucleus is reported once, uncut, whatever the tile size
+or overlap, as long as the overlap exceeds the largest nucleus.
+
+Schedulers (HistomicsTK's names): ``""`` serial (reads prefetched on a
+thread), ``"multithreading"`` (a thread pool), ``"multiprocessing"`` (a local
+dask.distributed cluster of processes) or ``"tcp://host:port"`` (an existing
+dask scheduler).  Workers open the slide and build the model themselves, so
+only small, picklable descriptions travel.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+
+from ..errors import ParameterError
+from ..instances import nuclei_from_labels
+from ..types import Nuclei
+from .tiling import Tile, in_core
+
+__all__ = ["TileJob", "run_tiles", "resolve_workers"]
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class TileJob:
+    """Everything a worker needs, picklable.
+
+    ``downsample`` is base pixels per analysis pixel; ``image_size`` the
+    slide size in analysis pixels.
+    """
+
+    slide_path: str
+    input_mpp: float | None
+    model_name: str
+    model_options: tuple[tuple[str, Any], ...]
+    context: dict[str, Any] = field(default_factory=dict)
+    downsample: float = 1.0
+    image_size: tuple[int, int] = (0, 0)
+    analysis_mpp: float = 0.5
+
+
+def resolve_workers(num_workers: int) -> int:
+    """``num_workers`` > 0 as given; 0 = all cores; < 0 = all cores minus ``|n|``."""
+    cores = os.cpu_count() or 1
+    if num_workers > 0:
+        return num_workers
+    return max(1, cores + num_workers)
+
+
+@lru_cache(maxsize=4)
+def _slide(path: str, input_mpp: float | None) -> Any:
+    from .slide import open_slide
+
+    return open_slide(path, input_mpp=input_mpp)
+
+
+@lru_cache(maxsize=4)
+def _model(name: str, options: tuple[tuple[str, Any], ...]) -> Any:
+    from ..models import get_model
+
+    return get_model(name, **dict(options))
+
+
+def read_tile(job: TileJob, tile: Tile) -> np.ndarray:
+    """Read a tile's window at the analysis resolution."""
+    slide = _slide(job.slide_path, job.input_mpp)
+    x0, y0, x1, y1 = tile.read
+    d = job.downsample
+    bx0, by0 = int(round(x0 * d)), int(round(y0 * d))
+    bx1 = min(int(round(x1 * d)), slide.width)
+    by1 = min(int(round(y1 * d)), slide.height)
+    return slide.read_region(bx0, by0, bx1 - bx0, by1 - by0, out_w=x1 - x0, out_h=y1 - y0)
+
+
+def _tile_nuclei(job: TileJob, tile: Tile, inst: Any) -> Nuclei:
+    """Keep the tile's own, uncut nuclei and map them to base pixels."""
+    nuc = nuclei_from_labels(
+        inst.labels, scores=inst.scores, classes=inst.classes, pixel_area_um2=job.analysis_mpp**2
+    )
+    if not len(nuc):
+        return nuc
+    rx0, ry0, rx1, ry1 = tile.read
+    nuc = nuc.transformed(offset=(rx0, ry0))
+    keep = in_core(nuc.centroids, tile.core)
+    # cut at an inner edge of the read window (not at the slide border)
+    W, H = job.image_size
+    b = nuc.boxes
+    cut = (
+        ((b[:, 0] <= rx0) & (rx0 > 0))
+        | ((b[:, 1] <= ry0) & (ry0 > 0))
+        | ((b[:, 2] >= rx1) & (rx1 < W))
+        | ((b[:, 3] >= ry1) & (ry1 < H))
+    )
+    return nuc.select(keep & ~cut).transformed(scale=job.downsample)
+
+
+def process_tiles(job: TileJob, tiles: Sequence[Tile], images: Sequence[np.ndarray] | None = None) -> Nuclei:
+    """Read (unless given), segment and merge one batch of tiles."""
+    model = _model(job.model_name, job.model_options)
+    if images is None:
+        images = [read_tile(job, t) for t in tiles]
+    results = model.predict_batch(list(images), job.context)
+    return Nuclei.concat([_tile_nuclei(job, t, r) for t, r in zip(tiles, results, strict=True)])
+
+
+def _batches(tiles: Sequence[Tile], size: int) -> list[list[Tile]]:
+    return [list(tiles[i : i + size]) for i in range(0, len(tiles), size)]
+
+
+def _prefetched(job: TileJob, tiles: Sequence[Tile], depth: int) -> Iterator[tuple[Tile, np.ndarray]]:
+    """Yield ``(tile, image)`` while a thread reads up to ``depth`` tiles ahead."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tile-read") as pool:
+        pending: list[tuple[Tile, Future[np.ndarray]]] = []
+        it = iter(tiles)
+        for t in it:
+            pending.append((t, pool.submit(read_tile, job, t)))
+            if len(pending) >= depth:
+                break
+        while pending:
+            t, fut = pending.pop(0)
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append((nxt, pool.submit(read_tile, job, nxt)))
+            yield t, fut.result()
+
+
+def run_tiles(
+    job: TileJob,
+    tiles: Sequence[Tile],
+    *,
+    scheduler: str = "",
+    num_workers: int = 0,
+    batch_size: int = 1,
+    progress: Progress | None = None,
+) -> Nuclei:
+    """Run the model over ``tiles`` and return the merged nuclei (base pixels).
+
+    The result is sorted by (y, x) of the centroid, so it does not depend on
+    the scheduler or on the order in which tiles finish.
+    """
+    batch_size = max(1, int(batch_size))
+    batches = _batches(tiles, batch_size)
+    total = len(tiles)
+    done = 0
+    parts: list[Nuclei] = []
+
+    def tick(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress is not None:
+            progress(done, total)
+
+    sched = (scheduler or "").strip()
+    if sched == "":
+        buf: list[tuple[Tile, np.ndarray]] = []
+        for item in _prefetched(job, tiles, depth=2 * batch_size):
+            buf.append(item)
+            if len(buf) == batch_size:
+                parts.append(process_tiles(job, [b[0] for b in buf], [b[1] for b in buf]))
+                tick(len(buf))
+                buf = []
+        if buf:
+            parts.append(process_tiles(job, [b[0] for b in buf], [b[1] for b in buf]))
+            tick(len(buf))
+    elif sched == "multithreading":
+        with ThreadPoolExecutor(max_workers=resolve_workers(num_workers)) as pool:
+            futs = {pool.submit(process_tiles, job, b): len(b) for b in batches}
+            from concurrent.futures import as_completed
+
+            for fut in as_completed(futs):
+                parts.append(fut.result())
+                tick(futs[fut])
+    elif sched == "multiprocessing" or "://" in sched or ":" in sched:
+        parts = _run_dask(job, batches, sched, num_workers, tick)
+    else:
+        raise ParameterError(
+            f"unknown scheduler {scheduler!r}: use '', 'multithreading', 'multiprocessing' or tcp://host:port"
+        )
+    merged = Nuclei.concat(parts)
+    if len(merged):
+        order = np.lexsort((merged.centroids[:, 0], merged.centroids[:, 1]))
+        merged = merged.select(order)
+    return merged
+
+
+def _run_dask(
+    job: TileJob, batches: list[list[Tile]], sched: str, num_workers: int, tick: Callable[[int], None]
+) -> list[Nuclei]:
+    from dask.distributed import Client, LocalCluster, as_completed
+
+    cluster = None
+    if sched == "multiprocessing":
+        cluster = LocalCluster(
+            n_workers=resolve_workers(num_workers),
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            silence_logs=logging.ERROR,
+        )
+        client = Client(cluster)
+    else:
+        address = sched if "://" in sched else f"tcp://{sched}"
+        try:
+            client = Client(address, timeout="20s")
+        except OSError as exc:
+            raise ParameterError(f"cannot reach dask scheduler {address}: {exc}") from exc
+    try:
+        futs = [client.submit(process_tiles, job, b, pure=False) for b in batches]
+        sizes = {f.key: len(b) for f, b in zip(futs, batches, strict=True)}
+        parts = []
+        for fut in as_completed(futs):
+            parts.append(fut.result())
+            tick(sizes[fut.key])
+        return parts
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()

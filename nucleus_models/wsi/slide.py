@@ -1,0 +1,177 @@
+"""Opening slides with large_image, and their resolution.
+
+This package is the only place in the project that imports ``large_image``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import SlideError
+
+__all__ = ["Slide", "open_slide"]
+
+log = logging.getLogger(__name__)
+
+
+def _large_image() -> Any:
+    import large_image
+
+    return large_image
+
+
+@dataclass
+class Slide:
+    """A readable slide: size, resolution and region reads in RGB (or grey).
+
+    Attributes
+    ----------
+    path : str
+        File the slide was opened from.
+    width, height : int
+        Size of the base (highest-resolution) layer in pixels.
+    mpp : float
+        Microns per base pixel (from metadata or the ``input_mpp`` override).
+    mpp_source : str
+        Where ``mpp`` came from: ``"metadata"``, ``"magnification"`` or ``"override"``.
+    """
+
+    path: str
+    width: int
+    height: int
+    mpp: float | None
+    mpp_source: str
+    source: Any
+    metadata: dict[str, Any]
+
+    def require_mpp(self) -> float:
+        """Return the resolution or raise a clear error if it is unknown."""
+        if self.mpp is None:
+            raise SlideError(
+                f"{Path(self.path).name}: resolution unknown (no microns-per-pixel or "
+                "magnification in its metadata); pass --input_mpp (microns per base pixel)"
+            )
+        return self.mpp
+
+    def read_region(
+        self, x: int, y: int, w: int, h: int, *, out_w: int | None = None, out_h: int | None = None
+    ) -> np.ndarray:
+        """Read base-pixel region ``(x, y, w, h)`` resampled to ``out_w x out_h``.
+
+        Returns an ``(out_h, out_w, C)`` uint8 array (RGB for colour slides,
+        one channel repeated to three for single-channel images).
+        """
+        import cv2
+
+        out_w = w if out_w is None else out_w
+        out_h = h if out_h is None else out_h
+        li = _large_image()
+        try:
+            arr, _ = self.source.getRegion(
+                region={"left": x, "top": y, "width": w, "height": h, "units": "base_pixels"},
+                output={"maxWidth": out_w, "maxHeight": out_h},
+                format=li.constants.TILE_FORMAT_NUMPY,
+            )
+        except Exception as exc:  # large_image / openslide / tifffile errors
+            raise SlideError(
+                f"{Path(self.path).name}: cannot read region {x},{y},{w},{h} "
+                f"(file truncated or corrupt?): {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+            ) from exc
+        arr = _to_uint8_rgb(np.asarray(arr))
+        if arr.shape[0] != out_h or arr.shape[1] != out_w:
+            interp = cv2.INTER_AREA if arr.shape[1] > out_w else cv2.INTER_LINEAR
+            arr = cv2.resize(arr, (out_w, out_h), interpolation=interp)
+            if arr.ndim == 2:
+                arr = arr[:, :, None]
+        return arr
+
+    def thumbnail(self, max_size: int = 2048) -> tuple[np.ndarray, float]:
+        """Return ``(image, scale)`` with ``scale`` = thumbnail pixels per base pixel."""
+        scale = min(1.0, max_size / max(self.width, self.height))
+        out_w = max(1, int(round(self.width * scale)))
+        out_h = max(1, int(round(self.height * scale)))
+        img = self.read_region(0, 0, self.width, self.height, out_w=out_w, out_h=out_h)
+        return img, out_w / self.width
+
+
+def _to_uint8_rgb(arr: np.ndarray) -> np.ndarray:
+    """Drop alpha, keep at most three channels, and scale to uint8."""
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if arr.shape[2] == 4:
+        arr = arr[:, :, :3]
+    elif arr.shape[2] == 2:  # grey + alpha
+        arr = arr[:, :, :1]
+    elif arr.shape[2] > 4:
+        arr = arr[:, :, :3]
+    if arr.dtype != np.uint8:
+        arr = arr.astype(np.float64)
+        if np.issubdtype(arr.dtype, np.floating) and arr.max(initial=0) <= 1.0:
+            arr = arr * 255.0
+        elif arr.max(initial=0) > 255:
+            arr = arr / 257.0  # 16-bit
+        arr = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+    if arr.shape[2] == 1:
+        arr = np.repeat(arr, 3, axis=2)
+    return np.ascontiguousarray(arr)
+
+
+def _mpp_from_metadata(meta: dict[str, Any]) -> tuple[float | None, str]:
+    mm_x = meta.get("mm_x")
+    if mm_x:
+        return float(mm_x) * 1000.0, "metadata"
+    mag = meta.get("magnification")
+    if mag:
+        # The usual scanner convention: 40x ~ 0.25 um/px.
+        return 10.0 / float(mag), "magnification"
+    return None, "unknown"
+
+
+def open_slide(path: str | os.PathLike[str], *, input_mpp: float | None = None) -> Slide:
+    """Open a slide (SVS, NDPI, pyramidal or plain TIFF, PNG, JPEG).
+
+    Parameters
+    ----------
+    path : path-like
+        The image file.
+    input_mpp : float, optional
+        Microns per base pixel; overrides the metadata (needed for images
+        that carry no resolution, like plain TIFF/PNG). ``None`` or ``<= 0``
+        means "use the metadata".
+
+    Raises
+    ------
+    SlideError
+        Missing, unreadable or corrupt file.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise SlideError(f"slide not found: {p}")
+    if not p.is_file():
+        raise SlideError(f"not a file: {p}")
+    if p.stat().st_size == 0:
+        raise SlideError(f"{p.name}: empty file")
+    li = _large_image()
+    try:
+        source = li.open(str(p))
+        meta = source.getMetadata()
+    except Exception as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise SlideError(f"{p.name}: cannot open as a slide or image (unsupported or corrupt): {msg}") from exc
+    width, height = int(meta.get("sizeX") or 0), int(meta.get("sizeY") or 0)
+    if width <= 0 or height <= 0:
+        raise SlideError(f"{p.name}: image has no pixels")
+    if input_mpp is not None and input_mpp > 0:
+        mpp, src = float(input_mpp), "override"
+    else:
+        mpp, src = _mpp_from_metadata(meta)
+    log.info("opened %s: %dx%d, mpp=%s (%s)", p.name, width, height, mpp, src)
+    return Slide(
+        path=str(p), width=width, height=height, mpp=mpp, mpp_source=src, source=source, metadata=meta
+    )

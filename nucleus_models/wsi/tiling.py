@@ -1,0 +1,211 @@
+"""Pure tiling functions: analysis regions, tile grids with overlap, seam rules.
+
+Coordinates here are *analysis pixels* (the model's resolution) unless a
+name says ``base``.  A tile has a *core* (the cells of a partition of the
+analysis region) and a *read* window (core grown by ``overlap`` on every
+side, clipped to the image).  A nucleus is reported by the one tile whose
+core holds its centroid; with ``overlap`` larger than the biggest nucleus,
+every nucleus lies whole inside the read window of that tile, so none is cut
+at a seam and none is reported twice.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import ParameterError
+
+__all__ = [
+    "Tile",
+    "Region",
+    "parse_roi",
+    "tile_grid",
+    "in_core",
+]
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One tile of the grid (analysis pixels; ``x1``/``y1`` exclusive)."""
+
+    index: int
+    core: tuple[int, int, int, int]
+    read: tuple[int, int, int, int]
+
+    @property
+    def read_size(self) -> tuple[int, int]:
+        """``(width, height)`` of the read window."""
+        return self.read[2] - self.read[0], self.read[3] - self.read[1]
+
+
+@dataclass(frozen=True)
+class Region:
+    """Analysis region in base pixels: a rectangle and optional polygons.
+
+    ``polygons`` are lists of ``(K, 2)`` x, y arrays in base pixels; the
+    rectangle is then their bounding box.
+    """
+
+    left: int
+    top: int
+    width: int
+    height: int
+    polygons: tuple[np.ndarray, ...] = ()
+
+    @property
+    def is_whole(self) -> bool:
+        """True when no ROI was given (the whole slide)."""
+        return self.width < 0
+
+    def as_list(self) -> list[int]:
+        """``[left, top, width, height]``."""
+        return [self.left, self.top, self.width, self.height]
+
+
+def parse_roi(values: Sequence[float] | str | None) -> Region:
+    """Parse an ``analysis_roi`` value as HistomicsTK's CLIs accept it.
+
+    ``-1,-1,-1,-1`` (or empty) is the whole slide; four numbers are
+    ``left, top, width, height`` in base pixels; six are a rectangle given by
+    centre and half-size ``x, y, z, rx, ry, rz``; eight or more (an even
+    count) are polygon vertices ``x1, y1, x2, y2, ...``, several polygons
+    separated by a ``-1, -1`` pair.
+
+    >>> parse_roi("-1,-1,-1,-1").is_whole
+    True
+    >>> parse_roi([10, 20, 30, 40]).as_list()
+    [10, 20, 30, 40]
+    >>> parse_roi("0,0, 100,0, 100,50, 0,50").as_list()
+    [0, 0, 101, 51]
+    """
+    if values is None:
+        return Region(-1, -1, -1, -1)
+    if isinstance(values, str):
+        parts = [v for v in values.replace(" ", "").split(",") if v != ""]
+        try:
+            vals = [float(v) for v in parts]
+        except ValueError:
+            raise ParameterError(
+                f"analysis_roi must be numbers separated by commas, got {values!r}"
+            ) from None
+    else:
+        vals = [float(v) for v in values]
+    if not vals or (len(vals) == 4 and all(v == -1 for v in vals)):
+        return Region(-1, -1, -1, -1)
+    if len(vals) == 6:
+        x, y, _, rx, ry, _ = vals
+        vals = [x - rx, y - ry, 2 * rx, 2 * ry]
+    if len(vals) == 4:
+        left, top, width, height = (int(round(v)) for v in vals)
+        if width <= 0 or height <= 0:
+            raise ParameterError(f"analysis_roi width and height must be positive, got {vals}")
+        return Region(left, top, width, height)
+    if len(vals) < 8 or len(vals) % 2:
+        raise ParameterError(
+            "analysis_roi must be -1,-1,-1,-1, left,top,width,height, or polygon vertices "
+            f"x1,y1,x2,y2,x3,y3,...; got {len(vals)} numbers"
+        )
+    pts = np.asarray(vals, dtype=np.float64).reshape(-1, 2)
+    polys: list[np.ndarray] = []
+    current: list[np.ndarray] = []
+    for p in [*pts, np.array([-1.0, -1.0])]:
+        if p[0] == -1 and p[1] == -1:
+            if len(current) > 1 and np.array_equal(current[0], current[-1]):
+                current.pop()
+            if len(current) >= 3:
+                polys.append(np.array(current))
+            current = []
+        elif not current or not np.array_equal(p, current[-1]):
+            current.append(p)
+    if not polys:
+        raise ParameterError("analysis_roi polygon needs at least three distinct vertices")
+    allp = np.concatenate(polys)
+    x0, y0 = np.floor(allp.min(axis=0)).astype(int)
+    x1, y1 = np.floor(allp.max(axis=0)).astype(int) + 1
+    return Region(int(x0), int(y0), int(x1 - x0), int(y1 - y0), tuple(polys))
+
+
+def clip_region(region: Region, width: int, height: int) -> Region:
+    """Clip a region to a ``width x height`` slide; whole-slide becomes explicit.
+
+    Raises
+    ------
+    ParameterError
+        If the region does not overlap the slide.
+    """
+    if region.is_whole:
+        return Region(0, 0, width, height)
+    x0, y0 = max(region.left, 0), max(region.top, 0)
+    x1 = min(region.left + region.width, width)
+    y1 = min(region.top + region.height, height)
+    if x1 <= x0 or y1 <= y0:
+        raise ParameterError(
+            f"analysis_roi {region.as_list()} lies outside the slide ({width}x{height} base pixels)"
+        )
+    return Region(x0, y0, x1 - x0, y1 - y0, region.polygons)
+
+
+def tile_grid(
+    bounds: tuple[int, int, int, int],
+    *,
+    tile_size: int,
+    overlap: int,
+    image_size: tuple[int, int] | None = None,
+) -> list[Tile]:
+    """Cover ``bounds`` = ``(x0, y0, x1, y1)`` with tiles.
+
+    Cores are ``tile_size`` squares (smaller at the far edges) that partition
+    ``bounds``; each read window is the core grown by ``overlap`` pixels on
+    every side and clipped to ``image_size`` (``(width, height)``, default:
+    the bounds themselves).
+
+    >>> [t.core for t in tile_grid((0, 0, 10, 4), tile_size=6, overlap=2)]
+    [(0, 0, 6, 4), (6, 0, 10, 4)]
+    >>> [t.read for t in tile_grid((0, 0, 10, 4), tile_size=6, overlap=2)]
+    [(0, 0, 8, 4), (4, 0, 10, 4)]
+    """
+    if tile_size <= 0:
+        raise ParameterError(f"tile size must be positive, got {tile_size}")
+    if overlap < 0:
+        raise ParameterError(f"tile overlap must be >= 0, got {overlap}")
+    if tile_size <= overlap:
+        raise ParameterError(f"tile size ({tile_size}) must be larger than the tile overlap ({overlap})")
+    x0, y0, x1, y1 = bounds
+    if x1 <= x0 or y1 <= y0:
+        return []
+    W, H = image_size if image_size is not None else (x1, y1)
+    lo_x, lo_y = (0, 0) if image_size is not None else (x0, y0)
+    tiles: list[Tile] = []
+    nx = math.ceil((x1 - x0) / tile_size)
+    ny = math.ceil((y1 - y0) / tile_size)
+    for j in range(ny):
+        cy0 = y0 + j * tile_size
+        cy1 = min(cy0 + tile_size, y1)
+        for i in range(nx):
+            cx0 = x0 + i * tile_size
+            cx1 = min(cx0 + tile_size, x1)
+            read = (
+                max(cx0 - overlap, lo_x),
+                max(cy0 - overlap, lo_y),
+                min(cx1 + overlap, W),
+                min(cy1 + overlap, H),
+            )
+            tiles.append(Tile(len(tiles), (cx0, cy0, cx1, cy1), read))
+    return tiles
+
+
+def in_core(points: np.ndarray, core: tuple[float, float, float, float]) -> np.ndarray:
+    """Boolean mask of ``(N, 2)`` x, y points inside the half-open core box.
+
+    Half-open intervals make the cores a partition: a centroid on a shared
+    edge belongs to exactly one tile.
+
+    >>> in_core(np.array([[0, 0], [6, 1], [5.9, 3.9]]), (0, 0, 6, 4)).tolist()
+    [True, False, True]
+    """
+    x, y = points[:, 0], points[:, 1]
+    return (x >= core[0]) & (x < core[2]) & (y >= core[1]) & (y < core[3])

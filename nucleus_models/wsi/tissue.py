@@ -1,0 +1,46 @@
+"""Low-resolution tissue masks (which tiles are worth analysing)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["tissue_mask", "tile_tissue_fraction"]
+
+
+def tissue_mask(thumbnail: np.ndarray, *, modality: str = "brightfield") -> np.ndarray:
+    """Boolean tissue mask of an RGB uint8 thumbnail.
+
+    Brightfield: summed optical density above 0.2 (white glass is ~0.05,
+    pale eosin ~0.3), closed and hole-filled.  Fluorescence: brighter than
+    half of Otsu's threshold on the mean channel (dark background).
+    Thresholds are fixed, so the mask does not depend on how the slide is cut.
+
+    >>> img = np.full((20, 20, 3), 245, np.uint8); img[5:15, 5:15] = (200, 120, 180)
+    >>> int(tissue_mask(img).sum())
+    100
+    """
+    from scipy import ndimage as ndi
+
+    img = thumbnail[..., :3].astype(np.float32)
+    if modality == "fluorescence":
+        from skimage.filters import threshold_otsu
+
+        grey = img.mean(axis=2)
+        if float(grey.max()) - float(grey.min()) < 1.0:
+            return np.zeros(grey.shape, bool)
+        mask = grey > 0.5 * threshold_otsu(grey)
+    else:
+        od = -np.log10(np.clip(img, 1.0, 255.0) / 255.0)
+        mask = od.sum(axis=2) > 0.2
+    mask = ndi.binary_closing(mask, iterations=2, border_value=0) | mask
+    return ndi.binary_fill_holes(mask)
+
+
+def tile_tissue_fraction(mask: np.ndarray, box: tuple[float, float, float, float], scale: float) -> float:
+    """Fraction of tissue in base-pixel ``box`` (x0, y0, x1, y1) of a mask at ``scale``."""
+    x0 = int(np.floor(box[0] * scale))
+    y0 = int(np.floor(box[1] * scale))
+    x1 = max(int(np.ceil(box[2] * scale)), x0 + 1)
+    y1 = max(int(np.ceil(box[3] * scale)), y0 + 1)
+    sub = mask[y0:y1, x0:x1]
+    return float(sub.mean()) if sub.size else 0.0
