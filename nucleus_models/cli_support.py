@@ -34,7 +34,9 @@ def build_parser(xml_path: str) -> Any:
     from slicer_cli_web import CLIArgumentParser
 
     class _Parser(CLIArgumentParser):  # type: ignore[misc, valid-type]
-        def error(self, message: str) -> NoReturn:  # argparse prints usage + error; we print one line
+        def error(
+            self, message: str
+        ) -> NoReturn:  # argparse prints usage + error; we print one line
             fail(f"{os.path.basename(xml_path)[:-4]}: {message}")
 
     return _Parser(xml_path)

@@ -22,7 +22,15 @@ from .errors import NoTissueError, ParameterError
 from .models import ModelSpec, get_spec
 from .types import Nuclei
 
-__all__ = ["DetectionParams", "DetectionResult", "detect_nuclei", "MODEL_OPTION_NAMES"]
+__all__ = [
+    "DetectionParams",
+    "DetectionResult",
+    "ImageSegmentation",
+    "MODEL_OPTION_NAMES",
+    "detect_nuclei",
+    "segment_image",
+    "write_outputs",
+]
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +80,9 @@ class DetectionParams:
     def model_options(self) -> dict[str, Any]:
         """Builder options: the thresholds the user set, plus the device."""
         opts: dict[str, Any] = {
-            k: getattr(self, k) for k in MODEL_OPTION_NAMES if getattr(self, k) is not None and getattr(self, k) >= 0
+            k: getattr(self, k)
+            for k in MODEL_OPTION_NAMES
+            if getattr(self, k) is not None and getattr(self, k) >= 0
         }
         if self.device and self.device != "auto":
             opts["device"] = self.device
@@ -149,7 +159,11 @@ def detect_nuclei(params: DetectionParams, *, progress: Progress | None = None) 
     image_h = max(1, int(math.floor(slide.height / downsample)))
     tile_size = params.analysis_tile_size if params.analysis_tile_size > 0 else spec.tile_size
     min_overlap = int(math.ceil(spec.max_nucleus_diameter_um / spec.mpp))
-    overlap = params.analysis_tile_overlap if params.analysis_tile_overlap >= 0 else max(spec.tile_overlap, min_overlap)
+    overlap = (
+        params.analysis_tile_overlap
+        if params.analysis_tile_overlap >= 0
+        else max(spec.tile_overlap, min_overlap)
+    )
     if params.analysis_tile_overlap >= 0 and overlap < min_overlap:
         log.warning(
             "tile overlap %d px is smaller than the largest nucleus (%d px): nuclei may be cut at seams",
@@ -242,7 +256,9 @@ def _in_polygons(points: np.ndarray, polygons: tuple[np.ndarray, ...]) -> np.nda
     return shapely.contains_xy(geom, points[:, 0], points[:, 1])
 
 
-def _polygon_mask(polygons: tuple[np.ndarray, ...], shape: tuple[int, ...], scale: float) -> np.ndarray:
+def _polygon_mask(
+    polygons: tuple[np.ndarray, ...], shape: tuple[int, ...], scale: float
+) -> np.ndarray:
     from skimage.draw import polygon as draw_polygon
 
     mask = np.zeros(shape[:2], bool)
@@ -261,7 +277,13 @@ def write_outputs(result: DetectionResult) -> list[str]:
     Documents are built in memory first and each file is written atomically,
     so a failure leaves no partial file behind.
     """
-    from .io import annotation_document, geojson_document, write_annotation, write_csv, write_geojson
+    from .io import (
+        annotation_document,
+        geojson_document,
+        write_annotation,
+        write_csv,
+        write_geojson,
+    )
 
     p, spec = result.params, result.spec
     prov = result.provenance()
@@ -280,7 +302,9 @@ def write_outputs(result: DetectionResult) -> list[str]:
         write_annotation(p.outputNucleiAnnotationFile, doc)
         written.append(p.outputNucleiAnnotationFile)
     if p.outputNucleiCSVFile:
-        write_csv(p.outputNucleiCSVFile, result.nuclei, class_names=spec.classes, mpp=result.slide["mpp"])
+        write_csv(
+            p.outputNucleiCSVFile, result.nuclei, class_names=spec.classes, mpp=result.slide["mpp"]
+        )
         written.append(p.outputNucleiCSVFile)
     if p.outputNucleiGeoJSONFile:
         gj = geojson_document(
@@ -312,4 +336,74 @@ def _write_overlay(result: DetectionResult, max_size: int = 2048) -> None:
         origin=(x, y),
         scale=out_w / w,
         class_colors=result.spec.class_colors,
+    )
+
+
+@dataclass
+class ImageSegmentation:
+    """Instances of an in-memory image, on the image's own pixel grid."""
+
+    labels: np.ndarray  # (H, W) uint32
+    nuclei: Nuclei  # image-pixel coordinates
+    spec: ModelSpec
+    seconds: float
+
+
+def segment_image(
+    image: np.ndarray,
+    *,
+    mpp: float,
+    model: str,
+    model_options: dict[str, Any] | None = None,
+    tile_size: int = -1,
+    overlap: int = -1,
+    batch_size: int = -1,
+) -> ImageSegmentation:
+    """Segment an RGB image (e.g. a benchmark sample) with a registered model.
+
+    The image is resampled to the model's resolution, segmented with the
+    same tiling and seam rule as slides, and the label map is resampled back
+    (nearest neighbour) to the image grid.
+    """
+    import cv2
+
+    from .instances import nuclei_from_labels
+    from .models import get_model
+    from .wsi.runner import segment_array
+    from .wsi.slide import _to_uint8_rgb
+    from .wsi.tissue import tissue_mask
+
+    t0 = time.perf_counter()
+    spec = get_spec(model)
+    net = get_model(model, **(model_options or {}))
+    rgb = _to_uint8_rgb(np.asarray(image))
+    h, w = rgb.shape[:2]
+    d = spec.mpp / mpp
+    aw, ah = max(1, int(round(w / d))), max(1, int(round(h / d)))
+    small = (
+        rgb
+        if (aw, ah) == (w, h)
+        else cv2.resize(rgb, (aw, ah), interpolation=cv2.INTER_AREA if d > 1 else cv2.INTER_LINEAR)
+    )
+    tissue = tissue_mask(small, modality=spec.modality)
+    context = net.prepare(small, tissue)
+    ts = tile_size if tile_size > 0 else spec.tile_size
+    ov = (
+        overlap
+        if overlap >= 0
+        else max(spec.tile_overlap, int(math.ceil(spec.max_nucleus_diameter_um / spec.mpp)))
+    )
+    lab, scores, classes = segment_array(
+        small,
+        net,
+        context,
+        tile_size=ts,
+        overlap=ov,
+        batch_size=batch_size if batch_size > 0 else spec.batch_size,
+    )
+    if (aw, ah) != (w, h):
+        lab = cv2.resize(lab, (w, h), interpolation=cv2.INTER_NEAREST)
+    nuclei = nuclei_from_labels(lab, scores=scores, classes=classes, pixel_area_um2=mpp**2)
+    return ImageSegmentation(
+        labels=lab.astype(np.uint32), nuclei=nuclei, spec=spec, seconds=time.perf_counter() - t0
     )

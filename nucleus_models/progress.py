@@ -15,7 +15,9 @@ __all__ = ["FilterProgress"]
 class FilterProgress:
     """Write ``<filter-start>``, throttled ``<filter-progress>`` and ``<filter-end>`` lines."""
 
-    def __init__(self, name: str, comment: str = "", *, stream: TextIO | None = None, step: float = 0.01):
+    def __init__(
+        self, name: str, comment: str = "", *, stream: TextIO | None = None, step: float = 0.01
+    ):
         self.name = name
         self.comment = comment
         self.stream = stream or sys.stdout

@@ -60,7 +60,9 @@ class Nuclei:
         self.scores = np.asarray(self.scores, dtype=np.float32).reshape(n)
         self.labels = np.asarray(self.labels, dtype=np.int32).reshape(n)
         if self.polygon_offsets.shape != (n + 1,):
-            raise ValueError(f"polygon_offsets must have {n + 1} entries, got {self.polygon_offsets.shape}")
+            raise ValueError(
+                f"polygon_offsets must have {n + 1} entries, got {self.polygon_offsets.shape}"
+            )
         if self.polygon_offsets[-1] != len(self.polygon_vertices):
             raise ValueError("polygon_offsets[-1] must equal the number of polygon vertices")
         for key, values in self.measurements.items():
@@ -183,14 +185,18 @@ class Nuclei:
             measurements={k: v[idx] for k, v in self.measurements.items()},
         )
 
-    def transformed(self, *, scale: float = 1.0, offset: tuple[float, float] = (0.0, 0.0)) -> Nuclei:
+    def transformed(
+        self, *, scale: float = 1.0, offset: tuple[float, float] = (0.0, 0.0)
+    ) -> Nuclei:
         """Return coordinates mapped by ``xy * scale + offset`` (measurements unchanged)."""
         off = np.asarray(offset, np.float64)
         box_off = np.concatenate([off, off])
         return Nuclei(
             centroids=self.centroids * scale + off,
             boxes=self.boxes * scale + box_off,
-            polygon_vertices=(self.polygon_vertices.astype(np.float64) * scale + off).astype(np.float32),
+            polygon_vertices=(self.polygon_vertices.astype(np.float64) * scale + off).astype(
+                np.float32
+            ),
             polygon_offsets=self.polygon_offsets.copy(),
             scores=self.scores,
             labels=self.labels,

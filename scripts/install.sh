@@ -23,6 +23,10 @@ $PY -m pip install --no-deps histomicstk==1.4.0
 $PY -m pip install -r "$HERE/scripts/requirements-runtime.txt"
 if [ -n "$EXTRAS" ]; then
   $PY -m pip install -e "$HERE[$EXTRAS]"
+  # large_image's own annotation schema, for the schema contract test. The
+  # package pins an old Girder, and the test reads only its schema class, so
+  # it is installed without dependencies.
+  $PY -m pip install --no-deps girder-large-image-annotation==1.35.6
 else
   $PY -m pip install -e "$HERE"
 fi

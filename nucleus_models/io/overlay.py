@@ -34,7 +34,9 @@ def render_overlay(
     out = np.ascontiguousarray(image[..., :3].copy())
     for i, poly in enumerate(nuclei.polygons()):
         pts = ((poly.astype(np.float64) - origin) * scale).round().astype(np.int32)
-        cv2.polylines(out, [pts.reshape(-1, 1, 2)], True, _rgb(class_colors[int(nuclei.labels[i])]), 1)
+        cv2.polylines(
+            out, [pts.reshape(-1, 1, 2)], True, _rgb(class_colors[int(nuclei.labels[i])]), 1
+        )
     return out
 
 

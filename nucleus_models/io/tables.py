@@ -15,7 +15,9 @@ from .atomic import atomic_write
 __all__ = ["write_csv", "geojson_document", "write_geojson"]
 
 
-def write_csv(path: str, nuclei: Nuclei, *, class_names: Sequence[str], mpp: float | None = None) -> None:
+def write_csv(
+    path: str, nuclei: Nuclei, *, class_names: Sequence[str], mpp: float | None = None
+) -> None:
     """One row per nucleus: id, centroid, box (base pixels), score, class, measurements."""
     table = nuclei.to_table(class_names)
     cols = list(table)
@@ -61,7 +63,10 @@ def geojson_document(
                 "geometry": {"type": "Polygon", "coordinates": [ring]},
                 "properties": {
                     "objectType": "detection",
-                    "classification": {"name": class_names[lab], "color": _rgb_triplet(class_colors[lab])},
+                    "classification": {
+                        "name": class_names[lab],
+                        "color": _rgb_triplet(class_colors[lab]),
+                    },
                     "measurements": meas,
                 },
             }

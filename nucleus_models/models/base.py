@@ -109,10 +109,14 @@ class NucleusModel(ABC):
         """Model input -> raw output (maps, logits...)."""
 
     @abstractmethod
-    def postprocess(self, raw: Any, tiles: list[np.ndarray], context: dict[str, Any]) -> list[TileInstances]:
+    def postprocess(
+        self, raw: Any, tiles: list[np.ndarray], context: dict[str, Any]
+    ) -> list[TileInstances]:
         """Raw output -> one ``TileInstances`` per tile."""
 
-    def predict_batch(self, tiles: list[np.ndarray], context: dict[str, Any] | None = None) -> list[TileInstances]:
+    def predict_batch(
+        self, tiles: list[np.ndarray], context: dict[str, Any] | None = None
+    ) -> list[TileInstances]:
         """Run the three stages on a batch of tiles."""
         context = context or {}
         return self.postprocess(self.forward(self.preprocess(tiles, context)), tiles, context)

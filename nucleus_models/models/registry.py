@@ -21,7 +21,9 @@ class _Entry:
 _REGISTRY: dict[str, _Entry] = {}
 
 
-def register_model(spec: ModelSpec) -> Callable[[Callable[..., NucleusModel]], Callable[..., NucleusModel]]:
+def register_model(
+    spec: ModelSpec,
+) -> Callable[[Callable[..., NucleusModel]], Callable[..., NucleusModel]]:
     """Decorator registering ``builder(**options) -> NucleusModel`` under ``spec.name``."""
 
     def deco(builder: Callable[..., NucleusModel]) -> Callable[..., NucleusModel]:
@@ -49,7 +51,9 @@ def get_spec(name: str) -> ModelSpec:
     try:
         return _REGISTRY[name].spec
     except KeyError:
-        raise ModelError(f"unknown model {name!r}; available: {', '.join(sorted(_REGISTRY))}") from None
+        raise ModelError(
+            f"unknown model {name!r}; available: {', '.join(sorted(_REGISTRY))}"
+        ) from None
 
 
 def get_model(name: str, **options: Any) -> NucleusModel:

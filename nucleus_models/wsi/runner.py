@@ -112,7 +112,9 @@ def _tile_nuclei(job: TileJob, tile: Tile, inst: Any) -> Nuclei:
     return nuc.select(keep & ~cut).transformed(scale=job.downsample)
 
 
-def process_tiles(job: TileJob, tiles: Sequence[Tile], images: Sequence[np.ndarray] | None = None) -> Nuclei:
+def process_tiles(
+    job: TileJob, tiles: Sequence[Tile], images: Sequence[np.ndarray] | None = None
+) -> Nuclei:
     """Read (unless given), segment and merge one batch of tiles."""
     model = _model(job.model_name, job.model_options)
     if images is None:
@@ -125,7 +127,9 @@ def _batches(tiles: Sequence[Tile], size: int) -> list[list[Tile]]:
     return [list(tiles[i : i + size]) for i in range(0, len(tiles), size)]
 
 
-def _prefetched(job: TileJob, tiles: Sequence[Tile], depth: int) -> Iterator[tuple[Tile, np.ndarray]]:
+def _prefetched(
+    job: TileJob, tiles: Sequence[Tile], depth: int
+) -> Iterator[tuple[Tile, np.ndarray]]:
     """Yield ``(tile, image)`` while a thread reads up to ``depth`` tiles ahead."""
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tile-read") as pool:
         pending: list[tuple[Tile, Future[np.ndarray]]] = []
@@ -202,7 +206,11 @@ def run_tiles(
 
 
 def _run_dask(
-    job: TileJob, batches: list[list[Tile]], sched: str, num_workers: int, tick: Callable[[int], None]
+    job: TileJob,
+    batches: list[list[Tile]],
+    sched: str,
+    num_workers: int,
+    tick: Callable[[int], None],
 ) -> list[Nuclei]:
     from dask.distributed import Client, LocalCluster, as_completed
 
@@ -234,3 +242,74 @@ def _run_dask(
         client.close()
         if cluster is not None:
             cluster.close()
+
+
+def segment_array(
+    image: np.ndarray,
+    model: Any,
+    context: dict[str, Any],
+    *,
+    tile_size: int,
+    overlap: int,
+    batch_size: int = 1,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Segment an in-memory RGB image (at the model's resolution) tile by tile.
+
+    The same seam rule as :func:`run_tiles`: each tile contributes the uncut
+    instances whose centroid lies in its core.  Returns one ``(H, W)`` int32
+    label map (instances numbered in tile order, 1..N) and the per-label
+    ``scores`` and ``classes`` (indexed by label id, entry 0 unused).
+    """
+    from .tiling import tile_grid
+
+    h, w = image.shape[:2]
+    tiles = tile_grid((0, 0, w, h), tile_size=tile_size, overlap=overlap, image_size=(w, h))
+    out = np.zeros((h, w), np.int32)
+    scores: list[np.ndarray] = [np.zeros(1, np.float32)]
+    classes: list[np.ndarray] = [np.zeros(1, np.int32)]
+    next_id = 1
+    for batch in _batches(tiles, max(1, batch_size)):
+        crops = [
+            np.ascontiguousarray(image[t.read[1] : t.read[3], t.read[0] : t.read[2]]) for t in batch
+        ]
+        for t, inst in zip(batch, model.predict_batch(crops, context), strict=True):
+            lab = inst.labels
+            n = int(lab.max(initial=0))
+            if n == 0:
+                continue
+            flat = lab.ravel()
+            cnt = np.bincount(flat, minlength=n + 1)
+            rows, cols = np.indices(lab.shape)
+            cy = (
+                np.bincount(flat, rows.ravel(), minlength=n + 1) / np.maximum(cnt, 1)
+                + 0.5
+                + t.read[1]
+            )
+            cx = (
+                np.bincount(flat, cols.ravel(), minlength=n + 1) / np.maximum(cnt, 1)
+                + 0.5
+                + t.read[0]
+            )
+            keep = in_core(np.c_[cx, cy], t.core) & (cnt > 0)
+            rx0, ry0, rx1, ry1 = t.read
+            edge = np.zeros(n + 1, bool)
+            if rx0 > 0:
+                edge[np.unique(lab[:, 0])] = True
+            if ry0 > 0:
+                edge[np.unique(lab[0, :])] = True
+            if rx1 < w:
+                edge[np.unique(lab[:, -1])] = True
+            if ry1 < h:
+                edge[np.unique(lab[-1, :])] = True
+            keep &= ~edge
+            keep[0] = False
+            ids = np.flatnonzero(keep)
+            remap = np.zeros(n + 1, np.int32)
+            remap[ids] = np.arange(next_id, next_id + len(ids), dtype=np.int32)
+            next_id += len(ids)
+            scores.append(np.asarray(inst.scores, np.float32)[ids])
+            classes.append(np.asarray(inst.classes, np.int32)[ids])
+            new = remap[lab]
+            view = out[ry0:ry1, rx0:rx1]
+            view[new > 0] = new[new > 0]
+    return out, np.concatenate(scores), np.concatenate(classes)

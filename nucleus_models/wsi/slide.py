@@ -163,7 +163,9 @@ def open_slide(path: str | os.PathLike[str], *, input_mpp: float | None = None) 
         meta = source.getMetadata()
     except Exception as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise SlideError(f"{p.name}: cannot open as a slide or image (unsupported or corrupt): {msg}") from exc
+        raise SlideError(
+            f"{p.name}: cannot open as a slide or image (unsupported or corrupt): {msg}"
+        ) from exc
     width, height = int(meta.get("sizeX") or 0), int(meta.get("sizeY") or 0)
     if width <= 0 or height <= 0:
         raise SlideError(f"{p.name}: image has no pixels")
@@ -173,5 +175,11 @@ def open_slide(path: str | os.PathLike[str], *, input_mpp: float | None = None) 
         mpp, src = _mpp_from_metadata(meta)
     log.info("opened %s: %dx%d, mpp=%s (%s)", p.name, width, height, mpp, src)
     return Slide(
-        path=str(p), width=width, height=height, mpp=mpp, mpp_source=src, source=source, metadata=meta
+        path=str(p),
+        width=width,
+        height=height,
+        mpp=mpp,
+        mpp_source=src,
+        source=source,
+        metadata=meta,
     )

@@ -173,7 +173,9 @@ def tile_grid(
     if overlap < 0:
         raise ParameterError(f"tile overlap must be >= 0, got {overlap}")
     if tile_size <= overlap:
-        raise ParameterError(f"tile size ({tile_size}) must be larger than the tile overlap ({overlap})")
+        raise ParameterError(
+            f"tile size ({tile_size}) must be larger than the tile overlap ({overlap})"
+        )
     x0, y0, x1, y1 = bounds
     if x1 <= x0 or y1 <= y0:
         return []

@@ -36,7 +36,9 @@ def tissue_mask(thumbnail: np.ndarray, *, modality: str = "brightfield") -> np.n
     return ndi.binary_fill_holes(mask)
 
 
-def tile_tissue_fraction(mask: np.ndarray, box: tuple[float, float, float, float], scale: float) -> float:
+def tile_tissue_fraction(
+    mask: np.ndarray, box: tuple[float, float, float, float], scale: float
+) -> float:
     """Fraction of tissue in base-pixel ``box`` (x0, y0, x1, y1) of a mask at ``scale``."""
     x0 = int(np.floor(box[0] * scale))
     y0 = int(np.floor(box[1] * scale))

@@ -1,0 +1,73 @@
+"""Pure tiling functions: grids, cores, ROI parsing and clipping."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from nucleus_models.errors import ParameterError
+from nucleus_models.wsi.tiling import Region, clip_region, in_core, parse_roi, tile_grid
+
+
+@pytest.mark.parametrize("tile,overlap", [(64, 0), (64, 16), (100, 40), (37, 5)])
+def test_cores_partition_the_bounds(tile: int, overlap: int) -> None:
+    bounds = (13, 7, 250, 190)
+    tiles = tile_grid(bounds, tile_size=tile, overlap=overlap, image_size=(300, 200))
+    cover = np.zeros((200, 300), int)
+    for t in tiles:
+        x0, y0, x1, y1 = t.core
+        cover[y0:y1, x0:x1] += 1
+        # read window = core grown by overlap, clipped to the image
+        assert t.read == (max(x0 - overlap, 0), max(y0 - overlap, 0), min(x1 + overlap, 300), min(y1 + overlap, 200))
+    assert (cover[7:190, 13:250] == 1).all()
+    cover[7:190, 13:250] = 0
+    assert not cover.any()
+
+
+def test_grid_counts_and_indices() -> None:
+    tiles = tile_grid((0, 0, 250, 100), tile_size=100, overlap=10)
+    assert len(tiles) == 3
+    assert [t.index for t in tiles] == [0, 1, 2]
+    assert tiles[-1].core == (200, 0, 250, 100)
+    assert tiles[-1].read == (190, 0, 250, 100)  # clipped to the bounds themselves
+    assert tile_grid((5, 5, 5, 9), tile_size=10, overlap=1) == []
+
+
+@pytest.mark.parametrize("tile,overlap", [(10, 10), (10, 20), (0, 0), (-5, 0)])
+def test_tile_size_must_exceed_overlap(tile: int, overlap: int) -> None:
+    with pytest.raises(ParameterError):
+        tile_grid((0, 0, 100, 100), tile_size=tile, overlap=overlap)
+
+
+def test_in_core_is_half_open() -> None:
+    pts = np.array([[0.0, 0.0], [9.999, 9.999], [10.0, 5.0], [5.0, 10.0], [-0.001, 5.0]])
+    assert in_core(pts, (0, 0, 10, 10)).tolist() == [True, True, False, False, False]
+    # a centroid on a shared edge belongs to exactly one of two neighbours
+    edge = np.array([[10.0, 3.0]])
+    assert in_core(edge, (0, 0, 10, 10)).sum() + in_core(edge, (10, 0, 20, 10)).sum() == 1
+
+
+def test_parse_roi_forms() -> None:
+    assert parse_roi("-1,-1,-1,-1").is_whole
+    assert parse_roi([]).is_whole
+    assert parse_roi([10, 20, 30, 40]).as_list() == [10, 20, 30, 40]
+    # HistomicsTK's 6-value form: centre x, y, z and half sizes rx, ry, rz
+    assert parse_roi([50, 60, 0, 10, 5, 0]).as_list() == [40, 55, 20, 10]
+    poly = parse_roi("10,10, 110,10, 110,60, 10,60, 10,10")
+    assert poly.as_list() == [10, 10, 101, 51]
+    assert len(poly.polygons) == 1 and len(poly.polygons[0]) == 4  # closing vertex dropped
+    multi = parse_roi([0, 0, 10, 0, 10, 10, -1, -1, 20, 20, 30, 20, 30, 30, 20, 30])
+    assert len(multi.polygons) == 2 and multi.as_list() == [0, 0, 31, 31]
+
+
+@pytest.mark.parametrize("bad", ["1,2,3", "a,b,c,d", "0,0,-5,10", [0, 0, 1, 1, 2]])
+def test_parse_roi_rejects_bad_values(bad: object) -> None:
+    with pytest.raises(ParameterError):
+        parse_roi(bad)  # type: ignore[arg-type]
+
+
+def test_clip_region() -> None:
+    assert clip_region(Region(-1, -1, -1, -1), 100, 50).as_list() == [0, 0, 100, 50]
+    assert clip_region(Region(90, 40, 30, 30), 100, 50).as_list() == [90, 40, 10, 10]
+    with pytest.raises(ParameterError, match="outside the slide"):
+        clip_region(Region(200, 0, 10, 10), 100, 50)
