@@ -13,7 +13,9 @@ HERE = os.path.dirname(os.path.realpath(__file__))
 def main() -> None:
     from slicer_cli_web.cli_list_entrypoint import CLIListEntrypoint
 
-    spec = os.environ.get("SLICER_CLI_LIST") or os.path.join(os.path.dirname(HERE), "slicer_cli_list.json")
+    spec = os.environ.get("SLICER_CLI_LIST") or os.path.join(
+        os.path.dirname(HERE), "slicer_cli_list.json"
+    )
     sys.exit(CLIListEntrypoint(cli_list_spec_file=spec, cwd=HERE))
 
 

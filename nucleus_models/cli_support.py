@@ -45,7 +45,7 @@ def build_parser(xml_path: str) -> Any:
 def run_cli(main: Callable[[Any], Any], script_file: str) -> None:
     """Parse ``sys.argv`` with the XML beside ``script_file`` and run ``main``."""
     logging.basicConfig(
-        level=os.environ.get("NUCLEUS_LOG_LEVEL", "INFO"),
+        level=os.environ.get("NUCLEUS_LOG_LEVEL", "WARNING"),
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )

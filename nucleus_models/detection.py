@@ -139,8 +139,16 @@ def detect_nuclei(params: DetectionParams, *, progress: Progress | None = None) 
     SlideError, ParameterError, ModelError, NoTissueError
         With a one-line message for the user.
     """
-    from .wsi import TileJob, clip_region, open_slide, parse_roi, run_tiles, tile_grid
-    from .wsi import tile_tissue_fraction, tissue_mask
+    from .wsi import (
+        TileJob,
+        clip_region,
+        open_slide,
+        parse_roi,
+        run_tiles,
+        tile_grid,
+        tile_tissue_fraction,
+        tissue_mask,
+    )
 
     t0 = time.perf_counter()
     spec = get_spec(params.model)  # unknown model fails before any I/O

@@ -116,8 +116,8 @@ class Nuclei:
             boxes=np.hstack([mins, maxs + 1]).astype(np.float64),
             polygon_vertices=verts,
             polygon_offsets=offsets,
-            scores=np.ones(n, np.float32) if scores is None else scores,
-            labels=np.zeros(n, np.int32) if labels is None else labels,
+            scores=np.ones(n, np.float32) if scores is None else np.asarray(scores),
+            labels=np.zeros(n, np.int32) if labels is None else np.asarray(labels),
             measurements=dict(measurements or {}),
         )
 

@@ -33,7 +33,9 @@ BACKGROUND = (232, 190, 215)  # pale eosin
 NUCLEUS = (70, 45, 130)  # hematoxylin
 
 
-def disk_centres(width: int, height: int, tile_sizes: tuple[int, ...], *, radius: float) -> np.ndarray:
+def disk_centres(
+    width: int, height: int, tile_sizes: tuple[int, ...], *, radius: float
+) -> np.ndarray:
     """Disk centres (base px) placed on and around tile borders of several grids.
 
     Centres sit on every tile edge of each grid (straddling it), on corners,
@@ -79,9 +81,13 @@ def write_pyramidal_tiff(path: Path, img: np.ndarray, *, mpp: float | None) -> P
     """Tiled pyramidal TIFF (with resolution tags when ``mpp`` is given)."""
     import pyvips
 
-    vimg = pyvips.Image.new_from_memory(np.ascontiguousarray(img).data, img.shape[1], img.shape[0], 3, "uchar")
+    vimg = pyvips.Image.new_from_memory(
+        np.ascontiguousarray(img).data, img.shape[1], img.shape[0], 3, "uchar"
+    )
     kw = {"xres": 1000.0 / mpp, "yres": 1000.0 / mpp, "resunit": "cm"} if mpp else {}
-    vimg.tiffsave(str(path), tile=True, tile_width=128, tile_height=128, pyramid=True, compression="lzw", **kw)
+    vimg.tiffsave(
+        str(path), tile=True, tile_width=128, tile_height=128, pyramid=True, compression="lzw", **kw
+    )
     return path
 
 

@@ -43,7 +43,12 @@ def test_results_do_not_depend_on_tiling_or_scheduler(disk_slide) -> None:
     ref = _run(path, analysis_tile_size=2048).nuclei  # one tile
     for kw in (
         {"analysis_tile_size": 128, "analysis_tile_overlap": 40},
-        {"analysis_tile_size": 300, "analysis_tile_overlap": 24, "scheduler": "multithreading", "num_workers": 2},
+        {
+            "analysis_tile_size": 300,
+            "analysis_tile_overlap": 24,
+            "scheduler": "multithreading",
+            "num_workers": 2,
+        },
         {"analysis_tile_size": 200, "analysis_tile_overlap": 40, "batch_size": 3},
     ):
         other = _run(path, **kw).nuclei
@@ -67,11 +72,15 @@ def test_downsampled_analysis_maps_back_to_base_pixels(tmp_path: Path) -> None:
 
     radius = 14.0  # 7 px at the model's resolution
     centres = disk_centres(1200, 1000, (512,), radius=radius)
-    path = write_pyramidal_tiff(tmp_path / "40x.tif", draw_disks(1200, 1000, centres, radius), mpp=0.25)
+    path = write_pyramidal_tiff(
+        tmp_path / "40x.tif", draw_disks(1200, 1000, centres, radius), mpp=0.25
+    )
     res = _run(path, analysis_tile_size=256)
     tp, fp, fn = _match(res.nuclei.centroids, centres, tol=2.5)
     assert (fp, fn) == (0, 0) and tp == len(centres)
-    np.testing.assert_allclose(np.median(res.nuclei.measurements["area_um2"]), np.pi * (radius * 0.25) ** 2, rtol=0.2)
+    np.testing.assert_allclose(
+        np.median(res.nuclei.measurements["area_um2"]), np.pi * (radius * 0.25) ** 2, rtol=0.2
+    )
 
 
 def test_roi_rectangle_and_polygon(disk_slide) -> None:
@@ -79,7 +88,10 @@ def test_roi_rectangle_and_polygon(disk_slide) -> None:
     roi = [100, 150, 400, 300]
     res = _run(path, analysis_roi=roi, analysis_tile_size=128)
     inside = (
-        (centres[:, 0] >= 100) & (centres[:, 0] < 500) & (centres[:, 1] >= 150) & (centres[:, 1] < 450)
+        (centres[:, 0] >= 100)
+        & (centres[:, 0] < 500)
+        & (centres[:, 1] >= 150)
+        & (centres[:, 1] < 450)
     )
     tp, fp, fn = _match(res.nuclei.centroids, centres[inside])
     assert (tp, fp, fn) == (int(inside.sum()), 0, 0)

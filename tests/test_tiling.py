@@ -18,7 +18,12 @@ def test_cores_partition_the_bounds(tile: int, overlap: int) -> None:
         x0, y0, x1, y1 = t.core
         cover[y0:y1, x0:x1] += 1
         # read window = core grown by overlap, clipped to the image
-        assert t.read == (max(x0 - overlap, 0), max(y0 - overlap, 0), min(x1 + overlap, 300), min(y1 + overlap, 200))
+        assert t.read == (
+            max(x0 - overlap, 0),
+            max(y0 - overlap, 0),
+            min(x1 + overlap, 300),
+            min(y1 + overlap, 200),
+        )
     assert (cover[7:190, 13:250] == 1).all()
     cover[7:190, 13:250] = 0
     assert not cover.any()

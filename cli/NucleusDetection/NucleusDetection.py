@@ -3,13 +3,17 @@
 import time
 
 from nucleus_models.cli_support import run_cli
+from nucleus_models.detection import DetectionParams
+
+#: The parameter object; its fields are this CLI's XML parameter names.
+Params = DetectionParams
 
 
 def main(args):
-    from nucleus_models.detection import DetectionParams, detect_nuclei, write_outputs
+    from nucleus_models.detection import detect_nuclei, write_outputs
     from nucleus_models.progress import FilterProgress
 
-    params = DetectionParams.from_namespace(args)
+    params = Params.from_namespace(args)
     progress = FilterProgress("NucleusDetection", f"model {params.model}")
     progress.start()
     t0 = time.perf_counter()

@@ -52,6 +52,10 @@ def annotation_document(
     form = _ALIASES.get(form, form)
     if form not in FORMS:
         raise ValueError(f"unknown annotation form {form!r}; use one of {FORMS}")
+    if len(nuclei) and int(nuclei.labels.max()) >= len(class_names):
+        raise ValueError(
+            f"nucleus label {int(nuclei.labels.max())} has no class name in {list(class_names)}"
+        )
     colors = list(class_colors) + ["rgb(255,255,0)"] * max(0, len(class_names) - len(class_colors))
     meas_keys = [k for k in nuclei.measurements if k != "area_px"]
     meas = {k: np.round(nuclei.measurements[k].astype(float), 3).tolist() for k in meas_keys}

@@ -58,5 +58,4 @@ def get_spec(name: str) -> ModelSpec:
 
 def get_model(name: str, **options: Any) -> NucleusModel:
     """Build model ``name`` with builder ``options`` (e.g. thresholds, device)."""
-    spec = get_spec(name)
-    return _REGISTRY[name].builder(**options)
+    return _REGISTRY[get_spec(name).name].builder(**options)

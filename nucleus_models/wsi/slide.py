@@ -23,6 +23,11 @@ log = logging.getLogger(__name__)
 def _large_image() -> Any:
     import large_image
 
+    # large_image sets its logger to INFO at import ("Cannot use memcached");
+    # tifffile warns about every damaged page. We report such problems ourselves.
+    logging.getLogger("large_image").setLevel(logging.WARNING)
+    for name in ("tifffile", "tifftools"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     return large_image
 
 
@@ -133,6 +138,78 @@ def _mpp_from_metadata(meta: dict[str, Any]) -> tuple[float | None, str]:
     return None, "unknown"
 
 
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+
+def _ifd_chain_end(path: Path, size: int, max_ifds: int = 10000) -> int | None:
+    """Walk the TIFF directory chain; return the first offset past the end of file, if any."""
+    import struct
+
+    with open(path, "rb") as f:
+        head = f.read(16)
+        endian = "<" if head[:2] == b"II" else ">"
+        big = struct.unpack(endian + "H", head[2:4])[0] == 43
+        off = (
+            struct.unpack(endian + "Q", head[8:16])[0]
+            if big
+            else struct.unpack(endian + "I", head[4:8])[0]
+        )
+        count_fmt, count_len, entry_len, next_fmt, next_len = (
+            ("Q", 8, 20, "Q", 8) if big else ("H", 2, 12, "I", 4)
+        )
+        seen: set[int] = set()
+        while off and len(seen) < max_ifds:
+            if off in seen:
+                return None  # a loop: leave it to the reader
+            seen.add(off)
+            if off + count_len > size:
+                return off
+            f.seek(off)
+            n = struct.unpack(endian + count_fmt, f.read(count_len))[0]
+            nxt = off + count_len + n * entry_len
+            if nxt + next_len > size:
+                return nxt
+            f.seek(nxt)
+            off = struct.unpack(endian + next_fmt, f.read(next_len))[0]
+    return None
+
+
+def check_tiff_integrity(path: Path) -> None:
+    """Raise ``SlideError`` if a TIFF-family file (SVS, NDPI, TIFF) is truncated.
+
+    Readers often open a truncated slide happily and return blank tiles for
+    the missing bytes; here every strip/tile of every page must lie inside
+    the file.
+    """
+    with open(path, "rb") as f:
+        if f.read(4) not in _TIFF_MAGIC:
+            return
+    import tifffile
+
+    logging.getLogger("tifffile").setLevel(logging.CRITICAL)
+    size = path.stat().st_size
+    end = _ifd_chain_end(path, size)
+    if end is not None:
+        raise SlideError(
+            f"{path.name}: file is truncated (a directory lies at byte {end}, the file has {size} bytes)"
+        )
+    try:
+        with tifffile.TiffFile(str(path)) as tif:
+            for page in tif.pages:
+                offsets = np.asarray(page.dataoffsets, dtype=np.int64)  # type: ignore[union-attr]
+                counts = np.asarray(page.databytecounts, dtype=np.int64)  # type: ignore[union-attr]
+                if len(offsets) and int((offsets + counts).max()) > size:
+                    raise SlideError(
+                        f"{path.name}: file is truncated (image data extends to byte "
+                        f"{int((offsets + counts).max())}, the file has {size} bytes)"
+                    )
+    except SlideError:
+        raise
+    except Exception as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise SlideError(f"{path.name}: damaged TIFF structure: {msg}") from exc
+
+
 def open_slide(path: str | os.PathLike[str], *, input_mpp: float | None = None) -> Slide:
     """Open a slide (SVS, NDPI, pyramidal or plain TIFF, PNG, JPEG).
 
@@ -157,6 +234,7 @@ def open_slide(path: str | os.PathLike[str], *, input_mpp: float | None = None) 
         raise SlideError(f"not a file: {p}")
     if p.stat().st_size == 0:
         raise SlideError(f"{p.name}: empty file")
+    check_tiff_integrity(p)
     li = _large_image()
     try:
         source = li.open(str(p))
@@ -169,6 +247,7 @@ def open_slide(path: str | os.PathLike[str], *, input_mpp: float | None = None) 
     width, height = int(meta.get("sizeX") or 0), int(meta.get("sizeY") or 0)
     if width <= 0 or height <= 0:
         raise SlideError(f"{p.name}: image has no pixels")
+    mpp: float | None
     if input_mpp is not None and input_mpp > 0:
         mpp, src = float(input_mpp), "override"
     else:

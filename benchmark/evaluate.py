@@ -1,0 +1,409 @@
+"""Run a registered nucleus model on a benchmark dataset and score it.
+
+:func:`evaluate` segments every sample with
+:func:`nucleus_models.detection.segment_image` (the tiling and seam code the
+CLIs use), scores the result against the sample's annotation and writes
+``metrics.json``, ``predictions/`` and (optionally) the report of
+:mod:`benchmark.report` into an output folder.
+
+Coordinate convention: the library's nuclei centroids put pixel centres at
+``i + 0.5``; the metrics (and dataset points) put them at integer
+coordinates, so predicted centroids are shifted by ``-0.5`` before scoring
+and before being written to ``predictions/<id>.csv``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from .datasets import Dataset, DatasetError, Sample, fingerprint
+from .metrics import (
+    average_precision,
+    detection_by_density,
+    f1_at_iou,
+    hit_in_mask,
+    instance_metrics,
+    match_points_within_radius,
+    precision_recall_curve,
+    summarize_by_group,
+)
+
+__all__ = [
+    "DEFAULT_RADIUS_UM",
+    "DENSITY_EDGES",
+    "DENSITY_RADIUS_UM",
+    "INSTANCE_METRICS",
+    "POINT_METRICS",
+    "evaluate",
+    "jsonable",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Default point-matching radius in microns.
+DEFAULT_RADIUS_UM = 6.0
+#: Neighbourhood radius (microns) defining a true nucleus's local density.
+DENSITY_RADIUS_UM = 15.0
+#: Density bin edges (number of other true nuclei within ``DENSITY_RADIUS_UM``).
+DENSITY_EDGES = (0.0, 3.0, 6.0, 10.0, math.inf)
+#: Metrics averaged over samples for instance (label map) datasets.
+INSTANCE_METRICS = (
+    "det_f1",
+    "precision",
+    "recall",
+    "f1_iou50",
+    "precision_iou50",
+    "recall_iou50",
+    "aji",
+    "dice",
+    "pq",
+    "dq",
+    "sq",
+    "map_dsb",
+)
+#: Metrics averaged over samples for point datasets.
+POINT_METRICS = ("f1", "precision", "recall")
+_MAX_CURVE_POINTS = 400
+
+
+def jsonable(obj: Any) -> Any:
+    """Convert NumPy scalars/arrays and non-finite floats to plain JSON values (NaN -> None)."""
+    if isinstance(obj, Mapping):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def _prf(tp: int, fp: int, fn: int) -> dict[str, float]:
+    """Precision, recall and F1 from counts (same empty-set rule as the metrics)."""
+    precision = tp / (tp + fp) if tp + fp else float(fn == 0)
+    recall = tp / (tp + fn) if tp + fn else float(fp == 0)
+    f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0
+    return {"precision": precision, "recall": recall, "f1": f1}
+
+
+def _curve(scores: list[np.ndarray], is_tp: list[np.ndarray], n_true: int, how: str) -> dict:
+    """Pooled precision-recall curve (thinned to a few hundred points) and its AP."""
+    s = np.concatenate(scores) if scores else np.zeros(0)
+    t = np.concatenate(is_tp) if is_tp else np.zeros(0, bool)
+    precision, recall, thresholds = precision_recall_curve(s, t, n_true)
+    if precision.size > _MAX_CURVE_POINTS:
+        keep = np.unique(np.linspace(0, precision.size - 1, _MAX_CURVE_POINTS).round().astype(int))
+        precision, recall, thresholds = precision[keep], recall[keep], thresholds[keep]
+    return {
+        "match": how,
+        "n_true": n_true,
+        "n_pred": int(s.size),
+        "ap": average_precision(s, t, n_true),
+        "precision": precision.round(5),
+        "recall": recall.round(5),
+        "thresholds": thresholds.round(5),
+    }
+
+
+def _sample_mpp(sample: Sample, mpp: float | None, model_mpp: float) -> tuple[float, str]:
+    if sample.mpp:
+        return float(sample.mpp), "sample"
+    if mpp:
+        return float(mpp), "--mpp"
+    return float(model_mpp), "model"
+
+
+def _score_instances(sample: Sample, labels: np.ndarray, xy: np.ndarray, scores: np.ndarray):
+    """Row metrics, hit-in-mask flags and n_true for one label-map sample."""
+    truth = np.asarray(sample.labels)
+    row: dict[str, Any] = dict(instance_metrics(truth, labels))
+    hit = hit_in_mask(xy, truth, scores=scores)
+    iou = f1_at_iou(truth, labels, iou_threshold=0.5)
+    row.update(precision=hit["precision"], recall=hit["recall"])
+    row.update(tp=hit["tp"], fp=hit["fp"], fn=hit["fn"])
+    row.update(tp_iou50=iou["tp"], fp_iou50=iou["fp"], fn_iou50=iou["fn"])
+    return row, np.asarray(hit["pred_is_tp"], bool), int(hit["tp"]) + int(hit["fn"])
+
+
+def _score_points(
+    sample: Sample, xy: np.ndarray, scores: np.ndarray, radius_px: float, density_px: float
+):
+    """Row metrics, match flags, n_true and density bins for one point sample."""
+    truth = np.asarray(sample.points, dtype=np.float64).reshape(-1, 2)
+    m = match_points_within_radius(xy, truth, radius=radius_px, pred_scores=scores)
+    row: dict[str, Any] = dict(m.as_dict())
+    row["radius_px"] = radius_px
+    row["mean_distance_px"] = float(m.distances.mean()) if m.distances.size else float("nan")
+    bins = detection_by_density(
+        xy,
+        truth,
+        match_radius=radius_px,
+        density_radius=density_px,
+        edges=DENSITY_EDGES,
+        pred_scores=scores,
+    )
+    return row, m.pred_is_tp, len(truth), bins
+
+
+def _write_points_csv(path: Path, xy: np.ndarray, scores: np.ndarray) -> None:
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["x", "y", "score"])
+        for (x, y), s in zip(xy, scores, strict=True):
+            w.writerow([f"{x:.2f}", f"{y:.2f}", f"{s:.4f}"])
+
+
+def _group_blocks(rows: Sequence[Mapping[str, Any]], metric_keys: Sequence[str]) -> dict:
+    """``{group key: {group value: {n, metric means}}}`` over the keys present in rows."""
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r["groups"] if k not in keys]
+    blocks: dict[str, Any] = {}
+    for key in keys:
+        flat = [{"_g": r["groups"][key], **r} for r in rows if key in r["groups"]]
+        blocks[key] = summarize_by_group(flat, "_g", [*metric_keys, "n_true", "n_pred"])
+    return blocks
+
+
+def _pool_density(per_sample: list[list[dict[str, float]]]) -> list[dict[str, float]]:
+    """Sum per-bin counts over samples and recompute recall and precision."""
+    pooled: list[dict[str, float]] = []
+    for i, first in enumerate(per_sample[0] if per_sample else []):
+        acc = {
+            k: sum(b[i][k] for b in per_sample) for k in ("n_true", "tp_true", "n_pred", "tp_pred")
+        }
+        pooled.append(
+            {
+                "lo": first["lo"],
+                "hi": first["hi"],
+                **acc,
+                "recall": acc["tp_true"] / acc["n_true"] if acc["n_true"] else float("nan"),
+                "precision": acc["tp_pred"] / acc["n_pred"] if acc["n_pred"] else float("nan"),
+            }
+        )
+    return pooled
+
+
+def evaluate(
+    dataset: Dataset,
+    *,
+    model: str,
+    out_dir: str | Path,
+    split: str | None = None,
+    limit: int | None = None,
+    model_options: dict[str, Any] | None = None,
+    radius_um: float | None = None,
+    mpp: float | None = None,
+    progress: bool = True,
+    report: bool = True,
+    params: Mapping[str, Any] | None = None,
+    command: str | None = None,
+) -> dict[str, Any]:
+    """Segment every sample of ``dataset`` with ``model``, score it and write the results.
+
+    Parameters
+    ----------
+    dataset : Dataset
+        A constructed loader; ``dataset.kind`` chooses instance or point scoring.
+    model : str
+        Registered model name (see :func:`nucleus_models.models.list_models`).
+    out_dir : str or Path
+        Output folder; receives ``metrics.json``, ``predictions/`` and the report.
+    split : str, optional
+        Evaluate only this split of the dataset.
+    limit : int, optional
+        Evaluate only the first ``limit`` samples (in id order).
+    model_options : dict, optional
+        Builder options passed to the model (thresholds, device).
+    radius_um : float, optional
+        Point-matching radius in microns (default :data:`DEFAULT_RADIUS_UM`).
+    mpp : float, optional
+        Microns per pixel for samples without one (default: the model's mpp).
+    progress : bool, default True
+        Show a progress bar over samples (only on a terminal).
+    report : bool, default True
+        Also write ``report.md`` / ``report.html`` and ``figures/``.
+    params : mapping, optional
+        Parameters recorded in the provenance (the CLI passes its arguments).
+    command : str, optional
+        Command line recorded in the provenance (default ``" ".join(sys.argv)``).
+
+    Returns
+    -------
+    dict
+        The content of ``metrics.json``.
+
+    Raises
+    ------
+    DatasetError
+        If the dataset has no samples to score or a sample lacks its image.
+    nucleus_models.errors.NucleusModelsError
+        If the model is unknown or its weights fail their checksum.
+    """
+    from nucleus_models import __version__
+    from nucleus_models.detection import segment_image
+    from nucleus_models.models import get_spec
+
+    spec = get_spec(model)  # unknown model fails before any work
+    radius_um = DEFAULT_RADIUS_UM if radius_um is None else float(radius_um)
+    if radius_um <= 0:
+        raise DatasetError(f"radius_um must be positive, got {radius_um}")
+    points_mode = dataset.kind == "points"
+    ids = dataset.ids(split)
+    if limit is not None and limit > 0:
+        ids = ids[:limit]
+    if not ids:
+        raise DatasetError(f"{dataset.name}: {dataset.root}: no samples to evaluate")
+    out = Path(out_dir)
+    pred_dir = out / "predictions"
+    pred_dir.mkdir(parents=True, exist_ok=True)
+
+    rows: list[dict[str, Any]] = []
+    skipped: list[dict[str, str]] = []
+    all_scores: list[np.ndarray] = []
+    all_tp: list[np.ndarray] = []
+    density: list[list[dict[str, float]]] = []
+    n_true_total = 0
+    t_start = time.perf_counter()
+    bar = tqdm(ids, desc=f"{dataset.name}/{model}", unit="img", disable=None if progress else True)
+    for sample_id in bar:
+        sample = dataset.load(sample_id)
+        truth = sample.points if points_mode else sample.labels
+        if truth is None:
+            logger.warning("%s: no annotation, skipped", sample_id)
+            skipped.append({"id": sample_id, "reason": "no annotation"})
+            continue
+        if sample.image.size == 0:
+            raise DatasetError(f"{dataset.name}: sample {sample_id!r} has no image")
+        s_mpp, mpp_source = _sample_mpp(sample, mpp, spec.mpp)
+        seg = segment_image(sample.image, mpp=s_mpp, model=model, model_options=model_options)
+        xy = seg.nuclei.centroids - 0.5  # pixel centres at integers, as the metrics
+        scores = seg.nuclei.scores.astype(np.float64)
+        groups = {str(k): str(v) for k, v in sample.groups.items()}
+        groups.setdefault("modality", sample.modality)
+        row: dict[str, Any] = {
+            "id": sample_id,
+            "groups": groups,
+            "n_true": 0,
+            "n_pred": len(seg.nuclei),
+            "seconds": round(seg.seconds, 4),
+            "mpp": s_mpp,
+            "mpp_source": mpp_source,
+        }
+        if points_mode:
+            metrics, is_tp, n_true, bins = _score_points(
+                sample, xy, scores, radius_um / s_mpp, DENSITY_RADIUS_UM / s_mpp
+            )
+            density.append(bins)
+            _write_points_csv(pred_dir / f"{sample_id}.csv", xy, scores)
+        else:
+            import tifffile
+
+            metrics, is_tp, n_true = _score_instances(sample, seg.labels, xy, scores)
+            tifffile.imwrite(pred_dir / f"{sample_id}.tif", seg.labels, compression="zlib")
+        row["n_true"] = n_true
+        row.update(metrics)
+        rows.append(row)
+        all_scores.append(scores)
+        all_tp.append(is_tp)
+        n_true_total += n_true
+        logger.debug("%s: %s", sample_id, {k: row[k] for k in ("n_true", "n_pred")})
+    if not rows:
+        raise DatasetError(f"{dataset.name}: {dataset.root}: no annotated samples to evaluate")
+
+    metric_keys = list(POINT_METRICS if points_mode else INSTANCE_METRICS)
+    mean = {k: float(np.nanmean([r[k] for r in rows])) for k in metric_keys}
+    mean.update(
+        n_true=float(np.mean([r["n_true"] for r in rows])),
+        n_pred=float(np.mean([r["n_pred"] for r in rows])),
+        seconds=float(np.mean([r["seconds"] for r in rows])),
+    )
+    tp, fp, fn = (sum(int(r[k]) for r in rows) for k in ("tp", "fp", "fn"))
+    pooled: dict[str, Any] = {
+        "n_samples": len(rows),
+        "n_true": sum(r["n_true"] for r in rows),
+        "n_pred": sum(r["n_pred"] for r in rows),
+        "tp": tp,
+        "fp": fp,
+        "fn": fn,
+        **_prf(tp, fp, fn),
+    }
+    if not points_mode:
+        tp5, fp5, fn5 = (sum(int(r[k]) for r in rows) for k in ("tp_iou50", "fp_iou50", "fn_iou50"))
+        pooled.update(tp_iou50=tp5, fp_iou50=fp5, fn_iou50=fn5)
+        pooled.update({f"{k}_iou50": v for k, v in _prf(tp5, fp5, fn5).items()})
+    curve = _curve(all_scores, all_tp, n_true_total, "radius" if points_mode else "hit-in-mask")
+    pooled["ap"] = curve["ap"]
+
+    result: dict[str, Any] = {
+        "kind": "points" if points_mode else "instances",
+        "main_metric": "f1" if points_mode else "det_f1",
+        "metric_keys": metric_keys,
+        "rows": rows,
+        "mean": mean,
+        "pooled": pooled,
+        "groups": _group_blocks(rows, metric_keys),
+        "pr_curve": curve,
+        "skipped": skipped,
+    }
+    if points_mode:
+        result["density"] = {
+            "density_radius_um": DENSITY_RADIUS_UM,
+            "match_radius_um": radius_um,
+            "edges": list(DENSITY_EDGES),
+            "bins": _pool_density(density),
+        }
+    result["provenance"] = {
+        "package_version": __version__,
+        "model": {"name": spec.name, "sha256": spec.sha256, "mpp": spec.mpp},
+        "dataset": {
+            "name": dataset.name,
+            "root": str(dataset.root.resolve()),
+            "fingerprint": fingerprint(dataset),
+            "n_samples": len(rows),
+            "split": split,
+        },
+        "params": dict(
+            params
+            if params is not None
+            else {
+                "dataset": dataset.name,
+                "root": str(dataset.root),
+                "model": model,
+                "out": str(out),
+                "split": split,
+                "limit": limit,
+                "radius_um": radius_um,
+                "mpp": mpp,
+                "model_options": model_options or {},
+            }
+        ),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": command if command is not None else " ".join(sys.argv),
+        "seconds_total": round(time.perf_counter() - t_start, 3),
+    }
+    result = jsonable(result)
+    (out / "metrics.json").write_text(json.dumps(result, indent=1) + "\n")
+    logger.info("wrote %s", out / "metrics.json")
+    if report:
+        from .report import write_report
+
+        write_report(out, dataset=dataset)
+    return result

@@ -1,0 +1,358 @@
+"""Markdown and HTML report of a ``nucleus-bench eval`` run, built from its ``metrics.json``.
+
+:func:`write_report` reads ``OUT/metrics.json``, draws PNG figures into
+``OUT/figures/`` with matplotlib's Agg canvas (no pyplot state, no display
+needed) and writes ``OUT/report.md`` plus a self-contained ``OUT/report.html``
+(figures embedded as data URIs). Figures: a per-sample bar plot of the main
+metric, predicted-vs-true counts with Pearson r, the pooled precision-recall
+curve, and TP (green) / FP (blue) / FN (red) overlays of the first samples,
+which reload the images and annotations from the dataset named in the
+provenance (or the ``dataset`` object given) and the predictions in ``OUT``.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+
+from .datasets import Dataset, DatasetError, get_dataset
+from .metrics import label_overlap, match_points_within_radius, pearson_r
+
+__all__ = ["write_report"]
+
+logger = logging.getLogger(__name__)
+
+TP_COLOR, FP_COLOR, FN_COLOR = (0, 200, 0), (30, 110, 255), (230, 0, 0)
+_TABLE_METRICS = {
+    "instances": ("det_f1", "precision", "recall", "f1_iou50", "aji", "dice", "pq"),
+    "points": ("f1", "precision", "recall"),
+}
+Block = tuple[Any, ...]
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:.3f}" if abs(v) < 1000 else f"{v:.0f}"
+    return str(v)
+
+
+def _save(fig: Figure, path: Path, dpi: float = 100) -> Path:
+    FigureCanvasAgg(fig)
+    fig.savefig(path, dpi=dpi)
+    return path
+
+
+def _short(text: str, n: int = 18) -> str:
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+# -- figures -----------------------------------------------------------------------
+def _bar_plot(rows: list[dict], key: str, mean: float | None, path: Path) -> Path:
+    vals = [np.nan if r.get(key) is None else r[key] for r in rows]
+    fig = Figure(figsize=(7, 1.2 + 0.28 * len(rows)))
+    ax = fig.add_subplot()
+    y = np.arange(len(rows))
+    ax.barh(y, vals, color="#4c72b0")
+    ax.set_yticks(y, [_short(r["id"], 26) for r in rows], fontsize=7)
+    ax.invert_yaxis()
+    if mean is not None:
+        ax.axvline(mean, color="k", ls="--", lw=1, label=f"mean {mean:.3f}")
+        ax.legend(loc="lower right", fontsize=8)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel(key)
+    ax.set_title(f"{key} per sample")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _count_scatter(rows: list[dict], path: Path) -> tuple[Path, float]:
+    t = np.array([r["n_true"] for r in rows], float)
+    p = np.array([r["n_pred"] for r in rows], float)
+    r, _ = pearson_r(t, p)
+    fig = Figure(figsize=(5, 5))
+    ax = fig.add_subplot()
+    ax.scatter(t, p, s=18, color="#4c72b0")
+    hi = max(1.0, float(np.max(np.r_[t, p]))) * 1.05
+    ax.plot([0, hi], [0, hi], color="grey", lw=1, ls="--")
+    ax.set_xlim(0, hi)
+    ax.set_ylim(0, hi)
+    ax.set_xlabel("true nuclei per sample")
+    ax.set_ylabel("predicted nuclei per sample")
+    ax.set_title(f"Predicted vs true counts (r = {r:.3f}, n = {len(rows)})")
+    fig.tight_layout()
+    return _save(fig, path), r
+
+
+def _pr_plot(curve: dict, pooled: dict, path: Path) -> Path:
+    fig = Figure(figsize=(5, 5))
+    ax = fig.add_subplot()
+    ax.plot(curve["recall"], curve["precision"], color="#4c72b0", lw=1.5)
+    ax.scatter([pooled["recall"]], [pooled["precision"]], color="k", zorder=3, s=20)
+    ax.annotate("all detections", (pooled["recall"], pooled["precision"]), fontsize=8)
+    ax.set_xlim(0, 1.02)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ap = curve.get("ap")
+    ax.set_title(f"Precision-recall ({curve['match']}, pooled), AP = {_fmt(ap)}")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _display_rgb(image: np.ndarray) -> np.ndarray:
+    """8-bit RGB for display (greyscale / high bit depth stretched to 1-99.5 percentiles)."""
+    a = np.asarray(image)
+    if a.ndim == 3 and a.shape[2] >= 3 and a.dtype == np.uint8:
+        return np.ascontiguousarray(a[..., :3])
+    a = a.astype(np.float64)
+    if a.ndim == 3:
+        a = a[..., :3] if a.shape[2] >= 3 else a[..., 0]
+    lo, hi = np.percentile(a, (1, 99.5))
+    out = np.clip((a - lo) / max(hi - lo, 1e-9) * 255, 0, 255).astype(np.uint8)
+    return np.repeat(out[..., None], 3, axis=2) if out.ndim == 2 else out
+
+
+def _overlay_figure(rgb: np.ndarray, title: str) -> tuple[Figure, Any]:
+    h, w = rgb.shape[:2]
+    scale = max(1.0, 800 / max(h, w))
+    dpi = 100
+    fig = Figure(figsize=(w * scale / dpi, h * scale / dpi), dpi=dpi)
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.imshow(rgb, interpolation="nearest")
+    ax.set_axis_off()
+    ax.text(4, 4, title, va="top", fontsize=8, color="w", backgroundcolor=(0, 0, 0, 0.5))
+    return fig, ax
+
+
+def _legend(ax: Any, counts: Sequence[int]) -> None:
+    names = ("TP", "FP", "FN")
+    colors = (TP_COLOR, FP_COLOR, FN_COLOR)
+    handles = [
+        Patch(color=np.array(c) / 255, label=f"{n} ({k})")
+        for n, c, k in zip(names, colors, counts, strict=True)
+    ]
+    ax.legend(handles=handles, loc="lower right", fontsize=8, framealpha=0.7)
+
+
+def _instance_overlay(image: np.ndarray, truth: np.ndarray, pred: np.ndarray, title: str, path: Path) -> Path:
+    from skimage.segmentation import find_boundaries
+
+    ov = label_overlap(truth, pred)
+    m = ov.iou > 0.5
+    tp_pred = ov.pred_ids[ov.pj[m]]
+    tp_true = ov.true_ids[ov.ti[m]]
+    rgb = _display_rgb(image).copy()
+    fn_edge = find_boundaries(truth, mode="inner") & ~np.isin(truth, tp_true)
+    p_edge = find_boundaries(pred, mode="inner")
+    p_tp = np.isin(pred, tp_pred)
+    rgb[fn_edge] = FN_COLOR
+    rgb[p_edge & ~p_tp] = FP_COLOR
+    rgb[p_edge & p_tp] = TP_COLOR
+    fig, ax = _overlay_figure(rgb, title)
+    n_tp = int(m.sum())
+    _legend(ax, (n_tp, ov.pred_ids.size - n_tp, ov.true_ids.size - n_tp))
+    return _save(fig, path)
+
+
+def _read_points(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    with path.open(newline="") as fh:
+        rows = [(float(r["x"]), float(r["y"]), float(r["score"])) for r in csv.DictReader(fh)]
+    arr = np.array(rows, float).reshape(-1, 3)
+    return arr[:, :2], arr[:, 2]
+
+
+def _point_overlay(
+    image: np.ndarray, truth: np.ndarray, pred: np.ndarray, scores: np.ndarray, radius: float, title: str, path: Path
+) -> Path:
+    m = match_points_within_radius(pred, truth, radius=radius, pred_scores=scores)
+    fn = np.ones(len(truth), bool)
+    fn[m.pairs[:, 1]] = False
+    fig, ax = _overlay_figure(_display_rgb(image), title)
+    size = max(12.0, radius * 2)
+    for pts, color, marker in (
+        (truth[fn], FN_COLOR, "x"),
+        (pred[~m.pred_is_tp], FP_COLOR, "o"),
+        (pred[m.pred_is_tp], TP_COLOR, "o"),
+    ):
+        if len(pts):
+            kw = {"facecolors": "none", "edgecolors": np.array(color) / 255} if marker == "o" else {"c": [np.array(color) / 255]}
+            ax.scatter(pts[:, 0], pts[:, 1], s=size, marker=marker, linewidths=1.2, **kw)
+    _legend(ax, (m.tp, m.fp, m.fn))
+    return _save(fig, path)
+
+
+def _overlays(metrics: dict, out: Path, fig_dir: Path, dataset: Dataset | None, n: int) -> list[Path]:
+    prov = metrics["provenance"]["dataset"]
+    if dataset is None:
+        try:
+            dataset = get_dataset(prov["name"], prov["root"])
+        except (DatasetError, KeyError) as exc:
+            logger.warning("overlays skipped: cannot reload dataset %s: %s", prov["name"], exc)
+            return []
+    paths = []
+    for row in metrics["rows"][:n]:
+        sid = row["id"]
+        sample = dataset.load(sid)
+        title = f"{sid}  green TP / blue FP / red FN"
+        path = fig_dir / f"overlay_{sid}.png"
+        if metrics["kind"] == "points":
+            pred, scores = _read_points(out / "predictions" / f"{sid}.csv")
+            truth = np.asarray(sample.points, float).reshape(-1, 2)
+            paths.append(_point_overlay(sample.image, truth, pred, scores, row["radius_px"], title, path))
+        else:
+            import tifffile
+
+            pred = tifffile.imread(out / "predictions" / f"{sid}.tif")
+            paths.append(_instance_overlay(sample.image, np.asarray(sample.labels), pred, title, path))
+    return paths
+
+
+# -- documents -----------------------------------------------------------------------
+def _blocks(metrics: dict, figs: dict[str, Any]) -> list[Block]:
+    prov, kind = metrics["provenance"], metrics["kind"]
+    keys = list(_TABLE_METRICS[kind])
+    mean, pooled = metrics["mean"], metrics["pooled"]
+    ds, mod = prov["dataset"], prov["model"]
+    blocks: list[Block] = [
+        ("h1", f"nucleus-bench: {mod['name']} on {ds['name']}"),
+        (
+            "ul",
+            [
+                f"model: {mod['name']} (sha256 {mod['sha256']}, {mod['mpp']} um/px)",
+                f"dataset: {ds['name']} at {ds['root']} ({ds['n_samples']} samples, fingerprint {ds['fingerprint'][:16]})",
+                f"nucleus-models {prov['package_version']}, created {prov['created']}",
+                f"command: `{prov['command']}`",
+            ],
+        ),
+        ("h2", "Mean metrics"),
+    ]
+    match = "hit-in-mask for det_f1/precision/recall" if kind == "instances" else "radius matching"
+    blocks.append(("p", f"Mean over samples and pooled over all nuclei ({match})."))
+    mkeys = [*metrics["metric_keys"], "ap", "n_true", "n_pred", "seconds"]
+    blocks.append(
+        ("table", ["metric", "mean", "pooled"], [[k, _fmt(mean.get(k)), _fmt(pooled.get(k))] for k in mkeys])
+    )
+    for gkey, block in metrics["groups"].items():
+        blocks.append(("h3", f"By {gkey}"))
+        body = [[g, _fmt(v["n"]), *[_fmt(v.get(k)) for k in keys]] for g, v in block.items()]
+        blocks.append(("table", [gkey, "n", *keys], body))
+    if "density" in metrics:
+        d = metrics["density"]
+        blocks.append(("h2", "Detection by local density"))
+        blocks.append(("p", f"Density: other true nuclei within {d['density_radius_um']} um."))
+        hdr = ["neighbours", "n_true", "recall", "n_pred", "precision"]
+        body = [[f"{_fmt(b['lo'])}-{_fmt(b['hi'])}", b["n_true"], _fmt(b["recall"]), b["n_pred"], _fmt(b["precision"])] for b in d["bins"]]
+        blocks.append(("table", hdr, body))
+    blocks.append(("h2", "Per sample"))
+    body = [[r["id"], r["n_true"], r["n_pred"], *[_fmt(r.get(k)) for k in keys], _fmt(r["seconds"])] for r in metrics["rows"]]
+    blocks.append(("table", ["id", "n_true", "n_pred", *keys, "seconds"], body))
+    blocks.append(("h2", "Figures"))
+    for alt, rel in figs["list"]:
+        blocks.append(("img", rel, alt))
+    return blocks
+
+
+def _markdown(blocks: list[Block]) -> str:
+    lines: list[str] = []
+    for b in blocks:
+        kind = b[0]
+        if kind in ("h1", "h2", "h3"):
+            lines += ["#" * int(kind[1]) + " " + b[1], ""]
+        elif kind == "p":
+            lines += [b[1], ""]
+        elif kind == "ul":
+            lines += [f"- {item}" for item in b[1]] + [""]
+        elif kind == "table":
+            lines.append("| " + " | ".join(map(str, b[1])) + " |")
+            lines.append("|" + "---|" * len(b[1]))
+            lines += ["| " + " | ".join(map(str, row)) + " |" for row in b[2]]
+            lines.append("")
+        elif kind == "img":
+            lines += [f"![{b[2]}]({b[1]})", ""]
+    return "\n".join(lines)
+
+
+def _html(blocks: list[Block], out: Path) -> str:
+    esc = html.escape
+    parts = [
+        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>nucleus-bench report</title>",
+        "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}"
+        "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:2px 6px}"
+        "img{max-width:100%;display:block;margin:8px 0}</style></head><body>",
+    ]
+    for b in blocks:
+        kind = b[0]
+        if kind in ("h1", "h2", "h3", "p"):
+            parts.append(f"<{kind}>{esc(b[1])}</{kind}>")
+        elif kind == "ul":
+            parts.append("<ul>" + "".join(f"<li>{esc(i)}</li>" for i in b[1]) + "</ul>")
+        elif kind == "table":
+            head = "".join(f"<th>{esc(str(c))}</th>" for c in b[1])
+            body = "".join("<tr>" + "".join(f"<td>{esc(str(c))}</td>" for c in r) + "</tr>" for r in b[2])
+            parts.append(f"<table><tr>{head}</tr>{body}</table>")
+        elif kind == "img":
+            data = base64.b64encode((out / b[1]).read_bytes()).decode("ascii")
+            parts.append(f"<p>{esc(b[2])}</p><img alt='{esc(b[2])}' src='data:image/png;base64,{data}'>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_report(out_dir: str | Path, *, dataset: Dataset | None = None, n_overlays: int = 3) -> Path:
+    """Write ``report.md``, ``report.html`` and ``figures/*.png`` for an evaluation folder.
+
+    Parameters
+    ----------
+    out_dir : str or Path
+        Folder written by :func:`benchmark.evaluate.evaluate` (holds ``metrics.json``).
+    dataset : Dataset, optional
+        Loader for the overlays; default: rebuilt from the provenance's name and root.
+        When it cannot be rebuilt the overlays are left out (with a warning).
+    n_overlays : int, default 3
+        Number of samples (the first rows) drawn as TP/FP/FN overlays.
+
+    Returns
+    -------
+    Path
+        The path of ``report.md``.
+
+    Raises
+    ------
+    DatasetError
+        If ``metrics.json`` is missing or unreadable.
+    """
+    out = Path(out_dir)
+    try:
+        metrics = json.loads((out / "metrics.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise DatasetError(f"{out / 'metrics.json'}: cannot read metrics ({exc})") from None
+    fig_dir = out / "figures"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    rows, main = metrics["rows"], metrics["main_metric"]
+    figs: list[tuple[str, str]] = []
+    p = _bar_plot(rows, main, metrics["mean"].get(main), fig_dir / f"per_sample_{main}.png")
+    figs.append((f"{main} per sample", p.relative_to(out).as_posix()))
+    p, r = _count_scatter(rows, fig_dir / "counts_scatter.png")
+    figs.append((f"predicted vs true counts (Pearson r = {_fmt(r)})", p.relative_to(out).as_posix()))
+    p = _pr_plot(metrics["pr_curve"], metrics["pooled"], fig_dir / "pr_curve.png")
+    figs.append(("precision-recall curve (pooled detections sorted by score)", p.relative_to(out).as_posix()))
+    for p in _overlays(metrics, out, fig_dir, dataset, n_overlays):
+        figs.append((f"TP/FP/FN overlay: {p.stem.removeprefix('overlay_')}", p.relative_to(out).as_posix()))
+    blocks = _blocks(metrics, {"list": figs})
+    md = out / "report.md"
+    md.write_text(_markdown(blocks))
+    (out / "report.html").write_text(_html(blocks, out))
+    logger.info("wrote %s", md)
+    return md

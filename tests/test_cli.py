@@ -1,0 +1,224 @@
+"""Slicer CLI contract (XML <-> parameters, --list_cli, --xml), end-to-end runs
+on shared data, and bad input: one line on stderr, non-zero exit, no output."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from annotation_schema import validate_annotation
+
+REPO = Path(__file__).resolve().parents[1]
+CLI_LIST = json.loads((REPO / "slicer_cli_list.json").read_text())
+
+
+def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "cli", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _xml_params(name: str) -> dict[str, object]:
+    from ctk_cli import CLIModule
+    from slicer_cli_web import CLIArgumentParser  # noqa: F401  (applies slicer_cli_web's ctk_cli adjustments)
+
+    module = CLIModule(str(REPO / "cli" / name / f"{name}.xml"))
+    return {p.name: p for p in module.parameters()}
+
+
+def _script(name: str):  # noqa: ANN202
+    spec = importlib.util.spec_from_file_location(f"cli_{name}", REPO / "cli" / name / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("name", sorted(CLI_LIST))
+def test_xml_parses_and_matches_the_parameter_object(name: str) -> None:
+    params = _xml_params(name)
+    fields = {f.name for f in dataclasses.fields(_script(name).Params)}
+    assert set(params) == fields
+    for p in params.values():
+        assert p.description, f"{p.name} has no description"
+        if p.typ == "file" and p.channel == "output" and p.name.endswith("AnnotationFile"):
+            assert p.reference == "inputImageFile" and p.fileExtensions == [".anot"]
+
+
+def test_list_cli_lists_every_cli_folder() -> None:
+    res = run_cli("--list_cli")
+    assert res.returncode == 0, res.stderr
+    listed = json.loads(res.stdout)
+    folders = {p.parent.name for p in (REPO / "cli").glob("*/*.xml")}
+    assert set(listed) == folders == set(CLI_LIST)
+
+
+@pytest.mark.parametrize("name", sorted(CLI_LIST))
+def test_xml_flag_prints_the_xml(name: str) -> None:
+    res = run_cli(name, "--xml")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == (REPO / "cli" / name / f"{name}.xml").read_text().strip()
+
+
+def _check_outputs(out: Path, min_nuclei: int) -> dict:
+    doc = json.loads((out / "n.anot").read_text())
+    validate_annotation(doc)
+    attrs = doc["attributes"]
+    assert attrs["model"]["name"] == "classical-he" and attrs["model"]["sha256"]
+    assert attrs["version"] and attrs["params"]["inputImageFile"]
+    assert attrs["nuclei_count"] == len(doc["elements"]) >= min_nuclei
+    rows = list(csv.DictReader((out / "n.csv").open()))
+    assert len(rows) == len(doc["elements"])
+    gj = json.loads((out / "n.geojson").read_text())
+    assert len(gj["features"]) == len(rows)
+    assert (out / "n.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return doc
+
+
+def _outputs(out: Path) -> list[str]:
+    return [
+        str(out / "n.anot"),
+        "--nuclei_csv",
+        str(out / "n.csv"),
+        "--nuclei_geojson",
+        str(out / "n.geojson"),
+        "--overlay_image",
+        str(out / "n.png"),
+    ]
+
+
+def test_end_to_end_on_cmu_small_region(shared_data: Path, tmp_path: Path) -> None:
+    slide = shared_data / "wsi" / "CMU-1-Small-Region.svs"
+    res = run_cli(
+        "NucleusDetection", str(slide), *_outputs(tmp_path), "--analysis_roi", "500,600,1024,1024"
+    )
+    assert res.returncode == 0, res.stderr
+    assert "<filter-progress>1.0000</filter-progress>" in res.stdout
+    doc = _check_outputs(tmp_path, min_nuclei=200)
+    pts = np.array([np.mean(np.array(e["points"])[:, :2], axis=0) for e in doc["elements"]])
+    assert pts[:, 0].min() >= 500 and pts[:, 0].max() < 1524
+    assert pts[:, 1].min() >= 600 and pts[:, 1].max() < 1624
+    assert doc["attributes"]["slide"]["mpp"] == pytest.approx(0.499, abs=1e-3)
+
+
+def test_end_to_end_on_monuseg_image_finds_the_annotated_nuclei(
+    shared_data: Path, tmp_path: Path
+) -> None:
+    """A 40x MoNuSeg image without resolution metadata, with --input_mpp; most
+    annotated nuclei get a detection inside them (hit-in-mask recall)."""
+    from benchmark.datasets import get_dataset
+
+    ds = get_dataset("monuseg", shared_data / "monuseg2018" / "train")
+    sample = ds.load(ds.ids()[0])
+    image = next((shared_data / "monuseg2018" / "train" / "images").glob(f"{sample.id}.tif"))
+    res = run_cli("NucleusDetection", str(image), *_outputs(tmp_path), "--input_mpp", "0.25")
+    assert res.returncode == 0, res.stderr
+    doc = _check_outputs(tmp_path, min_nuclei=150)
+    rows = list(csv.DictReader((tmp_path / "n.csv").open()))
+    xy = np.array([[float(r["x"]), float(r["y"])] for r in rows]).astype(int)
+    hit = sample.labels[np.clip(xy[:, 1], 0, 999), np.clip(xy[:, 0], 0, 999)]
+    recall = len(np.unique(hit[hit > 0])) / len(np.unique(sample.labels[sample.labels > 0]))
+    precision = float(np.mean(hit > 0))
+    assert recall > 0.5 and precision > 0.6, (recall, precision)
+    assert doc["attributes"]["slide"]["mpp_source"] == "override"
+
+
+def test_point_and_box_forms(tmp_path: Path) -> None:
+    sample = REPO / "samples" / "CMU-1-Small-Region-crop.tif"
+    for form, etype in (("point", "point"), ("box", "rectangle")):
+        out = tmp_path / f"{form}.anot"
+        res = run_cli(
+            "NucleusDetection",
+            str(sample),
+            str(out),
+            "--nuclei_annotation_format",
+            form,
+            "--analysis_roi",
+            "0,0,400,400",
+            "--scheduler",
+            "multithreading",
+            "--num_workers",
+            "2",
+        )
+        assert res.returncode == 0, res.stderr
+        doc = json.loads(out.read_text())
+        validate_annotation(doc)
+        assert doc["elements"] and {e["type"] for e in doc["elements"]} == {etype}
+
+
+# ----------------------------------------------------------------- bad input
+def _white(path: Path, *, mpp: float | None) -> Path:
+    from conftest import write_pyramidal_tiff
+
+    return write_pyramidal_tiff(path, np.full((300, 300, 3), 250, np.uint8), mpp=mpp)
+
+
+def _bad_cases(tmp: Path, shared: Path) -> dict[str, tuple[list[str], str]]:
+    sample = str(REPO / "samples" / "CMU-1-Small-Region-crop.tif")
+    corrupt = tmp / "corrupt.svs"
+    corrupt.write_bytes(np.random.default_rng(1).bytes(20000))
+    truncated = tmp / "truncated.svs"
+    truncated.write_bytes((shared / "wsi" / "CMU-1-Small-Region.svs").read_bytes()[:1_500_000])
+    nompp = tmp / "nompp.png"
+    from PIL import Image
+
+    Image.fromarray(np.full((200, 200, 3), 120, np.uint8)).save(nompp)
+    white = _white(tmp / "white.tif", mpp=0.5)
+    return {
+        "missing": ([str(tmp / "nope.svs")], "not found"),
+        "corrupt": ([str(corrupt)], "cannot open"),
+        "truncated": ([str(truncated)], "truncated"),
+        "no resolution": ([str(nompp)], "--input_mpp"),
+        "roi outside": ([sample, "--analysis_roi", "5000,5000,100,100"], "outside the slide"),
+        "empty tissue": ([str(white)], "no tissue"),
+        "tile <= overlap": (
+            [sample, "--analysis_tile_size", "32", "--analysis_tile_overlap", "40"],
+            "overlap",
+        ),
+        "unknown model": ([sample, "--model", "resnet-imaginary"], "invalid choice"),
+        "unknown parameter": ([sample, "--no_such_flag", "1"], "unrecognized arguments"),
+        "bad roi": ([sample, "--analysis_roi", "1,2,3"], "analysis_roi"),
+        "bad scheduler": ([sample, "--scheduler", "carrier-pigeon"], "scheduler"),
+    }
+
+
+def test_bad_input_one_line_nonzero_exit_no_output(shared_data: Path, tmp_path: Path) -> None:
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for case, (args, expected) in _bad_cases(inputs, shared_data).items():
+        out = tmp_path / "out" / case.replace(" ", "_")
+        out.mkdir(parents=True)
+        res = run_cli(
+            "NucleusDetection",
+            args[0],
+            str(out / "n.anot"),
+            *args[1:],
+            "--nuclei_csv",
+            str(out / "n.csv"),
+        )
+        lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+        assert res.returncode != 0, case
+        assert len(lines) == 1, (case, res.stderr)
+        assert lines[0].startswith("error: ") and expected in lines[0], (case, lines[0])
+        assert list(out.iterdir()) == [], (case, list(out.iterdir()))
+    shutil.rmtree(tmp_path / "out")
+
+
+def test_library_rejects_unknown_model() -> None:
+    from nucleus_models.errors import ModelError
+    from nucleus_models.models import get_model
+
+    with pytest.raises(ModelError, match="available: classical-he"):
+        get_model("no-such-model")
