@@ -59,19 +59,8 @@ DENSITY_RADIUS_UM = 15.0
 #: Density bin edges (number of other true nuclei within ``DENSITY_RADIUS_UM``).
 DENSITY_EDGES = (0.0, 3.0, 6.0, 10.0, math.inf)
 #: Metrics averaged over samples for instance (label map) datasets.
-INSTANCE_METRICS = (
-    "det_f1",
-    "precision",
-    "recall",
-    "f1_iou50",
-    "precision_iou50",
-    "recall_iou50",
-    "aji",
-    "dice",
-    "pq",
-    "dq",
-    "sq",
-    "map_dsb",
+INSTANCE_METRICS = tuple(
+    "det_f1 precision recall f1_iou50 precision_iou50 recall_iou50 aji dice pq dq sq map_dsb".split()
 )
 #: Metrics averaged over samples for point datasets.
 POINT_METRICS = ("f1", "precision", "recall")
@@ -272,6 +261,11 @@ def evaluate(
     if not ids:
         raise DatasetError(f"{dataset.name}: {dataset.root}: no samples to evaluate")
     out = Path(out_dir)
+    run_params: dict[str, Any] = dict(params or {})
+    if params is None:
+        run_params = {"dataset": dataset.name, "root": str(dataset.root), "model": model}
+        run_params |= {"out": str(out), "split": split, "limit": limit, "radius_um": radius_um}
+        run_params |= {"mpp": mpp, "model_options": model_options or {}}
     pred_dir = out / "predictions"
     pred_dir.mkdir(parents=True, exist_ok=True)
 
@@ -336,15 +330,10 @@ def evaluate(
         seconds=float(np.mean([r["seconds"] for r in rows])),
     )
     tp, fp, fn = (sum(int(r[k]) for r in rows) for k in ("tp", "fp", "fn"))
-    pooled: dict[str, Any] = {
-        "n_samples": len(rows),
-        "n_true": sum(r["n_true"] for r in rows),
-        "n_pred": sum(r["n_pred"] for r in rows),
-        "tp": tp,
-        "fp": fp,
-        "fn": fn,
-        **_prf(tp, fp, fn),
-    }
+    pooled: dict[str, Any] = {"n_samples": len(rows), "tp": tp, "fp": fp, "fn": fn}
+    pooled.update(n_true=sum(r["n_true"] for r in rows), n_pred=sum(r["n_pred"] for r in rows))
+    prf = _prf(tp, fp, fn)
+    pooled.update(prf if points_mode else {"det_f1": prf["f1"], **prf})
     if not points_mode:
         tp5, fp5, fn5 = (sum(int(r[k]) for r in rows) for k in ("tp_iou50", "fp_iou50", "fn_iou50"))
         pooled.update(tp_iou50=tp5, fp_iou50=fp5, fn_iou50=fn5)
@@ -380,21 +369,7 @@ def evaluate(
             "n_samples": len(rows),
             "split": split,
         },
-        "params": dict(
-            params
-            if params is not None
-            else {
-                "dataset": dataset.name,
-                "root": str(dataset.root),
-                "model": model,
-                "out": str(out),
-                "split": split,
-                "limit": limit,
-                "radius_um": radius_um,
-                "mpp": mpp,
-                "model_options": model_options or {},
-            }
-        ),
+        "params": run_params,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": command if command is not None else " ".join(sys.argv),
         "seconds_total": round(time.perf_counter() - t_start, 3),

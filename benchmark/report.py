@@ -55,6 +55,11 @@ def _save(fig: Figure, path: Path, dpi: float = 100) -> Path:
     return path
 
 
+def _bin_name(b: dict) -> str:
+    hi = "inf" if b["hi"] is None else f"{b['hi']:g}"
+    return f"[{b['lo']:g}, {hi})"
+
+
 def _short(text: str, n: int = 18) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
@@ -78,10 +83,11 @@ def _bar_plot(rows: list[dict], key: str, mean: float | None, path: Path) -> Pat
     return _save(fig, path)
 
 
-def _count_scatter(rows: list[dict], path: Path) -> tuple[Path, float]:
+def _count_scatter(rows: list[dict], path: Path) -> tuple[Path, float | None]:
     t = np.array([r["n_true"] for r in rows], float)
     p = np.array([r["n_pred"] for r in rows], float)
     r, _ = pearson_r(t, p)
+    r = None if np.isnan(r) else r
     fig = Figure(figsize=(5, 5))
     ax = fig.add_subplot()
     ax.scatter(t, p, s=18, color="#4c72b0")
@@ -91,7 +97,7 @@ def _count_scatter(rows: list[dict], path: Path) -> tuple[Path, float]:
     ax.set_ylim(0, hi)
     ax.set_xlabel("true nuclei per sample")
     ax.set_ylabel("predicted nuclei per sample")
-    ax.set_title(f"Predicted vs true counts (r = {r:.3f}, n = {len(rows)})")
+    ax.set_title(f"Predicted vs true counts (r = {_fmt(r)}, n = {len(rows)})")
     fig.tight_layout()
     return _save(fig, path), r
 
@@ -101,7 +107,13 @@ def _pr_plot(curve: dict, pooled: dict, path: Path) -> Path:
     ax = fig.add_subplot()
     ax.plot(curve["recall"], curve["precision"], color="#4c72b0", lw=1.5)
     ax.scatter([pooled["recall"]], [pooled["precision"]], color="k", zorder=3, s=20)
-    ax.annotate("all detections", (pooled["recall"], pooled["precision"]), fontsize=8)
+    ax.annotate(
+        "all detections",
+        (pooled["recall"], pooled["precision"]),
+        xytext=(-70, -14),
+        textcoords="offset points",
+        fontsize=8,
+    )
     ax.set_xlim(0, 1.02)
     ax.set_ylim(0, 1.02)
     ax.set_xlabel("recall")
@@ -147,18 +159,17 @@ def _legend(ax: Any, counts: Sequence[int]) -> None:
     ax.legend(handles=handles, loc="lower right", fontsize=8, framealpha=0.7)
 
 
-def _instance_overlay(image: np.ndarray, truth: np.ndarray, pred: np.ndarray, title: str, path: Path) -> Path:
+def _instance_overlay(sample: Any, pred_path: Path, title: str, path: Path) -> Path:
+    import tifffile
     from skimage.segmentation import find_boundaries
 
+    truth, pred = np.asarray(sample.labels), tifffile.imread(pred_path)
     ov = label_overlap(truth, pred)
     m = ov.iou > 0.5
-    tp_pred = ov.pred_ids[ov.pj[m]]
-    tp_true = ov.true_ids[ov.ti[m]]
-    rgb = _display_rgb(image).copy()
-    fn_edge = find_boundaries(truth, mode="inner") & ~np.isin(truth, tp_true)
-    p_edge = find_boundaries(pred, mode="inner")
-    p_tp = np.isin(pred, tp_pred)
-    rgb[fn_edge] = FN_COLOR
+    tp_pred, tp_true = ov.pred_ids[ov.pj[m]], ov.true_ids[ov.ti[m]]
+    rgb = _display_rgb(sample.image).copy()
+    p_edge, p_tp = find_boundaries(pred, mode="inner"), np.isin(pred, tp_pred)
+    rgb[find_boundaries(truth, mode="inner") & ~np.isin(truth, tp_true)] = FN_COLOR
     rgb[p_edge & ~p_tp] = FP_COLOR
     rgb[p_edge & p_tp] = TP_COLOR
     fig, ax = _overlay_figure(rgb, title)
@@ -167,34 +178,27 @@ def _instance_overlay(image: np.ndarray, truth: np.ndarray, pred: np.ndarray, ti
     return _save(fig, path)
 
 
-def _read_points(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    with path.open(newline="") as fh:
+def _point_overlay(sample: Any, pred_path: Path, radius: float, title: str, path: Path) -> Path:
+    with pred_path.open(newline="") as fh:
         rows = [(float(r["x"]), float(r["y"]), float(r["score"])) for r in csv.DictReader(fh)]
     arr = np.array(rows, float).reshape(-1, 3)
-    return arr[:, :2], arr[:, 2]
-
-
-def _point_overlay(
-    image: np.ndarray, truth: np.ndarray, pred: np.ndarray, scores: np.ndarray, radius: float, title: str, path: Path
-) -> Path:
-    m = match_points_within_radius(pred, truth, radius=radius, pred_scores=scores)
+    pred, truth = arr[:, :2], np.asarray(sample.points, float).reshape(-1, 2)
+    m = match_points_within_radius(pred, truth, radius=radius, pred_scores=arr[:, 2])
     fn = np.ones(len(truth), bool)
     fn[m.pairs[:, 1]] = False
-    fig, ax = _overlay_figure(_display_rgb(image), title)
-    size = max(12.0, radius * 2)
-    for pts, color, marker in (
-        (truth[fn], FN_COLOR, "x"),
-        (pred[~m.pred_is_tp], FP_COLOR, "o"),
-        (pred[m.pred_is_tp], TP_COLOR, "o"),
+    fig, ax = _overlay_figure(_display_rgb(sample.image), title)
+    for pts, color in (
+        (truth[fn], FN_COLOR),
+        (pred[~m.pred_is_tp], FP_COLOR),
+        (pred[m.pred_is_tp], TP_COLOR),
     ):
-        if len(pts):
-            kw = {"facecolors": "none", "edgecolors": np.array(color) / 255} if marker == "o" else {"c": [np.array(color) / 255]}
-            ax.scatter(pts[:, 0], pts[:, 1], s=size, marker=marker, linewidths=1.2, **kw)
+        edge = np.array(color) / 255
+        ax.scatter(pts[:, 0], pts[:, 1], s=60, facecolors="none", edgecolors=[edge], linewidths=1.5)
     _legend(ax, (m.tp, m.fp, m.fn))
     return _save(fig, path)
 
 
-def _overlays(metrics: dict, out: Path, fig_dir: Path, dataset: Dataset | None, n: int) -> list[Path]:
+def _overlays(metrics: dict, out: Path, dataset: Dataset | None, n: int) -> list[Path]:
     prov = metrics["provenance"]["dataset"]
     if dataset is None:
         try:
@@ -207,21 +211,18 @@ def _overlays(metrics: dict, out: Path, fig_dir: Path, dataset: Dataset | None, 
         sid = row["id"]
         sample = dataset.load(sid)
         title = f"{sid}  green TP / blue FP / red FN"
-        path = fig_dir / f"overlay_{sid}.png"
+        path = out / "figures" / f"overlay_{sid}.png"
         if metrics["kind"] == "points":
-            pred, scores = _read_points(out / "predictions" / f"{sid}.csv")
-            truth = np.asarray(sample.points, float).reshape(-1, 2)
-            paths.append(_point_overlay(sample.image, truth, pred, scores, row["radius_px"], title, path))
+            pred_path = out / "predictions" / f"{sid}.csv"
+            paths.append(_point_overlay(sample, pred_path, row["radius_px"], title, path))
         else:
-            import tifffile
-
-            pred = tifffile.imread(out / "predictions" / f"{sid}.tif")
-            paths.append(_instance_overlay(sample.image, np.asarray(sample.labels), pred, title, path))
+            pred_path = out / "predictions" / f"{sid}.tif"
+            paths.append(_instance_overlay(sample, pred_path, title, path))
     return paths
 
 
 # -- documents -----------------------------------------------------------------------
-def _blocks(metrics: dict, figs: dict[str, Any]) -> list[Block]:
+def _blocks(metrics: dict, figs: list[tuple[str, str]]) -> list[Block]:
     prov, kind = metrics["provenance"], metrics["kind"]
     keys = list(_TABLE_METRICS[kind])
     mean, pooled = metrics["mean"], metrics["pooled"]
@@ -243,7 +244,11 @@ def _blocks(metrics: dict, figs: dict[str, Any]) -> list[Block]:
     blocks.append(("p", f"Mean over samples and pooled over all nuclei ({match})."))
     mkeys = [*metrics["metric_keys"], "ap", "n_true", "n_pred", "seconds"]
     blocks.append(
-        ("table", ["metric", "mean", "pooled"], [[k, _fmt(mean.get(k)), _fmt(pooled.get(k))] for k in mkeys])
+        (
+            "table",
+            ["metric", "mean", "pooled"],
+            [[k, _fmt(mean.get(k)), _fmt(pooled.get(k))] for k in mkeys],
+        )
     )
     for gkey, block in metrics["groups"].items():
         blocks.append(("h3", f"By {gkey}"))
@@ -254,13 +259,17 @@ def _blocks(metrics: dict, figs: dict[str, Any]) -> list[Block]:
         blocks.append(("h2", "Detection by local density"))
         blocks.append(("p", f"Density: other true nuclei within {d['density_radius_um']} um."))
         hdr = ["neighbours", "n_true", "recall", "n_pred", "precision"]
-        body = [[f"{_fmt(b['lo'])}-{_fmt(b['hi'])}", b["n_true"], _fmt(b["recall"]), b["n_pred"], _fmt(b["precision"])] for b in d["bins"]]
+        cols = ("n_true", "recall", "n_pred", "precision")
+        body = [[_bin_name(b), *[_fmt(b[k]) for k in cols]] for b in d["bins"]]
         blocks.append(("table", hdr, body))
     blocks.append(("h2", "Per sample"))
-    body = [[r["id"], r["n_true"], r["n_pred"], *[_fmt(r.get(k)) for k in keys], _fmt(r["seconds"])] for r in metrics["rows"]]
+    body = [
+        [r["id"], r["n_true"], r["n_pred"], *[_fmt(r.get(k)) for k in keys], _fmt(r["seconds"])]
+        for r in metrics["rows"]
+    ]
     blocks.append(("table", ["id", "n_true", "n_pred", *keys, "seconds"], body))
     blocks.append(("h2", "Figures"))
-    for alt, rel in figs["list"]:
+    for alt, rel in figs:
         blocks.append(("img", rel, alt))
     return blocks
 
@@ -301,16 +310,22 @@ def _html(blocks: list[Block], out: Path) -> str:
             parts.append("<ul>" + "".join(f"<li>{esc(i)}</li>" for i in b[1]) + "</ul>")
         elif kind == "table":
             head = "".join(f"<th>{esc(str(c))}</th>" for c in b[1])
-            body = "".join("<tr>" + "".join(f"<td>{esc(str(c))}</td>" for c in r) + "</tr>" for r in b[2])
+            body = "".join(
+                "<tr>" + "".join(f"<td>{esc(str(c))}</td>" for c in r) + "</tr>" for r in b[2]
+            )
             parts.append(f"<table><tr>{head}</tr>{body}</table>")
         elif kind == "img":
             data = base64.b64encode((out / b[1]).read_bytes()).decode("ascii")
-            parts.append(f"<p>{esc(b[2])}</p><img alt='{esc(b[2])}' src='data:image/png;base64,{data}'>")
+            parts.append(
+                f"<p>{esc(b[2])}</p><img alt='{esc(b[2])}' src='data:image/png;base64,{data}'>"
+            )
     parts.append("</body></html>")
     return "\n".join(parts)
 
 
-def write_report(out_dir: str | Path, *, dataset: Dataset | None = None, n_overlays: int = 3) -> Path:
+def write_report(
+    out_dir: str | Path, *, dataset: Dataset | None = None, n_overlays: int = 3
+) -> Path:
     """Write ``report.md``, ``report.html`` and ``figures/*.png`` for an evaluation folder.
 
     Parameters
@@ -341,16 +356,16 @@ def write_report(out_dir: str | Path, *, dataset: Dataset | None = None, n_overl
     fig_dir = out / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
     rows, main = metrics["rows"], metrics["main_metric"]
-    figs: list[tuple[str, str]] = []
+    figs: list[tuple[str, Path]] = []
     p = _bar_plot(rows, main, metrics["mean"].get(main), fig_dir / f"per_sample_{main}.png")
-    figs.append((f"{main} per sample", p.relative_to(out).as_posix()))
+    figs.append((f"{main} per sample", p))
     p, r = _count_scatter(rows, fig_dir / "counts_scatter.png")
-    figs.append((f"predicted vs true counts (Pearson r = {_fmt(r)})", p.relative_to(out).as_posix()))
+    figs.append((f"predicted vs true counts (Pearson r = {_fmt(r)})", p))
     p = _pr_plot(metrics["pr_curve"], metrics["pooled"], fig_dir / "pr_curve.png")
-    figs.append(("precision-recall curve (pooled detections sorted by score)", p.relative_to(out).as_posix()))
-    for p in _overlays(metrics, out, fig_dir, dataset, n_overlays):
-        figs.append((f"TP/FP/FN overlay: {p.stem.removeprefix('overlay_')}", p.relative_to(out).as_posix()))
-    blocks = _blocks(metrics, {"list": figs})
+    figs.append(("precision-recall curve (pooled detections sorted by score)", p))
+    for p in _overlays(metrics, out, dataset, n_overlays):
+        figs.append((f"TP/FP/FN overlay: {p.stem.removeprefix('overlay_')}", p))
+    blocks = _blocks(metrics, [(alt, p.relative_to(out).as_posix()) for alt, p in figs])
     md = out / "report.md"
     md.write_text(_markdown(blocks))
     (out / "report.html").write_text(_html(blocks, out))

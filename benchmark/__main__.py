@@ -1,0 +1,199 @@
+"""``nucleus-bench``: list datasets, evaluate a model, (re)build a report, time a model.
+
+Subcommands::
+
+    nucleus-bench datasets
+    nucleus-bench eval --dataset NAME --root DIR --model MODEL --out OUT [--split S] [--limit N]
+    nucleus-bench report OUT
+    nucleus-bench speed ...        (see benchmark/speed.py)
+
+Input problems (unknown dataset or model, missing root, wrong layout) print one
+``error: ...`` line on stderr and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["build_parser", "main"]
+
+logger = logging.getLogger("benchmark")
+
+
+def _model_option(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, float(value)
+    except ValueError:
+        return key, value
+
+
+def _add_eval(sub: Any) -> None:
+    p = sub.add_parser("eval", help="run a model on a dataset, score it and write a report")
+    p.add_argument("--dataset", required=True, help="dataset name (see `nucleus-bench datasets`)")
+    p.add_argument("--root", required=True, help="dataset folder laid out as `datasets` shows")
+    p.add_argument("--model", required=True, help="registered model name")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--split", default=None, help="evaluate only this split")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N samples")
+    p.add_argument(
+        "--radius_um",
+        type=float,
+        default=None,
+        help="point-matching radius in microns (point datasets; default 6)",
+    )
+    p.add_argument(
+        "--mpp",
+        type=float,
+        default=None,
+        help="microns per pixel for samples without one (default: the model's)",
+    )
+    p.add_argument(
+        "--model_option",
+        type=_model_option,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="model builder option, e.g. foreground_threshold=0.6 (repeatable)",
+    )
+    p.add_argument("--no_report", action="store_true", help="write metrics and predictions only")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """Build the argument parser.
+
+    The ``speed`` subcommand's options come from :mod:`benchmark.speed`, which is
+    imported only when ``argv`` selects that subcommand.
+    """
+    parser = argparse.ArgumentParser(
+        prog="nucleus-bench", description="Benchmark nucleus models on public datasets."
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("datasets", help="list the supported datasets and their folder layouts")
+    _add_eval(sub)
+    p = sub.add_parser("report", help="(re)build report.md/html and figures from OUT/metrics.json")
+    p.add_argument("out", help="folder written by `nucleus-bench eval`")
+    p.add_argument("--overlays", type=int, default=3, help="number of overlay figures")
+    speed = sub.add_parser("speed", help="time a model (images per second, seconds per tile)")
+    positional = [a for a in argv if not a.startswith("-")]
+    if positional[:1] == ["speed"]:
+        from benchmark import speed as speed_mod
+
+        speed_mod.add_arguments(speed)
+    return parser
+
+
+def _cmd_datasets() -> int:
+    from .datasets import base, list_datasets
+
+    for name in list_datasets():
+        cls = base._REGISTRY[name]
+        print(f"{name}  [{cls.kind}]  {cls.description}")
+        print(f"    layout: {cls.layout}")
+    return 0
+
+
+def _print_summary(result: dict[str, Any], out: str) -> None:
+    mean, pooled = result["mean"], result["pooled"]
+    keys = [*result["metric_keys"], "ap", "n_true", "n_pred", "seconds"]
+    print(f"{'metric':<16}{'mean':>10}{'pooled':>10}")
+    for k in keys:
+        cells = [mean.get(k), pooled.get(k)]
+        text = ["" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v) for v in cells]
+        print(f"{k:<16}{text[0]:>10}{text[1]:>10}")
+    print(f"wrote {out}/metrics.json ({len(result['rows'])} samples)")
+
+
+def _cmd_eval(args: argparse.Namespace, command: str) -> int:
+    from nucleus_models.models import get_spec
+
+    from .datasets import DatasetError, get_dataset
+    from .evaluate import evaluate
+
+    get_spec(args.model)  # unknown model: fail before reading the dataset
+    try:
+        dataset = get_dataset(args.dataset, args.root)
+    except KeyError as exc:
+        raise DatasetError(str(exc.args[0])) from None
+    params = {k: v for k, v in vars(args).items() if k not in ("command", "verbose")}
+    params["model_option"] = dict(args.model_option)
+    result = evaluate(
+        dataset,
+        model=args.model,
+        out_dir=args.out,
+        split=args.split,
+        limit=args.limit,
+        model_options=dict(args.model_option) or None,
+        radius_um=args.radius_um,
+        mpp=args.mpp,
+        progress=not args.quiet,
+        report=not args.no_report,
+        params=params,
+        command=command,
+    )
+    _print_summary(result, args.out)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``nucleus-bench``; return the exit status (0 ok, 2 bad input).
+
+    Parameters
+    ----------
+    argv : sequence of str, optional
+        Arguments without the program name (default ``sys.argv[1:]``).
+
+    Returns
+    -------
+    int
+        Exit status.
+    """
+    from nucleus_models.errors import NucleusModelsError
+
+    from .datasets import DatasetError
+
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    command = " ".join(sys.argv) if argv is None else " ".join(["nucleus-bench", *args_list])
+    try:
+        parser = build_parser(args_list)
+    except ImportError as exc:
+        print(f"error: the speed benchmark is not available: {exc}", file=sys.stderr)
+        return 2
+    try:
+        args = parser.parse_args(args_list)
+    except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
+        return int(exc.code or 0)
+    logging.basicConfig(
+        level=logging.WARNING - 10 * min(args.verbose, 2),
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        if args.command == "datasets":
+            return _cmd_datasets()
+        if args.command == "eval":
+            return _cmd_eval(args, command)
+        if args.command == "report":
+            from .report import write_report
+
+            path = write_report(args.out, n_overlays=args.overlays)
+            print(f"wrote {path}")
+            return 0
+        from benchmark import speed
+
+        return int(speed.run(args))
+    except (DatasetError, NucleusModelsError) as exc:
+        msg = " ".join(str(exc).split())
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,120 @@
+"""``nucleus-bench speed``: NucleusDetection vs HistomicsTK's NucleiDetection, side by side.
+
+Both CLIs run as the DSA would run them (a fresh process each, startup
+included) on the same slide, region and number of cores; the command reports
+wall time, megapixels/s (analysed base-layer area) and nuclei/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_arguments", "run", "time_cli"]
+
+log = logging.getLogger(__name__)
+REPO = Path(__file__).resolve().parents[1]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of the ``speed`` subcommand."""
+    parser.add_argument("--slide", required=True, help="slide to analyse (e.g. ../shared/data/wsi/CMU-1-Small-Region.svs)")
+    parser.add_argument("--analysis_roi", default="-1,-1,-1,-1", help="left,top,width,height in base pixels")
+    parser.add_argument("--model", default="classical-he", help="our model (registry name)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="cores given to each CLI")
+    parser.add_argument("--input_mpp", type=float, default=-1.0, help="resolution override (um/px)")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per CLI (the fastest is reported)")
+    parser.add_argument("--skip_histomicstk", action="store_true", help="time only NucleusDetection")
+    parser.add_argument("--out", default="", help="also write the results as JSON here")
+
+
+def time_cli(cmd: list[str], out_file: Path) -> dict[str, Any]:
+    """Run one CLI command; return wall seconds and the number of annotation elements."""
+    t0 = time.perf_counter()
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if res.returncode != 0:
+        tail = (res.stderr or res.stdout).strip().splitlines()[-3:]
+        raise RuntimeError(f"{Path(cmd[1]).name if len(cmd) > 1 else cmd[0]} failed: {' | '.join(tail)}")
+    doc = json.loads(out_file.read_text())
+    docs = doc if isinstance(doc, list) else [doc]
+    n = sum(len(d.get("elements", [])) for d in docs)
+    return {"seconds": wall, "nuclei": n}
+
+
+def _area_mpx(slide: str, roi: str, input_mpp: float) -> float:
+    from nucleus_models.wsi import clip_region, open_slide, parse_roi
+
+    s = open_slide(slide, input_mpp=input_mpp if input_mpp > 0 else None)
+    r = clip_region(parse_roi(roi), s.width, s.height)
+    return r.width * r.height / 1e6
+
+
+def _histomicstk_cli() -> Path:
+    import histomicstk
+
+    return Path(histomicstk.__file__).parent / "cli" / "NucleiDetection" / "NucleiDetection.py"
+
+
+def run(args: argparse.Namespace) -> int:
+    """Time both CLIs and print a side-by-side table."""
+    area = _area_mpx(args.slide, args.analysis_roi, args.input_mpp)
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        ours_out = Path(tmp) / "ours.anot"
+        ours = [
+            sys.executable, "-m", "cli", "NucleusDetection", args.slide, str(ours_out),
+            "--model", args.model, f"--analysis_roi={args.analysis_roi}",
+            "--scheduler", "multithreading" if args.workers > 1 else "",
+            "--num_workers", str(args.workers),
+        ]  # fmt: skip
+        if args.input_mpp > 0:
+            ours += ["--input_mpp", str(args.input_mpp)]
+        candidates = [("NucleusDetection (" + args.model + ")", ours, ours_out)]
+        if not args.skip_histomicstk:
+            htk_out = Path(tmp) / "htk.anot"
+            htk = [
+                sys.executable, str(_histomicstk_cli()), args.slide, str(htk_out),
+                f"--analysis_roi={args.analysis_roi}", "--num_workers", str(args.workers),
+                "--num_threads_per_worker", "1", "--nuclei_annotation_format", "boundary",
+            ]  # fmt: skip
+            candidates.append(("HistomicsTK NucleiDetection", htk, htk_out))
+        for name, cmd, out in candidates:
+            best: dict[str, Any] | None = None
+            for _ in range(max(1, args.repeat)):
+                r = time_cli(cmd, out)
+                if best is None or r["seconds"] < best["seconds"]:
+                    best = r
+            assert best is not None
+            rows.append(
+                {
+                    "cli": name,
+                    "seconds": round(best["seconds"], 2),
+                    "nuclei": best["nuclei"],
+                    "megapixels": round(area, 3),
+                    "megapixels_per_s": round(area / best["seconds"], 3),
+                    "nuclei_per_s": round(best["nuclei"] / best["seconds"], 1),
+                }
+            )
+    header = f"{'CLI':40s} {'seconds':>8s} {'nuclei':>8s} {'MP':>7s} {'MP/s':>7s} {'nuclei/s':>9s}"
+    lines = [
+        f"slide: {args.slide}  roi: {args.analysis_roi}  workers: {args.workers}  cores: {os.cpu_count()}",
+        header,
+    ]
+    for r in rows:
+        lines.append(
+            f"{r['cli']:40s} {r['seconds']:8.2f} {r['nuclei']:8d} {r['megapixels']:7.2f} "
+            f"{r['megapixels_per_s']:7.3f} {r['nuclei_per_s']:9.1f}"
+        )
+    sys.stdout.write("\n".join(lines) + "\n")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"slide": args.slide, "roi": args.analysis_roi, "rows": rows}, indent=2))
+    return 0

@@ -1,0 +1,189 @@
+"""End-to-end tests of ``nucleus-bench`` (datasets, eval, report) and of point evaluation.
+
+The MoNuSeg run reads real data from ``../shared/data`` (or
+``$NUCLEUS_SHARED_DATA``); missing data fails the tests, it never skips them.
+Point evaluation is tested on a tiny synthetic dataset, since the shared
+prostate point set has no images.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from benchmark.__main__ import main
+from benchmark.datasets import Dataset, Sample, fingerprint, get_dataset, list_datasets
+from benchmark.evaluate import evaluate
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _shared_root() -> Path:
+    env = os.environ.get("NUCLEUS_SHARED_DATA")
+    return Path(env) if env else REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="module")
+def monuseg_root() -> Path:
+    root = _shared_root() / "monuseg2018" / "train"
+    if not (root / "images").is_dir():
+        pytest.fail(f"shared data not found at {root} (set NUCLEUS_SHARED_DATA)", pytrace=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def monuseg_eval(monuseg_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("bench") / "monuseg-classical"
+    argv = ["eval", "--dataset", "monuseg", "--root", str(monuseg_root)]
+    argv += ["--model", "classical-he", "--limit", "2", "--out", str(out), "--quiet"]
+    assert main(argv) == 0
+    return out
+
+
+def test_eval_metrics_json(monuseg_eval: Path, monuseg_root: Path) -> None:
+    m = json.loads((monuseg_eval / "metrics.json").read_text())
+    assert m["kind"] == "instances"
+    assert len(m["rows"]) == 2
+    for row in m["rows"]:
+        for key in ("id", "groups", "n_true", "n_pred", "seconds", "det_f1", "aji", "pq"):
+            assert key in row, key
+        assert row["n_true"] > 100 and row["n_pred"] > 0
+        assert row["groups"]["organ"]
+    for key in ("det_f1", "f1_iou50", "aji", "dice", "pq", "precision", "recall"):
+        assert 0.0 <= m["mean"][key] <= 1.0, key
+    assert m["mean"]["det_f1"] > 0.3  # classical-he finds most MoNuSeg nuclei
+    assert m["pooled"]["n_true"] == sum(r["n_true"] for r in m["rows"])
+    assert m["pooled"]["tp"] + m["pooled"]["fn"] == m["pooled"]["n_true"]
+    assert "organ" in m["groups"]
+    assert sum(v["n"] for v in m["groups"]["organ"].values()) == 2
+    prov = m["provenance"]
+    assert set(prov) >= {"package_version", "model", "dataset", "params", "created", "command"}
+    assert set(prov["model"]) >= {"name", "sha256", "mpp"}
+    assert prov["model"]["name"] == "classical-he"
+    assert set(prov["dataset"]) >= {"name", "root", "fingerprint", "n_samples"}
+    assert prov["dataset"]["n_samples"] == 2
+    assert prov["dataset"]["fingerprint"] == fingerprint(get_dataset("monuseg", monuseg_root))
+    assert prov["params"]["limit"] == 2 and prov["params"]["model"] == "classical-he"
+    curve = m["pr_curve"]
+    assert len(curve["precision"]) == len(curve["recall"]) > 10
+
+
+def test_eval_predictions(monuseg_eval: Path, monuseg_root: Path) -> None:
+    m = json.loads((monuseg_eval / "metrics.json").read_text())
+    for row in m["rows"]:
+        pred = tifffile.imread(monuseg_eval / "predictions" / f"{row['id']}.tif")
+        image = tifffile.imread(monuseg_root / "images" / f"{row['id']}.tif")
+        assert pred.dtype == np.uint32
+        assert pred.shape == image.shape[:2]
+        assert np.count_nonzero(np.unique(pred)) == row["n_pred"]
+
+
+def test_eval_report(monuseg_eval: Path) -> None:
+    md = (monuseg_eval / "report.md").read_text()
+    figs = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    assert figs, "report.md shows no figures"
+    for rel in figs:
+        assert (monuseg_eval / rel).is_file(), rel
+    names = {Path(f).name for f in figs}
+    assert {"per_sample_det_f1.png", "counts_scatter.png", "pr_curve.png"} <= names
+    assert sum(n.startswith("overlay_") for n in names) == 2
+    assert "data:image/png;base64" in (monuseg_eval / "report.html").read_text()
+    # the report subcommand rebuilds it from metrics.json alone
+    (monuseg_eval / "report.md").unlink()
+    assert main(["report", str(monuseg_eval), "--overlays", "1"]) == 0
+    assert (monuseg_eval / "report.md").is_file()
+
+
+def test_datasets_lists_all(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["datasets"]) == 0
+    out = capsys.readouterr().out
+    for name in list_datasets():
+        assert re.search(rf"^{name}\b", out, re.M), name
+    assert out.count("layout:") == len(list_datasets())
+
+
+def test_unknown_model_exit_2(monuseg_root: Path, tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "benchmark", "eval", "--dataset", "monuseg"]
+    cmd += ["--root", str(monuseg_root), "--model", "no-such-model", "--out", str(tmp_path)]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "no-such-model" in lines[0]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--dataset", "nope", "--root", "."],
+        ["--dataset", "monuseg", "--root", "/no/such/folder"],
+        ["--dataset", "bbbc038", "--root", "."],  # wrong layout
+    ],
+)
+def test_bad_input_exit_2(argv: list[str], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    rc = main(["eval", *argv, "--model", "classical-he", "--out", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert len(err) == 1 and err[0].startswith("error:")
+
+
+# -- point datasets: a synthetic two-image dataset ----------------------------------------
+def _disk_image(seed: int, size: int = 200, radius: float = 7.0) -> tuple[np.ndarray, np.ndarray]:
+    """Hematoxylin-coloured disks on pale eosin and their centres (pixel centres at integers)."""
+    rng = np.random.default_rng(seed)
+    g = np.arange(20, size - 19, 32, dtype=float)
+    centres = np.stack(np.meshgrid(g, g), -1).reshape(-1, 2) + rng.uniform(-4, 4, (g.size**2, 2))
+    yy, xx = np.mgrid[0:size, 0:size]
+    img = np.empty((size, size, 3), np.uint8)
+    img[:] = (232, 190, 215)
+    for cx, cy in centres:
+        img[(xx - cx) ** 2 + (yy - cy) ** 2 <= radius**2] = (70, 45, 130)
+    return img, centres
+
+
+class _FakePoints(Dataset):
+    name = "fake_points"
+    description = "two synthetic images with nucleus points"
+    layout = "none"
+    kind = "points"
+
+    def ids(self, split: str | None = None) -> list[str]:
+        return ["a", "b"]
+
+    def load(self, sample_id: str) -> Sample:
+        img, pts = _disk_image(0 if sample_id == "a" else 1)
+        return Sample(
+            id=sample_id,
+            image=img,
+            points=pts,
+            groups={"fixation": "formalin" if sample_id == "a" else "frozen"},
+            mpp=0.5 if sample_id == "a" else None,  # None: falls back to the model's mpp
+        )
+
+
+def test_point_evaluate(tmp_path: Path) -> None:
+    ds = _FakePoints(tmp_path)
+    out = tmp_path / "out"
+    res = evaluate(ds, model="classical-he", out_dir=out, progress=False)
+    assert res["kind"] == "points" and res["main_metric"] == "f1"
+    assert set(res["mean"]) >= {"f1", "precision", "recall"}
+    assert res["mean"]["f1"] > 0.8, res["mean"]
+    assert [r["mpp_source"] for r in res["rows"]] == ["sample", "model"]
+    assert res["rows"][0]["radius_px"] == pytest.approx(12.0)  # 6 um at 0.5 um/px
+    assert set(res["groups"]["fixation"]) == {"formalin", "frozen"}
+    bins = res["density"]["bins"]
+    assert sum(b["n_true"] for b in bins) == res["pooled"]["n_true"]
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["density"]["match_radius_um"] == 6.0
+    for sid in ("a", "b"):
+        lines = (out / "predictions" / f"{sid}.csv").read_text().splitlines()
+        assert lines[0] == "x,y,score" and len(lines) > 1
+    assert (out / "figures" / "overlay_a.png").is_file()
+    assert (out / "report.md").is_file()
