@@ -82,7 +82,9 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="(re)build report.md/html and figures from OUT/metrics.json")
     p.add_argument("out", help="folder written by `nucleus-bench eval`")
     p.add_argument("--overlays", type=int, default=3, help="number of overlay figures")
-    speed = sub.add_parser("speed", help="time a model (images per second, seconds per tile)")
+    speed = sub.add_parser(
+        "speed", help="time NucleusDetection against HistomicsTK NucleiDetection on a slide"
+    )
     positional = [a for a in argv if not a.startswith("-")]
     if positional[:1] == ["speed"]:
         from benchmark import speed as speed_mod

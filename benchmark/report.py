@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import csv
 import html
+import io
 import json
 import logging
 from collections.abc import Sequence
@@ -210,7 +211,7 @@ def _overlays(metrics: dict, out: Path, dataset: Dataset | None, n: int) -> list
     for row in metrics["rows"][:n]:
         sid = row["id"]
         sample = dataset.load(sid)
-        title = f"{sid}  green TP / blue FP / red FN"
+        title = f"{_short(sid, 28)}  green TP / blue FP / red FN"
         path = out / "figures" / f"overlay_{sid}.png"
         if metrics["kind"] == "points":
             pred_path = out / "predictions" / f"{sid}.csv"
@@ -294,6 +295,19 @@ def _markdown(blocks: list[Block]) -> str:
     return "\n".join(lines)
 
 
+def _embed(path: Path, max_png_bytes: int = 400_000) -> tuple[str, str]:
+    """MIME type and base64 of a figure; large (photographic) PNGs are embedded as JPEG."""
+    raw, mime = path.read_bytes(), "image/png"
+    if len(raw) > max_png_bytes:
+        from PIL import Image
+
+        buf = io.BytesIO()
+        with Image.open(path) as im:
+            im.convert("RGB").save(buf, format="JPEG", quality=88)
+        raw, mime = buf.getvalue(), "image/jpeg"
+    return mime, base64.b64encode(raw).decode("ascii")
+
+
 def _html(blocks: list[Block], out: Path) -> str:
     esc = html.escape
     parts = [
@@ -315,9 +329,9 @@ def _html(blocks: list[Block], out: Path) -> str:
             )
             parts.append(f"<table><tr>{head}</tr>{body}</table>")
         elif kind == "img":
-            data = base64.b64encode((out / b[1]).read_bytes()).decode("ascii")
+            mime, data = _embed(out / b[1])
             parts.append(
-                f"<p>{esc(b[2])}</p><img alt='{esc(b[2])}' src='data:image/png;base64,{data}'>"
+                f"<p>{esc(b[2])}</p><img alt='{esc(b[2])}' src='data:{mime};base64,{data}'>"
             )
     parts.append("</body></html>")
     return "\n".join(parts)

@@ -26,13 +26,25 @@ REPO = Path(__file__).resolve().parents[1]
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of the ``speed`` subcommand."""
-    parser.add_argument("--slide", required=True, help="slide to analyse (e.g. ../shared/data/wsi/CMU-1-Small-Region.svs)")
-    parser.add_argument("--analysis_roi", default="-1,-1,-1,-1", help="left,top,width,height in base pixels")
+    parser.add_argument(
+        "--slide",
+        required=True,
+        help="slide to analyse (e.g. ../shared/data/wsi/CMU-1-Small-Region.svs)",
+    )
+    parser.add_argument(
+        "--analysis_roi", default="-1,-1,-1,-1", help="left,top,width,height in base pixels"
+    )
     parser.add_argument("--model", default="classical-he", help="our model (registry name)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="cores given to each CLI")
+    parser.add_argument(
+        "--workers", type=int, default=os.cpu_count() or 1, help="cores given to each CLI"
+    )
     parser.add_argument("--input_mpp", type=float, default=-1.0, help="resolution override (um/px)")
-    parser.add_argument("--repeat", type=int, default=1, help="runs per CLI (the fastest is reported)")
-    parser.add_argument("--skip_histomicstk", action="store_true", help="time only NucleusDetection")
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="runs per CLI (the fastest is reported)"
+    )
+    parser.add_argument(
+        "--skip_histomicstk", action="store_true", help="time only NucleusDetection"
+    )
     parser.add_argument("--out", default="", help="also write the results as JSON here")
 
 
@@ -43,7 +55,9 @@ def time_cli(cmd: list[str], out_file: Path) -> dict[str, Any]:
     wall = time.perf_counter() - t0
     if res.returncode != 0:
         tail = (res.stderr or res.stdout).strip().splitlines()[-3:]
-        raise RuntimeError(f"{Path(cmd[1]).name if len(cmd) > 1 else cmd[0]} failed: {' | '.join(tail)}")
+        raise RuntimeError(
+            f"{Path(cmd[1]).name if len(cmd) > 1 else cmd[0]} failed: {' | '.join(tail)}"
+        )
     doc = json.loads(out_file.read_text())
     docs = doc if isinstance(doc, list) else [doc]
     n = sum(len(d.get("elements", [])) for d in docs)
@@ -116,5 +130,7 @@ def run(args: argparse.Namespace) -> int:
         )
     sys.stdout.write("\n".join(lines) + "\n")
     if args.out:
-        Path(args.out).write_text(json.dumps({"slide": args.slide, "roi": args.analysis_roi, "rows": rows}, indent=2))
+        Path(args.out).write_text(
+            json.dumps({"slide": args.slide, "roi": args.analysis_roi, "rows": rows}, indent=2)
+        )
     return 0

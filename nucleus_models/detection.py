@@ -311,7 +311,11 @@ def write_outputs(result: DetectionResult) -> list[str]:
         written.append(p.outputNucleiAnnotationFile)
     if p.outputNucleiCSVFile:
         write_csv(
-            p.outputNucleiCSVFile, result.nuclei, class_names=spec.classes, mpp=result.slide["mpp"]
+            p.outputNucleiCSVFile,
+            result.nuclei,
+            class_names=spec.classes,
+            mpp=result.slide["mpp"],
+            provenance=prov,
         )
         written.append(p.outputNucleiCSVFile)
     if p.outputNucleiGeoJSONFile:
@@ -321,12 +325,14 @@ def write_outputs(result: DetectionResult) -> list[str]:
         write_geojson(p.outputNucleiGeoJSONFile, gj)
         written.append(p.outputNucleiGeoJSONFile)
     if p.outputOverlayImageFile:
-        _write_overlay(result)
+        _write_overlay(result, prov)
         written.append(p.outputOverlayImageFile)
     return written
 
 
-def _write_overlay(result: DetectionResult, max_size: int = 2048) -> None:
+def _write_overlay(
+    result: DetectionResult, provenance: dict[str, Any], max_size: int = 2048
+) -> None:
     from .io import write_overlay
     from .wsi import open_slide
 
@@ -344,6 +350,7 @@ def _write_overlay(result: DetectionResult, max_size: int = 2048) -> None:
         origin=(x, y),
         scale=out_w / w,
         class_colors=result.spec.class_colors,
+        provenance=provenance,
     )
 
 

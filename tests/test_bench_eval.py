@@ -159,6 +159,8 @@ class _FakePoints(Dataset):
 
     def load(self, sample_id: str) -> Sample:
         img, pts = _disk_image(0 if sample_id == "a" else 1)
+        # first disk unannotated (1 FP), one point on empty background (1 FN)
+        pts = np.vstack([pts[1:], [[100.0, 100.0]]])
         return Sample(
             id=sample_id,
             image=img,
@@ -175,6 +177,7 @@ def test_point_evaluate(tmp_path: Path) -> None:
     assert res["kind"] == "points" and res["main_metric"] == "f1"
     assert set(res["mean"]) >= {"f1", "precision", "recall"}
     assert res["mean"]["f1"] > 0.8, res["mean"]
+    assert res["pooled"]["fp"] >= 2 and res["pooled"]["fn"] >= 2
     assert [r["mpp_source"] for r in res["rows"]] == ["sample", "model"]
     assert res["rows"][0]["radius_px"] == pytest.approx(12.0)  # 6 um at 0.5 um/px
     assert set(res["groups"]["fixation"]) == {"formalin", "frozen"}

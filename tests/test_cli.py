@@ -72,6 +72,11 @@ def test_xml_flag_prints_the_xml(name: str) -> None:
     assert res.stdout.strip() == (REPO / "cli" / name / f"{name}.xml").read_text().strip()
 
 
+def _csv_rows(path: Path) -> list[dict[str, str]]:
+    with path.open() as f:
+        return list(csv.DictReader(ln for ln in f if not ln.startswith("#")))
+
+
 def _check_outputs(out: Path, min_nuclei: int) -> dict:
     doc = json.loads((out / "n.anot").read_text())
     validate_annotation(doc)
@@ -79,8 +84,13 @@ def _check_outputs(out: Path, min_nuclei: int) -> dict:
     assert attrs["model"]["name"] == "classical-he" and attrs["model"]["sha256"]
     assert attrs["version"] and attrs["params"]["inputImageFile"]
     assert attrs["nuclei_count"] == len(doc["elements"]) >= min_nuclei
-    rows = list(csv.DictReader((out / "n.csv").open()))
+    rows = _csv_rows(out / "n.csv")
     assert len(rows) == len(doc["elements"])
+    head = json.loads((out / "n.csv").open().readline()[2:])
+    assert head["model"]["name"] == "classical-he" and head["version"]
+    from PIL import Image
+
+    assert json.loads(Image.open(out / "n.png").text["nucleus-models"])["nuclei_count"] == len(rows)
     gj = json.loads((out / "n.geojson").read_text())
     assert len(gj["features"]) == len(rows)
     assert (out / "n.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -126,7 +136,7 @@ def test_end_to_end_on_monuseg_image_finds_the_annotated_nuclei(
     res = run_cli("NucleusDetection", str(image), *_outputs(tmp_path), "--input_mpp", "0.25")
     assert res.returncode == 0, res.stderr
     doc = _check_outputs(tmp_path, min_nuclei=150)
-    rows = list(csv.DictReader((tmp_path / "n.csv").open()))
+    rows = _csv_rows(tmp_path / "n.csv")
     xy = np.array([[float(r["x"]), float(r["y"])] for r in rows]).astype(int)
     hit = sample.labels[np.clip(xy[:, 1], 0, 999), np.clip(xy[:, 0], 0, 999)]
     recall = len(np.unique(hit[hit > 0])) / len(np.unique(sample.labels[sample.labels > 0]))

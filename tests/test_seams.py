@@ -105,3 +105,14 @@ def test_roi_rectangle_and_polygon(disk_slide) -> None:
     want = centres[shapely.contains_xy(poly, centres[:, 0], centres[:, 1])]
     tp, fp, fn = _match(res.nuclei.centroids, want)
     assert (fp, fn) == (0, 0) and tp == len(want) > 10
+
+
+def test_existing_dask_scheduler_by_address(disk_slide) -> None:
+    """'tcp://host:port': an existing dask.distributed scheduler on this machine."""
+    from dask.distributed import LocalCluster
+
+    path, centres, _ = disk_slide
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster:
+        res = _run(path, analysis_tile_size=256, scheduler=cluster.scheduler_address)
+    tp, fp, fn = _match(res.nuclei.centroids, centres)
+    assert (tp, fp, fn) == (len(centres), 0, 0)

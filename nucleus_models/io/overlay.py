@@ -40,10 +40,18 @@ def render_overlay(
     return out
 
 
-def write_overlay(path: str, image: np.ndarray, **kwargs: Any) -> None:
-    """Render and write a PNG overlay atomically."""
+def write_overlay(
+    path: str, image: np.ndarray, *, provenance: dict[str, Any] | None = None, **kwargs: Any
+) -> None:
+    """Render and write a PNG overlay atomically (provenance in a ``nucleus-models`` text chunk)."""
+    import json
+
     from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
 
     arr = render_overlay(image, **kwargs)
+    info = PngInfo()
+    if provenance is not None:
+        info.add_itxt("nucleus-models", json.dumps(provenance, default=str))
     with atomic_write(path, "wb") as f:
-        Image.fromarray(arr).save(f, format="PNG")
+        Image.fromarray(arr).save(f, format="PNG", pnginfo=info)

@@ -16,12 +16,23 @@ __all__ = ["write_csv", "geojson_document", "write_geojson"]
 
 
 def write_csv(
-    path: str, nuclei: Nuclei, *, class_names: Sequence[str], mpp: float | None = None
+    path: str,
+    nuclei: Nuclei,
+    *,
+    class_names: Sequence[str],
+    mpp: float | None = None,
+    provenance: dict[str, Any] | None = None,
 ) -> None:
-    """One row per nucleus: id, centroid, box (base pixels), score, class, measurements."""
+    """One row per nucleus: id, centroid, box (base pixels), score, class, measurements.
+
+    ``provenance`` is written first as one ``# {json}`` comment line (read the
+    table with ``pandas.read_csv(path, comment="#")``).
+    """
     table = nuclei.to_table(class_names)
     cols = list(table)
     with atomic_write(path, "w", encoding="utf-8", newline="") as f:
+        if provenance is not None:
+            f.write("# " + json.dumps(provenance, separators=(",", ":"), default=str) + "\n")
         w = csv.writer(f)
         w.writerow(["id", *cols] + (["x_um", "y_um"] if mpp else []))
         for i in range(len(nuclei)):

@@ -1,0 +1,58 @@
+"""Opening slides of every supported kind, resolution handling, tissue masks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from nucleus_models.errors import SlideError
+from nucleus_models.wsi import open_slide, tissue_mask
+
+
+def test_svs_and_ndpi_resolution_from_metadata(shared_data: Path) -> None:
+    svs = open_slide(shared_data / "wsi" / "CMU-1-Small-Region.svs")
+    assert (svs.width, svs.height) == (2220, 2967)
+    assert svs.mpp == pytest.approx(0.499, abs=1e-3) and svs.mpp_source == "metadata"
+    ndpi = open_slide(next((shared_data / "wsi").glob("*.ndpi")))
+    assert ndpi.mpp is not None and 0.1 < ndpi.mpp < 1.0
+    region = ndpi.read_region(1000, 1000, 256, 256, out_w=128, out_h=128)
+    assert region.shape == (128, 128, 3) and region.dtype == np.uint8
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "TIFF"])
+def test_plain_images_need_input_mpp(tmp_path: Path, fmt: str) -> None:
+    path = tmp_path / f"img.{fmt.lower()}"
+    arr = np.zeros((120, 160, 3), np.uint8)
+    arr[20:60, 30:90] = (200, 40, 90)
+    Image.fromarray(arr).save(path, format=fmt)
+    s = open_slide(path)
+    assert (s.width, s.height) == (160, 120)
+    with pytest.raises(SlideError, match="--input_mpp"):
+        s.require_mpp()
+    s = open_slide(path, input_mpp=0.25)
+    assert s.require_mpp() == 0.25 and s.mpp_source == "override"
+    px = s.read_region(30, 20, 60, 40)
+    assert px.shape == (40, 60, 3)
+    if fmt != "JPEG":
+        assert (px == (200, 40, 90)).all()
+
+
+def test_override_beats_metadata(shared_data: Path) -> None:
+    s = open_slide(shared_data / "wsi" / "CMU-1-Small-Region.svs", input_mpp=0.3)
+    assert s.mpp == 0.3 and s.mpp_source == "override"
+
+
+def test_thumbnail_and_tissue_mask(shared_data: Path) -> None:
+    s = open_slide(shared_data / "wsi" / "CMU-1-Small-Region.svs")
+    thumb, scale = s.thumbnail(512)
+    assert max(thumb.shape[:2]) == 512 and scale == pytest.approx(512 / 2967, rel=1e-3)
+    mask = tissue_mask(thumb)
+    assert 0.3 < mask.mean() < 0.99  # tissue and some glass
+    fluo = np.zeros((100, 100, 3), np.uint8)
+    fluo[40:60, 40:60] = 180
+    fm = tissue_mask(fluo, modality="fluorescence")
+    assert fm[50, 50] and not fm[5, 5]
+    assert not tissue_mask(np.full((50, 50, 3), 250, np.uint8)).any()
