@@ -19,6 +19,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from .datasets.base import DatasetError
+
 __all__ = ["build_parser", "main"]
 
 logger = logging.getLogger("benchmark")
@@ -82,14 +84,29 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="(re)build report.md/html and figures from OUT/metrics.json")
     p.add_argument("out", help="folder written by `nucleus-bench eval`")
     p.add_argument("--overlays", type=int, default=3, help="number of overlay figures")
+    from benchmark import speed as speed_mod
+
     speed = sub.add_parser(
         "speed", help="time NucleusDetection against HistomicsTK NucleiDetection on a slide"
     )
-    positional = [a for a in argv if not a.startswith("-")]
-    if positional[:1] == ["speed"]:
-        from benchmark import speed as speed_mod
-
-        speed_mod.add_arguments(speed)
+    speed_mod.add_arguments(speed)
+    t = sub.add_parser(
+        "train", help="cross-validate and train a model from a config (configs/*.toml)"
+    )
+    t.add_argument("--config", required=True, help="TOML config, e.g. configs/unet-monuseg.toml")
+    t.add_argument("--out", default="", help="run folder (default runs/<name>)")
+    t.add_argument(
+        "--resume", action="store_true", help="continue from the run folder's checkpoints"
+    )
+    t.add_argument("--skip_cv", action="store_true", help="train only the final model")
+    t.add_argument("--steps", type=int, default=None, help="override the config's training steps")
+    t.add_argument(
+        "--export",
+        nargs="?",
+        const="nucleus_models/weights",
+        default=None,
+        help="write weights + card to this folder (default nucleus_models/weights)",
+    )
     return parser
 
 
@@ -117,7 +134,7 @@ def _print_summary(result: dict[str, Any], out: str) -> None:
 def _cmd_eval(args: argparse.Namespace, command: str) -> int:
     from nucleus_models.models import get_spec
 
-    from .datasets import DatasetError, get_dataset
+    from .datasets import get_dataset
     from .evaluate import evaluate
 
     get_spec(args.model)  # unknown model: fail before reading the dataset
@@ -145,6 +162,34 @@ def _cmd_eval(args: argparse.Namespace, command: str) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .training.run import load_config, train_from_config
+
+    if not Path(args.config).is_file():
+        raise DatasetError(f"config not found: {args.config}")
+    name = load_config(args.config)["name"]
+    out = args.out or f"runs/{name}"
+    result = train_from_config(
+        args.config,
+        out_dir=out,
+        resume=args.resume,
+        skip_cv=args.skip_cv,
+        steps=args.steps,
+        export_to=args.export,
+    )
+    cv = result.get("cv")
+    if cv:
+        m = cv["metrics_at_best"]
+        print(f"cross-validation ({len(cv['folds'])} folds), thresholds {cv['best']}:")
+        print("  " + "  ".join(f"{k}={v:.3f}" for k, v in m.items()))
+    print(f"checkpoint: {result['checkpoint']}")
+    if result.get("weights"):
+        print(f"exported: {result['weights']}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``nucleus-bench``; return the exit status (0 ok, 2 bad input).
 
@@ -160,15 +205,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     from nucleus_models.errors import NucleusModelsError
 
-    from .datasets import DatasetError
-
     args_list = list(sys.argv[1:] if argv is None else argv)
     command = " ".join(sys.argv) if argv is None else " ".join(["nucleus-bench", *args_list])
-    try:
-        parser = build_parser(args_list)
-    except ImportError as exc:
-        print(f"error: the speed benchmark is not available: {exc}", file=sys.stderr)
-        return 2
+    parser = build_parser(args_list)
     try:
         args = parser.parse_args(args_list)
     except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
@@ -188,6 +227,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             path = write_report(args.out, n_overlays=args.overlays)
             print(f"wrote {path}")
             return 0
+        if args.command == "train":
+            return _cmd_train(args)
         from benchmark import speed
 
         return int(speed.run(args))

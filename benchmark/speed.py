@@ -61,7 +61,8 @@ def time_cli(cmd: list[str], out_file: Path) -> dict[str, Any]:
     doc = json.loads(out_file.read_text())
     docs = doc if isinstance(doc, list) else [doc]
     n = sum(len(d.get("elements", [])) for d in docs)
-    return {"seconds": wall, "nuclei": n}
+    stages = (docs[0].get("attributes") or {}).get("timings_s", {}) if docs else {}
+    return {"seconds": wall, "nuclei": n, "stages": stages}
 
 
 def _area_mpx(slide: str, roi: str, input_mpp: float) -> float:
@@ -116,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
                     "megapixels": round(area, 3),
                     "megapixels_per_s": round(area / best["seconds"], 3),
                     "nuclei_per_s": round(best["nuclei"] / best["seconds"], 1),
+                    "stages_s": best.get("stages", {}),
                 }
             )
     header = f"{'CLI':40s} {'seconds':>8s} {'nuclei':>8s} {'MP':>7s} {'MP/s':>7s} {'nuclei/s':>9s}"
@@ -128,6 +130,14 @@ def run(args: argparse.Namespace) -> int:
             f"{r['cli']:40s} {r['seconds']:8.2f} {r['nuclei']:8d} {r['megapixels']:7.2f} "
             f"{r['megapixels_per_s']:7.3f} {r['nuclei_per_s']:9.1f}"
         )
+    for r in rows:
+        st = r.get("stages_s") or {}
+        if "network_cpu" in st:
+            lines.append(
+                f"  {r['cli']}: setup {st.get('setup', 0):.2f}s, tiles {st.get('tiles', 0):.2f}s wall; "
+                f"summed over workers: read {st['read_cpu']:.2f}s, network {st['network_cpu']:.2f}s, "
+                f"post-processing {st['postprocess_cpu']:.2f}s"
+            )
     sys.stdout.write("\n".join(lines) + "\n")
     if args.out:
         Path(args.out).write_text(

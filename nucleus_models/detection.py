@@ -221,6 +221,7 @@ def detect_nuclei(params: DetectionParams, *, progress: Progress | None = None) 
         if progress is not None:
             progress(done / max(total, 1))
 
+    stages: dict[str, float] = {}
     nuclei = run_tiles(
         job,
         keep,
@@ -228,6 +229,7 @@ def detect_nuclei(params: DetectionParams, *, progress: Progress | None = None) 
         num_workers=params.num_workers,
         batch_size=params.batch_size if params.batch_size > 0 else spec.batch_size,
         progress=tick,
+        stage_seconds=stages,
     )
     # nuclei must lie in the requested region (centroid rule, like the seams)
     inside = (
@@ -253,7 +255,12 @@ def detect_nuclei(params: DetectionParams, *, progress: Progress | None = None) 
         },
         region=region.as_list(),
         tiles={"total": len(tiles), "analysed": len(keep), "size": tile_size, "overlap": overlap},
-        timings={"setup": t_setup - t0, "tiles": t_end - t_setup, "total": t_end - t0},
+        timings={
+            "setup": t_setup - t0,
+            "tiles": t_end - t_setup,
+            "total": t_end - t0,
+            **{f"{k}_cpu": v for k, v in stages.items()},
+        },
     )
 
 

@@ -35,8 +35,18 @@ def register_model(
     return deco
 
 
+_LOADED = False
+
+
 def _ensure_builtin() -> None:
+    global _LOADED
+    if _LOADED:
+        return
+    _LOADED = True
     from . import classical  # noqa: F401  (registers classical-he, histomicstk-kofahi)
+    from .weights import register_shipped
+
+    register_shipped()
 
 
 def list_models() -> list[str]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -114,36 +115,54 @@ def _tile_nuclei(job: TileJob, tile: Tile, inst: Any) -> Nuclei:
 
 def process_tiles(
     job: TileJob, tiles: Sequence[Tile], images: Sequence[np.ndarray] | None = None
-) -> Nuclei:
-    """Read (unless given), segment and merge one batch of tiles."""
+) -> tuple[Nuclei, dict[str, float]]:
+    """Read (unless given), segment and merge one batch of tiles.
+
+    Returns the nuclei and the seconds spent per stage: ``read``, ``network``
+    (model preprocess + forward) and ``postprocess`` (instances, polygons,
+    seam rule).
+    """
     model = _model(job.model_name, job.model_options)
+    t0 = time.perf_counter()
     if images is None:
         images = [read_tile(job, t) for t in tiles]
-    results = model.predict_batch(list(images), job.context)
-    return Nuclei.concat([_tile_nuclei(job, t, r) for t, r in zip(tiles, results, strict=True)])
+    t1 = time.perf_counter()
+    raw = model.forward(model.preprocess(list(images), job.context))
+    t2 = time.perf_counter()
+    results = model.postprocess(raw, list(images), job.context)
+    nuc = Nuclei.concat([_tile_nuclei(job, t, r) for t, r in zip(tiles, results, strict=True)])
+    t3 = time.perf_counter()
+    return nuc, {"read": t1 - t0, "network": t2 - t1, "postprocess": t3 - t2}
 
 
 def _batches(tiles: Sequence[Tile], size: int) -> list[list[Tile]]:
     return [list(tiles[i : i + size]) for i in range(0, len(tiles), size)]
 
 
+def _timed_read(job: TileJob, tile: Tile) -> tuple[np.ndarray, float]:
+    t0 = time.perf_counter()
+    img = read_tile(job, tile)
+    return img, time.perf_counter() - t0
+
+
 def _prefetched(
     job: TileJob, tiles: Sequence[Tile], depth: int
-) -> Iterator[tuple[Tile, np.ndarray]]:
-    """Yield ``(tile, image)`` while a thread reads up to ``depth`` tiles ahead."""
+) -> Iterator[tuple[Tile, np.ndarray, float]]:
+    """Yield ``(tile, image, read seconds)`` while a thread reads up to ``depth`` tiles ahead."""
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tile-read") as pool:
-        pending: list[tuple[Tile, Future[np.ndarray]]] = []
+        pending: list[tuple[Tile, Future[tuple[np.ndarray, float]]]] = []
         it = iter(tiles)
         for t in it:
-            pending.append((t, pool.submit(read_tile, job, t)))
+            pending.append((t, pool.submit(_timed_read, job, t)))
             if len(pending) >= depth:
                 break
         while pending:
             t, fut = pending.pop(0)
             nxt = next(it, None)
             if nxt is not None:
-                pending.append((nxt, pool.submit(read_tile, job, nxt)))
-            yield t, fut.result()
+                pending.append((nxt, pool.submit(_timed_read, job, nxt)))
+            img, secs = fut.result()
+            yield t, img, secs
 
 
 def run_tiles(
@@ -154,20 +173,27 @@ def run_tiles(
     num_workers: int = 0,
     batch_size: int = 1,
     progress: Progress | None = None,
+    stage_seconds: dict[str, float] | None = None,
 ) -> Nuclei:
     """Run the model over ``tiles`` and return the merged nuclei (base pixels).
 
     The result is sorted by (y, x) of the centroid, so it does not depend on
-    the scheduler or on the order in which tiles finish.
+    the scheduler or on the order in which tiles finish.  ``stage_seconds``,
+    if given, receives the seconds per stage summed over all tiles (with
+    parallel workers these add up to more than the wall time).
     """
     batch_size = max(1, int(batch_size))
     batches = _batches(tiles, batch_size)
     total = len(tiles)
     done = 0
     parts: list[Nuclei] = []
+    stages = {"read": 0.0, "network": 0.0, "postprocess": 0.0}
 
-    def tick(n: int) -> None:
+    def collect(res: tuple[Nuclei, dict[str, float]], n: int) -> None:
         nonlocal done
+        parts.append(res[0])
+        for k, v in res[1].items():
+            stages[k] += v
         done += n
         if progress is not None:
             progress(done, total)
@@ -175,29 +201,27 @@ def run_tiles(
     sched = (scheduler or "").strip()
     if sched == "":
         buf: list[tuple[Tile, np.ndarray]] = []
-        for item in _prefetched(job, tiles, depth=2 * batch_size):
-            buf.append(item)
-            if len(buf) == batch_size:
-                parts.append(process_tiles(job, [b[0] for b in buf], [b[1] for b in buf]))
-                tick(len(buf))
+        for i, (tile, img, secs) in enumerate(_prefetched(job, tiles, depth=2 * batch_size)):
+            stages["read"] += secs
+            buf.append((tile, img))
+            if len(buf) == batch_size or i == total - 1:
+                collect(process_tiles(job, [b[0] for b in buf], [b[1] for b in buf]), len(buf))
                 buf = []
-        if buf:
-            parts.append(process_tiles(job, [b[0] for b in buf], [b[1] for b in buf]))
-            tick(len(buf))
     elif sched == "multithreading":
+        from concurrent.futures import as_completed
+
         with ThreadPoolExecutor(max_workers=resolve_workers(num_workers)) as pool:
             futs = {pool.submit(process_tiles, job, b): len(b) for b in batches}
-            from concurrent.futures import as_completed
-
             for fut in as_completed(futs):
-                parts.append(fut.result())
-                tick(futs[fut])
+                collect(fut.result(), futs[fut])
     elif sched == "multiprocessing" or "://" in sched or ":" in sched:
-        parts = _run_dask(job, batches, sched, num_workers, tick)
+        _run_dask(job, batches, sched, num_workers, collect)
     else:
         raise ParameterError(
             f"unknown scheduler {scheduler!r}: use '', 'multithreading', 'multiprocessing' or tcp://host:port"
         )
+    if stage_seconds is not None:
+        stage_seconds.update(stages)
     merged = Nuclei.concat(parts)
     if len(merged):
         order = np.lexsort((merged.centroids[:, 0], merged.centroids[:, 1]))
@@ -210,8 +234,8 @@ def _run_dask(
     batches: list[list[Tile]],
     sched: str,
     num_workers: int,
-    tick: Callable[[int], None],
-) -> list[Nuclei]:
+    collect: Callable[[tuple[Nuclei, dict[str, float]], int], None],
+) -> None:
     from dask.distributed import Client, LocalCluster, as_completed
 
     cluster = None
@@ -233,11 +257,8 @@ def _run_dask(
     try:
         futs = [client.submit(process_tiles, job, b, pure=False) for b in batches]
         sizes = {f.key: len(b) for f, b in zip(futs, batches, strict=True)}
-        parts = []
         for fut in as_completed(futs):
-            parts.append(fut.result())
-            tick(sizes[fut.key])
-        return parts
+            collect(fut.result(), sizes[fut.key])
     finally:
         client.close()
         if cluster is not None:

@@ -1,0 +1,231 @@
+"""Training data: samples at the model's resolution, targets, patches, augmentation.
+
+A :class:`TrainImage` is an RGB uint8 image at the training resolution with
+an instance label map (or only a foreground mask, for images whose nuclei
+were not outlined one by one).  Targets per pixel: foreground, boundary
+(inner edge of each nucleus, 2 px) and distance (per-nucleus Euclidean
+distance to the border, divided by that nucleus's maximum: 1 at its centre).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "TrainImage",
+    "make_targets",
+    "load_training_images",
+    "sample_patch",
+    "augment",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainImage:
+    """One training image at the model's resolution."""
+
+    id: str
+    image: np.ndarray  # (H, W, 3) uint8
+    labels: np.ndarray | None  # (H, W) int32 instances, or None
+    foreground: np.ndarray  # (H, W) bool
+    groups: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def has_instances(self) -> bool:
+        return self.labels is not None
+
+
+def make_targets(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(foreground, boundary, distance)`` float32 maps from an instance label map.
+
+    >>> lab = np.zeros((7, 7), np.int32); lab[1:6, 1:6] = 4
+    >>> fg, bd, dist = make_targets(lab)
+    >>> float(dist[3, 3]), float(dist[1, 1] < dist[2, 2]), int(bd[3, 3]), int(bd[1, 3])
+    (1.0, 1.0, 0, 1)
+    """
+    from scipy import ndimage as ndi
+    from skimage.segmentation import find_boundaries
+
+    fg = (labels > 0).astype(np.float32)
+    bd = find_boundaries(labels, mode="inner").astype(np.float32)
+    bd = np.maximum(bd, ndi.binary_dilation(bd > 0) * fg).astype(np.float32)
+    dist = np.zeros(labels.shape, np.float32)
+    for sl_idx, sl in enumerate(ndi.find_objects(labels), start=1):
+        if sl is None:
+            continue
+        sl = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in sl)
+        m = labels[sl] == sl_idx
+        d = ndi.distance_transform_edt(m)
+        if d.max() > 0:
+            dist[sl][m] = (d / d.max())[m]
+    return fg, bd, dist
+
+
+def _resize(img: np.ndarray, scale: float, nearest: bool = False) -> np.ndarray:
+    import cv2
+
+    if abs(scale - 1.0) < 1e-6:
+        return img
+    h, w = img.shape[:2]
+    size = (max(1, int(round(w * scale))), max(1, int(round(h * scale))))
+    if nearest:
+        return cv2.resize(img, size, interpolation=cv2.INTER_NEAREST)
+    return cv2.resize(img, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+
+
+def _rgb(image: np.ndarray) -> np.ndarray:
+    from nucleus_models.wsi.slide import _to_uint8_rgb
+
+    if image.dtype != np.uint8:
+        x = image.astype(np.float32)
+        lo, hi = np.percentile(x, 0.5), np.percentile(x, 99.9)
+        image = np.clip((x - lo) / max(hi - lo, 1e-6) * 255, 0, 255).astype(np.uint8)
+    return _to_uint8_rgb(image)
+
+
+def load_training_images(
+    dataset: str,
+    root: str | Path,
+    *,
+    mpp: float,
+    ids: list[str] | None = None,
+    foreground_only_masks: str | Path | None = None,
+    default_mpp: float | None = None,
+) -> list[TrainImage]:
+    """Load a dataset's labelled samples resampled to ``mpp``.
+
+    ``foreground_only_masks``: a folder of binary PNG masks named like images
+    of ``root/images`` that have no instance annotation (MoNuSeg's
+    ``binary_masks_png``); those images are added with ``labels=None``.
+    Samples without a resolution use ``default_mpp`` (default: ``mpp``, no
+    resampling).
+    """
+    from PIL import Image
+
+    from benchmark.datasets import get_dataset
+
+    ds = get_dataset(dataset, root)
+    out: list[TrainImage] = []
+    for sid in ids if ids is not None else ds.ids():
+        s = ds.load(sid)
+        if s.labels is None:
+            continue
+        src_mpp = s.mpp or default_mpp or mpp
+        scale = src_mpp / mpp
+        img = _resize(_rgb(s.image), scale)
+        lab = _resize(s.labels.astype(np.int32), scale, nearest=True).astype(np.int32)
+        out.append(TrainImage(sid, img, lab, lab > 0, dict(s.groups)))
+    if foreground_only_masks is not None:
+        labelled = {t.id for t in out} | set(ds.ids())
+        img_dir = Path(root) / "images"
+        for mask_path in sorted(Path(foreground_only_masks).glob("*.png")):
+            sid = mask_path.stem
+            img_path = next(iter(sorted(img_dir.glob(f"{sid}.*"))), None)
+            if sid in labelled or img_path is None:
+                continue
+            img = np.asarray(Image.open(img_path).convert("RGB"))
+            fg = np.asarray(Image.open(mask_path).convert("L")) > 127
+            scale = (default_mpp or mpp) / mpp
+            out.append(
+                TrainImage(
+                    sid,
+                    _resize(img, scale),
+                    None,
+                    _resize(fg.astype(np.uint8), scale, True) > 0,
+                    {},
+                )
+            )
+    log.info(
+        "loaded %d training images (%d with instances)", len(out), sum(t.has_instances for t in out)
+    )
+    return out
+
+
+def sample_patch(
+    item: TrainImage,
+    size: int,
+    rng: np.random.Generator,
+    *,
+    scale_range: tuple[float, float] = (1.0, 1.0),
+) -> dict[str, np.ndarray]:
+    """A random ``size x size`` patch (reflect-padded if the image is smaller) with its targets."""
+    s = float(rng.uniform(*scale_range)) if scale_range != (1.0, 1.0) else 1.0
+    crop = int(np.ceil(size / s))
+    h, w = item.image.shape[:2]
+    y0 = int(rng.integers(0, max(h - crop, 0) + 1))
+    x0 = int(rng.integers(0, max(w - crop, 0) + 1))
+    img = item.image[y0 : y0 + crop, x0 : x0 + crop]
+    lab = item.labels[y0 : y0 + crop, x0 : x0 + crop] if item.labels is not None else None
+    fgm = item.foreground[y0 : y0 + crop, x0 : x0 + crop]
+    if s != 1.0:
+        img = _resize(img, s)
+        lab = _resize(lab, s, nearest=True) if lab is not None else None
+        fgm = _resize(fgm.astype(np.uint8), s, nearest=True) > 0
+    ph, pw = max(size - img.shape[0], 0), max(size - img.shape[1], 0)
+    valid = np.ones(img.shape[:2], np.float32)
+    if ph or pw:
+        img = np.pad(img, ((0, ph), (0, pw), (0, 0)), mode="reflect")
+        valid = np.pad(valid, ((0, ph), (0, pw)))
+        fgm = np.pad(fgm, ((0, ph), (0, pw)))
+        lab = np.pad(lab, ((0, ph), (0, pw))) if lab is not None else None
+    img, valid, fgm = img[:size, :size], valid[:size, :size], fgm[:size, :size]
+    if lab is not None:
+        fg, bd, dist = make_targets(lab[:size, :size])
+        inst_w = valid
+    else:
+        fg = fgm.astype(np.float32)
+        bd = np.zeros_like(fg)
+        dist = np.zeros_like(fg)
+        inst_w = np.zeros_like(valid)
+    return {
+        "image": img,
+        "fg": fg,
+        "boundary": bd,
+        "dist": dist,
+        "fg_weight": valid,
+        "inst_weight": inst_w,
+    }
+
+
+def augment(
+    patch: dict[str, np.ndarray], rng: np.random.Generator, cfg: dict[str, Any]
+) -> dict[str, np.ndarray]:
+    """Flips/rotations, HSV hue shift, stain (HED) jitter, brightness/contrast, Gaussian noise."""
+    import cv2
+
+    k = int(rng.integers(0, 4))
+    flip = bool(rng.integers(0, 2))
+    out = {}
+    for key, v in patch.items():
+        v = np.rot90(v, k, axes=(0, 1))
+        out[key] = np.ascontiguousarray(v[:, ::-1] if flip else v)
+    img = out["image"].astype(np.float32)
+    if cfg.get("stain_jitter", 0) > 0:
+        from skimage.color import hed2rgb, rgb2hed
+
+        hed = rgb2hed(np.clip(img / 255.0, 1e-6, 1))
+        a = 1 + rng.uniform(-cfg["stain_jitter"], cfg["stain_jitter"], 3)
+        b = rng.uniform(-cfg["stain_jitter"], cfg["stain_jitter"], 3) * 0.05
+        img = np.clip(hed2rgb(hed * a + b) * 255.0, 0, 255).astype(np.float32)
+    if cfg.get("hue_shift", 0) > 0:
+        hsv = cv2.cvtColor(np.clip(img, 0, 255).astype(np.uint8), cv2.COLOR_RGB2HSV).astype(
+            np.float32
+        )
+        hsv[..., 0] = (hsv[..., 0] + rng.uniform(-1, 1) * cfg["hue_shift"] * 180) % 180
+        hsv[..., 1] = np.clip(hsv[..., 1] * rng.uniform(0.8, 1.2), 0, 255)
+        img = cv2.cvtColor(hsv.astype(np.uint8), cv2.COLOR_HSV2RGB).astype(np.float32)
+    if cfg.get("brightness", 0) > 0:
+        c = 1 + rng.uniform(-cfg["brightness"], cfg["brightness"])
+        m = img.mean()
+        img = (img - m) * c + m + rng.uniform(-cfg["brightness"], cfg["brightness"]) * 255 * 0.5
+    if cfg.get("noise", 0) > 0:
+        img = img + rng.normal(0, cfg["noise"] * 255 * rng.uniform(0, 1), img.shape)
+    out["image"] = np.clip(img, 0, 255).astype(np.uint8)
+    return out

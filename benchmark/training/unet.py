@@ -1,0 +1,230 @@
+"""Training the compact U-Net: seeded, resumable, cross-validated, exportable.
+
+``train_unet(cfg, images, out_dir)`` trains one network from a config dict
+(see ``configs/unet-*.toml``) and returns the path of its final checkpoint;
+``predict_maps`` runs a network on a whole image; ``tune_thresholds`` scores
+a grid of post-processing thresholds on held-out images with the harness's
+metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .data import TrainImage, augment, sample_patch
+
+__all__ = ["train_unet", "predict_maps", "tune_thresholds", "seed_everything"]
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> np.random.Generator:
+    """Seed torch and return a NumPy generator."""
+    import torch
+
+    torch.manual_seed(seed)
+    return np.random.default_rng(seed)
+
+
+def _batch(
+    items: list[TrainImage], cfg: dict[str, Any], rng: np.random.Generator
+) -> dict[str, Any]:
+    import torch
+
+    from nucleus_models.models.unet import normalise_tile
+
+    tr = cfg["train"]
+    size = int(tr["patch_size"])
+    # images with instances are drawn twice as often as foreground-only ones
+    w = np.array([2.0 if it.has_instances else 1.0 for it in items])
+    picks = rng.choice(len(items), size=int(tr["batch_size"]), p=w / w.sum())
+    patches = [
+        augment(
+            sample_patch(items[i], size, rng, scale_range=tuple(tr.get("scale_range", (1.0, 1.0)))),
+            rng,
+            cfg.get("augment", {}),
+        )
+        for i in picks
+    ]
+    norm = cfg["model"].get("normalisation", "rgb")
+    x = np.stack([normalise_tile(p["image"], norm) for p in patches])
+    out = {"image": torch.from_numpy(x)}
+    for key in ("fg", "boundary", "dist", "fg_weight", "inst_weight"):
+        out[key] = torch.from_numpy(np.stack([p[key] for p in patches]).astype(np.float32))[:, None]
+    return out
+
+
+def loss_fn(pred: Any, b: dict[str, Any]) -> Any:
+    """BCE + soft Dice on foreground, weighted BCE on boundary, MSE on distance."""
+    import torch.nn.functional as F
+
+    fg_logit, bd_logit, dist_logit = pred[:, 0:1], pred[:, 1:2], pred[:, 2:3]
+    fw, iw = b["fg_weight"], b["inst_weight"]
+    bce = (
+        F.binary_cross_entropy_with_logits(fg_logit, b["fg"], reduction="none") * fw
+    ).sum() / fw.sum().clamp(min=1)
+    p = fg_logit.sigmoid() * fw
+    dice = 1 - (2 * (p * b["fg"]).sum() + 1) / (p.sum() + (b["fg"] * fw).sum() + 1)
+    n_inst = iw.sum().clamp(min=1)
+    bd = (
+        F.binary_cross_entropy_with_logits(
+            bd_logit, b["boundary"], reduction="none", pos_weight=bd_logit.new_tensor(2.0)
+        )
+        * iw
+    ).sum() / n_inst
+    dist = ((dist_logit.sigmoid() - b["dist"]) ** 2 * iw).sum() / n_inst
+    return bce + dice + bd + 2.0 * dist
+
+
+def predict_maps(
+    net: Any, image: np.ndarray, *, normalisation: str, device: str = "cpu", tta: bool = False
+) -> np.ndarray:
+    """``(3, H, W)`` sigmoid maps (foreground, boundary, distance) of a whole image."""
+    import torch
+
+    from nucleus_models.models.unet import normalise_tile
+
+    h, w = image.shape[:2]
+    pad = 8
+    H, W = -(-h // pad) * pad, -(-w // pad) * pad
+    x = normalise_tile(image, normalisation)
+    x = np.pad(x, ((0, 0), (0, H - h), (0, W - w)), mode="reflect")
+    t = torch.from_numpy(x)[None].to(device)
+    was_training = net.training
+    net.eval()
+    with torch.inference_mode():
+        out = torch.sigmoid(net(t))
+        if tta:
+            out = (
+                out
+                + torch.sigmoid(net(t.flip(-1))).flip(-1)
+                + torch.sigmoid(net(t.flip(-2))).flip(-2)
+            ) / 3
+    if was_training:
+        net.train()
+    return out[0, :, :h, :w].float().cpu().numpy()
+
+
+def tune_thresholds(
+    maps: list[np.ndarray], truths: list[np.ndarray], cfg: dict[str, Any]
+) -> dict[tuple[float, float], dict[str, float]]:
+    """Mean instance metrics for each (fg_threshold, seed_threshold) on held-out images."""
+    from benchmark.metrics import instance_metrics
+    from nucleus_models.models.unet import instances_from_maps
+
+    cv = cfg.get("cv", {})
+    grid: dict[tuple[float, float], dict[str, float]] = {}
+    for ft in cv.get("fg_thresholds", [0.5]):
+        for st in cv.get("seed_thresholds", [0.5]):
+            rows = []
+            for m, t in zip(maps, truths, strict=True):
+                inst = instances_from_maps(
+                    m[0],
+                    m[1],
+                    m[2],
+                    fg_threshold=ft,
+                    seed_threshold=st,
+                    min_area=int(cfg["model"].get("min_area", 8)),
+                )
+                rows.append(instance_metrics(t, inst.labels))
+            grid[(ft, st)] = {k: float(np.nanmean([r[k] for r in rows])) for k in rows[0]}
+    return grid
+
+
+def train_unet(
+    cfg: dict[str, Any],
+    images: list[TrainImage],
+    out_dir: str | Path,
+    *,
+    steps: int | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Train a U-Net on ``images``; checkpoints go to ``out_dir/checkpoint.pt``.
+
+    Resuming restores model, optimiser, schedule, step and random state, so an
+    interrupted run continues where it stopped.
+    """
+    import torch
+    from tqdm import tqdm
+
+    from nucleus_models.models.unet import build_unet
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tr = cfg["train"]
+    total = int(steps if steps is not None else tr["steps"])
+    rng = seed_everything(int(cfg.get("seed", 0)))
+    if tr.get("threads"):
+        torch.set_num_threads(int(tr["threads"]))
+    net = build_unet(
+        base=int(cfg["model"].get("base", 16)), depth=int(cfg["model"].get("depth", 4))
+    )
+    opt = torch.optim.AdamW(
+        net.parameters(), lr=float(tr["lr"]), weight_decay=float(tr.get("weight_decay", 1e-4))
+    )
+    warm = max(1, int(0.03 * total))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)),
+    )
+    ckpt = out / "checkpoint.pt"
+    step = 0
+    history: list[dict[str, float]] = []
+    if resume and ckpt.exists():
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        net.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        step = int(state["step"])
+        rng.bit_generator.state = state["numpy_rng"]
+        torch.set_rng_state(state["torch_rng"])
+        history = list(state.get("history", []))
+        log.info("resumed from %s at step %d", ckpt, step)
+    net.train()
+    every = int(tr.get("checkpoint_every", 250))
+    logf = (out / "train.log").open("a")
+    bar = tqdm(
+        total=total, initial=step, desc=f"train {cfg.get('name', 'unet')}", disable=not progress
+    )
+    t0, running = time.perf_counter(), []
+    while step < total:
+        b = _batch(images, cfg, rng)
+        loss = loss_fn(net(b["image"]), b)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        step += 1
+        running.append(loss.item())
+        bar.update(1)
+        if step % 25 == 0 or step == total:
+            mean = float(np.mean(running[-25:]))
+            bar.set_postfix(loss=f"{mean:.4f}")
+            history.append({"step": step, "loss": mean, "seconds": time.perf_counter() - t0})
+            logf.write(
+                f"step {step} loss {mean:.5f} lr {sched.get_last_lr()[0]:.2e} t {time.perf_counter() - t0:.0f}s\n"
+            )
+            logf.flush()
+        if step % every == 0 or step == total:
+            torch.save(
+                {
+                    "model": net.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(),
+                    "step": step,
+                    "numpy_rng": rng.bit_generator.state,
+                    "torch_rng": torch.get_rng_state(),
+                    "history": history,
+                },
+                ckpt,
+            )
+    bar.close()
+    logf.close()
+    return ckpt

@@ -1,0 +1,106 @@
+"""The learned U-Net: training smoke test, checked weight loading, registration."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nucleus_models.errors import ModelError
+
+
+def _tiny_images(shared_data: Path) -> list:
+    from benchmark.training.data import load_training_images
+
+    ds_root = shared_data / "dsb2018_bbbc038"
+    from benchmark.datasets import get_dataset
+
+    ids = get_dataset("bbbc038", ds_root).ids()[:3]
+    imgs = load_training_images("bbbc038", ds_root, mpp=0.5, ids=ids)
+    for im in imgs:  # tiny crops keep the test fast
+        im.image, im.labels, im.foreground = im.image[:96, :96], im.labels[:96, :96], im.foreground[:96, :96]
+    return imgs
+
+
+def _cfg() -> dict:
+    return {
+        "name": "unet-test",
+        "seed": 3,
+        "data": {"dataset": "bbbc038", "root": "."},
+        "model": {"mpp": 0.5, "modality": "fluorescence", "normalisation": "percentile", "base": 8, "depth": 3},
+        "train": {"steps": 30, "batch_size": 4, "patch_size": 64, "lr": 0.01, "checkpoint_every": 10},
+        "augment": {"noise": 0.02},
+        "cv": {"fg_thresholds": [0.5], "seed_thresholds": [0.5]},
+        "_config_path": "test",
+    }
+
+
+def test_training_lowers_the_loss_and_checkpoints_are_loadable(shared_data: Path, tmp_path: Path) -> None:
+    import torch
+
+    from benchmark.training.run import export
+    from benchmark.training.unet import train_unet
+    from nucleus_models.models.weights import register_shipped
+    from nucleus_models.models import get_model, registry
+
+    imgs = _tiny_images(shared_data)
+    ckpt = train_unet(_cfg(), imgs, tmp_path / "run", progress=False)
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    hist = state["history"]
+    assert state["step"] == 30 and len(hist) >= 2
+    assert hist[-1]["loss"] < hist[0]["loss"]
+    # resume: continuing to 40 steps starts from step 30
+    ckpt = train_unet(_cfg(), imgs, tmp_path / "run", steps=40, resume=True, progress=False)
+    assert torch.load(ckpt, map_location="cpu", weights_only=True)["step"] == 40
+    # export + register + build + predict
+    meta = {"command": "test", "steps": 40, "seconds": 1.0, "hardware": "cpu", "parameters": 1}
+    pt = export(_cfg(), ckpt, None, tmp_path / "weights", meta)
+    card = json.loads((tmp_path / "weights" / "unet-test.json").read_text())
+    assert card["spec"]["sha256"] and card["arch"] == "unet"
+    try:
+        assert register_shipped(tmp_path / "weights") == ["unet-test"]
+        model = get_model("unet-test", device="cpu")
+        res = model.predict_batch([imgs[0].image, imgs[1].image[:50, :70]], {})
+        assert len(res) == 2 and res[1].labels.shape == (50, 70)
+        assert res[0].labels.dtype == np.int32 and len(res[0].scores) == res[0].labels.max() + 1
+        # a corrupted weights file is refused before torch.load
+        pt.write_bytes(pt.read_bytes()[:-10] + b"0123456789")
+        with pytest.raises(ModelError, match="sha256 mismatch"):
+            get_model("unet-test")
+    finally:
+        registry._REGISTRY.pop("unet-test", None)
+
+
+def test_wrong_sha256_is_rejected(tmp_path: Path) -> None:
+    import torch
+
+    from nucleus_models.models.weights import load_state_dict
+
+    p = tmp_path / "w.pt"
+    torch.save({"a": torch.zeros(3)}, p)
+    with pytest.raises(ModelError, match="sha256 mismatch"):
+        load_state_dict(p, "0" * 64)
+    with pytest.raises(ModelError, match="not found"):
+        load_state_dict(tmp_path / "missing.pt", "0" * 64)
+    from nucleus_models.models.base import sha256_of_file
+
+    assert float(load_state_dict(p, sha256_of_file(p))["a"].sum()) == 0.0
+
+
+def test_targets_and_watershed_roundtrip() -> None:
+    """Perfect maps from a label image give back the same instances."""
+    from benchmark.training.data import make_targets
+    from nucleus_models.models.unet import instances_from_maps
+
+    lab = np.zeros((60, 60), np.int32)
+    yy, xx = np.mgrid[0:60, 0:60]
+    for k, (cy, cx, r) in enumerate([(15, 15, 8), (15, 30, 7), (40, 40, 10)], start=1):
+        lab[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = k
+    fg, bd, dist = make_targets(lab)
+    inst = instances_from_maps(fg, bd, dist, fg_threshold=0.5, seed_threshold=0.5)
+    assert inst.labels.max() == 3  # the two touching disks stay apart
+    from benchmark.metrics import aggregated_jaccard_index
+
+    assert aggregated_jaccard_index(lab, inst.labels) > 0.95
