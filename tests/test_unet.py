@@ -104,3 +104,27 @@ def test_targets_and_watershed_roundtrip() -> None:
     from benchmark.metrics import aggregated_jaccard_index
 
     assert aggregated_jaccard_index(lab, inst.labels) > 0.95
+
+
+def test_size_normalisation_and_synthetic_images() -> None:
+    from benchmark.training.data import (
+        TrainImage,
+        median_nucleus_diameter,
+        rescale_to_diameter,
+        synthetic_image,
+    )
+
+    lab = np.zeros((80, 80), np.int32)
+    for k, (y, x) in enumerate([(10, 10), (10, 50), (50, 30)], start=1):
+        lab[y : y + 20, x : x + 20] = k  # 20x20 squares: diameter 22.57 px
+    img = np.full((80, 80, 3), 30, np.uint8)
+    img[lab > 0] = 200
+    item = TrainImage("a", img, lab, lab > 0)
+    assert median_nucleus_diameter(lab) == pytest.approx(2 * np.sqrt(400 / np.pi))
+    (small,) = rescale_to_diameter([item], 11.28)
+    assert median_nucleus_diameter(small.labels) == pytest.approx(11.28, rel=0.1)
+    syn = synthetic_image([item], np.random.default_rng(0), size=96, n_nuclei=5, max_overlap=0.0)
+    assert syn.labels.max() >= 3
+    assert (syn.image[syn.labels > 0] == 200).all()  # nuclei pasted with their pixels
+    counts = np.bincount(syn.labels.ravel())[1:]
+    assert (counts == 400).all()  # no overlap allowed: every nucleus whole

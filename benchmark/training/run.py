@@ -42,14 +42,24 @@ def kfold(ids: list[str], k: int, seed: int) -> list[list[str]]:
 
 
 def _images(cfg: dict[str, Any]) -> list[TrainImage]:
+    """Training images of the config: loaded, optionally size-normalised, plus artificial ones."""
+    from .data import rescale_to_diameter, synthetic_image
+
     d = cfg["data"]
-    return load_training_images(
+    images = load_training_images(
         d["dataset"],
         d["root"],
         mpp=float(cfg["model"]["mpp"]),
         foreground_only_masks=d.get("foreground_only_masks"),
         default_mpp=d.get("default_mpp"),
     )
+    if d.get("rescale_to_diameter"):
+        images = rescale_to_diameter(images, float(d["rescale_to_diameter"]))
+    n_syn = int(d.get("synthetic_images", 0))
+    if n_syn:
+        rng = np.random.default_rng(int(cfg.get("seed", 0)) + 1)
+        images += [synthetic_image(images, rng, max_overlap=float(d.get("synthetic_max_overlap", 0.1))) for _ in range(n_syn)]
+    return images
 
 
 def _load_net(ckpt: Path, cfg: dict[str, Any]) -> Any:
