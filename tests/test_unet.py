@@ -128,3 +128,17 @@ def test_size_normalisation_and_synthetic_images() -> None:
     assert (syn.image[syn.labels > 0] == 200).all()  # nuclei pasted with their pixels
     counts = np.bincount(syn.labels.ravel())[1:]
     assert (counts == 400).all()  # no overlap allowed: every nucleus whole
+
+
+def test_percentile_normalisation_treats_single_channel_fluorescence_as_grey() -> None:
+    """A DAPI-only (blue) tile gives the same network input as the grey image."""
+    from nucleus_models.models.unet import normalise_tile
+
+    rng = np.random.default_rng(0)
+    blue = np.zeros((40, 40, 3), np.uint8)
+    blue[..., 2] = rng.integers(0, 200, (40, 40))
+    blue[..., 0] = rng.integers(0, 3, (40, 40))  # sensor noise in an empty channel
+    grey = np.repeat(blue[..., 2:3], 3, axis=2)
+    np.testing.assert_allclose(normalise_tile(blue, "percentile"), normalise_tile(grey, "percentile"))
+    rgb = normalise_tile(grey, "rgb")
+    assert rgb.shape == (3, 40, 40) and rgb.min() >= -0.5 and rgb.max() <= 0.5

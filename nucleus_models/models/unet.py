@@ -78,6 +78,14 @@ def normalise_tile(tile: np.ndarray, mode: str) -> np.ndarray:
     if mode == "percentile":
         lo = np.percentile(x, 1.0, axis=(0, 1), keepdims=True)
         hi = np.percentile(x, 99.8, axis=(0, 1), keepdims=True)
+        span = (hi - lo).ravel()
+        # a channel with (almost) no signal, as R and G of a DAPI-only image,
+        # would only contribute stretched noise: use the strongest channel there
+        weak = span < 0.1 * span.max()
+        if weak.any() and not weak.all():
+            strong = int(np.argmax(span))
+            x[..., weak] = x[..., strong : strong + 1]
+            lo[..., weak], hi[..., weak] = lo[..., strong], hi[..., strong]
         x = (x - lo) / np.maximum(hi - lo, 1.0)
         x = np.clip(x, -0.2, 1.5) - 0.5
     else:
