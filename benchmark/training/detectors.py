@@ -1,0 +1,386 @@
+"""Training torchvision detectors (Faster R-CNN, FCOS, Mask R-CNN) from the U-Net's loaders.
+
+``nucleus-bench train --config configs/<arch>-<data>.toml`` lands here when
+the config's ``arch`` is not ``unet``.  Patches come from the same
+:class:`~benchmark.training.data.TrainImage` list, :func:`sample_patch` and
+:func:`augment` as the U-Net's; each patch's instance map gives the targets
+(boxes ``x0, y0, x1, y1`` and, for Mask R-CNN, one binary mask per nucleus).
+Images with only a foreground mask are skipped; patches without nuclei are
+kept with empty targets (they teach the background).  Training is seeded and
+resumable (``out_dir/checkpoint.pt``); the export writes ``<name>.pt``
+(``state_dict``), ``<name>.json`` (card) and ``<name>.md`` (model card).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .data import TrainImage, augment, sample_patch
+
+__all__ = ["instance_targets", "train_detector", "export", "train_from_config"]
+
+log = logging.getLogger(__name__)
+
+
+def _net_options(cfg: dict[str, Any]) -> dict[str, int]:
+    m = cfg.get("model", {})
+    return {
+        "fpn_channels": int(m.get("fpn_channels", 64)),
+        "detections_per_img": int(m.get("detections_per_img", 1000)),
+    }
+
+
+def build_from_config(cfg: dict[str, Any]) -> Any:
+    """The (untrained) detector a config describes."""
+    from nucleus_models.models.torchvision_detectors import build_detector
+
+    return build_detector(cfg["arch"], **_net_options(cfg))
+
+
+def instance_targets(
+    labels: np.ndarray, *, min_area: int = 4, masks: bool = False
+) -> dict[str, Any]:
+    """torchvision targets from an instance label map.
+
+    Instances smaller than ``min_area`` pixels (slivers cut by the patch edge)
+    are dropped; with none left the target is empty (boxes ``(0, 4)``).
+
+    >>> lab = np.zeros((10, 10), np.int32); lab[2:5, 3:7] = 7; lab[8, 8] = 2
+    >>> t = instance_targets(lab, masks=True)
+    >>> t["boxes"].tolist(), t["labels"].tolist(), tuple(t["masks"].shape)
+    ([[3.0, 2.0, 7.0, 5.0]], [1], (1, 10, 10))
+    """
+    import torch
+    from scipy import ndimage as ndi
+    from skimage.segmentation import relabel_sequential
+
+    lab = relabel_sequential(np.asarray(labels, np.int32))[0]
+    n = int(lab.max(initial=0))
+    area = np.bincount(lab.ravel(), minlength=n + 1)
+    boxes, ids = [], []
+    for k, sl in enumerate(ndi.find_objects(lab), start=1):
+        if sl is None or area[k] < min_area:
+            continue
+        boxes.append((sl[1].start, sl[0].start, sl[1].stop, sl[0].stop))
+        ids.append(k)
+    t: dict[str, Any] = {
+        "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+        "labels": torch.ones(len(ids), dtype=torch.int64),
+    }
+    if masks:
+        m = lab[None] == np.asarray(ids, np.int32).reshape(-1, 1, 1)
+        t["masks"] = torch.from_numpy(m.astype(np.uint8))
+    return t
+
+
+def _patch(
+    item: TrainImage, size: int, rng: np.random.Generator, tr: dict[str, Any], aug: dict[str, Any]
+) -> tuple[np.ndarray, np.ndarray]:
+    """An augmented ``(image, labels)`` patch drawn with :func:`sample_patch`.
+
+    ``sample_patch`` returns targets maps, not the instance map; the crop is
+    replayed on a copy of the generator (same draws: scale, then y0, x0) and
+    checked against the patch's foreground, so drift is an error, not noise.
+    """
+    from .data import _resize
+
+    scale_range = tuple(tr.get("scale_range", (1.0, 1.0)))
+    probe = copy.deepcopy(rng)
+    p = sample_patch(item, size, rng, scale_range=scale_range)
+    s = float(probe.uniform(*scale_range)) if scale_range != (1.0, 1.0) else 1.0
+    crop = int(np.ceil(size / s))
+    h, w = item.labels.shape
+    y0 = int(probe.integers(0, max(h - crop, 0) + 1))
+    x0 = int(probe.integers(0, max(w - crop, 0) + 1))
+    lab = item.labels[y0 : y0 + crop, x0 : x0 + crop]
+    lab = _resize(lab, s, nearest=True) if s != 1.0 else lab
+    lab = np.pad(lab, ((0, max(size - lab.shape[0], 0)), (0, max(size - lab.shape[1], 0))))
+    lab = np.ascontiguousarray(lab[:size, :size], dtype=np.int32)
+    if not np.array_equal(lab > 0, p["fg"] > 0):
+        raise RuntimeError("instance crop does not match sample_patch (its draws changed?)")
+    img = p["image"].copy()
+    pad = p["fg_weight"] == 0
+    if pad.any():  # reflected nuclei would be unlabelled: fill with the mean colour
+        img[pad] = img[~pad].reshape(-1, 3).mean(0).astype(np.uint8)
+    out = augment({"image": img, "labels": lab}, rng, aug)
+    return out["image"], out["labels"]
+
+
+def _batch(
+    items: list[TrainImage], cfg: dict[str, Any], rng: np.random.Generator
+) -> tuple[list[Any], list[dict[str, Any]]]:
+    import torch
+
+    tr = cfg["train"]
+    size = int(tr["patch_size"])
+    masks = cfg["arch"] == "maskrcnn"
+    images, targets = [], []
+    for i in rng.choice(len(items), size=int(tr["batch_size"])):
+        img, lab = _patch(items[int(i)], size, rng, tr, cfg.get("augment", {}))
+        images.append(torch.from_numpy(img.transpose(2, 0, 1).copy()).float() / 255.0)
+        targets.append(
+            instance_targets(lab, min_area=int(tr.get("min_instance_area", 4)), masks=masks)
+        )
+    return images, targets
+
+
+def train_detector(
+    cfg: dict[str, Any],
+    images: list[TrainImage],
+    out_dir: str | Path,
+    *,
+    steps: int | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Train ``cfg["arch"]`` on the images with instances; returns ``out_dir/checkpoint.pt``.
+
+    Resuming restores model, optimiser, schedule, step and random state.
+    ``cfg["train"]["device"]`` (``cpu`` by default, or ``auto``/``cuda``) picks
+    where the network runs; patches are always made on the CPU.
+    """
+    import torch
+    from tqdm import tqdm
+
+    from .unet import seed_everything
+
+    items = [im for im in images if im.has_instances]
+    if not items:
+        raise ValueError("no training images with nucleus instances")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tr = cfg["train"]
+    total = int(steps if steps is not None else tr["steps"])
+    rng = seed_everything(int(cfg.get("seed", 0)))
+    if tr.get("threads"):
+        torch.set_num_threads(int(tr["threads"]))
+    from nucleus_models.models.unet import pick_device
+
+    device = pick_device(tr.get("device", "cpu"))
+    net = build_from_config(cfg).to(device)
+    params = [p for p in net.parameters() if p.requires_grad]
+    lr, wd = float(tr.get("lr", 5e-4)), float(tr.get("weight_decay", 1e-4))
+    if tr.get("optimizer", "adamw").lower() == "sgd":
+        opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=wd)
+    else:
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+    warm = max(1, int(0.05 * total))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)),
+    )
+    ckpt = out / "checkpoint.pt"
+    step, history = 0, []
+    if resume and ckpt.exists():
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        if state.get("arch") != cfg["arch"]:
+            raise ValueError(f"{ckpt} holds a {state.get('arch')!r} model, not {cfg['arch']!r}")
+        net.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        step = int(state["step"])
+        rng.bit_generator.state = state["numpy_rng"]
+        torch.set_rng_state(state["torch_rng"])
+        history = list(state.get("history", []))
+        log.info("resumed from %s at step %d", ckpt, step)
+    net.train()
+    every = int(tr.get("checkpoint_every", 250))
+    log_every = int(tr.get("log_every", 25))
+    bar = tqdm(
+        total=total,
+        initial=step,
+        desc=f"train {cfg.get('name', cfg['arch'])}",
+        disable=not progress,
+    )
+    t0, running = time.perf_counter(), []
+    with (out / "train.log").open("a") as logf:
+        while step < total:
+            x, y = _batch(items, cfg, rng)
+            x = [im.to(device) for im in x]
+            y = [{k: v.to(device) for k, v in t.items()} for t in y]
+            parts = net(x, y)
+            loss = sum(parts.values())
+            opt.zero_grad(set_to_none=True)
+            if torch.isfinite(loss):
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, float(tr.get("clip_grad", 10.0)))
+                opt.step()
+            else:
+                log.warning("step %d: non-finite loss %s, update skipped", step + 1, parts)
+            sched.step()
+            step += 1
+            running.append(
+                {k: float(v.detach()) for k, v in parts.items()} | {"loss": float(loss.detach())}
+            )
+            bar.update(1)
+            if step % log_every == 0 or step == total:
+                recent = running[-log_every:]
+                mean = {k: float(np.mean([r[k] for r in recent])) for k in recent[0]}
+                bar.set_postfix(loss=f"{mean['loss']:.4f}")
+                history.append({"step": step, **mean, "seconds": time.perf_counter() - t0})
+                logf.write(
+                    f"step {step} "
+                    + " ".join(f"{k} {v:.5f}" for k, v in mean.items())
+                    + f" lr {sched.get_last_lr()[0]:.2e} t {time.perf_counter() - t0:.0f}s\n"
+                )
+                logf.flush()
+            if step % every == 0 or step == total:
+                torch.save(
+                    {
+                        "arch": cfg["arch"],
+                        "net_options": _net_options(cfg),
+                        "model": net.state_dict(),
+                        "optimizer": opt.state_dict(),
+                        "scheduler": sched.state_dict(),
+                        "step": step,
+                        "numpy_rng": rng.bit_generator.state,
+                        "torch_rng": torch.get_rng_state(),
+                        "history": history,
+                    },
+                    ckpt,
+                )
+    bar.close()
+    return ckpt
+
+
+_ARCH_TEXT = {
+    "fasterrcnn": "Faster R-CNN",
+    "fcos": "FCOS",
+    "maskrcnn": "Mask R-CNN",
+}
+
+
+def export(cfg: dict[str, Any], ckpt: Path, weights_dir: Path, meta: dict[str, Any]) -> Path:
+    """Write ``<name>.pt`` (state_dict), ``<name>.json`` (card) and ``<name>.md`` (model card)."""
+    import torch
+
+    from nucleus_models.models.base import sha256_of_file
+
+    name = cfg["name"]
+    weights_dir.mkdir(parents=True, exist_ok=True)
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["model"]
+    pt = weights_dir / f"{name}.pt"
+    torch.save(state, pt)
+    m = cfg["model"]
+    thresholds: dict[str, float] = {
+        "score_threshold": float(m.get("score_threshold", 0.5)),
+        "nms_iou": float(m.get("nms_iou", 0.3)),
+        "mask_threshold": float(m.get("mask_threshold", 0.5)),
+        "min_area": int(m.get("min_area", 8)),
+        **_net_options(cfg),
+    }
+    spec = {
+        "name": name,
+        "mpp": float(m["mpp"]),
+        "modality": m.get("modality", "brightfield"),
+        "classes": ["nucleus"],
+        "class_colors": [m.get("color", "rgb(0,200,255)")],
+        "tile_size": int(m.get("tile_size", 512)),
+        "tile_overlap": int(m.get("tile_overlap", 48)),
+        "max_nucleus_diameter_um": float(m.get("max_nucleus_diameter_um", 20.0)),
+        "batch_size": int(m.get("batch_size", 4)),
+        "weights": pt.name,
+        "sha256": sha256_of_file(pt),
+        "thresholds": thresholds,
+        "description": cfg.get("card", {}).get("description", ""),
+        "license": cfg.get("card", {}).get("license", ""),
+    }
+    card = {"arch": cfg["arch"], "spec": spec, "training": meta, "cv": None}
+    (weights_dir / f"{name}.json").write_text(json.dumps(card, indent=2) + "\n")
+    (weights_dir / f"{name}.md").write_text(_card_markdown(cfg, spec, meta))
+    return pt
+
+
+def _card_markdown(cfg: dict[str, Any], spec: dict[str, Any], meta: dict[str, Any]) -> str:
+    th = spec["thresholds"]
+    arch = cfg["arch"]
+    shape = (
+        "mask > mask_threshold pasted into its box"
+        if arch == "maskrcnn"
+        else "the ellipse inscribed in each box (box models have no outline)"
+    )
+    tr = cfg["train"]
+    return "\n".join(
+        [
+            f"# Model card: {spec['name']}",
+            "",
+            spec["description"],
+            "",
+            f"- Architecture: torchvision {_ARCH_TEXT[arch]}, ResNet-18 FPN (strides 4/8/16, "
+            f"{th['fpn_channels']} channels), random initialisation; {meta['parameters']:,} parameters",
+            f"- Instances: detections with score >= {th['score_threshold']} after NMS "
+            f"(IoU {th['nms_iou']}), painted by descending score; shape: {shape}; min_area {th['min_area']} px",
+            f"- Resolution: {spec['mpp']} um/px (inputs are resampled to it); modality: {spec['modality']}",
+            f"- Training data: {cfg.get('card', {}).get('data', cfg['data']['dataset'])} "
+            "(only images with nucleus instances)",
+            f"- Training command: `{meta['command']}`",
+            f"- Training: {meta['steps']} steps, batch {tr['batch_size']}, patch {tr['patch_size']} px, "
+            f"{tr.get('optimizer', 'adamw')} lr {tr.get('lr', 5e-4)}, "
+            f"{meta['seconds'] / 60:.1f} min on {meta['hardware']}",
+            f"- Weights: `{spec['weights']}`, sha256 `{spec['sha256']}` (loaded with weights_only=True after a checksum check)",
+            f"- License: {spec['license']}",
+            "- Thresholds are the config's, not tuned by cross-validation.",
+            "",
+        ]
+    )
+
+
+def train_from_config(
+    cfg: dict[str, Any],
+    *,
+    out_dir: str | Path,
+    resume: bool = False,
+    steps: int | None = None,
+    export_to: str | Path | None = None,
+) -> dict[str, Any]:
+    """Train the detector a loaded config describes; optionally export it.
+
+    Returns
+    -------
+    dict
+        ``checkpoint``, ``cv`` (None: no cross-validation for detectors),
+        ``meta`` and, when exporting, ``weights``.
+    """
+    import torch
+
+    from .run import _images
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    images = [im for im in _images(cfg) if im.has_instances]
+    if not images:
+        raise ValueError(f"no training images with instances under {cfg['data']['root']}")
+    t0 = time.perf_counter()
+    ckpt = train_detector(cfg, images, out, steps=steps, resume=resume)
+    seconds = time.perf_counter() - t0
+    meta = {
+        "command": "nucleus-bench train " + " ".join(sys.argv[2:])
+        if len(sys.argv) > 2
+        else f"nucleus-bench train --config {cfg.get('_config_path')}",
+        "config": cfg.get("_config_path"),
+        "arch": cfg["arch"],
+        "backbone": "resnet18-fpn (layer1-3), weights=None",
+        "steps": int(steps if steps is not None else cfg["train"]["steps"]),
+        "seconds": round(seconds, 1),
+        "hardware": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} CPU threads"
+        + (f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""),
+        "torch": torch.__version__,
+        "images": [im.id for im in images],
+        "parameters": sum(p.numel() for p in build_from_config(cfg).parameters()),
+        "seed": int(cfg.get("seed", 0)),
+    }
+    result: dict[str, Any] = {"checkpoint": str(ckpt), "cv": None, "meta": meta}
+    if export_to is not None:
+        result["weights"] = str(export(cfg, ckpt, Path(export_to), meta))
+    (out / "result.json").write_text(json.dumps(result, indent=2, default=str))
+    return result

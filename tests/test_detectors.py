@@ -1,0 +1,188 @@
+"""torchvision detectors (Faster R-CNN, FCOS, Mask R-CNN): training, checked loading, registry."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmark.training.data import TrainImage
+from nucleus_models.errors import ModelError
+from nucleus_models.models.base import TileInstances
+
+ARCHS = ["fasterrcnn", "fcos", "maskrcnn"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """One torch thread: deterministic losses, and the CPU is shared."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _synthetic_image(seed: int, size: int = 96, radius: float = 6.0) -> TrainImage:
+    """Hematoxylin disks on eosin with their instance map."""
+    from conftest import draw_disks
+
+    rng = np.random.default_rng(seed)
+    centres: list[np.ndarray] = []
+    while len(centres) < 8:
+        p = rng.uniform(radius + 3, size - radius - 3, 2)
+        if all(np.hypot(*(p - q)) > 2 * radius + 4 for q in centres):
+            centres.append(p)
+    img = draw_disks(size, size, np.array(centres), radius)
+    yy, xx = np.mgrid[0:size, 0:size] + 0.5
+    lab = np.zeros((size, size), np.int32)
+    for k, (cx, cy) in enumerate(centres, start=1):
+        lab[(xx - cx) ** 2 + (yy - cy) ** 2 <= radius**2] = k
+    return TrainImage(f"synth{seed}", img, lab, lab > 0)
+
+
+def _images() -> list[TrainImage]:
+    imgs = [_synthetic_image(i) for i in range(3)]
+    blank = np.full((96, 96, 3), 230, np.uint8)  # foreground-only: must be skipped
+    imgs.append(TrainImage("fg-only", blank, None, np.zeros((96, 96), bool)))
+    return imgs
+
+
+def _cfg(arch: str) -> dict:
+    return {
+        "name": f"{arch}-test",
+        "arch": arch,
+        "seed": 5,
+        "data": {"dataset": "synthetic", "root": "."},
+        "model": {"mpp": 0.5, "fpn_channels": 32, "score_threshold": 0.05, "min_area": 4},
+        "train": {
+            "steps": 8,
+            "batch_size": 2,
+            "patch_size": 64,
+            "lr": 0.001,
+            "log_every": 2,
+            "checkpoint_every": 4,
+            "scale_range": [0.9, 1.1],
+        },
+        "augment": {"noise": 0.02, "brightness": 0.05},
+        "_config_path": "test",
+    }
+
+
+def _check_instances(inst: TileInstances, shape: tuple[int, int], threshold: float) -> None:
+    assert inst.labels.shape == shape and inst.labels.dtype == np.int32
+    n = int(inst.labels.max(initial=0))
+    assert len(inst.scores) == len(inst.classes) == n + 1
+    # ids are 1..n, each painted, highest score first
+    assert set(np.unique(inst.labels)) - {0} == set(range(1, n + 1))
+    assert np.all(inst.scores[1:] >= threshold - 1e-6)
+    assert np.all(np.diff(inst.scores[1:]) <= 1e-6)
+    assert np.all(inst.classes == 0)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_training_resume_export_and_registry(arch: str, tmp_path: Path) -> None:
+    import torch
+
+    from benchmark.training.detectors import export, train_detector
+    from nucleus_models.models import get_model, registry
+    from nucleus_models.models.torchvision_detectors import DetectorModel
+    from nucleus_models.models.weights import register_shipped
+
+    cfg = _cfg(arch)
+    imgs = _images()
+    ckpt = train_detector(cfg, imgs, tmp_path / "run", progress=False)
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    hist = state["history"]
+    assert state["step"] == 8 and state["arch"] == arch and len(hist) == 4
+    assert all(np.isfinite(h["loss"]) for h in hist)
+    assert hist[-1]["loss"] < hist[0]["loss"]
+    assert (tmp_path / "run" / "train.log").read_text().count("step ") == 4
+    # resume continues from step 8
+    ckpt = train_detector(cfg, imgs, tmp_path / "run", steps=10, resume=True, progress=False)
+    assert torch.load(ckpt, map_location="cpu", weights_only=True)["step"] == 10
+
+    meta = {"command": "test", "steps": 10, "seconds": 1.0, "hardware": "cpu", "parameters": 1}
+    pt = export(cfg, ckpt, tmp_path / "weights", meta)
+    card = json.loads((tmp_path / "weights" / f"{arch}-test.json").read_text())
+    assert card["arch"] == arch and card["spec"]["thresholds"]["fpn_channels"] == 32
+    assert {"score_threshold", "nms_iou"} <= set(card["spec"]["thresholds"])
+    assert (tmp_path / "weights" / f"{arch}-test.md").is_file()
+    name = f"{arch}-test"
+    try:
+        assert register_shipped(tmp_path / "weights") == [name]
+        model = get_model(name, device="cpu")
+        assert isinstance(model, DetectorModel) and model.spec.sha256 == card["spec"]["sha256"]
+        tile = imgs[0].image
+        res = model.predict_batch([tile, tile[:50, :70]], {})
+        assert len(res) == 2
+        _check_instances(res[0], (96, 96), 0.05)
+        _check_instances(res[1], (50, 70), 0.05)
+        # a corrupted weights file is refused before torch.load
+        pt.write_bytes(pt.read_bytes()[:-10] + b"0123456789")
+        with pytest.raises(ModelError, match="sha256 mismatch"):
+            get_model(name)
+    finally:
+        registry._REGISTRY.pop(name, None)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_untrained_model_predicts_valid_instances(arch: str, tmp_path: Path) -> None:
+    import torch
+
+    from nucleus_models.models.base import ModelSpec, sha256_of_file
+    from nucleus_models.models.torchvision_detectors import DetectorModel, build_detector
+
+    torch.manual_seed(0)
+    net = build_detector(arch, fpn_channels=32)
+    # an empty target (patch without nuclei) trains too
+    x = [torch.rand(3, 64, 64)]
+    y = [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}]
+    if arch == "maskrcnn":
+        y[0]["masks"] = torch.zeros(0, 64, 64, dtype=torch.uint8)
+    losses = net(x, y)
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+
+    pt = tmp_path / "w.pt"
+    torch.save(net.state_dict(), pt)
+    spec = ModelSpec(
+        name=f"{arch}-untrained",
+        mpp=0.5,
+        sha256=sha256_of_file(pt),
+        thresholds={"score_threshold": 0.0, "nms_iou": 0.3, "fpn_channels": 32, "min_area": 1},
+    )
+    model = DetectorModel(spec, str(pt), arch=arch, device="cpu")
+    tile = _synthetic_image(7, size=128).image
+    (inst,) = model.predict_batch([tile])
+    _check_instances(inst, (128, 128), 0.0)
+    assert int(inst.labels.max()) > 0  # random boxes at threshold 0 paint something
+
+
+def test_targets_and_painting_round_trip() -> None:
+    """Boxes (ellipses) and masks from exact targets give back the instances."""
+    import torch
+
+    from benchmark.metrics import aggregated_jaccard_index
+    from benchmark.training.detectors import instance_targets
+    from nucleus_models.models.torchvision_detectors import paint_instances
+
+    lab = _synthetic_image(3, size=128).labels
+    t = instance_targets(lab, masks=True)
+    n = int(lab.max())
+    assert t["boxes"].shape == (n, 4) and t["masks"].shape == (n, 128, 128)
+    boxes, scores = t["boxes"].numpy(), np.linspace(0.9, 0.5, n)
+    ell = paint_instances(lab.shape, boxes, scores, np.zeros(n, int))
+    assert ell.labels.max() == n and aggregated_jaccard_index(lab, ell.labels) > 0.85
+    # box-local 28x28 masks as Mask R-CNN predicts them
+    from torchvision.ops import roi_align
+
+    rois = torch.cat([torch.arange(n, dtype=torch.float32)[:, None], t["boxes"]], 1)
+    local = roi_align(t["masks"][:, None].float(), rois, (28, 28), 1.0, 2, aligned=True)
+    msk = paint_instances(lab.shape, boxes, scores, np.zeros(n, int), local[:, 0].numpy())
+    assert aggregated_jaccard_index(lab, msk.labels) > 0.9
+    assert instance_targets(np.zeros((32, 32), np.int32))["boxes"].shape == (0, 4)
