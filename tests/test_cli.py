@@ -243,7 +243,9 @@ def test_model_choices_are_the_registered_models() -> None:
 
 
 @pytest.mark.parametrize("model", ["unet-monuseg"])
-def test_learned_model_finds_the_annotated_nuclei(shared_data: Path, tmp_path: Path, model: str) -> None:
+def test_learned_model_finds_the_annotated_nuclei(
+    shared_data: Path, tmp_path: Path, model: str
+) -> None:
     """The shipped H&E U-Net through the CLI on a MoNuSeg image: detections fall in nuclei."""
     from benchmark.datasets import get_dataset
 
@@ -251,12 +253,26 @@ def test_learned_model_finds_the_annotated_nuclei(shared_data: Path, tmp_path: P
     sample = ds.load(ds.ids()[-1])
     image = next((shared_data / "monuseg2018" / "train" / "images").glob(f"{sample.id}.tif"))
     out = tmp_path / "n.anot"
-    res = run_cli("NucleusDetection", str(image), str(out), "--input_mpp", "0.25", "--model", model,
-                  "--nuclei_csv", str(tmp_path / "n.csv"), "--device", "cpu")
+    res = run_cli(
+        "NucleusDetection",
+        str(image),
+        str(out),
+        "--input_mpp",
+        "0.25",
+        "--model",
+        model,
+        "--nuclei_csv",
+        str(tmp_path / "n.csv"),
+        "--device",
+        "cpu",
+    )
     assert res.returncode == 0, res.stderr
     doc = json.loads(out.read_text())
     validate_annotation(doc)
-    assert doc["attributes"]["model"]["name"] == model and len(doc["attributes"]["model"]["sha256"]) == 64
+    assert (
+        doc["attributes"]["model"]["name"] == model
+        and len(doc["attributes"]["model"]["sha256"]) == 64
+    )
     rows = _csv_rows(tmp_path / "n.csv")
     xy = np.array([[float(r["x"]), float(r["y"])] for r in rows]).astype(int)
     hit = sample.labels[np.clip(xy[:, 1], 0, 999), np.clip(xy[:, 0], 0, 999)]
@@ -269,8 +285,16 @@ def test_fluorescence_model_on_the_ndpi_slide(shared_data: Path, tmp_path: Path)
     """The shipped fluorescence U-Net on the DAPI NDPI pyramid finds nuclei in a region."""
     slide = next((shared_data / "wsi").glob("*.ndpi"))
     out = tmp_path / "f.anot"
-    res = run_cli("NucleusDetection", str(slide), str(out), "--model", "unet-bbbc038",
-                  "--analysis_roi=1000,1000,1024,1024", "--device", "cpu")
+    res = run_cli(
+        "NucleusDetection",
+        str(slide),
+        str(out),
+        "--model",
+        "unet-bbbc038",
+        "--analysis_roi=1000,1000,1024,1024",
+        "--device",
+        "cpu",
+    )
     assert res.returncode == 0, res.stderr
     doc = json.loads(out.read_text())
     validate_annotation(doc)

@@ -20,7 +20,11 @@ def _tiny_images(shared_data: Path) -> list:
     ids = get_dataset("bbbc038", ds_root).ids()[:3]
     imgs = load_training_images("bbbc038", ds_root, mpp=0.5, ids=ids)
     for im in imgs:  # tiny crops keep the test fast
-        im.image, im.labels, im.foreground = im.image[:96, :96], im.labels[:96, :96], im.foreground[:96, :96]
+        im.image, im.labels, im.foreground = (
+            im.image[:96, :96],
+            im.labels[:96, :96],
+            im.foreground[:96, :96],
+        )
     return imgs
 
 
@@ -29,21 +33,35 @@ def _cfg() -> dict:
         "name": "unet-test",
         "seed": 3,
         "data": {"dataset": "bbbc038", "root": "."},
-        "model": {"mpp": 0.5, "modality": "fluorescence", "normalisation": "percentile", "base": 8, "depth": 3},
-        "train": {"steps": 30, "batch_size": 4, "patch_size": 64, "lr": 0.01, "checkpoint_every": 10},
+        "model": {
+            "mpp": 0.5,
+            "modality": "fluorescence",
+            "normalisation": "percentile",
+            "base": 8,
+            "depth": 3,
+        },
+        "train": {
+            "steps": 30,
+            "batch_size": 4,
+            "patch_size": 64,
+            "lr": 0.01,
+            "checkpoint_every": 10,
+        },
         "augment": {"noise": 0.02},
         "cv": {"fg_thresholds": [0.5], "seed_thresholds": [0.5]},
         "_config_path": "test",
     }
 
 
-def test_training_lowers_the_loss_and_checkpoints_are_loadable(shared_data: Path, tmp_path: Path) -> None:
+def test_training_lowers_the_loss_and_checkpoints_are_loadable(
+    shared_data: Path, tmp_path: Path
+) -> None:
     import torch
 
     from benchmark.training.run import export
     from benchmark.training.unet import train_unet
-    from nucleus_models.models.weights import register_shipped
     from nucleus_models.models import get_model, registry
+    from nucleus_models.models.weights import register_shipped
 
     imgs = _tiny_images(shared_data)
     ckpt = train_unet(_cfg(), imgs, tmp_path / "run", progress=False)
@@ -139,6 +157,8 @@ def test_percentile_normalisation_treats_single_channel_fluorescence_as_grey() -
     blue[..., 2] = rng.integers(0, 200, (40, 40))
     blue[..., 0] = rng.integers(0, 3, (40, 40))  # sensor noise in an empty channel
     grey = np.repeat(blue[..., 2:3], 3, axis=2)
-    np.testing.assert_allclose(normalise_tile(blue, "percentile"), normalise_tile(grey, "percentile"))
+    np.testing.assert_allclose(
+        normalise_tile(blue, "percentile"), normalise_tile(grey, "percentile")
+    )
     rgb = normalise_tile(grey, "rgb")
     assert rgb.shape == (3, 40, 40) and rgb.min() >= -0.5 and rgb.max() <= 0.5

@@ -261,7 +261,12 @@ def rescale_to_diameter(items: list[TrainImage], diameter: float) -> list[TrainI
 
 
 def synthetic_image(
-    items: list[TrainImage], rng: np.random.Generator, *, size: int = 256, n_nuclei: int = 40, max_overlap: float = 0.1
+    items: list[TrainImage],
+    rng: np.random.Generator,
+    *,
+    size: int = 256,
+    n_nuclei: int = 40,
+    max_overlap: float = 0.1,
 ) -> TrainImage:
     """An artificial training image: nuclei cropped from ``items`` pasted on sampled background.
 
@@ -281,7 +286,9 @@ def synthetic_image(
     colour = np.median(bg_pixels, axis=0) if len(bg_pixels) else np.full(3, 0.0)
     img = np.empty((size, size, 3), np.float32)
     img[:] = colour
-    img += rng.normal(0, max(float(np.std(bg_pixels)) if len(bg_pixels) else 1.0, 1.0) * 0.5, img.shape)
+    img += rng.normal(
+        0, max(float(np.std(bg_pixels)) if len(bg_pixels) else 1.0, 1.0) * 0.5, img.shape
+    )
     lab = np.zeros((size, size), np.int32)
     placed = 0
     for _ in range(n_nuclei * 5):
@@ -305,4 +312,10 @@ def synthetic_image(
         placed += 1
         region[mask] = placed
         img[y : y + h, x : x + w][mask] = patch[mask]
-    return TrainImage(f"synthetic-{int(rng.integers(1 << 30))}", np.clip(img, 0, 255).astype(np.uint8), lab, lab > 0, {"synthetic": "1"})
+    return TrainImage(
+        f"synthetic-{int(rng.integers(1 << 30))}",
+        np.clip(img, 0, 255).astype(np.uint8),
+        lab,
+        lab > 0,
+        {"synthetic": "1"},
+    )

@@ -7,11 +7,11 @@ import logging
 import platform
 import sys
 import time
-import tomllib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import tomllib
 
 from .data import TrainImage, load_training_images
 
@@ -58,7 +58,10 @@ def _images(cfg: dict[str, Any]) -> list[TrainImage]:
     n_syn = int(d.get("synthetic_images", 0))
     if n_syn:
         rng = np.random.default_rng(int(cfg.get("seed", 0)) + 1)
-        images += [synthetic_image(images, rng, max_overlap=float(d.get("synthetic_max_overlap", 0.1))) for _ in range(n_syn)]
+        images += [
+            synthetic_image(images, rng, max_overlap=float(d.get("synthetic_max_overlap", 0.1)))
+            for _ in range(n_syn)
+        ]
     return images
 
 
