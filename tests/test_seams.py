@@ -112,7 +112,9 @@ def test_existing_dask_scheduler_by_address(disk_slide) -> None:
     from dask.distributed import LocalCluster
 
     path, centres, _ = disk_slide
-    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster:
+    with LocalCluster(
+        n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None
+    ) as cluster:
         res = _run(path, analysis_tile_size=256, scheduler=cluster.scheduler_address)
     tp, fp, fn = _match(res.nuclei.centroids, centres)
     assert (tp, fp, fn) == (len(centres), 0, 0)
