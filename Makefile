@@ -3,10 +3,14 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-stamp
+# A real Girder 5 server for the integration tests lives in its own venv
+# (its pre-release large-image conflicts with the runtime's).
+GIRDER_VENV ?= .venv-girder
+GIRDER_STAMP := $(GIRDER_VENV)/.setup-stamp
 SAMPLE := samples/CMU-1-Small-Region-crop.tif
 DEMO_OUT := demo_out
 
-.PHONY: setup demo test lint speed clean
+.PHONY: setup setup-girder demo test lint speed clean
 
 setup: $(STAMP)
 
@@ -15,13 +19,19 @@ $(STAMP): pyproject.toml scripts/install.sh scripts/requirements-runtime.txt
 	PYTHON=$(PY) EXTRAS=dev bash scripts/install.sh
 	touch $(STAMP)
 
+setup-girder: $(GIRDER_STAMP)
+
+$(GIRDER_STAMP): scripts/setup_girder_venv.sh
+	PYTHON=$(PYTHON) GIRDER_VENV=$(GIRDER_VENV) bash scripts/setup_girder_venv.sh
+	touch $(GIRDER_STAMP)
+
 demo: setup
 	mkdir -p $(DEMO_OUT)
 	$(PY) -m cli NucleusDetection $(SAMPLE) $(DEMO_OUT)/nuclei.anot \
 		--nuclei_csv $(DEMO_OUT)/nuclei.csv --overlay_image $(DEMO_OUT)/overlay.png
 	@echo "Wrote $(DEMO_OUT)/nuclei.anot (DSA annotation), $(DEMO_OUT)/nuclei.csv and $(DEMO_OUT)/overlay.png"
 
-test: setup
+test: setup setup-girder
 	$(PY) -m pytest
 
 lint: setup

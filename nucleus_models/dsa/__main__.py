@@ -1,0 +1,132 @@
+"""``python -m nucleus_models.dsa folder-job``: the folder job for cron.
+
+The token comes from the ``GIRDER_TOKEN`` environment variable (never from the
+command line, where ``ps`` would show it). Progress and per-item results are
+logged to stderr; bad input (unreachable server, bad token, unknown folder)
+prints one ``error: ...`` line and exits with status 2. With ``--strict`` the
+exit status is 1 when any slide failed.
+
+Example::
+
+    GIRDER_TOKEN=... python -m nucleus_models.dsa folder-job \\
+        --api-url https://dsa.example.org/api/v1 --folder 5f0c... --model classical-he
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Any, NoReturn
+
+__all__ = ["main", "build_parser"]
+
+log = logging.getLogger(__name__)
+
+
+def _roi(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of numbers: {text!r}") from None
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one ``error: ...`` line and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:  # noqa: D102
+        from ..cli_support import fail
+
+        fail(f"{self.prog}: {message}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (flags mirror the NucleusFolderJob CLI's parameters)."""
+    from .folder_job import ANALYSES, FolderJobParams
+
+    d = FolderJobParams(inputFolder="")
+    ap = _OneLineParser(
+        prog="python -m nucleus_models.dsa",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = ap.add_subparsers(dest="command", required=True)
+    fj = sub.add_parser("folder-job", help="run an analysis on every large image of a folder")
+    fj.add_argument("--api-url", dest="girderApiUrl", required=True, help="Girder API root URL")
+    fj.add_argument("--folder", dest="inputFolder", required=True, help="Girder folder id")
+    fj.add_argument("--analysis", choices=sorted(ANALYSES), default=d.analysis)
+    fj.add_argument("--analysis-key", dest="analysis_key", default="", help="default: analysis")
+    fj.add_argument("--force", action="store_true", help="redo items that are already done")
+    fj.add_argument("--model", default=d.model)
+    fj.add_argument("--analysis-roi", dest="analysis_roi", type=_roi, default=d.analysis_roi)
+    fj.add_argument("--input-mpp", dest="input_mpp", type=float, default=d.input_mpp)
+    fj.add_argument(
+        "--format",
+        dest="nuclei_annotation_format",
+        choices=["polygon", "point", "box"],
+        default=d.nuclei_annotation_format,
+    )
+    fj.add_argument("--annotation-name", dest="annotation_name", default="")
+    fj.add_argument("--tile-size", dest="analysis_tile_size", type=int, default=-1)
+    fj.add_argument("--tile-overlap", dest="analysis_tile_overlap", type=int, default=-1)
+    fj.add_argument("--min-fgnd-frac", dest="min_fgnd_frac", type=float, default=0.0)
+    fj.add_argument("--scheduler", default="")
+    fj.add_argument("--num-workers", dest="num_workers", type=int, default=0)
+    fj.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
+    fj.add_argument("--retries", type=int, default=5, help="tries per request")
+    fj.add_argument("--workdir", default=None, help="where slides are downloaded (temporary)")
+    fj.add_argument("--strict", action="store_true", help="exit 1 when any slide failed")
+    return ap
+
+
+class _ProgressLog:
+    def __init__(self, step: float = 0.05):
+        self.step, self.last = step, -1.0
+
+    def __call__(self, frac: float) -> None:
+        if frac - self.last >= self.step or (frac >= 1.0 > self.last):
+            self.last = frac
+            log.info("progress %.0f%%", 100 * frac)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command; returns the exit status."""
+    from ..cli_support import fail
+    from ..errors import NucleusModelsError
+    from .client import TOKEN_ENV, RetryPolicy, connect, install_log_redaction
+    from .folder_job import FolderJobParams, run_folder_job, summary_name
+
+    logging.basicConfig(
+        level=os.environ.get("NUCLEUS_LOG_LEVEL", "INFO"),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    for noisy in ("large_image", "distributed", "tornado", "PIL", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    install_log_redaction()
+
+    ns: Any = build_parser().parse_args(argv)
+    params = FolderJobParams.from_namespace(ns)
+    policy = RetryPolicy(attempts=max(1, ns.retries), read_timeout=ns.timeout)
+    try:
+        client = connect(params.girderApiUrl, os.environ.get(TOKEN_ENV), retry=policy)
+        outcomes = run_folder_job(client, params, progress=_ProgressLog(), workdir=ns.workdir)
+    except NucleusModelsError as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        fail("interrupted", 130)
+    failed = [o for o in outcomes if o.status == "failed"]
+    log.info(
+        "%d item(s): %d done, %d skipped, %d failed; summary in %s",
+        len(outcomes),
+        sum(o.status == "done" for o in outcomes),
+        sum(o.status == "skipped" for o in outcomes),
+        len(failed),
+        summary_name(params.key()),
+    )
+    return 1 if failed and ns.strict else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,340 @@
+"""Push annotation documents to Girder items; replace, never duplicate.
+
+Every document we push carries ``attributes["nucleus_models"]`` with its
+``analysis_key`` (which analysis made it) and a unique ``push_id``. A push:
+
+1. checks the elements locally (a bad element is named before any upload);
+2. POSTs the whole document in one request to ``annotation?itemId=``: the
+   server validates everything before it stores anything, so a rejected
+   document leaves nothing on the item. If the answer is lost (time-out,
+   dropped connection, 5xx), the item is searched for the ``push_id`` before
+   the POST is retried, so a retry never stores a second copy;
+3. reads the new annotation's element count back from the server;
+4. only then deletes the item's older annotations with the same analysis key
+   (and any stray copy of this push).
+
+A crash at any point leaves either the old annotation, or the old and the new
+one (removed by the next push or :func:`dedupe`), never a partial one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .client import DSAClient, DSAError, GirderRequestError, GirderUnavailable
+
+__all__ = [
+    "ATTR_NS",
+    "AnnotationRejected",
+    "PushResult",
+    "check_elements",
+    "delete_annotation",
+    "dedupe",
+    "find_annotations",
+    "list_annotations",
+    "push_annotation",
+]
+
+log = logging.getLogger(__name__)
+
+#: Key of our record inside an annotation's ``attributes``.
+ATTR_NS = "nucleus_models"
+_COORD_FIELDS = {"point": ("center",), "rectangle": ("center",), "circle": ("center",)}
+_KNOWN_TYPES = {
+    "arrow",
+    "circle",
+    "ellipse",
+    "griddata",
+    "heatmap",
+    "point",
+    "polyline",
+    "rectangle",
+    "rectanglegrid",
+    "image",
+    "pixelmap",
+}
+
+
+class AnnotationRejected(DSAError):
+    """The document is invalid (the message names the element); nothing was stored."""
+
+
+@dataclass
+class PushResult:
+    """What a push stored and what it replaced."""
+
+    annotation_id: str
+    element_count: int
+    replaced: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    upload_bytes: int = 0
+    attempts: int = 1
+
+
+def _finite_xy(value: Any, size: int = 3) -> bool:
+    return (
+        isinstance(value, list | tuple)
+        and 2 <= len(value) <= size
+        and all(
+            isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+            for v in value
+        )
+    )
+
+
+def check_elements(elements: Sequence[Any]) -> None:
+    """Cheap local checks of the elements' geometry.
+
+    Raises
+    ------
+    AnnotationRejected
+        Naming the first bad element (index, type, field).
+    """
+    for i, el in enumerate(elements):
+        if not isinstance(el, dict):
+            raise AnnotationRejected(f"element {i} is a {type(el).__name__}, not an object")
+        kind = el.get("type")
+        if kind not in _KNOWN_TYPES:
+            raise AnnotationRejected(f"element {i} has unknown type {kind!r}")
+        for key in _COORD_FIELDS.get(kind, ()):
+            if not _finite_xy(el.get(key)):
+                raise AnnotationRejected(
+                    f"element {i} ({kind}): {key} must be 2-3 finite numbers, got {el.get(key)!r}"
+                )
+        if kind == "polyline":
+            pts = el.get("points")
+            if not isinstance(pts, list) or len(pts) < 2:
+                raise AnnotationRejected(f"element {i} (polyline): needs at least 2 points")
+            for j, p in enumerate(pts):
+                if not _finite_xy(p):
+                    raise AnnotationRejected(
+                        f"element {i} (polyline): point {j} must be 2-3 finite numbers, got {p!r}"
+                    )
+
+
+def list_annotations(client: DSAClient, item_id: str) -> list[dict[str, Any]]:
+    """The item's annotations without elements (name, attributes, ``_elementCount``)."""
+    return list(client.get("annotation", {"itemId": item_id, "limit": 0, "sort": "_id"}))
+
+
+def _record(ann: dict[str, Any]) -> dict[str, Any]:
+    attrs = ann.get("annotation", {}).get("attributes") or {}
+    rec = attrs.get(ATTR_NS) if isinstance(attrs, dict) else None
+    return rec if isinstance(rec, dict) else {}
+
+
+def _matches(ann: dict[str, Any], analysis_key: str, legacy_name: str | None) -> bool:
+    rec = _record(ann)
+    if rec:
+        return rec.get("analysis_key") == analysis_key
+    # documents from the NucleusDetection CLI (.anot ingested by DSA) carry our
+    # provenance but no key: the same name from our software is the same analysis
+    attrs = ann.get("annotation", {}).get("attributes") or {}
+    return (
+        legacy_name is not None
+        and isinstance(attrs, dict)
+        and attrs.get("software") == "nucleus-models"
+        and ann.get("annotation", {}).get("name") == legacy_name
+    )
+
+
+def find_annotations(
+    client: DSAClient, item_id: str, analysis_key: str, *, legacy_name: str | None = None
+) -> list[dict[str, Any]]:
+    """The item's annotations made by ``analysis_key`` (oldest first)."""
+    return [a for a in list_annotations(client, item_id) if _matches(a, analysis_key, legacy_name)]
+
+
+def delete_annotation(client: DSAClient, annotation_id: str) -> None:
+    """Delete an annotation; one that is already gone is fine (retries are idempotent)."""
+    try:
+        client.sendRestRequest("DELETE", f"annotation/{annotation_id}")
+    except GirderRequestError as exc:
+        if exc.status not in (400, 404):
+            raise
+
+
+def dedupe(
+    client: DSAClient,
+    item_id: str,
+    analysis_key: str,
+    keep_id: str,
+    *,
+    legacy_name: str | None = None,
+) -> list[str]:
+    """Delete every annotation of ``analysis_key`` on the item except ``keep_id``."""
+    removed = []
+    for ann in find_annotations(client, item_id, analysis_key, legacy_name=legacy_name):
+        if ann["_id"] != keep_id:
+            delete_annotation(client, ann["_id"])
+            removed.append(ann["_id"])
+    if removed:
+        log.info("item %s: removed %d older %s annotation(s)", item_id, len(removed), analysis_key)
+    return removed
+
+
+def _find_push(client: DSAClient, item_id: str, push_id: str) -> list[dict[str, Any]]:
+    return [a for a in list_annotations(client, item_id) if _record(a).get("push_id") == push_id]
+
+
+def _push_timeout(client: DSAClient, nbytes: int) -> tuple[float, float]:
+    # the test server parses, validates and stores ~1 MB/s of elements: allow 5 s per MB
+    connect, read = client.retry.timeout
+    return connect, read + nbytes / 200_000
+
+
+def push_annotation(
+    client: DSAClient,
+    item_id: str,
+    doc: dict[str, Any],
+    *,
+    analysis_key: str,
+    record: dict[str, Any] | None = None,
+    replace: bool = True,
+) -> PushResult:
+    """Store ``doc`` on the item and replace the previous one of the same analysis.
+
+    Parameters
+    ----------
+    doc : dict
+        A large_image annotation document (``name``, ``elements``, ``attributes``).
+        It is not modified.
+    analysis_key : str
+        Identity of the analysis; older annotations with this key are deleted
+        once the new one is stored and verified.
+    record : dict, optional
+        Extra entries for ``attributes["nucleus_models"]`` (e.g. ``params_hash``).
+
+    Raises
+    ------
+    AnnotationRejected
+        The document is invalid; the message names the element. Nothing is stored.
+    GirderUnavailable
+        The server kept failing; the item keeps its previous annotation.
+    """
+    t0 = time.perf_counter()
+    elements = doc.get("elements") or []
+    check_elements(elements)
+    push_id = uuid.uuid4().hex
+    attrs = dict(doc.get("attributes") or {})
+    attrs[ATTR_NS] = {**(record or {}), "analysis_key": analysis_key, "push_id": push_id}
+    body = json.dumps({**doc, "attributes": attrs}, separators=(",", ":"), allow_nan=False).encode()
+    timeout = _push_timeout(client, len(body))
+    attempts = client.retry.attempts
+    ann_id = ""
+    for attempt in range(attempts):
+        try:
+            created = client.sendRestRequest(
+                "POST",
+                "annotation",
+                {"itemId": item_id},
+                data=body,
+                headers={"Content-Type": "application/json"},
+                attempts=1,
+                timeout=timeout,
+            )
+            ann_id = created["_id"]
+            break
+        except GirderRequestError as exc:
+            if exc.status == 400 and "Validation" in exc.text:
+                _remove_stray(client, item_id, push_id)
+                raise AnnotationRejected(
+                    f"Girder rejected annotation {doc.get('name')!r}: "
+                    + diagnose(client, doc, exc.text)
+                ) from None
+            raise
+        except GirderUnavailable as exc:
+            found = _lookup_after_failure(client, item_id, push_id)
+            if found:
+                ann_id = found[0]["_id"]
+                log.info("item %s: the push arrived although its answer was lost", item_id)
+                break
+            if attempt + 1 >= attempts:
+                raise GirderUnavailable(
+                    f"push of {len(elements)} elements to item {item_id} failed: {exc}"
+                ) from None
+            wait = client.retry.delay(attempt)
+            log.warning("push to item %s: %s; retry in %.1f s", item_id, exc, wait)
+            client._sleep(wait)
+    stored = [a for a in list_annotations(client, item_id) if a["_id"] == ann_id]
+    count = int(stored[0].get("_elementCount", -1)) if stored else -1
+    if count != len(elements):
+        delete_annotation(client, ann_id)
+        raise DSAError(
+            f"item {item_id}: Girder stored {count} of {len(elements)} elements; push undone"
+        )
+    replaced = (
+        dedupe(client, item_id, analysis_key, ann_id, legacy_name=doc.get("name"))
+        if replace
+        else []
+    )
+    if attempt:  # a POST whose answer was lost may still land late: look once more
+        client._sleep(max(client.retry.backoff, 0.5))
+        for stray in _find_push(client, item_id, push_id):
+            if stray["_id"] != ann_id:
+                delete_annotation(client, stray["_id"])
+                replaced.append(stray["_id"])
+    return PushResult(
+        annotation_id=ann_id,
+        element_count=count,
+        replaced=replaced,
+        seconds=time.perf_counter() - t0,
+        upload_bytes=len(body),
+        attempts=attempt + 1,
+    )
+
+
+def _lookup_after_failure(client: DSAClient, item_id: str, push_id: str) -> list[dict[str, Any]]:
+    try:
+        return _find_push(client, item_id, push_id)
+    except GirderUnavailable:
+        return []
+
+
+def _remove_stray(client: DSAClient, item_id: str, push_id: str) -> None:
+    for ann in _find_push(client, item_id, push_id):
+        delete_annotation(client, ann["_id"])
+
+
+def diagnose(client: DSAClient, doc: dict[str, Any], server_message: str) -> str:
+    """Name the element the server's schema rejects (the server only says why)."""
+    import jsonschema
+
+    try:
+        schema = client.get("annotation/schema")
+    except DSAError:
+        schema = None
+    if schema:
+        top = {**doc, "elements": []}
+        err = jsonschema.exceptions.best_match(jsonschema.Draft7Validator(schema).iter_errors(top))
+        if err is not None:
+            return f"{_where(err)}: {err.message}"
+        by_type = {
+            s.get("properties", {}).get("type", {}).get("enum", [None])[0]: s
+            for s in schema["properties"]["elements"]["items"].get("anyOf", [])
+        }
+        validators = {k: jsonschema.Draft7Validator(v) for k, v in by_type.items() if k}
+        for i, el in enumerate(doc.get("elements") or []):
+            kind = el.get("type") if isinstance(el, dict) else None
+            v = validators.get(kind)
+            if v is None:
+                return f"element {i} has unknown type {kind!r}"
+            err = jsonschema.exceptions.best_match(v.iter_errors(el))
+            if err is not None:
+                return f"element {i} ({kind}): {_where(err)}: {err.message}"
+    try:
+        return " ".join(str(json.loads(server_message).get("message")).split())[:500]
+    except (ValueError, AttributeError):
+        return server_message[:500]
+
+
+def _where(err: Any) -> str:
+    path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err.absolute_path)
+    return path.lstrip(".") or "document"

@@ -1,0 +1,373 @@
+"""A girder-client connection that retries, times out and never leaks its token.
+
+:func:`connect` checks the server and the token once and returns a
+:class:`DSAClient`: a ``girder_client.GirderClient`` whose every REST call has
+a timeout, is retried with exponential backoff (and jitter) on 5xx answers,
+429, time-outs and dropped connections, and fails with a one-line
+:class:`DSAError` whose text has the token redacted.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import random
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import girder_client
+import requests
+
+from ..errors import NucleusModelsError
+
+__all__ = [
+    "TOKEN_ENV",
+    "DSAError",
+    "GirderUnavailable",
+    "GirderRequestError",
+    "AuthenticationError",
+    "RetryPolicy",
+    "DSAClient",
+    "connect",
+    "redact",
+    "install_log_redaction",
+]
+
+log = logging.getLogger(__name__)
+
+#: Environment variable holding the Girder token for scripted / cron use.
+TOKEN_ENV = "GIRDER_TOKEN"
+RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
+_SECRET_PATTERNS = (
+    re.compile(r"(?i)((?:girder[-_]?)?token['\"]?\s*[=:]\s*['\"]?)([^&\s'\",}]+)"),
+    re.compile(r"(?i)(girderToken\s+)(\S+)"),
+)
+_KNOWN_SECRETS: set[str] = set()
+
+
+class DSAError(NucleusModelsError):
+    """A Girder problem the user can act on (one line, token redacted)."""
+
+    def __init__(self, message: str):
+        super().__init__(redact(message))
+
+
+class GirderUnavailable(DSAError):
+    """The server did not answer (refused, time-out, 5xx) after every retry."""
+
+
+class AuthenticationError(DSAError):
+    """The token is missing or the server did not accept it."""
+
+
+class GirderRequestError(DSAError):
+    """The server answered with a non-retryable error status (4xx)."""
+
+    def __init__(self, message: str, *, status: int, text: str = ""):
+        super().__init__(message)
+        self.status = status
+        self.text = redact(text)
+
+
+def register_secret(secret: str | None) -> None:
+    """Remember a secret (a token) so that :func:`redact` removes it anywhere."""
+    if secret and len(secret) >= 8:
+        _KNOWN_SECRETS.add(secret)
+
+
+def redact(text: object) -> str:
+    """``text`` with every known token and every ``token=...`` value replaced by ``***``."""
+    s = str(text)
+    for secret in _KNOWN_SECRETS:
+        s = s.replace(secret, "***")
+    for pat in _SECRET_PATTERNS:
+        s = pat.sub(r"\1***", s)
+    return s
+
+
+class RedactFilter(logging.Filter):
+    """Redact tokens from log records (message and arguments)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if _KNOWN_SECRETS or "oken" in str(record.msg):
+            record.msg = redact(record.getMessage())
+            record.args = None
+        return True
+
+
+_FILTER = RedactFilter()
+# a logger's filter sees only the records made on that very logger: list them
+_LOGGERS = ("annotations", "metadata", "folder_job", "__main__")
+for _name in (
+    __name__,
+    *(f"nucleus_models.dsa.{m}" for m in _LOGGERS),
+    "urllib3.connectionpool",
+    "girder_client",
+):
+    logging.getLogger(_name).addFilter(_FILTER)
+
+
+def install_log_redaction(logger: logging.Logger | None = None) -> None:
+    """Add the token filter to every handler of ``logger`` (default: root).
+
+    Handler filters see records from every logger, so after this no token
+    reaches a log output, whoever logs it.
+    """
+    for handler in (logger or logging.getLogger()).handlers:
+        if _FILTER not in handler.filters:
+            handler.addFilter(_FILTER)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How REST calls are retried.
+
+    Parameters
+    ----------
+    attempts : int
+        Tries in all (1 = no retry).
+    backoff : float
+        First delay in seconds; it doubles on each retry, up to ``max_delay``,
+        and is scaled by a random factor in [0.5, 1] (jitter).
+    connect_timeout, read_timeout : float
+        Seconds to connect and to wait for an answer.
+    """
+
+    attempts: int = 5
+    backoff: float = 0.5
+    max_delay: float = 10.0
+    connect_timeout: float = 10.0
+    read_timeout: float = 120.0
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait before retry number ``attempt`` (0-based)."""
+        return min(self.max_delay, self.backoff * 2**attempt) * random.uniform(0.5, 1.0)
+
+    @property
+    def timeout(self) -> tuple[float, float]:
+        """``requests``' (connect, read) timeout."""
+        return (self.connect_timeout, self.read_timeout)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether ``exc`` is worth a retry: time-out, dropped connection, 5xx or 429."""
+    if isinstance(exc, girder_client.HttpError):
+        return exc.status in RETRY_STATUS
+    return isinstance(exc, requests.ConnectionError | requests.Timeout)
+
+
+def describe(exc: BaseException) -> str:
+    """One line for ``exc`` (no response bodies, no token)."""
+    if isinstance(exc, girder_client.HttpError):
+        return f"HTTP {exc.status} on {exc.method} {_path(exc.url)}: {_message(exc.responseText)}"
+    if isinstance(exc, requests.Timeout):
+        return f"time-out ({type(exc).__name__})"
+    if isinstance(exc, requests.ConnectionError):
+        return f"connection failed ({type(exc).__name__})"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _path(url: str) -> str:
+    return redact(url).split("?", 1)[0]
+
+
+def _message(text: str) -> str:
+    import json
+
+    try:
+        msg = json.loads(text).get("message", text)
+    except (ValueError, AttributeError):
+        msg = text
+    return " ".join(redact(msg).split())[:500]
+
+
+class DSAClient(girder_client.GirderClient):  # type: ignore[misc]
+    """``GirderClient`` with time-outs, retries with backoff, and token redaction.
+
+    Parameters
+    ----------
+    api_url : str
+        E.g. ``http://127.0.0.1:8080/api/v1``.
+    token : str
+        A Girder token (never logged).
+    retry : RetryPolicy
+        Attempts, backoff and time-outs of every call.
+    sleep : callable
+        Waits between retries (injectable for tests).
+    """
+
+    def __init__(
+        self,
+        api_url: str,
+        token: str,
+        *,
+        retry: RetryPolicy | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
+        super().__init__(apiUrl=api_url.rstrip("/") + "/")
+        register_secret(token)
+        self.setToken(token)
+        self.api_url = api_url.rstrip("/")
+        self.retry = retry or RetryPolicy()
+        self._sleep = sleep
+        self._session = requests.Session()  # persistent connections
+
+    def __repr__(self) -> str:
+        return f"DSAClient({self.api_url!r})"
+
+    def sendRestRequest(  # noqa: N802 (girder_client's name)
+        self,
+        method: str,
+        path: str,
+        parameters: dict[str, Any] | None = None,
+        data: Any = None,
+        files: Any = None,
+        json: Any = None,
+        headers: dict[str, str] | None = None,
+        jsonResp: bool = True,  # noqa: N803
+        *,
+        attempts: int | None = None,
+        retry_log_level: int = logging.WARNING,
+        **kwargs: Any,
+    ) -> Any:
+        """girder_client's request, with a timeout and retries on transient errors.
+
+        Raises
+        ------
+        GirderUnavailable
+            Still failing after ``attempts`` tries.
+        GirderRequestError
+            A non-retryable error status (the token is redacted from it).
+        """
+        kwargs.setdefault("timeout", self.retry.timeout)
+        n = max(1, attempts if attempts is not None else self.retry.attempts)
+        for attempt in range(n):
+            if attempt and hasattr(data, "seek"):
+                data.seek(0)
+            try:
+                return super().sendRestRequest(
+                    method, path, parameters, data, files, json, headers, jsonResp, **kwargs
+                )
+            except (girder_client.HttpError, requests.RequestException) as exc:
+                if attempt and method.upper() == "DELETE" and _gone(exc):
+                    return None  # an earlier try did delete it: its answer was lost
+                if not is_transient(exc):
+                    raise _as_error(exc, method, path) from None
+                if attempt + 1 >= n:
+                    raise GirderUnavailable(
+                        f"Girder at {self.api_url} failed {n} time(s) on {method} {path}: "
+                        f"{describe(exc)}"
+                    ) from None
+                wait = self.retry.delay(attempt)
+                log.log(
+                    retry_log_level,
+                    "%s %s: %s; retry %d/%d in %.1f s",
+                    method,
+                    path,
+                    describe(exc),
+                    attempt + 1,
+                    n - 1,
+                    wait,
+                )
+                self._sleep(wait)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def download_file(self, file_id: str, dest: str, *, chunk: int = 1 << 22) -> str:
+        """Download a Girder file to ``dest`` (retried whole; written to a temp name first)."""
+        tmp = dest + ".part"
+        for attempt in range(self.retry.attempts):
+            try:
+                resp = self.sendRestRequest(
+                    "GET", f"file/{file_id}/download", jsonResp=False, stream=True
+                )
+                with open(tmp, "wb") as f:
+                    for block in resp.iter_content(chunk):
+                        f.write(block)
+                os.replace(tmp, dest)
+                return dest
+            except requests.RequestException as exc:
+                if attempt + 1 >= self.retry.attempts:
+                    raise GirderUnavailable(
+                        f"download of file {file_id} failed: {describe(exc)}"
+                    ) from None
+                self._sleep(self.retry.delay(attempt))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def upload_bytes_to_item(self, item_id: str, name: str, payload: bytes, mime: str) -> Any:
+        """Upload ``payload`` as a new file of ``item_id`` (the whole upload is retried)."""
+        for attempt in range(self.retry.attempts):
+            try:
+                return self.uploadFile(
+                    item_id, io.BytesIO(payload), name, len(payload), "item", mimeType=mime
+                )
+            except DSAError:
+                if attempt + 1 >= self.retry.attempts:
+                    raise
+                self._sleep(self.retry.delay(attempt))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _gone(exc: BaseException) -> bool:
+    return isinstance(exc, girder_client.HttpError) and exc.status in (400, 404)
+
+
+def _as_error(exc: BaseException, method: str, path: str) -> DSAError:
+    if isinstance(exc, girder_client.HttpError):
+        if exc.status == 401:
+            return AuthenticationError(
+                f"the Girder token was not accepted ({method} {path}: {_message(exc.responseText)})"
+            )
+        return GirderRequestError(
+            f"{method} {path} failed: HTTP {exc.status}: {_message(exc.responseText)}",
+            status=exc.status,
+            text=exc.responseText,
+        )
+    return DSAError(f"{method} {path} failed: {describe(exc)}")
+
+
+def connect(
+    api_url: str,
+    token: str | None = None,
+    *,
+    retry: RetryPolicy | None = None,
+    connect_attempts: int = 3,
+) -> DSAClient:
+    """Connect to Girder and check the token.
+
+    Parameters
+    ----------
+    api_url : str
+        The API root, e.g. ``http://127.0.0.1:8080/api/v1``.
+    token : str, optional
+        A Girder token; default: the ``GIRDER_TOKEN`` environment variable.
+    connect_attempts : int
+        Tries for the first call (an unreachable server fails quickly, and
+        quietly: the caller reports the one-line error).
+
+    Raises
+    ------
+    AuthenticationError
+        No token, or the server does not accept it.
+    GirderUnavailable
+        The server cannot be reached.
+    """
+    token = token or os.environ.get(TOKEN_ENV, "")
+    if not api_url or not api_url.startswith(("http://", "https://")):
+        raise DSAError(f"the Girder API URL must start with http:// or https://, got {api_url!r}")
+    if not token:
+        raise AuthenticationError(f"no Girder token: pass one or set ${TOKEN_ENV}")
+    client = DSAClient(api_url, token, retry=retry)
+    try:
+        me = client.sendRestRequest(
+            "GET", "user/me", attempts=connect_attempts, retry_log_level=logging.DEBUG
+        )
+    except GirderRequestError as exc:
+        raise DSAError(f"{api_url} does not look like a Girder API: {exc}") from None
+    if not me:
+        raise AuthenticationError(f"the Girder token was not accepted by {api_url}")
+    log.debug("connected to %s as %s", client.api_url, me.get("login"))
+    return client

@@ -1,0 +1,397 @@
+"""The folder job: run an analysis on every large image of a Girder folder.
+
+For each large-image item (in name order) :func:`run_folder_job` downloads
+the slide, runs the analysis, pushes the annotation (replacing the previous
+one of the same analysis) and writes scores and provenance to the item's
+metadata; then it uploads a summary CSV to the folder, replacing the previous
+one. The item metadata is the ledger: an item whose record says ``done`` with
+the same parameters hash (analysis, model, model sha256, parameters), and
+whose recorded annotation is still there, is skipped, so a re-run after a
+crash resumes where the crash happened. A failing slide is recorded (in the
+summary and the item's metadata) and the job goes on.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ..errors import NucleusModelsError
+from .annotations import dedupe, find_annotations, push_annotation
+from .client import DSAClient, DSAError, GirderRequestError, redact
+from .metadata import read_record, write_record
+
+__all__ = [
+    "ANALYSES",
+    "FolderJobParams",
+    "ItemOutcome",
+    "AnalysisOutput",
+    "run_folder_job",
+    "summary_name",
+]
+
+log = logging.getLogger(__name__)
+Progress = Callable[[float], None]
+
+_DETECTION_FIELDS = (
+    "model",
+    "analysis_roi",
+    "input_mpp",
+    "nuclei_annotation_format",
+    "annotation_name",
+    "analysis_tile_size",
+    "analysis_tile_overlap",
+    "min_fgnd_frac",
+    "foreground_threshold",
+    "min_radius",
+    "max_radius",
+    "local_max_search_radius",
+    "min_nucleus_area",
+)
+_RUNTIME_FIELDS = ("scheduler", "num_workers")
+
+
+@dataclass
+class FolderJobParams:
+    """Parameters of the folder job; field names are the NucleusFolderJob CLI's XML names."""
+
+    inputFolder: str
+    girderApiUrl: str = ""
+    girderToken: str = field(default="", repr=False)
+    analysis: str = "NucleusDetection"
+    analysis_key: str = ""
+    force: bool = False
+    model: str = "classical-he"
+    analysis_roi: list[float] = field(default_factory=lambda: [-1.0, -1.0, -1.0, -1.0])
+    input_mpp: float = -1.0
+    nuclei_annotation_format: str = "polygon"
+    annotation_name: str = ""
+    analysis_tile_size: int = -1
+    analysis_tile_overlap: int = -1
+    min_fgnd_frac: float = 0.0
+    foreground_threshold: float = -1.0
+    min_radius: float = -1.0
+    max_radius: float = -1.0
+    local_max_search_radius: float = -1.0
+    min_nucleus_area: float = -1.0
+    scheduler: str = ""
+    num_workers: int = 0
+
+    @classmethod
+    def from_namespace(cls, ns: Any) -> FolderJobParams:
+        """Build from an argparse namespace (unknown attributes are ignored)."""
+        names = cls.__dataclass_fields__.keys()
+        return cls(**{k: getattr(ns, k) for k in names if hasattr(ns, k)})
+
+    def key(self) -> str:
+        """The analysis key: annotations and metadata records are per key."""
+        return self.analysis_key or self.analysis
+
+    def settings(self) -> dict[str, Any]:
+        """What determines the result: analysis, model (and its sha256) and parameters."""
+        from ..models import get_spec
+
+        spec = get_spec(self.model)
+        return {
+            "analysis": self.analysis,
+            "model_sha256": spec.sha256,
+            **{k: getattr(self, k) for k in _DETECTION_FIELDS},
+        }
+
+    def params_hash(self) -> str:
+        """sha256 (16 hex) of :meth:`settings`: equal hashes mean equal results."""
+        blob = json.dumps(self.settings(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def public(self) -> dict[str, Any]:
+        """The parameters without the token (for provenance and logs)."""
+        d = asdict(self)
+        d.pop("girderToken", None)
+        return d
+
+
+@dataclass
+class AnalysisOutput:
+    """An analysis's result for one slide: annotation document, scores, provenance."""
+
+    document: dict[str, Any]
+    scores: dict[str, Any]
+    provenance: dict[str, Any]
+
+
+@dataclass
+class ItemOutcome:
+    """One row of the summary."""
+
+    item_id: str
+    item_name: str
+    status: str  # done | skipped | failed
+    annotation_id: str = ""
+    nuclei_count: int | None = None
+    seconds: float = 0.0
+    error: str = ""
+    scores: dict[str, Any] = field(default_factory=dict)
+
+
+def _run_detection(params: FolderJobParams, slide: str, workdir: str, progress: Progress) -> Any:
+    from ..detection import DetectionParams, detect_nuclei, write_outputs
+
+    anot = os.path.join(workdir, "nuclei.anot")
+    det = DetectionParams(
+        inputImageFile=slide,
+        outputNucleiAnnotationFile=anot,
+        **{k: getattr(params, k) for k in _DETECTION_FIELDS + _RUNTIME_FIELDS},
+    )
+    result = detect_nuclei(det, progress=progress)
+    write_outputs(result)  # the same document the NucleusDetection CLI writes
+    with open(anot, encoding="utf-8") as f:
+        doc = json.load(f)
+    prov = result.provenance()
+    x, y, w, h = result.region
+    area_mm2 = w * h * (result.slide["mpp"] or 0) ** 2 / 1e6
+    scores = {
+        "nuclei_count": prov["nuclei_count"],
+        "class_counts": prov["class_counts"],
+        "nuclei_per_mm2": round(prov["nuclei_count"] / area_mm2, 2) if area_mm2 else None,
+    }
+    return AnalysisOutput(document=doc, scores=scores, provenance=prov)
+
+
+#: Analyses the folder job can run: name -> runner(params, slide path, workdir, progress).
+ANALYSES: dict[str, Callable[[FolderJobParams, str, str, Progress], AnalysisOutput]] = {
+    "NucleusDetection": _run_detection,
+}
+
+
+def summary_name(analysis_key: str) -> str:
+    """Name of the summary CSV item in the folder."""
+    return f"nucleus_models_summary_{analysis_key}.csv"
+
+
+def _large_images(client: DSAClient, folder_id: str) -> list[dict[str, Any]]:
+    items = [i for i in client.listItem(folder_id) if "fileId" in (i.get("largeImage") or {})]
+    return sorted(items, key=lambda i: (i["name"], i["_id"]))
+
+
+def _done_record(
+    client: DSAClient, item: dict[str, Any], key: str, phash: str
+) -> dict[str, Any] | None:
+    """The item's record when it is done with these parameters and its annotation exists."""
+    rec = read_record(client, item["_id"], key)
+    if not rec or rec.get("status") != "done" or rec.get("params_hash") != phash:
+        return None
+    anns = find_annotations(client, item["_id"], key)
+    if not any(a["_id"] == rec.get("annotation_id") for a in anns):
+        return None  # the annotation was deleted: redo
+    if len(anns) > 1:  # a push that crashed before its metadata: the record wins
+        dedupe(client, item["_id"], key, rec["annotation_id"])
+    return rec
+
+
+def _sanitize(prov: dict[str, Any], file_name: str) -> dict[str, Any]:
+    params = dict(prov.get("params") or {})
+    params["inputImageFile"] = file_name
+    for k in [k for k in params if k.startswith("output")]:
+        params.pop(k)
+    return {**prov, "params": params}
+
+
+def _process(
+    client: DSAClient,
+    params: FolderJobParams,
+    item: dict[str, Any],
+    phash: str,
+    workdir: str | None,
+    progress: Progress,
+) -> ItemOutcome:
+    t0 = time.perf_counter()
+    key = params.key()
+    file_id = item["largeImage"]["fileId"]
+    fname = os.path.basename(client.get(f"file/{file_id}")["name"]) or "slide"
+    with tempfile.TemporaryDirectory(prefix="nm-folder-job-", dir=workdir) as tmp:
+        slide = client.download_file(file_id, os.path.join(tmp, fname))
+        out = ANALYSES[params.analysis](params, slide, tmp, progress)
+    prov = _sanitize(out.provenance, fname)
+    girder = {"item_id": item["_id"], "file_id": file_id, "folder_id": item["folderId"]}
+    doc = {**out.document, "attributes": {**prov, "girder": girder}}
+    push = push_annotation(
+        client,
+        item["_id"],
+        doc,
+        analysis_key=key,
+        record={"params_hash": phash, "analysis": params.analysis, "model": params.model},
+    )
+    log.info("item %s: annotation %s pushed", item["_id"], push.annotation_id)
+    write_record(
+        client,
+        item["_id"],
+        key,
+        {
+            "status": "done",
+            "analysis": params.analysis,
+            "model": params.model,
+            "params_hash": phash,
+            "annotation_id": push.annotation_id,
+            "annotation_name": doc.get("name", ""),
+            "element_count": push.element_count,
+            "scores": out.scores,
+            "provenance": {**prov, "girder": girder, "job": params.public()},
+        },
+    )
+    return ItemOutcome(
+        item["_id"],
+        item["name"],
+        "done",
+        annotation_id=push.annotation_id,
+        nuclei_count=out.scores.get("nuclei_count"),
+        seconds=time.perf_counter() - t0,
+        scores=out.scores,
+    )
+
+
+def _record_failure(
+    client: DSAClient, item: dict[str, Any], key: str, phash: str, error: str
+) -> None:
+    """Note the failure on the item, keeping a previous successful record intact."""
+    failure = {"error": error, "params_hash": phash, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    try:
+        old = read_record(client, item["_id"], key)
+        rec = (
+            {**old, "last_failure": failure}
+            if old and old.get("status") == "done"
+            else {"status": "failed", **failure}
+        )
+        write_record(client, item["_id"], key, rec)
+    except (DSAError, OSError) as exc:
+        log.warning("item %s: could not record the failure: %s", item["_id"], exc)
+
+
+def _summary_csv(outcomes: list[ItemOutcome], params: FolderJobParams, phash: str) -> bytes:
+    buf = io.StringIO()
+    cols = ["item_id", "item_name", "status", "analysis", "analysis_key", "model"]
+    cols += ["params_hash", "nuclei_count", "nuclei_per_mm2", "annotation_id", "seconds", "error"]
+    w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
+    w.writeheader()
+    for o in outcomes:
+        w.writerow(
+            {
+                "item_id": o.item_id,
+                "item_name": o.item_name,
+                "status": o.status,
+                "analysis": params.analysis,
+                "analysis_key": params.key(),
+                "model": params.model,
+                "params_hash": phash,
+                "nuclei_count": "" if o.nuclei_count is None else o.nuclei_count,
+                "nuclei_per_mm2": o.scores.get("nuclei_per_mm2", ""),
+                "annotation_id": o.annotation_id,
+                "seconds": f"{o.seconds:.2f}",
+                "error": o.error,
+            }
+        )
+    return buf.getvalue().encode()
+
+
+def upload_summary(client: DSAClient, folder_id: str, name: str, payload: bytes) -> str:
+    """Put ``payload`` in the folder's item ``name`` as its only file; returns the file id."""
+    items = list(client.listItem(folder_id, name=name))
+    item = items[0] if items else client.createItem(folder_id, name, reuseExisting=True)
+    new = client.upload_bytes_to_item(item["_id"], name, payload, "text/csv")
+    for f in client.listFile(item["_id"]):
+        if f["_id"] != new["_id"]:
+            client.sendRestRequest("DELETE", f"file/{f['_id']}")
+    for extra in items[1:]:
+        client.sendRestRequest("DELETE", f"item/{extra['_id']}")
+    return str(new["_id"])
+
+
+def run_folder_job(
+    client: DSAClient,
+    params: FolderJobParams,
+    *,
+    progress: Progress | None = None,
+    workdir: str | None = None,
+) -> list[ItemOutcome]:
+    """Run ``params.analysis`` on every large image of ``params.inputFolder``.
+
+    Returns
+    -------
+    list of ItemOutcome
+        One per large-image item: ``done``, ``skipped`` (already done with
+        the same parameters) or ``failed`` (with the error).
+
+    Raises
+    ------
+    DSAError
+        The folder does not exist or the server cannot be reached at the start.
+    """
+    if params.analysis not in ANALYSES:
+        raise NucleusModelsError(
+            f"unknown analysis {params.analysis!r}; available: {', '.join(ANALYSES)}"
+        )
+    phash = params.params_hash()  # unknown model fails here, before any item
+    key = params.key()
+    try:
+        folder = client.get(f"folder/{params.inputFolder}")
+    except GirderRequestError as exc:
+        raise DSAError(f"folder {params.inputFolder!r} not found: {exc}") from None
+    items = _large_images(client, folder["_id"])
+    log.info("folder %s: %d large image(s), analysis %s", folder["name"], len(items), key)
+    report = progress or (lambda f: None)
+    outcomes: list[ItemOutcome] = []
+    for i, item in enumerate(items):
+        label = f"item {i + 1}/{len(items)} {item['name']!r}"
+
+        def sub(frac: float, i: int = i) -> None:
+            report((i + min(max(frac, 0.0), 1.0) * 0.95) / max(len(items), 1))
+
+        try:
+            rec = None if params.force else _done_record(client, item, key, phash)
+            if rec is not None:
+                scores = rec.get("scores") or {}
+                outcome = ItemOutcome(
+                    item["_id"],
+                    item["name"],
+                    "skipped",
+                    annotation_id=rec["annotation_id"],
+                    nuclei_count=scores.get("nuclei_count"),
+                    scores=scores,
+                )
+            else:
+                outcome = _process(client, params, item, phash, workdir, sub)
+        except Exception as exc:  # one slide's failure never stops the job
+            msg = " ".join(redact(exc).split())[:500] or type(exc).__name__
+            log.warning("%s failed: %s", label, msg)
+            _record_failure(client, item, key, phash, msg)
+            outcome = ItemOutcome(item["_id"], item["name"], "failed", error=msg)
+        outcomes.append(outcome)
+        log.info("%s: %s %s", label, outcome.status, outcome.nuclei_count or "")
+        report((i + 1) / max(len(items), 1))
+    # late copies of a push whose answer was lost may arrive after it: sweep once more
+    for o in outcomes:
+        if o.status in ("done", "skipped"):
+            try:
+                dedupe(client, o.item_id, key, o.annotation_id)
+            except DSAError as exc:
+                log.warning("item %s: final check failed: %s", o.item_id, exc)
+    fid = upload_summary(
+        client, folder["_id"], summary_name(key), _summary_csv(outcomes, params, phash)
+    )
+    log.info(
+        "summary %s (file %s): %s",
+        summary_name(key),
+        fid,
+        ", ".join(
+            f"{s} {sum(o.status == s for o in outcomes)}" for s in ("done", "skipped", "failed")
+        ),
+    )
+    return outcomes

@@ -1,0 +1,396 @@
+"""nucleus_models.dsa against a real Girder 5 server (large_image + annotation plugins).
+
+The server runs from ``.venv-girder`` (``make setup-girder``; missing = failure)
+on 127.0.0.1. Pushes are read back and compared; faults: 500 and lost answers
+mid-push, a server that hangs (SIGSTOP/SIGCONT) mid-push and mid-folder-job,
+dropped connections, the folder job killed and re-run, a rejected document.
+Afterwards every item must hold exactly one annotation per analysis, with
+metadata that names it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import requests
+from conftest import disk_centres, draw_disks, write_pyramidal_tiff
+from girder_server import (
+    GirderServer,
+    assert_consistent,
+    create_folder,
+    summary_rows,
+    upload_slide,
+)
+
+from nucleus_models.dsa import (
+    AnnotationRejected,
+    FolderJobParams,
+    RetryPolicy,
+    connect,
+    find_annotations,
+    push_annotation,
+    read_record,
+    run_folder_job,
+    write_record,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "samples" / "CMU-1-Small-Region-crop.tif"
+KEY = "NucleusDetection"
+DONE2 = [("cmu.tif", "done"), ("disks0.tif", "done")]
+
+
+@pytest.fixture(scope="module")
+def girder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GirderServer]:
+    server = GirderServer(tmp_path_factory.mktemp("girder"))
+    try:
+        server.start()
+        server.setup_admin()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def slides(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("dsa-slides")
+    out = {"cmu": SAMPLE}
+    for i in range(3):
+        c = disk_centres(400, 320, (128,), radius=6.0) + i
+        out[f"disks{i}"] = write_pyramidal_tiff(
+            root / f"disks{i}.tif", draw_disks(400, 320, c, 6.0), mpp=0.5
+        )
+    out["white"] = write_pyramidal_tiff(
+        root / "white.tif", np.full((256, 256, 3), 250, np.uint8), mpp=0.5
+    )
+    return out
+
+
+def _client(girder: GirderServer, **policy: Any) -> Any:
+    return connect(girder.api_url, girder.token, retry=RetryPolicy(**policy) if policy else None)
+
+
+def _folder(
+    girder: GirderServer, slides: dict[str, Path], names: list[str], label: str
+) -> dict[str, Any]:
+    gc = girder.client()
+    folder = create_folder(gc, f"{label}-{time.monotonic_ns()}")
+    for n in names:
+        upload_slide(gc, folder["_id"], slides[n], name=f"{n}.tif")
+    return folder
+
+
+def _item(girder: GirderServer, label: str) -> str:
+    folder = _folder(girder, {"cmu": SAMPLE}, ["cmu"], label)
+    return str(next(iter(girder.client().listItem(folder["_id"])))["_id"])
+
+
+def _detect(tmp: Path, *args: str) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "cli", "NucleusDetection", str(SAMPLE), str(tmp / "n.anot")]
+    res = subprocess.run([*cmd, *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    return json.loads((tmp / "n.anot").read_text())
+
+
+# ------------------------------------------------------------------- push
+def test_nucleus_detection_pushed_and_read_back(girder: GirderServer, tmp_path: Path) -> None:
+    item_id = _item(girder, "readback")
+    doc = _detect(tmp_path, "--analysis_roi", "0,0,512,512")
+    client = _client(girder)
+    res = push_annotation(client, item_id, doc, analysis_key=KEY)
+    assert res.element_count == len(doc["elements"]) > 50
+    back = client.get(f"annotation/{res.annotation_id}")["annotation"]
+    assert back["name"] == doc["name"] and len(back["elements"]) == len(doc["elements"])
+    for mine, theirs in zip(doc["elements"], back["elements"], strict=True):
+        assert theirs.pop("id")
+        assert np.allclose(np.array(theirs.pop("points")), np.array(mine["points"]))
+        assert theirs == {k: v for k, v in mine.items() if k != "points"}
+    rec = back["attributes"].pop("nucleus_models")
+    assert rec["analysis_key"] == KEY and rec["push_id"]
+    assert back["attributes"] == doc["attributes"]
+    # a HistomicsUI region query returns the elements whose box meets the region
+    region = {"left": 100, "top": 100, "right": 300, "bottom": 250}
+    got = client.get(f"annotation/{res.annotation_id}", region)["annotation"]["elements"]
+    boxes = [np.array(e["points"])[:, :2] for e in doc["elements"]]
+    inside = [b for b in boxes if b[:, 0].min() >= 100 and b[:, 0].max() < 300]
+    inside = [b for b in inside if b[:, 1].min() >= 100 and b[:, 1].max() < 250]
+    assert len(inside) <= len(got) < len(doc["elements"])
+    for e in got:
+        p = np.array(e["points"])
+        assert p[:, 0].max() >= 100 and p[:, 0].min() <= 300
+        assert p[:, 1].max() >= 100 and p[:, 1].min() <= 250
+
+
+def _point_doc(n: int, name: str = "Nuclei (test)", seed: int = 0) -> dict[str, Any]:
+    xy = np.random.default_rng(seed).uniform(0, 1000, (n, 2)).round(1).tolist()
+    els = [{"type": "point", "center": [x, y, 0], "group": "nucleus"} for x, y in xy]
+    return {"name": name, "elements": els, "attributes": {"software": "nucleus-models"}}
+
+
+def test_push_replaces_without_duplicates(girder: GirderServer) -> None:
+    item_id = _item(girder, "replace")
+    client = _client(girder)
+    hand = client.post(
+        "annotation", {"itemId": item_id}, json=_point_doc(2, "Nuclei (test)") | {"attributes": {}}
+    )
+    legacy = client.post(
+        "annotation", {"itemId": item_id}, json=_point_doc(3)
+    )  # .anot from the CLI
+    first = push_annotation(client, item_id, _point_doc(10), analysis_key=KEY)
+    assert first.replaced == [legacy["_id"]]
+    second = push_annotation(client, item_id, _point_doc(20, seed=1), analysis_key=KEY)
+    other = push_annotation(client, item_id, _point_doc(5), analysis_key="Other")
+    assert second.replaced == [first.annotation_id] and other.replaced == []
+    ids = {a["_id"]: a["_elementCount"] for a in client.get("annotation", {"itemId": item_id})}
+    assert ids == {hand["_id"]: 2, second.annotation_id: 20, other.annotation_id: 5}
+
+
+def test_metadata_is_namespaced(girder: GirderServer) -> None:
+    item_id = _item(girder, "meta")
+    client = _client(girder)
+    client.addMetadataToItem(item_id, {"stain": "HE"})
+    write_record(
+        client, item_id, KEY, {"status": "done", "scores": {"a.b": 1.0, "nan": float("nan")}}
+    )
+    write_record(client, item_id, "Other", {"status": "done"})
+    meta = client.getItem(item_id)["meta"]
+    assert meta["stain"] == "HE" and set(meta["nucleus_models"]) == {KEY, "Other"}
+    assert meta["nucleus_models"][KEY]["scores"] == {"a_b": 1.0, "nan": None}
+
+
+def test_5xx_and_lost_answers_mid_push_leave_one_annotation(girder: GirderServer) -> None:
+    item_id = _item(girder, "faults")
+    client = _client(girder, attempts=4, backoff=0.05)
+    real_post = client._session.post
+    calls: list[str] = []
+
+    def flaky(mode: str) -> Any:
+        def post(url: str, *args: Any, **kwargs: Any) -> Any:
+            if url.endswith("/annotation") and not calls:
+                calls.append(mode)
+                if mode == "500":  # the server fails before storing anything
+                    resp = requests.Response()
+                    resp.status_code, resp.url = 500, url
+                    resp._content = b'{"message": "injected failure", "type": "internal"}'
+                    return resp
+                real_post(url, *args, **kwargs)  # stored, but the answer is lost
+                raise requests.ConnectionError("connection dropped after the request was sent")
+            return real_post(url, *args, **kwargs)
+
+        return post
+
+    for mode in ("500", "lost answer"):
+        calls.clear()
+        client._session.post = flaky(mode)
+        res = push_annotation(client, item_id, _point_doc(50, seed=len(mode)), analysis_key=KEY)
+        assert calls == [mode]
+        anns = find_annotations(client, item_id, KEY)
+        assert [a["_id"] for a in anns] == [res.annotation_id], mode
+    client._session.post = real_post
+
+
+def test_server_hanging_mid_push(girder: GirderServer) -> None:
+    item_id = _item(girder, "hang")
+    client = _client(girder, attempts=8, backoff=0.3, read_timeout=1.0, connect_timeout=1.0)
+    girder.pause()
+    timer = threading.Timer(3.0, girder.resume)
+    timer.start()
+    try:
+        res = push_annotation(client, item_id, _point_doc(200), analysis_key=KEY)
+    finally:
+        timer.join()
+        girder.resume()
+    time.sleep(1.0)
+    assert res.seconds > 2.5  # it waited the pause out
+    assert [a["_id"] for a in find_annotations(client, item_id, KEY)] == [res.annotation_id]
+
+
+def test_rejected_document_names_the_element_and_stores_nothing(girder: GirderServer) -> None:
+    item_id = _item(girder, "reject")
+    client = _client(girder)
+    good = push_annotation(client, item_id, _point_doc(10), analysis_key=KEY)
+    bad = _point_doc(10, seed=3)
+    bad["elements"][3]["lineColor"] = "not-a-colour"
+    with pytest.raises(AnnotationRejected) as info:
+        push_annotation(client, item_id, bad, analysis_key=KEY)
+    msg = str(info.value)
+    assert "element 3 (point)" in msg and "lineColor" in msg and "not-a-colour" in msg, msg
+    bad["elements"][3] = {"type": "point", "center": [1, float("inf"), 0]}
+    with pytest.raises(AnnotationRejected, match=r"element 3 \(point\): center"):
+        push_annotation(client, item_id, bad, analysis_key=KEY)
+    anns = client.get("annotation", {"itemId": item_id})
+    assert [(a["_id"], a["_elementCount"]) for a in anns] == [(good.annotation_id, 10)]
+
+
+# ------------------------------------------------------------- folder job
+def test_folder_job_runs_skips_replaces_and_records_failures(
+    girder: GirderServer, slides: dict[str, Path]
+) -> None:
+    folder = _folder(girder, slides, ["disks0", "white", "cmu"], "job")
+    client = _client(girder)
+    fractions: list[float] = []
+    params = FolderJobParams(inputFolder=folder["_id"], nuclei_annotation_format="point")
+    out = {o.item_name: o for o in run_folder_job(client, params, progress=fractions.append)}
+    assert [(k, o.status) for k, o in out.items()] == [*DONE2, ("white.tif", "failed")]
+    assert "no tissue" in out["white.tif"].error and fractions[-1] == 1.0
+    assert fractions == sorted(fractions)
+    recs = assert_consistent(client, folder["_id"])
+    assert recs["white.tif"]["status"] == "failed" and "no tissue" in recs["white.tif"]["error"]
+    assert recs["cmu.tif"]["provenance"]["params"]["inputImageFile"] == SAMPLE.name
+    rows = summary_rows(client, folder["_id"])
+    assert [(r["item_name"], r["status"]) for r in rows] == [*DONE2, ("white.tif", "failed")]
+    assert int(rows[0]["nuclei_count"]) == recs["cmu.tif"]["element_count"] > 100
+    # same analysis, model and parameters: skipped; the failure is tried again
+    again = {o.item_name: o.status for o in run_folder_job(client, params)}
+    assert again == {"cmu.tif": "skipped", "disks0.tif": "skipped", "white.tif": "failed"}
+    rows = summary_rows(client, folder["_id"])
+    assert [r["status"] for r in rows] == ["skipped", "skipped", "failed"]
+    # other parameters: redone, and the annotations are replaced, not added
+    changed = FolderJobParams(inputFolder=folder["_id"], nuclei_annotation_format="box")
+    assert [o.status for o in run_folder_job(client, changed)] == ["done", "done", "failed"]
+    recs2 = assert_consistent(client, folder["_id"])
+    assert recs2["cmu.tif"]["annotation_id"] != recs["cmu.tif"]["annotation_id"]
+    assert recs2["cmu.tif"]["params_hash"] != recs["cmu.tif"]["params_hash"]
+
+
+def test_folder_job_survives_a_paused_server_and_dropped_connections(
+    girder: GirderServer, slides: dict[str, Path]
+) -> None:
+    folder = _folder(girder, slides, ["disks0", "disks1", "disks2"], "pause")
+    client = _client(girder, attempts=10, backoff=0.2, read_timeout=1.5, connect_timeout=1.5)
+    paused = threading.Event()
+
+    def progress(frac: float) -> None:  # pause the server for 4 s once the first slide is in
+        if frac >= 1 / 3 and not paused.is_set():
+            paused.set()
+            girder.pause()
+            threading.Timer(4.0, girder.resume).start()
+
+    real = client._session.request
+    count = iter(range(10_000))
+    dropped: list[str] = []
+
+    def dropping(method: str, url: str, *args: Any, **kwargs: Any) -> Any:
+        resp = real(method, url, *args, **kwargs)
+        if next(count) % 7 == 6:  # every 7th answer is lost after the server acted
+            dropped.append(f"{method} {url.split('/api/v1/')[-1]}")
+            raise requests.ConnectionError("connection dropped")
+        return resp
+
+    for verb in ("get", "post", "put", "delete"):
+        setattr(client._session, verb, lambda url, _v=verb, **kw: dropping(_v.upper(), url, **kw))
+    try:
+        params = FolderJobParams(inputFolder=folder["_id"], nuclei_annotation_format="point")
+        outcomes = run_folder_job(client, params, progress=progress)
+    finally:
+        girder.resume()
+        for verb in ("get", "post", "put", "delete"):
+            client._session.__dict__.pop(verb, None)
+    assert paused.is_set() and [o.status for o in outcomes] == ["done"] * 3
+    assert any(d.startswith("POST annotation") for d in dropped) or len(dropped) >= 5, dropped
+    time.sleep(1.0)
+    assert_consistent(_client(girder), folder["_id"])
+    assert len(summary_rows(_client(girder), folder["_id"])) == 3
+
+
+def _cron(girder: GirderServer, folder_id: str, *extra: str) -> subprocess.Popen[str]:
+    env = {**os.environ, "GIRDER_TOKEN": girder.token, "NUCLEUS_LOG_LEVEL": "INFO"}
+    cmd = [sys.executable, "-m", "nucleus_models.dsa", "folder-job", "--api-url", girder.api_url]
+    cmd += ["--folder", folder_id, "--format", "point", *extra]
+    pipe = subprocess.PIPE
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=pipe, stderr=pipe, text=True)
+
+
+def test_folder_job_killed_and_rerun(girder: GirderServer, slides: dict[str, Path]) -> None:
+    folder = _folder(girder, slides, ["disks0", "disks1", "disks2", "cmu"], "kill")
+    proc = _cron(girder, folder["_id"])
+    pushed = 0
+    log: list[str] = []
+    watchdog = threading.Timer(180, proc.kill)
+    watchdog.start()
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:  # kill it right after the second slide's push
+            log.append(line)
+            pushed += "pushed" in line
+            if pushed == 2:
+                break
+    finally:
+        watchdog.cancel()
+        proc.kill()
+        proc.wait(timeout=30)
+    assert pushed == 2, "".join(log)
+    client = _client(girder)
+    cmu = next(i for i in client.listItem(folder["_id"]) if i["name"] == "cmu.tif")
+    first = read_record(client, cmu["_id"], KEY)
+    assert first and first["status"] == "done"
+    assert [a["_id"] for a in find_annotations(client, cmu["_id"], KEY)] == [first["annotation_id"]]
+    rerun = _cron(girder, folder["_id"], "--strict")
+    out, err = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, err
+    assert out == "" and "0 failed" in err, err
+    after = assert_consistent(client, folder["_id"])
+    assert after["cmu.tif"]["annotation_id"] == first["annotation_id"]
+    assert all(r and r["status"] == "done" for r in after.values())
+    assert {r["status"] for r in summary_rows(client, folder["_id"])} == {"done", "skipped"}
+
+
+def _slicer(girder: GirderServer, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "cli", "NucleusFolderJob", *args, "--api-url", girder.api_url],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_slicer_cli_folder_job_reports_progress_and_never_shows_the_token(
+    girder: GirderServer, slides: dict[str, Path]
+) -> None:
+    folder = _folder(girder, slides, ["disks1", "white"], "slicer")
+    res = _slicer(
+        girder, folder["_id"], "--girder-token", girder.token, "--analysis_roi", "0,0,300,300"
+    )
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert lines[0].startswith("<filter-start>") and lines[-1].startswith("<filter-end>")
+    assert "<filter-progress>1.0000</filter-progress>" in lines
+    assert all(ln.startswith("<filter-") for ln in lines)
+    client = _client(girder)
+    recs = assert_consistent(client, folder["_id"])
+    assert recs["disks1.tif"]["status"] == "done" and recs["white.tif"]["status"] == "failed"
+    everything = [res.stdout, res.stderr, json.dumps(recs)]
+    for item in client.listItem(folder["_id"]):
+        everything += [json.dumps(a) for a in client.get("annotation", {"itemId": item["_id"]})]
+    everything.append(json.dumps(summary_rows(client, folder["_id"])))
+    assert not any(girder.token in text for text in everything)
+
+
+@pytest.mark.parametrize("case", ["unknown folder", "bad token"])
+def test_slicer_cli_bad_input(girder: GirderServer, case: str) -> None:
+    args, expected = {
+        "unknown folder": (
+            ["0123456789abcdef01234567", "--girder-token", girder.token],
+            "not found",
+        ),
+        "bad token": (
+            ["0123456789abcdef01234567", "--girder-token", "nope-0123456789"],
+            "not accepted",
+        ),
+    }[case]
+    res = _slicer(girder, *args)
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.returncode == 2, res.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], res.stderr
+    assert girder.token not in res.stderr + res.stdout

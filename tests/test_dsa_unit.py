@@ -1,0 +1,263 @@
+"""nucleus_models.dsa without Girder: retries with backoff, time-outs, dropped
+connections and token redaction, against a tiny HTTP server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from nucleus_models.dsa import (
+    AnnotationRejected,
+    AuthenticationError,
+    DSAClient,
+    FolderJobParams,
+    GirderRequestError,
+    GirderUnavailable,
+    RetryPolicy,
+    connect,
+    install_log_redaction,
+    redact,
+)
+from nucleus_models.dsa.annotations import check_elements
+
+REPO = Path(__file__).resolve().parents[1]
+TOKEN = "tok3nSECRETvalue0123456789abcdef"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    counts: Counter[str] = Counter()
+
+    def log_message(self, *args: object) -> None:  # keep pytest output clean
+        pass
+
+    def _send(self, status: int, body: object) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:  # noqa: N802
+        path = self.path.split("?")[0].removeprefix("/api/v1/")
+        n = self.counts[path] = self.counts[path] + 1
+        token = self.headers.get("Girder-Token", "")
+        if path == "user/me":
+            if token == TOKEN:
+                self._send(200, {"login": "ada"})
+            elif token:
+                self._send(401, {"message": f"Invalid token {token}", "type": "access"})
+            else:
+                self._send(200, None)
+        elif path == "flaky":  # two 5xx, then fine
+            self._send(503 if n <= 2 else 200, {"n": n})
+        elif path == "always500":
+            self._send(500, {"message": "boom"})
+        elif path == "slow":  # the first answer comes too late
+            time.sleep(1.5 if n == 1 else 0)
+            self._send(200, {"n": n})
+        elif path == "drop":  # the first connection is closed without an answer
+            if n == 1:
+                self.close_connection = True
+                self.connection.shutdown(2)
+                return
+            self._send(200, {"n": n})
+        elif path == "echo400":
+            self._send(400, {"message": f"bad request with token={token}", "type": "validation"})
+        else:
+            self._send(404, {"message": "no such route"})
+
+    def do_DELETE(self) -> None:  # noqa: N802
+        path = self.path.split("?")[0].removeprefix("/api/v1/")
+        n = self.counts[path] = self.counts[path] + 1
+        if path == "annotation/lost" and n == 1:  # deleted, but the answer is lost
+            self.close_connection = True
+            self.connection.shutdown(2)
+            return
+        self._send(400, {"message": "Invalid annotation id", "type": "rest"})
+
+
+@pytest.fixture()
+def server() -> Iterator[str]:
+    _Handler.counts = Counter()
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.1})
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/api/v1"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=10)
+
+
+def _client(url: str, sleeps: list[float], **policy: float) -> DSAClient:
+    kw = {"attempts": 4, "backoff": 0.2, "read_timeout": 5.0, **policy}
+    return DSAClient(url, TOKEN, retry=RetryPolicy(**kw), sleep=sleeps.append)  # type: ignore[arg-type]
+
+
+def test_5xx_is_retried_with_growing_backoff(server: str) -> None:
+    sleeps: list[float] = []
+    assert _client(server, sleeps).get("flaky") == {"n": 3}
+    assert _Handler.counts["flaky"] == 3
+    assert len(sleeps) == 2
+    assert 0.1 <= sleeps[0] <= 0.2 and 0.2 <= sleeps[1] <= 0.4  # 0.2 * 2**k, jitter in [0.5, 1]
+
+
+def test_gives_up_after_the_attempts_with_one_line_error(server: str) -> None:
+    sleeps: list[float] = []
+    with pytest.raises(GirderUnavailable) as info:
+        _client(server, sleeps, attempts=3).get("always500")
+    assert _Handler.counts["always500"] == 3 and len(sleeps) == 2
+    msg = str(info.value)
+    assert "failed 3 time(s)" in msg and "HTTP 500" in msg and "\n" not in msg
+    assert TOKEN not in msg
+
+
+def test_time_out_is_retried(server: str) -> None:
+    sleeps: list[float] = []
+    t0 = time.monotonic()
+    assert _client(server, sleeps, read_timeout=0.3).get("slow") == {"n": 2}
+    assert time.monotonic() - t0 < 1.4 and len(sleeps) == 1
+
+
+def test_dropped_connection_is_retried(server: str) -> None:
+    sleeps: list[float] = []
+    assert _client(server, sleeps).get("drop") == {"n": 2}
+    assert len(sleeps) == 1
+
+
+def test_delete_retried_after_a_lost_answer_is_idempotent(server: str) -> None:
+    sleeps: list[float] = []
+    client = _client(server, sleeps)
+    assert client.sendRestRequest("DELETE", "annotation/lost") is None  # 2nd try: 400 = gone
+    assert _Handler.counts["annotation/lost"] == 2
+    with pytest.raises(GirderRequestError):  # a first-try 400 is a real error
+        client.sendRestRequest("DELETE", "annotation/other")
+
+
+def test_4xx_is_not_retried_and_the_token_is_redacted(server: str) -> None:
+    sleeps: list[float] = []
+    with pytest.raises(GirderRequestError) as info:
+        _client(server, sleeps).get("echo400")
+    assert info.value.status == 400 and _Handler.counts["echo400"] == 1 and not sleeps
+    assert TOKEN not in str(info.value) and TOKEN not in info.value.text
+    assert "token=***" in str(info.value)
+
+
+def test_connect_checks_the_token(server: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("GIRDER_TOKEN", raising=False)
+    with pytest.raises(AuthenticationError, match="GIRDER_TOKEN"):
+        connect(server)
+    with pytest.raises(AuthenticationError, match="not accepted") as info:
+        connect(server, "wrong-token-0123456789")
+    assert "wrong-token-0123456789" not in str(info.value)
+    monkeypatch.setenv("GIRDER_TOKEN", TOKEN)
+    assert connect(server).token == TOKEN
+
+
+def test_unreachable_server_fails_fast() -> None:
+    from girder_server import free_port
+
+    url = f"http://127.0.0.1:{free_port()}/api/v1"
+    t0 = time.monotonic()
+    with pytest.raises(GirderUnavailable, match="connection failed"):
+        connect(url, TOKEN, retry=RetryPolicy(backoff=0.05))
+    assert time.monotonic() - t0 < 10
+
+
+def test_redact_removes_tokens_everywhere() -> None:
+    DSAClient("http://127.0.0.1:1/api/v1", TOKEN)  # registers the token
+    text = f"GET /x?token={TOKEN}&a=1 Girder-Token: {TOKEN} {{'girderToken': '{TOKEN}'}}"
+    assert TOKEN not in redact(text) and redact(text).count("***") >= 3
+    assert redact("token=abcdef123456&x=1") == "token=***&x=1"
+    assert redact("--girderToken abcdefgh12345") == "--girderToken ***"
+
+
+def test_log_handlers_redact_every_logger() -> None:
+    DSAClient("http://127.0.0.1:1/api/v1", TOKEN)
+    buf = io.StringIO()
+    root = logging.getLogger("test_dsa_unit_redaction")
+    handler = logging.StreamHandler(buf)
+    root.addHandler(handler)
+    root.propagate = False
+    try:
+        install_log_redaction(root)
+        root.warning("request with %s failed", TOKEN)
+        logging.getLogger("test_dsa_unit_redaction.child").warning("url ?token=%s", TOKEN)
+    finally:
+        root.removeHandler(handler)
+    out = buf.getvalue()
+    assert TOKEN not in out and out.count("***") == 2
+
+
+def test_check_elements_names_the_bad_element() -> None:
+    good = {"type": "point", "center": [1.0, 2.0, 0]}
+    check_elements([good, {"type": "polyline", "points": [[0, 0, 0], [1, 1, 0]]}])
+    with pytest.raises(AnnotationRejected, match=r"element 2 \(point\): center"):
+        check_elements([good, good, {"type": "point", "center": [1.0, float("nan"), 0]}])
+    with pytest.raises(AnnotationRejected, match=r"element 1 \(polyline\): point 1"):
+        check_elements([good, {"type": "polyline", "points": [[0, 0, 0], [1, "a", 0]]}])
+    with pytest.raises(AnnotationRejected, match="element 0 has unknown type 'blob'"):
+        check_elements([{"type": "blob"}])
+
+
+def test_params_hash_and_token_never_in_provenance() -> None:
+    a = FolderJobParams(inputFolder="f", girderToken=TOKEN)
+    assert a.params_hash() == FolderJobParams(inputFolder="g").params_hash()  # not the folder
+    assert a.params_hash() != FolderJobParams(inputFolder="f", min_radius=3).params_hash()
+    assert (
+        a.params_hash()
+        != FolderJobParams(inputFolder="f", model="histomicstk-kofahi").params_hash()
+    )
+    assert TOKEN not in repr(a) and TOKEN not in json.dumps(a.public())
+
+
+def _cron(*args: str, token: str | None = TOKEN) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "GIRDER_TOKEN"}
+    if token:
+        env["GIRDER_TOKEN"] = token
+    return subprocess.run(
+        [sys.executable, "-m", "nucleus_models.dsa", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["unreachable", "bad token", "no token", "bad url", "missing folder arg"],
+)
+def test_cron_bad_input_one_line_error(case: str, server: str) -> None:
+    from girder_server import free_port
+
+    dead = f"http://127.0.0.1:{free_port()}/api/v1"
+    args, token, expected = {
+        "unreachable": (["--api-url", dead, "--folder", "x", "--retries", "2"], TOKEN, "failed"),
+        "bad token": (["--api-url", server, "--folder", "x"], "nope-0123456789", "not accepted"),
+        "no token": (["--api-url", server, "--folder", "x"], None, "GIRDER_TOKEN"),
+        "bad url": (["--api-url", "ftp://x", "--folder", "x"], TOKEN, "http://"),
+        "missing folder arg": (["--api-url", server], TOKEN, "--folder"),
+    }[case]
+    res = _cron("folder-job", *args, token=token)
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.returncode == 2, res.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], res.stderr
+    assert res.stdout == ""
+    assert TOKEN not in res.stderr
