@@ -6,7 +6,6 @@ import json
 import logging
 import platform
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -185,7 +184,8 @@ def _card_markdown(
         f"- Training data: {cfg.get('card', {}).get('data', cfg['data']['dataset'])}",
         f"- Training command: `{meta['command']}`",
         f"- Training: {meta['steps']} steps, batch {cfg['train']['batch_size']}, patch {cfg['train']['patch_size']} px, "
-        f"{meta['seconds'] / 60:.1f} min on {meta['hardware']}",
+        f"{meta['seconds'] / 60:.1f} min on {meta['hardware']} "
+        f"(cross-validation folds: {meta.get('cv_seconds', 0) / 60:.1f} min more)",
         f"- Thresholds: fg_threshold {spec['thresholds']['fg_threshold']}, seed_threshold {spec['thresholds']['seed_threshold']}, "
         f"min_area {spec['thresholds']['min_area']} px",
         f"- Weights: `{spec['weights']}`, sha256 `{spec['sha256']}` (loaded with weights_only=True after a checksum check)",
@@ -207,6 +207,13 @@ def _card_markdown(
             "",
         ]
     return "\n".join(lines)
+
+
+def _trained_seconds(ckpt: Path) -> float:
+    import torch
+
+    hist = torch.load(ckpt, map_location="cpu", weights_only=True).get("history", [])
+    return float(hist[-1]["seconds"]) if hist else 0.0
 
 
 def train_from_config(
@@ -233,11 +240,12 @@ def train_from_config(
     images = _images(cfg)
     if not images:
         raise ValueError(f"no training images with labels under {cfg['data']['root']}")
-    t0 = time.perf_counter()
     cv = None if skip_cv else cross_validate(cfg, images, out / "cv", resume=resume)
-    t_cv = time.perf_counter() - t0
     ckpt = train_unet(cfg, images, out / "final", steps=steps, resume=resume)
-    seconds = time.perf_counter() - t0
+    # training time from the checkpoints' own logs (exact also when a later
+    # invocation only resumed finished runs to re-tune or export)
+    seconds = _trained_seconds(ckpt)
+    t_cv = sum(_trained_seconds(p) for p in sorted((out / "cv").glob("fold*/checkpoint.pt")))
     import torch
 
     from nucleus_models.models.unet import build_unet
