@@ -50,7 +50,7 @@ class DetectionParams:
 
     inputImageFile: str
     outputNucleiAnnotationFile: str | None = None
-    model: str = "classical-he"
+    model: str = "unet-monuseg"
     analysis_roi: list[float] = field(default_factory=lambda: [-1.0, -1.0, -1.0, -1.0])
     input_mpp: float = -1.0
     nuclei_annotation_format: str = "polygon"

@@ -112,7 +112,13 @@ def _outputs(out: Path) -> list[str]:
 def test_end_to_end_on_cmu_small_region(shared_data: Path, tmp_path: Path) -> None:
     slide = shared_data / "wsi" / "CMU-1-Small-Region.svs"
     res = run_cli(
-        "NucleusDetection", str(slide), *_outputs(tmp_path), "--analysis_roi", "500,600,1024,1024"
+        "NucleusDetection",
+        str(slide),
+        *_outputs(tmp_path),
+        "--model",
+        "classical-he",
+        "--analysis_roi",
+        "500,600,1024,1024",
     )
     assert res.returncode == 0, res.stderr
     assert "<filter-progress>1.0000</filter-progress>" in res.stdout
@@ -133,7 +139,15 @@ def test_end_to_end_on_monuseg_image_finds_the_annotated_nuclei(
     ds = get_dataset("monuseg", shared_data / "monuseg2018" / "train")
     sample = ds.load(ds.ids()[0])
     image = next((shared_data / "monuseg2018" / "train" / "images").glob(f"{sample.id}.tif"))
-    res = run_cli("NucleusDetection", str(image), *_outputs(tmp_path), "--input_mpp", "0.25")
+    res = run_cli(
+        "NucleusDetection",
+        str(image),
+        *_outputs(tmp_path),
+        "--model",
+        "classical-he",
+        "--input_mpp",
+        "0.25",
+    )
     assert res.returncode == 0, res.stderr
     doc = _check_outputs(tmp_path, min_nuclei=150)
     rows = _csv_rows(tmp_path / "n.csv")
@@ -153,6 +167,8 @@ def test_point_and_box_forms(tmp_path: Path) -> None:
             "NucleusDetection",
             str(sample),
             str(out),
+            "--model",
+            "classical-he",
             "--nuclei_annotation_format",
             form,
             "--analysis_roi",

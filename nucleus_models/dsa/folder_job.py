@@ -70,7 +70,7 @@ class FolderJobParams:
     analysis: str = "NucleusDetection"
     analysis_key: str = ""
     force: bool = False
-    model: str = "classical-he"
+    model: str = "unet-monuseg"
     analysis_roi: list[float] = field(default_factory=lambda: [-1.0, -1.0, -1.0, -1.0])
     input_mpp: float = -1.0
     nuclei_annotation_format: str = "polygon"
