@@ -162,3 +162,28 @@ def test_percentile_normalisation_treats_single_channel_fluorescence_as_grey() -
     )
     rgb = normalise_tile(grey, "rgb")
     assert rgb.shape == (3, 40, 40) and rgb.min() >= -0.5 and rgb.max() <= 0.5
+
+
+def test_inference_fusion_keeps_the_outputs() -> None:
+    """Conv+BN folding and channels-last memory change speed, not results."""
+    import copy
+
+    import torch
+
+    from nucleus_models.models.unet import build_unet, fuse_for_inference
+
+    torch.manual_seed(0)
+    net = build_unet(base=8, depth=3)
+    with torch.no_grad():  # non-trivial BN statistics
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    net.eval()
+    fused = fuse_for_inference(copy.deepcopy(net)).to(memory_format=torch.channels_last)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    x = torch.randn(2, 3, 64, 48)
+    with torch.inference_mode():
+        torch.testing.assert_close(
+            fused(x.to(memory_format=torch.channels_last)), net(x), atol=1e-4, rtol=1e-4
+        )
