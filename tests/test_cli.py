@@ -77,6 +77,16 @@ def _csv_rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(ln for ln in f if not ln.startswith("#")))
 
 
+def _hit_rates(csv_path: Path, labels: np.ndarray) -> tuple[float, float]:
+    """(share of true nuclei holding a detected centroid, share of centroids inside a nucleus)."""
+    rows = _csv_rows(csv_path)
+    xy = np.array([[float(r["x"]), float(r["y"])] for r in rows]).astype(int)
+    h, w = labels.shape
+    hit = labels[np.clip(xy[:, 1], 0, h - 1), np.clip(xy[:, 0], 0, w - 1)]
+    recall = len(np.unique(hit[hit > 0])) / len(np.unique(labels[labels > 0]))
+    return recall, float(np.mean(hit > 0))
+
+
 def _check_outputs(out: Path, min_nuclei: int) -> dict:
     doc = json.loads((out / "n.anot").read_text())
     validate_annotation(doc)
@@ -150,11 +160,7 @@ def test_end_to_end_on_monuseg_image_finds_the_annotated_nuclei(
     )
     assert res.returncode == 0, res.stderr
     doc = _check_outputs(tmp_path, min_nuclei=150)
-    rows = _csv_rows(tmp_path / "n.csv")
-    xy = np.array([[float(r["x"]), float(r["y"])] for r in rows]).astype(int)
-    hit = sample.labels[np.clip(xy[:, 1], 0, 999), np.clip(xy[:, 0], 0, 999)]
-    recall = len(np.unique(hit[hit > 0])) / len(np.unique(sample.labels[sample.labels > 0]))
-    precision = float(np.mean(hit > 0))
+    recall, precision = _hit_rates(tmp_path / "n.csv", sample.labels)
     assert recall > 0.5 and precision > 0.6, (recall, precision)
     assert doc["attributes"]["slide"]["mpp_source"] == "override"
 
@@ -292,11 +298,7 @@ def test_learned_model_finds_the_annotated_nuclei(
         doc["attributes"]["model"]["name"] == model
         and len(doc["attributes"]["model"]["sha256"]) == 64
     )
-    rows = _csv_rows(tmp_path / "n.csv")
-    xy = np.array([[float(r["x"]), float(r["y"])] for r in rows]).astype(int)
-    hit = sample.labels[np.clip(xy[:, 1], 0, 999), np.clip(xy[:, 0], 0, 999)]
-    recall = len(np.unique(hit[hit > 0])) / len(np.unique(sample.labels[sample.labels > 0]))
-    precision = float(np.mean(hit > 0))
+    recall, precision = _hit_rates(tmp_path / "n.csv", sample.labels)
     assert recall > 0.75 and precision > 0.75, (recall, precision)
 
 

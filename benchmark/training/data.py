@@ -83,16 +83,6 @@ def _resize(img: np.ndarray, scale: float, nearest: bool = False) -> np.ndarray:
     return cv2.resize(img, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
 
 
-def _rgb(image: np.ndarray) -> np.ndarray:
-    from nucleus_models.wsi.slide import _to_uint8_rgb
-
-    if image.dtype != np.uint8:
-        x = image.astype(np.float32)
-        lo, hi = np.percentile(x, 0.5), np.percentile(x, 99.9)
-        image = np.clip((x - lo) / max(hi - lo, 1e-6) * 255, 0, 255).astype(np.uint8)
-    return _to_uint8_rgb(image)
-
-
 def load_training_images(
     dataset: str,
     root: str | Path,
@@ -113,6 +103,7 @@ def load_training_images(
     from PIL import Image
 
     from benchmark.datasets import get_dataset
+    from nucleus_models.wsi.slide import to_rgb_uint8
 
     ds = get_dataset(dataset, root)
     out: list[TrainImage] = []
@@ -122,7 +113,7 @@ def load_training_images(
             continue
         src_mpp = s.mpp or default_mpp or mpp
         scale = src_mpp / mpp
-        img = _resize(_rgb(s.image), scale)
+        img = _resize(to_rgb_uint8(s.image, stretch=True), scale)
         lab = _resize(s.labels.astype(np.int32), scale, nearest=True).astype(np.int32)
         out.append(TrainImage(sid, img, lab, lab > 0, dict(s.groups)))
     if foreground_only_masks is not None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import platform
 import sys
 import time
@@ -25,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from .common import restore_checkpoint, save_checkpoint, warmup_cosine, write_weights
 from .data import TrainImage, augment, sample_patch
 
 __all__ = ["instance_targets", "train_detector", "export", "train_from_config"]
@@ -174,25 +174,13 @@ def train_detector(
         opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=wd)
     else:
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=wd)
-    warm = max(1, int(0.05 * total))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt,
-        lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)),
-    )
+    sched = warmup_cosine(opt, total, warmup_fraction=0.05)
     ckpt = out / "checkpoint.pt"
     step, history = 0, []
     if resume and ckpt.exists():
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-        if state.get("arch") != cfg["arch"]:
-            raise ValueError(f"{ckpt} holds a {state.get('arch')!r} model, not {cfg['arch']!r}")
-        net.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        step = int(state["step"])
-        rng.bit_generator.state = state["numpy_rng"]
-        torch.set_rng_state(state["torch_rng"])
-        history = list(state.get("history", []))
-        log.info("resumed from %s at step %d", ckpt, step)
+        step, history, _ = restore_checkpoint(
+            ckpt, net=net, opt=opt, sched=sched, rng=rng, expect={"arch": cfg["arch"]}
+        )
     net.train()
     every = int(tr.get("checkpoint_every", 250))
     log_every = int(tr.get("log_every", 25))
@@ -235,19 +223,16 @@ def train_detector(
                 )
                 logf.flush()
             if step % every == 0 or step == total:
-                torch.save(
-                    {
-                        "arch": cfg["arch"],
-                        "net_options": _net_options(cfg),
-                        "model": net.state_dict(),
-                        "optimizer": opt.state_dict(),
-                        "scheduler": sched.state_dict(),
-                        "step": step,
-                        "numpy_rng": rng.bit_generator.state,
-                        "torch_rng": torch.get_rng_state(),
-                        "history": history,
-                    },
+                save_checkpoint(
                     ckpt,
+                    net=net,
+                    opt=opt,
+                    sched=sched,
+                    step=step,
+                    rng=rng,
+                    history=history,
+                    arch=cfg["arch"],
+                    net_options=_net_options(cfg),
                 )
     bar.close()
     return ckpt
@@ -262,15 +247,6 @@ _ARCH_TEXT = {
 
 def export(cfg: dict[str, Any], ckpt: Path, weights_dir: Path, meta: dict[str, Any]) -> Path:
     """Write ``<name>.pt`` (state_dict), ``<name>.json`` (card) and ``<name>.md`` (model card)."""
-    import torch
-
-    from nucleus_models.models.base import sha256_of_file
-
-    name = cfg["name"]
-    weights_dir.mkdir(parents=True, exist_ok=True)
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)["model"]
-    pt = weights_dir / f"{name}.pt"
-    torch.save(state, pt)
     m = cfg["model"]
     thresholds: dict[str, float] = {
         "score_threshold": float(m.get("score_threshold", 0.5)),
@@ -279,26 +255,15 @@ def export(cfg: dict[str, Any], ckpt: Path, weights_dir: Path, meta: dict[str, A
         "min_area": int(m.get("min_area", 8)),
         **_net_options(cfg),
     }
-    spec = {
-        "name": name,
-        "mpp": float(m["mpp"]),
-        "modality": m.get("modality", "brightfield"),
-        "classes": ["nucleus"],
-        "class_colors": [m.get("color", "rgb(0,200,255)")],
-        "tile_size": int(m.get("tile_size", 512)),
-        "tile_overlap": int(m.get("tile_overlap", 48)),
-        "max_nucleus_diameter_um": float(m.get("max_nucleus_diameter_um", 20.0)),
-        "batch_size": int(m.get("batch_size", 4)),
-        "weights": pt.name,
-        "sha256": sha256_of_file(pt),
-        "thresholds": thresholds,
-        "description": cfg.get("card", {}).get("description", ""),
-        "license": cfg.get("card", {}).get("license", ""),
-    }
-    card = {"arch": cfg["arch"], "spec": spec, "training": meta, "cv": None}
-    (weights_dir / f"{name}.json").write_text(json.dumps(card, indent=2) + "\n")
-    (weights_dir / f"{name}.md").write_text(_card_markdown(cfg, spec, meta))
-    return pt
+    return write_weights(
+        cfg,
+        ckpt,
+        weights_dir,
+        arch=cfg["arch"],
+        thresholds=thresholds,
+        card={"training": meta, "cv": None},
+        markdown=lambda spec: _card_markdown(cfg, spec, meta),
+    )
 
 
 def _card_markdown(cfg: dict[str, Any], spec: dict[str, Any], meta: dict[str, Any]) -> str:

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import tomllib
 
+from .common import write_weights
 from .data import TrainImage, load_training_images
 
 __all__ = ["load_config", "train_from_config", "kfold"]
@@ -129,15 +130,6 @@ def export(
     meta: dict[str, Any],
 ) -> Path:
     """Write ``<name>.pt`` (state_dict), ``<name>.json`` (spec) and ``<name>.md`` (model card)."""
-    import torch
-
-    from nucleus_models.models.base import sha256_of_file
-
-    name = cfg["name"]
-    weights_dir.mkdir(parents=True, exist_ok=True)
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)["model"]
-    pt = weights_dir / f"{name}.pt"
-    torch.save(state, pt)
     m = cfg["model"]
     thresholds: dict[str, float] = {
         "base": int(m.get("base", 16)),
@@ -149,26 +141,15 @@ def export(
     }
     if cv:
         thresholds.update(cv["best"])
-    spec = {
-        "name": name,
-        "mpp": float(m["mpp"]),
-        "modality": m.get("modality", "brightfield"),
-        "classes": ["nucleus"],
-        "class_colors": [m.get("color", "rgb(0,200,255)")],
-        "tile_size": int(m.get("tile_size", 512)),
-        "tile_overlap": int(m.get("tile_overlap", 48)),
-        "max_nucleus_diameter_um": float(m.get("max_nucleus_diameter_um", 20.0)),
-        "batch_size": int(m.get("batch_size", 4)),
-        "weights": pt.name,
-        "sha256": sha256_of_file(pt),
-        "thresholds": thresholds,
-        "description": cfg.get("card", {}).get("description", ""),
-        "license": cfg.get("card", {}).get("license", ""),
-    }
-    card = {"arch": "unet", "spec": spec, "training": meta, "cv": cv}
-    (weights_dir / f"{name}.json").write_text(json.dumps(card, indent=2) + "\n")
-    (weights_dir / f"{name}.md").write_text(_card_markdown(cfg, spec, meta, cv))
-    return pt
+    return write_weights(
+        cfg,
+        ckpt,
+        weights_dir,
+        arch="unet",
+        thresholds=thresholds,
+        card={"training": meta, "cv": cv},
+        markdown=lambda spec: _card_markdown(cfg, spec, meta, cv),
+    )
 
 
 def _card_markdown(

@@ -10,13 +10,13 @@ metrics.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .common import restore_checkpoint, save_checkpoint, warmup_cosine
 from .data import TrainImage, augment, sample_patch
 
 __all__ = ["train_unet", "predict_maps", "tune_thresholds", "seed_everything"]
@@ -169,24 +169,12 @@ def train_unet(
     opt = torch.optim.AdamW(
         net.parameters(), lr=float(tr["lr"]), weight_decay=float(tr.get("weight_decay", 1e-4))
     )
-    warm = max(1, int(0.03 * total))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt,
-        lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)),
-    )
+    sched = warmup_cosine(opt, total, warmup_fraction=0.03)
     ckpt = out / "checkpoint.pt"
     step = 0
     history: list[dict[str, float]] = []
     if resume and ckpt.exists():
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-        net.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        step = int(state["step"])
-        rng.bit_generator.state = state["numpy_rng"]
-        torch.set_rng_state(state["torch_rng"])
-        history = list(state.get("history", []))
-        log.info("resumed from %s at step %d", ckpt, step)
+        step, history, _ = restore_checkpoint(ckpt, net=net, opt=opt, sched=sched, rng=rng)
     net.train()
     every = int(tr.get("checkpoint_every", 250))
     logf = (out / "train.log").open("a")
@@ -213,17 +201,8 @@ def train_unet(
             )
             logf.flush()
         if step % every == 0 or step == total:
-            torch.save(
-                {
-                    "model": net.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(),
-                    "step": step,
-                    "numpy_rng": rng.bit_generator.state,
-                    "torch_rng": torch.get_rng_state(),
-                    "history": history,
-                },
-                ckpt,
+            save_checkpoint(
+                ckpt, net=net, opt=opt, sched=sched, step=step, rng=rng, history=history
             )
     bar.close()
     logf.close()

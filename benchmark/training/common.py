@@ -1,0 +1,133 @@
+"""What every trainer shares: the learning-rate schedule, resumable checkpoints,
+and writing shipped weights with their spec card."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["warmup_cosine", "save_checkpoint", "restore_checkpoint", "write_weights"]
+
+log = logging.getLogger(__name__)
+
+
+def warmup_cosine(opt: Any, total: int, *, warmup_fraction: float) -> Any:
+    """Linear warm-up over ``warmup_fraction`` of ``total`` steps, then cosine decay to 0."""
+    import torch
+
+    warm = max(1, int(warmup_fraction * total))
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)),
+    )
+
+
+def save_checkpoint(
+    path: Path,
+    *,
+    net: Any,
+    opt: Any,
+    sched: Any,
+    step: int,
+    rng: np.random.Generator,
+    history: list[dict[str, float]],
+    **extra: Any,
+) -> None:
+    """Everything needed to continue a run exactly: model, optimiser, schedule, step, random state."""
+    import torch
+
+    torch.save(
+        {
+            **extra,
+            "model": net.state_dict(),
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "step": step,
+            "numpy_rng": rng.bit_generator.state,
+            "torch_rng": torch.get_rng_state(),
+            "history": history,
+        },
+        path,
+    )
+
+
+def restore_checkpoint(
+    path: Path,
+    *,
+    net: Any,
+    opt: Any,
+    sched: Any,
+    rng: np.random.Generator,
+    expect: dict[str, Any] | None = None,
+) -> tuple[int, list[dict[str, float]], dict[str, Any]]:
+    """Load a checkpoint written by :func:`save_checkpoint` into the given objects.
+
+    ``expect``: extra keys that must hold these values (e.g. the architecture),
+    checked before anything is loaded.  Returns ``(step, history, state)``.
+    """
+    import torch
+
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key, want in (expect or {}).items():
+        if state.get(key) != want:
+            raise ValueError(f"{path} holds a {state.get(key)!r} model, not {want!r}")
+    net.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    rng.bit_generator.state = state["numpy_rng"]
+    torch.set_rng_state(state["torch_rng"])
+    step = int(state["step"])
+    log.info("resumed from %s at step %d", path, step)
+    return step, list(state.get("history", [])), state
+
+
+def write_weights(
+    cfg: dict[str, Any],
+    ckpt: Path,
+    weights_dir: Path,
+    *,
+    arch: str,
+    thresholds: dict[str, Any],
+    card: dict[str, Any],
+    markdown: Any,
+) -> Path:
+    """Write ``<name>.pt`` (state_dict), ``<name>.json`` (spec + ``card``) and ``<name>.md``.
+
+    ``markdown(spec) -> str`` renders the human-readable model card from the
+    finished spec (which then knows the weights' sha256).
+    """
+    import torch
+
+    from nucleus_models.models.base import sha256_of_file
+
+    name = cfg["name"]
+    weights_dir.mkdir(parents=True, exist_ok=True)
+    pt = weights_dir / f"{name}.pt"
+    torch.save(torch.load(ckpt, map_location="cpu", weights_only=True)["model"], pt)
+    m = cfg["model"]
+    spec = {
+        "name": name,
+        "mpp": float(m["mpp"]),
+        "modality": m.get("modality", "brightfield"),
+        "classes": ["nucleus"],
+        "class_colors": [m.get("color", "rgb(0,200,255)")],
+        "tile_size": int(m.get("tile_size", 512)),
+        "tile_overlap": int(m.get("tile_overlap", 48)),
+        "max_nucleus_diameter_um": float(m.get("max_nucleus_diameter_um", 20.0)),
+        "batch_size": int(m.get("batch_size", 4)),
+        "weights": pt.name,
+        "sha256": sha256_of_file(pt),
+        "thresholds": thresholds,
+        "description": cfg.get("card", {}).get("description", ""),
+        "license": cfg.get("card", {}).get("license", ""),
+    }
+    (weights_dir / f"{name}.json").write_text(
+        json.dumps({"arch": arch, "spec": spec, **card}, indent=2) + "\n"
+    )
+    (weights_dir / f"{name}.md").write_text(markdown(spec))
+    return pt
