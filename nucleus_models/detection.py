@@ -392,13 +392,13 @@ def segment_image(
     from .instances import nuclei_from_labels
     from .models import get_model
     from .wsi.runner import segment_array
-    from .wsi.slide import _to_uint8_rgb
+    from .wsi.slide import to_rgb_uint8
     from .wsi.tissue import tissue_mask
 
     t0 = time.perf_counter()
     spec = get_spec(model)
     net = get_model(model, **(model_options or {}))
-    rgb = _to_uint8_rgb(np.asarray(image))
+    rgb = to_rgb_uint8(np.asarray(image), stretch=True)
     h, w = rgb.shape[:2]
     d = spec.mpp / mpp
     aw, ah = max(1, int(round(w / d))), max(1, int(round(h / d)))

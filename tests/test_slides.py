@@ -56,3 +56,18 @@ def test_thumbnail_and_tissue_mask(shared_data: Path) -> None:
     fm = tissue_mask(fluo, modality="fluorescence")
     assert fm[50, 50] and not fm[5, 5]
     assert not tissue_mask(np.full((50, 50, 3), 250, np.uint8)).any()
+
+
+def test_in_memory_16bit_images_are_stretched_not_divided() -> None:
+    """12-bit fluorescence in a 16-bit container keeps its contrast in segment_image/training."""
+    from nucleus_models.wsi import to_rgb_uint8
+
+    img = np.zeros((20, 20), np.uint16)
+    img[5:10, 5:10] = 4000  # 12-bit data: /257 would give 15
+    fixed = to_rgb_uint8(img)
+    stretched = to_rgb_uint8(img, stretch=True)
+    assert fixed.shape == stretched.shape == (20, 20, 3)
+    assert int(fixed.max()) == round(4000 / 257)
+    assert int(stretched.max()) == 255 and int(stretched.min()) == 0
+    u8 = np.full((4, 4, 3), 7, np.uint8)
+    np.testing.assert_array_equal(to_rgb_uint8(u8, stretch=True), u8)  # uint8 untouched

@@ -4,7 +4,7 @@ This package is the only importer of ``large_image`` in the project.
 """
 
 from .runner import TileJob, resolve_workers, run_tiles
-from .slide import Slide, open_slide
+from .slide import Slide, open_slide, to_rgb_uint8
 from .tiling import Region, Tile, clip_region, in_core, parse_roi, tile_grid
 from .tissue import tile_tissue_fraction, tissue_mask
 
@@ -22,4 +22,5 @@ __all__ = [
     "tile_grid",
     "tile_tissue_fraction",
     "tissue_mask",
+    "to_rgb_uint8",
 ]

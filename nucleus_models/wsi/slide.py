@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import SlideError
 
-__all__ = ["Slide", "open_slide"]
+__all__ = ["Slide", "open_slide", "to_rgb_uint8"]
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class Slide:
                 f"{Path(self.path).name}: cannot read region {x},{y},{w},{h} "
                 f"(file truncated or corrupt?): {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
             ) from exc
-        arr = _to_uint8_rgb(np.asarray(arr))
+        arr = to_rgb_uint8(np.asarray(arr))
         if arr.shape[0] != out_h or arr.shape[1] != out_w:
             interp = cv2.INTER_AREA if arr.shape[1] > out_w else cv2.INTER_LINEAR
             arr = cv2.resize(arr, (out_w, out_h), interpolation=interp)
@@ -105,8 +105,18 @@ class Slide:
         return img, out_w / self.width
 
 
-def _to_uint8_rgb(arr: np.ndarray) -> np.ndarray:
-    """Drop alpha, keep at most three channels, and scale to uint8."""
+def to_rgb_uint8(arr: np.ndarray, *, stretch: bool = False) -> np.ndarray:
+    """Drop alpha, keep at most three channels, and scale to uint8 RGB.
+
+    Non-uint8 data is scaled by a fixed rule (floats in [0, 1] x 255, 16-bit
+    / 257), so tiles of one slide stay comparable.  ``stretch=True`` (whole
+    in-memory images such as 12-bit fluorescence in a 16-bit container)
+    maps the image's 0.5th-99.9th percentiles to 0-255 instead.
+    """
+    if stretch and arr.dtype != np.uint8:
+        x = arr.astype(np.float32)
+        lo, hi = float(np.percentile(x, 0.5)), float(np.percentile(x, 99.9))
+        arr = np.clip((x - lo) / max(hi - lo, 1e-6) * 255, 0, 255).astype(np.uint8)
     if arr.ndim == 2:
         arr = arr[:, :, None]
     if arr.shape[2] == 4:
