@@ -98,7 +98,14 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     t.add_argument(
         "--resume", action="store_true", help="continue from the run folder's checkpoints"
     )
-    t.add_argument("--skip_cv", action="store_true", help="train only the final model")
+    mode = t.add_mutually_exclusive_group()
+    mode.add_argument("--skip_cv", action="store_true", help="train only the final model")
+    mode.add_argument(
+        "--cv_only",
+        action="store_true",
+        help="only cross-validate (run it beside a --skip_cv run of the same folder to use "
+        "two processes; a later --resume --export combines them)",
+    )
     t.add_argument("--steps", type=int, default=None, help="override the config's training steps")
     t.add_argument(
         "--export",
@@ -176,6 +183,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         out_dir=out,
         resume=args.resume,
         skip_cv=args.skip_cv,
+        cv_only=args.cv_only,
         steps=args.steps,
         export_to=args.export,
     )
@@ -184,7 +192,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         m = cv["metrics_at_best"]
         print(f"cross-validation ({len(cv['folds'])} folds), thresholds {cv['best']}:")
         print("  " + "  ".join(f"{k}={v:.3f}" for k, v in m.items()))
-    print(f"checkpoint: {result['checkpoint']}")
+    if result.get("checkpoint"):
+        print(f"checkpoint: {result['checkpoint']}")
     if result.get("weights"):
         print(f"exported: {result['weights']}")
     return 0

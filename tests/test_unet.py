@@ -124,6 +124,83 @@ def test_targets_and_watershed_roundtrip() -> None:
     assert aggregated_jaccard_index(lab, inst.labels) > 0.95
 
 
+def _three_disks(scale: int = 1) -> np.ndarray:
+    n = 60 * scale
+    lab = np.zeros((n, n), np.int32)
+    yy, xx = np.mgrid[0:n, 0:n]
+    for k, (cy, cx, r) in enumerate([(15, 15, 8), (15, 30, 7), (40, 40, 10)], start=1):
+        lab[(yy - cy * scale) ** 2 + (xx - cx * scale) ** 2 <= (r * scale) ** 2] = k
+    return lab
+
+
+def test_thin_boundary_target_and_hmax_seeds() -> None:
+    """The thin boundary is 1 px (a strict subset of the thick one); h-maxima
+    seeding also keeps touching nuclei apart from perfect maps."""
+    from benchmark.metrics import aggregated_jaccard_index
+    from benchmark.training.data import make_targets
+    from nucleus_models.models.unet import instances_from_maps
+
+    lab = _three_disks()
+    _, thick, _ = make_targets(lab)
+    fg, thin, dist = make_targets(lab, boundary="thin")
+    assert thin.sum() < thick.sum() and np.all(thick[thin > 0] > 0)
+    assert thin[15, 15] == 0 and thin[15, 15 - 8] == 1  # centre vs edge of disk 1
+    for bd in (thin, np.zeros_like(thin)):
+        inst = instances_from_maps(fg, bd, dist, seed_mode="hmax", h=0.1, smooth=1.0)
+        assert inst.labels.max() == 3
+        assert aggregated_jaccard_index(lab, inst.labels) > 0.95
+    with pytest.raises(ValueError, match="seed_mode"):
+        instances_from_maps(fg, thin, dist, seed_mode="peaks")
+    with pytest.raises(ValueError, match="boundary"):
+        make_targets(lab, boundary="wide")
+
+
+def test_threshold_tuning_scores_at_the_truths_resolution() -> None:
+    """Maps at the model grid, truths at twice that grid: the labels are resized
+    to the truths (as segment_image does), so perfect maps score ~1; every grid
+    setting is reported with its parameters."""
+    from benchmark.training.data import make_targets
+    from benchmark.training.unet import tune_thresholds
+
+    maps = [np.stack(make_targets(_three_disks(1), boundary="thin"))]
+    truths = [_three_disks(2)]
+    cfg = {
+        "model": {"min_area": 4},
+        "cv": {
+            "fg_thresholds": [0.5],
+            "seed_thresholds": [0.3, 1.5],
+            "hmax_h": [0.1],
+            "hmax_smooth": [1.0],
+        },
+    }
+    grid = tune_thresholds(maps, truths, cfg)
+    modes = [p["seed_mode"] for p, _ in grid]
+    assert modes == ["threshold", "threshold", "hmax"]
+    best, metrics = max(grid, key=lambda pm: pm[1]["aji"])
+    assert metrics["aji"] > 0.9 and metrics["f1_iou50"] == 1.0
+    # a seed threshold above every peak finds no seed: all foreground blobs
+    # still come back (as seedless instances) but the touching pair merges
+    assert grid[1][1]["f1_iou50"] < 1.0
+
+
+def test_unknown_seed_mode_in_a_model_spec_is_a_model_error(tmp_path: Path) -> None:
+    import torch
+
+    from nucleus_models.models.base import ModelSpec, sha256_of_file
+    from nucleus_models.models.unet import UNetModel, build_unet
+
+    p = tmp_path / "w.pt"
+    torch.save(build_unet(base=8, depth=3).state_dict(), p)
+    spec = ModelSpec(
+        name="unet-x",
+        mpp=0.5,
+        sha256=sha256_of_file(p),
+        thresholds={"base": 8, "depth": 3, "seed_mode": "peaks"},
+    )
+    with pytest.raises(ModelError, match="seed_mode"):
+        UNetModel(spec, str(p), device="cpu")
+
+
 def test_size_normalisation_and_synthetic_images() -> None:
     from benchmark.training.data import (
         TrainImage,

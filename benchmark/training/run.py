@@ -52,6 +52,7 @@ def _images(cfg: dict[str, Any]) -> list[TrainImage]:
         mpp=float(cfg["model"]["mpp"]),
         foreground_only_masks=d.get("foreground_only_masks"),
         default_mpp=d.get("default_mpp"),
+        pseudo_instances=bool(d.get("pseudo_instances", False)),
     )
     if d.get("rescale_to_diameter"):
         images = rescale_to_diameter(images, float(d["rescale_to_diameter"]))
@@ -80,14 +81,32 @@ def _load_net(ckpt: Path, cfg: dict[str, Any]) -> Any:
 def cross_validate(
     cfg: dict[str, Any], images: list[TrainImage], out: Path, *, resume: bool
 ) -> dict[str, Any]:
-    """k-fold CV on the images with instances; returns the threshold grid and best thresholds."""
+    """k-fold CV on the images with instances; returns the post-processing grid and the best setting.
+
+    Held-out predictions are scored against the images' own annotations at
+    their own resolution when the dataset provides them (as ``nucleus-bench
+    eval`` does), else against the resampled training labels.
+    """
+    from benchmark.datasets import DatasetError, get_dataset
+
     from .unet import predict_maps, train_unet, tune_thresholds
 
     cv = cfg.get("cv", {})
     k = int(cv.get("folds", 3))
-    labelled = [im.id for im in images if im.has_instances]
+    # held-out images are only ones whose nuclei were outlined one by one;
+    # pseudo-labelled and synthetic images always train
+    labelled = [
+        im.id
+        for im in images
+        if im.has_instances and not im.pseudo and "synthetic" not in im.groups
+    ]
     folds = kfold(labelled, k, int(cfg.get("seed", 0)))
     maps, truths, ids = [], [], []
+    try:
+        ds = get_dataset(cfg["data"]["dataset"], cfg["data"]["root"])
+        native = set(ds.ids())
+    except DatasetError:  # images given directly (tests): score at the model resolution
+        ds, native = None, set()
     for i, held in enumerate(folds):
         train = [im for im in images if im.id not in held]
         ckpt = train_unet(
@@ -105,17 +124,21 @@ def cross_validate(
                         net, im.image, normalisation=cfg["model"].get("normalisation", "rgb")
                     )
                 )
-                truths.append(im.labels)
+                truth = ds.load(im.id).labels if ds is not None and im.id in native else None
+                truths.append(im.labels if truth is None else np.asarray(truth, np.int32))
                 ids.append(im.id)
     grid = tune_thresholds(maps, truths, cfg)
     metric = cv.get("metric", "aji")
-    best = max(grid, key=lambda key: grid[key][metric])
+    best, at_best = max(grid, key=lambda pm: pm[1][metric])
     result = {
         "folds": folds,
         "metric": metric,
-        "best": {"fg_threshold": best[0], "seed_threshold": best[1]},
-        "metrics_at_best": grid[best],
-        "grid": [{"fg_threshold": a, "seed_threshold": b, **m} for (a, b), m in grid.items()],
+        "scored_at": "image resolution"
+        if ds is not None and set(ids) <= native
+        else "model resolution",
+        "best": best,
+        "metrics_at_best": at_best,
+        "grid": [{**p, **m} for p, m in grid],
         "n_images": len(ids),
     }
     (out / "cv.json").write_text(json.dumps(result, indent=2))
@@ -131,7 +154,7 @@ def export(
 ) -> Path:
     """Write ``<name>.pt`` (state_dict), ``<name>.json`` (spec) and ``<name>.md`` (model card)."""
     m = cfg["model"]
-    thresholds: dict[str, float] = {
+    thresholds: dict[str, Any] = {
         "base": int(m.get("base", 16)),
         "depth": int(m.get("depth", 4)),
         "min_area": int(m.get("min_area", 8)),
@@ -163,12 +186,18 @@ def _card_markdown(
         f"- Architecture: compact U-Net (foreground, boundary, distance heads; {meta['parameters']:,} parameters) + marker-controlled watershed",
         f"- Resolution: {spec['mpp']} um/px (inputs are resampled to it); modality: {spec['modality']}",
         f"- Training data: {cfg.get('card', {}).get('data', cfg['data']['dataset'])}",
+        f"- Targets: boundary {cfg['train'].get('boundary_target', 'thick')}; loss weights boundary "
+        f"{cfg['train'].get('boundary_weight', 1.0)}, distance {cfg['train'].get('distance_weight', 2.0)}"
+        + (
+            "; images with only a foreground mask get pseudo-instances (distance-transform watershed of the mask)"
+            if cfg["data"].get("pseudo_instances")
+            else ""
+        ),
         f"- Training command: `{meta['command']}`",
         f"- Training: {meta['steps']} steps, batch {cfg['train']['batch_size']}, patch {cfg['train']['patch_size']} px, "
         f"{meta['seconds'] / 60:.1f} min on {meta['hardware']} "
         f"(cross-validation folds: {meta.get('cv_seconds', 0) / 60:.1f} min more)",
-        f"- Thresholds: fg_threshold {spec['thresholds']['fg_threshold']}, seed_threshold {spec['thresholds']['seed_threshold']}, "
-        f"min_area {spec['thresholds']['min_area']} px",
+        f"- Post-processing: {_postprocess_text(spec['thresholds'])}",
         f"- Weights: `{spec['weights']}`, sha256 `{spec['sha256']}` (loaded with weights_only=True after a checksum check)",
         f"- License: {spec['license']}",
         "",
@@ -184,10 +213,24 @@ def _card_markdown(
             "",
             "Numbers come from the fold models (each trained on the other folds with "
             f"{cfg.get('cv', {}).get('steps')} steps), evaluated on their held-out images at the "
-            "training resolution with `benchmark.metrics.instance_metrics`.",
+            + (
+                "image's own resolution (labels resized back with nearest neighbour, as `nucleus-bench eval` does) "
+                if cv.get("scored_at") == "image resolution"
+                else "training resolution "
+            )
+            + "with `benchmark.metrics.instance_metrics`.",
             "",
         ]
     return "\n".join(lines)
+
+
+def _postprocess_text(th: dict[str, Any]) -> str:
+    """One line describing the tuned watershed settings of a card."""
+    if th.get("seed_mode", "threshold") == "hmax":
+        seeds = f"seeds = h-maxima (h {th['h']}) of (distance - boundary) smoothed with sigma {th['smooth']} px"
+    else:
+        seeds = f"seeds = (distance - boundary) > {th['seed_threshold']}"
+    return f"foreground > {th['fg_threshold']}; {seeds}; instances < {th['min_area']} px dropped"
 
 
 def _trained_seconds(ckpt: Path) -> float:
@@ -203,12 +246,18 @@ def train_from_config(
     out_dir: str | Path,
     resume: bool = False,
     skip_cv: bool = False,
+    cv_only: bool = False,
     steps: int | None = None,
     export_to: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Cross-validate (unless ``skip_cv``), train on all images, optionally export."""
+    """Cross-validate (unless ``skip_cv``), train on all images (unless
+    ``cv_only``), optionally export."""
     cfg = load_config(config)
     if cfg["arch"] != "unet":
+        if cv_only:
+            raise ValueError(
+                f"--cv_only: cross-validation is implemented for 'unet', not {cfg['arch']!r}"
+            )
         from . import detectors  # torchvision detectors share the command
 
         return detectors.train_from_config(
@@ -222,6 +271,10 @@ def train_from_config(
     if not images:
         raise ValueError(f"no training images with labels under {cfg['data']['root']}")
     cv = None if skip_cv else cross_validate(cfg, images, out / "cv", resume=resume)
+    if cv_only:
+        if export_to is not None:
+            raise ValueError("--cv_only trains no final model to export")
+        return {"checkpoint": None, "cv": cv, "meta": {}}
     ckpt = train_unet(cfg, images, out / "final", steps=steps, resume=resume)
     # training time from the checkpoints' own logs (exact also when a later
     # invocation only resumed finished runs to re-tune or export)

@@ -3,7 +3,7 @@
 ``train_unet(cfg, images, out_dir)`` trains one network from a config dict
 (see ``configs/unet-*.toml``) and returns the path of its final checkpoint;
 ``predict_maps`` runs a network on a whole image; ``tune_thresholds`` scores
-a grid of post-processing thresholds on held-out images with the harness's
+a grid of post-processing settings on held-out images with the harness's
 metrics.
 """
 
@@ -19,7 +19,7 @@ import numpy as np
 from .common import restore_checkpoint, save_checkpoint, warmup_cosine
 from .data import TrainImage, augment, sample_patch
 
-__all__ = ["train_unet", "predict_maps", "tune_thresholds", "seed_everything"]
+__all__ = ["train_unet", "predict_maps", "postprocess_grid", "tune_thresholds", "seed_everything"]
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,13 @@ def _batch(
     picks = rng.choice(len(items), size=int(tr["batch_size"]), p=w / w.sum())
     patches = [
         augment(
-            sample_patch(items[i], size, rng, scale_range=tuple(tr.get("scale_range", (1.0, 1.0)))),
+            sample_patch(
+                items[i],
+                size,
+                rng,
+                scale_range=tuple(tr.get("scale_range", (1.0, 1.0))),
+                boundary=str(tr.get("boundary_target", "thick")),
+            ),
             rng,
             cfg.get("augment", {}),
         )
@@ -60,7 +66,9 @@ def _batch(
     return out
 
 
-def loss_fn(pred: Any, b: dict[str, Any]) -> Any:
+def loss_fn(
+    pred: Any, b: dict[str, Any], *, boundary_weight: float = 1.0, distance_weight: float = 2.0
+) -> Any:
     """BCE + soft Dice on foreground, weighted BCE on boundary, MSE on distance."""
     import torch.nn.functional as F
 
@@ -79,7 +87,7 @@ def loss_fn(pred: Any, b: dict[str, Any]) -> Any:
         * iw
     ).sum() / n_inst
     dist = ((dist_logit.sigmoid() - b["dist"]) ** 2 * iw).sum() / n_inst
-    return bce + dice + bd + 2.0 * dist
+    return bce + dice + boundary_weight * bd + distance_weight * dist
 
 
 def predict_maps(
@@ -111,30 +119,58 @@ def predict_maps(
     return out[0, :, :h, :w].float().cpu().numpy()
 
 
+def postprocess_grid(cfg: dict[str, Any]) -> list[dict[str, Any]]:
+    """The post-processing settings cross-validation chooses from.
+
+    ``cv.fg_thresholds`` x (``cv.seed_thresholds`` for ``seed_mode="threshold"``
+    + ``cv.hmax_h`` x ``cv.hmax_smooth`` for ``seed_mode="hmax"``).
+
+    >>> len(postprocess_grid({"cv": {"fg_thresholds": [0.5, 0.6], "seed_thresholds": [0.1],
+    ...                              "hmax_h": [0.05, 0.1], "hmax_smooth": [1.0]}}))
+    6
+    """
+    cv = cfg.get("cv", {})
+    seeds: list[dict[str, Any]] = [
+        {"seed_mode": "threshold", "seed_threshold": float(st)}
+        for st in cv.get("seed_thresholds", [0.5])
+    ]
+    seeds += [
+        {"seed_mode": "hmax", "h": float(h), "smooth": float(sm)}
+        for h in cv.get("hmax_h", [])
+        for sm in cv.get("hmax_smooth", [1.0])
+    ]
+    return [
+        {"fg_threshold": float(ft), **sd} for ft in cv.get("fg_thresholds", [0.5]) for sd in seeds
+    ]
+
+
 def tune_thresholds(
     maps: list[np.ndarray], truths: list[np.ndarray], cfg: dict[str, Any]
-) -> dict[tuple[float, float], dict[str, float]]:
-    """Mean instance metrics for each (fg_threshold, seed_threshold) on held-out images."""
+) -> list[tuple[dict[str, Any], dict[str, float]]]:
+    """Mean instance metrics of each post-processing setting on held-out images.
+
+    ``truths`` may be on a finer grid than ``maps`` (the images' own
+    resolution): labels are then resized to it with nearest neighbour, as
+    :func:`nucleus_models.detection.segment_image` does, so the scores are
+    those the harness reports.
+    """
+    import cv2
+
     from benchmark.metrics import instance_metrics
     from nucleus_models.models.unet import instances_from_maps
 
-    cv = cfg.get("cv", {})
-    grid: dict[tuple[float, float], dict[str, float]] = {}
-    for ft in cv.get("fg_thresholds", [0.5]):
-        for st in cv.get("seed_thresholds", [0.5]):
-            rows = []
-            for m, t in zip(maps, truths, strict=True):
-                inst = instances_from_maps(
-                    m[0],
-                    m[1],
-                    m[2],
-                    fg_threshold=ft,
-                    seed_threshold=st,
-                    min_area=int(cfg["model"].get("min_area", 8)),
-                )
-                rows.append(instance_metrics(t, inst.labels))
-            grid[(ft, st)] = {k: float(np.nanmean([r[k] for r in rows])) for k in rows[0]}
-    return grid
+    out = []
+    for params in postprocess_grid(cfg):
+        rows = []
+        for m, t in zip(maps, truths, strict=True):
+            lab = instances_from_maps(
+                m[0], m[1], m[2], min_area=int(cfg["model"].get("min_area", 8)), **params
+            ).labels
+            if lab.shape != t.shape:
+                lab = cv2.resize(lab, t.shape[::-1], interpolation=cv2.INTER_NEAREST)
+            rows.append(instance_metrics(t, lab))
+        out.append((params, {k: float(np.nanmean([r[k] for r in rows])) for k in rows[0]}))
+    return out
 
 
 def train_unet(
@@ -184,7 +220,12 @@ def train_unet(
     t0, running = time.perf_counter(), []
     while step < total:
         b = _batch(images, cfg, rng)
-        loss = loss_fn(net(b["image"]), b)
+        loss = loss_fn(
+            net(b["image"]),
+            b,
+            boundary_weight=float(tr.get("boundary_weight", 1.0)),
+            distance_weight=float(tr.get("distance_weight", 2.0)),
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -61,7 +61,7 @@ class ModelSpec:
     batch_size: int = 1
     weights: str | None = None
     sha256: str = "none"
-    thresholds: dict[str, float] = field(default_factory=dict)
+    thresholds: dict[str, Any] = field(default_factory=dict)
     description: str = ""
     license: str = ""
 

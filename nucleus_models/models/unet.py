@@ -3,9 +3,12 @@ watershed post-processing.
 
 The network predicts, per pixel, the probability of nucleus foreground, of a
 nucleus boundary, and a normalised distance to the nucleus border (1 at the
-centre of each nucleus).  Instances come from a marker-controlled watershed:
-markers are connected regions where ``distance - boundary`` exceeds the seed
-threshold, the mask is ``foreground > fg_threshold``.
+centre of each nucleus).  Instances come from a marker-controlled watershed
+on ``distance - boundary`` inside ``foreground > fg_threshold``; markers are
+either the connected regions where that height exceeds ``seed_threshold``
+(``seed_mode="threshold"``) or its h-maxima after Gaussian smoothing
+(``seed_mode="hmax"``: one marker per peak at least ``h`` above its
+surroundings, which separates touching nuclei whose peaks differ in height).
 """
 
 from __future__ import annotations
@@ -127,6 +130,9 @@ def instances_from_maps(
     fg_threshold: float = 0.5,
     seed_threshold: float = 0.5,
     min_area: int = 8,
+    seed_mode: str = "threshold",
+    h: float = 0.05,
+    smooth: float = 1.0,
 ) -> TileInstances:
     """Probability maps -> instances by marker-controlled watershed.
 
@@ -137,14 +143,30 @@ def instances_from_maps(
     >>> inst = instances_from_maps(fg, np.zeros_like(fg), dist)
     >>> int(inst.labels.max()), sorted(np.bincount(inst.labels.ravel())[1:].tolist())
     (2, [49, 64])
+    >>> yy, xx = np.mgrid[:20, :30]
+    >>> peaks = np.maximum(1 - np.hypot(yy - 10, xx - 8) / 7, 1 - np.hypot(yy - 10, xx - 20) / 7)
+    >>> two = np.clip(peaks, 0, None).astype(np.float32)
+    >>> int(instances_from_maps(two > 0, 0 * two, two, seed_mode="hmax").labels.max())
+    2
     """
     from scipy import ndimage as ndi
     from skimage.segmentation import relabel_sequential, watershed
 
     mask = fg > fg_threshold
-    seeds = ((dist - boundary) > seed_threshold) & mask
+    height = dist - boundary
+    if seed_mode == "hmax":
+        from skimage.morphology import h_maxima
+
+        if smooth > 0:
+            height = ndi.gaussian_filter(height.astype(np.float32), smooth)
+        seeds = h_maxima(np.where(mask, height, height.min()).astype(np.float32), h) > 0
+        seeds &= mask
+    elif seed_mode == "threshold":
+        seeds = (height > seed_threshold) & mask
+    else:
+        raise ValueError(f"seed_mode must be 'threshold' or 'hmax', not {seed_mode!r}")
     markers, _ = ndi.label(seeds)
-    labels = watershed(-dist, markers, mask=mask)
+    labels = watershed(-height, markers, mask=mask)
     # foreground with no seed: keep as its own instance if big enough
     rest, n_rest = ndi.label(mask & (labels == 0))
     if n_rest:
@@ -194,6 +216,15 @@ class UNetModel(NucleusModel):
         self.fg_threshold = float(options.get("fg_threshold", arch.get("fg_threshold", 0.5)))
         self.seed_threshold = float(options.get("seed_threshold", arch.get("seed_threshold", 0.5)))
         self.min_area = int(options.get("min_area", arch.get("min_area", 8)))
+        self.seed_mode = str(options.get("seed_mode", arch.get("seed_mode", "threshold")))
+        self.h = float(options.get("h", arch.get("h", 0.05)))
+        self.smooth = float(options.get("smooth", arch.get("smooth", 1.0)))
+        if self.seed_mode not in ("threshold", "hmax"):
+            from ..errors import ModelError
+
+            raise ModelError(
+                f"model {spec.name}: seed_mode must be 'threshold' or 'hmax', not {self.seed_mode!r}"
+            )
         self.tta = bool(options.get("tta", arch.get("tta", 0)))
         self.device = pick_device(device)
         self.net = build_unet(base=int(arch.get("base", 16)), depth=int(arch.get("depth", 4)))
@@ -239,6 +270,9 @@ class UNetModel(NucleusModel):
                     fg_threshold=self.fg_threshold,
                     seed_threshold=self.seed_threshold,
                     min_area=self.min_area,
+                    seed_mode=self.seed_mode,
+                    h=self.h,
+                    smooth=self.smooth,
                 )
             )
         return res
