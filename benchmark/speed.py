@@ -37,7 +37,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--mosaic_mpp", type=float, default=0.25, help="resolution written into the mosaic (um/px)"
     )
-    parser.add_argument("--mosaic_grid", type=int, default=4, help="mosaic of N x N images")
+    parser.add_argument(
+        "--mosaic_grid",
+        type=int,
+        default=4,
+        help="mosaic of N x N images (images are reused in turn when the folder has fewer than N*N, "
+        "to time slide-sized inputs where start-up costs no longer dominate)",
+    )
     parser.add_argument(
         "--analysis_roi", default="-1,-1,-1,-1", help="left,top,width,height in base pixels"
     )
@@ -87,7 +93,8 @@ def _histomicstk_cli() -> Path:
 
 
 def make_mosaic(folder: str, out: Path, *, grid: int, mpp: float) -> Path:
-    """Tile the first ``grid * grid`` images of ``folder`` into one pyramidal TIFF."""
+    """Tile ``grid * grid`` images of ``folder`` (in name order, reused in turn
+    when there are fewer) into one pyramidal TIFF."""
     import numpy as np
     import pyvips
     from PIL import Image
@@ -95,9 +102,12 @@ def make_mosaic(folder: str, out: Path, *, grid: int, mpp: float) -> Path:
     files = sorted(
         p for p in Path(folder).iterdir() if p.suffix.lower() in (".tif", ".tiff", ".png", ".jpg")
     )
+    if not files:
+        raise SystemExit(f"error: {folder} has no .tif/.png/.jpg images for a mosaic")
     if len(files) < grid * grid:
-        raise SystemExit(f"error: {folder} has {len(files)} images, the mosaic needs {grid * grid}")
-    tiles = [np.asarray(Image.open(f).convert("RGB")) for f in files[: grid * grid]]
+        log.warning("mosaic: %d images reused in turn for %d cells", len(files), grid * grid)
+    images = [np.asarray(Image.open(f).convert("RGB")) for f in files[: grid * grid]]
+    tiles = [images[i % len(images)] for i in range(grid * grid)]
     h = min(t.shape[0] for t in tiles)
     w = min(t.shape[1] for t in tiles)
     rows = [np.hstack([t[:h, :w] for t in tiles[r * grid : (r + 1) * grid]]) for r in range(grid)]

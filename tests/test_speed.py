@@ -1,0 +1,29 @@
+"""The speed benchmark's input builder (timings themselves are reported, not asserted)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def test_mosaic_reuses_images_in_turn_and_is_a_readable_pyramid(tmp_path: Path) -> None:
+    import large_image
+
+    from benchmark.speed import make_mosaic
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i, colour in enumerate([(200, 0, 0), (0, 0, 200)]):
+        Image.fromarray(np.full((64, 80, 3), colour, np.uint8)).save(src / f"im{i}.png")
+    out = make_mosaic(str(src), tmp_path / "m.tif", grid=3, mpp=0.25)
+    ts = large_image.open(str(out))
+    meta = ts.getMetadata()
+    assert (meta["sizeX"], meta["sizeY"]) == (3 * 80, 3 * 64)
+    assert abs(ts.getNativeMagnification()["mm_x"] - 0.25e-3) < 1e-9
+    arr, _ = ts.getRegion(format=large_image.tilesource.TILE_FORMAT_NUMPY)
+    # cells alternate red, blue, red, ... in reading order
+    centres = [arr[32 + 64 * (k // 3), 40 + 80 * (k % 3), :3] for k in range(9)]
+    reds = [int(c[0]) > int(c[2]) for c in centres]
+    assert reds == [k % 2 == 0 for k in range(9)]
