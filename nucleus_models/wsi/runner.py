@@ -232,30 +232,13 @@ def run_tiles(
 
     sched = (scheduler or "").strip()
     if sched == "":
-        # a pipeline: tiles are read ahead on one thread, and the post-processing
-        # of a batch (watershed, polygons) runs on another while the network
-        # works on the next batch
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tile-post") as post_pool:
-            pending: tuple[Future[tuple[Nuclei, float]], int, float] | None = None
-
-            def finish(p: tuple[Future[tuple[Nuclei, float]], int, float]) -> None:
-                nuc, t_post = p[0].result()
-                collect((nuc, {"network": p[2], "postprocess": t_post}), p[1])
-
-            buf: list[tuple[Tile, np.ndarray]] = []
-            for i, (tile, img, secs) in enumerate(_prefetched(job, tiles, depth=2 * batch_size)):
-                stages["read"] += secs
-                buf.append((tile, img))
-                if len(buf) == batch_size or i == total - 1:
-                    b_tiles, b_imgs = [b[0] for b in buf], [b[1] for b in buf]
-                    raw, t_net = _network(job, b_imgs)
-                    if pending is not None:
-                        finish(pending)
-                    post = post_pool.submit(_postprocess, job, b_tiles, b_imgs, raw)
-                    pending = (post, len(buf), t_net)
-                    buf = []
-            if pending is not None:
-                finish(pending)
+        buf: list[tuple[Tile, np.ndarray]] = []
+        for i, (tile, img, secs) in enumerate(_prefetched(job, tiles, depth=2 * batch_size)):
+            stages["read"] += secs
+            buf.append((tile, img))
+            if len(buf) == batch_size or i == total - 1:
+                collect(process_tiles(job, [b[0] for b in buf], [b[1] for b in buf]), len(buf))
+                buf = []
     elif sched == "multithreading":
         from concurrent.futures import as_completed
 
