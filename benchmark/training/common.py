@@ -6,12 +6,20 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["warmup_cosine", "save_checkpoint", "restore_checkpoint", "write_weights"]
+__all__ = [
+    "warmup_cosine",
+    "save_checkpoint",
+    "restore_checkpoint",
+    "train_loop",
+    "write_weights",
+]
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +92,64 @@ def restore_checkpoint(
     step = int(state["step"])
     log.info("resumed from %s at step %d", path, step)
     return step, list(state.get("history", [])), state
+
+
+def train_loop(
+    step_fn: Callable[[], dict[str, float]],
+    *,
+    net: Any,
+    opt: Any,
+    sched: Any,
+    rng: np.random.Generator,
+    out: Path,
+    step: int,
+    total: int,
+    history: list[dict[str, float]],
+    desc: str,
+    progress: bool = True,
+    log_every: int = 25,
+    checkpoint_every: int = 250,
+    **checkpoint_extra: Any,
+) -> Path:
+    """Run ``step_fn`` (one optimiser step; returns its losses, ``"loss"``
+    among them) from ``step`` to ``total`` with a progress bar, running means
+    in ``out/train.log`` and ``history``, and a checkpoint every
+    ``checkpoint_every`` steps and at the end; returns the checkpoint path."""
+    from tqdm import tqdm
+
+    ckpt = out / "checkpoint.pt"
+    bar = tqdm(total=total, initial=step, desc=desc, disable=not progress)
+    t0, running = time.perf_counter(), []
+    with (out / "train.log").open("a") as logf:
+        while step < total:
+            running.append(step_fn())
+            sched.step()
+            step += 1
+            bar.update(1)
+            if step % log_every == 0 or step == total:
+                recent = running[-log_every:]
+                mean = {k: float(np.mean([r[k] for r in recent])) for k in recent[0]}
+                bar.set_postfix(loss=f"{mean['loss']:.4f}")
+                history.append({"step": step, **mean, "seconds": time.perf_counter() - t0})
+                logf.write(
+                    f"step {step} "
+                    + " ".join(f"{k} {v:.5f}" for k, v in mean.items())
+                    + f" lr {sched.get_last_lr()[0]:.2e} t {time.perf_counter() - t0:.0f}s\n"
+                )
+                logf.flush()
+            if step % checkpoint_every == 0 or step == total:
+                save_checkpoint(
+                    ckpt,
+                    net=net,
+                    opt=opt,
+                    sched=sched,
+                    step=step,
+                    rng=rng,
+                    history=history,
+                    **checkpoint_extra,
+                )
+    bar.close()
+    return ckpt
 
 
 def write_weights(

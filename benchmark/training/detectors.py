@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .common import restore_checkpoint, save_checkpoint, warmup_cosine, write_weights
+from .common import restore_checkpoint, train_loop, warmup_cosine, write_weights
 from .data import TrainImage, augment, sample_patch
 
 __all__ = ["instance_targets", "train_detector", "export", "train_from_config"]
@@ -150,7 +150,6 @@ def train_detector(
     where the network runs; patches are always made on the CPU.
     """
     import torch
-    from tqdm import tqdm
 
     from .unet import seed_everything
 
@@ -182,60 +181,39 @@ def train_detector(
             ckpt, net=net, opt=opt, sched=sched, rng=rng, expect={"arch": cfg["arch"]}
         )
     net.train()
-    every = int(tr.get("checkpoint_every", 250))
-    log_every = int(tr.get("log_every", 25))
-    bar = tqdm(
+
+    def one_step() -> dict[str, float]:
+        x, y = _batch(items, cfg, rng)
+        x = [im.to(device) for im in x]
+        y = [{k: v.to(device) for k, v in t.items()} for t in y]
+        parts = net(x, y)
+        loss = sum(parts.values())
+        opt.zero_grad(set_to_none=True)
+        if torch.isfinite(loss):
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, float(tr.get("clip_grad", 10.0)))
+            opt.step()
+        else:
+            log.warning("step %d: non-finite loss %s, update skipped", sched.last_epoch + 1, parts)
+        return {k: float(v.detach()) for k, v in parts.items()} | {"loss": float(loss.detach())}
+
+    return train_loop(
+        one_step,
+        net=net,
+        opt=opt,
+        sched=sched,
+        rng=rng,
+        out=out,
+        step=step,
         total=total,
-        initial=step,
+        history=history,
         desc=f"train {cfg.get('name', cfg['arch'])}",
-        disable=not progress,
+        progress=progress,
+        log_every=int(tr.get("log_every", 25)),
+        checkpoint_every=int(tr.get("checkpoint_every", 250)),
+        arch=cfg["arch"],
+        net_options=_net_options(cfg),
     )
-    t0, running = time.perf_counter(), []
-    with (out / "train.log").open("a") as logf:
-        while step < total:
-            x, y = _batch(items, cfg, rng)
-            x = [im.to(device) for im in x]
-            y = [{k: v.to(device) for k, v in t.items()} for t in y]
-            parts = net(x, y)
-            loss = sum(parts.values())
-            opt.zero_grad(set_to_none=True)
-            if torch.isfinite(loss):
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, float(tr.get("clip_grad", 10.0)))
-                opt.step()
-            else:
-                log.warning("step %d: non-finite loss %s, update skipped", step + 1, parts)
-            sched.step()
-            step += 1
-            running.append(
-                {k: float(v.detach()) for k, v in parts.items()} | {"loss": float(loss.detach())}
-            )
-            bar.update(1)
-            if step % log_every == 0 or step == total:
-                recent = running[-log_every:]
-                mean = {k: float(np.mean([r[k] for r in recent])) for k in recent[0]}
-                bar.set_postfix(loss=f"{mean['loss']:.4f}")
-                history.append({"step": step, **mean, "seconds": time.perf_counter() - t0})
-                logf.write(
-                    f"step {step} "
-                    + " ".join(f"{k} {v:.5f}" for k, v in mean.items())
-                    + f" lr {sched.get_last_lr()[0]:.2e} t {time.perf_counter() - t0:.0f}s\n"
-                )
-                logf.flush()
-            if step % every == 0 or step == total:
-                save_checkpoint(
-                    ckpt,
-                    net=net,
-                    opt=opt,
-                    sched=sched,
-                    step=step,
-                    rng=rng,
-                    history=history,
-                    arch=cfg["arch"],
-                    net_options=_net_options(cfg),
-                )
-    bar.close()
-    return ckpt
 
 
 _ARCH_TEXT = {

@@ -10,13 +10,12 @@ metrics.
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .common import restore_checkpoint, save_checkpoint, warmup_cosine
+from .common import restore_checkpoint, train_loop, warmup_cosine
 from .data import TrainImage, augment, sample_patch
 
 __all__ = ["train_unet", "predict_maps", "postprocess_grid", "tune_thresholds", "seed_everything"]
@@ -188,7 +187,6 @@ def train_unet(
     interrupted run continues where it stopped.
     """
     import torch
-    from tqdm import tqdm
 
     from nucleus_models.models.unet import build_unet
 
@@ -212,13 +210,8 @@ def train_unet(
     if resume and ckpt.exists():
         step, history, _ = restore_checkpoint(ckpt, net=net, opt=opt, sched=sched, rng=rng)
     net.train()
-    every = int(tr.get("checkpoint_every", 250))
-    logf = (out / "train.log").open("a")
-    bar = tqdm(
-        total=total, initial=step, desc=f"train {cfg.get('name', 'unet')}", disable=not progress
-    )
-    t0, running = time.perf_counter(), []
-    while step < total:
+
+    def one_step() -> dict[str, float]:
         b = _batch(images, cfg, rng)
         loss = loss_fn(
             net(b["image"]),
@@ -229,22 +222,20 @@ def train_unet(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        sched.step()
-        step += 1
-        running.append(loss.item())
-        bar.update(1)
-        if step % 25 == 0 or step == total:
-            mean = float(np.mean(running[-25:]))
-            bar.set_postfix(loss=f"{mean:.4f}")
-            history.append({"step": step, "loss": mean, "seconds": time.perf_counter() - t0})
-            logf.write(
-                f"step {step} loss {mean:.5f} lr {sched.get_last_lr()[0]:.2e} t {time.perf_counter() - t0:.0f}s\n"
-            )
-            logf.flush()
-        if step % every == 0 or step == total:
-            save_checkpoint(
-                ckpt, net=net, opt=opt, sched=sched, step=step, rng=rng, history=history
-            )
-    bar.close()
-    logf.close()
-    return ckpt
+        return {"loss": loss.item()}
+
+    return train_loop(
+        one_step,
+        net=net,
+        opt=opt,
+        sched=sched,
+        rng=rng,
+        out=out,
+        step=step,
+        total=total,
+        history=history,
+        desc=f"train {cfg.get('name', 'unet')}",
+        progress=progress,
+        log_every=int(tr.get("log_every", 25)),
+        checkpoint_every=int(tr.get("checkpoint_every", 250)),
+    )

@@ -115,23 +115,6 @@ def _tile_nuclei(job: TileJob, tile: Tile, inst: Any) -> Nuclei:
     return nuc.select(keep & ~cut).transformed(scale=job.downsample)
 
 
-def _network(job: TileJob, images: Sequence[np.ndarray]) -> tuple[Any, float]:
-    model = _model(job.model_name, job.model_options)
-    t0 = time.perf_counter()
-    raw = model.forward(model.preprocess(list(images), job.context))
-    return raw, time.perf_counter() - t0
-
-
-def _postprocess(
-    job: TileJob, tiles: Sequence[Tile], images: Sequence[np.ndarray], raw: Any
-) -> tuple[Nuclei, float]:
-    model = _model(job.model_name, job.model_options)
-    t0 = time.perf_counter()
-    results = model.postprocess(raw, list(images), job.context)
-    nuc = Nuclei.concat([_tile_nuclei(job, t, r) for t, r in zip(tiles, results, strict=True)])
-    return nuc, time.perf_counter() - t0
-
-
 def process_tiles(
     job: TileJob, tiles: Sequence[Tile], images: Sequence[np.ndarray] | None = None
 ) -> tuple[Nuclei, dict[str, float]]:
@@ -141,13 +124,17 @@ def process_tiles(
     (model preprocess + forward) and ``postprocess`` (instances, polygons,
     seam rule).
     """
+    model = _model(job.model_name, job.model_options)
     t0 = time.perf_counter()
     if images is None:
         images = [read_tile(job, t) for t in tiles]
-    t_read = time.perf_counter() - t0
-    raw, t_net = _network(job, images)
-    nuc, t_post = _postprocess(job, tiles, images, raw)
-    return nuc, {"read": t_read, "network": t_net, "postprocess": t_post}
+    t1 = time.perf_counter()
+    raw = model.forward(model.preprocess(list(images), job.context))
+    t2 = time.perf_counter()
+    results = model.postprocess(raw, list(images), job.context)
+    nuc = Nuclei.concat([_tile_nuclei(job, t, r) for t, r in zip(tiles, results, strict=True)])
+    t3 = time.perf_counter()
+    return nuc, {"read": t1 - t0, "network": t2 - t1, "postprocess": t3 - t2}
 
 
 @contextmanager
