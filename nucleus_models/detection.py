@@ -98,7 +98,7 @@ class DetectionResult:
     spec: ModelSpec
     slide: dict[str, Any]
     region: list[int]
-    tiles: dict[str, int]
+    tiles: dict[str, Any]
     timings: dict[str, float]
     version: str = __version__
 
@@ -162,7 +162,22 @@ def detect_nuclei(params: DetectionParams, *, progress: Progress | None = None) 
     base_mpp = slide.require_mpp()
     region = clip_region(roi, slide.width, slide.height)
 
-    downsample = spec.mpp / base_mpp
+    from .models import get_model
+
+    model = get_model(spec.name, **params.model_options())
+    thumb, tscale = slide.thumbnail(2048)
+    tissue = tissue_mask(thumb, modality=spec.modality)
+    if region.polygons:
+        tissue = tissue & _polygon_mask(region.polygons, tissue.shape, tscale)
+    analysis_mpp = spec.mpp
+    target = spec.thresholds.get("diameter_px")
+    if target:
+        # size-normalised model: analyse at the scale where its own
+        # segmentation of a tissue-rich sample finds nuclei target px across
+        analysis_mpp = spec.mpp / _sample_scale(
+            slide, model, spec, tissue, tscale, region, base_mpp, float(target)
+        )
+    downsample = analysis_mpp / base_mpp
     image_w = max(1, int(math.floor(slide.width / downsample)))
     image_h = max(1, int(math.floor(slide.height / downsample)))
     tile_size = params.analysis_tile_size if params.analysis_tile_size > 0 else spec.tile_size
@@ -186,10 +201,6 @@ def detect_nuclei(params: DetectionParams, *, progress: Progress | None = None) 
     )
     tiles = tile_grid(bounds, tile_size=tile_size, overlap=overlap, image_size=(image_w, image_h))
 
-    thumb, tscale = slide.thumbnail(2048)
-    tissue = tissue_mask(thumb, modality=spec.modality)
-    if region.polygons:
-        tissue = tissue & _polygon_mask(region.polygons, tissue.shape, tscale)
     keep = []
     for t in tiles:
         box = tuple(v * downsample for v in t.core)
@@ -200,9 +211,6 @@ def detect_nuclei(params: DetectionParams, *, progress: Progress | None = None) 
         raise NoTissueError(
             f"{slide.path.rsplit('/', 1)[-1]}: no tissue found in the analysis region {region.as_list()}"
         )
-    from .models import get_model
-
-    model = get_model(spec.name, **params.model_options())
     context = model.prepare(thumb, tissue)
     t_setup = time.perf_counter()
 
@@ -214,7 +222,7 @@ def detect_nuclei(params: DetectionParams, *, progress: Progress | None = None) 
         context=context,
         downsample=downsample,
         image_size=(image_w, image_h),
-        analysis_mpp=spec.mpp,
+        analysis_mpp=analysis_mpp,
     )
 
     def tick(done: int, total: int) -> None:
@@ -254,7 +262,13 @@ def detect_nuclei(params: DetectionParams, *, progress: Progress | None = None) 
             "mpp_source": slide.mpp_source,
         },
         region=region.as_list(),
-        tiles={"total": len(tiles), "analysed": len(keep), "size": tile_size, "overlap": overlap},
+        tiles={
+            "total": len(tiles),
+            "analysed": len(keep),
+            "size": tile_size,
+            "overlap": overlap,
+            "analysis_mpp": round(analysis_mpp, 4),
+        },
         timings={
             "setup": t_setup - t0,
             "tiles": t_end - t_setup,
@@ -262,6 +276,92 @@ def detect_nuclei(params: DetectionParams, *, progress: Progress | None = None) 
             **{f"{k}_cpu": v for k, v in stages.items()},
         },
     )
+
+
+def _segment_rgb(
+    rgb: np.ndarray,
+    net: Any,
+    spec: ModelSpec,
+    scale: float,
+    *,
+    tile_size: int,
+    overlap: int,
+    batch_size: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Segment an in-memory RGB image resampled by ``scale`` (model-pixel grid):
+    ``(labels, scores, classes)`` on that grid."""
+    import cv2
+
+    from .wsi.runner import segment_array
+    from .wsi.tissue import tissue_mask
+
+    h, w = rgb.shape[:2]
+    size = (max(1, int(round(w * scale))), max(1, int(round(h * scale))))
+    if size != (w, h):
+        interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+        rgb = cv2.resize(rgb, size, interpolation=interp)
+    context = net.prepare(rgb, tissue_mask(rgb, modality=spec.modality))
+    lab, scores, classes = segment_array(
+        rgb, net, context, tile_size=tile_size, overlap=overlap, batch_size=batch_size
+    )
+    return lab, scores, classes
+
+
+def _sample_scale(
+    slide: Any,
+    model: Any,
+    spec: ModelSpec,
+    tissue: np.ndarray,
+    tscale: float,
+    region: Any,
+    base_mpp: float,
+    target: float,
+    size: int = 768,
+) -> float:
+    """Scale (analysis pixels per model pixel) at which ``model`` finds nuclei
+    ``target`` px across, fitted on the most tissue-rich ``size`` px window of
+    the analysis region (:func:`~nucleus_models.models.unet.fit_scale`)."""
+    import cv2
+
+    from .models.unet import fit_scale
+
+    d0 = spec.mpp / base_mpp  # base pixels per model pixel
+    win_w = min(size * d0, region.width)
+    win_h = min(size * d0, region.height)
+    inside = np.zeros(tissue.shape, np.float32)
+    r0, c0 = int(region.top * tscale), int(region.left * tscale)
+    r1 = int(math.ceil((region.top + region.height) * tscale))
+    c1 = int(math.ceil((region.left + region.width) * tscale))
+    inside[r0:r1, c0:c1] = tissue[r0:r1, c0:c1]
+    k = max(1, int(round(max(win_w, win_h) * tscale)))
+    cy, cx = np.unravel_index(np.argmax(cv2.blur(inside, (k, k))), inside.shape)
+    x0 = float(np.clip(cx / tscale - win_w / 2, region.left, region.left + region.width - win_w))
+    y0 = float(np.clip(cy / tscale - win_h / 2, region.top, region.top + region.height - win_h))
+    sample = slide.read_region(
+        int(x0),
+        int(y0),
+        max(1, int(win_w)),
+        max(1, int(win_h)),
+        out_w=max(1, int(round(win_w / d0))),
+        out_h=max(1, int(round(win_h / d0))),
+    )
+    overlap = max(spec.tile_overlap, int(math.ceil(spec.max_nucleus_diameter_um / spec.mpp)))
+
+    def segment(scale: float) -> tuple[np.ndarray, None]:
+        lab = _segment_rgb(
+            sample,
+            model,
+            spec,
+            scale,
+            tile_size=spec.tile_size,
+            overlap=overlap,
+            batch_size=spec.batch_size,
+        )[0]
+        return lab > 0, None
+
+    scale, _ = fit_scale(segment, target)
+    log.info("size-normalised model %s: analysing at %.3f um/px", spec.name, spec.mpp / scale)
+    return scale
 
 
 def _in_polygons(points: np.ndarray, polygons: tuple[np.ndarray, ...]) -> np.ndarray:
@@ -369,6 +469,7 @@ class ImageSegmentation:
     nuclei: Nuclei  # image-pixel coordinates
     spec: ModelSpec
     seconds: float
+    analysis_mpp: float = 0.0  # resolution the model ran at (its own, or the fitted one)
 
 
 def segment_image(
@@ -385,47 +486,58 @@ def segment_image(
 
     The image is resampled to the model's resolution, segmented with the
     same tiling and seam rule as slides, and the label map is resampled back
-    (nearest neighbour) to the image grid.
+    (nearest neighbour) to the image grid.  A size-normalised model (its spec
+    has ``thresholds["diameter_px"]``, trained with ``rescale_to_diameter``)
+    instead picks the scale at which its own segmentation finds nuclei of that
+    diameter, starting from the resolution (:func:`~nucleus_models.models.unet.fit_scale`).
     """
     import cv2
 
     from .instances import nuclei_from_labels
     from .models import get_model
-    from .wsi.runner import segment_array
+    from .models.unet import fit_scale
     from .wsi.slide import to_rgb_uint8
-    from .wsi.tissue import tissue_mask
 
     t0 = time.perf_counter()
     spec = get_spec(model)
     net = get_model(model, **(model_options or {}))
     rgb = to_rgb_uint8(np.asarray(image), stretch=True)
     h, w = rgb.shape[:2]
-    d = spec.mpp / mpp
-    aw, ah = max(1, int(round(w / d))), max(1, int(round(h / d)))
-    small = (
-        rgb
-        if (aw, ah) == (w, h)
-        else cv2.resize(rgb, (aw, ah), interpolation=cv2.INTER_AREA if d > 1 else cv2.INTER_LINEAR)
-    )
-    tissue = tissue_mask(small, modality=spec.modality)
-    context = net.prepare(small, tissue)
     ts = tile_size if tile_size > 0 else spec.tile_size
     ov = (
         overlap
         if overlap >= 0
         else max(spec.tile_overlap, int(math.ceil(spec.max_nucleus_diameter_um / spec.mpp)))
     )
-    lab, scores, classes = segment_array(
-        small,
-        net,
-        context,
-        tile_size=ts,
-        overlap=ov,
-        batch_size=batch_size if batch_size > 0 else spec.batch_size,
-    )
+
+    def at_scale(scale: float) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
+        out = _segment_rgb(
+            rgb,
+            net,
+            spec,
+            scale,
+            tile_size=ts,
+            overlap=ov,
+            batch_size=batch_size if batch_size > 0 else spec.batch_size,
+        )
+        return out[0] > 0, out
+
+    start = mpp / spec.mpp
+    target = spec.thresholds.get("diameter_px")
+    if target:
+        # size-normalised model: its own first segmentation picks the scale
+        scale, (lab, scores, classes) = fit_scale(at_scale, float(target), start=start)
+    else:
+        scale = start
+        lab, scores, classes = at_scale(start)[1]
+    aw, ah = lab.shape[1], lab.shape[0]
     if (aw, ah) != (w, h):
         lab = cv2.resize(lab, (w, h), interpolation=cv2.INTER_NEAREST)
     nuclei = nuclei_from_labels(lab, scores=scores, classes=classes, pixel_area_um2=mpp**2)
     return ImageSegmentation(
-        labels=lab.astype(np.uint32), nuclei=nuclei, spec=spec, seconds=time.perf_counter() - t0
+        labels=lab.astype(np.uint32),
+        nuclei=nuclei,
+        spec=spec,
+        seconds=time.perf_counter() - t0,
+        analysis_mpp=mpp / scale,
     )

@@ -183,6 +183,38 @@ def test_threshold_tuning_scores_at_the_truths_resolution() -> None:
     assert grid[1][1]["f1_iou50"] < 1.0
 
 
+def test_filters_drop_small_and_faint_instances_and_are_tuned_after_the_seeds() -> None:
+    from benchmark.training.data import make_targets
+    from benchmark.training.unet import cv_score, tune_thresholds
+    from nucleus_models.models.unet import instances_from_maps
+
+    truth = _three_disks(1)
+    fg, bd, dist = make_targets(truth, boundary="thin")
+    # two spurious blobs: a faint big one (mean fg 0.55) and a small confident one
+    fg[2:14, 40:52], dist[2:14, 40:52] = 0.55, 0.5
+    fg[50:53, 4:7], dist[50:53, 4:7] = 1.0, 0.5
+    n_all = instances_from_maps(fg, bd, dist, seed_threshold=0.3, min_area=4).labels.max()
+    faint = instances_from_maps(fg, bd, dist, seed_threshold=0.3, min_area=4, min_score=0.6)
+    small = instances_from_maps(fg, bd, dist, seed_threshold=0.3, min_area=12)
+    assert (n_all, faint.labels.max(), small.labels.max()) == (5, 4, 4)
+    assert faint.scores[1:].min() >= 0.6
+    cfg = {
+        "model": {"min_area": 4},
+        "cv": {
+            "fg_thresholds": [0.5],
+            "seed_thresholds": [0.3],
+            "min_areas": [4, 12],
+            "min_scores": [0.0, 0.6],
+            "metric": ["aji", "f1_iou50"],
+        },
+    }
+    grid = tune_thresholds([np.stack([fg, bd, dist])], [truth], cfg)
+    assert len(grid) == 4  # the seed setting, then 3 new filter settings on top of it
+    best, metrics = max(grid, key=lambda pm: cv_score(pm[1], cfg["cv"]["metric"]))
+    assert best["min_area"] == 12 and best["min_score"] == 0.6
+    assert metrics["f1_iou50"] == 1.0 and grid[0][1]["f1_iou50"] < 1.0
+
+
 def test_unknown_seed_mode_in_a_model_spec_is_a_model_error(tmp_path: Path) -> None:
     import torch
 
@@ -208,6 +240,7 @@ def test_size_normalisation_and_synthetic_images() -> None:
         rescale_to_diameter,
         synthetic_image,
     )
+    from nucleus_models.models.unet import mask_diameter
 
     lab = np.zeros((80, 80), np.int32)
     for k, (y, x) in enumerate([(10, 10), (10, 50), (50, 30)], start=1):
@@ -216,7 +249,11 @@ def test_size_normalisation_and_synthetic_images() -> None:
     img[lab > 0] = 200
     item = TrainImage("a", img, lab, lab > 0)
     assert median_nucleus_diameter(lab) == pytest.approx(2 * np.sqrt(400 / np.pi))
-    (small,) = rescale_to_diameter([item], 11.28)
+    # sizes are measured as inference measures them (inscribed circle of the mask)
+    assert mask_diameter(lab > 0) == pytest.approx(20.0, abs=1.0)
+    (small,) = rescale_to_diameter([item], 10.0)
+    assert small.image.shape[:2] == (40, 40)
+    assert mask_diameter(small.labels > 0) == pytest.approx(10.0, abs=1.0)
     assert median_nucleus_diameter(small.labels) == pytest.approx(11.28, rel=0.1)
     syn = synthetic_image([item], np.random.default_rng(0), size=96, n_nuclei=5, max_overlap=0.0)
     assert syn.labels.max() >= 3

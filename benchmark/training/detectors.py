@@ -296,11 +296,11 @@ def train_from_config(
     """
     import torch
 
-    from .run import _images
+    from .run import _images, _training_set
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    images = [im for im in _images(cfg) if im.has_instances]
+    images = [im for im in _training_set(cfg, _images(cfg)) if im.has_instances]
     if not images:
         raise ValueError(f"no training images with instances under {cfg['data']['root']}")
     t0 = time.perf_counter()

@@ -42,28 +42,61 @@ def kfold(ids: list[str], k: int, seed: int) -> list[list[str]]:
 
 
 def _images(cfg: dict[str, Any]) -> list[TrainImage]:
-    """Training images of the config: loaded, optionally size-normalised, plus artificial ones."""
-    from .data import rescale_to_diameter, synthetic_image
-
+    """The config's labelled images at the model's resolution (nothing rescaled or added)."""
     d = cfg["data"]
-    images = load_training_images(
+    return load_training_images(
         d["dataset"],
         d["root"],
         mpp=float(cfg["model"]["mpp"]),
         foreground_only_masks=d.get("foreground_only_masks"),
         default_mpp=d.get("default_mpp"),
         pseudo_instances=bool(d.get("pseudo_instances", False)),
+        label_resize=str(d.get("label_resize", "nearest")),
     )
+
+
+def _training_set(cfg: dict[str, Any], images: list[TrainImage]) -> list[TrainImage]:
+    """What a network trains on: ``images`` size-normalised if the config asks
+    (``data.rescale_to_diameter``), plus artificial images built from them."""
+    from .data import rescale_to_diameter, synthetic_image
+
+    d = cfg["data"]
     if d.get("rescale_to_diameter"):
-        images = rescale_to_diameter(images, float(d["rescale_to_diameter"]))
+        images = rescale_to_diameter(
+            images,
+            float(d["rescale_to_diameter"]),
+            label_resize=str(d.get("label_resize", "nearest")),
+        )
     n_syn = int(d.get("synthetic_images", 0))
     if n_syn:
         rng = np.random.default_rng(int(cfg.get("seed", 0)) + 1)
-        images += [
+        images = images + [
             synthetic_image(images, rng, max_overlap=float(d.get("synthetic_max_overlap", 0.1)))
             for _ in range(n_syn)
         ]
     return images
+
+
+def held_out_maps(net: Any, image: np.ndarray, cfg: dict[str, Any]) -> np.ndarray:
+    """A held-out image's maps as inference makes them: at the model's
+    resolution, or, for a size-normalised model, at the scale where its own
+    first segmentation finds nuclei ``rescale_to_diameter`` px across
+    (:func:`nucleus_models.models.unet.fit_scale`; never from the labels)."""
+    from nucleus_models.models.unet import fit_scale
+
+    from .data import _resize
+    from .unet import predict_maps
+
+    norm = cfg["model"].get("normalisation", "rgb")
+    target = cfg["data"].get("rescale_to_diameter")
+    if not target:
+        return predict_maps(net, image, normalisation=norm)
+
+    def segment(scale: float) -> tuple[np.ndarray, np.ndarray]:
+        maps = predict_maps(net, _resize(image, scale), normalisation=norm)
+        return maps[0] > 0.5, maps
+
+    return fit_scale(segment, float(target))[1]
 
 
 def _load_net(ckpt: Path, cfg: dict[str, Any]) -> Any:
@@ -89,7 +122,7 @@ def cross_validate(
     """
     from benchmark.datasets import DatasetError, get_dataset
 
-    from .unet import predict_maps, train_unet, tune_thresholds
+    from .unet import cv_score, train_unet, tune_thresholds
 
     cv = cfg.get("cv", {})
     k = int(cv.get("folds", 3))
@@ -108,7 +141,7 @@ def cross_validate(
     except DatasetError:  # images given directly (tests): score at the model resolution
         ds, native = None, set()
     for i, held in enumerate(folds):
-        train = [im for im in images if im.id not in held]
+        train = _training_set(cfg, [im for im in images if im.id not in held])
         ckpt = train_unet(
             cfg,
             train,
@@ -119,17 +152,13 @@ def cross_validate(
         net = _load_net(ckpt, cfg)
         for im in images:
             if im.id in held:
-                maps.append(
-                    predict_maps(
-                        net, im.image, normalisation=cfg["model"].get("normalisation", "rgb")
-                    )
-                )
+                maps.append(held_out_maps(net, im.image, cfg))
                 truth = ds.load(im.id).labels if ds is not None and im.id in native else None
                 truths.append(im.labels if truth is None else np.asarray(truth, np.int32))
                 ids.append(im.id)
     grid = tune_thresholds(maps, truths, cfg)
     metric = cv.get("metric", "aji")
-    best, at_best = max(grid, key=lambda pm: pm[1][metric])
+    best, at_best = max(grid, key=lambda pm: cv_score(pm[1], metric))
     result = {
         "folds": folds,
         "metric": metric,
@@ -162,6 +191,8 @@ def export(
         "seed_threshold": 0.5,
         "tta": int(m.get("tta", 0)),
     }
+    if cfg["data"].get("rescale_to_diameter"):
+        thresholds["diameter_px"] = float(cfg["data"]["rescale_to_diameter"])
     if cv:
         thresholds.update(cv["best"])
     return write_weights(
@@ -184,7 +215,13 @@ def _card_markdown(
         spec["description"],
         "",
         f"- Architecture: compact U-Net (foreground, boundary, distance heads; {meta['parameters']:,} parameters) + marker-controlled watershed",
-        f"- Resolution: {spec['mpp']} um/px (inputs are resampled to it); modality: {spec['modality']}",
+        (
+            f"- Resolution: size-normalised: nuclei {spec['thresholds']['diameter_px']:g} px across "
+            "(training images resampled to it; at inference the scale comes from a first "
+            f"segmentation, starting from {spec['mpp']} um/px); modality: {spec['modality']}"
+            if spec["thresholds"].get("diameter_px")
+            else f"- Resolution: {spec['mpp']} um/px (inputs are resampled to it); modality: {spec['modality']}"
+        ),
         f"- Training data: {cfg.get('card', {}).get('data', cfg['data']['dataset'])}",
         f"- Targets: boundary {cfg['train'].get('boundary_target', 'thick')}; loss weights boundary "
         f"{cfg['train'].get('boundary_weight', 1.0)}, distance {cfg['train'].get('distance_weight', 2.0)}"
@@ -205,7 +242,7 @@ def _card_markdown(
     if cv:
         mm = cv["metrics_at_best"]
         lines += [
-            f"## {len(cv['folds'])}-fold cross-validation ({cv['n_images']} held-out images, thresholds chosen by {cv['metric']})",
+            f"## {len(cv['folds'])}-fold cross-validation ({cv['n_images']} held-out images, thresholds chosen by {cv['metric'] if isinstance(cv['metric'], str) else ' + '.join(cv['metric'])})",
             "",
             "| " + " | ".join(mm) + " |",
             "|" + "---|" * len(mm),
@@ -230,7 +267,10 @@ def _postprocess_text(th: dict[str, Any]) -> str:
         seeds = f"seeds = h-maxima (h {th['h']}) of (distance - boundary) smoothed with sigma {th['smooth']} px"
     else:
         seeds = f"seeds = (distance - boundary) > {th['seed_threshold']}"
-    return f"foreground > {th['fg_threshold']}; {seeds}; instances < {th['min_area']} px dropped"
+    filt = f"instances < {th['min_area']} px" + (
+        f" or with mean foreground < {th['min_score']}" if th.get("min_score") else ""
+    )
+    return f"foreground > {th['fg_threshold']}; {seeds}; {filt} dropped"
 
 
 def _trained_seconds(ckpt: Path) -> float:
@@ -275,7 +315,7 @@ def train_from_config(
         if export_to is not None:
             raise ValueError("--cv_only trains no final model to export")
         return {"checkpoint": None, "cv": cv, "meta": {}}
-    ckpt = train_unet(cfg, images, out / "final", steps=steps, resume=resume)
+    ckpt = train_unet(cfg, _training_set(cfg, images), out / "final", steps=steps, resume=resume)
     # training time from the checkpoints' own logs (exact also when a later
     # invocation only resumed finished runs to re-tune or export)
     seconds = _trained_seconds(ckpt)

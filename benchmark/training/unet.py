@@ -18,7 +18,14 @@ import numpy as np
 from .common import restore_checkpoint, train_loop, warmup_cosine
 from .data import TrainImage, augment, sample_patch
 
-__all__ = ["train_unet", "predict_maps", "postprocess_grid", "tune_thresholds", "seed_everything"]
+__all__ = [
+    "train_unet",
+    "predict_maps",
+    "postprocess_grid",
+    "tune_thresholds",
+    "cv_score",
+    "seed_everything",
+]
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +58,7 @@ def _batch(
                 rng,
                 scale_range=tuple(tr.get("scale_range", (1.0, 1.0))),
                 boundary=str(tr.get("boundary_target", "thick")),
+                label_resize=str(cfg.get("data", {}).get("label_resize", "nearest")),
             ),
             rng,
             cfg.get("augment", {}),
@@ -143,13 +151,27 @@ def postprocess_grid(cfg: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
+def cv_score(metrics: dict[str, float], metric: str | list[str]) -> float:
+    """The number cross-validation maximises: one metric, or the mean of several.
+
+    >>> cv_score({"aji": 0.5, "f1_iou50": 0.7}, ["aji", "f1_iou50"])
+    0.6
+    """
+    names = [metric] if isinstance(metric, str) else list(metric)
+    return float(np.mean([metrics[m] for m in names]))
+
+
 def tune_thresholds(
     maps: list[np.ndarray], truths: list[np.ndarray], cfg: dict[str, Any]
 ) -> list[tuple[dict[str, Any], dict[str, float]]]:
     """Mean instance metrics of each post-processing setting on held-out images.
 
-    ``truths`` may be on a finer grid than ``maps`` (the images' own
-    resolution): labels are then resized to it with nearest neighbour, as
+    Every setting of :func:`postprocess_grid` is scored; then, for the best
+    of them (by ``cv.metric``), the filters ``cv.min_areas`` x ``cv.min_scores``
+    (instances smaller than that many pixels, or with a lower mean
+    foreground probability, dropped) are scored too.  ``truths`` may be on a
+    finer grid than ``maps`` (the images' own resolution): labels are then
+    resized to it with nearest neighbour, as
     :func:`nucleus_models.detection.segment_image` does, so the scores are
     those the harness reports.
     """
@@ -158,17 +180,27 @@ def tune_thresholds(
     from benchmark.metrics import instance_metrics
     from nucleus_models.models.unet import instances_from_maps
 
-    out = []
-    for params in postprocess_grid(cfg):
+    cv_cfg = cfg.get("cv", {})
+    min_area = int(cfg["model"].get("min_area", 8))
+
+    def score(params: dict[str, Any]) -> dict[str, float]:
         rows = []
         for m, t in zip(maps, truths, strict=True):
-            lab = instances_from_maps(
-                m[0], m[1], m[2], min_area=int(cfg["model"].get("min_area", 8)), **params
-            ).labels
+            lab = instances_from_maps(m[0], m[1], m[2], **{"min_area": min_area, **params}).labels
             if lab.shape != t.shape:
                 lab = cv2.resize(lab, t.shape[::-1], interpolation=cv2.INTER_NEAREST)
             rows.append(instance_metrics(t, lab))
-        out.append((params, {k: float(np.nanmean([r[k] for r in rows])) for k in rows[0]}))
+        return {k: float(np.nanmean([r[k] for r in rows])) for k in rows[0]}
+
+    out = [(params, score(params)) for params in postprocess_grid(cfg)]
+    metric = cv_cfg.get("metric", "aji")
+    best = max(out, key=lambda pm: cv_score(pm[1], metric))[0]
+    for area in cv_cfg.get("min_areas", []):
+        for ms in cv_cfg.get("min_scores", [0.0]):
+            if int(area) == min_area and float(ms) == 0.0:
+                continue  # the setting already scored
+            params = {**best, "min_area": int(area), "min_score": float(ms)}
+            out.append((params, score(params)))
     return out
 
 

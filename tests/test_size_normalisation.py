@@ -1,0 +1,120 @@
+"""Size-normalised models (Kromp et al. 2020): trained with nuclei rescaled to
+``diameter_px``, they pick their analysis scale from a first segmentation, on
+in-memory images and on slides."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from nucleus_models.models.base import ModelSpec, NucleusModel, TileInstances
+from nucleus_models.models.unet import fit_scale, mask_diameter
+
+NAME = "sizefit-test"
+
+
+class _DarkBlobs(NucleusModel):
+    """Dark pixels -> connected components: a scale-free stand-in for a network."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        self.spec = spec
+
+    def preprocess(self, tiles: list[np.ndarray], context: dict[str, Any]) -> Any:
+        return tiles
+
+    def forward(self, batch: Any) -> Any:
+        return [t.mean(axis=2) < 128 for t in batch]
+
+    def postprocess(
+        self, raw: Any, tiles: list[np.ndarray], context: dict[str, Any]
+    ) -> list[TileInstances]:
+        from scipy import ndimage as ndi
+
+        out = []
+        for m in raw:
+            lab, n = ndi.label(m)
+            out.append(TileInstances(lab.astype(np.int32), np.ones(n + 1), np.zeros(n + 1, int)))
+        return out
+
+
+@pytest.fixture
+def sizefit_model() -> Iterator[ModelSpec]:
+    from nucleus_models.models import registry
+
+    registry._ensure_builtin()
+    spec = ModelSpec(
+        name=NAME,
+        mpp=0.5,
+        tile_size=256,
+        tile_overlap=48,
+        max_nucleus_diameter_um=40.0,
+        thresholds={"diameter_px": 20.0},
+    )
+    registry.register_model(spec)(lambda **_: _DarkBlobs(spec))
+    try:
+        yield spec
+    finally:  # the CLI XML lists exactly the registered models: leave no trace
+        registry._REGISTRY.pop(NAME, None)
+
+
+def test_fit_scale_returns_the_scale_of_its_result() -> None:
+    calls: list[float] = []
+
+    def seg(scale: float) -> tuple[np.ndarray, float]:
+        calls.append(scale)
+        m = np.zeros((400, 400), bool)
+        yy, xx = np.mgrid[:400, :400]
+        r = 50 * scale  # 100 px nuclei at scale 1
+        m[(yy - 200) ** 2 + (xx - 200) ** 2 < r * r] = True
+        return m, scale
+
+    scale, result = fit_scale(seg, 20.0, max_passes=1)
+    assert scale == result == calls[-1] == 1.0  # one pass: no rescaling done
+    scale, result = fit_scale(seg, 20.0)
+    assert scale == result == calls[-1]
+    assert mask_diameter(seg(scale)[0]) == pytest.approx(20.0, rel=0.15)
+    # limits hold, and an empty segmentation stops the search at the start
+    assert fit_scale(seg, 20.0, limits=(0.5, 4.0))[0] == 0.5
+    assert fit_scale(lambda s: (np.zeros((9, 9), bool), s), 20.0, start=1.3) == (1.3, 1.3)
+
+
+def test_segment_image_fits_the_scale(sizefit_model: ModelSpec) -> None:
+    from conftest import draw_disks
+
+    from nucleus_models.detection import segment_image
+
+    radius = 30.0  # 60 px nuclei, the model wants 20 px: analyse at 1/3
+    centres = np.array([[80.0, 80.0], [220.0, 90.0], [150.0, 230.0], [300.0, 300.0]])
+    img = draw_disks(400, 400, centres, radius)
+    seg = segment_image(img, mpp=0.5, model=NAME)
+    assert seg.analysis_mpp == pytest.approx(1.5, rel=0.15)
+    assert seg.labels.shape == (400, 400)
+    assert len(seg.nuclei) == len(centres)
+    truth = img.mean(axis=2) < 128
+    iou = ((seg.labels > 0) & truth).sum() / ((seg.labels > 0) | truth).sum()
+    assert iou > 0.9
+    np.testing.assert_allclose(
+        np.median(seg.nuclei.measurements["area_um2"]), np.pi * (radius * 0.5) ** 2, rtol=0.1
+    )
+
+
+def test_slide_analysis_fits_the_scale(sizefit_model: ModelSpec, tmp_path: Path) -> None:
+    from conftest import disk_centres, draw_disks, write_pyramidal_tiff
+
+    from nucleus_models.detection import DetectionParams, detect_nuclei
+
+    radius = 20.0  # 40 px nuclei at 0.5 um/px: the model should run at 1.0 um/px
+    centres = disk_centres(1200, 900, (256,), radius=radius)
+    path = write_pyramidal_tiff(
+        tmp_path / "big.tif", draw_disks(1200, 900, centres, radius), mpp=0.5
+    )
+    res = detect_nuclei(DetectionParams(inputImageFile=str(path), model=NAME))
+    assert res.provenance()["tiles"]["analysis_mpp"] == pytest.approx(1.0, rel=0.15)
+    assert len(res.nuclei) == len(centres)
+    np.testing.assert_allclose(
+        np.median(res.nuclei.measurements["area_um2"]), np.pi * (radius * 0.5) ** 2, rtol=0.15
+    )
