@@ -270,39 +270,55 @@ def fit_scale(
     target: float,
     *,
     start: float = 1.0,
+    coarse: tuple[float, ...] = (0.25, 0.5, 1.0),
     tolerance: float = 0.15,
     max_passes: int = 3,
     limits: tuple[float, float] = (0.125, 4.0),
 ) -> tuple[float, Any]:
-    """Resample until nuclei have ``target`` px diameter (Kromp et al. 2020;
-    Cellpose estimates the size the same way, from a first segmentation).
+    """Resample until nuclei are ``target`` px across (Kromp et al. 2020; Cellpose
+    also picks the scale from a first look at the image).
 
     ``segment(scale)`` segments the image resampled by ``scale`` and returns
-    ``(foreground mask, result)``.  Starting at ``start``, each pass measures
-    :func:`mask_diameter` and moves the scale by ``target / diameter`` until
-    the diameter is within ``tolerance`` (relative) of ``target``, at most
-    ``max_passes`` times; a pass that finds no nucleus ends the search.  The
-    scale stays within ``limits``.  Returns ``(scale, result)`` of the last pass.
+    ``(foreground mask, result)``; the nucleus size is :func:`mask_diameter`
+    of the mask.  First the scales ``start * c`` for ``c`` in ``coarse`` are
+    tried (the small ones cost little): a network that meets nuclei several
+    times larger than it was trained on breaks them into small fragments, so
+    a size measured at ``start`` alone can point the wrong way, while at the
+    right scale the measured size is the trained one.  From the closest of
+    them, up to ``max_passes`` steps move the scale by ``target / diameter``,
+    stopping within ``tolerance``.  Scales stay within ``limits``.  Returns
+    ``(scale, result)`` of the pass whose diameter came closest to
+    ``target`` (``start`` if no pass found a nucleus).
 
-    >>> def seg(scale):  # an image of 40 px nuclei, target 20 px
-    ...     m = np.zeros((200, 200), bool); r = 20 * scale
-    ...     yy, xx = np.mgrid[:200, :200]; m[(yy - 100) ** 2 + (xx - 100) ** 2 < r * r] = True
-    ...     return m, scale
+    >>> def seg(scale):  # 100 px nuclei; at scale >= 0.5 "the network" fragments them
+    ...     yy, xx = np.mgrid[:400, :400]
+    ...     r = 50 * scale if scale < 0.5 else 4
+    ...     return (yy % 100 - 50) ** 2 + (xx % 100 - 50) ** 2 < r * r, scale
     >>> round(fit_scale(seg, 20.0)[0], 2)
-    0.5
+    0.2
     """
     lo, hi = limits
-    scale = float(np.clip(start, lo, hi))
-    passes = max(1, int(max_passes))
-    for k in range(passes):
+    tried: dict[float, tuple[float, float | None, Any]] = {}  # scale -> (error, diameter, result)
+
+    def run(scale: float) -> bool:
+        scale = float(np.clip(scale, lo, hi))
+        if scale in tried:
+            return False
         mask, result = segment(scale)
         d = mask_diameter(mask)
-        if d is None or abs(d / target - 1.0) <= tolerance or k == passes - 1:
+        tried[scale] = (abs(float(np.log(d / target))) if d else np.inf, d, result)
+        return True
+
+    for c in sorted(coarse) or [1.0]:
+        run(start * c)
+    for _ in range(max(0, int(max_passes))):
+        scale, (err, d, _) = min(tried.items(), key=lambda kv: kv[1][0])
+        if d is None or err <= np.log1p(tolerance) or not run(scale * target / d):
             break
-        new = float(np.clip(scale * target / d, lo, hi))
-        if abs(new / scale - 1.0) < 1e-3:  # pinned at a limit
-            break
-        scale = new
+    scale, (err, _, result) = min(tried.items(), key=lambda kv: kv[1][0])
+    if not np.isfinite(err):  # no nucleus at any scale: the resolution's own result
+        s0 = float(np.clip(start, lo, hi))
+        return s0, tried[s0][2] if s0 in tried else segment(s0)[1]
     return scale, result
 
 
