@@ -81,9 +81,20 @@ def test_fit_scale_returns_the_scale_of_its_result() -> None:
     calls.clear()
     scale, _ = fit_scale(lambda s: seg(s, fragment_above=0.5), 20.0)
     assert scale == pytest.approx(0.2, rel=0.15) and min(calls) <= 0.25
+
+    # small nuclei (10 px) that merge into one target-sized blob at a tiny
+    # scale: the start's own refinement converges first and wins
+    def small(scale: float) -> tuple[np.ndarray, float]:
+        yy, xx = np.mgrid[:300, :300]
+        if scale < 0.3:  # a clump seen from far away
+            return (yy - 150) ** 2 + (xx - 150) ** 2 < 100, scale
+        r = 5 * scale
+        return (yy % 40 - 20) ** 2 + (xx % 40 - 20) ** 2 < r * r, scale
+
+    assert fit_scale(small, 20.0)[0] == pytest.approx(2.0, rel=0.15)
     # limits hold (the closest allowed scale wins), and with no nucleus at any
     # scale the start scale's result comes back
-    assert fit_scale(seg, 20.0, limits=(0.5, 4.0))[0] == 0.5
+    assert fit_scale(seg, 20.0, limits=(0.5, 3.0))[0] == 0.5
     assert fit_scale(lambda s: (np.zeros((9, 9), bool), s), 20.0, start=1.3) == (1.3, 1.3)
 
 

@@ -119,7 +119,8 @@ def train_loop(
 
     ckpt = out / "checkpoint.pt"
     bar = tqdm(total=total, initial=step, desc=desc, disable=not progress)
-    t0, running = time.perf_counter(), []
+    # time accumulates over resumed invocations (the history holds the past)
+    t0, running = time.perf_counter() - (history[-1]["seconds"] if history else 0.0), []
     with (out / "train.log").open("a") as logf:
         while step < total:
             running.append(step_fn())

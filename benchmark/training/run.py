@@ -255,7 +255,13 @@ def _card_markdown(
                 if cv.get("scored_at") == "image resolution"
                 else "training resolution "
             )
-            + "with `benchmark.metrics.instance_metrics`.",
+            + "with `benchmark.metrics.instance_metrics`."
+            + (
+                " Each held-out image was segmented at the scale its fold model picked from its "
+                "own segmentation (`fit_scale`), never from its labels."
+                if spec["thresholds"].get("diameter_px")
+                else ""
+            ),
             "",
         ]
     return "\n".join(lines)

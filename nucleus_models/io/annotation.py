@@ -108,4 +108,5 @@ def annotation_document(
 def write_annotation(path: str, doc: dict[str, Any]) -> None:
     """Write an annotation document as compact JSON, atomically."""
     with atomic_write(path, "w", encoding="utf-8") as f:
-        json.dump(doc, f, separators=(",", ":"), allow_nan=False)
+        # json.dumps uses the C encoder; json.dump to a stream does not (5x slower)
+        f.write(json.dumps(doc, separators=(",", ":"), allow_nan=False))

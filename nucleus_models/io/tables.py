@@ -91,4 +91,5 @@ def geojson_document(
 def write_geojson(path: str, doc: dict[str, Any]) -> None:
     """Write a GeoJSON document atomically."""
     with atomic_write(path, "w", encoding="utf-8") as f:
-        json.dump(doc, f, separators=(",", ":"), allow_nan=False)
+        # json.dumps uses the C encoder; json.dump to a stream does not (5x slower)
+        f.write(json.dumps(doc, separators=(",", ":"), allow_nan=False))

@@ -270,25 +270,27 @@ def fit_scale(
     target: float,
     *,
     start: float = 1.0,
-    coarse: tuple[float, ...] = (0.25, 0.5, 1.0),
+    coarse: tuple[float, ...] = (0.25, 0.5),
     tolerance: float = 0.15,
     max_passes: int = 3,
-    limits: tuple[float, float] = (0.125, 4.0),
+    limits: tuple[float, float] = (0.125, 3.0),
 ) -> tuple[float, Any]:
     """Resample until nuclei are ``target`` px across (Kromp et al. 2020; Cellpose
     also picks the scale from a first look at the image).
 
     ``segment(scale)`` segments the image resampled by ``scale`` and returns
     ``(foreground mask, result)``; the nucleus size is :func:`mask_diameter`
-    of the mask.  First the scales ``start * c`` for ``c`` in ``coarse`` are
-    tried (the small ones cost little): a network that meets nuclei several
-    times larger than it was trained on breaks them into small fragments, so
-    a size measured at ``start`` alone can point the wrong way, while at the
-    right scale the measured size is the trained one.  From the closest of
-    them, up to ``max_passes`` steps move the scale by ``target / diameter``,
-    stopping within ``tolerance``.  Scales stay within ``limits``.  Returns
-    ``(scale, result)`` of the pass whose diameter came closest to
-    ``target`` (``start`` if no pass found a nucleus).
+    of the mask.  From ``start``, up to ``max_passes`` steps move the scale by
+    ``target / diameter`` until the size is within ``tolerance`` (relative);
+    a step that moves away from ``target`` ends them.  If that does not
+    converge, the scales ``start * c`` for ``c`` in ``coarse`` are looked at
+    and the steps resume from the best scale seen: a network meeting nuclei
+    several times larger than it was trained on breaks them into small
+    fragments, so the size measured at ``start`` points the wrong way.  The
+    coarse look comes second because at a tiny scale a clump of small nuclei
+    can look like one nucleus of the right size.  Scales stay within
+    ``limits``.  Returns ``(scale, result)`` of the pass whose size came
+    closest to ``target`` (``start``'s if no pass found a nucleus).
 
     >>> def seg(scale):  # 100 px nuclei; at scale >= 0.5 "the network" fragments them
     ...     yy, xx = np.mgrid[:400, :400]
@@ -298,27 +300,41 @@ def fit_scale(
     0.2
     """
     lo, hi = limits
+    ok = float(np.log1p(tolerance))
     tried: dict[float, tuple[float, float | None, Any]] = {}  # scale -> (error, diameter, result)
 
-    def run(scale: float) -> bool:
+    def run(scale: float) -> float | None:
+        """Segment at ``scale``; its size error, or None if already tried."""
         scale = float(np.clip(scale, lo, hi))
         if scale in tried:
-            return False
+            return None
         mask, result = segment(scale)
         d = mask_diameter(mask)
         tried[scale] = (abs(float(np.log(d / target))) if d else np.inf, d, result)
-        return True
+        return tried[scale][0]
 
-    for c in sorted(coarse) or [1.0]:
-        run(start * c)
-    for _ in range(max(0, int(max_passes))):
-        scale, (err, d, _) = min(tried.items(), key=lambda kv: kv[1][0])
-        if d is None or err <= np.log1p(tolerance) or not run(scale * target / d):
-            break
-    scale, (err, _, result) = min(tried.items(), key=lambda kv: kv[1][0])
+    def best() -> tuple[float, tuple[float, float | None, Any]]:
+        return min(tried.items(), key=lambda kv: kv[1][0])
+
+    def refine() -> bool:
+        for _ in range(max(0, int(max_passes))):
+            scale, (err, d, _) = best()
+            if d is None or err <= ok:
+                break
+            new = run(scale * target / d)
+            if new is None or new >= err:  # nowhere new, or worse: stop
+                break
+        return best()[1][0] <= ok
+
+    s0 = float(np.clip(start, lo, hi))
+    run(s0)
+    if not refine() and coarse:
+        for c in sorted(coarse):
+            run(start * c)
+        refine()
+    scale, (err, _, result) = best()
     if not np.isfinite(err):  # no nucleus at any scale: the resolution's own result
-        s0 = float(np.clip(start, lo, hi))
-        return s0, tried[s0][2] if s0 in tried else segment(s0)[1]
+        return s0, tried[s0][2]
     return scale, result
 
 
