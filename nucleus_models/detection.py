@@ -164,16 +164,17 @@ def detect_nuclei(params: DetectionParams, *, progress: Progress | None = None) 
 
     from .models import get_model
 
-    model = get_model(spec.name, **params.model_options())
+    model = None
     thumb, tscale = slide.thumbnail(2048)
     tissue = tissue_mask(thumb, modality=spec.modality)
     if region.polygons:
         tissue = tissue & _polygon_mask(region.polygons, tissue.shape, tscale)
     analysis_mpp = spec.mpp
     target = spec.thresholds.get("diameter_px")
-    if target:
+    if target and tissue.any():  # (no tissue: the one-line error below, nothing loaded)
         # size-normalised model: analyse at the scale where its own
         # segmentation of a tissue-rich sample finds nuclei target px across
+        model = get_model(spec.name, **params.model_options())
         analysis_mpp = spec.mpp / _sample_scale(
             slide, model, spec, tissue, tscale, region, base_mpp, float(target)
         )
@@ -211,6 +212,8 @@ def detect_nuclei(params: DetectionParams, *, progress: Progress | None = None) 
         raise NoTissueError(
             f"{slide.path.rsplit('/', 1)[-1]}: no tissue found in the analysis region {region.as_list()}"
         )
+    if model is None:
+        model = get_model(spec.name, **params.model_options())
     context = model.prepare(thumb, tissue)
     t_setup = time.perf_counter()
 

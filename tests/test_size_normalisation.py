@@ -15,6 +15,7 @@ from nucleus_models.models.base import ModelSpec, NucleusModel, TileInstances
 from nucleus_models.models.unet import fit_scale, mask_diameter
 
 NAME = "sizefit-test"
+BUILDS: list[int] = []  # one entry per model built
 
 
 class _DarkBlobs(NucleusModel):
@@ -54,7 +55,13 @@ def sizefit_model() -> Iterator[ModelSpec]:
         max_nucleus_diameter_um=40.0,
         thresholds={"diameter_px": 20.0},
     )
-    registry.register_model(spec)(lambda **_: _DarkBlobs(spec))
+    BUILDS.clear()
+
+    def build(**_: Any) -> _DarkBlobs:
+        BUILDS.append(1)
+        return _DarkBlobs(spec)
+
+    registry.register_model(spec)(build)
     try:
         yield spec
     finally:  # the CLI XML lists exactly the registered models: leave no trace
@@ -134,3 +141,18 @@ def test_slide_analysis_fits_the_scale(sizefit_model: ModelSpec, tmp_path: Path)
     np.testing.assert_allclose(
         np.median(res.nuclei.measurements["area_um2"]), np.pi * (radius * 0.5) ** 2, rtol=0.15
     )
+
+
+def test_slide_without_tissue_fails_before_the_model_is_built(
+    sizefit_model: ModelSpec, tmp_path: Path
+) -> None:
+    from conftest import write_pyramidal_tiff
+
+    from nucleus_models.detection import DetectionParams, detect_nuclei
+    from nucleus_models.errors import NoTissueError
+
+    blank = np.full((600, 800, 3), 245, np.uint8)  # glass only
+    path = write_pyramidal_tiff(tmp_path / "blank.tif", blank, mpp=0.5)
+    with pytest.raises(NoTissueError, match="no tissue"):
+        detect_nuclei(DetectionParams(inputImageFile=str(path), model=NAME))
+    assert BUILDS == []
