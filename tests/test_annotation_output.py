@@ -41,6 +41,9 @@ def test_every_form_validates(form: str) -> None:
     assert [e["lineColor"] for e in doc["elements"]] == ["rgb(0,0,255)", "rgb(255,0,0)"]
     assert [e["group"] for e in doc["elements"]] == ["negative", "positive"]
     assert doc["elements"][1]["user"] == {"score": 0.4, "area_um2": 8.5}
+    if form in ("polygon", "boundary"):  # each nucleus gets its own vertices, z = 0
+        assert doc["elements"][1]["points"] == [[40, 5, 0], [48, 9, 0], [44, 15, 0]]
+        assert len(doc["elements"][0]["points"]) == 4
 
 
 def test_schema_check_can_fail() -> None:
