@@ -91,6 +91,25 @@ def test_training_lowers_the_loss_and_checkpoints_are_loadable(
         registry._REGISTRY.pop("unet-test", None)
 
 
+def test_cross_validation_reports_the_chosen_setting_per_group(
+    shared_data: Path, tmp_path: Path
+) -> None:
+    from benchmark.training.run import cross_validate
+
+    imgs = _tiny_images(shared_data)
+    cfg = _cfg()
+    cfg["train"]["steps"] = 10
+    cfg["cv"] = {"folds": 3, "fg_thresholds": [0.5], "seed_thresholds": [0.3, 0.5]}
+    cfg["cv"]["report_groups"] = ["modality"]
+    cv = cross_validate(cfg, imgs, tmp_path / "cv", resume=False)
+    assert cv["n_images"] == 3 and len(cv["grid"]) == 2
+    groups = cv["by_group"]
+    assert sum(g["n"] for g in groups.values()) == 3
+    assert set(groups) == {f"modality={im.groups['modality']}" for im in imgs}
+    overall = sum(g["n"] * g["aji"] for g in groups.values()) / 3
+    assert overall == pytest.approx(cv["metrics_at_best"]["aji"])
+
+
 def test_wrong_sha256_is_rejected(tmp_path: Path) -> None:
     import torch
 

@@ -122,7 +122,7 @@ def cross_validate(
     """
     from benchmark.datasets import DatasetError, get_dataset
 
-    from .unet import cv_score, train_unet, tune_thresholds
+    from .unet import cv_score, score_images, train_unet, tune_thresholds
 
     cv = cfg.get("cv", {})
     k = int(cv.get("folds", 3))
@@ -134,7 +134,7 @@ def cross_validate(
         if im.has_instances and not im.pseudo and "synthetic" not in im.groups
     ]
     folds = kfold(labelled, k, int(cfg.get("seed", 0)))
-    maps, truths, ids = [], [], []
+    maps, truths, ids, groups = [], [], [], []
     try:
         ds = get_dataset(cfg["data"]["dataset"], cfg["data"]["root"])
         native = set(ds.ids())
@@ -156,9 +156,20 @@ def cross_validate(
                 truth = ds.load(im.id).labels if ds is not None and im.id in native else None
                 truths.append(im.labels if truth is None else np.asarray(truth, np.int32))
                 ids.append(im.id)
+                groups.append(dict(im.groups))
     grid = tune_thresholds(maps, truths, cfg)
     metric = cv.get("metric", "aji")
     best, at_best = max(grid, key=lambda pm: cv_score(pm[1], metric))
+    # the chosen setting per group of images (cv.report_groups, e.g. ["modality"])
+    rows = score_images(maps, truths, {"min_area": int(cfg["model"].get("min_area", 8)), **best})
+    by_group: dict[str, dict[str, Any]] = {}
+    for key in cv.get("report_groups", []):
+        for value in sorted({g[key] for g in groups if key in g}):
+            sel = [r for r, g in zip(rows, groups, strict=True) if g.get(key) == value]
+            by_group[f"{key}={value}"] = {
+                "n": len(sel),
+                **{k: float(np.nanmean([r[k] for r in sel])) for k in sel[0]},
+            }
     result = {
         "folds": folds,
         "metric": metric,
@@ -167,6 +178,7 @@ def cross_validate(
         else "model resolution",
         "best": best,
         "metrics_at_best": at_best,
+        "by_group": by_group,
         "grid": [{**p, **m} for p, m in grid],
         "n_images": len(ids),
     }
@@ -264,6 +276,19 @@ def _card_markdown(
             ),
             "",
         ]
+        if len(cv.get("by_group", {})) > 1:
+            keys = ["f1_iou50", "aji", "dice", "det_f1"]
+            lines += [
+                "By group of held-out images (same setting):",
+                "",
+                "| group | images | " + " | ".join(keys) + " |",
+                "|---|---|" + "---|" * len(keys),
+                *(
+                    f"| {name} | {g['n']} | " + " | ".join(f"{g[k]:.3f}" for k in keys) + " |"
+                    for name, g in cv["by_group"].items()
+                ),
+                "",
+            ]
     return "\n".join(lines)
 
 

@@ -23,6 +23,7 @@ __all__ = [
     "predict_maps",
     "postprocess_grid",
     "tune_thresholds",
+    "score_images",
     "cv_score",
     "seed_everything",
 ]
@@ -161,6 +162,26 @@ def cv_score(metrics: dict[str, float], metric: str | list[str]) -> float:
     return float(np.mean([metrics[m] for m in names]))
 
 
+def score_images(
+    maps: list[np.ndarray], truths: list[np.ndarray], params: dict[str, Any]
+) -> list[dict[str, float]]:
+    """Instance metrics of each held-out image under one post-processing setting
+    (labels resized to the truth's grid with nearest neighbour, as
+    :func:`nucleus_models.detection.segment_image` does)."""
+    import cv2
+
+    from benchmark.metrics import instance_metrics
+    from nucleus_models.models.unet import instances_from_maps
+
+    rows = []
+    for m, t in zip(maps, truths, strict=True):
+        lab = instances_from_maps(m[0], m[1], m[2], **params).labels
+        if lab.shape != t.shape:
+            lab = cv2.resize(lab, t.shape[::-1], interpolation=cv2.INTER_NEAREST)
+        rows.append(instance_metrics(t, lab))
+    return rows
+
+
 def tune_thresholds(
     maps: list[np.ndarray], truths: list[np.ndarray], cfg: dict[str, Any]
 ) -> list[tuple[dict[str, Any], dict[str, float]]]:
@@ -175,21 +196,11 @@ def tune_thresholds(
     :func:`nucleus_models.detection.segment_image` does, so the scores are
     those the harness reports.
     """
-    import cv2
-
-    from benchmark.metrics import instance_metrics
-    from nucleus_models.models.unet import instances_from_maps
-
     cv_cfg = cfg.get("cv", {})
     min_area = int(cfg["model"].get("min_area", 8))
 
     def score(params: dict[str, Any]) -> dict[str, float]:
-        rows = []
-        for m, t in zip(maps, truths, strict=True):
-            lab = instances_from_maps(m[0], m[1], m[2], **{"min_area": min_area, **params}).labels
-            if lab.shape != t.shape:
-                lab = cv2.resize(lab, t.shape[::-1], interpolation=cv2.INTER_NEAREST)
-            rows.append(instance_metrics(t, lab))
+        rows = score_images(maps, truths, {"min_area": min_area, **params})
         return {k: float(np.nanmean([r[k] for r in rows])) for k in rows[0]}
 
     out = [(params, score(params)) for params in postprocess_grid(cfg)]
