@@ -182,7 +182,7 @@ def detect_nuclei(params: DetectionParams, *, progress: Progress | None = None) 
     image_w = max(1, int(math.floor(slide.width / downsample)))
     image_h = max(1, int(math.floor(slide.height / downsample)))
     tile_size = params.analysis_tile_size if params.analysis_tile_size > 0 else spec.tile_size
-    min_overlap = int(math.ceil(spec.max_nucleus_diameter_um / spec.mpp))
+    min_overlap = _min_overlap(spec)
     overlap = (
         params.analysis_tile_overlap
         if params.analysis_tile_overlap >= 0
@@ -281,6 +281,11 @@ def detect_nuclei(params: DetectionParams, *, progress: Progress | None = None) 
     )
 
 
+def _min_overlap(spec: ModelSpec) -> int:
+    """Model pixels of tile context needed so the largest nucleus is never cut."""
+    return int(math.ceil(spec.max_nucleus_diameter_um / spec.mpp))
+
+
 def _segment_rgb(
     rgb: np.ndarray,
     net: Any,
@@ -348,7 +353,7 @@ def _sample_scale(
         out_w=max(1, int(round(win_w / d0))),
         out_h=max(1, int(round(win_h / d0))),
     )
-    overlap = max(spec.tile_overlap, int(math.ceil(spec.max_nucleus_diameter_um / spec.mpp)))
+    overlap = max(spec.tile_overlap, _min_overlap(spec))
 
     def segment(scale: float) -> tuple[np.ndarray, None]:
         lab = _segment_rgb(
@@ -472,7 +477,7 @@ class ImageSegmentation:
     nuclei: Nuclei  # image-pixel coordinates
     spec: ModelSpec
     seconds: float
-    analysis_mpp: float = 0.0  # resolution the model ran at (its own, or the fitted one)
+    analysis_mpp: float  # resolution the model ran at (its own, or the fitted one)
 
 
 def segment_image(
@@ -507,11 +512,7 @@ def segment_image(
     rgb = to_rgb_uint8(np.asarray(image), stretch=True)
     h, w = rgb.shape[:2]
     ts = tile_size if tile_size > 0 else spec.tile_size
-    ov = (
-        overlap
-        if overlap >= 0
-        else max(spec.tile_overlap, int(math.ceil(spec.max_nucleus_diameter_um / spec.mpp)))
-    )
+    ov = overlap if overlap >= 0 else max(spec.tile_overlap, _min_overlap(spec))
 
     def at_scale(scale: float) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
         out = _segment_rgb(
@@ -533,8 +534,7 @@ def segment_image(
     else:
         scale = start
         lab, scores, classes = at_scale(start)[1]
-    aw, ah = lab.shape[1], lab.shape[0]
-    if (aw, ah) != (w, h):
+    if lab.shape != (h, w):
         lab = cv2.resize(lab, (w, h), interpolation=cv2.INTER_NEAREST)
     nuclei = nuclei_from_labels(lab, scores=scores, classes=classes, pixel_area_um2=mpp**2)
     return ImageSegmentation(

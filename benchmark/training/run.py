@@ -161,9 +161,14 @@ def cross_validate(
     metric = cv.get("metric", "aji")
     best, at_best = max(grid, key=lambda pm: cv_score(pm[1], metric))
     # the chosen setting per group of images (cv.report_groups, e.g. ["modality"])
-    rows = score_images(maps, truths, {"min_area": int(cfg["model"].get("min_area", 8)), **best})
+    report = list(cv.get("report_groups", []))
+    rows = (
+        score_images(maps, truths, {"min_area": int(cfg["model"].get("min_area", 8)), **best})
+        if report
+        else []
+    )
     by_group: dict[str, dict[str, Any]] = {}
-    for key in cv.get("report_groups", []):
+    for key in report:
         for value in sorted({g[key] for g in groups if key in g}):
             sel = [r for r, g in zip(rows, groups, strict=True) if g.get(key) == value]
             by_group[f"{key}={value}"] = {

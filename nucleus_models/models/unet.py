@@ -163,7 +163,7 @@ def instances_from_maps(
     2
     """
     from scipy import ndimage as ndi
-    from skimage.segmentation import relabel_sequential, watershed
+    from skimage.segmentation import watershed
 
     mask = fg > fg_threshold
     height = dist - boundary
@@ -181,18 +181,17 @@ def instances_from_maps(
     rest, n_rest = ndi.label(mask & (labels == 0))
     if n_rest:
         labels = np.where(rest > 0, rest + labels.max(), labels)
-    counts = np.bincount(labels.ravel())
-    mean_fg = np.bincount(labels.ravel(), weights=fg.ravel(), minlength=len(counts)) / np.maximum(
-        counts, 1
-    )
-    drop = (counts < min_area) | (mean_fg < min_score)
-    drop[0] = False
-    labels = np.where(drop[labels], 0, labels)
-    labels = relabel_sequential(labels.astype(np.int32))[0].astype(np.int32)
-    n = int(labels.max(initial=0))
-    cnt = np.bincount(labels.ravel(), minlength=n + 1)
-    score = np.bincount(labels.ravel(), weights=fg.ravel(), minlength=n + 1) / np.maximum(cnt, 1)
-    score[0] = 0
+    flat = labels.ravel()
+    counts = np.bincount(flat)
+    mean_fg = np.bincount(flat, weights=fg.ravel(), minlength=len(counts)) / np.maximum(counts, 1)
+    kept = np.flatnonzero((counts >= min_area) & (mean_fg >= min_score))
+    kept = kept[kept > 0]
+    # one lookup drops the filtered instances and renumbers the rest 1..n in order
+    new_id = np.zeros(len(counts), np.int32)
+    new_id[kept] = np.arange(1, len(kept) + 1, dtype=np.int32)
+    labels = new_id[labels]
+    n = len(kept)
+    score = np.concatenate([[0.0], mean_fg[kept]])
     return TileInstances(
         labels=labels, scores=score.astype(np.float32), classes=np.zeros(n + 1, np.int32)
     )
