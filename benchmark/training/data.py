@@ -145,6 +145,7 @@ def load_training_images(
     default_mpp: float | None = None,
     pseudo_instances: bool = False,
     label_resize: str = "nearest",
+    foreground_mask_erosion: int = 0,
 ) -> list[TrainImage]:
     """Load a dataset's labelled samples resampled to ``mpp``.
 
@@ -153,7 +154,9 @@ def load_training_images(
     ``binary_masks_png``); those images are added with ``labels=None``.
     Samples without a resolution use ``default_mpp`` (default: ``mpp``, no
     resampling).  ``label_resize``: ``"nearest"`` or ``"area"`` (see
-    :func:`resize_labels`).
+    :func:`resize_labels`).  ``foreground_mask_erosion``: erode those masks
+    with an ``N x N`` square first (:func:`erode_foreground_mask`), to bring
+    them to the rasterisation of the outlines they are trained with.
     """
     from PIL import Image
 
@@ -181,6 +184,8 @@ def load_training_images(
                 continue
             img = np.asarray(Image.open(img_path).convert("RGB"))
             fg = np.asarray(Image.open(mask_path).convert("L")) > 127
+            if foreground_mask_erosion > 1:
+                fg = erode_foreground_mask(fg, foreground_mask_erosion)
             scale = (default_mpp or mpp) / mpp
             if pseudo_instances:
                 lab = _resize(split_foreground_mask(fg), scale, nearest=label_resize).astype(
@@ -201,6 +206,27 @@ def load_training_images(
         "loaded %d training images (%d with instances)", len(out), sum(t.has_instances for t in out)
     )
     return out
+
+
+def erode_foreground_mask(mask: np.ndarray, size: int = 2) -> np.ndarray:
+    """Keep a pixel of ``mask`` only if the ``size x size`` square ending at it
+    (the pixel and its neighbours above and to the left) is all foreground.
+
+    MoNuSeg's binary masks draw each outline's boundary pixels too: on the 13
+    training images that also have the XML outlines, 12 masks cover the
+    outlines rasterised at pixel centres (:func:`~benchmark.datasets.monuseg.rasterize_polygons`,
+    what the harness scores against) plus 7.8 % more pixels (IoU 0.926).
+    A 2x2 erosion anchored this way brings them to IoU 0.971 (area 0.973);
+    pseudo-instances split from the eroded masks score AJI 0.886 / Dice 0.985
+    against the outlines instead of 0.844 / 0.962.
+
+    >>> m = np.zeros((5, 5), bool); m[1:4, 1:4] = True
+    >>> erode_foreground_mask(m).astype(int).tolist()
+    [[0, 0, 0, 0, 0], [0, 0, 0, 0, 0], [0, 0, 1, 1, 0], [0, 0, 1, 1, 0], [0, 0, 0, 0, 0]]
+    """
+    from scipy import ndimage as ndi
+
+    return ndi.binary_erosion(np.asarray(mask, bool), np.ones((size, size), bool))
 
 
 def split_foreground_mask(mask: np.ndarray, *, h: float = 1.0, smooth: float = 1.0) -> np.ndarray:

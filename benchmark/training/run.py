@@ -52,6 +52,7 @@ def _images(cfg: dict[str, Any]) -> list[TrainImage]:
         default_mpp=d.get("default_mpp"),
         pseudo_instances=bool(d.get("pseudo_instances", False)),
         label_resize=str(d.get("label_resize", "nearest")),
+        foreground_mask_erosion=int(d.get("foreground_mask_erosion", 0)),
     )
 
 
