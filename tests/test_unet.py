@@ -110,6 +110,39 @@ def test_cross_validation_reports_the_chosen_setting_per_group(
     assert overall == pytest.approx(cv["metrics_at_best"]["aji"])
 
 
+def test_cross_validation_can_choose_the_setting_on_one_group(
+    shared_data: Path, tmp_path: Path
+) -> None:
+    """cv.tune_on: the setting is the best on that group's held-out images;
+    the headline metrics are still those of every held-out image."""
+    from benchmark.training.run import cross_validate
+
+    imgs = _tiny_images(shared_data)
+    for im, part in zip(imgs, "abb", strict=True):
+        im.groups["part"] = part
+    cfg = _cfg()
+    cfg["train"]["steps"] = 10
+    cfg["cv"] = {
+        "folds": 3,
+        "metric": "aji",
+        "fg_thresholds": [0.3, 0.5, 0.7],
+        "seed_thresholds": [0.1, 0.3, 0.5],
+        "report_groups": ["part"],
+        "tune_on": "part=a",
+    }
+    cv = cross_validate(cfg, imgs, tmp_path / "cv", resume=False)
+    assert cv["tuned_on"] == "part=a" and len(cv["grid"]) == 9
+    g = cv["by_group"]
+    assert g["part=a"]["n"] == 1 and g["part=b"]["n"] == 2
+    # the grid scores the tuned group only, and the chosen setting is its best
+    assert max(r["aji"] for r in cv["grid"]) == pytest.approx(g["part=a"]["aji"])
+    overall = (g["part=a"]["aji"] + 2 * g["part=b"]["aji"]) / 3
+    assert cv["metrics_at_best"]["aji"] == pytest.approx(overall)
+    cfg["cv"]["tune_on"] = "part=c"
+    with pytest.raises(ValueError, match="no held-out image"):
+        cross_validate(cfg, imgs, tmp_path / "cv", resume=True)
+
+
 def test_wrong_sha256_is_rejected(tmp_path: Path) -> None:
     import torch
 

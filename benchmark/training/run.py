@@ -158,16 +158,27 @@ def cross_validate(
                 truths.append(im.labels if truth is None else np.asarray(truth, np.int32))
                 ids.append(im.id)
                 groups.append(dict(im.groups))
-    grid = tune_thresholds(maps, truths, cfg)
     metric = cv.get("metric", "aji")
+    # cv.tune_on = "key=value": choose the setting on that group of held-out
+    # images only (e.g. the modality a model serves); all are still reported
+    tune_on = str(cv.get("tune_on", ""))
+    tuned = list(range(len(ids)))
+    if tune_on:
+        key, _, value = tune_on.partition("=")
+        tuned = [i for i, g in enumerate(groups) if str(g.get(key)) == value]
+        if not tuned:
+            raise ValueError(f"cv.tune_on = {tune_on!r}: no held-out image is in that group")
+    grid = tune_thresholds([maps[i] for i in tuned], [truths[i] for i in tuned], cfg)
     best, at_best = max(grid, key=lambda pm: cv_score(pm[1], metric))
     # the chosen setting per group of images (cv.report_groups, e.g. ["modality"])
     report = list(cv.get("report_groups", []))
     rows = (
         score_images(maps, truths, {"min_area": int(cfg["model"].get("min_area", 8)), **best})
-        if report
+        if report or tune_on
         else []
     )
+    if tune_on:  # the headline numbers stay those of every held-out image
+        at_best = {k: float(np.nanmean([r[k] for r in rows])) for k in rows[0]}
     by_group: dict[str, dict[str, Any]] = {}
     for key in report:
         for value in sorted({g[key] for g in groups if key in g}):
@@ -179,6 +190,7 @@ def cross_validate(
     result = {
         "folds": folds,
         "metric": metric,
+        "tuned_on": tune_on or "all",
         "scored_at": "image resolution"
         if ds is not None and set(ids) <= native
         else "model resolution",
@@ -244,7 +256,14 @@ def _card_markdown(
         f"- Targets: boundary {cfg['train'].get('boundary_target', 'thick')}; loss weights boundary "
         f"{cfg['train'].get('boundary_weight', 1.0)}, distance {cfg['train'].get('distance_weight', 2.0)}"
         + (
-            "; images with only a foreground mask get pseudo-instances (distance-transform watershed of the mask)"
+            "; images with only a foreground mask get pseudo-instances (distance-transform watershed of the mask"
+            + (
+                f", eroded {int(cfg['data']['foreground_mask_erosion'])}x{int(cfg['data']['foreground_mask_erosion'])} first"
+                " to match the outlines' rasterisation"
+                if int(cfg["data"].get("foreground_mask_erosion", 0)) > 1
+                else ""
+            )
+            + ")"
             if cfg["data"].get("pseudo_instances")
             else ""
         ),
@@ -260,7 +279,13 @@ def _card_markdown(
     if cv:
         mm = cv["metrics_at_best"]
         lines += [
-            f"## {len(cv['folds'])}-fold cross-validation ({cv['n_images']} held-out images, thresholds chosen by {cv['metric'] if isinstance(cv['metric'], str) else ' + '.join(cv['metric'])})",
+            f"## {len(cv['folds'])}-fold cross-validation ({cv['n_images']} held-out images, thresholds chosen by {cv['metric'] if isinstance(cv['metric'], str) else ' + '.join(cv['metric'])}"
+            + (
+                f" on the held-out images with {cv['tuned_on']}"
+                if cv.get("tuned_on", "all") != "all"
+                else ""
+            )
+            + ")",
             "",
             "| " + " | ".join(mm) + " |",
             "|" + "---|" * len(mm),
