@@ -315,7 +315,8 @@ def train_from_config(
         "backbone": "resnet18-fpn (layer1-3), weights=None",
         "steps": int(steps if steps is not None else cfg["train"]["steps"]),
         "seconds": round(seconds, 1),
-        "hardware": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} CPU threads"
+        "hardware": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} CPU thread"
+        + ("s" if torch.get_num_threads() > 1 else "")
         + (f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""),
         "torch": torch.__version__,
         "images": [im.id for im in images],
