@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +23,17 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+
+def hardware_text() -> str:
+    """The machine a training run used, for the model card: CPU, threads, GPU."""
+    import torch
+
+    n = torch.get_num_threads()
+    gpu = f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+    return (
+        f"{platform.processor() or platform.machine()}, {n} CPU thread{'s' if n > 1 else ''}{gpu}"
+    )
 
 
 def warmup_cosine(opt: Any, total: int, *, warmup_fraction: float) -> Any:

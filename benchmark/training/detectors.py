@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import platform
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .common import restore_checkpoint, train_loop, warmup_cosine, write_weights
+from .common import hardware_text, restore_checkpoint, train_loop, warmup_cosine, write_weights
 from .data import TrainImage, augment, sample_patch
 
 __all__ = ["instance_targets", "train_detector", "export", "train_from_config"]
@@ -315,9 +314,7 @@ def train_from_config(
         "backbone": "resnet18-fpn (layer1-3), weights=None",
         "steps": int(steps if steps is not None else cfg["train"]["steps"]),
         "seconds": round(seconds, 1),
-        "hardware": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} CPU thread"
-        + ("s" if torch.get_num_threads() > 1 else "")
-        + (f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""),
+        "hardware": hardware_text(),
         "torch": torch.__version__,
         "images": [im.id for im in images],
         "parameters": sum(p.numel() for p in build_from_config(cfg).parameters()),

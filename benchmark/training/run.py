@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import platform
 import sys
 from pathlib import Path
 from typing import Any
@@ -12,7 +11,7 @@ from typing import Any
 import numpy as np
 import tomllib
 
-from .common import write_weights
+from .common import hardware_text, write_weights
 from .data import TrainImage, load_training_images
 
 __all__ = ["load_config", "train_from_config", "kfold"]
@@ -239,6 +238,7 @@ def export(
 def _card_markdown(
     cfg: dict[str, Any], spec: dict[str, Any], meta: dict[str, Any], cv: dict[str, Any] | None
 ) -> str:
+    erosion = int(cfg["data"].get("foreground_mask_erosion", 0))
     lines = [
         f"# Model card: {spec['name']}",
         "",
@@ -258,9 +258,8 @@ def _card_markdown(
         + (
             "; images with only a foreground mask get pseudo-instances (distance-transform watershed of the mask"
             + (
-                f", eroded {int(cfg['data']['foreground_mask_erosion'])}x{int(cfg['data']['foreground_mask_erosion'])} first"
-                " to match the outlines' rasterisation"
-                if int(cfg["data"].get("foreground_mask_erosion", 0)) > 1
+                f", eroded {erosion}x{erosion} first to match the outlines' rasterisation"
+                if erosion > 1
                 else ""
             )
             + ")"
@@ -394,9 +393,7 @@ def train_from_config(
         "steps": int(steps if steps is not None else cfg["train"]["steps"]),
         "seconds": round(seconds, 1),
         "cv_seconds": round(t_cv, 1),
-        "hardware": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} CPU thread"
-        + ("s" if torch.get_num_threads() > 1 else "")
-        + (f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""),
+        "hardware": hardware_text(),
         "torch": torch.__version__,
         "images": [im.id for im in images],
         "parameters": sum(
