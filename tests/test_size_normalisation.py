@@ -156,3 +156,35 @@ def test_slide_without_tissue_fails_before_the_model_is_built(
     with pytest.raises(NoTissueError, match="no tissue"):
         detect_nuclei(DetectionParams(inputImageFile=str(path), model=NAME))
     assert BUILDS == []
+
+
+def test_cross_validation_measures_the_size_on_the_final_instances() -> None:
+    """A network whose foreground map is fuzzy (0.6 in a halo around each
+    nucleus, 0.9 inside): above 0.5 nuclei look 24 px across, but inference
+    measures its final instances (here foreground > 0.8), 16 px.  The CV scale
+    search given the setting must do the same, or it analyses at the wrong scale."""
+    import torch
+
+    from benchmark.training.run import held_out_maps
+
+    class Fuzzy(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            p = (0.1 + 0.8 * (x[:, :1] + 0.5)).clamp(0.01, 0.99)
+            fg = torch.log(p / (1 - p))
+            return torch.cat([fg, torch.full_like(fg, -10.0), fg], dim=1)
+
+    yy, xx = np.mgrid[:160, :160]
+    r = np.min(
+        [np.hypot(yy - cy, xx - cx) for cy in (40, 120) for cx in (40, 120)], axis=0
+    )  # four nuclei
+    img = np.zeros((160, 160, 3), np.uint8)
+    img[r < 12] = 153  # halo: foreground probability 0.58
+    img[r < 8] = 255  # nucleus: 0.9
+    cfg = {"data": {"rescale_to_diameter": 20.0}, "model": {"normalisation": "rgb"}}
+    raw = held_out_maps(Fuzzy(), img, cfg)
+    setting = {"fg_threshold": 0.8, "seed_threshold": 0.5, "min_area": 8}
+    final = held_out_maps(Fuzzy(), img, cfg, setting)
+    # the maps come back at the scale chosen: ~20/24 of the image without the
+    # setting, ~20/16 with it
+    assert raw.shape[1] < 150 and final.shape[1] > 180
+    assert mask_diameter(final[0] > 0.8) == pytest.approx(20.0, rel=0.15)

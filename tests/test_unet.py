@@ -91,6 +91,38 @@ def test_training_lowers_the_loss_and_checkpoints_are_loadable(
         registry._REGISTRY.pop("unet-test", None)
 
 
+def test_weight_averaging_is_checkpointed_resumed_and_shipped(
+    shared_data: Path, tmp_path: Path
+) -> None:
+    import torch
+
+    from benchmark.training.run import _load_net, export
+    from benchmark.training.unet import train_unet
+
+    imgs = _tiny_images(shared_data)
+    cfg = _cfg()
+    cfg["train"]["ema"] = 0.9
+    ckpt = train_unet(cfg, imgs, tmp_path / "run", steps=20, progress=False)
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert state["ema_n"] == 20 and state["ema_decay"] == 0.9
+    raw, avg = state["model"], state["ema_model"]
+    assert raw.keys() == avg.keys()
+    # the average trails the trained weights
+    assert any(not torch.equal(raw[k], avg[k]) for k in raw if raw[k].is_floating_point())
+    # resuming continues the average (it is not restarted from the weights)
+    ckpt = train_unet(cfg, imgs, tmp_path / "run", steps=25, resume=True, progress=False)
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert state["ema_n"] == 25
+    # evaluation and export use the average
+    net = _load_net(ckpt, cfg)
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, state["ema_model"][k]), k
+    meta = {"command": "test", "steps": 25, "seconds": 1.0, "hardware": "cpu", "parameters": 1}
+    pt = export(cfg, ckpt, None, tmp_path / "weights", meta)
+    shipped = torch.load(pt, map_location="cpu", weights_only=True)
+    assert all(torch.equal(shipped[k], state["ema_model"][k]) for k in shipped)
+
+
 def test_cross_validation_reports_the_chosen_setting_per_group(
     shared_data: Path, tmp_path: Path
 ) -> None:
@@ -108,6 +140,33 @@ def test_cross_validation_reports_the_chosen_setting_per_group(
     assert set(groups) == {f"modality={im.groups['modality']}" for im in imgs}
     overall = sum(g["n"] * g["aji"] for g in groups.values()) / 3
     assert overall == pytest.approx(cv["metrics_at_best"]["aji"])
+
+
+def test_cross_validation_of_a_size_normalised_model_searches_the_scale_twice(
+    shared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """First with the foreground map, then on the final instances of the
+    setting that pass chose (as inference measures), and the setting is re-tuned."""
+    from benchmark.training import run
+
+    calls: list = []
+    original = run.held_out_maps
+
+    def spy(net, image, cfg, params=None):  # type: ignore[no-untyped-def]
+        calls.append(params)
+        return original(net, image, cfg, params)
+
+    monkeypatch.setattr(run, "held_out_maps", spy)
+    imgs = _tiny_images(shared_data)
+    cfg = _cfg()
+    cfg["data"]["rescale_to_diameter"] = 16.0
+    cfg["train"]["steps"] = 10
+    cfg["cv"] = {"folds": 3, "fg_thresholds": [0.5], "seed_thresholds": [0.3, 0.5]}
+    cv = run.cross_validate(cfg, imgs, tmp_path / "cv", resume=False)
+    assert calls[:3] == [None] * 3 and len(calls) == 6
+    assert all(c is not None and c["fg_threshold"] == 0.5 for c in calls[3:])
+    assert cv["size_measured_on"].startswith("final instances")
+    assert cv["best"] in [{k: v for k, v in r.items() if k in cv["best"]} for r in cv["grid"]]
 
 
 def test_cross_validation_can_choose_the_setting_on_one_group(
@@ -328,6 +387,16 @@ def test_percentile_normalisation_treats_single_channel_fluorescence_as_grey() -
     )
     rgb = normalise_tile(grey, "rgb")
     assert rgb.shape == (3, 40, 40) and rgb.min() >= -0.5 and rgb.max() <= 0.5
+
+
+def test_whole_image_maps_pad_to_the_network_depth() -> None:
+    from benchmark.training.unet import predict_maps
+    from nucleus_models.models.unet import build_unet
+
+    img = np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8)
+    for depth in (3, 5):  # strides 4 and 16: 50 x 70 pads to 52 x 72 and 64 x 80
+        net = build_unet(base=4, depth=depth)
+        assert predict_maps(net, img, normalisation="rgb").shape == (3, 50, 70)
 
 
 def test_inference_fusion_keeps_the_outputs() -> None:

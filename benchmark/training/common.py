@@ -20,6 +20,7 @@ __all__ = [
     "restore_checkpoint",
     "train_loop",
     "write_weights",
+    "shipped_state",
 ]
 
 log = logging.getLogger(__name__)
@@ -106,6 +107,12 @@ def restore_checkpoint(
     return step, list(state.get("history", [])), state
 
 
+def shipped_state(state: dict[str, Any]) -> dict[str, Any]:
+    """The weights a checkpoint is evaluated and shipped with: the moving
+    average when the run kept one (``train.ema``), else the trained weights."""
+    return state["ema_model"] if "ema_model" in state else state["model"]
+
+
 def train_loop(
     step_fn: Callable[[], dict[str, float]],
     *,
@@ -126,7 +133,9 @@ def train_loop(
     """Run ``step_fn`` (one optimiser step; returns its losses, ``"loss"``
     among them) from ``step`` to ``total`` with a progress bar, running means
     in ``out/train.log`` and ``history``, and a checkpoint every
-    ``checkpoint_every`` steps and at the end; returns the checkpoint path."""
+    ``checkpoint_every`` steps and at the end; returns the checkpoint path.
+    A callable in ``checkpoint_extra`` is called at each checkpoint (state
+    that changes during training, such as averaged weights)."""
     from tqdm import tqdm
 
     ckpt = out / "checkpoint.pt"
@@ -159,7 +168,7 @@ def train_loop(
                     step=step,
                     rng=rng,
                     history=history,
-                    **checkpoint_extra,
+                    **{k: v() if callable(v) else v for k, v in checkpoint_extra.items()},
                 )
     bar.close()
     return ckpt
@@ -187,7 +196,7 @@ def write_weights(
     name = cfg["name"]
     weights_dir.mkdir(parents=True, exist_ok=True)
     pt = weights_dir / f"{name}.pt"
-    torch.save(torch.load(ckpt, map_location="cpu", weights_only=True)["model"], pt)
+    torch.save(shipped_state(torch.load(ckpt, map_location="cpu", weights_only=True)), pt)
     m = cfg["model"]
     spec = {
         "name": name,

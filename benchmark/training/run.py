@@ -77,12 +77,19 @@ def _training_set(cfg: dict[str, Any], images: list[TrainImage]) -> list[TrainIm
     return images
 
 
-def held_out_maps(net: Any, image: np.ndarray, cfg: dict[str, Any]) -> np.ndarray:
+def held_out_maps(
+    net: Any, image: np.ndarray, cfg: dict[str, Any], params: dict[str, Any] | None = None
+) -> np.ndarray:
     """A held-out image's maps as inference makes them: at the model's
     resolution, or, for a size-normalised model, at the scale where its own
     first segmentation finds nuclei ``rescale_to_diameter`` px across
-    (:func:`nucleus_models.models.unet.fit_scale`; never from the labels)."""
-    from nucleus_models.models.unet import fit_scale
+    (:func:`nucleus_models.models.unet.fit_scale`; never from the labels).
+
+    With ``params`` (a post-processing setting) the size is measured, as
+    inference measures it, on the foreground of the final instances; without,
+    on the foreground map above 0.5.
+    """
+    from nucleus_models.models.unet import fit_scale, instances_from_maps
 
     from .data import _resize
     from .unet import predict_maps
@@ -91,10 +98,15 @@ def held_out_maps(net: Any, image: np.ndarray, cfg: dict[str, Any]) -> np.ndarra
     target = cfg["data"].get("rescale_to_diameter")
     if not target:
         return predict_maps(net, image, normalisation=norm)
+    setting = (
+        None if params is None else {"min_area": int(cfg["model"].get("min_area", 8)), **params}
+    )
 
     def segment(scale: float) -> tuple[np.ndarray, np.ndarray]:
         maps = predict_maps(net, _resize(image, scale), normalisation=norm)
-        return maps[0] > 0.5, maps
+        if setting is None:
+            return maps[0] > 0.5, maps
+        return instances_from_maps(maps[0], maps[1], maps[2], **setting).labels > 0, maps
 
     return fit_scale(segment, float(target))[1]
 
@@ -107,7 +119,9 @@ def _load_net(ckpt: Path, cfg: dict[str, Any]) -> Any:
     net = build_unet(
         base=int(cfg["model"].get("base", 16)), depth=int(cfg["model"].get("depth", 4))
     )
-    net.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True)["model"])
+    from .common import shipped_state
+
+    net.load_state_dict(shipped_state(torch.load(ckpt, map_location="cpu", weights_only=True)))
     return net.eval()
 
 
@@ -134,7 +148,7 @@ def cross_validate(
         if im.has_instances and not im.pseudo and "synthetic" not in im.groups
     ]
     folds = kfold(labelled, k, int(cfg.get("seed", 0)))
-    maps, truths, ids, groups = [], [], [], []
+    truths, ids, groups, held_out = [], [], [], []
     try:
         ds = get_dataset(cfg["data"]["dataset"], cfg["data"]["root"])
         native = set(ds.ids())
@@ -152,7 +166,7 @@ def cross_validate(
         net = _load_net(ckpt, cfg)
         for im in images:
             if im.id in held:
-                maps.append(held_out_maps(net, im.image, cfg))
+                held_out.append((net, im.image))
                 truth = ds.load(im.id).labels if ds is not None and im.id in native else None
                 truths.append(im.labels if truth is None else np.asarray(truth, np.int32))
                 ids.append(im.id)
@@ -167,8 +181,15 @@ def cross_validate(
         tuned = [i for i, g in enumerate(groups) if str(g.get(key)) == value]
         if not tuned:
             raise ValueError(f"cv.tune_on = {tune_on!r}: no held-out image is in that group")
+    maps = [held_out_maps(net, image, cfg) for net, image in held_out]
     grid = tune_thresholds([maps[i] for i in tuned], [truths[i] for i in tuned], cfg)
     best, at_best = max(grid, key=lambda pm: cv_score(pm[1], metric))
+    if cfg["data"].get("rescale_to_diameter"):
+        # inference measures the nucleus size on its final instances: search
+        # the scale again that way, with the setting just chosen, and re-tune
+        maps = [held_out_maps(net, image, cfg, best) for net, image in held_out]
+        grid = tune_thresholds([maps[i] for i in tuned], [truths[i] for i in tuned], cfg)
+        best, at_best = max(grid, key=lambda pm: cv_score(pm[1], metric))
     # the chosen setting per group of images (cv.report_groups, e.g. ["modality"])
     report = list(cv.get("report_groups", []))
     rows = (
@@ -199,6 +220,8 @@ def cross_validate(
         "grid": [{**p, **m} for p, m in grid],
         "n_images": len(ids),
     }
+    if cfg["data"].get("rescale_to_diameter"):
+        result["size_measured_on"] = "final instances (setting of a first pass)"
     (out / "cv.json").write_text(json.dumps(result, indent=2))
     return result
 
@@ -300,7 +323,13 @@ def _card_markdown(
             + "with `benchmark.metrics.instance_metrics`."
             + (
                 " Each held-out image was segmented at the scale its fold model picked from its "
-                "own segmentation (`fit_scale`), never from its labels."
+                "own segmentation (`fit_scale`), never from its labels"
+                + (
+                    ": measured, as inference does, on the final instances of the setting a "
+                    "first pass chose, then the setting was chosen again."
+                    if cv.get("size_measured_on")
+                    else "."
+                )
                 if spec["thresholds"].get("diameter_px")
                 else ""
             ),

@@ -107,7 +107,8 @@ def predict_maps(
     from nucleus_models.models.unet import normalise_tile
 
     h, w = image.shape[:2]
-    pad = 8
+    # a multiple of the coarsest level's stride (2 ** (depth - 1))
+    pad = 2 ** (len(getattr(net, "down", range(4))) - 1)
     H, W = -(-h // pad) * pad, -(-w // pad) * pad
     x = normalise_tile(image, normalisation)
     x = np.pad(x, ((0, 0), (0, H - h), (0, W - w)), mode="reflect")
@@ -227,7 +228,10 @@ def train_unet(
     """Train a U-Net on ``images``; checkpoints go to ``out_dir/checkpoint.pt``.
 
     Resuming restores model, optimiser, schedule, step and random state, so an
-    interrupted run continues where it stopped.
+    interrupted run continues where it stopped.  ``train.ema`` (a decay, e.g.
+    0.998) also keeps an exponential moving average of the weights (buffers
+    included) in the checkpoint as ``ema_model``; evaluation and export use it
+    (:func:`.common.shipped_state`).
     """
     import torch
 
@@ -250,8 +254,21 @@ def train_unet(
     ckpt = out / "checkpoint.pt"
     step = 0
     history: list[dict[str, float]] = []
+    ema_decay = float(tr.get("ema", 0.0))
+    ema = None
+    if ema_decay > 0:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
     if resume and ckpt.exists():
-        step, history, _ = restore_checkpoint(ckpt, net=net, opt=opt, sched=sched, rng=rng)
+        step, history, state = restore_checkpoint(ckpt, net=net, opt=opt, sched=sched, rng=rng)
+        if ema is not None:
+            if "ema_model" in state:
+                ema.module.load_state_dict(state["ema_model"])
+                ema.n_averaged.fill_(int(state.get("ema_n", 1)))
+            else:  # a run continued with averaging: start the average from here
+                ema.module.load_state_dict(net.state_dict())
+                ema.n_averaged.fill_(1)
     net.train()
 
     def one_step() -> dict[str, float]:
@@ -265,7 +282,18 @@ def train_unet(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if ema is not None:
+            ema.update_parameters(net)
         return {"loss": loss.item()}
+
+    extra: dict[str, Any] = {}
+    if ema is not None:
+        avg = ema
+        extra = {
+            "ema_model": lambda: avg.module.state_dict(),
+            "ema_n": lambda: int(avg.n_averaged.item()),
+            "ema_decay": ema_decay,
+        }
 
     return train_loop(
         one_step,
@@ -281,4 +309,5 @@ def train_unet(
         progress=progress,
         log_every=int(tr.get("log_every", 25)),
         checkpoint_every=int(tr.get("checkpoint_every", 250)),
+        **extra,
     )
