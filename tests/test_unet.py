@@ -121,6 +121,10 @@ def test_weight_averaging_is_checkpointed_resumed_and_shipped(
     pt = export(cfg, ckpt, None, tmp_path / "weights", meta)
     shipped = torch.load(pt, map_location="cpu", weights_only=True)
     assert all(torch.equal(shipped[k], state["ema_model"][k]) for k in shipped)
+    assert (
+        "moving average of the trained ones (decay 0.9)"
+        in (tmp_path / "weights" / "unet-test.md").read_text()
+    )
 
 
 def test_cross_validation_reports_the_chosen_setting_per_group(

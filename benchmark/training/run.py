@@ -292,7 +292,13 @@ def _card_markdown(
         f"- Training command: `{meta['command']}`",
         f"- Training: {meta['steps']} steps, batch {cfg['train']['batch_size']}, patch {cfg['train']['patch_size']} px, "
         f"{meta['seconds'] / 60:.1f} min on {meta['hardware']} "
-        f"(cross-validation folds: {meta.get('cv_seconds', 0) / 60:.1f} min more)",
+        f"(cross-validation folds: {meta.get('cv_seconds', 0) / 60:.1f} min more)"
+        + (
+            f"; the shipped and cross-validated weights are an exponential moving average "
+            f"of the trained ones (decay {float(cfg['train']['ema']):g})"
+            if float(cfg["train"].get("ema", 0.0)) > 0
+            else ""
+        ),
         f"- Post-processing: {_postprocess_text(spec['thresholds'])}",
         f"- Weights: `{spec['weights']}`, sha256 `{spec['sha256']}` (loaded with weights_only=True after a checksum check)",
         f"- License: {spec['license']}",
