@@ -106,6 +106,13 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
         help="only cross-validate (run it beside a --skip_cv run of the same folder to use "
         "two processes; a later --resume --export combines them)",
     )
+    t.add_argument(
+        "--fold",
+        type=int,
+        default=None,
+        help="train only this cross-validation fold (0-based; folds can run in parallel "
+        "processes, then --resume evaluates them)",
+    )
     t.add_argument("--steps", type=int, default=None, help="override the config's training steps")
     t.add_argument(
         "--export",
@@ -186,6 +193,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         cv_only=args.cv_only,
         steps=args.steps,
         export_to=args.export,
+        fold=args.fold,
     )
     cv = result.get("cv")
     if cv:

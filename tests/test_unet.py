@@ -146,6 +146,28 @@ def test_cross_validation_reports_the_chosen_setting_per_group(
     assert overall == pytest.approx(cv["metrics_at_best"]["aji"])
 
 
+def test_folds_train_one_at_a_time_and_resume_evaluates_them(
+    shared_data: Path, tmp_path: Path
+) -> None:
+    """``--fold K`` trains only fold K (no evaluation); a resumed full run keeps it."""
+    from benchmark.training.run import cross_validate
+
+    imgs = _tiny_images(shared_data)
+    cfg = _cfg()
+    cfg["train"]["steps"] = 10
+    cfg["cv"] = {"folds": 3, "fg_thresholds": [0.5], "seed_thresholds": [0.5]}
+    out = tmp_path / "cv"
+    one = cross_validate(cfg, imgs, out, resume=True, only_fold=1)
+    assert one["trained_fold"] == 1 and "best" not in one
+    assert sorted(p.name for p in out.iterdir()) == ["fold1"]
+    stamp = (out / "fold1" / "checkpoint.pt").stat().st_mtime_ns
+    cv = cross_validate(cfg, imgs, out, resume=True)
+    assert cv["n_images"] == 3 and (out / "cv.json").is_file()
+    assert (out / "fold1" / "checkpoint.pt").stat().st_mtime_ns == stamp  # not retrained
+    with pytest.raises(ValueError, match="folds 0..2"):
+        cross_validate(cfg, imgs, out, resume=True, only_fold=3)
+
+
 def test_cross_validation_of_a_size_normalised_model_searches_the_scale_twice(
     shared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

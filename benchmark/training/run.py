@@ -126,9 +126,18 @@ def _load_net(ckpt: Path, cfg: dict[str, Any]) -> Any:
 
 
 def cross_validate(
-    cfg: dict[str, Any], images: list[TrainImage], out: Path, *, resume: bool
+    cfg: dict[str, Any],
+    images: list[TrainImage],
+    out: Path,
+    *,
+    resume: bool,
+    only_fold: int | None = None,
 ) -> dict[str, Any]:
     """k-fold CV on the images with instances; returns the post-processing grid and the best setting.
+
+    ``only_fold``: train that fold's model only and return the folds without
+    evaluating (folds can then train in parallel processes; a later run with
+    ``resume`` finds them finished and evaluates).
 
     Held-out predictions are scored against the images' own annotations at
     their own resolution when the dataset provides them (as ``nucleus-bench
@@ -148,6 +157,8 @@ def cross_validate(
         if im.has_instances and not im.pseudo and "synthetic" not in im.groups
     ]
     folds = kfold(labelled, k, int(cfg.get("seed", 0)))
+    if only_fold is not None and not 0 <= only_fold < k:
+        raise ValueError(f"--fold {only_fold}: the config has folds 0..{k - 1}")
     truths, ids, groups, held_out = [], [], [], []
     try:
         ds = get_dataset(cfg["data"]["dataset"], cfg["data"]["root"])
@@ -155,6 +166,8 @@ def cross_validate(
     except DatasetError:  # images given directly (tests): score at the model resolution
         ds, native = None, set()
     for i, held in enumerate(folds):
+        if only_fold is not None and i != only_fold:
+            continue
         train = _training_set(cfg, [im for im in images if im.id not in held])
         ckpt = train_unet(
             cfg,
@@ -171,6 +184,8 @@ def cross_validate(
                 truths.append(im.labels if truth is None else np.asarray(truth, np.int32))
                 ids.append(im.id)
                 groups.append(dict(im.groups))
+    if only_fold is not None:
+        return {"folds": folds, "trained_fold": only_fold}
     metric = cv.get("metric", "aji")
     # cv.tune_on = "key=value": choose the setting on that group of held-out
     # images only (e.g. the modality a model serves); all are still reported
@@ -385,14 +400,20 @@ def train_from_config(
     cv_only: bool = False,
     steps: int | None = None,
     export_to: str | Path | None = None,
+    fold: int | None = None,
 ) -> dict[str, Any]:
     """Cross-validate (unless ``skip_cv``), train on all images (unless
-    ``cv_only``), optionally export."""
+    ``cv_only``), optionally export.  ``fold``: train only that
+    cross-validation fold (implies ``cv_only``; nothing is evaluated)."""
     cfg = load_config(config)
+    if fold is not None:
+        if skip_cv or export_to is not None:
+            raise ValueError("--fold trains one cross-validation fold: no --skip_cv or --export")
+        cv_only = True
     if cfg["arch"] != "unet":
         if cv_only:
             raise ValueError(
-                f"--cv_only: cross-validation is implemented for 'unet', not {cfg['arch']!r}"
+                f"--cv_only/--fold: cross-validation is implemented for 'unet', not {cfg['arch']!r}"
             )
         from . import detectors  # torchvision detectors share the command
 
@@ -406,7 +427,9 @@ def train_from_config(
     images = _images(cfg)
     if not images:
         raise ValueError(f"no training images with labels under {cfg['data']['root']}")
-    cv = None if skip_cv else cross_validate(cfg, images, out / "cv", resume=resume)
+    cv = None if skip_cv else cross_validate(cfg, images, out / "cv", resume=resume, only_fold=fold)
+    if fold is not None:
+        return {"checkpoint": str(out / "cv" / f"fold{fold}" / "checkpoint.pt"), "cv": None}
     if cv_only:
         if export_to is not None:
             raise ValueError("--cv_only trains no final model to export")
