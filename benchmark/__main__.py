@@ -185,16 +185,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
         raise DatasetError(f"config not found: {args.config}")
     name = load_config(args.config)["name"]
     out = args.out or f"runs/{name}"
-    result = train_from_config(
-        args.config,
-        out_dir=out,
-        resume=args.resume,
-        skip_cv=args.skip_cv,
-        cv_only=args.cv_only,
-        steps=args.steps,
-        export_to=args.export,
-        fold=args.fold,
-    )
+    try:
+        result = train_from_config(
+            args.config,
+            out_dir=out,
+            resume=args.resume,
+            skip_cv=args.skip_cv,
+            cv_only=args.cv_only,
+            steps=args.steps,
+            export_to=args.export,
+            fold=args.fold,
+        )
+    except ValueError as exc:  # a config or option that cannot work: one line, exit 2
+        raise DatasetError(str(exc)) from None
     cv = result.get("cv")
     if cv:
         m = cv["metrics_at_best"]

@@ -168,6 +168,18 @@ def test_folds_train_one_at_a_time_and_resume_evaluates_them(
         cross_validate(cfg, imgs, out, resume=True, only_fold=3)
 
 
+def test_train_option_errors_are_one_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from benchmark.__main__ import main
+
+    cfg = Path(__file__).resolve().parents[1] / "configs" / "unet-monuseg.toml"
+    out = str(tmp_path / "run")
+    assert main(["train", "--config", str(cfg), "--out", out, "--fold", "0", "--export"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: --fold trains one cross-validation fold: no --skip_cv or --export"
+
+
 def test_cross_validation_of_a_size_normalised_model_searches_the_scale_twice(
     shared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
