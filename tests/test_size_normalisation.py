@@ -168,6 +168,8 @@ def test_cross_validation_measures_the_size_on_the_final_instances() -> None:
     from benchmark.training.run import held_out_maps
 
     class Fuzzy(torch.nn.Module):
+        stride = 1
+
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             p = (0.1 + 0.8 * (x[:, :1] + 0.5)).clamp(0.01, 0.99)
             fg = torch.log(p / (1 - p))

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import tomllib
 
-from .common import hardware_text, write_weights
+from .common import hardware_text, shipped_state, write_weights
 from .data import TrainImage, load_training_images
 
 __all__ = ["load_config", "train_from_config", "kfold"]
@@ -119,8 +119,6 @@ def _load_net(ckpt: Path, cfg: dict[str, Any]) -> Any:
     net = build_unet(
         base=int(cfg["model"].get("base", 16)), depth=int(cfg["model"].get("depth", 4))
     )
-    from .common import shipped_state
-
     net.load_state_dict(shipped_state(torch.load(ckpt, map_location="cpu", weights_only=True)))
     return net.eval()
 
@@ -187,6 +185,7 @@ def cross_validate(
     if only_fold is not None:
         return {"folds": folds, "trained_fold": only_fold}
     metric = cv.get("metric", "aji")
+    size_normalised = bool(cfg["data"].get("rescale_to_diameter"))
     # cv.tune_on = "key=value": choose the setting on that group of held-out
     # images only (e.g. the modality a model serves); all are still reported
     tune_on = str(cv.get("tune_on", ""))
@@ -199,7 +198,7 @@ def cross_validate(
     maps = [held_out_maps(net, image, cfg) for net, image in held_out]
     grid = tune_thresholds([maps[i] for i in tuned], [truths[i] for i in tuned], cfg)
     best, at_best = max(grid, key=lambda pm: cv_score(pm[1], metric))
-    if cfg["data"].get("rescale_to_diameter"):
+    if size_normalised:
         # inference measures the nucleus size on its final instances: search
         # the scale again that way, with the setting just chosen, and re-tune
         maps = [held_out_maps(net, image, cfg, best) for net, image in held_out]
@@ -235,7 +234,7 @@ def cross_validate(
         "grid": [{**p, **m} for p, m in grid],
         "n_images": len(ids),
     }
-    if cfg["data"].get("rescale_to_diameter"):
+    if size_normalised:
         result["size_measured_on"] = "final instances (setting of a first pass)"
     (out / "cv.json").write_text(json.dumps(result, indent=2))
     return result

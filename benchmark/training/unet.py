@@ -107,8 +107,7 @@ def predict_maps(
     from nucleus_models.models.unet import normalise_tile
 
     h, w = image.shape[:2]
-    # a multiple of the coarsest level's stride (2 ** (depth - 1))
-    pad = 2 ** (len(getattr(net, "down", range(4))) - 1)
+    pad = int(net.stride)  # build_unet's coarsest stride
     H, W = -(-h // pad) * pad, -(-w // pad) * pad
     x = normalise_tile(image, normalisation)
     x = np.pad(x, ((0, 0), (0, H - h), (0, W - w)), mode="reflect")

@@ -49,6 +49,9 @@ def build_unet(
         )
 
     class SmallUNet(nn.Module):
+        # inputs must be a multiple of the coarsest level's stride
+        stride = 2 ** (depth - 1)
+
         def __init__(self) -> None:
             super().__init__()
             chans = [base * 2**k for k in range(depth)]
@@ -384,7 +387,7 @@ class UNetModel(NucleusModel):
         self.net.load_state_dict(load_state_dict(weights_path, spec.sha256))
         self.net = fuse_for_inference(self.net).to(self.device, memory_format=torch.channels_last)
         self._torch = torch
-        self._pad = 2 ** (int(arch.get("depth", 4)) - 1)
+        self._pad = int(self.net.stride)
 
     def preprocess(self, tiles: list[np.ndarray], context: dict[str, Any]) -> Any:
         h = max(t.shape[0] for t in tiles)
