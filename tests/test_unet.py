@@ -530,3 +530,52 @@ def test_masked_h_maxima_equals_scikit_image_with_a_low_background(seed: int) ->
     ours = masked_h_maxima(img, mask, h)
     assert ours.sum() > 5 and np.array_equal(ours, ref)
     assert not masked_h_maxima(img, np.zeros_like(mask), h).any()
+
+
+def test_model_card_lists_every_training_session_of_a_continued_run(
+    shared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run trained in several invocations (interrupted, continued to more
+    steps) says in its card which command trained which steps."""
+    import sys
+
+    import torch
+
+    from benchmark.__main__ import main
+    from benchmark.training import run
+
+    imgs = _tiny_images(shared_data)
+    monkeypatch.setattr(run, "_images", lambda cfg: imgs)
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text(
+        'name = "unet-sessions"\narch = "unet"\nseed = 1\n'
+        '[data]\ndataset = "bbbc038"\nroot = "."\n'
+        '[model]\nmpp = 0.5\nmodality = "fluorescence"\nnormalisation = "percentile"\n'
+        "base = 8\ndepth = 3\n"
+        "[train]\nsteps = 20\nbatch_size = 2\npatch_size = 64\nlr = 0.01\ncheckpoint_every = 5\n"
+    )
+    out, weights = str(tmp_path / "run"), str(tmp_path / "weights")
+
+    def train(*args: str) -> None:
+        argv = ["train", "--config", str(cfg), "--out", out, "--skip_cv", *args]
+        monkeypatch.setattr(sys, "argv", ["nucleus-bench", *argv])  # as the console script sees it
+        assert main(argv) == 0
+
+    train("--steps", "10")
+    train("--resume")  # the config's 20 steps
+    train("--resume", "--export", weights)  # nothing left to train: no new session
+    state = torch.load(tmp_path / "run" / "final" / "checkpoint.pt", weights_only=True)
+    sessions = state["sessions"]
+    assert [(s["from_step"], s["to_step"]) for s in sessions] == [(0, 10), (10, 20)]
+    assert sessions[0]["command"].endswith("--skip_cv --steps 10")
+    assert sessions[1]["command"].endswith("--skip_cv --resume")
+    assert all(s["seconds"] > 0 and "CPU thread" in s["hardware"] for s in sessions)
+    card = (tmp_path / "weights" / "unet-sessions.md").read_text()
+    line = next(x for x in card.splitlines() if x.startswith("- Training sessions: "))
+    assert line.count(" min on ") == 2 and "steps 0-10 `nucleus-bench train --config" in line
+    assert "steps 10-20 `nucleus-bench train --config" in line
+    assert (
+        f"- Exported with: `nucleus-bench train --config {cfg} --out {out} --skip_cv --resume --export {weights}`"
+        in card
+    )
+    assert "Training command:" not in card

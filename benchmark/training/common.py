@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import platform
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +22,9 @@ __all__ = [
     "train_loop",
     "write_weights",
     "shipped_state",
+    "invocation_text",
+    "sessions_text",
+    "training_lines",
 ]
 
 log = logging.getLogger(__name__)
@@ -35,6 +39,50 @@ def hardware_text() -> str:
     return (
         f"{platform.processor() or platform.machine()}, {n} CPU thread{'s' if n > 1 else ''}{gpu}"
     )
+
+
+def invocation_text(default: str) -> str:
+    """The ``nucleus-bench train ...`` command line this process runs, or
+    ``default`` when training was started some other way (from Python)."""
+    if len(sys.argv) > 1 and sys.argv[1] == "train":
+        return "nucleus-bench " + " ".join(sys.argv[1:])
+    return default
+
+
+def sessions_text(sessions: list[dict[str, Any]]) -> str:
+    """One line for the model card: each invocation that trained the
+    checkpoint (steps, command, time, machine), as :func:`train_loop`
+    recorded them.
+
+    >>> sessions_text([{"from_step": 0, "to_step": 900, "command": "nucleus-bench train --config c",
+    ...                 "seconds": 600.0, "hardware": "x86_64, 2 CPU threads"}])
+    'steps 0-900 `nucleus-bench train --config c` (10.0 min on x86_64, 2 CPU threads)'
+    >>> sessions_text([{"from_step": 500, "to_step": 900, "command": "c", "seconds": 60.0, "hardware": "h"}])
+    'steps 0-500 not recorded (checkpoint from before sessions were recorded); steps 500-900 `c` (1.0 min on h)'
+    """
+    parts = []
+    if sessions and int(sessions[0]["from_step"]) > 0:
+        parts.append(
+            f"steps 0-{int(sessions[0]['from_step'])} not recorded "
+            "(checkpoint from before sessions were recorded)"
+        )
+    for s in sessions:
+        parts.append(
+            f"steps {int(s['from_step'])}-{int(s['to_step'])} `{s['command']}` "
+            f"({float(s['seconds']) / 60:.1f} min on {s['hardware']})"
+        )
+    return "; ".join(parts)
+
+
+def training_lines(meta: dict[str, Any]) -> list[str]:
+    """The model card's lines on how the final model was trained: every
+    recorded training invocation, and the command that exported it."""
+    if not meta.get("sessions"):
+        return [f"- Training command: `{meta['command']}`"]
+    return [
+        f"- Training sessions: {sessions_text(meta['sessions'])}",
+        f"- Exported with: `{meta['command']}`",
+    ]
 
 
 def warmup_cosine(opt: Any, total: int, *, warmup_fraction: float) -> Any:
@@ -128,6 +176,7 @@ def train_loop(
     progress: bool = True,
     log_every: int = 25,
     checkpoint_every: int = 250,
+    sessions: list[dict[str, Any]] | None = None,
     **checkpoint_extra: Any,
 ) -> Path:
     """Run ``step_fn`` (one optimiser step; returns its losses, ``"loss"``
@@ -135,13 +184,31 @@ def train_loop(
     in ``out/train.log`` and ``history``, and a checkpoint every
     ``checkpoint_every`` steps and at the end; returns the checkpoint path.
     A callable in ``checkpoint_extra`` is called at each checkpoint (state
-    that changes during training, such as averaged weights)."""
+    that changes during training, such as averaged weights).
+
+    ``sessions`` (the restored checkpoint's ``sessions``, if any) gains one
+    record for this invocation when it trains at least one step: first and
+    last step, command line, machine and seconds; it is saved in the
+    checkpoint so that a model card can say how a continued run was made.
+    """
     from tqdm import tqdm
 
     ckpt = out / "checkpoint.pt"
     bar = tqdm(total=total, initial=step, desc=desc, disable=not progress)
     # time accumulates over resumed invocations (the history holds the past)
     t0, running = time.perf_counter() - (history[-1]["seconds"] if history else 0.0), []
+    sessions = list(sessions or [])
+    t_start = time.perf_counter()
+    if step < total:
+        sessions.append(
+            {
+                "from_step": int(step),
+                "to_step": int(step),
+                "command": invocation_text("(started from Python, not nucleus-bench)"),
+                "hardware": hardware_text(),
+                "seconds": 0.0,
+            }
+        )
     with (out / "train.log").open("a") as logf:
         while step < total:
             running.append(step_fn())
@@ -160,6 +227,7 @@ def train_loop(
                 )
                 logf.flush()
             if step % checkpoint_every == 0 or step == total:
+                sessions[-1].update(to_step=int(step), seconds=time.perf_counter() - t_start)
                 save_checkpoint(
                     ckpt,
                     net=net,
@@ -168,6 +236,7 @@ def train_loop(
                     step=step,
                     rng=rng,
                     history=history,
+                    sessions=sessions,
                     **{k: v() if callable(v) else v for k, v in checkpoint_extra.items()},
                 )
     bar.close()

@@ -16,14 +16,21 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .common import hardware_text, restore_checkpoint, train_loop, warmup_cosine, write_weights
+from .common import (
+    hardware_text,
+    invocation_text,
+    restore_checkpoint,
+    train_loop,
+    training_lines,
+    warmup_cosine,
+    write_weights,
+)
 from .data import TrainImage, augment, sample_patch
 
 __all__ = ["instance_targets", "train_detector", "export", "train_from_config"]
@@ -174,11 +181,12 @@ def train_detector(
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=wd)
     sched = warmup_cosine(opt, total, warmup_fraction=0.05)
     ckpt = out / "checkpoint.pt"
-    step, history = 0, []
+    step, history, sessions = 0, [], []
     if resume and ckpt.exists():
-        step, history, _ = restore_checkpoint(
+        step, history, state = restore_checkpoint(
             ckpt, net=net, opt=opt, sched=sched, rng=rng, expect={"arch": cfg["arch"]}
         )
+        sessions = list(state.get("sessions", []))
     net.train()
 
     def one_step() -> dict[str, float]:
@@ -210,6 +218,7 @@ def train_detector(
         progress=progress,
         log_every=int(tr.get("log_every", 25)),
         checkpoint_every=int(tr.get("checkpoint_every", 250)),
+        sessions=sessions,
         arch=cfg["arch"],
         net_options=_net_options(cfg),
     )
@@ -265,7 +274,7 @@ def _card_markdown(cfg: dict[str, Any], spec: dict[str, Any], meta: dict[str, An
             f"- Resolution: {spec['mpp']} um/px (inputs are resampled to it); modality: {spec['modality']}",
             f"- Training data: {cfg.get('card', {}).get('data', cfg['data']['dataset'])} "
             "(only images with nucleus instances)",
-            f"- Training command: `{meta['command']}`",
+            *training_lines(meta),
             f"- Training: {meta['steps']} steps, batch {tr['batch_size']}, patch {tr['patch_size']} px, "
             f"{tr.get('optimizer', 'adamw')} lr {tr.get('lr', 5e-4)}, "
             f"{meta['seconds'] / 60:.1f} min on {meta['hardware']}",
@@ -306,9 +315,10 @@ def train_from_config(
     ckpt = train_detector(cfg, images, out, steps=steps, resume=resume)
     seconds = time.perf_counter() - t0
     meta = {
-        "command": "nucleus-bench train " + " ".join(sys.argv[2:])
-        if len(sys.argv) > 2
-        else f"nucleus-bench train --config {cfg.get('_config_path')}",
+        "command": invocation_text(f"nucleus-bench train --config {cfg.get('_config_path')}"),
+        "sessions": list(
+            torch.load(ckpt, map_location="cpu", weights_only=True).get("sessions", [])
+        ),
         "config": cfg.get("_config_path"),
         "arch": cfg["arch"],
         "backbone": "resnet18-fpn (layer1-3), weights=None",

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import tomllib
 
-from .common import hardware_text, shipped_state, write_weights
+from .common import hardware_text, invocation_text, shipped_state, training_lines, write_weights
 from .data import TrainImage, load_training_images
 
 __all__ = ["load_config", "train_from_config", "kfold"]
@@ -303,7 +302,7 @@ def _card_markdown(
             if cfg["data"].get("pseudo_instances")
             else ""
         ),
-        f"- Training command: `{meta['command']}`",
+        *training_lines(meta),
         f"- Training: {meta['steps']} steps, batch {cfg['train']['batch_size']}, patch {cfg['train']['patch_size']} px, "
         f"{meta['seconds'] / 60:.1f} min on {meta['hardware']} "
         f"(cross-validation folds: {meta.get('cv_seconds', 0) / 60:.1f} min more)"
@@ -390,6 +389,13 @@ def _trained_seconds(ckpt: Path) -> float:
     return float(hist[-1]["seconds"]) if hist else 0.0
 
 
+def _sessions(ckpt: Path) -> list[dict[str, Any]]:
+    """The invocations that trained a checkpoint (:func:`.common.train_loop`)."""
+    import torch
+
+    return list(torch.load(ckpt, map_location="cpu", weights_only=True).get("sessions", []))
+
+
 def train_from_config(
     config: str | Path,
     *,
@@ -443,9 +449,8 @@ def train_from_config(
     from nucleus_models.models.unet import build_unet
 
     meta = {
-        "command": "nucleus-bench train " + " ".join(sys.argv[2:])
-        if len(sys.argv) > 2
-        else f"nucleus-bench train --config {config}",
+        "command": invocation_text(f"nucleus-bench train --config {config}"),
+        "sessions": _sessions(ckpt),
         "config": cfg["_config_path"],
         "steps": int(steps if steps is not None else cfg["train"]["steps"]),
         "seconds": round(seconds, 1),

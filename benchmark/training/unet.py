@@ -253,6 +253,7 @@ def train_unet(
     ckpt = out / "checkpoint.pt"
     step = 0
     history: list[dict[str, float]] = []
+    sessions: list[dict[str, Any]] = []
     ema_decay = float(tr.get("ema", 0.0))
     ema = None
     if ema_decay > 0:
@@ -261,6 +262,7 @@ def train_unet(
         ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
     if resume and ckpt.exists():
         step, history, state = restore_checkpoint(ckpt, net=net, opt=opt, sched=sched, rng=rng)
+        sessions = list(state.get("sessions", []))
         if ema is not None:
             if "ema_model" in state:
                 ema.module.load_state_dict(state["ema_model"])
@@ -308,5 +310,6 @@ def train_unet(
         progress=progress,
         log_every=int(tr.get("log_every", 25)),
         checkpoint_every=int(tr.get("checkpoint_every", 250)),
+        sessions=sessions,
         **extra,
     )
