@@ -104,7 +104,10 @@ def test_training_resume_export_and_registry(arch: str, tmp_path: Path) -> None:
     assert (tmp_path / "run" / "train.log").read_text().count("step ") == 4
     # resume continues from step 8
     ckpt = train_detector(cfg, imgs, tmp_path / "run", steps=10, resume=True, progress=False)
-    assert torch.load(ckpt, map_location="cpu", weights_only=True)["step"] == 10
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert state["step"] == 10
+    # each invocation that trained is recorded for the model card
+    assert [(s["from_step"], s["to_step"]) for s in state["sessions"]] == [(0, 8), (8, 10)]
 
     meta = {"command": "test", "steps": 10, "seconds": 1.0, "hardware": "cpu", "parameters": 1}
     pt = export(cfg, ckpt, tmp_path / "weights", meta)
