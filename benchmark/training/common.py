@@ -25,6 +25,7 @@ __all__ = [
     "invocation_text",
     "sessions_text",
     "training_lines",
+    "training_record",
 ]
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,16 @@ def sessions_text(sessions: list[dict[str, Any]]) -> str:
             f"({float(s['seconds']) / 60:.1f} min on {s['hardware']})"
         )
     return "; ".join(parts)
+
+
+def training_record(ckpt: Path) -> tuple[float, list[dict[str, Any]]]:
+    """A checkpoint's training seconds (summed over the invocations that
+    trained it, from its history) and its recorded sessions, read in one load."""
+    import torch
+
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    hist = state.get("history", [])
+    return (float(hist[-1]["seconds"]) if hist else 0.0), list(state.get("sessions", []))
 
 
 def training_lines(meta: dict[str, Any]) -> list[str]:

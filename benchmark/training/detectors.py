@@ -28,6 +28,7 @@ from .common import (
     restore_checkpoint,
     train_loop,
     training_lines,
+    training_record,
     warmup_cosine,
     write_weights,
 )
@@ -316,9 +317,7 @@ def train_from_config(
     seconds = time.perf_counter() - t0
     meta = {
         "command": invocation_text(f"nucleus-bench train --config {cfg.get('_config_path')}"),
-        "sessions": list(
-            torch.load(ckpt, map_location="cpu", weights_only=True).get("sessions", [])
-        ),
+        "sessions": training_record(ckpt)[1],
         "config": cfg.get("_config_path"),
         "arch": cfg["arch"],
         "backbone": "resnet18-fpn (layer1-3), weights=None",

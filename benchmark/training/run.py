@@ -10,7 +10,14 @@ from typing import Any
 import numpy as np
 import tomllib
 
-from .common import hardware_text, invocation_text, shipped_state, training_lines, write_weights
+from .common import (
+    hardware_text,
+    invocation_text,
+    shipped_state,
+    training_lines,
+    training_record,
+    write_weights,
+)
 from .data import TrainImage, load_training_images
 
 __all__ = ["load_config", "train_from_config", "kfold"]
@@ -382,20 +389,6 @@ def _postprocess_text(th: dict[str, Any]) -> str:
     return f"foreground > {th['fg_threshold']}; {seeds}; {filt} dropped"
 
 
-def _trained_seconds(ckpt: Path) -> float:
-    import torch
-
-    hist = torch.load(ckpt, map_location="cpu", weights_only=True).get("history", [])
-    return float(hist[-1]["seconds"]) if hist else 0.0
-
-
-def _sessions(ckpt: Path) -> list[dict[str, Any]]:
-    """The invocations that trained a checkpoint (:func:`.common.train_loop`)."""
-    import torch
-
-    return list(torch.load(ckpt, map_location="cpu", weights_only=True).get("sessions", []))
-
-
 def train_from_config(
     config: str | Path,
     *,
@@ -442,15 +435,15 @@ def train_from_config(
     ckpt = train_unet(cfg, _training_set(cfg, images), out / "final", steps=steps, resume=resume)
     # training time from the checkpoints' own logs (exact also when a later
     # invocation only resumed finished runs to re-tune or export)
-    seconds = _trained_seconds(ckpt)
-    t_cv = sum(_trained_seconds(p) for p in sorted((out / "cv").glob("fold*/checkpoint.pt")))
+    seconds, sessions = training_record(ckpt)
+    t_cv = sum(training_record(p)[0] for p in sorted((out / "cv").glob("fold*/checkpoint.pt")))
     import torch
 
     from nucleus_models.models.unet import build_unet
 
     meta = {
         "command": invocation_text(f"nucleus-bench train --config {config}"),
-        "sessions": _sessions(ckpt),
+        "sessions": sessions,
         "config": cfg["_config_path"],
         "steps": int(steps if steps is not None else cfg["train"]["steps"]),
         "seconds": round(seconds, 1),
