@@ -189,3 +189,151 @@ def test_targets_and_painting_round_trip() -> None:
     msk = paint_instances(lab.shape, boxes, scores, np.zeros(n, int), local[:, 0].numpy())
     assert aggregated_jaccard_index(lab, msk.labels) > 0.9
     assert instance_targets(np.zeros((32, 32), np.int32))["boxes"].shape == (0, 4)
+
+
+def _perfect_detections(imgs: list[TrainImage]):  # type: ignore[no-untyped-def]
+    """A stand-in for the fold network: every nucleus of the held-out image
+    found with score 0.9 and its exact box (Faster R-CNN paints the ellipse
+    inscribed in it)."""
+    from benchmark.training.detectors import instance_targets
+
+    truth = {id(im.image): im.labels for im in imgs}
+
+    def detect(net: object, image: np.ndarray) -> dict[str, np.ndarray]:
+        t = instance_targets(truth[id(image)])
+        n = len(t["boxes"])
+        return {
+            "boxes": t["boxes"].numpy(),
+            "scores": np.full(n, 0.9, np.float32),
+            "labels": np.ones(n, np.float32),
+        }
+
+    return detect
+
+
+def test_detector_cross_validation_scores_held_out_images_and_picks_thresholds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same folds as the U-Net's, scored against the truth: with detections
+    that reproduce the truth, the score threshold that keeps them wins and
+    scores ~1; one above their scores keeps nothing and scores 0."""
+    from benchmark.training import detectors
+    from benchmark.training.run import cv_folds
+
+    imgs = [_synthetic_image(i) for i in range(6)]
+    monkeypatch.setattr(detectors, "held_out_detections", _perfect_detections(imgs))
+    cfg = _cfg("fasterrcnn")
+    cfg["data"] = {
+        "dataset": "monuseg",
+        "root": str(tmp_path),
+    }  # no such dataset there: score on the images' labels
+    cfg["train"]["steps"] = 2
+    cfg["cv"] = {
+        "folds": 3,
+        "score_thresholds": [0.5, 0.95],
+        "nms_ious": [0.3],
+        "report_groups": ["set"],
+    }
+    for i, im in enumerate(imgs):
+        im.groups = {"set": "a" if i < 2 else "b"}
+    cv = detectors.cross_validate(cfg, imgs, tmp_path / "cv", resume=False)
+    assert cv["folds"] == cv_folds(cfg, imgs) and cv["n_images"] == 6
+    assert sorted(p.name for p in (tmp_path / "cv").iterdir()) == [
+        "cv.json",
+        "fold0",
+        "fold1",
+        "fold2",
+    ]
+    by_threshold = {row["score_threshold"]: row for row in cv["grid"]}
+    assert set(by_threshold) == {0.5, 0.95}
+    assert by_threshold[0.95]["aji"] == 0.0 and by_threshold[0.95]["det_f1"] == 0.0
+    assert cv["best"]["score_threshold"] == 0.5
+    assert cv["metrics_at_best"]["f1_iou50"] == 1.0 and cv["metrics_at_best"]["aji"] > 0.85
+    assert {k: g["n"] for k, g in cv["by_group"].items()} == {"set=a": 2, "set=b": 4}
+    assert json.loads((tmp_path / "cv" / "cv.json").read_text())["best"] == cv["best"]
+
+
+def test_detector_folds_train_alone_and_the_export_ships_the_chosen_thresholds(
+    tmp_path: Path,
+) -> None:
+    """``--fold K`` trains fold K only; the full run resumes it, evaluates all
+    folds, trains the final model and exports the thresholds the CV chose
+    with the CV table in the card."""
+    import torch
+
+    from benchmark.training import detectors
+
+    imgs = [_synthetic_image(i) for i in range(3)]
+    cfg = _cfg("maskrcnn")
+    cfg["data"] = {"dataset": "monuseg", "root": str(tmp_path)}
+    cfg["train"]["steps"] = 2
+    cfg["cv"] = {"folds": 3, "score_thresholds": [0.05, 0.1], "nms_ious": [0.3, 0.5]}
+    cfg["cv"]["mask_thresholds"] = [0.5]
+    out = tmp_path / "cv"
+    one = detectors.cross_validate(cfg, imgs, out, resume=True, only_fold=2)
+    assert one == {"folds": one["folds"], "trained_fold": 2}
+    assert sorted(p.name for p in out.iterdir()) == ["fold2"]
+    stamp = (out / "fold2" / "checkpoint.pt").stat().st_mtime_ns
+    cv = detectors.cross_validate(cfg, imgs, out, resume=True)
+    assert (out / "fold2" / "checkpoint.pt").stat().st_mtime_ns == stamp  # not retrained
+    assert len(cv["grid"]) == 4 and cv["n_images"] == 3
+    for row in cv["grid"]:
+        assert 0.0 <= row["aji"] <= 1.0 and 0.0 <= row["det_f1"] <= 1.0
+
+    final = detectors.train_detector(cfg, imgs, tmp_path / "final", progress=False)
+    state = torch.load(final, map_location="cpu", weights_only=True)
+    meta = {
+        "command": "test",
+        "steps": 2,
+        "seconds": 1.0,
+        "cv_seconds": 3.0,
+        "hardware": "cpu",
+        "parameters": 1,
+        "sessions": state["sessions"],
+    }
+    detectors.export(cfg, final, tmp_path / "weights", meta, cv)
+    card = json.loads((tmp_path / "weights" / "maskrcnn-test.json").read_text())
+    th = card["spec"]["thresholds"]
+    assert {k: th[k] for k in cv["best"]} == cv["best"] and card["cv"]["best"] == cv["best"]
+    md = (tmp_path / "weights" / "maskrcnn-test.md").read_text()
+    assert "## 3-fold cross-validation (3 held-out images" in md
+    assert "were chosen by cross-validation" in md and "not tuned" not in md
+    assert f"mask > {th['mask_threshold']}" in md
+
+
+def test_detector_cross_validation_from_the_command_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``nucleus-bench train --cv_only`` cross-validates a detector config (it
+    used to be refused); ``--cv_only --export`` is a one-line error."""
+    from benchmark.__main__ import main
+    from benchmark.training import run
+
+    monkeypatch.setattr(run, "_images", lambda cfg: [_synthetic_image(i) for i in range(3)])
+    cfg = tmp_path / "fcos-test.toml"
+    cfg.write_text(
+        "\n".join(
+            [
+                'arch = "fcos"',
+                "[data]",
+                'dataset = "monuseg"',
+                f'root = "{tmp_path}"',
+                "[model]",
+                "mpp = 0.5",
+                "fpn_channels = 32",
+                "[train]",
+                "steps = 2",
+                "batch_size = 2",
+                "patch_size = 64",
+                "[cv]",
+                "score_thresholds = [0.05]",
+                "nms_ious = [0.3]",
+            ]
+        )
+    )
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(cfg), "--out", str(out), "--cv_only"]) == 0
+    cv = json.loads((out / "cv" / "cv.json").read_text())
+    assert cv["n_images"] == 3 and len(cv["grid"]) == 1
+    assert not (out / "final").exists()
+    assert main(["train", "--config", str(cfg), "--out", str(out), "--cv_only", "--export"]) == 2

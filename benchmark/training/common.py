@@ -26,6 +26,7 @@ __all__ = [
     "sessions_text",
     "training_lines",
     "training_record",
+    "score_on_truth",
 ]
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,21 @@ def training_lines(meta: dict[str, Any]) -> list[str]:
         f"- Training sessions: {sessions_text(meta['sessions'])}",
         f"- Exported with: `{meta['command']}`",
     ]
+
+
+def score_on_truth(labels: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    """Instance metrics of a held-out prediction against its reference; a
+    prediction on a coarser grid is first resized to the reference's with
+    nearest neighbour, as :func:`nucleus_models.detection.segment_image` does,
+    so cross-validation scores what ``nucleus-bench eval`` would."""
+    import cv2
+
+    from benchmark.metrics import instance_metrics
+
+    lab = np.asarray(labels, np.int32)
+    if lab.shape != truth.shape:
+        lab = cv2.resize(lab, truth.shape[::-1], interpolation=cv2.INTER_NEAREST)
+    return instance_metrics(truth, lab)
 
 
 def warmup_cosine(opt: Any, total: int, *, warmup_fraction: float) -> Any:

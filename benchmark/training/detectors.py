@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
@@ -232,8 +231,15 @@ _ARCH_TEXT = {
 }
 
 
-def export(cfg: dict[str, Any], ckpt: Path, weights_dir: Path, meta: dict[str, Any]) -> Path:
-    """Write ``<name>.pt`` (state_dict), ``<name>.json`` (card) and ``<name>.md`` (model card)."""
+def export(
+    cfg: dict[str, Any],
+    ckpt: Path,
+    weights_dir: Path,
+    meta: dict[str, Any],
+    cv: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``<name>.pt`` (state_dict), ``<name>.json`` (card) and ``<name>.md``
+    (model card); the thresholds are those ``cv`` chose, else the config's."""
     m = cfg["model"]
     thresholds: dict[str, float] = {
         "score_threshold": float(m.get("score_threshold", 0.5)),
@@ -242,22 +248,28 @@ def export(cfg: dict[str, Any], ckpt: Path, weights_dir: Path, meta: dict[str, A
         "min_area": int(m.get("min_area", 8)),
         **_net_options(cfg),
     }
+    if cv:
+        thresholds.update(cv["best"])
     return write_weights(
         cfg,
         ckpt,
         weights_dir,
         arch=cfg["arch"],
         thresholds=thresholds,
-        card={"training": meta, "cv": None},
-        markdown=lambda spec: _card_markdown(cfg, spec, meta),
+        card={"training": meta, "cv": cv},
+        markdown=lambda spec: _card_markdown(cfg, spec, meta, cv),
     )
 
 
-def _card_markdown(cfg: dict[str, Any], spec: dict[str, Any], meta: dict[str, Any]) -> str:
+def _card_markdown(
+    cfg: dict[str, Any], spec: dict[str, Any], meta: dict[str, Any], cv: dict[str, Any] | None
+) -> str:
+    from .run import cv_card_lines
+
     th = spec["thresholds"]
     arch = cfg["arch"]
     shape = (
-        "mask > mask_threshold pasted into its box"
+        f"mask > {th['mask_threshold']} pasted into its box"
         if arch == "maskrcnn"
         else "the ellipse inscribed in each box (box models have no outline)"
     )
@@ -278,13 +290,142 @@ def _card_markdown(cfg: dict[str, Any], spec: dict[str, Any], meta: dict[str, An
             *training_lines(meta),
             f"- Training: {meta['steps']} steps, batch {tr['batch_size']}, patch {tr['patch_size']} px, "
             f"{tr.get('optimizer', 'adamw')} lr {tr.get('lr', 5e-4)}, "
-            f"{meta['seconds'] / 60:.1f} min on {meta['hardware']}",
+            f"{meta['seconds'] / 60:.1f} min on {meta['hardware']}"
+            + (
+                f" (cross-validation folds: {meta['cv_seconds'] / 60:.1f} min more)"
+                if meta.get("cv_seconds")
+                else ""
+            ),
             f"- Weights: `{spec['weights']}`, sha256 `{spec['sha256']}` (loaded with weights_only=True after a checksum check)",
             f"- License: {spec['license']}",
-            "- Thresholds are the config's, not tuned by cross-validation.",
+            "- Thresholds (score, NMS IoU"
+            + (", mask" if arch == "maskrcnn" else "")
+            + ") were chosen by cross-validation (below)."
+            if cv
+            else "- Thresholds are the config's, not tuned by cross-validation.",
             "",
+            *(cv_card_lines(cfg, spec, cv) if cv else []),
         ]
     )
+
+
+def _grid(cfg: dict[str, Any]) -> list[dict[str, Any]]:
+    """The post-processing settings cross-validation scores: ``cv.score_thresholds``
+    x ``cv.nms_ious`` (x ``cv.mask_thresholds`` for Mask R-CNN)."""
+    cv, m = cfg.get("cv", {}), cfg["model"]
+    masks = cv.get("mask_thresholds", [0.4, 0.5, 0.6]) if cfg["arch"] == "maskrcnn" else [0.5]
+    return [
+        {
+            "score_threshold": float(st),
+            "nms_iou": float(nms),
+            "mask_threshold": float(mt),
+            "min_area": int(m.get("min_area", 8)),
+        }
+        for st in cv.get("score_thresholds", [0.3, 0.4, 0.5, 0.6, 0.7])
+        for nms in cv.get("nms_ious", [0.2, 0.3, 0.4])
+        for mt in masks
+    ]
+
+
+def held_out_detections(net: Any, image: np.ndarray) -> dict[str, np.ndarray]:
+    """Raw detections of one held-out image (at the model's resolution), as
+    :meth:`DetectorModel.forward` returns them for a tile."""
+    import torch
+
+    x = torch.from_numpy(np.ascontiguousarray(image[..., :3].transpose(2, 0, 1))).float() / 255.0
+    net.eval()
+    with torch.inference_mode():
+        (det,) = net([x])
+    return {k: v.float().cpu().numpy() for k, v in det.items()}
+
+
+def cross_validate(
+    cfg: dict[str, Any],
+    images: list[TrainImage],
+    out: Path,
+    *,
+    resume: bool,
+    only_fold: int | None = None,
+) -> dict[str, Any]:
+    """k-fold CV of a detector on the same folds as the U-Net's
+    (:func:`.run.cv_folds`), scored the same way (:func:`.common.score_on_truth`);
+    the score, NMS and mask thresholds are chosen on the held-out images
+    (``cv.metric``) from :func:`_grid`.
+
+    ``only_fold``: train that fold's model only (folds can train in parallel
+    processes; a later run with ``resume`` finds them finished and evaluates).
+    """
+    import torch
+
+    from nucleus_models.models.torchvision_detectors import build_detector, detections_to_instances
+
+    from .common import score_on_truth, shipped_state
+    from .run import _training_set, cv_folds, group_metrics, truth_source
+    from .unet import cv_score
+
+    cv = cfg.get("cv", {})
+    folds = cv_folds(cfg, images, only_fold)
+    truth_of, at_native = truth_source(cfg)
+    grid_params = _grid(cfg)
+    dets, truths, ids, groups = [], [], [], []
+    for i, held in enumerate(folds):
+        if only_fold is not None and i != only_fold:
+            continue
+        train = [
+            im
+            for im in _training_set(cfg, [im for im in images if im.id not in held])
+            if im.has_instances
+        ]
+        ckpt = train_detector(
+            cfg,
+            train,
+            out / f"fold{i}",
+            steps=int(cv.get("steps", cfg["train"]["steps"])),
+            resume=resume,
+        )
+        if only_fold is not None:
+            return {"folds": folds, "trained_fold": only_fold}
+        net = build_detector(
+            cfg["arch"],
+            score_thresh=min(0.05, *(p["score_threshold"] for p in grid_params)),
+            nms_iou=max(0.5, *(p["nms_iou"] for p in grid_params)),
+            **_net_options(cfg),
+        )
+        net.load_state_dict(shipped_state(torch.load(ckpt, map_location="cpu", weights_only=True)))
+        for im in images:
+            if im.id in held:
+                dets.append(held_out_detections(net, im.image))
+                truths.append(truth_of(im))
+                ids.append(im.id)
+                groups.append(dict(im.groups))
+
+    def rows_of(params: dict[str, Any]) -> list[dict[str, float]]:
+        return [
+            score_on_truth(detections_to_instances(d, im_shape, **params).labels, t)
+            for d, im_shape, t in zip(dets, shapes, truths, strict=True)
+        ]
+
+    shapes = [im.image.shape[:2] for i in ids for im in images if im.id == i]
+    metric = cv.get("metric", "aji")
+    grid = []
+    for params in grid_params:
+        rows = rows_of(params)
+        grid.append((params, {k: float(np.nanmean([r[k] for r in rows])) for k in rows[0]}))
+    best, at_best = max(grid, key=lambda pm: cv_score(pm[1], metric))
+    report = list(cv.get("report_groups", []))
+    result = {
+        "folds": folds,
+        "metric": metric,
+        "tuned_on": "all",
+        "scored_at": "image resolution" if all(at_native(i) for i in ids) else "model resolution",
+        "best": best,
+        "metrics_at_best": at_best,
+        "by_group": group_metrics(rows_of(best) if report else [], groups, report),
+        "grid": [{**p, **m} for p, m in grid],
+        "n_images": len(ids),
+    }
+    (out / "cv.json").write_text(json.dumps(result, indent=2))
+    return result
 
 
 def train_from_config(
@@ -292,16 +433,22 @@ def train_from_config(
     *,
     out_dir: str | Path,
     resume: bool = False,
+    skip_cv: bool = False,
+    cv_only: bool = False,
+    fold: int | None = None,
     steps: int | None = None,
     export_to: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Train the detector a loaded config describes; optionally export it.
+    """Cross-validate the detector a loaded config describes (unless
+    ``skip_cv``; one fold only with ``fold``), train it on all images with
+    instances (unless ``cv_only``), optionally export it with the
+    thresholds the cross-validation chose (else the config's).
 
     Returns
     -------
     dict
-        ``checkpoint``, ``cv`` (None: no cross-validation for detectors),
-        ``meta`` and, when exporting, ``weights``.
+        ``checkpoint``, ``cv`` (None when skipped), ``meta`` and, when
+        exporting, ``weights``.
     """
     import torch
 
@@ -309,28 +456,35 @@ def train_from_config(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    images = [im for im in _training_set(cfg, _images(cfg)) if im.has_instances]
+    images = [im for im in _images(cfg) if im.has_instances]
     if not images:
         raise ValueError(f"no training images with instances under {cfg['data']['root']}")
-    t0 = time.perf_counter()
-    ckpt = train_detector(cfg, images, out, steps=steps, resume=resume)
-    seconds = time.perf_counter() - t0
+    cv = None if skip_cv else cross_validate(cfg, images, out / "cv", resume=resume, only_fold=fold)
+    if fold is not None:
+        return {"checkpoint": str(out / "cv" / f"fold{fold}" / "checkpoint.pt"), "cv": None}
+    if cv_only:
+        return {"checkpoint": None, "cv": cv, "meta": {}}
+    train = [im for im in _training_set(cfg, images) if im.has_instances]
+    ckpt = train_detector(cfg, train, out / "final", steps=steps, resume=resume)
+    seconds, sessions = training_record(ckpt)
+    t_cv = sum(training_record(p)[0] for p in sorted((out / "cv").glob("fold*/checkpoint.pt")))
     meta = {
         "command": invocation_text(f"nucleus-bench train --config {cfg.get('_config_path')}"),
-        "sessions": training_record(ckpt)[1],
+        "sessions": sessions,
         "config": cfg.get("_config_path"),
         "arch": cfg["arch"],
         "backbone": "resnet18-fpn (layer1-3), weights=None",
         "steps": int(steps if steps is not None else cfg["train"]["steps"]),
         "seconds": round(seconds, 1),
+        "cv_seconds": round(t_cv, 1),
         "hardware": hardware_text(),
         "torch": torch.__version__,
         "images": [im.id for im in images],
         "parameters": sum(p.numel() for p in build_from_config(cfg).parameters()),
         "seed": int(cfg.get("seed", 0)),
     }
-    result: dict[str, Any] = {"checkpoint": str(ckpt), "cv": None, "meta": meta}
+    result: dict[str, Any] = {"checkpoint": str(ckpt), "cv": cv, "meta": meta}
     if export_to is not None:
-        result["weights"] = str(export(cfg, ckpt, Path(export_to), meta))
+        result["weights"] = str(export(cfg, ckpt, Path(export_to), meta, cv))
     (out / "result.json").write_text(json.dumps(result, indent=2, default=str))
     return result

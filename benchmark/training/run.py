@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,70 @@ def kfold(ids: list[str], k: int, seed: int) -> list[list[str]]:
     """Split ``ids`` into ``k`` folds (seeded shuffle)."""
     order = list(np.random.default_rng(seed).permutation(sorted(ids)))
     return [sorted(str(x) for x in order[i::k]) for i in range(k)]
+
+
+def cv_folds(
+    cfg: dict[str, Any], images: list[TrainImage], only_fold: int | None = None
+) -> list[list[str]]:
+    """The config's ``cv.folds`` folds of image ids (seeded by ``seed``).
+
+    Only images whose nuclei were outlined one by one are held out;
+    pseudo-labelled and synthetic images always train.  Every architecture
+    trained from the same data and seed gets the same folds, so their
+    cross-validation numbers compare image for image.
+    """
+    k = int(cfg.get("cv", {}).get("folds", 3))
+    if only_fold is not None and not 0 <= only_fold < k:
+        raise ValueError(f"--fold {only_fold}: the config has folds 0..{k - 1}")
+    labelled = [
+        im.id
+        for im in images
+        if im.has_instances and not im.pseudo and "synthetic" not in im.groups
+    ]
+    return kfold(labelled, k, int(cfg.get("seed", 0)))
+
+
+def truth_source(
+    cfg: dict[str, Any],
+) -> tuple[Callable[[TrainImage], np.ndarray], Callable[[str], bool]]:
+    """``(truth_of, at_native)``: a held-out image's reference labels, and
+    whether they are the dataset's own at the image's own resolution (as
+    ``nucleus-bench eval`` scores) rather than the resampled training labels
+    (images given directly, as in tests)."""
+    from benchmark.datasets import DatasetError, get_dataset
+
+    try:
+        ds = get_dataset(cfg["data"]["dataset"], cfg["data"]["root"])
+        native = set(ds.ids())
+    except DatasetError:
+        ds, native = None, set()
+
+    def truth_of(im: TrainImage) -> np.ndarray:
+        if ds is not None and im.id in native:
+            return np.asarray(ds.load(im.id).labels, np.int32)
+        return im.labels
+
+    return truth_of, native.__contains__
+
+
+def group_metrics(
+    rows: list[dict[str, float]], groups: list[dict[str, Any]], keys: list[str]
+) -> dict[str, dict[str, Any]]:
+    """Mean metrics per value of each group key (``cv.report_groups``).
+
+    >>> group_metrics([{"aji": 0.5}, {"aji": 0.25}, {"aji": 0.75}],
+    ...               [{"organ": "a"}, {"organ": "b"}, {"organ": "b"}], ["organ"])
+    {'organ=a': {'n': 1, 'aji': 0.5}, 'organ=b': {'n': 2, 'aji': 0.5}}
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for key in keys:
+        for value in sorted({g[key] for g in groups if key in g}):
+            sel = [r for r, g in zip(rows, groups, strict=True) if g.get(key) == value]
+            out[f"{key}={value}"] = {
+                "n": len(sel),
+                **{k: float(np.nanmean([r[k] for r in sel])) for k in sel[0]},
+            }
+    return out
 
 
 def _images(cfg: dict[str, Any]) -> list[TrainImage]:
@@ -147,28 +212,12 @@ def cross_validate(
     their own resolution when the dataset provides them (as ``nucleus-bench
     eval`` does), else against the resampled training labels.
     """
-    from benchmark.datasets import DatasetError, get_dataset
-
     from .unet import cv_score, score_images, train_unet, tune_thresholds
 
     cv = cfg.get("cv", {})
-    k = int(cv.get("folds", 3))
-    # held-out images are only ones whose nuclei were outlined one by one;
-    # pseudo-labelled and synthetic images always train
-    labelled = [
-        im.id
-        for im in images
-        if im.has_instances and not im.pseudo and "synthetic" not in im.groups
-    ]
-    folds = kfold(labelled, k, int(cfg.get("seed", 0)))
-    if only_fold is not None and not 0 <= only_fold < k:
-        raise ValueError(f"--fold {only_fold}: the config has folds 0..{k - 1}")
+    folds = cv_folds(cfg, images, only_fold)
+    truth_of, at_native = truth_source(cfg)
     truths, ids, groups, held_out = [], [], [], []
-    try:
-        ds = get_dataset(cfg["data"]["dataset"], cfg["data"]["root"])
-        native = set(ds.ids())
-    except DatasetError:  # images given directly (tests): score at the model resolution
-        ds, native = None, set()
     for i, held in enumerate(folds):
         if only_fold is not None and i != only_fold:
             continue
@@ -184,8 +233,7 @@ def cross_validate(
         for im in images:
             if im.id in held:
                 held_out.append((net, im.image))
-                truth = ds.load(im.id).labels if ds is not None and im.id in native else None
-                truths.append(im.labels if truth is None else np.asarray(truth, np.int32))
+                truths.append(truth_of(im))
                 ids.append(im.id)
                 groups.append(dict(im.groups))
     if only_fold is not None:
@@ -219,21 +267,12 @@ def cross_validate(
     )
     if tune_on:  # the headline numbers stay those of every held-out image
         at_best = {k: float(np.nanmean([r[k] for r in rows])) for k in rows[0]}
-    by_group: dict[str, dict[str, Any]] = {}
-    for key in report:
-        for value in sorted({g[key] for g in groups if key in g}):
-            sel = [r for r, g in zip(rows, groups, strict=True) if g.get(key) == value]
-            by_group[f"{key}={value}"] = {
-                "n": len(sel),
-                **{k: float(np.nanmean([r[k] for r in sel])) for k in sel[0]},
-            }
+    by_group = group_metrics(rows, groups, report)
     result = {
         "folds": folds,
         "metric": metric,
         "tuned_on": tune_on or "all",
-        "scored_at": "image resolution"
-        if ds is not None and set(ids) <= native
-        else "model resolution",
+        "scored_at": "image resolution" if all(at_native(i) for i in ids) else "model resolution",
         "best": best,
         "metrics_at_best": at_best,
         "by_group": by_group,
@@ -325,56 +364,63 @@ def _card_markdown(
         "",
     ]
     if cv:
-        mm = cv["metrics_at_best"]
+        lines += cv_card_lines(cfg, spec, cv)
+    return "\n".join(lines)
+
+
+def cv_card_lines(cfg: dict[str, Any], spec: dict[str, Any], cv: dict[str, Any]) -> list[str]:
+    """The model card's cross-validation section: headline metrics of the
+    chosen setting, how they were scored, and the per-group table."""
+    mm = cv["metrics_at_best"]
+    lines = [
+        f"## {len(cv['folds'])}-fold cross-validation ({cv['n_images']} held-out images, thresholds chosen by {cv['metric'] if isinstance(cv['metric'], str) else ' + '.join(cv['metric'])}"
+        + (
+            f" on the held-out images with {cv['tuned_on']}"
+            if cv.get("tuned_on", "all") != "all"
+            else ""
+        )
+        + ")",
+        "",
+        "| " + " | ".join(mm) + " |",
+        "|" + "---|" * len(mm),
+        "| " + " | ".join(f"{v:.3f}" for v in mm.values()) + " |",
+        "",
+        "Numbers come from the fold models (each trained on the other folds with "
+        f"{cfg.get('cv', {}).get('steps', cfg['train']['steps'])} steps), evaluated on their held-out images at the "
+        + (
+            "image's own resolution (labels resized back with nearest neighbour, as `nucleus-bench eval` does) "
+            if cv.get("scored_at") == "image resolution"
+            else "training resolution "
+        )
+        + "with `benchmark.metrics.instance_metrics`."
+        + (
+            " Each held-out image was segmented at the scale its fold model picked from its "
+            "own segmentation (`fit_scale`), never from its labels"
+            + (
+                ": measured, as inference does, on the final instances of the setting a "
+                "first pass chose, then the setting was chosen again."
+                if cv.get("size_measured_on")
+                else "."
+            )
+            if spec["thresholds"].get("diameter_px")
+            else ""
+        ),
+        "",
+    ]
+    if len(cv.get("by_group", {})) > 1:
+        keys = ["f1_iou50", "aji", "dice", "det_f1"]
         lines += [
-            f"## {len(cv['folds'])}-fold cross-validation ({cv['n_images']} held-out images, thresholds chosen by {cv['metric'] if isinstance(cv['metric'], str) else ' + '.join(cv['metric'])}"
-            + (
-                f" on the held-out images with {cv['tuned_on']}"
-                if cv.get("tuned_on", "all") != "all"
-                else ""
-            )
-            + ")",
+            "By group of held-out images (same setting):",
             "",
-            "| " + " | ".join(mm) + " |",
-            "|" + "---|" * len(mm),
-            "| " + " | ".join(f"{v:.3f}" for v in mm.values()) + " |",
-            "",
-            "Numbers come from the fold models (each trained on the other folds with "
-            f"{cfg.get('cv', {}).get('steps')} steps), evaluated on their held-out images at the "
-            + (
-                "image's own resolution (labels resized back with nearest neighbour, as `nucleus-bench eval` does) "
-                if cv.get("scored_at") == "image resolution"
-                else "training resolution "
-            )
-            + "with `benchmark.metrics.instance_metrics`."
-            + (
-                " Each held-out image was segmented at the scale its fold model picked from its "
-                "own segmentation (`fit_scale`), never from its labels"
-                + (
-                    ": measured, as inference does, on the final instances of the setting a "
-                    "first pass chose, then the setting was chosen again."
-                    if cv.get("size_measured_on")
-                    else "."
-                )
-                if spec["thresholds"].get("diameter_px")
-                else ""
+            "| group | images | " + " | ".join(keys) + " |",
+            "|---|---|" + "---|" * len(keys),
+            *(
+                f"| {name} | {g['n']} | " + " | ".join(f"{g[k]:.3f}" for k in keys) + " |"
+                for name, g in cv["by_group"].items()
             ),
             "",
         ]
-        if len(cv.get("by_group", {})) > 1:
-            keys = ["f1_iou50", "aji", "dice", "det_f1"]
-            lines += [
-                "By group of held-out images (same setting):",
-                "",
-                "| group | images | " + " | ".join(keys) + " |",
-                "|---|---|" + "---|" * len(keys),
-                *(
-                    f"| {name} | {g['n']} | " + " | ".join(f"{g[k]:.3f}" for k in keys) + " |"
-                    for name, g in cv["by_group"].items()
-                ),
-                "",
-            ]
-    return "\n".join(lines)
+    return lines
 
 
 def _postprocess_text(th: dict[str, Any]) -> str:
@@ -408,15 +454,20 @@ def train_from_config(
         if skip_cv or export_to is not None:
             raise ValueError("--fold trains one cross-validation fold: no --skip_cv or --export")
         cv_only = True
+    if cv_only and export_to is not None:
+        raise ValueError("--cv_only trains no final model to export")
     if cfg["arch"] != "unet":
-        if cv_only:
-            raise ValueError(
-                f"--cv_only/--fold: cross-validation is implemented for 'unet', not {cfg['arch']!r}"
-            )
         from . import detectors  # torchvision detectors share the command
 
         return detectors.train_from_config(
-            cfg, out_dir=out_dir, resume=resume, steps=steps, export_to=export_to
+            cfg,
+            out_dir=out_dir,
+            resume=resume,
+            skip_cv=skip_cv,
+            cv_only=cv_only,
+            fold=fold,
+            steps=steps,
+            export_to=export_to,
         )
     from .unet import train_unet
 
@@ -429,8 +480,6 @@ def train_from_config(
     if fold is not None:
         return {"checkpoint": str(out / "cv" / f"fold{fold}" / "checkpoint.pt"), "cv": None}
     if cv_only:
-        if export_to is not None:
-            raise ValueError("--cv_only trains no final model to export")
         return {"checkpoint": None, "cv": cv, "meta": {}}
     ckpt = train_unet(cfg, _training_set(cfg, images), out / "final", steps=steps, resume=resume)
     # training time from the checkpoints' own logs (exact also when a later

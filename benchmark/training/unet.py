@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .common import restore_checkpoint, train_loop, warmup_cosine
+from .common import restore_checkpoint, score_on_truth, train_loop, warmup_cosine
 from .data import TrainImage, augment, sample_patch
 
 __all__ = [
@@ -166,20 +166,13 @@ def score_images(
     maps: list[np.ndarray], truths: list[np.ndarray], params: dict[str, Any]
 ) -> list[dict[str, float]]:
     """Instance metrics of each held-out image under one post-processing setting
-    (labels resized to the truth's grid with nearest neighbour, as
-    :func:`nucleus_models.detection.segment_image` does)."""
-    import cv2
-
-    from benchmark.metrics import instance_metrics
+    (scored by :func:`.common.score_on_truth`)."""
     from nucleus_models.models.unet import instances_from_maps
 
-    rows = []
-    for m, t in zip(maps, truths, strict=True):
-        lab = instances_from_maps(m[0], m[1], m[2], **params).labels
-        if lab.shape != t.shape:
-            lab = cv2.resize(lab, t.shape[::-1], interpolation=cv2.INTER_NEAREST)
-        rows.append(instance_metrics(t, lab))
-    return rows
+    return [
+        score_on_truth(instances_from_maps(m[0], m[1], m[2], **params).labels, t)
+        for m, t in zip(maps, truths, strict=True)
+    ]
 
 
 def tune_thresholds(

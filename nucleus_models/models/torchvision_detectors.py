@@ -41,7 +41,7 @@ from torchvision.ops.feature_pyramid_network import ExtraFPNBlock
 
 from .base import ModelSpec, NucleusModel, TileInstances
 
-__all__ = ["ARCHS", "build_detector", "paint_instances", "DetectorModel"]
+__all__ = ["ARCHS", "build_detector", "paint_instances", "detections_to_instances", "DetectorModel"]
 
 ARCHS = ("fasterrcnn", "fcos", "maskrcnn")
 _LEVELS = ["0", "1", "2"]  # FPN outputs at strides 4, 8, 16
@@ -285,6 +285,43 @@ def paint_instances(
     )
 
 
+def detections_to_instances(
+    det: dict[str, np.ndarray],
+    shape: tuple[int, int],
+    *,
+    score_threshold: float,
+    nms_iou: float,
+    mask_threshold: float = 0.5,
+    min_area: int = 4,
+    n_classes: int = 1,
+) -> TileInstances:
+    """One image's raw detections (``boxes``, ``scores``, ``labels`` and, for
+    Mask R-CNN, ``masks`` ``(N, 1, M, M)``) -> instances: score threshold,
+    class-agnostic NMS at ``nms_iou``, then :func:`paint_instances`.
+
+    Inference (:class:`DetectorModel`) and cross-validation both use it, so
+    the thresholds a cross-validation chooses mean the same at inference.
+    """
+    from torchvision.ops import nms
+
+    boxes, scores = det["boxes"].reshape(-1, 4), det["scores"].reshape(-1)
+    keep = np.flatnonzero(scores >= score_threshold)
+    if len(keep):
+        k = nms(torch.from_numpy(boxes[keep]), torch.from_numpy(scores[keep]), nms_iou)
+        keep = keep[k.numpy()]
+    masks = det["masks"][keep, 0] if "masks" in det else None
+    classes = np.clip(det["labels"][keep].astype(np.int64) - 1, 0, n_classes - 1)
+    return paint_instances(
+        shape,
+        boxes[keep],
+        scores[keep],
+        classes,
+        masks,
+        mask_threshold=mask_threshold,
+        min_area=min_area,
+    )
+
+
 class DetectorModel(NucleusModel):
     """Registered torchvision detector: tiles -> boxes (+ masks) -> painted instances.
 
@@ -352,28 +389,16 @@ class DetectorModel(NucleusModel):
     def postprocess(
         self, raw: list[dict[str, np.ndarray]], tiles: list[np.ndarray], context: dict[str, Any]
     ) -> list[TileInstances]:
-        """Score threshold, class-agnostic NMS, then :func:`paint_instances`."""
-        from torchvision.ops import nms
-
-        res = []
-        n_cls = len(self.spec.classes)
-        for det, tile in zip(raw, tiles, strict=True):
-            boxes, scores = det["boxes"].reshape(-1, 4), det["scores"].reshape(-1)
-            keep = np.flatnonzero(scores >= self.score_threshold)
-            if len(keep):
-                k = nms(torch.from_numpy(boxes[keep]), torch.from_numpy(scores[keep]), self.nms_iou)
-                keep = keep[k.numpy()]
-            masks = det["masks"][keep, 0] if "masks" in det else None
-            classes = np.clip(det["labels"][keep].astype(np.int64) - 1, 0, n_cls - 1)
-            res.append(
-                paint_instances(
-                    tile.shape[:2],
-                    boxes[keep],
-                    scores[keep],
-                    classes,
-                    masks,
-                    mask_threshold=self.mask_threshold,
-                    min_area=self.min_area,
-                )
+        """:func:`detections_to_instances` with the model's thresholds, per tile."""
+        return [
+            detections_to_instances(
+                det,
+                tile.shape[:2],
+                score_threshold=self.score_threshold,
+                nms_iou=self.nms_iou,
+                mask_threshold=self.mask_threshold,
+                min_area=self.min_area,
+                n_classes=len(self.spec.classes),
             )
-        return res
+            for det, tile in zip(raw, tiles, strict=True)
+        ]
