@@ -93,7 +93,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     t = sub.add_parser(
         "train", help="cross-validate and train a model from a config (configs/*.toml)"
     )
-    t.add_argument("--config", required=True, help="TOML config, e.g. configs/unet-monuseg.toml")
+    t.add_argument("--config", required=True, help="TOML or YAML config, e.g. configs/unet-monuseg.toml")
     t.add_argument("--out", default="", help="run folder (default runs/<name>)")
     t.add_argument(
         "--resume", action="store_true", help="continue from the run folder's checkpoints"
@@ -183,9 +183,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     if not Path(args.config).is_file():
         raise DatasetError(f"config not found: {args.config}")
-    name = load_config(args.config)["name"]
-    out = args.out or f"runs/{name}"
     try:
+        out = args.out or f"runs/{load_config(args.config)['name']}"
         result = train_from_config(
             args.config,
             out_dir=out,

@@ -579,3 +579,48 @@ def test_model_card_lists_every_training_session_of_a_continued_run(
         in card
     )
     assert "Training command:" not in card
+
+
+def test_training_configs_read_as_toml_or_yaml_with_one_line_errors(tmp_path: Path) -> None:
+    """A YAML config with the same tables loads to the same config as the
+    shipped TOML; an unparsable file or an unknown suffix is a ValueError
+    naming the file (the CLI prints it as one line)."""
+    import tomllib
+    import yaml
+
+    from benchmark.training.run import load_config
+
+    toml_path = Path(__file__).resolve().parents[1] / "configs" / "unet-monuseg.toml"
+    raw = tomllib.loads(toml_path.read_text())
+    yml = tmp_path / "unet-monuseg.yaml"
+    yml.write_text(yaml.safe_dump(raw))
+    a, b = load_config(toml_path), load_config(yml)
+    assert a.pop("_config_path") != b.pop("_config_path")
+    assert a == b and a["data"]["root"].endswith("shared/data/monuseg2018/train")
+
+    bad = tmp_path / "bad.yml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ValueError, match=r"bad\.yml: not a valid YAML config: "):
+        load_config(bad)
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[model\n")
+    with pytest.raises(ValueError, match=r"bad\.toml: not a valid TOML config: "):
+        load_config(bad)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(ValueError, match="a table of sections, not list"):
+        load_config(listy)
+    with pytest.raises(ValueError, match=r"\.toml, \.yaml or \.yml, not '\.json'"):
+        load_config(tmp_path / "x.json")
+
+
+def test_a_broken_config_is_a_one_line_error_from_the_command_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from benchmark.__main__ import main
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[model\nmpp = 0.5\n")
+    assert main(["train", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {bad}: not a valid TOML config: ") and "\n" not in err

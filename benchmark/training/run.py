@@ -28,9 +28,33 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def load_config(path: str | Path) -> dict[str, Any]:
-    """Read a TOML training config; relative data paths are taken from the repository root."""
+    """Read a training config, TOML (``.toml``) or YAML (``.yaml``/``.yml``, the
+    same tables as mappings); relative data paths are taken from the
+    repository root.  A file that does not parse, or whose top level is not
+    a table, is a ``ValueError`` naming the file."""
     p = Path(path)
-    cfg = tomllib.loads(p.read_text())
+    suffix = p.suffix.lower()
+    if suffix not in (".toml", ".yaml", ".yml"):
+        raise ValueError(
+            f"{p}: a training config is .toml, .yaml or .yml, not {p.suffix or 'no suffix'!r}"
+        )
+    text = p.read_text()
+    if suffix == ".toml":
+        try:
+            cfg = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"{p}: not a valid TOML config: {exc}") from None
+    else:
+        import yaml
+
+        try:
+            cfg = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ValueError(
+                f"{p}: not a valid YAML config: {' '.join(str(exc).split())}"
+            ) from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{p}: a training config is a table of sections, not {type(cfg).__name__}")
     for key in ("root", "foreground_only_masks"):
         val = cfg.get("data", {}).get(key)
         if val and not Path(val).is_absolute():
