@@ -337,3 +337,38 @@ def test_detector_cross_validation_from_the_command_line(
     assert cv["n_images"] == 3 and len(cv["grid"]) == 1
     assert not (out / "final").exists()
     assert main(["train", "--config", str(cfg), "--out", str(out), "--cv_only", "--export"]) == 2
+
+
+@pytest.mark.parametrize("arch", ["fasterrcnn", "maskrcnn"])
+def test_cross_validation_predicts_as_the_served_model_does(arch: str, tmp_path: Path) -> None:
+    """Held-out detections + :func:`detections_to_instances` at a setting give
+    the labels the registered model gives with that setting as thresholds."""
+    import torch
+
+    from benchmark.training.detectors import held_out_detections
+    from nucleus_models.models.base import ModelSpec, sha256_of_file
+    from nucleus_models.models.torchvision_detectors import (
+        DetectorModel,
+        build_detector,
+        detections_to_instances,
+    )
+
+    torch.manual_seed(1)
+    pt = tmp_path / "w.pt"
+    torch.save(build_detector(arch, fpn_channels=32).state_dict(), pt)
+    setting = {"score_threshold": 0.1, "nms_iou": 0.3, "mask_threshold": 0.5, "min_area": 2}
+    spec = ModelSpec(
+        name=f"{arch}-cv",
+        mpp=0.5,
+        sha256=sha256_of_file(pt),
+        thresholds=setting | {"fpn_channels": 32},
+    )
+    model = DetectorModel(spec, str(pt), arch=arch, device="cpu")
+    image = _synthetic_image(4, size=128).image
+    (served,) = model.predict_batch([image])
+    cv_net = build_detector(arch, fpn_channels=32, score_thresh=0.05, nms_iou=0.5)
+    cv_net.load_state_dict(torch.load(pt, weights_only=True))
+    cv = detections_to_instances(held_out_detections(cv_net, image), image.shape[:2], **setting)
+    assert int(served.labels.max()) > 0
+    np.testing.assert_array_equal(cv.labels, served.labels)
+    np.testing.assert_allclose(cv.scores, served.scores)
