@@ -93,7 +93,9 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     t = sub.add_parser(
         "train", help="cross-validate and train a model from a config (configs/*.toml)"
     )
-    t.add_argument("--config", required=True, help="TOML or YAML config, e.g. configs/unet-monuseg.toml")
+    t.add_argument(
+        "--config", required=True, help="TOML or YAML config, e.g. configs/unet-monuseg.toml"
+    )
     t.add_argument("--out", default="", help="run folder (default runs/<name>)")
     t.add_argument(
         "--resume", action="store_true", help="continue from the run folder's checkpoints"
