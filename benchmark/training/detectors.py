@@ -321,7 +321,7 @@ def _grid(cfg: dict[str, Any]) -> list[dict[str, Any]]:
             "mask_threshold": float(mt),
             "min_area": int(m.get("min_area", 8)),
         }
-        for st in cv.get("score_thresholds", [0.3, 0.4, 0.5, 0.6, 0.7])
+        for st in cv.get("score_thresholds", [0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7])
         for nms in cv.get("nms_ious", [0.2, 0.3, 0.4])
         for mt in masks
     ]
