@@ -285,8 +285,8 @@ def _card_markdown(
             f"- Instances: detections with score >= {th['score_threshold']} after NMS "
             f"(IoU {th['nms_iou']}), painted by descending score; shape: {shape}; min_area {th['min_area']} px",
             f"- Resolution: {spec['mpp']} um/px (inputs are resampled to it); modality: {spec['modality']}",
-            f"- Training data: {cfg.get('card', {}).get('data', cfg['data']['dataset'])} "
-            "(only images with nucleus instances)",
+            f"- Training data: {cfg.get('card', {}).get('data', cfg['data']['dataset'])}; "
+            "only images with nucleus instances",
             *training_lines(meta),
             f"- Training: {meta['steps']} steps, batch {tr['batch_size']}, patch {tr['patch_size']} px, "
             f"{tr.get('optimizer', 'adamw')} lr {tr.get('lr', 5e-4)}, "
