@@ -27,6 +27,7 @@ __all__ = [
     "training_lines",
     "training_record",
     "score_on_truth",
+    "mean_metrics",
 ]
 
 log = logging.getLogger(__name__)
@@ -110,6 +111,16 @@ def score_on_truth(labels: np.ndarray, truth: np.ndarray) -> dict[str, float]:
     if lab.shape != truth.shape:
         lab = cv2.resize(lab, truth.shape[::-1], interpolation=cv2.INTER_NEAREST)
     return instance_metrics(truth, lab)
+
+
+def mean_metrics(rows: list[dict[str, float]]) -> dict[str, float]:
+    """Per-metric mean over images (NaN-aware: a metric undefined on one image
+    does not void the mean).
+
+    >>> mean_metrics([{"aji": 0.5, "dice": float("nan")}, {"aji": 0.25, "dice": 0.5}])
+    {'aji': 0.375, 'dice': 0.5}
+    """
+    return {k: float(np.nanmean([r[k] for r in rows])) for k in rows[0]}
 
 
 def warmup_cosine(opt: Any, total: int, *, warmup_fraction: float) -> Any:

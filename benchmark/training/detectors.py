@@ -329,14 +329,10 @@ def _grid(cfg: dict[str, Any]) -> list[dict[str, Any]]:
 
 def held_out_detections(net: Any, image: np.ndarray) -> dict[str, np.ndarray]:
     """Raw detections of one held-out image (at the model's resolution), as
-    :meth:`DetectorModel.forward` returns them for a tile."""
-    import torch
+    :class:`DetectorModel` makes them for a tile (same tensors, same call)."""
+    from nucleus_models.models.torchvision_detectors import detect, to_tensors
 
-    x = torch.from_numpy(np.ascontiguousarray(image[..., :3].transpose(2, 0, 1))).float() / 255.0
-    net.eval()
-    with torch.inference_mode():
-        (det,) = net([x])
-    return {k: v.float().cpu().numpy() for k, v in det.items()}
+    return detect(net, to_tensors([image]))[0]
 
 
 def cross_validate(
@@ -359,7 +355,7 @@ def cross_validate(
 
     from nucleus_models.models.torchvision_detectors import build_detector, detections_to_instances
 
-    from .common import score_on_truth, shipped_state
+    from .common import mean_metrics, score_on_truth, shipped_state
     from .run import _training_set, cv_folds, group_metrics, truth_source
     from .unet import cv_score
 
@@ -367,7 +363,7 @@ def cross_validate(
     folds = cv_folds(cfg, images, only_fold)
     truth_of, at_native = truth_source(cfg)
     grid_params = _grid(cfg)
-    dets, truths, ids, groups = [], [], [], []
+    dets, shapes, truths, ids, groups = [], [], [], [], []
     for i, held in enumerate(folds):
         if only_fold is not None and i != only_fold:
             continue
@@ -395,6 +391,7 @@ def cross_validate(
         for im in images:
             if im.id in held:
                 dets.append(held_out_detections(net, im.image))
+                shapes.append(im.image.shape[:2])
                 truths.append(truth_of(im))
                 ids.append(im.id)
                 groups.append(dict(im.groups))
@@ -405,12 +402,8 @@ def cross_validate(
             for d, im_shape, t in zip(dets, shapes, truths, strict=True)
         ]
 
-    shapes = [im.image.shape[:2] for i in ids for im in images if im.id == i]
     metric = cv.get("metric", "aji")
-    grid = []
-    for params in grid_params:
-        rows = rows_of(params)
-        grid.append((params, {k: float(np.nanmean([r[k] for r in rows])) for k in rows[0]}))
+    grid = [(params, mean_metrics(rows_of(params))) for params in grid_params]
     best, at_best = max(grid, key=lambda pm: cv_score(pm[1], metric))
     report = list(cv.get("report_groups", []))
     result = {

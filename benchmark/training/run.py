@@ -14,6 +14,7 @@ import tomllib
 from .common import (
     hardware_text,
     invocation_text,
+    mean_metrics,
     shipped_state,
     training_lines,
     training_record,
@@ -130,7 +131,7 @@ def group_metrics(
             sel = [r for r, g in zip(rows, groups, strict=True) if g.get(key) == value]
             out[f"{key}={value}"] = {
                 "n": len(sel),
-                **{k: float(np.nanmean([r[k] for r in sel])) for k in sel[0]},
+                **mean_metrics(sel),
             }
     return out
 
@@ -290,7 +291,7 @@ def cross_validate(
         else []
     )
     if tune_on:  # the headline numbers stay those of every held-out image
-        at_best = {k: float(np.nanmean([r[k] for r in rows])) for k in rows[0]}
+        at_best = mean_metrics(rows)
     by_group = group_metrics(rows, groups, report)
     result = {
         "folds": folds,

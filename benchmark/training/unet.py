@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .common import restore_checkpoint, score_on_truth, train_loop, warmup_cosine
+from .common import mean_metrics, restore_checkpoint, score_on_truth, train_loop, warmup_cosine
 from .data import TrainImage, augment, sample_patch
 
 __all__ = [
@@ -193,8 +193,7 @@ def tune_thresholds(
     min_area = int(cfg["model"].get("min_area", 8))
 
     def score(params: dict[str, Any]) -> dict[str, float]:
-        rows = score_images(maps, truths, {"min_area": min_area, **params})
-        return {k: float(np.nanmean([r[k] for r in rows])) for k in rows[0]}
+        return mean_metrics(score_images(maps, truths, {"min_area": min_area, **params}))
 
     out = [(params, score(params)) for params in postprocess_grid(cfg)]
     metric = cv_cfg.get("metric", "aji")

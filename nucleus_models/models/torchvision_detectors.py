@@ -41,7 +41,15 @@ from torchvision.ops.feature_pyramid_network import ExtraFPNBlock
 
 from .base import ModelSpec, NucleusModel, TileInstances
 
-__all__ = ["ARCHS", "build_detector", "paint_instances", "detections_to_instances", "DetectorModel"]
+__all__ = [
+    "ARCHS",
+    "build_detector",
+    "paint_instances",
+    "to_tensors",
+    "detect",
+    "detections_to_instances",
+    "DetectorModel",
+]
 
 ARCHS = ("fasterrcnn", "fcos", "maskrcnn")
 _LEVELS = ["0", "1", "2"]  # FPN outputs at strides 4, 8, 16
@@ -285,6 +293,25 @@ def paint_instances(
     )
 
 
+def to_tensors(tiles: list[np.ndarray]) -> list[torch.Tensor]:
+    """RGB uint8 tiles -> float ``(3, H, W)`` tensors in [0, 1] (sizes may differ)."""
+    return [
+        torch.from_numpy(np.ascontiguousarray(t[..., :3].transpose(2, 0, 1))).float() / 255.0
+        for t in tiles
+    ]
+
+
+def detect(
+    net: nn.Module, batch: list[torch.Tensor], device: Any = "cpu"
+) -> list[dict[str, np.ndarray]]:
+    """Run a detector in eval mode; each image's raw detections as NumPy arrays
+    (what :func:`detections_to_instances` takes)."""
+    net.eval()
+    with torch.inference_mode():
+        out = net([x.to(device) for x in batch])
+    return [{k: v.float().cpu().numpy() for k, v in d.items()} for d in out]
+
+
 def detections_to_instances(
     det: dict[str, np.ndarray],
     shape: tuple[int, int],
@@ -373,18 +400,12 @@ class DetectorModel(NucleusModel):
         self.net.eval().to(self.device)
 
     def preprocess(self, tiles: list[np.ndarray], context: dict[str, Any]) -> list[torch.Tensor]:
-        """RGB uint8 tiles -> float ``(3, H, W)`` tensors in [0, 1] (sizes may differ)."""
-        return [
-            torch.from_numpy(np.ascontiguousarray(t[..., :3].transpose(2, 0, 1))).float() / 255.0
-            for t in tiles
-        ]
+        """:func:`to_tensors`."""
+        return to_tensors(tiles)
 
     def forward(self, batch: list[torch.Tensor]) -> list[dict[str, np.ndarray]]:
-        """Run the network in eval mode; detections as NumPy arrays."""
-        self.net.eval()
-        with torch.inference_mode():
-            out = self.net([x.to(self.device) for x in batch])
-        return [{k: v.float().cpu().numpy() for k, v in d.items()} for d in out]
+        """:func:`detect` on the model's device."""
+        return detect(self.net, batch, self.device)
 
     def postprocess(
         self, raw: list[dict[str, np.ndarray]], tiles: list[np.ndarray], context: dict[str, Any]
