@@ -494,14 +494,12 @@ def segment_image(
 
     The image is resampled to the model's resolution, segmented with the
     same tiling and seam rule as slides, and the label map is resampled back
-    (nearest neighbour) to the image grid.  A size-normalised model (its spec
+    (nearest pixel centre, :func:`~nucleus_models.instances.labels_to_grid`) to the image grid.  A size-normalised model (its spec
     has ``thresholds["diameter_px"]``, trained with ``rescale_to_diameter``)
     instead picks the scale at which its own segmentation finds nuclei of that
     diameter, starting from the resolution (:func:`~nucleus_models.models.unet.fit_scale`).
     """
-    import cv2
-
-    from .instances import nuclei_from_labels
+    from .instances import labels_to_grid, nuclei_from_labels
     from .models import get_model
     from .models.unet import fit_scale
     from .wsi.slide import to_rgb_uint8
@@ -534,8 +532,7 @@ def segment_image(
     else:
         scale = start
         lab, scores, classes = at_scale(start)[1]
-    if lab.shape != (h, w):
-        lab = cv2.resize(lab, (w, h), interpolation=cv2.INTER_NEAREST)
+    lab = labels_to_grid(lab, (h, w))
     nuclei = nuclei_from_labels(lab, scores=scores, classes=classes, pixel_area_um2=mpp**2)
     return ImageSegmentation(
         labels=lab.astype(np.uint32),

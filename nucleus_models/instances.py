@@ -11,7 +11,32 @@ import numpy as np
 
 from .types import Nuclei
 
-__all__ = ["nuclei_from_labels"]
+__all__ = ["labels_to_grid", "nuclei_from_labels"]
+
+
+def labels_to_grid(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """An instance label map resampled to ``shape`` (rows, cols) by nearest
+    pixel centre (OpenCV's ``INTER_NEAREST_EXACT``), in the coordinates above.
+
+    OpenCV's plain ``INTER_NEAREST`` maps pixel ``x`` to ``floor(x * f)``,
+    which moves outlines by up to one target pixel (half a pixel on average
+    when growing ~2x): a model's labels grown back to a MoNuSeg image that
+    way lose several points of AJI.
+
+    >>> lab = np.array([[0, 1], [0, 0]], np.int32)
+    >>> labels_to_grid(lab, (4, 4)).tolist()
+    [[0, 0, 1, 1], [0, 0, 1, 1], [0, 0, 0, 0], [0, 0, 0, 0]]
+    """
+    import cv2
+
+    lab = np.asarray(labels)
+    if lab.shape == tuple(shape):
+        return lab
+    dtype = lab.dtype
+    if dtype not in (np.uint8, np.int16, np.uint16, np.int32, np.float32):
+        lab = lab.astype(np.int32)
+    out = cv2.resize(lab, (int(shape[1]), int(shape[0])), interpolation=cv2.INTER_NEAREST_EXACT)
+    return out.astype(dtype, copy=False)
 
 
 def nuclei_from_labels(

@@ -101,16 +101,12 @@ def training_lines(meta: dict[str, Any]) -> list[str]:
 def score_on_truth(labels: np.ndarray, truth: np.ndarray) -> dict[str, float]:
     """Instance metrics of a held-out prediction against its reference; a
     prediction on a coarser grid is first resized to the reference's with
-    nearest neighbour, as :func:`nucleus_models.detection.segment_image` does,
+    nearest pixel centre, as :func:`nucleus_models.detection.segment_image` does,
     so cross-validation scores what ``nucleus-bench eval`` would."""
-    import cv2
-
     from benchmark.metrics import instance_metrics
+    from nucleus_models.instances import labels_to_grid
 
-    lab = np.asarray(labels, np.int32)
-    if lab.shape != truth.shape:
-        lab = cv2.resize(lab, truth.shape[::-1], interpolation=cv2.INTER_NEAREST)
-    return instance_metrics(truth, lab)
+    return instance_metrics(truth, labels_to_grid(np.asarray(labels, np.int32), truth.shape))
 
 
 def mean_metrics(rows: list[dict[str, float]]) -> dict[str, float]:

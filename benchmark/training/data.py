@@ -84,8 +84,14 @@ def make_targets(
 
 def _resize(img: np.ndarray, scale: float, nearest: bool | str = False) -> np.ndarray:
     """Resample an image by ``scale``; label maps and masks with ``nearest``:
-    ``True`` / ``"nearest"`` (OpenCV nearest neighbour) or ``"area"``
-    (:func:`resize_labels`, which does not shift outlines)."""
+    ``True`` / ``"nearest"`` (nearest pixel centre, OpenCV's
+    ``INTER_NEAREST_EXACT``), ``"area"`` (:func:`resize_labels`: smooth
+    outlines, foreground by area) or ``"corner"`` (OpenCV's ``INTER_NEAREST``,
+    which samples each block's top-left pixel and so moves every outline by
+    up to one source pixel; what the models trained before 2026-11-24 saw).
+    Shrinking by exactly 2, any nearest neighbour keeps one corner of each
+    2x2 block (a half-pixel shift); only ``"area"`` is unbiased at every scale.
+    """
     import cv2
 
     if abs(scale - 1.0) < 1e-6:
@@ -94,8 +100,12 @@ def _resize(img: np.ndarray, scale: float, nearest: bool | str = False) -> np.nd
     size = (max(1, int(round(w * scale))), max(1, int(round(h * scale))))
     if nearest == "area":
         return resize_labels(img.astype(np.int32), size).astype(img.dtype)
-    if nearest:
+    if nearest == "corner":
         return cv2.resize(img, size, interpolation=cv2.INTER_NEAREST)
+    if nearest in (True, "nearest"):
+        return cv2.resize(img, size, interpolation=cv2.INTER_NEAREST_EXACT)
+    if nearest:
+        raise ValueError(f"label resize must be 'nearest', 'area' or 'corner', not {nearest!r}")
     return cv2.resize(img, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
 
 
@@ -144,7 +154,7 @@ def load_training_images(
     foreground_only_masks: str | Path | None = None,
     default_mpp: float | None = None,
     pseudo_instances: bool = False,
-    label_resize: str = "nearest",
+    label_resize: str = "area",
     foreground_mask_erosion: int = 0,
 ) -> list[TrainImage]:
     """Load a dataset's labelled samples resampled to ``mpp``.
@@ -262,7 +272,7 @@ def sample_patch(
     *,
     scale_range: tuple[float, float] = (1.0, 1.0),
     boundary: str = "thick",
-    label_resize: str = "nearest",
+    label_resize: str = "area",
 ) -> dict[str, np.ndarray]:
     """A random ``size x size`` patch (reflect-padded if the image is smaller) with its targets."""
     s = float(rng.uniform(*scale_range)) if scale_range != (1.0, 1.0) else 1.0
@@ -353,7 +363,7 @@ def median_nucleus_diameter(labels: np.ndarray) -> float:
 
 
 def rescale_to_diameter(
-    items: list[TrainImage], diameter: float, *, label_resize: str = "nearest"
+    items: list[TrainImage], diameter: float, *, label_resize: str = "area"
 ) -> list[TrainImage]:
     """Resample each image so its nuclei are ``diameter`` px across (Kromp et al. 2020).
 

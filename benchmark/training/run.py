@@ -146,7 +146,7 @@ def _images(cfg: dict[str, Any]) -> list[TrainImage]:
         foreground_only_masks=d.get("foreground_only_masks"),
         default_mpp=d.get("default_mpp"),
         pseudo_instances=bool(d.get("pseudo_instances", False)),
-        label_resize=str(d.get("label_resize", "nearest")),
+        label_resize=str(d.get("label_resize", "area")),
         foreground_mask_erosion=int(d.get("foreground_mask_erosion", 0)),
     )
 
@@ -161,7 +161,7 @@ def _training_set(cfg: dict[str, Any], images: list[TrainImage]) -> list[TrainIm
         images = rescale_to_diameter(
             images,
             float(d["rescale_to_diameter"]),
-            label_resize=str(d.get("label_resize", "nearest")),
+            label_resize=str(d.get("label_resize", "area")),
         )
     n_syn = int(d.get("synthetic_images", 0))
     if n_syn:

@@ -59,7 +59,7 @@ def _batch(
                 rng,
                 scale_range=tuple(tr.get("scale_range", (1.0, 1.0))),
                 boundary=str(tr.get("boundary_target", "thick")),
-                label_resize=str(cfg.get("data", {}).get("label_resize", "nearest")),
+                label_resize=str(cfg.get("data", {}).get("label_resize", "area")),
             ),
             rng,
             cfg.get("augment", {}),
