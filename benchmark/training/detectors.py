@@ -90,7 +90,12 @@ def instance_targets(
 
 
 def _patch(
-    item: TrainImage, size: int, rng: np.random.Generator, tr: dict[str, Any], aug: dict[str, Any]
+    item: TrainImage,
+    size: int,
+    rng: np.random.Generator,
+    tr: dict[str, Any],
+    aug: dict[str, Any],
+    label_resize: str = "area",
 ) -> tuple[np.ndarray, np.ndarray]:
     """An augmented ``(image, labels)`` patch drawn with :func:`sample_patch`.
 
@@ -102,14 +107,14 @@ def _patch(
 
     scale_range = tuple(tr.get("scale_range", (1.0, 1.0)))
     probe = copy.deepcopy(rng)
-    p = sample_patch(item, size, rng, scale_range=scale_range)
+    p = sample_patch(item, size, rng, scale_range=scale_range, label_resize=label_resize)
     s = float(probe.uniform(*scale_range)) if scale_range != (1.0, 1.0) else 1.0
     crop = int(np.ceil(size / s))
     h, w = item.labels.shape
     y0 = int(probe.integers(0, max(h - crop, 0) + 1))
     x0 = int(probe.integers(0, max(w - crop, 0) + 1))
     lab = item.labels[y0 : y0 + crop, x0 : x0 + crop]
-    lab = _resize(lab, s, nearest=True) if s != 1.0 else lab
+    lab = _resize(lab, s, nearest=label_resize) if s != 1.0 else lab
     lab = np.pad(lab, ((0, max(size - lab.shape[0], 0)), (0, max(size - lab.shape[1], 0))))
     lab = np.ascontiguousarray(lab[:size, :size], dtype=np.int32)
     if not np.array_equal(lab > 0, p["fg"] > 0):
@@ -132,7 +137,14 @@ def _batch(
     masks = cfg["arch"] == "maskrcnn"
     images, targets = [], []
     for i in rng.choice(len(items), size=int(tr["batch_size"])):
-        img, lab = _patch(items[int(i)], size, rng, tr, cfg.get("augment", {}))
+        img, lab = _patch(
+            items[int(i)],
+            size,
+            rng,
+            tr,
+            cfg.get("augment", {}),
+            str(cfg.get("data", {}).get("label_resize", "area")),
+        )
         images.append(torch.from_numpy(img.transpose(2, 0, 1).copy()).float() / 255.0)
         targets.append(
             instance_targets(lab, min_area=int(tr.get("min_instance_area", 4)), masks=masks)
