@@ -579,6 +579,8 @@ def test_model_card_lists_every_training_session_of_a_continued_run(
         in card
     )
     assert "Training command:" not in card
+    # the config sets no data.label_resize: the default, area, is what the card names
+    assert "; label maps resampled to the model's grid by area (outlines kept in place)" in card
 
 
 def test_training_configs_read_as_toml_or_yaml_with_one_line_errors(tmp_path: Path) -> None:

@@ -342,10 +342,18 @@ def export(
     )
 
 
+_LABEL_RESIZE_TEXT = {
+    "area": "area (outlines kept in place)",
+    "nearest": "nearest pixel centre",
+    "corner": "OpenCV's plain nearest neighbour (moves outlines by up to one source pixel)",
+}
+
+
 def _card_markdown(
     cfg: dict[str, Any], spec: dict[str, Any], meta: dict[str, Any], cv: dict[str, Any] | None
 ) -> str:
     erosion = int(cfg["data"].get("foreground_mask_erosion", 0))
+    resize = str(cfg["data"].get("label_resize", "area"))
     lines = [
         f"# Model card: {spec['name']}",
         "",
@@ -362,6 +370,7 @@ def _card_markdown(
         f"- Training data: {cfg.get('card', {}).get('data', cfg['data']['dataset'])}",
         f"- Targets: boundary {cfg['train'].get('boundary_target', 'thick')}; loss weights boundary "
         f"{cfg['train'].get('boundary_weight', 1.0)}, distance {cfg['train'].get('distance_weight', 2.0)}"
+        + f"; label maps resampled to the model's grid by {_LABEL_RESIZE_TEXT.get(resize, resize)}"
         + (
             "; images with only a foreground mask get pseudo-instances (distance-transform watershed of the mask"
             + (
