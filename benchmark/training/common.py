@@ -52,21 +52,27 @@ def invocation_text(default: str) -> str:
     return default
 
 
-def sessions_text(sessions: list[dict[str, Any]]) -> str:
+def sessions_text(sessions: list[dict[str, Any]], earlier: str = "") -> str:
     """One line for the model card: each invocation that trained the
     checkpoint (steps, command, time, machine), as :func:`train_loop`
-    recorded them.
+    recorded them.  ``earlier`` (the config's ``card.earlier_training``)
+    says how steps trained before sessions were recorded were made.
 
     >>> sessions_text([{"from_step": 0, "to_step": 900, "command": "nucleus-bench train --config c",
     ...                 "seconds": 600.0, "hardware": "x86_64, 2 CPU threads"}])
     'steps 0-900 `nucleus-bench train --config c` (10.0 min on x86_64, 2 CPU threads)'
     >>> sessions_text([{"from_step": 500, "to_step": 900, "command": "c", "seconds": 60.0, "hardware": "h"}])
     'steps 0-500 not recorded (checkpoint from before sessions were recorded); steps 500-900 `c` (1.0 min on h)'
+    >>> sessions_text([{"from_step": 500, "to_step": 900, "command": "c", "seconds": 60.0, "hardware": "h"}],
+    ...               "run x")
+    'steps 0-500 (before sessions were recorded): run x; steps 500-900 `c` (1.0 min on h)'
     """
     parts = []
     if sessions and int(sessions[0]["from_step"]) > 0:
         parts.append(
-            f"steps 0-{int(sessions[0]['from_step'])} not recorded "
+            f"steps 0-{int(sessions[0]['from_step'])} (before sessions were recorded): {earlier}"
+            if earlier
+            else f"steps 0-{int(sessions[0]['from_step'])} not recorded "
             "(checkpoint from before sessions were recorded)"
         )
     for s in sessions:
@@ -87,13 +93,13 @@ def training_record(ckpt: Path) -> tuple[float, list[dict[str, Any]]]:
     return (float(hist[-1]["seconds"]) if hist else 0.0), list(state.get("sessions", []))
 
 
-def training_lines(meta: dict[str, Any]) -> list[str]:
+def training_lines(meta: dict[str, Any], earlier: str = "") -> list[str]:
     """The model card's lines on how the final model was trained: every
     recorded training invocation, and the command that exported it."""
     if not meta.get("sessions"):
         return [f"- Training command: `{meta['command']}`"]
     return [
-        f"- Training sessions: {sessions_text(meta['sessions'])}",
+        f"- Training sessions: {sessions_text(meta['sessions'], earlier)}",
         f"- Exported with: `{meta['command']}`",
     ]
 

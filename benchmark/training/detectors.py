@@ -299,7 +299,7 @@ def _card_markdown(
             f"- Resolution: {spec['mpp']} um/px (inputs are resampled to it); modality: {spec['modality']}",
             f"- Training data: {cfg.get('card', {}).get('data', cfg['data']['dataset'])}; "
             "only images with nucleus instances",
-            *training_lines(meta),
+            *training_lines(meta, str(cfg.get("card", {}).get("earlier_training", ""))),
             f"- Training: {meta['steps']} steps, batch {tr['batch_size']}, patch {tr['patch_size']} px, "
             f"{tr.get('optimizer', 'adamw')} lr {tr.get('lr', 5e-4)}, "
             f"{meta['seconds'] / 60:.1f} min on {meta['hardware']}"

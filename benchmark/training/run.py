@@ -382,7 +382,7 @@ def _card_markdown(
             if cfg["data"].get("pseudo_instances")
             else ""
         ),
-        *training_lines(meta),
+        *training_lines(meta, str(cfg.get("card", {}).get("earlier_training", ""))),
         f"- Training: {meta['steps']} steps, batch {cfg['train']['batch_size']}, patch {cfg['train']['patch_size']} px, "
         f"{meta['seconds'] / 60:.1f} min on {meta['hardware']} "
         f"(cross-validation folds: {meta.get('cv_seconds', 0) / 60:.1f} min more)"
@@ -422,7 +422,7 @@ def cv_card_lines(cfg: dict[str, Any], spec: dict[str, Any], cv: dict[str, Any])
         "Numbers come from the fold models (each trained on the other folds with "
         f"{cfg.get('cv', {}).get('steps', cfg['train']['steps'])} steps), evaluated on their held-out images at the "
         + (
-            "image's own resolution (labels resized back with nearest neighbour, as `nucleus-bench eval` does) "
+            "image's own resolution (labels grown back by nearest pixel centre, as `nucleus-bench eval` does) "
             if cv.get("scored_at") == "image resolution"
             else "training resolution "
         )
