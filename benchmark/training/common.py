@@ -93,9 +93,12 @@ def training_record(ckpt: Path) -> tuple[float, list[dict[str, Any]]]:
     return (float(hist[-1]["seconds"]) if hist else 0.0), list(state.get("sessions", []))
 
 
-def training_lines(meta: dict[str, Any], earlier: str = "") -> list[str]:
+def training_lines(meta: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
     """The model card's lines on how the final model was trained: every
-    recorded training invocation, and the command that exported it."""
+    recorded training invocation (steps from before sessions were recorded
+    as the config's ``card.earlier_training`` says), and the command that
+    exported it."""
+    earlier = str(cfg.get("card", {}).get("earlier_training", ""))
     if not meta.get("sessions"):
         return [f"- Training command: `{meta['command']}`"]
     return [

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from nucleus_models.instances import labels_to_grid
+
 __all__ = [
     "median_nucleus_diameter",
     "rescale_to_diameter",
@@ -82,6 +84,15 @@ def make_targets(
     return fg, bd, dist
 
 
+def label_resize_of(cfg: dict[str, Any]) -> str:
+    """The config's ``data.label_resize`` (default ``"area"``; see :func:`_resize`).
+
+    >>> label_resize_of({}), label_resize_of({"data": {"label_resize": "corner"}})
+    ('area', 'corner')
+    """
+    return str(cfg.get("data", {}).get("label_resize", "area"))
+
+
 def _resize(img: np.ndarray, scale: float, nearest: bool | str = False) -> np.ndarray:
     """Resample an image by ``scale``; label maps and masks with ``nearest``:
     ``True`` / ``"nearest"`` (nearest pixel centre, OpenCV's
@@ -103,7 +114,7 @@ def _resize(img: np.ndarray, scale: float, nearest: bool | str = False) -> np.nd
     if nearest == "corner":
         return cv2.resize(img, size, interpolation=cv2.INTER_NEAREST)
     if nearest in (True, "nearest"):
-        return cv2.resize(img, size, interpolation=cv2.INTER_NEAREST_EXACT)
+        return labels_to_grid(img, (size[1], size[0]))
     if nearest:
         raise ValueError(f"label resize must be 'nearest', 'area' or 'corner', not {nearest!r}")
     return cv2.resize(img, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
@@ -133,7 +144,7 @@ def resize_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     h, w = labels.shape
     if (w, h) == tuple(size):
         return labels
-    ids = cv2.resize(labels, size, interpolation=cv2.INTER_NEAREST_EXACT)
+    ids = labels_to_grid(labels, (size[1], size[0]))
     shrink = size[0] * size[1] < w * h
     soft = cv2.resize(
         (labels > 0).astype(np.float32),

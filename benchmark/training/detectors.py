@@ -31,7 +31,7 @@ from .common import (
     warmup_cosine,
     write_weights,
 )
-from .data import TrainImage, augment, sample_patch
+from .data import TrainImage, augment, label_resize_of, sample_patch
 
 __all__ = ["instance_targets", "train_detector", "export", "train_from_config"]
 
@@ -143,7 +143,7 @@ def _batch(
             rng,
             tr,
             cfg.get("augment", {}),
-            str(cfg.get("data", {}).get("label_resize", "area")),
+            label_resize_of(cfg),
         )
         images.append(torch.from_numpy(img.transpose(2, 0, 1).copy()).float() / 255.0)
         targets.append(
@@ -299,7 +299,7 @@ def _card_markdown(
             f"- Resolution: {spec['mpp']} um/px (inputs are resampled to it); modality: {spec['modality']}",
             f"- Training data: {cfg.get('card', {}).get('data', cfg['data']['dataset'])}; "
             "only images with nucleus instances",
-            *training_lines(meta, str(cfg.get("card", {}).get("earlier_training", ""))),
+            *training_lines(meta, cfg),
             f"- Training: {meta['steps']} steps, batch {tr['batch_size']}, patch {tr['patch_size']} px, "
             f"{tr.get('optimizer', 'adamw')} lr {tr.get('lr', 5e-4)}, "
             f"{meta['seconds'] / 60:.1f} min on {meta['hardware']}"

@@ -20,7 +20,7 @@ from .common import (
     training_record,
     write_weights,
 )
-from .data import TrainImage, load_training_images
+from .data import TrainImage, label_resize_of, load_training_images
 
 __all__ = ["load_config", "train_from_config", "kfold"]
 
@@ -146,7 +146,7 @@ def _images(cfg: dict[str, Any]) -> list[TrainImage]:
         foreground_only_masks=d.get("foreground_only_masks"),
         default_mpp=d.get("default_mpp"),
         pseudo_instances=bool(d.get("pseudo_instances", False)),
-        label_resize=str(d.get("label_resize", "area")),
+        label_resize=label_resize_of(cfg),
         foreground_mask_erosion=int(d.get("foreground_mask_erosion", 0)),
     )
 
@@ -161,7 +161,7 @@ def _training_set(cfg: dict[str, Any], images: list[TrainImage]) -> list[TrainIm
         images = rescale_to_diameter(
             images,
             float(d["rescale_to_diameter"]),
-            label_resize=str(d.get("label_resize", "area")),
+            label_resize=label_resize_of(cfg),
         )
     n_syn = int(d.get("synthetic_images", 0))
     if n_syn:
@@ -353,7 +353,7 @@ def _card_markdown(
     cfg: dict[str, Any], spec: dict[str, Any], meta: dict[str, Any], cv: dict[str, Any] | None
 ) -> str:
     erosion = int(cfg["data"].get("foreground_mask_erosion", 0))
-    resize = str(cfg["data"].get("label_resize", "area"))
+    resize = label_resize_of(cfg)
     lines = [
         f"# Model card: {spec['name']}",
         "",
@@ -382,7 +382,7 @@ def _card_markdown(
             if cfg["data"].get("pseudo_instances")
             else ""
         ),
-        *training_lines(meta, str(cfg.get("card", {}).get("earlier_training", ""))),
+        *training_lines(meta, cfg),
         f"- Training: {meta['steps']} steps, batch {cfg['train']['batch_size']}, patch {cfg['train']['patch_size']} px, "
         f"{meta['seconds'] / 60:.1f} min on {meta['hardware']} "
         f"(cross-validation folds: {meta.get('cv_seconds', 0) / 60:.1f} min more)"

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from .common import mean_metrics, restore_checkpoint, score_on_truth, train_loop, warmup_cosine
-from .data import TrainImage, augment, sample_patch
+from .data import TrainImage, augment, label_resize_of, sample_patch
 
 __all__ = [
     "train_unet",
@@ -59,7 +59,7 @@ def _batch(
                 rng,
                 scale_range=tuple(tr.get("scale_range", (1.0, 1.0))),
                 boundary=str(tr.get("boundary_target", "thick")),
-                label_resize=str(cfg.get("data", {}).get("label_resize", "area")),
+                label_resize=label_resize_of(cfg),
             ),
             rng,
             cfg.get("augment", {}),
