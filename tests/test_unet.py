@@ -563,6 +563,8 @@ def test_model_card_lists_every_training_session_of_a_continued_run(
 
     train("--steps", "10")
     train("--resume")  # the config's 20 steps
+    # the export runs in a process of its own: the card's machine is the training's
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 7)
     train("--resume", "--export", weights)  # nothing left to train: no new session
     state = torch.load(tmp_path / "run" / "final" / "checkpoint.pt", weights_only=True)
     sessions = state["sessions"]
@@ -579,6 +581,8 @@ def test_model_card_lists_every_training_session_of_a_continued_run(
         in card
     )
     assert "Training command:" not in card
+    trained = next(x for x in card.splitlines() if x.startswith("- Training: "))
+    assert f"min on {sessions[0]['hardware']}" in trained and "7 CPU threads" not in card
     # the config sets no data.label_resize: the default, area, is what the card names
     assert "; label maps resampled to the model's grid by area (outlines kept in place)" in card
 

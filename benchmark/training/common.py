@@ -28,6 +28,7 @@ __all__ = [
     "training_record",
     "score_on_truth",
     "mean_metrics",
+    "trained_on",
 ]
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,21 @@ def hardware_text() -> str:
     return (
         f"{platform.processor() or platform.machine()}, {n} CPU thread{'s' if n > 1 else ''}{gpu}"
     )
+
+
+def trained_on(sessions: list[dict[str, Any]]) -> str:
+    """The machine(s) the recorded training sessions ran on, for the model
+    card; this process's own (:func:`hardware_text`) when none were recorded.
+    An export runs in a process of its own, whose threads say nothing of the
+    training's.
+
+    >>> trained_on([{"hardware": "x86_64, 1 CPU thread"}, {"hardware": "x86_64, 1 CPU thread"}])
+    'x86_64, 1 CPU thread'
+    >>> trained_on([{"hardware": "a"}, {"hardware": "b"}, {"hardware": "a"}])
+    'a; b'
+    """
+    seen = [str(s["hardware"]) for s in sessions if s.get("hardware")]
+    return "; ".join(dict.fromkeys(seen)) if seen else hardware_text()
 
 
 def invocation_text(default: str) -> str:

@@ -22,10 +22,10 @@ from typing import Any
 import numpy as np
 
 from .common import (
-    hardware_text,
     invocation_text,
     restore_checkpoint,
     train_loop,
+    trained_on,
     training_lines,
     training_record,
     warmup_cosine,
@@ -482,7 +482,7 @@ def train_from_config(
         "steps": int(steps if steps is not None else cfg["train"]["steps"]),
         "seconds": round(seconds, 1),
         "cv_seconds": round(t_cv, 1),
-        "hardware": hardware_text(),
+        "hardware": trained_on(sessions),
         "torch": torch.__version__,
         "images": [im.id for im in images],
         "parameters": sum(p.numel() for p in build_from_config(cfg).parameters()),

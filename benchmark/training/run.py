@@ -12,10 +12,10 @@ import numpy as np
 import tomllib
 
 from .common import (
-    hardware_text,
     invocation_text,
     mean_metrics,
     shipped_state,
+    trained_on,
     training_lines,
     training_record,
     write_weights,
@@ -531,7 +531,7 @@ def train_from_config(
         "steps": int(steps if steps is not None else cfg["train"]["steps"]),
         "seconds": round(seconds, 1),
         "cv_seconds": round(t_cv, 1),
-        "hardware": hardware_text(),
+        "hardware": trained_on(sessions),
         "torch": torch.__version__,
         "images": [im.id for im in images],
         "parameters": sum(
