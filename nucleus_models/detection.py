@@ -188,12 +188,6 @@ def detect_nuclei(params: DetectionParams, *, progress: Progress | None = None) 
         if params.analysis_tile_overlap >= 0
         else max(spec.tile_overlap, min_overlap)
     )
-    if params.analysis_tile_overlap >= 0 and overlap < min_overlap:
-        log.warning(
-            "tile overlap %d px is smaller than the largest nucleus (%d px): nuclei may be cut at seams",
-            overlap,
-            min_overlap,
-        )
     bounds = (
         int(math.floor(region.left / downsample)),
         int(math.floor(region.top / downsample)),
@@ -201,6 +195,13 @@ def detect_nuclei(params: DetectionParams, *, progress: Progress | None = None) 
         min(int(math.ceil((region.top + region.height) / downsample)), image_h),
     )
     tiles = tile_grid(bounds, tile_size=tile_size, overlap=overlap, image_size=(image_w, image_h))
+    # after tile_grid: a tile size <= overlap is a one-line error, not a warning first
+    if params.analysis_tile_overlap >= 0 and overlap < min_overlap:
+        log.warning(
+            "tile overlap %d px is smaller than the largest nucleus (%d px): nuclei may be cut at seams",
+            overlap,
+            min_overlap,
+        )
 
     keep = []
     for t in tiles:
