@@ -95,7 +95,7 @@ def _patch(
     rng: np.random.Generator,
     tr: dict[str, Any],
     aug: dict[str, Any],
-    label_resize: str = "area",
+    label_resize: str,
 ) -> tuple[np.ndarray, np.ndarray]:
     """An augmented ``(image, labels)`` patch drawn with :func:`sample_patch`.
 
