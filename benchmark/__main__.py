@@ -117,6 +117,20 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     )
     t.add_argument("--steps", type=int, default=None, help="override the config's training steps")
     t.add_argument(
+        "--cv_from",
+        default=None,
+        metavar="RECORD",
+        help="take the cross-validation from an earlier run of this config (an exported "
+        "<name>.json or a run's cv/cv.json) instead of training the fold models again; "
+        "refused unless only the final model's steps or inference settings differ",
+    )
+    t.add_argument(
+        "--cv_config",
+        default=None,
+        metavar="CONFIG",
+        help="for a --cv_from record that predates config fingerprints: the config it was made with",
+    )
+    t.add_argument(
         "--export",
         nargs="?",
         const="nucleus_models/weights",
@@ -196,6 +210,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
             steps=args.steps,
             export_to=args.export,
             fold=args.fold,
+            cv_from=args.cv_from,
+            cv_config=args.cv_config,
         )
     except ValueError as exc:  # a config or option that cannot work: one line, exit 2
         raise DatasetError(str(exc)) from None

@@ -630,3 +630,79 @@ def test_a_broken_config_is_a_one_line_error_from_the_command_line(
     assert main(["train", "--config", str(bad)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: {bad}: not a valid TOML config: ") and "\n" not in err
+
+
+def test_an_export_can_carry_over_the_cross_validation_of_the_same_config(
+    shared_data: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``--cv_from``: a final model trained longer is exported with the
+    cross-validation of an earlier run of the same config, without training
+    the folds again; any other change of the config is refused in one line."""
+    from benchmark.__main__ import main
+    from benchmark.training import run
+
+    imgs = _tiny_images(shared_data)
+    monkeypatch.setattr(run, "_images", lambda cfg: imgs)
+
+    def config(name: str, *, steps: int = 10, noise: float = 0.02, tile: int = 512) -> str:
+        path = tmp_path / f"{name}.toml"
+        path.write_text(
+            'name = "unet-carry"\narch = "unet"\nseed = 2\n'
+            '[data]\ndataset = "bbbc038"\nroot = "."\n'
+            '[model]\nmpp = 0.5\nmodality = "fluorescence"\nnormalisation = "percentile"\n'
+            f"base = 8\ndepth = 3\ntile_size = {tile}\n"
+            f"[train]\nsteps = {steps}\nbatch_size = 2\npatch_size = 64\nlr = 0.01\n"
+            f"[augment]\nnoise = {noise}\n"
+            "[cv]\nfolds = 3\nsteps = 6\nfg_thresholds = [0.5]\nseed_thresholds = [0.3, 0.5]\n"
+        )
+        return str(path)
+
+    def train(cfg: str, out: str, *args: str) -> int:
+        return main(["train", "--config", cfg, "--out", str(tmp_path / out), *args])
+
+    first = config("first")
+    assert train(first, "run1", "--export", str(tmp_path / "w1")) == 0
+    record = tmp_path / "w1" / "unet-carry.json"
+    before = json.loads(record.read_text())
+    assert len(before["cv"]["config_sha256"]) == 64
+
+    # the final model trained longer and served with larger tiles: same cross-validation
+    longer = config("longer", steps=16, tile=1024)
+    assert train(longer, "run2", "--cv_from", str(record), "--export", str(tmp_path / "w2")) == 0
+    assert not (tmp_path / "run2" / "cv").exists()  # no fold trained
+    after = json.loads((tmp_path / "w2" / "unet-carry.json").read_text())
+    assert after["cv"]["metrics_at_best"] == before["cv"]["metrics_at_best"]
+    assert after["spec"]["thresholds"] == before["spec"]["thresholds"]
+    assert after["training"]["steps"] == 16 and after["spec"]["tile_size"] == 1024
+    assert after["training"]["cv_seconds"] == before["training"]["cv_seconds"] > 0
+    assert after["cv"]["carried_over_from"]["weights_sha256"] == before["spec"]["sha256"]
+    card = (tmp_path / "w2" / "unet-carry.md").read_text()
+    assert f"Cross-validation carried over from the record `{record}`" in card
+    capsys.readouterr()
+
+    # another augmentation is another experiment: refused, nothing trained
+    other = config("other", noise=0.05)
+    assert train(other, "run3", "--cv_from", str(record), "--export", str(tmp_path / "w3")) == 2
+    err = capsys.readouterr().err.strip()
+    assert (
+        err.startswith(f"error: --cv_from {record}: made with another config") and "\n" not in err
+    )
+    assert not (tmp_path / "run3" / "final").exists() and not (tmp_path / "w3").exists()
+
+    # a record from before fingerprints: only with the config it was made with
+    legacy = tmp_path / "legacy.json"
+    old = json.loads(record.read_text())
+    del old["cv"]["config_sha256"]
+    legacy.write_text(json.dumps(old))
+    assert train(longer, "run4", "--cv_from", str(legacy)) == 2
+    assert "records no config fingerprint" in capsys.readouterr().err
+    assert train(longer, "run4", "--cv_from", str(legacy), "--cv_config", other) == 2
+    assert "made with another config" in capsys.readouterr().err
+    assert train(longer, "run4", "--cv_from", str(legacy), "--cv_config", first) == 0
+
+    # it replaces the cross-validation: not with the options that skip or split it
+    assert train(longer, "run5", "--cv_from", str(record), "--skip_cv") == 2
+    assert "--cv_from replaces the cross-validation" in capsys.readouterr().err

@@ -3,9 +3,12 @@ and writing shipped weights with their spec card."""
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import json
 import logging
 import math
+import os
 import platform
 import sys
 import time
@@ -29,9 +32,21 @@ __all__ = [
     "score_on_truth",
     "mean_metrics",
     "trained_on",
+    "cv_fingerprint",
+    "fold_seconds",
 ]
 
 log = logging.getLogger(__name__)
+REPO = Path(__file__).resolve().parents[2]
+
+# config keys a cross-validation does not depend on: the model card's text,
+# the final model's step count, and what only inference reads
+_NOT_IN_CV = {
+    "card": None,
+    "_config_path": None,
+    "train": ("steps",),
+    "model": ("tile_size", "tile_overlap", "batch_size", "max_nucleus_diameter_um", "color"),
+}
 
 
 def hardware_text() -> str:
@@ -99,6 +114,37 @@ def sessions_text(sessions: list[dict[str, Any]], earlier: str = "") -> str:
     return "; ".join(parts)
 
 
+def cv_fingerprint(cfg: dict[str, Any]) -> str:
+    """sha256 of everything in a loaded config that its cross-validation
+    depends on: the config without its card, its final model's step count
+    and inference-only settings (tile size, batch size); the folds' step
+    count is made explicit (``cv.steps``, else ``train.steps``), and data
+    paths are taken relative to the repository, so a fresh checkout of the
+    same config gets the same fingerprint.
+
+    >>> a = {"train": {"steps": 10, "lr": 0.1}, "card": {"data": "x"}}
+    >>> b = {"train": {"steps": 20, "lr": 0.1}, "cv": {"steps": 10}}
+    >>> cv_fingerprint(a) == cv_fingerprint(b)
+    True
+    >>> cv_fingerprint(a) == cv_fingerprint({"train": {"steps": 10, "lr": 0.2}})
+    False
+    """
+    c = copy.deepcopy(cfg)
+    c.setdefault("cv", {}).setdefault("steps", c.get("train", {}).get("steps"))
+    for section, keys in _NOT_IN_CV.items():
+        if keys is None:
+            c.pop(section, None)
+        else:
+            for key in keys:
+                c.get(section, {}).pop(key, None)
+    for key in ("root", "foreground_only_masks"):
+        val = c.get("data", {}).get(key)
+        if val:
+            c["data"][key] = os.path.relpath(val, REPO)
+    text = json.dumps(c, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def training_record(ckpt: Path) -> tuple[float, list[dict[str, Any]]]:
     """A checkpoint's training seconds (summed over the invocations that
     trained it, from its history) and its recorded sessions, read in one load."""
@@ -107,6 +153,11 @@ def training_record(ckpt: Path) -> tuple[float, list[dict[str, Any]]]:
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
     hist = state.get("history", [])
     return (float(hist[-1]["seconds"]) if hist else 0.0), list(state.get("sessions", []))
+
+
+def fold_seconds(cv_dir: Path) -> float:
+    """Training seconds of the cross-validation fold models under ``cv_dir``."""
+    return sum(training_record(p)[0] for p in sorted(cv_dir.glob("fold*/checkpoint.pt")))
 
 
 def training_lines(meta: dict[str, Any], cfg: dict[str, Any]) -> list[str]:

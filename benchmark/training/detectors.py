@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 
 from .common import (
+    cv_fingerprint,
+    fold_seconds,
     invocation_text,
     restore_checkpoint,
     train_loop,
@@ -420,6 +422,7 @@ def cross_validate(
     report = list(cv.get("report_groups", []))
     result = {
         "folds": folds,
+        "config_sha256": cv_fingerprint(cfg),
         "metric": metric,
         "tuned_on": "all",
         "scored_at": "image resolution" if all(at_native(i) for i in ids) else "model resolution",
@@ -443,11 +446,14 @@ def train_from_config(
     fold: int | None = None,
     steps: int | None = None,
     export_to: str | Path | None = None,
+    cv_from: str | Path | None = None,
+    cv_config: str | Path | None = None,
 ) -> dict[str, Any]:
     """Cross-validate the detector a loaded config describes (unless
-    ``skip_cv``; one fold only with ``fold``), train it on all images with
-    instances (unless ``cv_only``), optionally export it with the
-    thresholds the cross-validation chose (else the config's).
+    ``skip_cv``; one fold only with ``fold``; taken from an earlier run of
+    the same config with ``cv_from``, :func:`.run.carried_cv`), train it on
+    all images with instances (unless ``cv_only``), optionally export it
+    with the thresholds the cross-validation chose (else the config's).
 
     Returns
     -------
@@ -457,14 +463,22 @@ def train_from_config(
     """
     import torch
 
-    from .run import _images, _training_set
+    from .run import _images, _training_set, carried_cv
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     images = [im for im in _images(cfg) if im.has_instances]
     if not images:
         raise ValueError(f"no training images with instances under {cfg['data']['root']}")
-    cv = None if skip_cv else cross_validate(cfg, images, out / "cv", resume=resume, only_fold=fold)
+    t_cv = None
+    if cv_from is not None:
+        cv, t_cv = carried_cv(cv_from, cfg, images, cv_config)
+    else:
+        cv = (
+            None
+            if skip_cv
+            else cross_validate(cfg, images, out / "cv", resume=resume, only_fold=fold)
+        )
     if fold is not None:
         return {"checkpoint": str(out / "cv" / f"fold{fold}" / "checkpoint.pt"), "cv": None}
     if cv_only:
@@ -472,7 +486,8 @@ def train_from_config(
     train = [im for im in _training_set(cfg, images) if im.has_instances]
     ckpt = train_detector(cfg, train, out / "final", steps=steps, resume=resume)
     seconds, sessions = training_record(ckpt)
-    t_cv = sum(training_record(p)[0] for p in sorted((out / "cv").glob("fold*/checkpoint.pt")))
+    if t_cv is None:
+        t_cv = fold_seconds(out / "cv")
     meta = {
         "command": invocation_text(f"nucleus-bench train --config {cfg.get('_config_path')}"),
         "sessions": sessions,

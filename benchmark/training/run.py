@@ -12,6 +12,9 @@ import numpy as np
 import tomllib
 
 from .common import (
+    REPO,
+    cv_fingerprint,
+    fold_seconds,
     invocation_text,
     mean_metrics,
     shipped_state,
@@ -25,7 +28,6 @@ from .data import TrainImage, label_resize_of, load_training_images
 __all__ = ["load_config", "train_from_config", "kfold"]
 
 log = logging.getLogger(__name__)
-REPO = Path(__file__).resolve().parents[2]
 
 
 def load_config(path: str | Path) -> dict[str, Any]:
@@ -39,6 +41,8 @@ def load_config(path: str | Path) -> dict[str, Any]:
         raise ValueError(
             f"{p}: a training config is .toml, .yaml or .yml, not {p.suffix or 'no suffix'!r}"
         )
+    if not p.is_file():
+        raise ValueError(f"config not found: {p}")
     text = p.read_text()
     if suffix == ".toml":
         try:
@@ -295,6 +299,7 @@ def cross_validate(
     by_group = group_metrics(rows, groups, report)
     result = {
         "folds": folds,
+        "config_sha256": cv_fingerprint(cfg),
         "metric": metric,
         "tuned_on": tune_on or "all",
         "scored_at": "image resolution" if all(at_native(i) for i in ids) else "model resolution",
@@ -308,6 +313,72 @@ def cross_validate(
         result["size_measured_on"] = "final instances (setting of a first pass)"
     (out / "cv.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+def carried_cv(
+    record: str | Path,
+    cfg: dict[str, Any],
+    images: list[TrainImage],
+    record_config: str | Path | None = None,
+) -> tuple[dict[str, Any], float]:
+    """The cross-validation of an earlier run of this config (``--cv_from``),
+    instead of training its fold models again: ``(cv, fold minutes in s)``.
+
+    ``record`` is an exported ``<name>.json`` or a run's ``cv/cv.json``.  It
+    is taken only if its folds are this config's and it was made with this
+    config apart from the final model's steps and inference-only settings
+    (:func:`.common.cv_fingerprint`).  A record written before fingerprints
+    were recorded needs ``record_config``, the config it was made with: its
+    fingerprint must equal this config's, and its resolution and tuning
+    metric must match the record.  Anything else is a ``ValueError``.
+    """
+    path = Path(record)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"--cv_from {record}: not a readable JSON record ({exc})") from None
+    cv = data.get("cv") if isinstance(data, dict) and "cv" in data else data
+    if not isinstance(cv, dict) or not {"folds", "best", "metrics_at_best"} <= set(cv):
+        raise ValueError(f"--cv_from {record}: holds no cross-validation result")
+    if data.get("arch", cfg["arch"]) != cfg["arch"]:
+        raise ValueError(
+            f"--cv_from {record}: a {data['arch']} model, the config trains {cfg['arch']}"
+        )
+    if cv["folds"] != cv_folds(cfg, images):
+        raise ValueError(f"--cv_from {record}: its folds are not this config's")
+    mine = cv_fingerprint(cfg)
+    if "config_sha256" in cv:
+        theirs, how = cv["config_sha256"], "recorded"
+    elif record_config is None:
+        raise ValueError(
+            f"--cv_from {record}: records no config fingerprint; "
+            "name the config it was made with (--cv_config)"
+        )
+    else:
+        old = load_config(record_config)
+        spec = data.get("spec", {})
+        if "mpp" in spec and float(spec["mpp"]) != float(old["model"]["mpp"]):
+            raise ValueError(f"--cv_config {record_config}: not the resolution of {record}")
+        if cv.get("metric") != old.get("cv", {}).get("metric", "aji"):
+            raise ValueError(f"--cv_config {record_config}: not the tuning metric of {record}")
+        theirs, how = cv_fingerprint(old), f"of {record_config}"
+    if theirs != mine:
+        raise ValueError(
+            f"--cv_from {record}: made with another config (fingerprint {how} {theirs[:12]}, "
+            f"this config {mine[:12]}): only the final model's steps and inference "
+            "settings may differ"
+        )
+    training = data.get("training", {}) if "cv" in data else {}
+    carried = {
+        **cv,
+        "config_sha256": mine,
+        "carried_over_from": {
+            "record": str(record),
+            "weights_sha256": data.get("spec", {}).get("sha256"),
+            "config": str(record_config) if record_config else None,
+        },
+    }
+    return carried, float(training.get("cv_seconds", 0.0))
 
 
 def export(
@@ -441,6 +512,21 @@ def cv_card_lines(cfg: dict[str, Any], spec: dict[str, Any], cv: dict[str, Any])
         ),
         "",
     ]
+    carried = cv.get("carried_over_from")
+    if carried:
+        lines += [
+            f"Cross-validation carried over from the record `{carried['record']}`"
+            + (
+                f" (weights sha256 `{carried['weights_sha256']}`)"
+                if carried.get("weights_sha256")
+                else ""
+            )
+            + ": the same fold models and tuning, made with this config apart from the final "
+            f"model's steps and inference settings (config fingerprint `{cv['config_sha256'][:12]}`"
+            + (", checked against the config it was made with" if carried.get("config") else "")
+            + "); the folds were not trained again for this export.",
+            "",
+        ]
     if len(cv.get("by_group", {})) > 1:
         keys = ["f1_iou50", "aji", "dice", "det_f1"]
         lines += [
@@ -479,11 +565,21 @@ def train_from_config(
     steps: int | None = None,
     export_to: str | Path | None = None,
     fold: int | None = None,
+    cv_from: str | Path | None = None,
+    cv_config: str | Path | None = None,
 ) -> dict[str, Any]:
     """Cross-validate (unless ``skip_cv``), train on all images (unless
     ``cv_only``), optionally export.  ``fold``: train only that
-    cross-validation fold (implies ``cv_only``; nothing is evaluated)."""
+    cross-validation fold (implies ``cv_only``; nothing is evaluated).
+    ``cv_from``: take the cross-validation from an earlier run of the same
+    config (:func:`carried_cv`) instead of running it."""
     cfg = load_config(config)
+    if cv_from is not None and (skip_cv or cv_only or fold is not None):
+        raise ValueError(
+            "--cv_from replaces the cross-validation: not with --skip_cv, --cv_only or --fold"
+        )
+    if cv_config is not None and cv_from is None:
+        raise ValueError("--cv_config names the config of a --cv_from record")
     if fold is not None:
         if skip_cv or export_to is not None:
             raise ValueError("--fold trains one cross-validation fold: no --skip_cv or --export")
@@ -502,6 +598,8 @@ def train_from_config(
             fold=fold,
             steps=steps,
             export_to=export_to,
+            cv_from=cv_from,
+            cv_config=cv_config,
         )
     from .unet import train_unet
 
@@ -510,7 +608,15 @@ def train_from_config(
     images = _images(cfg)
     if not images:
         raise ValueError(f"no training images with labels under {cfg['data']['root']}")
-    cv = None if skip_cv else cross_validate(cfg, images, out / "cv", resume=resume, only_fold=fold)
+    t_cv = None
+    if cv_from is not None:
+        cv, t_cv = carried_cv(cv_from, cfg, images, cv_config)
+    else:
+        cv = (
+            None
+            if skip_cv
+            else cross_validate(cfg, images, out / "cv", resume=resume, only_fold=fold)
+        )
     if fold is not None:
         return {"checkpoint": str(out / "cv" / f"fold{fold}" / "checkpoint.pt"), "cv": None}
     if cv_only:
@@ -519,7 +625,8 @@ def train_from_config(
     # training time from the checkpoints' own logs (exact also when a later
     # invocation only resumed finished runs to re-tune or export)
     seconds, sessions = training_record(ckpt)
-    t_cv = sum(training_record(p)[0] for p in sorted((out / "cv").glob("fold*/checkpoint.pt")))
+    if t_cv is None:
+        t_cv = fold_seconds(out / "cv")
     import torch
 
     from nucleus_models.models.unet import build_unet
