@@ -186,7 +186,7 @@ def detect_nuclei(params: DetectionParams, *, progress: Progress | None = None) 
     overlap = (
         params.analysis_tile_overlap
         if params.analysis_tile_overlap >= 0
-        else max(spec.tile_overlap, min_overlap)
+        else _default_overlap(spec)
     )
     bounds = (
         int(math.floor(region.left / downsample)),
@@ -287,6 +287,11 @@ def _min_overlap(spec: ModelSpec) -> int:
     return int(math.ceil(spec.max_nucleus_diameter_um / spec.mpp))
 
 
+def _default_overlap(spec: ModelSpec) -> int:
+    """The tile context used when none is asked for: the spec's, at least :func:`_min_overlap`."""
+    return max(spec.tile_overlap, _min_overlap(spec))
+
+
 def _segment_rgb(
     rgb: np.ndarray,
     net: Any,
@@ -354,7 +359,7 @@ def _sample_scale(
         out_w=max(1, int(round(win_w / d0))),
         out_h=max(1, int(round(win_h / d0))),
     )
-    overlap = max(spec.tile_overlap, _min_overlap(spec))
+    overlap = _default_overlap(spec)
 
     def segment(scale: float) -> tuple[np.ndarray, None]:
         lab = _segment_rgb(
@@ -511,7 +516,7 @@ def segment_image(
     rgb = to_rgb_uint8(np.asarray(image), stretch=True)
     h, w = rgb.shape[:2]
     ts = tile_size if tile_size > 0 else spec.tile_size
-    ov = overlap if overlap >= 0 else max(spec.tile_overlap, _min_overlap(spec))
+    ov = overlap if overlap >= 0 else _default_overlap(spec)
 
     def at_scale(scale: float) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
         out = _segment_rgb(
