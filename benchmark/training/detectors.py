@@ -23,7 +23,6 @@ import numpy as np
 
 from .common import (
     cv_fingerprint,
-    fold_seconds,
     invocation_text,
     restore_checkpoint,
     train_loop,
@@ -463,22 +462,24 @@ def train_from_config(
     """
     import torch
 
-    from .run import _images, _training_set, carried_cv
+    from .run import _images, _training_set, cv_stage
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     images = [im for im in _images(cfg) if im.has_instances]
     if not images:
         raise ValueError(f"no training images with instances under {cfg['data']['root']}")
-    t_cv = None
-    if cv_from is not None:
-        cv, t_cv = carried_cv(cv_from, cfg, images, cv_config)
-    else:
-        cv = (
-            None
-            if skip_cv
-            else cross_validate(cfg, images, out / "cv", resume=resume, only_fold=fold)
-        )
+    cv, t_cv = cv_stage(
+        cross_validate,
+        cfg,
+        images,
+        out,
+        resume=resume,
+        skip_cv=skip_cv,
+        fold=fold,
+        cv_from=cv_from,
+        cv_config=cv_config,
+    )
     if fold is not None:
         return {"checkpoint": str(out / "cv" / f"fold{fold}" / "checkpoint.pt"), "cv": None}
     if cv_only:
@@ -486,8 +487,6 @@ def train_from_config(
     train = [im for im in _training_set(cfg, images) if im.has_instances]
     ckpt = train_detector(cfg, train, out / "final", steps=steps, resume=resume)
     seconds, sessions = training_record(ckpt)
-    if t_cv is None:
-        t_cv = fold_seconds(out / "cv")
     meta = {
         "command": invocation_text(f"nucleus-bench train --config {cfg.get('_config_path')}"),
         "sessions": sessions,

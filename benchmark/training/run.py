@@ -381,6 +381,27 @@ def carried_cv(
     return carried, float(training.get("cv_seconds", 0.0))
 
 
+def cv_stage(
+    run_cv: Callable[..., dict[str, Any]],
+    cfg: dict[str, Any],
+    images: list[TrainImage],
+    out: Path,
+    *,
+    resume: bool,
+    skip_cv: bool,
+    fold: int | None,
+    cv_from: str | Path | None,
+    cv_config: str | Path | None,
+) -> tuple[dict[str, Any] | None, float]:
+    """A training run's cross-validation and its folds' training seconds:
+    carried over (``cv_from``), skipped, or run by ``run_cv`` (the U-Net's or
+    a detector's ``cross_validate``) in ``out/cv``."""
+    if cv_from is not None:
+        return carried_cv(cv_from, cfg, images, cv_config)
+    cv = None if skip_cv else run_cv(cfg, images, out / "cv", resume=resume, only_fold=fold)
+    return cv, fold_seconds(out / "cv")
+
+
 def export(
     cfg: dict[str, Any],
     ckpt: Path,
@@ -608,15 +629,17 @@ def train_from_config(
     images = _images(cfg)
     if not images:
         raise ValueError(f"no training images with labels under {cfg['data']['root']}")
-    t_cv = None
-    if cv_from is not None:
-        cv, t_cv = carried_cv(cv_from, cfg, images, cv_config)
-    else:
-        cv = (
-            None
-            if skip_cv
-            else cross_validate(cfg, images, out / "cv", resume=resume, only_fold=fold)
-        )
+    cv, t_cv = cv_stage(
+        cross_validate,
+        cfg,
+        images,
+        out,
+        resume=resume,
+        skip_cv=skip_cv,
+        fold=fold,
+        cv_from=cv_from,
+        cv_config=cv_config,
+    )
     if fold is not None:
         return {"checkpoint": str(out / "cv" / f"fold{fold}" / "checkpoint.pt"), "cv": None}
     if cv_only:
@@ -625,8 +648,6 @@ def train_from_config(
     # training time from the checkpoints' own logs (exact also when a later
     # invocation only resumed finished runs to re-tune or export)
     seconds, sessions = training_record(ckpt)
-    if t_cv is None:
-        t_cv = fold_seconds(out / "cv")
     import torch
 
     from nucleus_models.models.unet import build_unet
