@@ -7,7 +7,7 @@ ARG BASE_IMAGE=pytorch/pytorch:2.9.1-cuda12.8-cudnn9-runtime
 FROM ${BASE_IMAGE}
 
 LABEL org.opencontainers.image.title="nucleus-models" \
-      org.opencontainers.image.description="Nucleus detection, AgNOR-score and H-Score Slicer CLIs for the Digital Slide Archive" \
+      org.opencontainers.image.description="Nucleus detection and folder-job Slicer CLIs for the Digital Slide Archive" \
       org.opencontainers.image.licenses="Apache-2.0" \
       com.nvidia.volumes.needed="nvidia_driver"
 
