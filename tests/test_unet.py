@@ -706,3 +706,19 @@ def test_an_export_can_carry_over_the_cross_validation_of_the_same_config(
     # it replaces the cross-validation: not with the options that skip or split it
     assert train(longer, "run5", "--cv_from", str(record), "--skip_cv") == 2
     assert "--cv_from replaces the cross-validation" in capsys.readouterr().err
+
+
+def test_the_shipped_h_and_e_card_cross_validated_its_config() -> None:
+    """The CV on ``unet-monuseg``'s card was made with ``configs/unet-monuseg.toml``
+    as it is now (apart from the final model's steps and inference settings):
+    a config edited without cross-validating again fails here."""
+    from benchmark.training.common import cv_fingerprint
+    from benchmark.training.run import load_config
+
+    root = Path(__file__).resolve().parents[1]
+    shipped = json.loads((root / "nucleus_models" / "weights" / "unet-monuseg.json").read_text())
+    cfg = load_config(root / "configs" / "unet-monuseg.toml")
+    assert shipped["cv"]["config_sha256"] == cv_fingerprint(cfg)
+    assert shipped["training"]["steps"] == cfg["train"]["steps"]
+    assert shipped["spec"]["mpp"] == cfg["model"]["mpp"]
+    assert shipped["spec"]["tile_size"] == cfg["model"]["tile_size"]
