@@ -193,12 +193,8 @@ def _cmd_eval(args: argparse.Namespace, command: str) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from .training.run import load_config, train_from_config
 
-    if not Path(args.config).is_file():
-        raise DatasetError(f"config not found: {args.config}")
     try:
         out = args.out or f"runs/{load_config(args.config)['name']}"
         result = train_from_config(
