@@ -272,6 +272,7 @@ def evaluate(
     rows: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
     all_scores: list[np.ndarray] = []
+    runtime: dict[str, Any] = {}  # device and precision the model ran in
     all_tp: list[np.ndarray] = []
     density: list[list[dict[str, float]]] = []
     n_true_total = 0
@@ -288,6 +289,7 @@ def evaluate(
             raise DatasetError(f"{dataset.name}: sample {sample_id!r} has no image")
         s_mpp, mpp_source = _sample_mpp(sample, mpp, spec.mpp)
         seg = segment_image(sample.image, mpp=s_mpp, model=model, model_options=model_options)
+        runtime = seg.runtime
         xy = seg.nuclei.centroids - 0.5  # pixel centres at integers, as the metrics
         scores = seg.nuclei.scores.astype(np.float64)
         groups = {str(k): str(v) for k, v in sample.groups.items()}
@@ -362,6 +364,7 @@ def evaluate(
     result["provenance"] = {
         "package_version": __version__,
         "model": {"name": spec.name, "sha256": spec.sha256, "mpp": spec.mpp},
+        "runtime": runtime,
         "dataset": {
             "name": dataset.name,
             "root": str(dataset.root.resolve()),

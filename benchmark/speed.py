@@ -53,6 +53,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--input_mpp", type=float, default=-1.0, help="resolution override (um/px)")
     parser.add_argument(
+        "--precision",
+        choices=["auto", "float32", "bfloat16"],
+        default="auto",
+        help="NucleusDetection --precision (learned U-Nets; auto: bfloat16 on CPUs with it in hardware)",
+    )
+    parser.add_argument(
         "--repeat", type=int, default=1, help="runs per CLI (the fastest is reported)"
     )
     parser.add_argument(
@@ -74,8 +80,13 @@ def time_cli(cmd: list[str], out_file: Path) -> dict[str, Any]:
     doc = json.loads(out_file.read_text())
     docs = doc if isinstance(doc, list) else [doc]
     n = sum(len(d.get("elements", [])) for d in docs)
-    stages = (docs[0].get("attributes") or {}).get("timings_s", {}) if docs else {}
-    return {"seconds": wall, "nuclei": n, "stages": stages}
+    attrs = (docs[0].get("attributes") or {}) if docs else {}
+    return {
+        "seconds": wall,
+        "nuclei": n,
+        "stages": attrs.get("timings_s", {}),
+        "runtime": attrs.get("runtime", {}),
+    }
 
 
 def _area_mpx(slide: str, roi: str, input_mpp: float) -> float:
@@ -139,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
             sys.executable, "-m", "cli", "NucleusDetection", args.slide, str(ours_out),
             "--model", args.model, f"--analysis_roi={args.analysis_roi}",
             "--scheduler", "multithreading" if args.workers > 1 else "",
-            "--num_workers", str(args.workers),
+            "--num_workers", str(args.workers), "--precision", args.precision,
         ]  # fmt: skip
         if args.input_mpp > 0:
             ours += ["--input_mpp", str(args.input_mpp)]
@@ -168,6 +179,7 @@ def run(args: argparse.Namespace) -> int:
                     "megapixels_per_s": round(area / best["seconds"], 3),
                     "nuclei_per_s": round(best["nuclei"] / best["seconds"], 1),
                     "stages_s": best.get("stages", {}),
+                    "runtime": best.get("runtime", {}),
                 }
             )
     header = f"{'CLI':40s} {'seconds':>8s} {'nuclei':>8s} {'MP':>7s} {'MP/s':>7s} {'nuclei/s':>9s}"
@@ -187,6 +199,11 @@ def run(args: argparse.Namespace) -> int:
                 f"  {r['cli']}: setup {st.get('setup', 0):.2f}s, tiles {st.get('tiles', 0):.2f}s wall; "
                 f"summed over workers: read {st['read_cpu']:.2f}s, network {st['network_cpu']:.2f}s, "
                 f"post-processing {st['postprocess_cpu']:.2f}s"
+            )
+        rt = r.get("runtime") or {}
+        if rt:
+            lines.append(
+                f"  {r['cli']}: device {rt.get('device')}, precision {rt.get('precision')}"
             )
     sys.stdout.write("\n".join(lines) + "\n")
     if args.out:

@@ -63,6 +63,7 @@ class DetectionParams:
     min_fgnd_frac: float = 0.0
     batch_size: int = -1
     device: str = "auto"
+    precision: str = "auto"
     scheduler: str = ""
     num_workers: int = 0
     foreground_threshold: float = -1.0
@@ -78,7 +79,7 @@ class DetectionParams:
         return cls(**{k: getattr(ns, k) for k in names if hasattr(ns, k)})
 
     def model_options(self) -> dict[str, Any]:
-        """Builder options: the thresholds the user set, plus the device."""
+        """Builder options: the thresholds the user set, plus the device and precision."""
         opts: dict[str, Any] = {
             k: getattr(self, k)
             for k in MODEL_OPTION_NAMES
@@ -86,6 +87,8 @@ class DetectionParams:
         }
         if self.device and self.device != "auto":
             opts["device"] = self.device
+        if self.precision and self.precision != "auto":
+            opts["precision"] = self.precision
         return opts
 
 
@@ -101,6 +104,8 @@ class DetectionResult:
     tiles: dict[str, Any]
     timings: dict[str, float]
     version: str = __version__
+    #: where and how the model ran: ``device`` and, for learned models, ``precision``
+    runtime: dict[str, Any] = field(default_factory=dict)
 
     def provenance(self) -> dict[str, Any]:
         """JSON-ready record: parameters, model, sha256, version, counts, timings."""
@@ -125,6 +130,7 @@ class DetectionResult:
             "nuclei_count": len(self.nuclei),
             "class_counts": counts,
             "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
+            "runtime": dict(self.runtime),
         }
 
 
@@ -279,7 +285,18 @@ def detect_nuclei(params: DetectionParams, *, progress: Progress | None = None) 
             "total": t_end - t0,
             **{f"{k}_cpu": v for k, v in stages.items()},
         },
+        runtime=model_runtime(model),
     )
+
+
+def model_runtime(model: Any) -> dict[str, Any]:
+    """``{"device": ..., "precision": ...}`` as a built model resolved them
+    (``auto`` made concrete); a model without a network reports ``cpu`` and
+    ``not applicable``."""
+    return {
+        "device": str(getattr(model, "device", "cpu")),
+        "precision": str(getattr(model, "precision", "not applicable")),
+    }
 
 
 def _min_overlap(spec: ModelSpec) -> int:
@@ -484,6 +501,7 @@ class ImageSegmentation:
     spec: ModelSpec
     seconds: float
     analysis_mpp: float  # resolution the model ran at (its own, or the fitted one)
+    runtime: dict[str, Any] = field(default_factory=dict)  # model_runtime()
 
 
 def segment_image(
@@ -546,4 +564,5 @@ def segment_image(
         spec=spec,
         seconds=time.perf_counter() - t0,
         analysis_mpp=mpp / scale,
+        runtime=model_runtime(net),
     )

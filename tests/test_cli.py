@@ -223,6 +223,7 @@ def _bad_cases(tmp: Path, shared: Path) -> dict[str, tuple[list[str], str]]:
         "unknown parameter": ([sample, "--no_such_flag", "1"], "unrecognized arguments"),
         "bad roi": ([sample, "--analysis_roi", "1,2,3"], "analysis_roi"),
         "bad scheduler": ([sample, "--scheduler", "carrier-pigeon"], "scheduler"),
+        "bad precision": ([sample, "--precision", "float16"], "invalid choice"),
     }
 
 
@@ -298,6 +299,15 @@ def test_learned_model_finds_the_annotated_nuclei(
         doc["attributes"]["model"]["name"] == model
         and len(doc["attributes"]["model"]["sha256"]) == 64
     )
+    # what "auto" resolved to is recorded (the CPU and the model's spec decide)
+    from nucleus_models.models import get_spec
+    from nucleus_models.models.unet import pick_precision
+
+    allowed = bool(get_spec(model).thresholds.get("cpu_bfloat16", 0))
+    assert doc["attributes"]["runtime"] == {
+        "device": "cpu",
+        "precision": pick_precision("auto", "cpu", cpu_bfloat16=allowed),
+    }
     recall, precision = _hit_rates(tmp_path / "n.csv", sample.labels)
     assert recall > 0.75 and precision > 0.75, (recall, precision)
 

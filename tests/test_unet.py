@@ -722,3 +722,53 @@ def test_the_shipped_h_and_e_card_cross_validated_its_config() -> None:
     assert shipped["training"]["steps"] == cfg["train"]["steps"]
     assert shipped["spec"]["mpp"] == cfg["model"]["mpp"]
     assert shipped["spec"]["tile_size"] == cfg["model"]["tile_size"]
+
+
+def test_precision_auto_follows_the_cpu_and_bad_values_are_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import torch
+
+    from nucleus_models.errors import ParameterError
+    from nucleus_models.models import unet
+
+    monkeypatch.setattr(unet, "cpu_has_native_bf16", lambda cpuinfo=None: False)
+    assert unet.pick_precision("auto", "cpu") == "float32"
+    monkeypatch.setattr(unet, "cpu_has_native_bf16", lambda cpuinfo=None: True)
+    onednn_bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert unet.pick_precision("auto", "cpu") == ("bfloat16" if onednn_bf16 else "float32")
+    # a model whose spec does not allow it stays in float32 under auto
+    assert unet.pick_precision("auto", "cpu", cpu_bfloat16=False) == "float32"
+    assert unet.pick_precision("bfloat16", "cpu", cpu_bfloat16=False) == "bfloat16"
+    assert unet.pick_precision(None, "cuda") == "float32"  # GPUs: not measured, float32
+    assert unet.pick_precision("bfloat16", "cpu") == "bfloat16"
+    assert unet.pick_precision("float32", "cpu") == "float32"
+    with pytest.raises(ParameterError, match="precision must be one of auto, float32, bfloat16"):
+        unet.pick_precision("float16", "cpu")
+
+
+def test_bfloat16_segments_a_shared_image_as_float32_does(shared_data: Path) -> None:
+    """The shipped H&E U-Net in bfloat16 finds the same nuclei as in float32
+    (scored against each other and against the outlines), and says which it ran."""
+    from benchmark.datasets import get_dataset
+    from benchmark.metrics import instance_metrics
+    from nucleus_models.detection import segment_image
+
+    ds = get_dataset("monuseg", shared_data / "monuseg2018" / "train")
+    sample = ds.load(ds.ids()[0])
+    segs = {
+        p: segment_image(
+            sample.image,
+            mpp=0.25,
+            model="unet-monuseg",
+            model_options={"device": "cpu", "precision": p},
+        )
+        for p in ("float32", "bfloat16")
+    }
+    for p, seg in segs.items():
+        assert seg.runtime == {"device": "cpu", "precision": p}
+    assert len(segs["float32"].nuclei) > 300
+    agree = instance_metrics(segs["float32"].labels, segs["bfloat16"].labels)
+    assert agree["f1_iou50"] > 0.97 and agree["aji"] > 0.9, agree
+    m32, m16 = (instance_metrics(sample.labels, segs[p].labels) for p in ("float32", "bfloat16"))
+    assert abs(m32["aji"] - m16["aji"]) < 0.01 and abs(m32["f1_iou50"] - m16["f1_iou50"]) < 0.01

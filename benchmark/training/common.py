@@ -45,7 +45,14 @@ _NOT_IN_CV = {
     "card": None,
     "_config_path": None,
     "train": ("steps",),
-    "model": ("tile_size", "tile_overlap", "batch_size", "max_nucleus_diameter_um", "color"),
+    "model": (
+        "tile_size",
+        "tile_overlap",
+        "batch_size",
+        "max_nucleus_diameter_um",
+        "color",
+        "cpu_bfloat16",
+    ),
 }
 
 

@@ -419,6 +419,8 @@ def export(
         "seed_threshold": 0.5,
         "tta": int(m.get("tta", 0)),
     }
+    if int(m.get("cpu_bfloat16", 0)):
+        thresholds["cpu_bfloat16"] = 1
     if cfg["data"].get("rescale_to_diameter"):
         thresholds["diameter_px"] = float(cfg["data"]["rescale_to_diameter"])
     if cv:
@@ -485,6 +487,12 @@ def _card_markdown(
             else ""
         ),
         f"- Post-processing: {_postprocess_text(spec['thresholds'])}",
+        "- Arithmetic: float32 (cross-validation included); `--precision auto` runs the network "
+        + (
+            "in bfloat16 on CPUs that compute it in hardware (`model.cpu_bfloat16`), float32 elsewhere"
+            if int(spec["thresholds"].get("cpu_bfloat16", 0))
+            else "in float32 everywhere (`model.cpu_bfloat16` not set)"
+        ),
         f"- Weights: `{spec['weights']}`, sha256 `{spec['sha256']}` (loaded with weights_only=True after a checksum check)",
         f"- License: {spec['license']}",
         "",

@@ -99,9 +99,16 @@ def loss_fn(
 
 
 def predict_maps(
-    net: Any, image: np.ndarray, *, normalisation: str, device: str = "cpu", tta: bool = False
+    net: Any,
+    image: np.ndarray,
+    *,
+    normalisation: str,
+    device: str = "cpu",
+    tta: bool = False,
+    precision: str = "float32",
 ) -> np.ndarray:
-    """``(3, H, W)`` sigmoid maps (foreground, boundary, distance) of a whole image."""
+    """``(3, H, W)`` sigmoid maps (foreground, boundary, distance) of a whole image
+    (the network in ``precision``: ``float32`` or ``bfloat16``, as served)."""
     import torch
 
     from nucleus_models.models.unet import normalise_tile
@@ -114,14 +121,18 @@ def predict_maps(
     t = torch.from_numpy(x)[None].to(device)
     was_training = net.training
     net.eval()
+
+    def maps(x: Any) -> Any:
+        with torch.autocast(
+            device.split(":")[0], dtype=torch.bfloat16, enabled=precision == "bfloat16"
+        ):
+            logits = net(x)
+        return torch.sigmoid(logits.float())
+
     with torch.inference_mode():
-        out = torch.sigmoid(net(t))
+        out = maps(t)
         if tta:
-            out = (
-                out
-                + torch.sigmoid(net(t.flip(-1))).flip(-1)
-                + torch.sigmoid(net(t.flip(-2))).flip(-2)
-            ) / 3
+            out = (out + maps(t.flip(-1)).flip(-1) + maps(t.flip(-2)).flip(-2)) / 3
     if was_training:
         net.train()
     return out[0, :, :h, :w].float().cpu().numpy()

@@ -386,6 +386,7 @@ class DetectorModel(NucleusModel):
         self.mask_threshold = float(th.get("mask_threshold", 0.5))
         self.min_area = int(th.get("min_area", 4))
         self.device = pick_device(device)
+        self.precision = "float32"  # (no autocast for the detectors)
         net_opts: dict[str, Any] = {
             k: int(spec.thresholds[k]) for k in NET_OPTIONS if k in spec.thresholds
         }
