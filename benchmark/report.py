@@ -223,6 +223,19 @@ def _overlays(metrics: dict, out: Path, dataset: Dataset | None, n: int) -> list
 
 
 # -- documents -----------------------------------------------------------------------
+def _runtime_text(runtime: dict | None) -> str:
+    """``", run on cpu in bfloat16"`` from a provenance's ``runtime`` (empty if absent).
+
+    >>> _runtime_text({"device": "cpu", "precision": "bfloat16"})
+    ', run on cpu in bfloat16'
+    >>> _runtime_text({})
+    ''
+    """
+    if not runtime:
+        return ""
+    return f", run on {runtime.get('device', '?')} in {runtime.get('precision', '?')}"
+
+
 def _blocks(metrics: dict, figs: list[tuple[str, str]]) -> list[Block]:
     prov, kind = metrics["provenance"], metrics["kind"]
     keys = list(_TABLE_METRICS[kind])
@@ -233,7 +246,8 @@ def _blocks(metrics: dict, figs: list[tuple[str, str]]) -> list[Block]:
         (
             "ul",
             [
-                f"model: {mod['name']} (sha256 {mod['sha256']}, {mod['mpp']} um/px)",
+                f"model: {mod['name']} (sha256 {mod['sha256']}, {mod['mpp']} um/px)"
+                + _runtime_text(prov.get("runtime")),
                 f"dataset: {ds['name']} at {ds['root']} ({ds['n_samples']} samples, fingerprint {ds['fingerprint'][:16]})",
                 f"nucleus-models {prov['package_version']}, created {prov['created']}",
                 f"command: `{prov['command']}`",

@@ -68,6 +68,8 @@ def test_eval_metrics_json(monuseg_eval: Path, monuseg_root: Path) -> None:
     assert set(prov) >= {"package_version", "model", "dataset", "params", "created", "command"}
     assert set(prov["model"]) >= {"name", "sha256", "mpp"}
     assert prov["model"]["name"] == "classical-he"
+    # a model without a network: no device choice, no arithmetic to record
+    assert prov["runtime"] == {"device": "cpu", "precision": "not applicable"}
     assert set(prov["dataset"]) >= {"name", "root", "fingerprint", "n_samples"}
     assert prov["dataset"]["n_samples"] == 2
     assert prov["dataset"]["fingerprint"] == fingerprint(get_dataset("monuseg", monuseg_root))
