@@ -722,6 +722,8 @@ def test_the_shipped_h_and_e_card_cross_validated_its_config() -> None:
     assert shipped["training"]["steps"] == cfg["train"]["steps"]
     assert shipped["spec"]["mpp"] == cfg["model"]["mpp"]
     assert shipped["spec"]["tile_size"] == cfg["model"]["tile_size"]
+    th = shipped["spec"]["thresholds"]
+    assert th.get("cpu_bfloat16", 0) == cfg["model"].get("cpu_bfloat16", 0)
 
 
 def test_precision_auto_follows_the_cpu_and_bad_values_are_refused(
