@@ -91,6 +91,32 @@ def test_training_lowers_the_loss_and_checkpoints_are_loadable(
         registry._REGISTRY.pop("unet-test", None)
 
 
+def test_bfloat16_training_lowers_the_loss_and_bad_precisions_are_refused(
+    shared_data: Path, tmp_path: Path
+) -> None:
+    import torch
+
+    from benchmark.training.run import _load_net
+    from benchmark.training.unet import train_unet
+
+    imgs = _tiny_images(shared_data)
+    cfg = _cfg()
+    cfg["train"]["precision"] = "bfloat16"
+    ckpt = train_unet(cfg, imgs, tmp_path / "bf16", progress=False)
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    hist = state["history"]
+    assert state["step"] == 30 and hist[-1]["loss"] < hist[0]["loss"]
+    # float32 weights, loadable into a plain network
+    assert all(v.dtype == torch.float32 for v in state["model"].values() if v.is_floating_point())
+    net = _load_net(ckpt, cfg)
+    with torch.inference_mode():
+        out = net(torch.rand(1, 3, 64, 64))
+    assert out.shape == (1, 3, 64, 64) and torch.isfinite(out).all()
+    cfg["train"]["precision"] = "float16"
+    with pytest.raises(ValueError, match="train.precision must be float32 or bfloat16"):
+        train_unet(cfg, imgs, tmp_path / "fp16", progress=False)
+
+
 def test_weight_averaging_is_checkpointed_resumed_and_shipped(
     shared_data: Path, tmp_path: Path
 ) -> None:

@@ -485,6 +485,11 @@ def _card_markdown(
             f"of the trained ones (decay {float(cfg['train']['ema']):g})"
             if float(cfg["train"].get("ema", 0.0)) > 0
             else ""
+        )
+        + (
+            "; forward passes in bfloat16 (autocast, channels-last; weights, optimiser and loss float32)"
+            if cfg["train"].get("precision", "float32") == "bfloat16"
+            else ""
         ),
         f"- Post-processing: {_postprocess_text(spec['thresholds'])}",
         "- Arithmetic: float32 (cross-validation included); `--precision auto` runs the network "

@@ -249,6 +249,14 @@ def train_unet(
     net = build_unet(
         base=int(cfg["model"].get("base", 16)), depth=int(cfg["model"].get("depth", 4))
     )
+    # train.precision = "bfloat16": forward under autocast, channels-last
+    # (weights, optimiser and loss stay float32)
+    precision = str(tr.get("precision", "float32"))
+    if precision not in ("float32", "bfloat16"):
+        raise ValueError(f"train.precision must be float32 or bfloat16, not {precision!r}")
+    bf16 = precision == "bfloat16"
+    if bf16:
+        net = net.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(
         net.parameters(), lr=float(tr["lr"]), weight_decay=float(tr.get("weight_decay", 1e-4))
     )
@@ -277,8 +285,11 @@ def train_unet(
 
     def one_step() -> dict[str, float]:
         b = _batch(images, cfg, rng)
+        x = b["image"].to(memory_format=torch.channels_last) if bf16 else b["image"]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            pred = net(x)
         loss = loss_fn(
-            net(b["image"]),
+            pred.float(),
             b,
             boundary_weight=float(tr.get("boundary_weight", 1.0)),
             distance_weight=float(tr.get("distance_weight", 2.0)),
