@@ -13,6 +13,7 @@ surroundings, which separates touching nuclei whose peaks differ in height).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -395,12 +396,18 @@ def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
     import re
 
     if cpuinfo is None:
-        try:
-            with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-                cpuinfo = f.read()
-        except OSError:
-            return False
+        cpuinfo = _proc_cpuinfo()
     return re.search(r"\b(avx512_bf16|amx_bf16)\b", cpuinfo) is not None
+
+
+@functools.lru_cache(maxsize=1)
+def _proc_cpuinfo() -> str:
+    """``/proc/cpuinfo``, read once per process (empty where unreadable)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            return f.read()
+    except OSError:
+        return ""
 
 
 def pick_precision(precision: str | None, device: str, *, cpu_bfloat16: bool = True) -> str:
