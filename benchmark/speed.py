@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from nucleus_models.models.unet import PRECISIONS
+
 __all__ = ["add_arguments", "run", "time_cli"]
 
 log = logging.getLogger(__name__)
@@ -54,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input_mpp", type=float, default=-1.0, help="resolution override (um/px)")
     parser.add_argument(
         "--precision",
-        choices=["auto", "float32", "bfloat16"],
+        choices=PRECISIONS,
         default="auto",
         help="NucleusDetection --precision (learned U-Nets; auto: bfloat16 on CPUs with it in hardware)",
     )

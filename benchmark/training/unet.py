@@ -111,7 +111,7 @@ def predict_maps(
     (the network in ``precision``: ``float32`` or ``bfloat16``, as served)."""
     import torch
 
-    from nucleus_models.models.unet import normalise_tile
+    from nucleus_models.models.unet import normalise_tile, sigmoid_maps
 
     h, w = image.shape[:2]
     pad = int(net.stride)  # build_unet's coarsest stride
@@ -123,11 +123,7 @@ def predict_maps(
     net.eval()
 
     def maps(x: Any) -> Any:
-        with torch.autocast(
-            device.split(":")[0], dtype=torch.bfloat16, enabled=precision == "bfloat16"
-        ):
-            logits = net(x)
-        return torch.sigmoid(logits.float())
+        return sigmoid_maps(net, x, precision=precision)
 
     with torch.inference_mode():
         out = maps(t)

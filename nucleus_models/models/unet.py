@@ -32,6 +32,7 @@ __all__ = [
     "fit_scale",
     "pick_device",
     "pick_precision",
+    "sigmoid_maps",
     "cpu_has_native_bf16",
 ]
 
@@ -433,6 +434,16 @@ def pick_precision(precision: str | None, device: str, *, cpu_bfloat16: bool = T
     return str(precision)
 
 
+def sigmoid_maps(net: Any, x: Any, *, precision: str = "float32") -> Any:
+    """``sigmoid(net(x))`` in float32, the network run in ``precision``
+    (``bfloat16``: under ``torch.autocast`` on ``x``'s device)."""
+    import torch
+
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16"):
+        logits = net(x)
+    return torch.sigmoid(logits.float())
+
+
 class UNetModel(NucleusModel):
     """Registered U-Net: tiles -> (fg, boundary, distance) -> watershed instances."""
 
@@ -498,15 +509,7 @@ class UNetModel(NucleusModel):
         return out.cpu().numpy()
 
     def _maps(self, x: Any) -> Any:
-        """Sigmoid maps in float32 (the network in ``self.precision``)."""
-        torch = self._torch
-        with torch.autocast(
-            self.device.split(":")[0],
-            dtype=torch.bfloat16,
-            enabled=self.precision == "bfloat16",
-        ):
-            logits = self.net(x)
-        return torch.sigmoid(logits.float())
+        return sigmoid_maps(self.net, x, precision=self.precision)
 
     def postprocess(
         self, raw: np.ndarray, tiles: list[np.ndarray], context: dict[str, Any]
