@@ -158,6 +158,11 @@ def _print_summary(result: dict[str, Any], out: str) -> None:
         cells = [mean.get(k), pooled.get(k)]
         text = ["" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v) for v in cells]
         print(f"{k:<16}{text[0]:>10}{text[1]:>10}")
+    if "errors" in pooled:
+        from .evaluate import error_sentences
+
+        for line in error_sentences(pooled["errors"]):
+            print(line)
     print(f"wrote {out}/metrics.json ({len(result['rows'])} samples)")
 
 

@@ -35,7 +35,9 @@ from .metrics import (
     f1_at_iou,
     hit_in_mask,
     instance_metrics,
+    kromp_object_categories,
     match_points_within_radius,
+    pixel_error_breakdown,
     precision_recall_curve,
     summarize_by_group,
 )
@@ -44,8 +46,11 @@ __all__ = [
     "DEFAULT_RADIUS_UM",
     "DENSITY_EDGES",
     "DENSITY_RADIUS_UM",
+    "ERROR_BAND_UM",
     "INSTANCE_METRICS",
     "POINT_METRICS",
+    "error_profile",
+    "error_sentences",
     "evaluate",
     "jsonable",
 ]
@@ -64,6 +69,12 @@ INSTANCE_METRICS = tuple(
 )
 #: Metrics averaged over samples for point datasets.
 POINT_METRICS = ("f1", "precision", "recall")
+#: Width (microns, each side of the true outlines) of the band in which pixel
+#: errors count as outline placement rather than missed or invented nuclei.
+ERROR_BAND_UM = 0.75
+#: Object error categories (Kromp et al. 2020) summed into the pooled error profile.
+_OBJECT_COUNTS = ("n_true", "split", "merged", "fn", "n_pred", "merge_objects", "split_fragments")
+_PIXEL_COUNTS = ("true_px", "pred_px", "fp_px", "fn_px", "fp_band_px", "fn_band_px")
 _MAX_CURVE_POINTS = 400
 
 
@@ -111,6 +122,71 @@ def _curve(scores: list[np.ndarray], is_tp: list[np.ndarray], n_true: int, how: 
     }
 
 
+def error_profile(errors: Sequence[Mapping[str, int]]) -> dict[str, Any]:
+    """Pool per-sample error counts (``row["errors"]``) into rates.
+
+    Object rates are over all true nuclei (``split_rate``, ``merge_rate``,
+    ``fn_rate``: neither matched, split nor merged) or all predicted ones
+    (``fp_rate``: neither matched, a merge nor a fragment); pixel rates
+    are over the true foreground (``fp_px_rate``, ``fn_px_rate``), and
+    ``*_band_share`` is the part of those pixel errors that lies near the true
+    outlines (placement) rather than away from them.
+
+    >>> e = {"n_true": 10, "split": 1, "merged": 2, "fn": 1, "n_pred": 9, "merge_objects": 1,
+    ...      "split_fragments": 2, "fp_objects": 3, "true_px": 1000, "pred_px": 990,
+    ...      "fp_px": 100, "fn_px": 110, "fp_band_px": 60, "fn_band_px": 99}
+    >>> p = error_profile([e, e])
+    >>> p["merge_rate"], p["fp_rate"], p["fn_px_rate"], p["fn_band_share"]
+    (0.2, 0.3333333333333333, 0.11, 0.9)
+    """
+
+    def total(k: str) -> int:
+        return int(sum(int(e[k]) for e in errors))
+
+    counts = {k: total(k) for k in (*_OBJECT_COUNTS, "fp_objects", *_PIXEL_COUNTS)}
+
+    def rate(num: int, den: int) -> float:
+        return num / den if den else 0.0
+
+    n_t, n_p, t_px = counts["n_true"], counts["n_pred"], counts["true_px"]
+    return {
+        **counts,
+        "split_rate": rate(counts["split"], n_t),
+        "merge_rate": rate(counts["merged"], n_t),
+        "fn_rate": rate(counts["fn"], n_t),
+        "fp_rate": rate(counts["fp_objects"], n_p),
+        "fp_px_rate": rate(counts["fp_px"], t_px),
+        "fn_px_rate": rate(counts["fn_px"], t_px),
+        "fp_band_share": rate(counts["fp_band_px"], counts["fp_px"]),
+        "fn_band_share": rate(counts["fn_band_px"], counts["fn_px"]),
+        "band_um": ERROR_BAND_UM,
+    }
+
+
+def error_sentences(profile: Mapping[str, Any]) -> list[str]:
+    """The pooled error profile in words, for the report and the terminal.
+
+    >>> e = {"n_true": 10, "split": 1, "merged": 2, "fn": 1, "n_pred": 9, "merge_objects": 1,
+    ...      "split_fragments": 2, "fp_objects": 3, "true_px": 1000, "pred_px": 990,
+    ...      "fp_px": 100, "fn_px": 110, "fp_band_px": 60, "fn_band_px": 99}
+    >>> for line in error_sentences(error_profile([e])):
+    ...     print(line)
+    nuclei: 10.0 % split, 20.0 % merged with a neighbour, 10.0 % neither matched, split nor merged (of 10 true); 33.3 % of the 9 predicted are neither a match, a merge nor a fragment
+    pixels (as a share of the true foreground): 10.0 % predicted but not true (60 % of them within 0.75 um of a true outline), 11.0 % true but not predicted (90 % near an outline)
+    """
+    p = profile
+    return [
+        f"nuclei: {100 * p['split_rate']:.1f} % split, {100 * p['merge_rate']:.1f} % merged "
+        f"with a neighbour, {100 * p['fn_rate']:.1f} % neither matched, split nor merged "
+        f"(of {p['n_true']} true); {100 * p['fp_rate']:.1f} % of the {p['n_pred']} predicted "
+        "are neither a match, a merge nor a fragment",
+        f"pixels (as a share of the true foreground): {100 * p['fp_px_rate']:.1f} % predicted "
+        f"but not true ({100 * p['fp_band_share']:.0f} % of them within {p['band_um']:g} um of "
+        f"a true outline), {100 * p['fn_px_rate']:.1f} % true but not predicted "
+        f"({100 * p['fn_band_share']:.0f} % near an outline)",
+    ]
+
+
 def _sample_mpp(sample: Sample, mpp: float | None, model_mpp: float) -> tuple[float, str]:
     if sample.mpp:
         return float(sample.mpp), "sample"
@@ -119,10 +195,23 @@ def _sample_mpp(sample: Sample, mpp: float | None, model_mpp: float) -> tuple[fl
     return float(model_mpp), "model"
 
 
-def _score_instances(sample: Sample, labels: np.ndarray, xy: np.ndarray, scores: np.ndarray):
-    """Row metrics, hit-in-mask flags and n_true for one label-map sample."""
+def _score_instances(
+    sample: Sample, labels: np.ndarray, xy: np.ndarray, scores: np.ndarray, mpp: float
+):
+    """Row metrics, hit-in-mask flags and n_true for one label-map sample.
+
+    The row also holds the sample's error profile under ``errors``: Kromp et
+    al.'s object categories (split, merged, missed, invented nuclei) and the
+    pixel errors within :data:`ERROR_BAND_UM` of the true outlines or away
+    from them, as counts so they can be pooled.
+    """
     truth = np.asarray(sample.labels)
     row: dict[str, Any] = dict(instance_metrics(truth, labels))
+    cats = kromp_object_categories(truth, labels)
+    errors = {k: int(cats[k]) for k in _OBJECT_COUNTS}
+    errors["fp_objects"] = int(cats["fp"])
+    errors.update(pixel_error_breakdown(truth, labels, band_px=ERROR_BAND_UM / mpp))
+    row["errors"] = errors
     hit = hit_in_mask(xy, truth, scores=scores)
     iou = f1_at_iou(truth, labels, iou_threshold=0.5)
     row.update(precision=hit["precision"], recall=hit["recall"])
@@ -312,7 +401,7 @@ def evaluate(
         else:
             import tifffile
 
-            metrics, is_tp, n_true = _score_instances(sample, seg.labels, xy, scores)
+            metrics, is_tp, n_true = _score_instances(sample, seg.labels, xy, scores, s_mpp)
             tifffile.imwrite(pred_dir / f"{sample_id}.tif", seg.labels, compression="zlib")
         row["n_true"] = n_true
         row.update(metrics)
@@ -340,6 +429,7 @@ def evaluate(
         tp5, fp5, fn5 = (sum(int(r[k]) for r in rows) for k in ("tp_iou50", "fp_iou50", "fn_iou50"))
         pooled.update(tp_iou50=tp5, fp_iou50=fp5, fn_iou50=fn5)
         pooled.update({f"{k}_iou50": v for k, v in _prf(tp5, fp5, fn5).items()})
+        pooled["errors"] = error_profile([r["errors"] for r in rows])
     curve = _curve(all_scores, all_tp, n_true_total, "radius" if points_mode else "hit-in-mask")
     pooled["ap"] = curve["ap"]
 

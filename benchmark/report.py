@@ -265,6 +265,21 @@ def _blocks(metrics: dict, figs: list[tuple[str, str]]) -> list[Block]:
             [[k, _fmt(mean.get(k)), _fmt(pooled.get(k))] for k in mkeys],
         )
     )
+    errors = pooled.get("errors")
+    if errors:
+        from .evaluate import error_sentences
+
+        blocks.append(("h2", "Where the errors are"))
+        blocks.append(
+            (
+                "p",
+                "Object categories after Kromp et al. 2020 (a true nucleus is matched at IoU > 0.5, "
+                "split into >= 2 predicted fragments, merged into a prediction covering >= 2 "
+                "nuclei, or none of these); pixel errors near the true outlines are outline "
+                "placement, those away from them whole nuclei missed or invented.",
+            )
+        )
+        blocks.append(("ul", error_sentences(errors)))
     for gkey, block in metrics["groups"].items():
         blocks.append(("h3", f"By {gkey}"))
         body = [[g, _fmt(v["n"]), *[_fmt(v.get(k)) for k in keys]] for g, v in block.items()]

@@ -21,7 +21,7 @@ import tifffile
 
 from benchmark.__main__ import main
 from benchmark.datasets import Dataset, Sample, fingerprint, get_dataset, list_datasets
-from benchmark.evaluate import evaluate
+from benchmark.evaluate import ERROR_BAND_UM, evaluate
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -86,6 +86,45 @@ def test_eval_predictions(monuseg_eval: Path, monuseg_root: Path) -> None:
         assert pred.dtype == np.uint32
         assert pred.shape == image.shape[:2]
         assert np.count_nonzero(np.unique(pred)) == row["n_pred"]
+
+
+def test_eval_error_profile(monuseg_eval: Path, monuseg_root: Path) -> None:
+    """Each sample's error counts are those of the metrics on its own
+    prediction, and the pooled profile is their sum, in words in the report."""
+    from benchmark.datasets import get_dataset
+    from benchmark.metrics import kromp_object_categories, pixel_error_breakdown
+
+    m = json.loads((monuseg_eval / "metrics.json").read_text())
+    ds = get_dataset("monuseg", monuseg_root)
+    for row in m["rows"]:
+        e = row["errors"]
+        truth = ds.load(row["id"]).labels
+        pred = tifffile.imread(monuseg_eval / "predictions" / f"{row['id']}.tif")
+        cats = kromp_object_categories(truth, pred)
+        assert (e["split"], e["merged"], e["fn"], e["fp_objects"]) == (
+            cats["split"],
+            cats["merged"],
+            cats["fn"],
+            cats["fp"],
+        )
+        assert e["n_true"] == row["n_true"] and e["n_pred"] == row["n_pred"]
+        # the band is ERROR_BAND_UM at the sample's resolution (~3 px at MoNuSeg's 0.25 um/px)
+        assert 0.24 < row["mpp"] < 0.26
+        band = ERROR_BAND_UM / row["mpp"]
+        assert {k: e[k] for k in ("fp_px", "fn_px", "fp_band_px", "fn_band_px")} == {
+            k: v
+            for k, v in pixel_error_breakdown(truth, pred, band_px=band).items()
+            if k in ("fp_px", "fn_px", "fp_band_px", "fn_band_px")
+        }
+        assert 0 < e["fp_band_px"] <= e["fp_px"] and 0 < e["fn_band_px"] <= e["fn_px"]
+    pooled = m["pooled"]["errors"]
+    for key in ("n_true", "split", "merged", "fn", "fp_px", "fn_band_px"):
+        assert pooled[key] == sum(r["errors"][key] for r in m["rows"]), key
+    assert pooled["merge_rate"] == pooled["merged"] / pooled["n_true"]
+    assert 0 < pooled["fn_band_share"] <= 1
+    md = (monuseg_eval / "report.md").read_text()
+    assert "## Where the errors are" in md
+    assert f"{100 * pooled['merge_rate']:.1f} % merged" in md
 
 
 def test_eval_report(monuseg_eval: Path) -> None:

@@ -14,6 +14,7 @@ from benchmark.metrics import (
     kromp_object_categories,
     label_overlap,
     panoptic_quality,
+    pixel_error_breakdown,
 )
 
 
@@ -229,3 +230,44 @@ def test_input_validation():
         f1_at_iou(t, -p)
     # float maps holding whole numbers are accepted
     assert f1_at_iou(t.astype(float), p)["tp"] == 3
+
+
+def test_pixel_errors_near_and_away_from_the_outlines():
+    """Outline placement lands in the band; a nucleus missed or invented far
+    from any true outline lands outside it."""
+    t = np.zeros((40, 40), np.int32)
+    t[5:15, 5:15] = 1  # 100 px
+    t[25:35, 25:35] = 2  # 100 px, will be missed
+    p = np.zeros_like(t)
+    p[4:14, 5:15] = 7  # nucleus 1 shifted up one row: 10 px too many, 10 too few
+    p[25:30, 2:4] = 3  # invented, 10 px, far (21+ px) from every true outline
+    e = pixel_error_breakdown(t, p, band_px=1.5)
+    assert (e["true_px"], e["pred_px"]) == (200, 110)
+    assert e["fp_px"] == 20 and e["fn_px"] == 110
+    # the shifted row above nucleus 1 is 1 px from its outline; the invented blob is not
+    assert e["fp_band_px"] == 10
+    # the row lost at the bottom of nucleus 1 and the missed nucleus' rim (1-1.5 px deep)
+    rim = 100 - 8 * 8
+    assert e["fn_band_px"] == 10 + rim
+    # a wider band takes in more of the missed nucleus' interior, never more than exists
+    wide = pixel_error_breakdown(t, p, band_px=3)
+    assert e["fn_band_px"] < wide["fn_band_px"] <= wide["fn_px"]
+    # labels, not ids: relabelling changes nothing
+    assert pixel_error_breakdown(t * 3, p + (p > 0), band_px=1.5) == e
+
+
+def test_pixel_errors_without_any_outline():
+    empty = np.zeros((8, 8), np.int32)
+    full = np.ones((8, 8), np.int32)
+    e = pixel_error_breakdown(empty, full)
+    assert e == {
+        "true_px": 0,
+        "pred_px": 64,
+        "fp_px": 64,
+        "fn_px": 0,
+        "fp_band_px": 0,
+        "fn_band_px": 0,
+    }
+    assert pixel_error_breakdown(full, empty)["fn_band_px"] == 0
+    with pytest.raises(TypeError):  # masks are not label maps, as for every metric here
+        pixel_error_breakdown(empty.astype(bool), empty)

@@ -4,7 +4,8 @@ Submodules (import from here, not from them):
 
 * ``detection``: point hit-in-mask, radius matching, box matching, AP, ROC AUC.
 * ``instance``: label-map metrics (F1@IoU, DSB2018 mAP, AJI, AJI+, Dice, PQ,
-  Kromp et al. error categories) and the one-call :func:`instance_metrics`.
+  Kromp et al. error categories, pixel errors near and away from the true
+  outlines) and the one-call :func:`instance_metrics`.
 * ``agreement``: score agreement (MAE, MSE, Pearson, ICC, Fleiss' kappa,
   Bland-Altman).
 * ``stratify``: per-group summaries and detection by local nucleus density.
@@ -42,6 +43,7 @@ from .instance import (
     kromp_object_categories,
     label_overlap,
     panoptic_quality,
+    pixel_error_breakdown,
 )
 from .stratify import density_bins, detection_by_density, local_density, summarize_by_group
 
@@ -63,6 +65,7 @@ __all__ = [
     "icc",
     "instance_metrics",
     "kromp_object_categories",
+    "pixel_error_breakdown",
     "label_overlap",
     "local_density",
     "mae",
