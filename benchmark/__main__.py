@@ -6,6 +6,8 @@ Subcommands::
     nucleus-bench eval --dataset NAME --root DIR --model MODEL --out OUT [--split S] [--limit N]
     nucleus-bench report OUT
     nucleus-bench speed ...        (see benchmark/speed.py)
+    nucleus-bench train --config CONFIG [--fold K | --cv_only | --skip_cv] [--resume] [--export]
+    nucleus-bench oracle --config CONFIG --run RUN
 
 Input problems (unknown dataset or model, missing root, wrong layout) print one
 ``error: ...`` line on stderr and exit with status 2.
@@ -17,6 +19,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from .datasets.base import DatasetError
@@ -137,7 +140,32 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
         default=None,
         help="write weights + card to this folder (default nucleus_models/weights)",
     )
+    o = sub.add_parser(
+        "oracle",
+        help="how much better a U-Net's held-out instances could be with the annotation's "
+        "seeds or foreground (needs a finished cross-validation)",
+    )
+    o.add_argument("--config", required=True, help="the config the run was trained with")
+    o.add_argument("--run", required=True, help="run folder with cv/cv.json and cv/fold*/")
     return parser
+
+
+def _cmd_oracle(args: argparse.Namespace) -> int:
+    from .training.oracle import VARIANTS, oracle_cv
+    from .training.run import load_config
+
+    try:
+        result = oracle_cv(load_config(args.config), args.run)
+    except ValueError as exc:
+        raise DatasetError(str(exc)) from None
+    keys = ("f1_iou50", "aji", "dice", "det_f1", "sq")
+    print(f"{result['n_images']} held-out images, setting {result['setting']}")
+    print(f"{'instances from':<22}" + "".join(f"{k:>10}" for k in keys))
+    for v in VARIANTS:
+        m = result["mean"][v]
+        print(f"{v:<22}" + "".join(f"{m[k]:>10.3f}" for k in keys))
+    print(f"wrote {Path(args.run) / 'cv' / 'oracle.json'}")
+    return 0
 
 
 def _cmd_datasets() -> int:
@@ -267,6 +295,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "train":
             return _cmd_train(args)
+        if args.command == "oracle":
+            return _cmd_oracle(args)
         from benchmark import speed
 
         return int(speed.run(args))
