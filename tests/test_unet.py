@@ -800,3 +800,31 @@ def test_bfloat16_segments_a_shared_image_as_float32_does(shared_data: Path) -> 
     assert agree["f1_iou50"] > 0.97 and agree["aji"] > 0.9, agree
     m32, m16 = (instance_metrics(sample.labels, segs[p].labels) for p in ("float32", "bfloat16"))
     assert abs(m32["aji"] - m16["aji"]) < 0.01 and abs(m32["f1_iou50"] - m16["f1_iou50"]) < 0.01
+
+
+def test_outline_weight_counts_the_pixels_near_the_outlines_more(shared_data: Path) -> None:
+    """``train.outline_weight`` w: the foreground BCE is the mean over pixels
+    weighted 1 + w in the outline band, 1 elsewhere; w = 0 is the plain loss."""
+    import torch
+    import torch.nn.functional as F
+
+    from benchmark.training.unet import _batch, loss_fn, outline_band
+
+    imgs = _tiny_images(shared_data)
+    cfg = _cfg()
+    cfg["train"]["outline_weight"] = 3.0
+    b = _batch(imgs, cfg, np.random.default_rng(0))
+    fg = b["fg"][:, 0].numpy() > 0.5
+    want = np.stack([outline_band(f, 1.5) for f in fg])
+    assert np.array_equal(b["outline"][:, 0].numpy() > 0, want) and want.any()
+    pred = torch.randn(b["fg"].shape[0], 3, *b["fg"].shape[2:])
+    zero = {**b, "fg_weight": torch.ones_like(b["fg"]), "inst_weight": torch.zeros_like(b["fg"])}
+    bce = F.binary_cross_entropy_with_logits(pred[:, 0:1], b["fg"], reduction="none")
+    p = pred[:, 0:1].sigmoid()
+    dice = 1 - (2 * (p * b["fg"]).sum() + 1) / (p.sum() + b["fg"].sum() + 1)
+    w = 1 + 3.0 * b["outline"]
+    got = loss_fn(pred, zero, outline_weight=3.0)
+    assert float(got) == pytest.approx(float((bce * w).sum() / w.sum() + dice), rel=1e-5)
+    assert float(loss_fn(pred, zero)) == pytest.approx(float(bce.mean() + dice), rel=1e-5)
+    # weighting the band changes the loss
+    assert float(got) != pytest.approx(float(loss_fn(pred, zero)), rel=1e-4)
