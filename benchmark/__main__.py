@@ -164,6 +164,10 @@ def _cmd_oracle(args: argparse.Namespace) -> int:
     for v in VARIANTS:
         m = result["mean"][v]
         print(f"{v:<22}" + "".join(f"{m[k]:>10.3f}" for k in keys))
+    from .evaluate import error_sentences
+
+    for line in error_sentences(result["errors"]):
+        print(f"model's {line}")
     print(f"wrote {Path(args.run) / 'cv' / 'oracle.json'}")
     return 0
 

@@ -49,6 +49,7 @@ __all__ = [
     "ERROR_BAND_UM",
     "INSTANCE_METRICS",
     "POINT_METRICS",
+    "error_counts",
     "error_profile",
     "error_sentences",
     "evaluate",
@@ -120,6 +121,17 @@ def _curve(scores: list[np.ndarray], is_tp: list[np.ndarray], n_true: int, how: 
         "recall": recall.round(5),
         "thresholds": thresholds.round(5),
     }
+
+
+def error_counts(truth: np.ndarray, labels: np.ndarray, mpp: float) -> dict[str, int]:
+    """One image's error counts (``row["errors"]``): Kromp et al.'s object
+    categories and the pixel errors within :data:`ERROR_BAND_UM` (at ``mpp``
+    microns per pixel) of the true outlines or away from them."""
+    cats = kromp_object_categories(truth, labels)
+    errors = {k: int(cats[k]) for k in _OBJECT_COUNTS}
+    errors["fp_objects"] = int(cats["fp"])
+    errors.update(pixel_error_breakdown(truth, labels, band_px=ERROR_BAND_UM / mpp))
+    return errors
 
 
 def error_profile(errors: Sequence[Mapping[str, int]]) -> dict[str, Any]:
@@ -207,11 +219,7 @@ def _score_instances(
     """
     truth = np.asarray(sample.labels)
     row: dict[str, Any] = dict(instance_metrics(truth, labels))
-    cats = kromp_object_categories(truth, labels)
-    errors = {k: int(cats[k]) for k in _OBJECT_COUNTS}
-    errors["fp_objects"] = int(cats["fp"])
-    errors.update(pixel_error_breakdown(truth, labels, band_px=ERROR_BAND_UM / mpp))
-    row["errors"] = errors
+    row["errors"] = error_counts(truth, labels, mpp)
     hit = hit_in_mask(xy, truth, scores=scores)
     iou = f1_at_iou(truth, labels, iou_threshold=0.5)
     row.update(precision=hit["precision"], recall=hit["recall"])

@@ -74,6 +74,13 @@ def test_oracle_of_a_cross_validation_starts_from_its_own_scores(
     assert both["aji"] >= res["mean"]["model"]["aji"]
     assert both["dice"] > 0.95  # the annotation's own foreground, back on its grid
     assert json.loads((run / "cv" / "oracle.json").read_text())["n_images"] == 3
+    # the model's error profile counts every held-out nucleus once
+    errors = res["errors"]
+    assert errors["n_true"] == sum(len(np.unique(im.labels)) - 1 for im in imgs)
+    assert errors["n_true"] == sum(r["errors"]["n_true"] for r in res["images"])
+    assert 0 <= errors["merge_rate"] <= 1 and errors["true_px"] == sum(
+        int((im.labels > 0).sum()) for im in imgs
+    )
     with pytest.raises(ValueError, match="size-normalised"):
         oracle_cv({**cfg, "data": {**cfg["data"], "rescale_to_diameter": 20}}, run, images=imgs)
 

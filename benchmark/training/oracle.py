@@ -15,7 +15,8 @@ from segmentation the same way):
   and the watershed's lines between touching nuclei).
 
 Each is scored as cross-validation scores (:func:`.common.score_on_truth`, at
-the images' own resolution). ``nucleus-bench oracle --config C --run RUN``
+the images' own resolution); the model's own instances also get the error
+profile ``nucleus-bench eval`` reports (:func:`benchmark.evaluate.error_profile`). ``nucleus-bench oracle --config C --run RUN``
 writes ``RUN/cv/oracle.json``.
 """
 
@@ -30,7 +31,7 @@ import numpy as np
 from .common import mean_metrics, score_on_truth
 from .data import TrainImage
 
-__all__ = ["VARIANTS", "true_markers", "oracle_scores", "oracle_cv"]
+__all__ = ["VARIANTS", "true_markers", "oracle_instances", "oracle_scores", "oracle_cv"]
 
 #: The four ways of making instances, in the order they are reported.
 VARIANTS = ("model", "true_seeds", "true_mask", "true_mask_and_seeds")
@@ -72,6 +73,14 @@ def oracle_scores(
     grid); ``params``: the post-processing setting
     (:func:`nucleus_models.models.unet.instances_from_maps` keywords).
     """
+    made = oracle_instances(maps, grid_labels, params)
+    return {k: score_on_truth(made[k], truth) for k in VARIANTS}
+
+
+def oracle_instances(
+    maps: np.ndarray, grid_labels: np.ndarray, params: dict[str, Any]
+) -> dict[str, np.ndarray]:
+    """The instance label maps (model grid) of :func:`oracle_scores`, by variant."""
     from nucleus_models.models.unet import instances_from_maps
 
     fg, bd, dist = maps[0], maps[1], maps[2]
@@ -86,7 +95,7 @@ def oracle_scores(
         "true_mask": instances_from_maps(true_fg, bd, dist, **masked),
         "true_mask_and_seeds": instances_from_maps(true_fg, bd, dist, **masked, markers=seeds),
     }
-    return {k: score_on_truth(made[k].labels, truth) for k in VARIANTS}
+    return {k: made[k].labels for k in VARIANTS}
 
 
 def oracle_cv(
@@ -104,6 +113,9 @@ def oracle_cv(
         config is not a U-Net at a fixed resolution (size-normalised models
         pick their scale per image, where the annotation has no grid).
     """
+    from benchmark.evaluate import error_counts, error_profile
+    from nucleus_models.instances import labels_to_grid
+
     from .run import _images, _load_net, cv_folds, truth_source
     from .unet import predict_maps
 
@@ -133,12 +145,20 @@ def oracle_cv(
             if im.id not in held:
                 continue
             maps = predict_maps(net, im.image, normalisation=norm)
-            scores = oracle_scores(maps, im.labels, truth_of(im), params)
-            per_image.append({"id": im.id, "fold": i, **scores})
+            made = oracle_instances(maps, im.labels, params)
+            truth = truth_of(im)
+            scores = {k: score_on_truth(made[k], truth) for k in VARIANTS}
+            # the model's own errors, as `nucleus-bench eval` profiles them; the
+            # truth's resolution from the two grids' sizes
+            truth_mpp = float(cfg["model"]["mpp"]) * im.labels.shape[0] / truth.shape[0]
+            model = labels_to_grid(made["model"], truth.shape)
+            errors = error_counts(truth, model, truth_mpp)
+            per_image.append({"id": im.id, "fold": i, **scores, "errors": errors})
     result = {
         "setting": cv["best"],
         "n_images": len(per_image),
         "mean": {k: mean_metrics([r[k] for r in per_image]) for k in VARIANTS},
+        "errors": error_profile([r["errors"] for r in per_image]),
         "images": per_image,
     }
     (cv_dir / "oracle.json").write_text(json.dumps(result, indent=1) + "\n")
