@@ -1,10 +1,13 @@
-"""Score one finished cross-validation fold of a U-Net run on its own held-out
-images, its post-processing setting tuned on them (a screen for one change
-before training every fold; the card's numbers come from the whole CV).
+"""Score finished cross-validation folds of a U-Net run on their own held-out
+images (a screen for one change before training every fold, or a check of
+another arithmetic; the card's numbers come from the whole CV).
 
-    .venv/bin/python scripts/score_fold.py --config CONFIG --run RUN --fold K
+    .venv/bin/python scripts/score_fold.py --config CONFIG --run RUN --fold K [K ...]
+        [--precision float32|bfloat16] [--at_cv_setting]
 
-Prints the chosen setting and the metrics at it.
+Without ``--at_cv_setting`` the post-processing setting is tuned on the
+folds' held-out images (as the CV tunes it on all of them); with it, the
+run's ``cv/cv.json`` setting is used. Prints the setting and the mean metrics.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main() -> int:
+    from benchmark.training.common import mean_metrics
     from benchmark.training.run import (
         _images,
         _load_net,
@@ -26,25 +30,45 @@ def main() -> int:
         load_config,
         truth_source,
     )
-    from benchmark.training.unet import cv_score, tune_thresholds
+    from benchmark.training.unet import cv_score, predict_maps, score_images, tune_thresholds
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", required=True)
     ap.add_argument("--run", required=True)
-    ap.add_argument("--fold", type=int, required=True)
+    ap.add_argument("--fold", type=int, nargs="+", required=True)
+    ap.add_argument("--precision", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--at_cv_setting", action="store_true")
     args = ap.parse_args()
     cfg = load_config(args.config)
+    if args.precision != "float32" and cfg["data"].get("rescale_to_diameter"):
+        raise SystemExit("error: --precision is for fixed-resolution configs only")
     images = _images(cfg)
-    held = cv_folds(cfg, images)[args.fold]
-    net = _load_net(Path(args.run) / "cv" / f"fold{args.fold}" / "checkpoint.pt", cfg)
+    folds = cv_folds(cfg, images)
     truth_of, _ = truth_source(cfg)
-    ims = [im for im in images if im.id in held]
-    maps = [held_out_maps(net, im.image, cfg) for im in ims]
-    grid = tune_thresholds(maps, [truth_of(im) for im in ims], cfg)
-    metric = cfg.get("cv", {}).get("metric", "aji")
-    best, at = max(grid, key=lambda pm: cv_score(pm[1], metric))
+    norm = cfg["model"].get("normalisation", "rgb")
+    maps, truths = [], []
+    for k in args.fold:
+        net = _load_net(Path(args.run) / "cv" / f"fold{k}" / "checkpoint.pt", cfg)
+        for im in images:
+            if im.id in folds[k]:
+                if args.precision == "float32":
+                    maps.append(held_out_maps(net, im.image, cfg))
+                else:
+                    maps.append(
+                        predict_maps(net, im.image, normalisation=norm, precision="bfloat16")
+                    )
+                truths.append(truth_of(im))
+    min_area = int(cfg["model"].get("min_area", 8))
+    if args.at_cv_setting:
+        best = json.loads((Path(args.run) / "cv" / "cv.json").read_text())["best"]
+        at = mean_metrics(score_images(maps, truths, {"min_area": min_area, **best}))
+    else:
+        grid = tune_thresholds(maps, truths, cfg)
+        metric = cfg.get("cv", {}).get("metric", "aji")
+        best, at = max(grid, key=lambda pm: cv_score(pm[1], metric))
     keys = ("f1_iou50", "aji", "dice", "det_f1", "sq", "pq")
-    print(json.dumps({"fold": args.fold, "images": len(ims), "best": best}))
+    print(json.dumps({"folds": args.fold, "images": len(maps), "precision": args.precision}))
+    print(json.dumps({"best": best}))
     print("  ".join(f"{k}={at[k]:.4f}" for k in keys))
     return 0
 

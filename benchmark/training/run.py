@@ -492,7 +492,8 @@ def _card_markdown(
             else ""
         ),
         f"- Post-processing: {_postprocess_text(spec['thresholds'])}",
-        "- Arithmetic: float32 (cross-validation included); `--precision auto` runs the network "
+        "- Inference arithmetic: float32 (the cross-validation's held-out maps included); "
+        "`--precision auto` runs the network "
         + (
             "in bfloat16 on CPUs that compute it in hardware (`model.cpu_bfloat16`), float32 elsewhere"
             if int(spec["thresholds"].get("cpu_bfloat16", 0))
