@@ -151,6 +151,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
 
 
 def _cmd_oracle(args: argparse.Namespace) -> int:
+    from .evaluate import error_sentences
     from .training.oracle import VARIANTS, oracle_cv
     from .training.run import load_config
 
@@ -164,8 +165,6 @@ def _cmd_oracle(args: argparse.Namespace) -> int:
     for v in VARIANTS:
         m = result["mean"][v]
         print(f"{v:<22}" + "".join(f"{m[k]:>10.3f}" for k in keys))
-    from .evaluate import error_sentences
-
     for line in error_sentences(result["errors"]):
         print(f"model's {line}")
     print(f"wrote {Path(args.run) / 'cv' / 'oracle.json'}")

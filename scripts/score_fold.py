@@ -30,7 +30,7 @@ def main() -> int:
         load_config,
         truth_source,
     )
-    from benchmark.training.unet import cv_score, predict_maps, score_images, tune_thresholds
+    from benchmark.training.unet import best_setting, full_setting, score_images, tune_thresholds
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", required=True)
@@ -40,32 +40,22 @@ def main() -> int:
     ap.add_argument("--at_cv_setting", action="store_true")
     args = ap.parse_args()
     cfg = load_config(args.config)
-    if args.precision != "float32" and cfg["data"].get("rescale_to_diameter"):
-        raise SystemExit("error: --precision is for fixed-resolution configs only")
     images = _images(cfg)
     folds = cv_folds(cfg, images)
     truth_of, _ = truth_source(cfg)
-    norm = cfg["model"].get("normalisation", "rgb")
     maps, truths = [], []
     for k in args.fold:
         net = _load_net(Path(args.run) / "cv" / f"fold{k}" / "checkpoint.pt", cfg)
         for im in images:
             if im.id in folds[k]:
-                if args.precision == "float32":
-                    maps.append(held_out_maps(net, im.image, cfg))
-                else:
-                    maps.append(
-                        predict_maps(net, im.image, normalisation=norm, precision="bfloat16")
-                    )
+                maps.append(held_out_maps(net, im.image, cfg, precision=args.precision))
                 truths.append(truth_of(im))
-    min_area = int(cfg["model"].get("min_area", 8))
     if args.at_cv_setting:
         best = json.loads((Path(args.run) / "cv" / "cv.json").read_text())["best"]
-        at = mean_metrics(score_images(maps, truths, {"min_area": min_area, **best}))
+        at = mean_metrics(score_images(maps, truths, full_setting(cfg, best)))
     else:
         grid = tune_thresholds(maps, truths, cfg)
-        metric = cfg.get("cv", {}).get("metric", "aji")
-        best, at = max(grid, key=lambda pm: cv_score(pm[1], metric))
+        best, at = best_setting(grid, cfg.get("cv", {}).get("metric", "aji"))
     keys = ("f1_iou50", "aji", "dice", "det_f1", "sq", "pq")
     print(json.dumps({"folds": args.fold, "images": len(maps), "precision": args.precision}))
     print(json.dumps({"best": best}))

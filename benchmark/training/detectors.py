@@ -370,7 +370,7 @@ def cross_validate(
 
     from .common import mean_metrics, score_on_truth, shipped_state
     from .run import _training_set, cv_folds, group_metrics, truth_source
-    from .unet import cv_score
+    from .unet import best_setting
 
     cv = cfg.get("cv", {})
     folds = cv_folds(cfg, images, only_fold)
@@ -417,7 +417,7 @@ def cross_validate(
 
     metric = cv.get("metric", "aji")
     grid = [(params, mean_metrics(rows_of(params))) for params in grid_params]
-    best, at_best = max(grid, key=lambda pm: cv_score(pm[1], metric))
+    best, at_best = best_setting(grid, metric)
     report = list(cv.get("report_groups", []))
     result = {
         "folds": folds,

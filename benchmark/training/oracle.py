@@ -73,7 +73,10 @@ def oracle_scores(
     grid); ``params``: the post-processing setting
     (:func:`nucleus_models.models.unet.instances_from_maps` keywords).
     """
-    made = oracle_instances(maps, grid_labels, params)
+    return _scored(oracle_instances(maps, grid_labels, params), truth)
+
+
+def _scored(made: dict[str, np.ndarray], truth: np.ndarray) -> dict[str, dict[str, float]]:
     return {k: score_on_truth(made[k], truth) for k in VARIANTS}
 
 
@@ -117,7 +120,7 @@ def oracle_cv(
     from nucleus_models.instances import labels_to_grid
 
     from .run import _images, _load_net, cv_folds, truth_source
-    from .unet import predict_maps
+    from .unet import full_setting, predict_maps
 
     if cfg.get("arch", "unet") != "unet":
         raise ValueError(f"oracle: only U-Net configs, not arch {cfg.get('arch')!r}")
@@ -133,7 +136,7 @@ def oracle_cv(
     if cv["folds"] != folds:
         raise ValueError(f"oracle: {record}: its folds are not this config's")
     truth_of, _ = truth_source(cfg)
-    params = {"min_area": int(cfg["model"].get("min_area", 8)), **cv["best"]}
+    params = full_setting(cfg, cv["best"])
     norm = cfg["model"].get("normalisation", "rgb")
     per_image: list[dict[str, Any]] = []
     for i, held in enumerate(folds):
@@ -147,7 +150,7 @@ def oracle_cv(
             maps = predict_maps(net, im.image, normalisation=norm)
             made = oracle_instances(maps, im.labels, params)
             truth = truth_of(im)
-            scores = {k: score_on_truth(made[k], truth) for k in VARIANTS}
+            scores = _scored(made, truth)
             # the model's own errors, as `nucleus-bench eval` profiles them; the
             # truth's resolution from the two grids' sizes
             truth_mpp = float(cfg["model"]["mpp"]) * im.labels.shape[0] / truth.shape[0]

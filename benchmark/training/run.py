@@ -178,7 +178,12 @@ def _training_set(cfg: dict[str, Any], images: list[TrainImage]) -> list[TrainIm
 
 
 def held_out_maps(
-    net: Any, image: np.ndarray, cfg: dict[str, Any], params: dict[str, Any] | None = None
+    net: Any,
+    image: np.ndarray,
+    cfg: dict[str, Any],
+    params: dict[str, Any] | None = None,
+    *,
+    precision: str = "float32",
 ) -> np.ndarray:
     """A held-out image's maps as inference makes them: at the model's
     resolution, or, for a size-normalised model, at the scale where its own
@@ -187,23 +192,22 @@ def held_out_maps(
 
     With ``params`` (a post-processing setting) the size is measured, as
     inference measures it, on the foreground of the final instances; without,
-    on the foreground map above 0.5.
+    on the foreground map above 0.5.  ``precision``: the network's arithmetic
+    (``float32`` or ``bfloat16``, as :func:`.unet.predict_maps`).
     """
     from nucleus_models.models.unet import fit_scale, instances_from_maps
 
     from .data import _resize
-    from .unet import predict_maps
+    from .unet import full_setting, predict_maps
 
     norm = cfg["model"].get("normalisation", "rgb")
     target = cfg["data"].get("rescale_to_diameter")
     if not target:
-        return predict_maps(net, image, normalisation=norm)
-    setting = (
-        None if params is None else {"min_area": int(cfg["model"].get("min_area", 8)), **params}
-    )
+        return predict_maps(net, image, normalisation=norm, precision=precision)
+    setting = None if params is None else full_setting(cfg, params)
 
     def segment(scale: float) -> tuple[np.ndarray, np.ndarray]:
-        maps = predict_maps(net, _resize(image, scale), normalisation=norm)
+        maps = predict_maps(net, _resize(image, scale), normalisation=norm, precision=precision)
         if setting is None:
             return maps[0] > 0.5, maps
         return instances_from_maps(maps[0], maps[1], maps[2], **setting).labels > 0, maps
@@ -241,7 +245,7 @@ def cross_validate(
     their own resolution when the dataset provides them (as ``nucleus-bench
     eval`` does), else against the resampled training labels.
     """
-    from .unet import cv_score, score_images, train_unet, tune_thresholds
+    from .unet import best_setting, full_setting, score_images, train_unet, tune_thresholds
 
     cv = cfg.get("cv", {})
     folds = cv_folds(cfg, images, only_fold)
@@ -280,20 +284,16 @@ def cross_validate(
             raise ValueError(f"cv.tune_on = {tune_on!r}: no held-out image is in that group")
     maps = [held_out_maps(net, image, cfg) for net, image in held_out]
     grid = tune_thresholds([maps[i] for i in tuned], [truths[i] for i in tuned], cfg)
-    best, at_best = max(grid, key=lambda pm: cv_score(pm[1], metric))
+    best, at_best = best_setting(grid, metric)
     if size_normalised:
         # inference measures the nucleus size on its final instances: search
         # the scale again that way, with the setting just chosen, and re-tune
         maps = [held_out_maps(net, image, cfg, best) for net, image in held_out]
         grid = tune_thresholds([maps[i] for i in tuned], [truths[i] for i in tuned], cfg)
-        best, at_best = max(grid, key=lambda pm: cv_score(pm[1], metric))
+        best, at_best = best_setting(grid, metric)
     # the chosen setting per group of images (cv.report_groups, e.g. ["modality"])
     report = list(cv.get("report_groups", []))
-    rows = (
-        score_images(maps, truths, {"min_area": int(cfg["model"].get("min_area", 8)), **best})
-        if report or tune_on
-        else []
-    )
+    rows = score_images(maps, truths, full_setting(cfg, best)) if report or tune_on else []
     if tune_on:  # the headline numbers stay those of every held-out image
         at_best = mean_metrics(rows)
     by_group = group_metrics(rows, groups, report)

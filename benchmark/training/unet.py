@@ -25,6 +25,8 @@ __all__ = [
     "tune_thresholds",
     "score_images",
     "cv_score",
+    "best_setting",
+    "full_setting",
     "seed_everything",
 ]
 
@@ -202,6 +204,27 @@ def cv_score(metrics: dict[str, float], metric: str | list[str]) -> float:
     return float(np.mean([metrics[m] for m in names]))
 
 
+def best_setting(
+    grid: list[tuple[dict[str, Any], dict[str, float]]], metric: str | list[str]
+) -> tuple[dict[str, Any], dict[str, float]]:
+    """The ``(setting, metrics)`` pair of ``grid`` with the highest :func:`cv_score`.
+
+    >>> best_setting([({"h": 1}, {"aji": 0.4}), ({"h": 2}, {"aji": 0.6})], "aji")
+    ({'h': 2}, {'aji': 0.6})
+    """
+    return max(grid, key=lambda pm: cv_score(pm[1], metric))
+
+
+def full_setting(cfg: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    """A post-processing setting with the config's ``model.min_area`` (default 8)
+    where it names none: the keywords of ``instances_from_maps``.
+
+    >>> full_setting({"model": {"min_area": 12}}, {"h": 0.2})
+    {'min_area': 12, 'h': 0.2}
+    """
+    return {"min_area": int(cfg["model"].get("min_area", 8)), **params}
+
+
 def score_images(
     maps: list[np.ndarray], truths: list[np.ndarray], params: dict[str, Any]
 ) -> list[dict[str, float]]:
@@ -233,11 +256,10 @@ def tune_thresholds(
     min_area = int(cfg["model"].get("min_area", 8))
 
     def score(params: dict[str, Any]) -> dict[str, float]:
-        return mean_metrics(score_images(maps, truths, {"min_area": min_area, **params}))
+        return mean_metrics(score_images(maps, truths, full_setting(cfg, params)))
 
     out = [(params, score(params)) for params in postprocess_grid(cfg)]
-    metric = cv_cfg.get("metric", "aji")
-    best = max(out, key=lambda pm: cv_score(pm[1], metric))[0]
+    best = best_setting(out, cv_cfg.get("metric", "aji"))[0]
     for area in cv_cfg.get("min_areas", []):
         for ms in cv_cfg.get("min_scores", [0.0]):
             if int(area) == min_area and float(ms) == 0.0:

@@ -188,12 +188,10 @@ def instances_from_maps(
         height = gaussian_smooth(height, smooth)
     if markers is not None:
         markers = np.where(mask, np.asarray(markers, np.int32), 0)
+    elif seed_mode == "hmax":
+        markers, _ = ndi.label(masked_h_maxima(height, mask, h))
     else:
-        if seed_mode == "hmax":
-            seeds = masked_h_maxima(height, mask, h)
-        else:
-            seeds = (height > seed_threshold) & mask
-        markers, _ = ndi.label(seeds)
+        markers, _ = ndi.label((height > seed_threshold) & mask)
     labels = watershed(-height, markers, mask=mask)
     # foreground with no seed: keep as its own instance if big enough
     rest, n_rest = ndi.label(mask & (labels == 0))
