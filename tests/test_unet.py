@@ -435,6 +435,38 @@ def test_size_normalisation_and_synthetic_images() -> None:
     assert (syn.image[syn.labels > 0] == 200).all()  # nuclei pasted with their pixels
     counts = np.bincount(syn.labels.ravel())[1:]
     assert (counts == 400).all()  # no overlap allowed: every nucleus whole
+    # the 80 px image has no nucleus-free 96 px window: median colour + noise
+    assert abs(float(np.median(syn.image[syn.labels == 0])) - 30) <= 2
+
+
+def test_synthetic_images_take_a_real_background_and_one_modality() -> None:
+    """Background: a nucleus-free window of a real image; nuclei: only from
+    images of the background's modality (Kromp et al. 2020)."""
+    from benchmark.training.data import TrainImage, synthetic_image
+
+    def item(name: str, modality: str, bg: int, fg: int) -> TrainImage:
+        lab = np.zeros((200, 200), np.int32)
+        lab[10:30, 10:30], lab[10:30, 160:180] = 1, 2  # a free 120 px band below
+        rng = np.random.default_rng(len(name))
+        img = rng.integers(bg, bg + 20, (200, 200, 3)).astype(np.uint8)  # textured
+        img[lab > 0] = fg
+        return TrainImage(name, img, lab, lab > 0, {"modality": modality})
+
+    fluo, bright = item("f", "fluorescence", 0, 250), item("b", "brightfield", 200, 60)
+    rng = np.random.default_rng(1)
+    for _ in range(6):
+        syn = synthetic_image([fluo, bright], rng, size=96, n_nuclei=4, max_overlap=0.0)
+        modality = syn.groups["modality"]
+        assert syn.groups["synthetic"] == "1"
+        bg, fg = (0, 250) if modality == "fluorescence" else (200, 60)
+        nuclei = syn.image[syn.labels > 0]
+        assert syn.labels.max() >= 1 and (nuclei == fg).all()  # one modality's nuclei
+        back = syn.image[syn.labels == 0].astype(int)
+        assert back.min() >= bg and back.max() < bg + 20  # the real texture, not noise
+    assert {
+        synthetic_image([fluo, bright], np.random.default_rng(s), size=96).groups["modality"]
+        for s in range(8)
+    } == {"fluorescence", "brightfield"}
 
 
 def test_percentile_normalisation_treats_single_channel_fluorescence_as_grey() -> None:

@@ -405,6 +405,31 @@ def rescale_to_diameter(
     return out
 
 
+def _nucleus_free_window(
+    item: TrainImage, size: int, rng: np.random.Generator
+) -> np.ndarray | None:
+    """A random ``size`` x ``size`` window of ``item.image`` that touches no
+    nucleus (as float32), or None if the image has none."""
+    h, w = item.labels.shape
+    if h < size or w < size:
+        return None
+    # a window's top-left corner is free if the window's nucleus-pixel count is 0
+    nuc = (item.labels > 0).astype(np.int64)
+    integral = np.pad(nuc.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    counts = (
+        integral[size:, size:]
+        - integral[:-size, size:]
+        - integral[size:, :-size]
+        + integral[:-size, :-size]
+    )
+    ys, xs = np.nonzero(counts == 0)
+    if not len(ys):
+        return None
+    i = int(rng.integers(len(ys)))
+    y, x = int(ys[i]), int(xs[i])
+    return item.image[y : y + size, x : x + size].astype(np.float32)
+
+
 def synthetic_image(
     items: list[TrainImage],
     rng: np.random.Generator,
@@ -415,9 +440,12 @@ def synthetic_image(
 ) -> TrainImage:
     """An artificial training image: nuclei cropped from ``items`` pasted on sampled background.
 
-    Following Kromp et al. (2020): background is a nucleus-free region of a
-    real image (its median colour where none is large enough), nuclei are
-    placed at random positions and rotations, and a nucleus is only placed
+    Following Kromp et al. (2020): the background is a nucleus-free
+    ``size`` x ``size`` window of a real image where one exists (else that
+    image's median background colour with noise of its spread), nuclei come
+    from images of the same ``modality`` group as the background's (a
+    brightfield nucleus is never pasted on a fluorescence background), they
+    are placed at random positions and rotations, and a nucleus is only placed
     where it overlaps already placed nuclei by at most ``max_overlap`` of its
     area, so overlap is controlled.
     """
@@ -427,13 +455,17 @@ def synthetic_image(
     if not src:
         raise ValueError("synthetic images need training images with instances")
     base = src[int(rng.integers(len(src)))]
-    bg_pixels = base.image[base.labels == 0]
-    colour = np.median(bg_pixels, axis=0) if len(bg_pixels) else np.full(3, 0.0)
-    img = np.empty((size, size, 3), np.float32)
-    img[:] = colour
-    img += rng.normal(
-        0, max(float(np.std(bg_pixels)) if len(bg_pixels) else 1.0, 1.0) * 0.5, img.shape
-    )
+    modality = base.groups.get("modality")
+    if modality is not None:
+        src = [it for it in src if it.groups.get("modality") == modality]
+    img = _nucleus_free_window(base, size, rng)
+    if img is None:
+        bg_pixels = base.image[base.labels == 0]
+        colour = np.median(bg_pixels, axis=0) if len(bg_pixels) else np.full(3, 0.0)
+        spread = max(float(np.std(bg_pixels)) if len(bg_pixels) else 1.0, 1.0)
+        img = np.empty((size, size, 3), np.float32)
+        img[:] = colour
+        img += rng.normal(0, spread * 0.5, img.shape)
     lab = np.zeros((size, size), np.int32)
     placed = 0
     for _ in range(n_nuclei * 5):
@@ -462,5 +494,5 @@ def synthetic_image(
         np.clip(img, 0, 255).astype(np.uint8),
         lab,
         lab > 0,
-        {"synthetic": "1"},
+        {"synthetic": "1", **({"modality": modality} if modality is not None else {})},
     )
