@@ -227,10 +227,47 @@ def test_cross_validation_of_a_size_normalised_model_searches_the_scale_twice(
     cfg["train"]["steps"] = 10
     cfg["cv"] = {"folds": 3, "fg_thresholds": [0.5], "seed_thresholds": [0.3, 0.5]}
     cv = run.cross_validate(cfg, imgs, tmp_path / "cv", resume=False)
-    assert calls[:3] == [None] * 3 and len(calls) == 6
+    assert calls[:3] == [None] * 3
+    passes = cv["size_passes"]
+    assert 2 <= passes <= 1 + run.MAX_SIZE_PASSES and len(calls) == 3 * passes
     assert all(c is not None and c["fg_threshold"] == 0.5 for c in calls[3:])
-    assert cv["size_measured_on"].startswith("final instances")
+    assert cv["size_measured_on"] == "final instances of the chosen setting"
+    # the sizes of the reported numbers were measured with the reported setting
+    assert calls[-1] == cv["best"]
     assert cv["best"] in [{k: v for k, v in r.items() if k in cv["best"]} for r in cv["grid"]]
+
+
+def test_size_search_stops_at_the_setting_it_was_measured_with() -> None:
+    """Scale search and tuning alternate until the setting chosen is the one the
+    sizes were measured with; without such a fixed point the last measured
+    setting is reported with its own scores."""
+    from benchmark.training.run import settle_size_setting
+
+    a, b, c = {"fg_threshold": 0.5}, {"fg_threshold": 0.6}, {"fg_threshold": 0.7}
+    measured: list = []
+
+    def remeasure_with(choose):  # type: ignore[no-untyped-def]
+        def remeasure(setting):  # type: ignore[no-untyped-def]
+            measured.append(setting)
+            winner = choose(setting)
+            return [setting], [
+                (p, {"aji": 0.9 if p == winner else 0.1 * i}) for i, p in enumerate((a, b, c))
+            ]
+
+        return remeasure
+
+    # measured with a, b wins; measured with b, b wins: settled in 3 passes
+    out = settle_size_setting(a, remeasure_with(lambda s: b), "aji", max_passes=3)
+    assert measured == [a, b] and out[2:] == (b, {"aji": 0.9}, 3) and out[0] == [b]
+    # already settled: one more pass
+    measured.clear()
+    assert settle_size_setting(b, remeasure_with(lambda s: b), "aji")[2:] == (b, {"aji": 0.9}, 2)
+    # a -> b -> a -> ...: no fixed point; the last measured setting with its own score
+    measured.clear()
+    flip = remeasure_with(lambda s: b if s == a else a)
+    maps, _, setting, metrics, passes = settle_size_setting(a, flip, "aji", max_passes=3)
+    assert measured == [a, b, a] and passes == 4
+    assert setting == a and maps == [a] and metrics == {"aji": 0.0}
 
 
 def test_cross_validation_can_choose_the_setting_on_one_group(
