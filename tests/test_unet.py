@@ -803,16 +803,17 @@ def test_an_export_can_carry_over_the_cross_validation_of_the_same_config(
     assert "--cv_from replaces the cross-validation" in capsys.readouterr().err
 
 
-def test_the_shipped_h_and_e_card_cross_validated_its_config() -> None:
-    """The CV on ``unet-monuseg``'s card was made with ``configs/unet-monuseg.toml``
+@pytest.mark.parametrize("name", ["unet-monuseg", "unet-bbbc038"])
+def test_each_shipped_card_cross_validated_its_config(name: str) -> None:
+    """The CV on a shipped model's card was made with ``configs/<name>.toml``
     as it is now (apart from the final model's steps and inference settings):
     a config edited without cross-validating again fails here."""
     from benchmark.training.common import cv_fingerprint
     from benchmark.training.run import load_config
 
     root = Path(__file__).resolve().parents[1]
-    shipped = json.loads((root / "nucleus_models" / "weights" / "unet-monuseg.json").read_text())
-    cfg = load_config(root / "configs" / "unet-monuseg.toml")
+    shipped = json.loads((root / "nucleus_models" / "weights" / f"{name}.json").read_text())
+    cfg = load_config(root / "configs" / f"{name}.toml")
     assert shipped["cv"]["config_sha256"] == cv_fingerprint(cfg)
     assert shipped["training"]["steps"] == cfg["train"]["steps"]
     assert shipped["spec"]["mpp"] == cfg["model"]["mpp"]
