@@ -410,23 +410,15 @@ def _nucleus_free_window(
 ) -> np.ndarray | None:
     """A random ``size`` x ``size`` window of ``item.image`` that touches no
     nucleus (as float32), or None if the image has none."""
-    h, w = item.labels.shape
-    if h < size or w < size:
-        return None
-    # a window's top-left corner is free if the window's nucleus-pixel count is 0
-    nuc = (item.labels > 0).astype(np.int64)
-    integral = np.pad(nuc.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
-    counts = (
-        integral[size:, size:]
-        - integral[:-size, size:]
-        - integral[size:, :-size]
-        + integral[:-size, :-size]
-    )
-    ys, xs = np.nonzero(counts == 0)
+    from scipy import ndimage as ndi
+
+    # centres of all-background windows; windows leaving the image count as not free
+    free = ndi.minimum_filter(item.labels == 0, size=size, mode="constant", cval=False)
+    ys, xs = np.nonzero(free)
     if not len(ys):
         return None
     i = int(rng.integers(len(ys)))
-    y, x = int(ys[i]), int(xs[i])
+    y, x = int(ys[i]) - size // 2, int(xs[i]) - size // 2
     return item.image[y : y + size, x : x + size].astype(np.float32)
 
 

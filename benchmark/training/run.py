@@ -586,13 +586,13 @@ def cv_card_lines(cfg: dict[str, Any], spec: dict[str, Any], cv: dict[str, Any])
             " Each held-out image was segmented at the scale its fold model picked from its "
             "own segmentation (`fit_scale`), never from its labels"
             + (
-                (
-                    ": measured, as inference does, on the final instances of the chosen "
-                    f"setting ({cv['size_passes']} passes of scale search and tuning)."
+                f": measured, as inference does, on the {cv['size_measured_on']}"
+                + (
+                    f" ({cv['size_passes']} passes of scale search and tuning)"
                     if "size_passes" in cv
-                    else ": measured, as inference does, on the final instances of the "
-                    "setting a first pass chose, then the setting was chosen again."
+                    else ""
                 )
+                + "."
                 if cv.get("size_measured_on")
                 else "."
             )
