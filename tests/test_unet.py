@@ -445,6 +445,46 @@ def test_unknown_seed_mode_in_a_model_spec_is_a_model_error(tmp_path: Path) -> N
         UNetModel(spec, str(p), device="cpu")
 
 
+def test_a_served_model_prepares_its_input_as_its_spec_says(tmp_path: Path) -> None:
+    """The exported spec names the network's input normalisation and serving
+    uses it (before, serving took the modality's default whatever the model
+    was trained on); an unknown one is a model error."""
+    import torch
+
+    from benchmark.training.data import input_normalisation
+    from nucleus_models.models.base import ModelSpec, sha256_of_file
+    from nucleus_models.models.unet import UNetModel, build_unet, normalise_tile
+
+    p = tmp_path / "w.pt"
+    torch.save(build_unet(base=8, depth=3).state_dict(), p)
+
+    def served(modality: str, **thresholds: object) -> UNetModel:
+        spec = ModelSpec(
+            name="unet-x",
+            mpp=0.5,
+            modality=modality,
+            sha256=sha256_of_file(p),
+            thresholds={"base": 8, "depth": 3, **thresholds},
+        )
+        return UNetModel(spec, str(p), device="cpu")
+
+    assert served("brightfield").norm == "rgb"
+    assert served("fluorescence").norm == "percentile"
+    assert served("brightfield", normalisation="od").norm == "od"
+    with pytest.raises(ModelError, match="normalisation must be one of rgb, percentile, od"):
+        served("brightfield", normalisation="zscore")
+    # training's default is serving's
+    assert input_normalisation({"model": {"modality": "fluorescence"}}) == "percentile"
+    with pytest.raises(ValueError, match="model.normalisation"):
+        input_normalisation({"model": {"normalisation": "zscore"}})
+    # optical density: white is -0.5, darker is higher, every channel alike
+    tile = np.full((4, 4, 3), 255, np.uint8)
+    tile[1, 1] = (30, 120, 200)
+    od = normalise_tile(tile, "od")
+    assert od.shape == (3, 4, 4) and np.allclose(od[:, 0, 0], -0.5)
+    assert od[0, 1, 1] > od[1, 1, 1] > od[2, 1, 1] > -0.5
+
+
 def test_size_normalisation_and_synthetic_images() -> None:
     from benchmark.training.data import (
         TrainImage,
@@ -763,6 +803,7 @@ def test_an_export_can_carry_over_the_cross_validation_of_the_same_config(
     record = tmp_path / "w1" / "unet-carry.json"
     before = json.loads(record.read_text())
     assert len(before["cv"]["config_sha256"]) == 64
+    assert before["spec"]["thresholds"]["normalisation"] == "percentile"
 
     # the final model trained longer and served with larger tiles: same cross-validation
     longer = config("longer", steps=16, tile=1024)

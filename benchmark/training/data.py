@@ -93,6 +93,26 @@ def label_resize_of(cfg: dict[str, Any]) -> str:
     return str(cfg.get("data", {}).get("label_resize", "area"))
 
 
+def input_normalisation(cfg: dict[str, Any]) -> str:
+    """The config's ``model.normalisation``, else its modality's default (as
+    a served model without one in its spec does; ``normalise_tile``'s modes).
+
+    >>> input_normalisation({"model": {"modality": "fluorescence"}})
+    'percentile'
+    >>> input_normalisation({"model": {"normalisation": "od"}})
+    'od'
+    """
+    from nucleus_models.models.unet import NORMALISATIONS, default_normalisation
+
+    m = cfg.get("model", {})
+    norm = str(m.get("normalisation", default_normalisation(str(m.get("modality", "brightfield")))))
+    if norm not in NORMALISATIONS:
+        raise ValueError(
+            f"model.normalisation = {norm!r} is not one of {', '.join(NORMALISATIONS)}"
+        )
+    return norm
+
+
 def _resize(img: np.ndarray, scale: float, nearest: bool | str = False) -> np.ndarray:
     """Resample an image by ``scale``; label maps and masks with ``nearest``:
     ``True`` / ``"nearest"`` (nearest pixel centre, OpenCV's

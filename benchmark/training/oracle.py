@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from .common import mean_metrics, score_on_truth
-from .data import TrainImage
+from .data import TrainImage, input_normalisation
 
 __all__ = ["VARIANTS", "true_markers", "oracle_instances", "oracle_scores", "oracle_cv"]
 
@@ -137,7 +137,7 @@ def oracle_cv(
         raise ValueError(f"oracle: {record}: its folds are not this config's")
     truth_of, _ = truth_source(cfg)
     params = full_setting(cfg, cv["best"])
-    norm = cfg["model"].get("normalisation", "rgb")
+    norm = input_normalisation(cfg)
     per_image: list[dict[str, Any]] = []
     for i, held in enumerate(folds):
         ckpt = cv_dir / f"fold{i}" / "checkpoint.pt"

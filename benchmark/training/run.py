@@ -23,7 +23,7 @@ from .common import (
     training_record,
     write_weights,
 )
-from .data import TrainImage, label_resize_of, load_training_images
+from .data import TrainImage, input_normalisation, label_resize_of, load_training_images
 
 # a size-normalised model's CV searches the scale again on the final
 # instances of the setting chosen at most this many times (after the first
@@ -205,7 +205,7 @@ def held_out_maps(
     from .data import _resize
     from .unet import full_setting, predict_maps
 
-    norm = cfg["model"].get("normalisation", "rgb")
+    norm = input_normalisation(cfg)
     target = cfg["data"].get("rescale_to_diameter")
     if not target:
         return predict_maps(net, image, normalisation=norm, precision=precision)
@@ -467,6 +467,8 @@ def export(
         "fg_threshold": 0.5,
         "seed_threshold": 0.5,
         "tta": int(m.get("tta", 0)),
+        # the input the network was trained on, so serving prepares the same
+        "normalisation": input_normalisation(cfg),
     }
     if int(m.get("cpu_bfloat16", 0)):
         thresholds["cpu_bfloat16"] = 1

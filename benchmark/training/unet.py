@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from .common import mean_metrics, restore_checkpoint, score_on_truth, train_loop, warmup_cosine
-from .data import TrainImage, augment, label_resize_of, sample_patch
+from .data import TrainImage, augment, input_normalisation, label_resize_of, sample_patch
 
 __all__ = [
     "train_unet",
@@ -68,7 +68,7 @@ def _batch(
         )
         for i in picks
     ]
-    norm = cfg["model"].get("normalisation", "rgb")
+    norm = input_normalisation(cfg)
     x = np.stack([normalise_tile(p["image"], norm) for p in patches])
     out = {"image": torch.from_numpy(x)}
     for key in ("fg", "boundary", "dist", "fg_weight", "inst_weight"):

@@ -115,14 +115,35 @@ def fuse_for_inference(net: Any) -> Any:
     return net
 
 
+NORMALISATIONS = ("rgb", "percentile", "od")
+
+
+def default_normalisation(modality: str) -> str:
+    """The network input of a model whose config or spec names none.
+
+    >>> default_normalisation("fluorescence"), default_normalisation("brightfield")
+    ('percentile', 'rgb')
+    """
+    return "percentile" if modality == "fluorescence" else "rgb"
+
+
 def normalise_tile(tile: np.ndarray, mode: str) -> np.ndarray:
     """RGB uint8 ``(H, W, 3)`` -> float32 ``(3, H, W)`` network input.
 
     ``"rgb"``: scaled to [-0.5, 0.5].  ``"percentile"``: each channel stretched
     between its 1st and 99.8th percentile (fluorescence, unknown exposure).
+    ``"od"``: optical density ``-log10((I + 1) / 256)`` (brightfield: linear in
+    the amount of stain, Beer-Lambert), scaled so white is -0.5 and an OD of
+    1.2 is 0.5.
+
+    >>> t = np.array([[[255, 255, 255], [25, 128, 0]]], np.uint8)
+    >>> [[round(float(v), 2) for v in c] for c in normalise_tile(t, "od")[:, 0, :]]
+    [[-0.5, 0.33], [-0.5, -0.25], [-0.5, 1.51]]
     """
     x = tile[..., :3].astype(np.float32)
-    if mode == "percentile":
+    if mode == "od":
+        x = -np.log10((x + 1.0) / 256.0) / 1.2 - 0.5
+    elif mode == "percentile":
         lo = np.percentile(x, 1.0, axis=(0, 1), keepdims=True)
         hi = np.percentile(x, 99.8, axis=(0, 1), keepdims=True)
         span = (hi - lo).ravel()
@@ -464,8 +485,18 @@ class UNetModel(NucleusModel):
         self.spec = spec
         arch = dict(spec.thresholds)
         self.norm = str(
-            options.pop("normalisation", "percentile" if spec.modality == "fluorescence" else "rgb")
+            options.pop(
+                "normalisation",
+                arch.get("normalisation", default_normalisation(spec.modality)),
+            )
         )
+        if self.norm not in NORMALISATIONS:
+            from ..errors import ModelError
+
+            raise ModelError(
+                f"model {spec.name}: normalisation must be one of {', '.join(NORMALISATIONS)},"
+                f" not {self.norm!r}"
+            )
         self.fg_threshold = float(options.get("fg_threshold", arch.get("fg_threshold", 0.5)))
         self.seed_threshold = float(options.get("seed_threshold", arch.get("seed_threshold", 0.5)))
         self.min_area = int(options.get("min_area", arch.get("min_area", 8)))
