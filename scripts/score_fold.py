@@ -8,6 +8,8 @@ another arithmetic; the card's numbers come from the whole CV).
 Without ``--at_cv_setting`` the post-processing setting is tuned on the
 folds' held-out images (as the CV tunes it on all of them); with it, the
 run's ``cv/cv.json`` setting is used. Prints the setting and the mean metrics.
+A torchvision detector's config (``arch`` fasterrcnn, fcos, maskrcnn) scores
+its folds the same way, with its own thresholds' grid.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ def main() -> int:
     ap.add_argument("--at_cv_setting", action="store_true")
     args = ap.parse_args()
     cfg = load_config(args.config)
+    if cfg.get("arch", "unet") != "unet":
+        return score_detector_folds(cfg, args)
     images = _images(cfg)
     folds = cv_folds(cfg, images)
     truth_of, _ = truth_source(cfg)
@@ -56,11 +60,50 @@ def main() -> int:
     else:
         grid = tune_thresholds(maps, truths, cfg)
         best, at = best_setting(grid, cfg.get("cv", {}).get("metric", "aji"))
+    return report(args, len(maps), best, at)
+
+
+def report(args: argparse.Namespace, n: int, best: dict, at: dict) -> int:
     keys = ("f1_iou50", "aji", "dice", "det_f1", "sq", "pq")
-    print(json.dumps({"folds": args.fold, "images": len(maps), "precision": args.precision}))
+    print(json.dumps({"folds": args.fold, "images": n, "precision": args.precision}))
     print(json.dumps({"best": best}))
     print("  ".join(f"{k}={at[k]:.4f}" for k in keys))
     return 0
+
+
+def score_detector_folds(cfg: dict, args: argparse.Namespace) -> int:
+    """The same for a torchvision detector's folds (float32 only): its score,
+    NMS and mask thresholds tuned on the folds' held-out images, or the run's."""
+    from benchmark.training.common import mean_metrics
+    from benchmark.training.detectors import (
+        _grid,
+        held_out_detections,
+        held_out_net,
+        score_detections,
+    )
+    from benchmark.training.run import _images, cv_folds, truth_source
+    from benchmark.training.unet import best_setting
+
+    if args.precision != "float32":
+        raise SystemExit("error: detectors are scored in float32 only")
+    images = [im for im in _images(cfg) if im.has_instances]  # as the detector CV
+    folds = cv_folds(cfg, images)
+    truth_of, _ = truth_source(cfg)
+    dets, shapes, truths = [], [], []
+    for k in args.fold:
+        net = held_out_net(cfg, Path(args.run) / "cv" / f"fold{k}" / "checkpoint.pt")
+        for im in images:
+            if im.id in folds[k]:
+                dets.append(held_out_detections(net, im.image))
+                shapes.append(im.image.shape[:2])
+                truths.append(truth_of(im))
+    if args.at_cv_setting:
+        best = json.loads((Path(args.run) / "cv" / "cv.json").read_text())["best"]
+        at = mean_metrics(score_detections(dets, shapes, truths, best))
+    else:
+        grid = [(p, mean_metrics(score_detections(dets, shapes, truths, p))) for p in _grid(cfg)]
+        best, at = best_setting(grid, cfg.get("cv", {}).get("metric", "aji"))
+    return report(args, len(dets), best, at)
 
 
 if __name__ == "__main__":

@@ -338,6 +338,30 @@ def test_detector_cross_validation_from_the_command_line(
     assert not (out / "final").exists()
     assert main(["train", "--config", str(cfg), "--out", str(out), "--cv_only", "--export"]) == 2
 
+    # scripts/score_fold.py scores a detector's folds as the CV did
+    import importlib.util
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "score_fold.py"
+    spec = importlib.util.spec_from_file_location("score_fold", script)
+    assert spec is not None and spec.loader is not None
+    score_fold = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(score_fold)
+    import contextlib
+    import io
+
+    argv = ["score_fold.py", "--config", str(cfg), "--run", str(out), "--fold", "0", "1", "2"]
+    for extra in ([], ["--at_cv_setting"]):
+        monkeypatch.setattr(sys, "argv", argv + extra)
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            assert score_fold.main() == 0
+        lines = buf.getvalue().splitlines()
+        assert json.loads(lines[0])["images"] == 3
+        assert json.loads(lines[1])["best"] == cv["best"]
+        printed = dict(kv.split("=") for kv in lines[2].split())
+        assert float(printed["aji"]) == pytest.approx(cv["metrics_at_best"]["aji"], abs=1e-4)
+
 
 @pytest.mark.parametrize("arch", ["fasterrcnn", "maskrcnn"])
 def test_cross_validation_predicts_as_the_served_model_does(arch: str, tmp_path: Path) -> None:

@@ -340,12 +340,51 @@ def _grid(cfg: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
+def held_out_net(cfg: dict[str, Any], ckpt: Path) -> Any:
+    """A fold's trained detector, keeping every detection that some setting
+    of :func:`_grid` may keep (lowest score threshold, loosest NMS)."""
+    import torch
+
+    from nucleus_models.models.torchvision_detectors import build_detector
+
+    from .common import shipped_state
+
+    grid_params = _grid(cfg)
+    net = build_detector(
+        cfg["arch"],
+        score_thresh=min(0.05, *(p["score_threshold"] for p in grid_params)),
+        nms_iou=max(0.5, *(p["nms_iou"] for p in grid_params)),
+        **_net_options(cfg),
+    )
+    net.load_state_dict(shipped_state(torch.load(ckpt, map_location="cpu", weights_only=True)))
+    return net
+
+
 def held_out_detections(net: Any, image: np.ndarray) -> dict[str, np.ndarray]:
     """Raw detections of one held-out image (at the model's resolution), as
     :class:`DetectorModel` makes them for a tile (same tensors, same call)."""
     from nucleus_models.models.torchvision_detectors import detect, to_tensors
 
     return detect(net, to_tensors([image]))[0]
+
+
+def score_detections(
+    dets: list[dict[str, np.ndarray]],
+    shapes: list[tuple[int, int]],
+    truths: list[np.ndarray],
+    params: dict[str, Any],
+) -> list[dict[str, float]]:
+    """The harness's metrics of each held-out image's detections (at the
+    model's resolution, :func:`held_out_detections`) turned into instances
+    with one post-processing setting of :func:`_grid`."""
+    from nucleus_models.models.torchvision_detectors import detections_to_instances
+
+    from .common import score_on_truth
+
+    return [
+        score_on_truth(detections_to_instances(d, shape, **params).labels, t)
+        for d, shape, t in zip(dets, shapes, truths, strict=True)
+    ]
 
 
 def cross_validate(
@@ -364,11 +403,8 @@ def cross_validate(
     ``only_fold``: train that fold's model only (folds can train in parallel
     processes; a later run with ``resume`` finds them finished and evaluates).
     """
-    import torch
 
-    from nucleus_models.models.torchvision_detectors import build_detector, detections_to_instances
-
-    from .common import mean_metrics, score_on_truth, shipped_state
+    from .common import mean_metrics
     from .run import _training_set, cv_folds, group_metrics, truth_source
     from .unet import best_setting
 
@@ -394,13 +430,7 @@ def cross_validate(
         )
         if only_fold is not None:
             return {"folds": folds, "trained_fold": only_fold}
-        net = build_detector(
-            cfg["arch"],
-            score_thresh=min(0.05, *(p["score_threshold"] for p in grid_params)),
-            nms_iou=max(0.5, *(p["nms_iou"] for p in grid_params)),
-            **_net_options(cfg),
-        )
-        net.load_state_dict(shipped_state(torch.load(ckpt, map_location="cpu", weights_only=True)))
+        net = held_out_net(cfg, ckpt)
         for im in images:
             if im.id in held:
                 dets.append(held_out_detections(net, im.image))
@@ -409,14 +439,11 @@ def cross_validate(
                 ids.append(im.id)
                 groups.append(dict(im.groups))
 
-    def rows_of(params: dict[str, Any]) -> list[dict[str, float]]:
-        return [
-            score_on_truth(detections_to_instances(d, im_shape, **params).labels, t)
-            for d, im_shape, t in zip(dets, shapes, truths, strict=True)
-        ]
-
     metric = cv.get("metric", "aji")
-    grid = [(params, mean_metrics(rows_of(params))) for params in grid_params]
+    grid = [
+        (params, mean_metrics(score_detections(dets, shapes, truths, params)))
+        for params in grid_params
+    ]
     best, at_best = best_setting(grid, metric)
     report = list(cv.get("report_groups", []))
     result = {
@@ -427,7 +454,9 @@ def cross_validate(
         "scored_at": "image resolution" if all(at_native(i) for i in ids) else "model resolution",
         "best": best,
         "metrics_at_best": at_best,
-        "by_group": group_metrics(rows_of(best) if report else [], groups, report),
+        "by_group": group_metrics(
+            score_detections(dets, shapes, truths, best) if report else [], groups, report
+        ),
         "grid": [{**p, **m} for p, m in grid],
         "n_images": len(ids),
     }
