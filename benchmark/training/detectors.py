@@ -403,7 +403,6 @@ def cross_validate(
     ``only_fold``: train that fold's model only (folds can train in parallel
     processes; a later run with ``resume`` finds them finished and evaluates).
     """
-
     from .common import mean_metrics
     from .run import _training_set, cv_folds, group_metrics, truth_source
     from .unet import best_setting
