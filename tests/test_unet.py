@@ -470,7 +470,11 @@ def test_a_served_model_prepares_its_input_as_its_spec_says(tmp_path: Path) -> N
 
     assert served("brightfield").norm == "rgb"
     assert served("fluorescence").norm == "percentile"
-    assert served("brightfield", normalisation="od").norm == "od"
+    od_model = served("brightfield", normalisation="od")
+    tile = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    batch = od_model.preprocess([tile], {}).numpy()[0]
+    assert np.allclose(batch, normalise_tile(tile, "od"))
+    assert not np.allclose(batch, normalise_tile(tile, "rgb"))
     with pytest.raises(ModelError, match="normalisation must be one of rgb, percentile, od"):
         served("brightfield", normalisation="zscore")
     # training's default is serving's
