@@ -489,6 +489,69 @@ def test_a_served_model_prepares_its_input_as_its_spec_says(tmp_path: Path) -> N
     assert od[0, 1, 1] > od[1, 1, 1] > od[2, 1, 1] > -0.5
 
 
+def test_a_reinhard_model_maps_every_tile_of_a_slide_with_the_slides_statistics(
+    tmp_path: Path, shared_data: Path
+) -> None:
+    """``stain_normalisation = "reinhard"``: training maps each image with its
+    own tissue statistics, a served model takes the slide's from ``prepare``
+    and maps every tile with them, so a tile is fed to the network as it was
+    trained; an unknown mode is a one-line error in training and serving."""
+    import torch
+    from skimage.io import imread
+
+    from benchmark.training.data import TrainImage, stain_normalisation_of, stain_normalise_images
+    from nucleus_models.models.base import ModelSpec, sha256_of_file
+    from nucleus_models.models.unet import UNetModel, build_unet, normalise_tile
+    from nucleus_models.stain import REFERENCE_MU_LAB, reinhard_stats
+    from nucleus_models.wsi.tissue import tissue_mask
+
+    rgb = imread(sorted((shared_data / "monuseg2018/train/images").glob("*.tif"))[0])[
+        :400, :400, :3
+    ]
+    pale = np.clip(rgb.astype(np.int32) + 40, 0, 255).astype(np.uint8)
+    # the training side: two stainings of one field come out alike, and near the reference
+    a, b = stain_normalise_images(
+        [
+            TrainImage(id=i, image=x, labels=None, foreground=np.zeros(x.shape[:2], bool))
+            for i, x in (("a", rgb), ("b", pale))
+        ],
+        "brightfield",
+    )
+    assert np.abs(rgb.astype(int) - pale).mean() > 30
+    assert np.abs(a.image.astype(int) - b.image).mean() < 8
+    mu = reinhard_stats(a.image, tissue_mask(a.image))["src_mu_lab"]
+    assert np.allclose(mu, REFERENCE_MU_LAB, atol=0.05)
+
+    p = tmp_path / "w.pt"
+    torch.save(build_unet(base=8, depth=3).state_dict(), p)
+
+    def served(mode: str) -> UNetModel:
+        spec = ModelSpec(
+            name="unet-x",
+            mpp=0.5,
+            sha256=sha256_of_file(p),
+            thresholds={"base": 8, "depth": 3, "stain_normalisation": mode},
+        )
+        return UNetModel(spec, str(p), device="cpu")
+
+    model = served("reinhard")
+    context = model.prepare(pale, tissue_mask(pale))
+    tile = pale[:128, :128]
+    batch = model.preprocess([tile], context).numpy()[0]
+    assert np.allclose(batch, normalise_tile(b.image[:128, :128], "rgb"))
+    # a tile on its own takes its own statistics; the plain model leaves it alone
+    assert not np.allclose(model.preprocess([tile], {}).numpy()[0], batch)
+    assert served("none").prepare(pale, tissue_mask(pale)) == {}
+    assert np.allclose(
+        served("none").preprocess([tile], {}).numpy()[0], normalise_tile(tile, "rgb")
+    )
+    with pytest.raises(ModelError, match="stain_normalisation must be one of none, reinhard"):
+        served("macenko")
+    assert stain_normalisation_of({}) == "none"
+    with pytest.raises(ValueError, match="model.stain_normalisation"):
+        stain_normalisation_of({"model": {"stain_normalisation": "macenko"}})
+
+
 def test_size_normalisation_and_synthetic_images() -> None:
     from benchmark.training.data import (
         TrainImage,

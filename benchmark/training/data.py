@@ -113,6 +113,39 @@ def input_normalisation(cfg: dict[str, Any]) -> str:
     return norm
 
 
+def stain_normalisation_of(cfg: dict[str, Any]) -> str:
+    """The config's ``model.stain_normalisation``: ``"none"`` (default) or
+    ``"reinhard"`` (each image mapped to HistomicsTK's reference with its own
+    tissue statistics before training; serving does the same per slide).
+
+    >>> stain_normalisation_of({}), stain_normalisation_of({"model": {"stain_normalisation": "reinhard"}})
+    ('none', 'reinhard')
+    """
+    from nucleus_models.models.unet import STAIN_NORMALISATIONS
+
+    mode = str(cfg.get("model", {}).get("stain_normalisation", "none"))
+    if mode not in STAIN_NORMALISATIONS:
+        raise ValueError(
+            f"model.stain_normalisation = {mode!r} is not one of {', '.join(STAIN_NORMALISATIONS)}"
+        )
+    return mode
+
+
+def stain_normalise_images(images: list[TrainImage], modality: str) -> list[TrainImage]:
+    """Each image Reinhard-normalised with the statistics of its own tissue
+    (``nucleus_models.stain``; the mask serving uses on a slide's thumbnail)."""
+    from dataclasses import replace
+
+    from nucleus_models.stain import reinhard_stats, reinhard_to_reference
+    from nucleus_models.wsi.tissue import tissue_mask
+
+    out = []
+    for im in images:
+        stats = reinhard_stats(im.image, tissue_mask(im.image, modality=modality))
+        out.append(replace(im, image=reinhard_to_reference(im.image, stats)))
+    return out
+
+
 def _resize(img: np.ndarray, scale: float, nearest: bool | str = False) -> np.ndarray:
     """Resample an image by ``scale``; label maps and masks with ``nearest``:
     ``True`` / ``"nearest"`` (nearest pixel centre, OpenCV's

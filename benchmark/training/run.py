@@ -23,7 +23,14 @@ from .common import (
     training_record,
     write_weights,
 )
-from .data import TrainImage, input_normalisation, label_resize_of, load_training_images
+from .data import (
+    TrainImage,
+    input_normalisation,
+    label_resize_of,
+    load_training_images,
+    stain_normalisation_of,
+    stain_normalise_images,
+)
 
 # a size-normalised model's CV searches the scale again on the final
 # instances of the setting chosen at most this many times (after the first
@@ -148,7 +155,7 @@ def group_metrics(
 def _images(cfg: dict[str, Any]) -> list[TrainImage]:
     """The config's labelled images at the model's resolution (nothing rescaled or added)."""
     d = cfg["data"]
-    return load_training_images(
+    images = load_training_images(
         d["dataset"],
         d["root"],
         mpp=float(cfg["model"]["mpp"]),
@@ -158,6 +165,9 @@ def _images(cfg: dict[str, Any]) -> list[TrainImage]:
         label_resize=label_resize_of(cfg),
         foreground_mask_erosion=int(d.get("foreground_mask_erosion", 0)),
     )
+    if stain_normalisation_of(cfg) == "reinhard":
+        images = stain_normalise_images(images, str(cfg["model"].get("modality", "brightfield")))
+    return images
 
 
 def _training_set(cfg: dict[str, Any], images: list[TrainImage]) -> list[TrainImage]:
@@ -472,6 +482,8 @@ def export(
     }
     if int(m.get("cpu_bfloat16", 0)):
         thresholds["cpu_bfloat16"] = 1
+    if stain_normalisation_of(cfg) != "none":
+        thresholds["stain_normalisation"] = stain_normalisation_of(cfg)
     if cfg["data"].get("rescale_to_diameter"):
         thresholds["diameter_px"] = float(cfg["data"]["rescale_to_diameter"])
     if cv:

@@ -18,14 +18,13 @@ from typing import Any
 
 import numpy as np
 
+from ..stain import reinhard_stats, reinhard_to_reference
 from .base import ModelSpec, NucleusModel, TileInstances
 from .registry import register_model
 
 __all__ = ["ClassicalParams", "ClassicalHE", "HistomicsKofahi"]
 
-# HistomicsTK's NucleiDetection defaults (Reinhard target, stains).
-REFERENCE_MU_LAB = (8.63234435, -0.11501964, 0.03868433)
-REFERENCE_STD_LAB = (0.57506023, 0.10403329, 0.01364062)
+# HistomicsTK's NucleiDetection default stains.
 HE_STAINS = ("hematoxylin", "eosin", "null")
 
 
@@ -64,29 +63,16 @@ class _HEBase(NucleusModel):
         self._w = _stain_matrix()
 
     def prepare(self, thumbnail: np.ndarray, tissue: np.ndarray) -> dict[str, Any]:
-        from histomicstk.preprocessing.color_conversion import lab_mean_std
-
-        if tissue.any():
-            mu, sigma = lab_mean_std(thumbnail, mask_out=~tissue)
-        else:
-            mu, sigma = lab_mean_std(thumbnail)
-        return {"src_mu_lab": np.asarray(mu).tolist(), "src_sigma_lab": np.asarray(sigma).tolist()}
+        return reinhard_stats(thumbnail, tissue)
 
     def preprocess(self, tiles: list[np.ndarray], context: dict[str, Any]) -> list[np.ndarray]:
         """Reinhard-normalise and return the hematoxylin intensity (0 dark..255)."""
         from histomicstk.preprocessing.color_deconvolution import color_deconvolution
-        from histomicstk.preprocessing.color_normalization import reinhard
 
         out = []
         for tile in tiles:
             if "src_mu_lab" in context:
-                tile = reinhard(
-                    tile,
-                    REFERENCE_MU_LAB,
-                    REFERENCE_STD_LAB,
-                    src_mu=np.asarray(context["src_mu_lab"]),
-                    src_sigma=np.asarray(context["src_sigma_lab"]),
-                )
+                tile = reinhard_to_reference(tile, context)
             stains = color_deconvolution(tile, self._w, 255).Stains
             out.append(stains[:, :, 0].astype(np.float32))
         return out

@@ -116,6 +116,8 @@ def fuse_for_inference(net: Any) -> Any:
 
 
 NORMALISATIONS = ("rgb", "percentile", "od")
+# colour normalisation of the slide before ``normalise_tile`` (nucleus_models.stain)
+STAIN_NORMALISATIONS = ("none", "reinhard")
 
 
 def default_normalisation(modality: str) -> str:
@@ -497,6 +499,14 @@ class UNetModel(NucleusModel):
                 f"model {spec.name}: normalisation must be one of {', '.join(NORMALISATIONS)},"
                 f" not {self.norm!r}"
             )
+        self.stain = str(arch.get("stain_normalisation", "none"))
+        if self.stain not in STAIN_NORMALISATIONS:
+            from ..errors import ModelError
+
+            raise ModelError(
+                f"model {spec.name}: stain_normalisation must be one of"
+                f" {', '.join(STAIN_NORMALISATIONS)}, not {self.stain!r}"
+            )
         self.fg_threshold = float(options.get("fg_threshold", arch.get("fg_threshold", 0.5)))
         self.seed_threshold = float(options.get("seed_threshold", arch.get("seed_threshold", 0.5)))
         self.min_area = int(options.get("min_area", arch.get("min_area", 8)))
@@ -523,7 +533,18 @@ class UNetModel(NucleusModel):
         self._torch = torch
         self._pad = int(self.net.stride)
 
+    def prepare(self, thumbnail: np.ndarray, tissue: np.ndarray) -> dict[str, Any]:
+        """The slide's Reinhard statistics when the model was trained on
+        normalised images; nothing otherwise."""
+        if self.stain == "reinhard":
+            from ..stain import reinhard_stats
+
+            return reinhard_stats(thumbnail, tissue)
+        return {}
+
     def preprocess(self, tiles: list[np.ndarray], context: dict[str, Any]) -> Any:
+        if self.stain == "reinhard":
+            tiles = [self._reinhard(t, context) for t in tiles]
         h = max(t.shape[0] for t in tiles)
         w = max(t.shape[1] for t in tiles)
         H = -(-h // self._pad) * self._pad
@@ -534,6 +555,16 @@ class UNetModel(NucleusModel):
             # reflect-pad to the batch size so borders see plausible context
             batch[i] = np.pad(x, ((0, 0), (0, H - x.shape[1]), (0, W - x.shape[2])), mode="reflect")
         return self._torch.from_numpy(batch)
+
+    def _reinhard(self, tile: np.ndarray, context: dict[str, Any]) -> np.ndarray:
+        from ..stain import reinhard_stats, reinhard_to_reference
+
+        if "src_mu_lab" not in context:
+            # a tile without its slide (predict_batch on its own): its own tissue
+            from ..wsi.tissue import tissue_mask
+
+            context = reinhard_stats(tile, tissue_mask(tile, modality=self.spec.modality))
+        return reinhard_to_reference(tile, context)
 
     def forward(self, batch: Any) -> np.ndarray:
         torch = self._torch
