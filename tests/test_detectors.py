@@ -396,3 +396,15 @@ def test_cross_validation_predicts_as_the_served_model_does(arch: str, tmp_path:
     assert int(served.labels.max()) > 0
     np.testing.assert_array_equal(cv.labels, served.labels)
     np.testing.assert_allclose(cv.scores, served.scores)
+
+
+def test_a_detector_config_with_stain_normalisation_is_refused(tmp_path: Path) -> None:
+    """Served detectors read tiles as they are, so training one on
+    Reinhard-normalised images would serve it other inputs: refused."""
+    from benchmark.training import detectors
+
+    cfg = _cfg("fcos")
+    cfg["data"] = {"dataset": "monuseg", "root": str(tmp_path)}
+    cfg["model"]["stain_normalisation"] = "reinhard"
+    with pytest.raises(ValueError, match="stain_normalisation is for U-Nets"):
+        detectors.train_from_config(cfg, out_dir=tmp_path / "out")

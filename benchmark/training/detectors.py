@@ -32,7 +32,7 @@ from .common import (
     warmup_cosine,
     write_weights,
 )
-from .data import TrainImage, augment, label_resize_of, sample_patch
+from .data import TrainImage, augment, label_resize_of, sample_patch, stain_normalisation_of
 
 __all__ = ["instance_targets", "train_detector", "export", "train_from_config"]
 
@@ -492,6 +492,11 @@ def train_from_config(
 
     from .run import _images, _training_set, cv_stage
 
+    if stain_normalisation_of(cfg) != "none":
+        # served detectors read tiles as they are
+        raise ValueError(
+            f"model.stain_normalisation is for U-Nets; {cfg.get('arch')} does not take it"
+        )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     images = [im for im in _images(cfg) if im.has_instances]
