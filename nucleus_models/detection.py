@@ -221,7 +221,11 @@ def detect_nuclei(params: DetectionParams, *, progress: Progress | None = None) 
         )
     if model is None:
         model = get_model(spec.name, **params.model_options())
-    context = model.prepare(thumb, tissue)
+    if model.prepare_from == "analysis":
+        sample = _tissue_windows(slide, tissue, tscale, region, downsample)
+        context = model.prepare(sample, tissue_mask(sample, modality=spec.modality))
+    else:
+        context = model.prepare(thumb, tissue)
     t_setup = time.perf_counter()
 
     job = TileJob(
@@ -393,6 +397,40 @@ def _sample_scale(
     scale, _ = fit_scale(segment, target)
     log.info("size-normalised model %s: analysing at %.3f um/px", spec.name, spec.mpp / scale)
     return scale
+
+
+def _tissue_windows(
+    slide: Any,
+    tissue: np.ndarray,
+    tscale: float,
+    region: Any,
+    downsample: float,
+    *,
+    n: int = 8,
+    size: int = 512,
+) -> np.ndarray:
+    """Up to ``n`` windows of ``size`` analysis pixels centred on tissue of
+    the analysis region, spread over it (seeded, so a slide always gets the
+    same ones), read at the analysis resolution and put side by side."""
+    inside = np.zeros(tissue.shape, bool)
+    r0, c0 = int(region.top * tscale), int(region.left * tscale)
+    r1 = int(math.ceil((region.top + region.height) * tscale))
+    c1 = int(math.ceil((region.left + region.width) * tscale))
+    inside[r0:r1, c0:c1] = tissue[r0:r1, c0:c1]
+    rows, cols = np.nonzero(inside)
+    if rows.size == 0:
+        rows, cols = np.array([(r0 + r1) // 2]), np.array([(c0 + c1) // 2])
+    pick = np.random.default_rng(0).choice(rows.size, size=min(n, rows.size), replace=False)
+    out_w = max(1, min(size, int(region.width / downsample)))
+    out_h = max(1, min(size, int(region.height / downsample)))
+    w = max(1, min(int(round(out_w * downsample)), int(region.width)))
+    h = max(1, min(int(round(out_h * downsample)), int(region.height)))
+    windows = []
+    for i in sorted(pick):
+        x = float(np.clip(cols[i] / tscale - w / 2, region.left, region.left + region.width - w))
+        y = float(np.clip(rows[i] / tscale - h / 2, region.top, region.top + region.height - h))
+        windows.append(slide.read_region(int(x), int(y), w, h, out_w=out_w, out_h=out_h)[..., :3])
+    return np.concatenate(windows, axis=1)
 
 
 def _in_polygons(points: np.ndarray, polygons: tuple[np.ndarray, ...]) -> np.ndarray:

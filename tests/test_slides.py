@@ -71,3 +71,31 @@ def test_in_memory_16bit_images_are_stretched_not_divided() -> None:
     assert int(stretched.max()) == 255 and int(stretched.min()) == 0
     u8 = np.full((4, 4, 3), 7, np.uint8)
     np.testing.assert_array_equal(to_rgb_uint8(u8, stretch=True), u8)  # uint8 untouched
+
+
+def test_reinhard_statistics_of_a_slide_come_from_its_tissue_at_the_analysis_resolution(
+    shared_data: Path,
+) -> None:
+    """A Reinhard-normalised model trained with each image's statistics at
+    0.4 um/px gets a slide's from windows of its tissue read at that
+    resolution: their spread matches the whole slide's at 0.4 um/px, where a
+    thumbnail's is too small (it averages nuclei and stroma together)."""
+    from nucleus_models.detection import _tissue_windows
+    from nucleus_models.stain import reinhard_stats
+    from nucleus_models.wsi import clip_region, parse_roi
+
+    s = open_slide(shared_data / "wsi" / "CMU-1-Small-Region.svs")
+    thumb, tscale = s.thumbnail(256)
+    tissue = tissue_mask(thumb)
+    region = clip_region(parse_roi(None), s.width, s.height)
+    downsample = 0.4 / s.require_mpp()
+    sample = _tissue_windows(s, tissue, tscale, region, downsample)
+    assert sample.shape == (512, 8 * 512, 3)
+    assert _tissue_windows(s, tissue, tscale, region, downsample).tobytes() == sample.tobytes()
+    w, h = round(s.width / downsample), round(s.height / downsample)
+    whole = s.read_region(0, 0, s.width, s.height, out_w=w, out_h=h)[..., :3]
+    ref = np.asarray(reinhard_stats(whole, tissue_mask(whole))["src_sigma_lab"])
+    got = np.asarray(reinhard_stats(sample, tissue_mask(sample))["src_sigma_lab"])
+    small = np.asarray(reinhard_stats(thumb, tissue)["src_sigma_lab"])
+    assert np.all(np.abs(got / ref - 1) < 0.15), (got, ref)
+    assert np.all(small / ref < 0.85), (small, ref)

@@ -92,6 +92,12 @@ class NucleusModel(ABC):
 
     spec: ModelSpec
 
+    # what ``prepare`` is given on a slide: its thumbnail, or ("analysis")
+    # windows of its tissue read at the analysis resolution, for statistics
+    # that depend on the resolution (the spread of colours shrinks as a
+    # thumbnail averages nuclei and stroma together)
+    prepare_from: str = "thumbnail"
+
     def prepare(self, thumbnail: np.ndarray, tissue: np.ndarray) -> dict[str, Any]:
         """Whole-slide statistics from a thumbnail and its tissue mask.
 

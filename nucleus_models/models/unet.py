@@ -507,6 +507,8 @@ class UNetModel(NucleusModel):
                 f"model {spec.name}: stain_normalisation must be one of"
                 f" {', '.join(STAIN_NORMALISATIONS)}, not {self.stain!r}"
             )
+        # Reinhard statistics are taken at the resolution the model trained at
+        self.prepare_from = "analysis" if self.stain == "reinhard" else "thumbnail"
         self.fg_threshold = float(options.get("fg_threshold", arch.get("fg_threshold", 0.5)))
         self.seed_threshold = float(options.get("seed_threshold", arch.get("seed_threshold", 0.5)))
         self.min_area = int(options.get("min_area", arch.get("min_area", 8)))
