@@ -342,6 +342,16 @@ def _segment_rgb(
     return lab, scores, classes
 
 
+def _region_tissue(tissue: np.ndarray, tscale: float, region: Any) -> np.ndarray:
+    """The thumbnail's tissue mask inside the analysis region's bounding box."""
+    inside = np.zeros(tissue.shape, bool)
+    r0, c0 = int(region.top * tscale), int(region.left * tscale)
+    r1 = int(math.ceil((region.top + region.height) * tscale))
+    c1 = int(math.ceil((region.left + region.width) * tscale))
+    inside[r0:r1, c0:c1] = tissue[r0:r1, c0:c1]
+    return inside
+
+
 def _sample_scale(
     slide: Any,
     model: Any,
@@ -363,11 +373,7 @@ def _sample_scale(
     d0 = spec.mpp / base_mpp  # base pixels per model pixel
     win_w = min(size * d0, region.width)
     win_h = min(size * d0, region.height)
-    inside = np.zeros(tissue.shape, np.float32)
-    r0, c0 = int(region.top * tscale), int(region.left * tscale)
-    r1 = int(math.ceil((region.top + region.height) * tscale))
-    c1 = int(math.ceil((region.left + region.width) * tscale))
-    inside[r0:r1, c0:c1] = tissue[r0:r1, c0:c1]
+    inside = _region_tissue(tissue, tscale, region).astype(np.float32)
     k = max(1, int(round(max(win_w, win_h) * tscale)))
     cy, cx = np.unravel_index(np.argmax(cv2.blur(inside, (k, k))), inside.shape)
     x0 = float(np.clip(cx / tscale - win_w / 2, region.left, region.left + region.width - win_w))
@@ -412,14 +418,10 @@ def _tissue_windows(
     """Up to ``n`` windows of ``size`` analysis pixels centred on tissue of
     the analysis region, spread over it (seeded, so a slide always gets the
     same ones), read at the analysis resolution and put side by side."""
-    inside = np.zeros(tissue.shape, bool)
-    r0, c0 = int(region.top * tscale), int(region.left * tscale)
-    r1 = int(math.ceil((region.top + region.height) * tscale))
-    c1 = int(math.ceil((region.left + region.width) * tscale))
-    inside[r0:r1, c0:c1] = tissue[r0:r1, c0:c1]
-    rows, cols = np.nonzero(inside)
-    if rows.size == 0:
-        rows, cols = np.array([(r0 + r1) // 2]), np.array([(c0 + c1) // 2])
+    rows, cols = np.nonzero(_region_tissue(tissue, tscale, region))
+    if rows.size == 0:  # the region's centre
+        rows = np.array([int((region.top + region.height / 2) * tscale)])
+        cols = np.array([int((region.left + region.width / 2) * tscale)])
     pick = np.random.default_rng(0).choice(rows.size, size=min(n, rows.size), replace=False)
     out_w = max(1, min(size, int(region.width / downsample)))
     out_h = max(1, min(size, int(region.height / downsample)))

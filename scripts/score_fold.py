@@ -26,8 +26,8 @@ def main() -> int:
     from benchmark.training.common import mean_metrics
     from benchmark.training.run import (
         _images,
-        _load_net,
         cv_folds,
+        fold_held_out,
         held_out_maps,
         load_config,
         truth_source,
@@ -47,13 +47,9 @@ def main() -> int:
     images = _images(cfg)
     folds = cv_folds(cfg, images)
     truth_of, _ = truth_source(cfg)
-    maps, truths = [], []
-    for k in args.fold:
-        net = _load_net(Path(args.run) / "cv" / f"fold{k}" / "checkpoint.pt", cfg)
-        for im in images:
-            if im.id in folds[k]:
-                maps.append(held_out_maps(net, im.image, cfg, precision=args.precision))
-                truths.append(truth_of(im))
+    held = fold_held_out(cfg, args.run, images, folds, args.fold)
+    maps = [held_out_maps(net, im.image, cfg, precision=args.precision) for net, im in held]
+    truths = [truth_of(im) for _, im in held]
     if args.at_cv_setting:
         best = json.loads((Path(args.run) / "cv" / "cv.json").read_text())["best"]
         at = mean_metrics(score_images(maps, truths, full_setting(cfg, best)))

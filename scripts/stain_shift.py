@@ -51,10 +51,11 @@ def main() -> int:
     from benchmark.training.data import stain_normalisation_of, stain_normalise_images
     from benchmark.training.run import (
         _images,
-        _load_net,
         cv_folds,
+        fold_held_out,
         held_out_maps,
         load_config,
+        modality_of,
         truth_source,
     )
     from benchmark.training.unet import best_setting, full_setting, score_images, tune_thresholds
@@ -63,37 +64,29 @@ def main() -> int:
     ap.add_argument("--fold", type=int, nargs="+", required=True)
     ap.add_argument("--model", nargs=2, action="append", metavar=("CONFIG", "RUN"), required=True)
     args = ap.parse_args()
+    keys = ("f1_iou50", "aji", "dice", "det_f1")
     for config, run in args.model:
         cfg = load_config(config)
-        raw_cfg = {**cfg, "model": {**cfg["model"], "stain_normalisation": "none"}}
-        images = _images(raw_cfg)
-        folds = cv_folds(cfg, images)
+        # raw images: the shift comes before the model's own normalisation
+        images = _images({**cfg, "model": {**cfg["model"], "stain_normalisation": "none"}})
+        reinhard = stain_normalisation_of(cfg) == "reinhard"
+        held = fold_held_out(cfg, run, images, cv_folds(cfg, images), args.fold)
         truth_of, _ = truth_source(cfg)
-        held: list[tuple] = []
-        for k in args.fold:
-            net = _load_net(Path(run) / "cv" / f"fold{k}" / "checkpoint.pt", cfg)
-            held += [(net, im) for im in images if im.id in folds[k]]
         truths = [truth_of(im) for _, im in held]
         setting = None
         for name, scale in SHIFTS.items():
             maps = []
             for net, im in held:
                 im = replace(im, image=shifted(im.image, scale))
-                if stain_normalisation_of(cfg) == "reinhard":
-                    im = stain_normalise_images([im], str(cfg["model"].get("modality")))[0]
+                if reinhard:
+                    im = stain_normalise_images([im], modality_of(cfg))[0]
                 maps.append(held_out_maps(net, im.image, cfg))
-            if setting is None:
+            if setting is None:  # tuned on the unshifted images, kept for the shifts
                 grid = tune_thresholds(maps, truths, cfg)
                 setting, _ = best_setting(grid, cfg.get("cv", {}).get("metric", "aji"))
             at = mean_metrics(score_images(maps, truths, full_setting(cfg, setting)))
-            keys = ("f1_iou50", "aji", "dice", "det_f1")
-            print(
-                json.dumps(
-                    {"model": config, "shift": name, "images": len(maps)}
-                    | {k: round(float(at[k]), 4) for k in keys}
-                ),
-                flush=True,
-            )
+            row = {"model": config, "shift": name, "images": len(maps)}
+            print(json.dumps(row | {k: round(float(at[k]), 4) for k in keys}), flush=True)
     return 0
 
 

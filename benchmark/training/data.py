@@ -133,7 +133,7 @@ def stain_normalisation_of(cfg: dict[str, Any]) -> str:
 
 def stain_normalise_images(images: list[TrainImage], modality: str) -> list[TrainImage]:
     """Each image Reinhard-normalised with the statistics of its own tissue
-    (``nucleus_models.stain``; the mask serving uses on a slide's thumbnail)."""
+    (``nucleus_models.stain``, with the tissue mask serving uses)."""
     from dataclasses import replace
 
     from nucleus_models.stain import reinhard_stats, reinhard_to_reference

@@ -166,8 +166,28 @@ def _images(cfg: dict[str, Any]) -> list[TrainImage]:
         foreground_mask_erosion=int(d.get("foreground_mask_erosion", 0)),
     )
     if stain_normalisation_of(cfg) == "reinhard":
-        images = stain_normalise_images(images, str(cfg["model"].get("modality", "brightfield")))
+        images = stain_normalise_images(images, modality_of(cfg))
     return images
+
+
+def modality_of(cfg: dict[str, Any]) -> str:
+    """The config's ``model.modality`` (default brightfield)."""
+    return str(cfg["model"].get("modality", "brightfield"))
+
+
+def fold_held_out(
+    cfg: dict[str, Any],
+    run: str | Path,
+    images: list[TrainImage],
+    folds: list[list[str]],
+    ks: list[int],
+) -> list[tuple[Any, TrainImage]]:
+    """``(fold model, image)`` for every held-out image of folds ``ks`` of ``run``."""
+    held: list[tuple[Any, TrainImage]] = []
+    for k in ks:
+        net = _load_net(Path(run) / "cv" / f"fold{k}" / "checkpoint.pt", cfg)
+        held += [(net, im) for im in images if im.id in folds[k]]
+    return held
 
 
 def _training_set(cfg: dict[str, Any], images: list[TrainImage]) -> list[TrainImage]:
@@ -482,8 +502,9 @@ def export(
     }
     if int(m.get("cpu_bfloat16", 0)):
         thresholds["cpu_bfloat16"] = 1
-    if stain_normalisation_of(cfg) != "none":
-        thresholds["stain_normalisation"] = stain_normalisation_of(cfg)
+    stain = stain_normalisation_of(cfg)
+    if stain != "none":
+        thresholds["stain_normalisation"] = stain
     if cfg["data"].get("rescale_to_diameter"):
         thresholds["diameter_px"] = float(cfg["data"]["rescale_to_diameter"])
     if cv:
