@@ -229,13 +229,12 @@ def _cmd_eval(args: argparse.Namespace, command: str) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .training.run import load_config, train_from_config
+    from .training.run import train_from_config
 
     try:
-        out = args.out or f"runs/{load_config(args.config)['name']}"
         result = train_from_config(
             args.config,
-            out_dir=out,
+            out_dir=args.out or None,
             resume=args.resume,
             skip_cv=args.skip_cv,
             cv_only=args.cv_only,

@@ -789,6 +789,27 @@ def test_model_card_lists_every_training_session_of_a_continued_run(
     assert "; label maps resampled to the model's grid by area (outlines kept in place)" in card
 
 
+def test_train_without_out_writes_runs_of_the_config_name(
+    shared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``nucleus-bench train`` without ``--out`` trains into ``runs/<name>``
+    of the working directory."""
+    from benchmark.__main__ import main
+    from benchmark.training import run
+
+    imgs = _tiny_images(shared_data)
+    monkeypatch.setattr(run, "_images", lambda cfg: imgs)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny.toml").write_text(
+        'name = "unet-default-out"\narch = "unet"\nseed = 1\n'
+        '[data]\ndataset = "bbbc038"\nroot = "."\n'
+        '[model]\nmpp = 0.5\nmodality = "fluorescence"\nbase = 8\ndepth = 3\n'
+        "[train]\nsteps = 2\nbatch_size = 2\npatch_size = 64\nlr = 0.01\n"
+    )
+    assert main(["train", "--config", "tiny.toml", "--skip_cv"]) == 0
+    assert (tmp_path / "runs" / "unet-default-out" / "final" / "checkpoint.pt").is_file()
+
+
 def test_training_configs_read_as_toml_or_yaml_with_one_line_errors(tmp_path: Path) -> None:
     """A YAML config with the same tables loads to the same config as the
     shipped TOML; an unparsable file or an unknown suffix is a ValueError
@@ -1007,3 +1028,48 @@ def test_outline_weight_counts_the_pixels_near_the_outlines_more(shared_data: Pa
     assert float(loss_fn(pred, zero)) == pytest.approx(float(bce.mean() + dice), rel=1e-5)
     # weighting the band changes the loss
     assert float(got) != pytest.approx(float(loss_fn(pred, zero)), rel=1e-4)
+
+
+def test_labelled_fraction_trains_each_fold_on_a_subset_of_its_outlined_images(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``cv.labelled_fraction``: the U-Net and detector CVs train each fold on
+    that fraction of its outlined training images, keep every pseudo-labelled
+    one, and hold out the same folds as the full CV."""
+    import numpy as np
+
+    from benchmark.training import detectors, unet
+    from benchmark.training.data import TrainImage
+    from benchmark.training.run import cross_validate, cv_folds
+
+    z = np.zeros((8, 8, 3), np.uint8)
+    lab = np.ones((8, 8), np.int32)
+    ims = [TrainImage(f"o{i}", z, lab, lab > 0) for i in range(9)]
+    ims += [TrainImage(f"p{i}", z, lab, lab > 0, pseudo=True) for i in range(2)]
+    cfg = {**_cfg(), "cv": {"folds": 3, "labelled_fraction": 0.5}}
+    assert cv_folds(cfg, ims) == cv_folds(_cfg(), ims)
+    held = cv_folds(cfg, ims)[1]
+
+    class Trained(Exception):
+        pass
+
+    seen: list[list[str]] = []
+
+    def fake_train(cfg, images, out, **kw):  # type: ignore[no-untyped-def]
+        seen.append(sorted(im.id for im in images))
+        raise Trained
+
+    monkeypatch.setattr(unet, "train_unet", fake_train)
+    monkeypatch.setattr(detectors, "train_detector", fake_train)
+    with pytest.raises(Trained):
+        cross_validate(cfg, ims, tmp_path, resume=False, only_fold=1)
+    with pytest.raises(Trained):
+        detectors.cross_validate(
+            {**cfg, "arch": "maskrcnn"}, ims, tmp_path, resume=False, only_fold=1
+        )
+    assert seen[0] == seen[1]
+    outlined = [i for i in seen[0] if i.startswith("o")]
+    assert len(outlined) == 3 and not set(outlined) & set(
+        held
+    )  # 6 outlined train images, half kept
+    assert {"p0", "p1"} <= set(seen[0])

@@ -404,7 +404,7 @@ def cross_validate(
     processes; a later run with ``resume`` finds them finished and evaluates).
     """
     from .common import mean_metrics
-    from .run import _training_set, cv_folds, group_metrics, truth_source
+    from .run import cv_folds, fold_training_images, group_metrics, truth_source
     from .unet import best_setting
 
     cv = cfg.get("cv", {})
@@ -415,11 +415,7 @@ def cross_validate(
     for i, held in enumerate(folds):
         if only_fold is not None and i != only_fold:
             continue
-        train = [
-            im
-            for im in _training_set(cfg, [im for im in images if im.id not in held])
-            if im.has_instances
-        ]
+        train = [im for im in fold_training_images(cfg, images, held, i) if im.has_instances]
         ckpt = train_detector(
             cfg,
             train,

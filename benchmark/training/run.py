@@ -212,6 +212,49 @@ def _training_set(cfg: dict[str, Any], images: list[TrainImage]) -> list[TrainIm
     return images
 
 
+def fold_training_images(
+    cfg: dict[str, Any], images: list[TrainImage], held: list[str], fold: int
+) -> list[TrainImage]:
+    """What fold ``fold``'s model trains on: every image not in ``held``,
+    through :func:`_training_set`.
+
+    ``cv.labelled_fraction`` (default 1) keeps only that fraction of the
+    fold's outlined training images (a seeded subset per fold; images with
+    pseudo-instances or foreground only all stay), for a learning curve: the
+    held-out images are the same, so the numbers compare image for image
+    with the full folds'.
+
+    >>> ims = [TrainImage(c, np.zeros((2, 2, 3), np.uint8), np.ones((2, 2), np.int32),
+    ...                   np.ones((2, 2), bool)) for c in "abcdef"]
+    >>> ims.append(TrainImage("p", ims[0].image, ims[0].labels, ims[0].foreground, pseudo=True))
+    >>> cfg = {"seed": 0, "data": {}, "cv": {"labelled_fraction": 0.5}}
+    >>> sorted(im.id for im in fold_training_images(cfg, ims, ["a", "b"], 0))
+    ['c', 'e', 'p']
+    >>> len(fold_training_images({"data": {}}, ims, ["a", "b"], 0))
+    5
+    >>> [im.id for im in fold_training_images({**cfg, "cv": {"labelled_fraction": 0}}, ims, [], 0)]
+    ['p']
+    >>> fold_training_images({**cfg, "cv": {"labelled_fraction": 2}}, ims, [], 0)
+    Traceback (most recent call last):
+    ValueError: cv.labelled_fraction = 2.0: must be between 0 and 1
+    """
+    frac = float(cfg.get("cv", {}).get("labelled_fraction", 1.0))
+    if not 0 <= frac <= 1:
+        raise ValueError(f"cv.labelled_fraction = {frac}: must be between 0 and 1")
+    train = [im for im in images if im.id not in held]
+    if frac < 1:
+        outlined = sorted(
+            im.id
+            for im in train
+            if im.has_instances and not im.pseudo and "synthetic" not in im.groups
+        )
+        rng = np.random.default_rng([int(cfg.get("seed", 0)), fold])
+        keep = set(rng.permutation(outlined)[: round(frac * len(outlined))]) if outlined else set()
+        train = [im for im in train if im.id in keep or im.id not in outlined]
+        log.info("fold %d: %d of %d outlined training images kept", fold, len(keep), len(outlined))
+    return _training_set(cfg, train)
+
+
 def held_out_maps(
     net: Any,
     image: np.ndarray,
@@ -325,7 +368,7 @@ def cross_validate(
     for i, held in enumerate(folds):
         if only_fold is not None and i != only_fold:
             continue
-        train = _training_set(cfg, [im for im in images if im.id not in held])
+        train = fold_training_images(cfg, images, held, i)
         ckpt = train_unet(
             cfg,
             train,
@@ -682,7 +725,7 @@ def _postprocess_text(th: dict[str, Any]) -> str:
 def train_from_config(
     config: str | Path,
     *,
-    out_dir: str | Path,
+    out_dir: str | Path | None = None,
     resume: bool = False,
     skip_cv: bool = False,
     cv_only: bool = False,
@@ -696,8 +739,11 @@ def train_from_config(
     ``cv_only``), optionally export.  ``fold``: train only that
     cross-validation fold (implies ``cv_only``; nothing is evaluated).
     ``cv_from``: take the cross-validation from an earlier run of the same
-    config (:func:`carried_cv`) instead of running it."""
+    config (:func:`carried_cv`) instead of running it.  ``out_dir``
+    defaults to ``runs/<config name>``."""
     cfg = load_config(config)
+    if out_dir is None:
+        out_dir = Path("runs") / str(cfg["name"])
     if cv_from is not None and (skip_cv or cv_only or fold is not None):
         raise ValueError(
             "--cv_from replaces the cross-validation: not with --skip_cv, --cv_only or --fold"
