@@ -101,12 +101,13 @@ def cv_folds(
     k = int(cfg.get("cv", {}).get("folds", 3))
     if only_fold is not None and not 0 <= only_fold < k:
         raise ValueError(f"--fold {only_fold}: the config has folds 0..{k - 1}")
-    labelled = [
-        im.id
-        for im in images
-        if im.has_instances and not im.pseudo and "synthetic" not in im.groups
-    ]
-    return kfold(labelled, k, int(cfg.get("seed", 0)))
+    return kfold([im.id for im in images if _outlined(im)], k, int(cfg.get("seed", 0)))
+
+
+def _outlined(im: TrainImage) -> bool:
+    """Whether ``im``'s nuclei were outlined one by one (not pseudo-labelled
+    from a foreground mask, not artificial): the images CV holds out."""
+    return im.has_instances and not im.pseudo and "synthetic" not in im.groups
 
 
 def truth_source(
@@ -243,14 +244,10 @@ def fold_training_images(
         raise ValueError(f"cv.labelled_fraction = {frac}: must be between 0 and 1")
     train = [im for im in images if im.id not in held]
     if frac < 1:
-        outlined = sorted(
-            im.id
-            for im in train
-            if im.has_instances and not im.pseudo and "synthetic" not in im.groups
-        )
+        outlined = sorted(im.id for im in train if _outlined(im))
         rng = np.random.default_rng([int(cfg.get("seed", 0)), fold])
-        keep = set(rng.permutation(outlined)[: round(frac * len(outlined))]) if outlined else set()
-        train = [im for im in train if im.id in keep or im.id not in outlined]
+        keep = set(rng.permutation(outlined)[: round(frac * len(outlined))])
+        train = [im for im in train if im.id in keep or not _outlined(im)]
         log.info("fold %d: %d of %d outlined training images kept", fold, len(keep), len(outlined))
     return _training_set(cfg, train)
 
