@@ -558,12 +558,14 @@ def segment_image(
 
     The image is resampled to the model's resolution, segmented with the
     same tiling and seam rule as slides, and the label map is resampled back
-    (nearest pixel centre, :func:`~nucleus_models.instances.labels_to_grid`) to the image grid.  A size-normalised model (its spec
+    to the image grid (:func:`~nucleus_models.instances.resize_labels`: the
+    foreground the outlines of a slide's annotation enclose, ids by nearest
+    pixel centre).  A size-normalised model (its spec
     has ``thresholds["diameter_px"]``, trained with ``rescale_to_diameter``)
     instead picks the scale at which its own segmentation finds nuclei of that
     diameter, starting from the resolution (:func:`~nucleus_models.models.unet.fit_scale`).
     """
-    from .instances import labels_to_grid, nuclei_from_labels
+    from .instances import nuclei_from_labels, resize_labels
     from .models import get_model
     from .models.unet import fit_scale
     from .wsi.slide import to_rgb_uint8
@@ -596,7 +598,7 @@ def segment_image(
     else:
         scale = start
         lab, scores, classes = at_scale(start)[1]
-    lab = labels_to_grid(lab, (h, w))
+    lab = resize_labels(lab, (w, h))
     nuclei = nuclei_from_labels(lab, scores=scores, classes=classes, pixel_area_um2=mpp**2)
     return ImageSegmentation(
         labels=lab.astype(np.uint32),

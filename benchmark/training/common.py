@@ -183,13 +183,15 @@ def training_lines(meta: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
 
 def score_on_truth(labels: np.ndarray, truth: np.ndarray) -> dict[str, float]:
     """Instance metrics of a held-out prediction against its reference; a
-    prediction on a coarser grid is first resized to the reference's with
-    nearest pixel centre, as :func:`nucleus_models.detection.segment_image` does,
-    so cross-validation scores what ``nucleus-bench eval`` would."""
+    prediction on a coarser grid is first resized to the reference's
+    (:func:`nucleus_models.instances.resize_labels`), as
+    :func:`nucleus_models.detection.segment_image` does, so cross-validation
+    scores what ``nucleus-bench eval`` would."""
     from benchmark.metrics import instance_metrics
-    from nucleus_models.instances import labels_to_grid
+    from nucleus_models.instances import resize_labels
 
-    return instance_metrics(truth, labels_to_grid(np.asarray(labels, np.int32), truth.shape))
+    grown = resize_labels(np.asarray(labels, np.int32), (truth.shape[1], truth.shape[0]))
+    return instance_metrics(truth, grown)
 
 
 def mean_metrics(rows: list[dict[str, float]]) -> dict[str, float]:

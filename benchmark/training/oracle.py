@@ -117,7 +117,7 @@ def oracle_cv(
         pick their scale per image, where the annotation has no grid).
     """
     from benchmark.evaluate import error_counts, error_profile
-    from nucleus_models.instances import labels_to_grid
+    from nucleus_models.instances import resize_labels
 
     from .run import _images, _load_net, cv_folds, truth_source
     from .unet import full_setting, predict_maps
@@ -154,7 +154,7 @@ def oracle_cv(
             # the model's own errors, as `nucleus-bench eval` profiles them; the
             # truth's resolution from the two grids' sizes
             truth_mpp = float(cfg["model"]["mpp"]) * im.labels.shape[0] / truth.shape[0]
-            model = labels_to_grid(made["model"], truth.shape)
+            model = resize_labels(made["model"], (truth.shape[1], truth.shape[0]))
             errors = error_counts(truth, model, truth_mpp)
             per_image.append({"id": im.id, "fold": i, **scores, "errors": errors})
     result = {

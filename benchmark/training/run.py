@@ -652,7 +652,7 @@ def cv_card_lines(cfg: dict[str, Any], spec: dict[str, Any], cv: dict[str, Any])
         "Numbers come from the fold models (each trained on the other folds with "
         f"{cfg.get('cv', {}).get('steps', cfg['train']['steps'])} steps), evaluated on their held-out images at the "
         + (
-            "image's own resolution (labels grown back by nearest pixel centre, as `nucleus-bench eval` does) "
+            "image's own resolution (labels grown back as `nucleus-bench eval` does: smooth foreground, ids by nearest pixel centre) "
             if cv.get("scored_at") == "image resolution"
             else "training resolution "
         )

@@ -248,8 +248,8 @@ def tune_thresholds(
     (instances smaller than that many pixels, or with a lower mean
     foreground probability, dropped) are scored too.  ``truths`` may be on a
     finer grid than ``maps`` (the images' own resolution): labels are then
-    resized to it with nearest neighbour, as
-    :func:`nucleus_models.detection.segment_image` does, so the scores are
+    resized to it as :func:`nucleus_models.detection.segment_image` does
+    (:func:`nucleus_models.instances.resize_labels`), so the scores are
     those the harness reports.
     """
     cv_cfg = cfg.get("cv", {})
