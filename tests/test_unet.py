@@ -1030,6 +1030,51 @@ def test_outline_weight_counts_the_pixels_near_the_outlines_more(shared_data: Pa
     assert float(got) != pytest.approx(float(loss_fn(pred, zero)), rel=1e-4)
 
 
+def test_focal_gamma_counts_missed_foreground_more_than_easy_pixels() -> None:
+    """``train.focal_gamma`` g: each foreground BCE term is multiplied by
+    (1 - p_true) ** g, so a confidently right pixel's gradient shrinks far
+    more than a missed one's; g = 0 is the plain loss."""
+    import torch
+    import torch.nn.functional as F
+
+    from benchmark.training.unet import loss_fn
+
+    fg = torch.zeros(1, 1, 8, 8)
+    fg[..., 2:6, 2:6] = 1
+    logit = torch.where(fg > 0, torch.tensor(3.0), torch.tensor(-3.0))
+    logit[..., 2:4, 2:6] = -2.0  # half the nucleus missed (a pale one)
+    zeros = torch.zeros_like(fg)
+    b = {
+        "fg": fg,
+        "boundary": zeros,
+        "dist": zeros,
+        "fg_weight": torch.ones_like(fg),
+        "inst_weight": zeros,
+    }
+
+    def grads(gamma: float) -> torch.Tensor:
+        pred = torch.cat([logit, zeros, zeros], 1).requires_grad_(True)
+        loss_fn(pred, b, focal_gamma=gamma).backward()
+        assert pred.grad is not None
+        return pred.grad[0, 0].abs()
+
+    plain, focal = grads(0.0), grads(2.0)
+    missed, easy = (slice(2, 4), slice(2, 6)), (slice(4, 6), slice(2, 6))
+    ratio_plain = float(plain[missed].mean() / plain[easy].mean())
+    ratio_focal = float(focal[missed].mean() / focal[easy].mean())
+    # the soft Dice term (unchanged) pulls on every foreground pixel alike
+    assert ratio_focal > 1.4 * ratio_plain, (ratio_plain, ratio_focal)
+    pred = torch.cat([logit, zeros, zeros], 1)
+    bce = F.binary_cross_entropy_with_logits(logit, fg, reduction="none")
+    p = logit.sigmoid()
+    p_true = torch.where(fg > 0, p, 1 - p)
+    dice = 1 - (2 * (p * fg).sum() + 1) / (p.sum() + fg.sum() + 1)
+    focal = (bce * (1 - p_true) ** 2).mean()
+    assert float(loss_fn(pred, b, focal_gamma=2.0)) == pytest.approx(float(focal + dice), rel=1e-5)
+    # g = 0 is the plain BCE + Dice
+    assert float(loss_fn(pred, b)) == pytest.approx(float(bce.mean() + dice), rel=1e-5)
+
+
 def test_labelled_fraction_trains_each_fold_on_a_subset_of_its_outlined_images(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
