@@ -3,11 +3,15 @@ images (a screen for one change before training every fold, or a check of
 another arithmetic; the card's numbers come from the whole CV).
 
     .venv/bin/python scripts/score_fold.py --config CONFIG --run RUN --fold K [K ...]
-        [--precision float32|bfloat16] [--at_cv_setting]
+        [--precision float32|bfloat16] [--at_cv_setting [--outlines]]
 
 Without ``--at_cv_setting`` the post-processing setting is tuned on the
 folds' held-out images (as the CV tunes it on all of them); with it, the
 run's ``cv/cv.json`` setting is used. Prints the setting and the mean metrics.
+With ``--outlines`` (U-Net, at the CV setting) the outlines a slide's
+annotation would get (``nuclei_from_labels`` on the model's grid) are
+scaled to each image and rasterised like the MoNuSeg XML polygons, and
+those are scored instead of the label map.
 A torchvision detector's config (``arch`` fasterrcnn, fcos, maskrcnn) scores
 its folds the same way, with its own thresholds' grid.
 """
@@ -40,9 +44,14 @@ def main() -> int:
     ap.add_argument("--fold", type=int, nargs="+", required=True)
     ap.add_argument("--precision", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--at_cv_setting", action="store_true")
+    ap.add_argument("--outlines", action="store_true", help="score the annotation's outlines")
     args = ap.parse_args()
+    if args.outlines and not args.at_cv_setting:
+        raise SystemExit("error: --outlines scores the run's own setting: add --at_cv_setting")
     cfg = load_config(args.config)
     if cfg.get("arch", "unet") != "unet":
+        if args.outlines:
+            raise SystemExit("error: --outlines is for U-Net runs")
         return score_detector_folds(cfg, args)
     images = _images(cfg)
     folds = cv_folds(cfg, images)
@@ -52,11 +61,31 @@ def main() -> int:
     truths = [truth_of(im) for _, im in held]
     if args.at_cv_setting:
         best = json.loads((Path(args.run) / "cv" / "cv.json").read_text())["best"]
-        at = mean_metrics(score_images(maps, truths, full_setting(cfg, best)))
+        if args.outlines:
+            at = mean_metrics(score_outlines(maps, truths, full_setting(cfg, best)))
+        else:
+            at = mean_metrics(score_images(maps, truths, full_setting(cfg, best)))
     else:
         grid = tune_thresholds(maps, truths, cfg)
         best, at = best_setting(grid, cfg.get("cv", {}).get("metric", "aji"))
     return report(args, len(maps), best, at)
+
+
+def score_outlines(maps: list, truths: list, params: dict) -> list[dict[str, float]]:
+    """Instance metrics of the rasterised outlines of each held-out image."""
+    from benchmark.datasets.monuseg import rasterize_polygons
+    from benchmark.metrics import instance_metrics
+    from nucleus_models.instances import nuclei_from_labels
+    from nucleus_models.models.unet import instances_from_maps
+
+    rows = []
+    for m, truth in zip(maps, truths, strict=True):
+        lab = instances_from_maps(m[0], m[1], m[2], **params).labels
+        fy, fx = truth.shape[0] / lab.shape[0], truth.shape[1] / lab.shape[1]
+        # vertices: pixel corners at integers; rasterised by pixel centres
+        polys = [p * (fx, fy) - 0.5 for p in nuclei_from_labels(lab).polygons()]
+        rows.append(instance_metrics(truth, rasterize_polygons(polys, truth.shape)))
+    return rows
 
 
 def report(args: argparse.Namespace, n: int, best: dict, at: dict) -> int:
