@@ -27,9 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def main() -> int:
     from benchmark.datasets import get_dataset
-    from benchmark.datasets.monuseg import rasterize_polygons
     from benchmark.metrics import instance_metrics
-    from nucleus_models.instances import labels_to_grid, nuclei_from_labels, resize_labels
+    from benchmark.training.common import outlines_on_grid
+    from nucleus_models.instances import labels_to_grid, resize_labels
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--root", default="../shared/data/monuseg2018/train")
@@ -46,13 +46,10 @@ def main() -> int:
         h, w = truth.shape
         f = float(s.mpp or 0.25) / args.mpp
         small = resize_labels(truth, (round(w * f), round(h * f)))
-        fy, fx = h / small.shape[0], w / small.shape[1]
         rows["nearest"].append(instance_metrics(truth, labels_to_grid(small, truth.shape)))
         rows["resize_labels"].append(instance_metrics(truth, resize_labels(small, (w, h))))
-        nuc = nuclei_from_labels(small, simplify=args.simplify)
-        # outline vertices: pixel corners at integers; rasterised by pixel centres
-        polys = [p * (fx, fy) - 0.5 for p in nuc.polygons()]
-        rows["outlines"].append(instance_metrics(truth, rasterize_polygons(polys, truth.shape)))
+        drawn = outlines_on_grid(small, truth.shape, simplify=args.simplify)
+        rows["outlines"].append(instance_metrics(truth, drawn))
     keys = ("aji", "dice", "f1_iou50")
     print(f"{len(rows['nearest'])} images, model grid {args.mpp} um/px")
     for name, r in rows.items():

@@ -73,19 +73,14 @@ def main() -> int:
 
 def score_outlines(maps: list, truths: list, params: dict) -> list[dict[str, float]]:
     """Instance metrics of the rasterised outlines of each held-out image."""
-    from benchmark.datasets.monuseg import rasterize_polygons
     from benchmark.metrics import instance_metrics
-    from nucleus_models.instances import nuclei_from_labels
+    from benchmark.training.common import outlines_on_grid
     from nucleus_models.models.unet import instances_from_maps
 
-    rows = []
-    for m, truth in zip(maps, truths, strict=True):
-        lab = instances_from_maps(m[0], m[1], m[2], **params).labels
-        fy, fx = truth.shape[0] / lab.shape[0], truth.shape[1] / lab.shape[1]
-        # vertices: pixel corners at integers; rasterised by pixel centres
-        polys = [p * (fx, fy) - 0.5 for p in nuclei_from_labels(lab).polygons()]
-        rows.append(instance_metrics(truth, rasterize_polygons(polys, truth.shape)))
-    return rows
+    return [
+        instance_metrics(t, outlines_on_grid(instances_from_maps(*m[:3], **params).labels, t.shape))
+        for m, t in zip(maps, truths, strict=True)
+    ]
 
 
 def report(args: argparse.Namespace, n: int, best: dict, at: dict) -> int:

@@ -76,14 +76,15 @@ def test_outlines_enclose_the_pixels_area_on_a_coarser_grid() -> None:
     n = nuclei_from_labels(lab)
     fine = np.kron(lab, np.ones((4, 4), np.int32))  # the same nuclei at 4x
     assert len(n) == 3
+    polys = n.polygons()
     for i in range(3):
-        pts = n.polygons()[i] * 4 - 0.5  # corner frame at 4x -> pixel-index frame
+        pts = polys[i] * 4 - 0.5  # corner frame at 4x -> pixel-index frame
         rr, cc = polygon(pts[:, 1], pts[:, 0], shape=fine.shape)
         drawn = np.zeros(fine.shape, bool)
         drawn[rr, cc] = True
         truth = fine == lab[int(n.centroids[i, 1]), int(n.centroids[i, 0])]
         iou = (drawn & truth).sum() / (drawn | truth).sum()
         assert iou > 0.95, (i, iou)
-        x, y = n.polygons()[i][:, 0], n.polygons()[i][:, 1]
+        x, y = polys[i][:, 0], polys[i][:, 1]
         area = 0.5 * abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1)))
         assert abs(area - n.measurements["area_px"][i]) < 0.05 * n.measurements["area_px"][i]

@@ -194,6 +194,25 @@ def score_on_truth(labels: np.ndarray, truth: np.ndarray) -> dict[str, float]:
     return instance_metrics(truth, grown)
 
 
+def outlines_on_grid(labels: np.ndarray, shape: tuple[int, int], **kw: Any) -> np.ndarray:
+    """The outlines a slide's annotation gets for ``labels`` (``nuclei_from_labels``
+    on their grid; ``kw`` its options, e.g. ``simplify``), scaled to a grid of
+    ``shape`` (rows, cols) and rasterised there as the MoNuSeg XML polygons are
+    (pixel centres inside), for scoring the annotation rather than the labels.
+
+    >>> lab = np.zeros((4, 4), np.int32); lab[1:3, 1:3] = 1
+    >>> int((outlines_on_grid(lab, (8, 8)) == 1).sum())  # the 2x2 block at 2x: 4x4 pixels
+    16
+    """
+    from benchmark.datasets.monuseg import rasterize_polygons
+    from nucleus_models.instances import nuclei_from_labels
+
+    fy, fx = shape[0] / labels.shape[0], shape[1] / labels.shape[1]
+    # vertices: pixel corners at integers; rasterised in the pixel-index frame
+    polys = [p * (fx, fy) - 0.5 for p in nuclei_from_labels(labels, **kw).polygons()]
+    return rasterize_polygons(polys, shape)
+
+
 def mean_metrics(rows: list[dict[str, float]]) -> dict[str, float]:
     """Per-metric mean over images (NaN-aware: a metric undefined on one image
     does not void the mean).
