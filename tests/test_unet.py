@@ -1118,3 +1118,95 @@ def test_labelled_fraction_trains_each_fold_on_a_subset_of_its_outlined_images(
         held
     )  # 6 outlined train images, half kept
     assert {"p0", "p1"} <= set(seen[0])
+
+
+def test_extra_images_train_every_fold_at_the_training_nuclei_size_and_are_never_held_out(
+    shared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``[[data.extra]]``: BBBC038's brightfield images join each fold's
+    training set (never its held-out images), resampled so their nuclei are
+    as large as the training images' median and weighted by their area; the
+    root is read relative to the repository, as the dataset's own; a bad
+    entry or an empty selection is a one-line ValueError."""
+    from benchmark.training import unet
+    from benchmark.training.data import TrainImage
+    from benchmark.training.run import cross_validate, cv_folds, load_config
+    from nucleus_models.models.unet import mask_diameter
+
+    yy, xx = np.mgrid[:200, :200]
+    lab = np.zeros((200, 200), np.int32)
+    for i, (cy, cx) in enumerate([(40, 40), (40, 120), (120, 60), (150, 150)], 1):
+        lab[(yy - cy) ** 2 + (xx - cx) ** 2 <= 36] = i  # 13 px across
+    img = np.full((200, 200, 3), 220, np.uint8)
+    img[lab > 0] = (70, 45, 130)
+    ims = [TrainImage(f"o{i}", img, lab, lab > 0) for i in range(6)]
+    import os
+
+    from benchmark.training.common import REPO
+
+    rel_root = Path(os.path.relpath(shared_data / "dsb2018_bbbc038", REPO))
+    cfg_path = tmp_path / "extra.toml"
+    cfg_path.write_text(
+        '[data]\ndataset = "monuseg"\nroot = "."\n'
+        f'[[data.extra]]\ndataset = "bbbc038"\nroot = "{rel_root.as_posix()}"\n'
+        'modality = "brightfield"\nweight = 2.0\n'
+        "[model]\nmpp = 0.4\n[train]\nsteps = 1\n[cv]\nfolds = 3\n"
+    )
+    cfg = {**_cfg(), "data": load_config(cfg_path)["data"], "cv": {"folds": 3}}
+    assert Path(cfg["data"]["extra"][0]["root"]) == (shared_data / "dsb2018_bbbc038").resolve()
+    assert cv_folds(cfg, ims) == cv_folds({**cfg, "data": {}}, ims)
+
+    class Trained(Exception):
+        pass
+
+    seen: list[list[TrainImage]] = []
+
+    def fake_train(cfg, images, out, **kw):  # type: ignore[no-untyped-def]
+        seen.append(list(images))
+        raise Trained
+
+    monkeypatch.setattr(unet, "train_unet", fake_train)
+    with pytest.raises(Trained):
+        cross_validate(cfg, ims, tmp_path, resume=False, only_fold=0)
+    held = set(cv_folds(cfg, ims)[0])
+    extra = [im for im in seen[0] if im.id.startswith("bbbc038:")]
+    assert len(extra) == 8 and not {im.id for im in seen[0]} & held
+    assert {im.groups["modality"] for im in extra} == {"brightfield"}
+    target = mask_diameter(lab > 0)
+    assert target is not None
+    for im in extra:
+        d = mask_diameter(im.foreground)
+        assert d is not None and abs(d - target) <= 0.2 * target, (im.id, d, target)
+        assert im.labels is not None and im.labels.shape == im.image.shape[:2]
+        assert im.weight == pytest.approx(2.0 * min(1.0, im.foreground.size / img[..., 0].size))
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[data]\ndataset = "monuseg"\nroot = "."\nextra = "bbbc038"\n')
+    with pytest.raises(ValueError, match=r"data\.extra must be a list of tables"):
+        load_config(bad)
+    none = {**cfg, "data": {"extra": [{**cfg["data"]["extra"][0], "modality": "x-ray"}]}}
+    from benchmark.training.run import extra_training_images
+
+    with pytest.raises(ValueError, match="no x-ray images in bbbc038"):
+        extra_training_images(none, ims)
+
+
+def test_patches_are_drawn_in_proportion_to_each_images_weight() -> None:
+    """``TrainImage.weight`` scales how often ``_batch`` draws an image."""
+    from benchmark.training.data import TrainImage
+    from benchmark.training.unet import _batch
+
+    lab = np.zeros((64, 64), np.int32)
+    lab[20:30, 20:30] = 1
+    light = np.full((64, 64, 3), 200, np.uint8)
+    dark = np.full((64, 64, 3), 20, np.uint8)
+    cfg = {**_cfg(), "model": {**_cfg()["model"], "normalisation": "rgb"}}
+    cfg["train"] = {**cfg["train"], "batch_size": 400, "patch_size": 32}
+    rng = np.random.default_rng(0)
+    b = _batch(
+        [TrainImage("a", light, lab, lab > 0), TrainImage("b", dark, lab, lab > 0, weight=0.25)],
+        {**cfg, "augment": {}},
+        rng,
+    )
+    share_dark = float((b["image"].float().mean(dim=(1, 2, 3)) < 0).float().mean())
+    assert 0.12 < share_dark < 0.28  # 0.25 / 1.25 = 0.2

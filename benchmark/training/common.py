@@ -148,6 +148,8 @@ def cv_fingerprint(cfg: dict[str, Any]) -> str:
         val = c.get("data", {}).get(key)
         if val:
             c["data"][key] = os.path.relpath(val, REPO)
+    for e in c.get("data", {}).get("extra", []):
+        e["root"] = os.path.relpath(e["root"], REPO)
     text = json.dumps(c, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
 

@@ -43,6 +43,7 @@ class TrainImage:
     foreground: np.ndarray  # (H, W) bool
     groups: dict[str, str] = field(default_factory=dict)
     pseudo: bool = False  # instances derived from a foreground mask, not annotated one by one
+    weight: float = 1.0  # how often training patches come from it, relative to the others
 
     @property
     def has_instances(self) -> bool:

@@ -76,6 +76,17 @@ def load_config(path: str | Path) -> dict[str, Any]:
         val = cfg.get("data", {}).get(key)
         if val and not Path(val).is_absolute():
             cfg["data"][key] = str((REPO / val).resolve())
+    extra = cfg.get("data", {}).get("extra", [])
+    if not isinstance(extra, list) or not all(
+        isinstance(e, dict) and "dataset" in e and "root" in e for e in extra
+    ):
+        raise ValueError(
+            f"{p}: data.extra must be a list of tables with 'dataset' and 'root' "
+            "([[data.extra]] in TOML)"
+        )
+    for e in extra:
+        if not Path(e["root"]).is_absolute():
+            e["root"] = str((REPO / e["root"]).resolve())
     cfg.setdefault("name", p.stem)
     cfg.setdefault("arch", "unet")
     cfg["_config_path"] = str(p)
@@ -203,6 +214,7 @@ def _training_set(cfg: dict[str, Any], images: list[TrainImage]) -> list[TrainIm
             float(d["rescale_to_diameter"]),
             label_resize=label_resize_of(cfg),
         )
+    images = images + extra_training_images(cfg, images)
     n_syn = int(d.get("synthetic_images", 0))
     if n_syn:
         rng = np.random.default_rng(int(cfg.get("seed", 0)) + 1)
@@ -211,6 +223,65 @@ def _training_set(cfg: dict[str, Any], images: list[TrainImage]) -> list[TrainIm
             for _ in range(n_syn)
         ]
     return images
+
+
+def extra_training_images(cfg: dict[str, Any], images: list[TrainImage]) -> list[TrainImage]:
+    """``data.extra``: labelled images of other datasets that every network
+    of the config trains on (the folds' and the final one), never held out
+    or scored, e.g. BBBC038's H&E-like brightfield images for an H&E model.
+
+    Each entry names a ``dataset`` and ``root`` and may keep one
+    ``modality``.  Those images carry no resolution, so each is resampled
+    (:func:`.data.rescale_to_diameter`) so its nuclei are as large as the
+    median of ``images``' (the training images they join, at the model's
+    grid), and drawn in proportion to its area (its sampling weight is its
+    pixels over the mean of ``images``', at most 1, times the entry's
+    ``weight``, default 1), so a small image is not sampled as often as a
+    large one unless the config says so.  Stain normalisation applies to them as to the rest.
+    """
+    from benchmark.datasets import get_dataset
+    from nucleus_models.models.unet import mask_diameter
+
+    from .data import rescale_to_diameter
+
+    extra = cfg["data"].get("extra", [])
+    if not extra:
+        return []
+    sizes = [mask_diameter(im.foreground) for im in images if im.has_instances]
+    sizes = [d for d in sizes if d]
+    if not sizes:
+        raise ValueError("data.extra: the training images have no nuclei to take the size from")
+    diameter = float(np.median(sizes))
+    mean_area = float(np.mean([im.foreground.size for im in images]))
+    out: list[TrainImage] = []
+    for e in extra:
+        ds = get_dataset(e["dataset"], e["root"])
+        ids = [i for i in ds.ids() if "modality" not in e or ds.load(i).modality == e["modality"]]
+        if not ids:
+            raise ValueError(
+                f"data.extra: no {e.get('modality', '')} images in {e['dataset']} at {e['root']}"
+            )
+        loaded = load_training_images(
+            e["dataset"],
+            e["root"],
+            mpp=1.0,
+            ids=ids,
+            default_mpp=1.0,
+            label_resize=label_resize_of(cfg),
+        )
+        for im in rescale_to_diameter(loaded, diameter, label_resize=label_resize_of(cfg)):
+            im.id = f"{e['dataset']}:{im.id}"
+            im.groups = {**im.groups, "extra": e["dataset"]}
+            im.weight = min(1.0, im.foreground.size / mean_area) * float(e.get("weight", 1.0))
+            out.append(im)
+    if stain_normalisation_of(cfg) == "reinhard":
+        out = stain_normalise_images(out, modality_of(cfg))
+    log.info(
+        "%d extra training images (nuclei resampled to %.1f px across, the training images' median)",
+        len(out),
+        diameter,
+    )
+    return out
 
 
 def fold_training_images(

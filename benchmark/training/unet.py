@@ -50,8 +50,9 @@ def _batch(
 
     tr = cfg["train"]
     size = int(tr["patch_size"])
-    # images with instances are drawn twice as often as foreground-only ones
-    w = np.array([2.0 if it.has_instances else 1.0 for it in items])
+    # images with instances are drawn twice as often as foreground-only ones,
+    # each times its own weight (``data.extra`` images: their area's share)
+    w = np.array([(2.0 if it.has_instances else 1.0) * it.weight for it in items])
     picks = rng.choice(len(items), size=int(tr["batch_size"]), p=w / w.sum())
     patches = [
         augment(
