@@ -1210,3 +1210,32 @@ def test_patches_are_drawn_in_proportion_to_each_images_weight() -> None:
     )
     share_dark = float((b["image"].float().mean(dim=(1, 2, 3)) < 0).float().mean())
     assert 0.12 < share_dark < 0.28  # 0.25 / 1.25 = 0.2
+
+
+def test_blur_augmentation_softens_half_the_patches_and_leaves_the_targets() -> None:
+    """``augment.blur``: about half the patches lose high-frequency detail
+    (Gaussian of sigma up to that many pixels), no target changes, and a
+    config without it draws the same random numbers as before it existed."""
+    from benchmark.training.data import augment
+
+    rng0 = np.random.default_rng(5)
+    img = rng0.integers(0, 256, (48, 48, 3)).astype(np.uint8)
+    fg = (rng0.uniform(size=(48, 48)) > 0.5).astype(np.float32)
+    patch = {"image": img, "fg": fg}
+
+    def detail(x: np.ndarray) -> float:
+        return float(np.abs(np.diff(x.astype(np.float32), axis=1)).mean())
+
+    blurred = 0
+    for seed in range(40):
+        a = augment(patch, np.random.default_rng(seed), {"blur": 2.0})
+        b = augment(patch, np.random.default_rng(seed), {})
+        assert np.array_equal(a["fg"], b["fg"])  # same flips, targets untouched
+        if not np.array_equal(a["image"], b["image"]):
+            assert detail(a["image"]) < detail(b["image"])
+            blurred += 1
+    assert 10 <= blurred <= 30
+    r1, r2 = np.random.default_rng(1), np.random.default_rng(1)
+    augment(patch, r1, {"noise": 0.02})
+    augment(patch, r2, {"noise": 0.02, "blur": 0})
+    assert r1.uniform() == r2.uniform()

@@ -345,7 +345,13 @@ def sample_patch(
 def augment(
     patch: dict[str, np.ndarray], rng: np.random.Generator, cfg: dict[str, Any]
 ) -> dict[str, np.ndarray]:
-    """Flips/rotations, HSV hue shift, stain (HED) jitter, brightness/contrast, Gaussian noise."""
+    """Flips/rotations, HSV hue shift, stain (HED) jitter, brightness/contrast,
+    Gaussian blur (defocus), Gaussian noise.
+
+    ``blur`` > 0: half the patches are blurred with a Gaussian of sigma drawn
+    uniformly up to that many pixels of the model's grid (after the colour
+    changes, before the noise, as a scanner's optics come before its sensor).
+    """
     import cv2
 
     k = int(rng.integers(0, 4))
@@ -373,6 +379,10 @@ def augment(
         c = 1 + rng.uniform(-cfg["brightness"], cfg["brightness"])
         m = img.mean()
         img = (img - m) * c + m + rng.uniform(-cfg["brightness"], cfg["brightness"]) * 255 * 0.5
+    if cfg.get("blur", 0) > 0 and rng.uniform() < 0.5:
+        sigma = float(rng.uniform(0, cfg["blur"]))
+        if sigma > 0.1:
+            img = cv2.GaussianBlur(img, (0, 0), sigma, borderType=cv2.BORDER_REFLECT)
     if cfg.get("noise", 0) > 0:
         img = img + rng.normal(0, cfg["noise"] * 255 * rng.uniform(0, 1), img.shape)
     out["image"] = np.clip(img, 0, 255).astype(np.uint8)
