@@ -231,13 +231,14 @@ def extra_training_images(cfg: dict[str, Any], images: list[TrainImage]) -> list
     or scored, e.g. BBBC038's H&E-like brightfield images for an H&E model.
 
     Each entry names a ``dataset`` and ``root`` and may keep one
-    ``modality``.  Those images carry no resolution, so each is resampled
-    (:func:`.data.rescale_to_diameter`) so its nuclei are as large as the
-    median of ``images``' (the training images they join, at the model's
-    grid), and drawn in proportion to its area (its sampling weight is its
-    pixels over the mean of ``images``', at most 1, times the entry's
-    ``weight``, default 1), so a small image is not sampled as often as a
-    large one unless the config says so.  Stain normalisation applies to them as to the rest.
+    ``modality``.  An image with a resolution is resampled to the model's;
+    one without (BBBC038's) is resampled (:func:`.data.rescale_to_diameter`)
+    so its nuclei are as large as the median of ``images``' (the training
+    images they join, at the model's grid).  Each is drawn in proportion to
+    its area (its sampling weight is its pixels over the mean of
+    ``images``', at most 1, times the entry's ``weight``, default 1), so a
+    small image is not sampled as often as a large one unless the config
+    says so.  Stain normalisation applies to them as to the rest.
     """
     from benchmark.datasets import get_dataset
     from nucleus_models.models.unet import mask_diameter
@@ -256,20 +257,19 @@ def extra_training_images(cfg: dict[str, Any], images: list[TrainImage]) -> list
     out: list[TrainImage] = []
     for e in extra:
         ds = get_dataset(e["dataset"], e["root"])
-        ids = [i for i in ds.ids() if "modality" not in e or ds.load(i).modality == e["modality"]]
+        samples = {i: ds.load(i) for i in ds.ids()}
+        ids = [i for i, x in samples.items() if e.get("modality", x.modality) == x.modality]
         if not ids:
             raise ValueError(
                 f"data.extra: no {e.get('modality', '')} images in {e['dataset']} at {e['root']}"
             )
+        mpp = float(cfg["model"]["mpp"])
         loaded = load_training_images(
-            e["dataset"],
-            e["root"],
-            mpp=1.0,
-            ids=ids,
-            default_mpp=1.0,
-            label_resize=label_resize_of(cfg),
+            e["dataset"], e["root"], mpp=mpp, ids=ids, label_resize=label_resize_of(cfg)
         )
-        for im in rescale_to_diameter(loaded, diameter, label_resize=label_resize_of(cfg)):
+        for im in loaded:
+            if not samples[im.id].mpp:
+                (im,) = rescale_to_diameter([im], diameter, label_resize=label_resize_of(cfg))
             im.id = f"{e['dataset']}:{im.id}"
             im.groups = {**im.groups, "extra": e["dataset"]}
             im.weight = min(1.0, im.foreground.size / mean_area) * float(e.get("weight", 1.0))
