@@ -1128,9 +1128,17 @@ def test_extra_images_train_every_fold_at_the_training_nuclei_size_and_are_never
     as large as the training images' median and weighted by their area; the
     root is read relative to the repository, as the dataset's own; a bad
     entry or an empty selection is a one-line ValueError."""
+    import os
+
     from benchmark.training import unet
+    from benchmark.training.common import REPO
     from benchmark.training.data import TrainImage
-    from benchmark.training.run import cross_validate, cv_folds, load_config
+    from benchmark.training.run import (
+        cross_validate,
+        cv_folds,
+        extra_training_images,
+        load_config,
+    )
     from nucleus_models.models.unet import mask_diameter
 
     yy, xx = np.mgrid[:200, :200]
@@ -1140,10 +1148,6 @@ def test_extra_images_train_every_fold_at_the_training_nuclei_size_and_are_never
     img = np.full((200, 200, 3), 220, np.uint8)
     img[lab > 0] = (70, 45, 130)
     ims = [TrainImage(f"o{i}", img, lab, lab > 0) for i in range(6)]
-    import os
-
-    from benchmark.training.common import REPO
-
     rel_root = Path(os.path.relpath(shared_data / "dsb2018_bbbc038", REPO))
     cfg_path = tmp_path / "extra.toml"
     cfg_path.write_text(
@@ -1185,8 +1189,6 @@ def test_extra_images_train_every_fold_at_the_training_nuclei_size_and_are_never
     with pytest.raises(ValueError, match=r"data\.extra must be a list of tables"):
         load_config(bad)
     none = {**cfg, "data": {"extra": [{**cfg["data"]["extra"][0], "modality": "x-ray"}]}}
-    from benchmark.training.run import extra_training_images
-
     with pytest.raises(ValueError, match="no x-ray images in bbbc038"):
         extra_training_images(none, ims)
 

@@ -121,6 +121,19 @@ def sessions_text(sessions: list[dict[str, Any]], earlier: str = "") -> str:
     return "; ".join(parts)
 
 
+def data_paths(cfg: dict[str, Any]) -> list[tuple[dict[str, Any], str]]:
+    """``(table, key)`` of every data path a config sets: ``data.root``,
+    ``data.foreground_only_masks`` and each ``[[data.extra]]`` root.
+
+    >>> cfg = {"data": {"root": "a", "extra": [{"dataset": "x", "root": "b"}]}}
+    >>> [t[k] for t, k in data_paths(cfg)]
+    ['a', 'b']
+    """
+    d = cfg.get("data", {})
+    paths = [(d, key) for key in ("root", "foreground_only_masks") if d.get(key)]
+    return paths + [(e, "root") for e in d.get("extra", []) if e.get("root")]
+
+
 def cv_fingerprint(cfg: dict[str, Any]) -> str:
     """sha256 of everything in a loaded config that its cross-validation
     depends on: the config without its card, its final model's step count
@@ -144,12 +157,8 @@ def cv_fingerprint(cfg: dict[str, Any]) -> str:
         else:
             for key in keys:
                 c.get(section, {}).pop(key, None)
-    for key in ("root", "foreground_only_masks"):
-        val = c.get("data", {}).get(key)
-        if val:
-            c["data"][key] = os.path.relpath(val, REPO)
-    for e in c.get("data", {}).get("extra", []):
-        e["root"] = os.path.relpath(e["root"], REPO)
+    for table, key in data_paths(c):
+        table[key] = os.path.relpath(table[key], REPO)
     text = json.dumps(c, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
 

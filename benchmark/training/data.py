@@ -185,8 +185,10 @@ def load_training_images(
     pseudo_instances: bool = False,
     label_resize: str = "area",
     foreground_mask_erosion: int = 0,
+    modality: str | None = None,
 ) -> list[TrainImage]:
-    """Load a dataset's labelled samples resampled to ``mpp``.
+    """Load a dataset's labelled samples resampled to ``mpp`` (with
+    ``modality``, only the samples of that modality).
 
     ``foreground_only_masks``: a folder of binary PNG masks named like images
     of ``root/images`` that have no instance annotation (MoNuSeg's
@@ -206,7 +208,7 @@ def load_training_images(
     out: list[TrainImage] = []
     for sid in ids if ids is not None else ds.ids():
         s = ds.load(sid)
-        if s.labels is None:
+        if s.labels is None or modality not in (None, s.modality):
             continue
         src_mpp = s.mpp or default_mpp or mpp
         scale = src_mpp / mpp

@@ -14,6 +14,7 @@ import tomllib
 from .common import (
     REPO,
     cv_fingerprint,
+    data_paths,
     fold_seconds,
     invocation_text,
     mean_metrics,
@@ -72,10 +73,6 @@ def load_config(path: str | Path) -> dict[str, Any]:
             ) from None
     if not isinstance(cfg, dict):
         raise ValueError(f"{p}: a training config is a table of sections, not {type(cfg).__name__}")
-    for key in ("root", "foreground_only_masks"):
-        val = cfg.get("data", {}).get(key)
-        if val and not Path(val).is_absolute():
-            cfg["data"][key] = str((REPO / val).resolve())
     extra = cfg.get("data", {}).get("extra", [])
     if not isinstance(extra, list) or not all(
         isinstance(e, dict) and "dataset" in e and "root" in e for e in extra
@@ -84,9 +81,9 @@ def load_config(path: str | Path) -> dict[str, Any]:
             f"{p}: data.extra must be a list of tables with 'dataset' and 'root' "
             "([[data.extra]] in TOML)"
         )
-    for e in extra:
-        if not Path(e["root"]).is_absolute():
-            e["root"] = str((REPO / e["root"]).resolve())
+    for table, key in data_paths(cfg):
+        if not Path(table[key]).is_absolute():
+            table[key] = str((REPO / table[key]).resolve())
     cfg.setdefault("name", p.stem)
     cfg.setdefault("arch", "unet")
     cfg["_config_path"] = str(p)
@@ -231,16 +228,17 @@ def extra_training_images(cfg: dict[str, Any], images: list[TrainImage]) -> list
     or scored, e.g. BBBC038's H&E-like brightfield images for an H&E model.
 
     Each entry names a ``dataset`` and ``root`` and may keep one
-    ``modality``.  An image with a resolution is resampled to the model's;
-    one without (BBBC038's) is resampled (:func:`.data.rescale_to_diameter`)
-    so its nuclei are as large as the median of ``images``' (the training
-    images they join, at the model's grid).  Each is drawn in proportion to
+    ``modality``.  With ``mpp`` (the resolution of its images that carry
+    none, as ``data.default_mpp``) its images are resampled to the model's;
+    without (BBBC038's, which has none), each is resampled
+    (:func:`.data.rescale_to_diameter`) so its nuclei are as large as the
+    median of ``images``' (the training images they join, at the model's
+    grid).  Each is drawn in proportion to
     its area (its sampling weight is its pixels over the mean of
     ``images``', at most 1, times the entry's ``weight``, default 1), so a
     small image is not sampled as often as a large one unless the config
     says so.  Stain normalisation applies to them as to the rest.
     """
-    from benchmark.datasets import get_dataset
     from nucleus_models.models.unet import mask_diameter
 
     from .data import rescale_to_diameter
@@ -256,20 +254,21 @@ def extra_training_images(cfg: dict[str, Any], images: list[TrainImage]) -> list
     mean_area = float(np.mean([im.foreground.size for im in images]))
     out: list[TrainImage] = []
     for e in extra:
-        ds = get_dataset(e["dataset"], e["root"])
-        samples = {i: ds.load(i) for i in ds.ids()}
-        ids = [i for i, x in samples.items() if e.get("modality", x.modality) == x.modality]
-        if not ids:
+        loaded = load_training_images(
+            e["dataset"],
+            e["root"],
+            mpp=float(cfg["model"]["mpp"]),
+            modality=e.get("modality"),
+            default_mpp=e.get("mpp"),
+            label_resize=label_resize_of(cfg),
+        )
+        if not loaded:
             raise ValueError(
                 f"data.extra: no {e.get('modality', '')} images in {e['dataset']} at {e['root']}"
             )
-        mpp = float(cfg["model"]["mpp"])
-        loaded = load_training_images(
-            e["dataset"], e["root"], mpp=mpp, ids=ids, label_resize=label_resize_of(cfg)
-        )
+        if "mpp" not in e:
+            loaded = rescale_to_diameter(loaded, diameter, label_resize=label_resize_of(cfg))
         for im in loaded:
-            if not samples[im.id].mpp:
-                (im,) = rescale_to_diameter([im], diameter, label_resize=label_resize_of(cfg))
             im.id = f"{e['dataset']}:{im.id}"
             im.groups = {**im.groups, "extra": e["dataset"]}
             im.weight = min(1.0, im.foreground.size / mean_area) * float(e.get("weight", 1.0))
