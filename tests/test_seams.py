@@ -119,3 +119,25 @@ def test_existing_dask_scheduler_by_address(disk_slide) -> None:
         res = _run(path, analysis_tile_size=256, scheduler=cluster.scheduler_address)
     tp, fp, fn = _match(res.nuclei.centroids, centres)
     assert (tp, fp, fn) == (len(centres), 0, 0)
+
+
+def test_learned_model_does_not_depend_on_batch_size(shared_data: Path) -> None:
+    """The U-Net pads a batch to its largest tile: a narrow tile at the image's
+    right or bottom edge must not see a different border (and so different
+    nuclei) depending on which tile it was batched with."""
+    image = sorted((shared_data / "monuseg2018" / "train" / "images").glob("*.tif"))[0]
+    kw = {
+        "model": "unet-monuseg",
+        "input_mpp": 0.25,
+        "device": "cpu",
+        "precision": "float32",
+        "analysis_tile_size": 256,  # 1000 px at 0.25 um/px is 625 px: tiles 256, 256, 113 a side
+        "analysis_tile_overlap": 48,
+    }
+    ref = _run(image, batch_size=1, **kw)
+    assert ref.tiles["total"] == 9 and len(ref.nuclei) > 100
+    for bs in (2, 4):
+        other = _run(image, batch_size=bs, **kw).nuclei
+        assert len(other) == len(ref.nuclei), bs
+        np.testing.assert_allclose(other.centroids, ref.nuclei.centroids, atol=1e-6)
+        np.testing.assert_array_equal(other.polygon_vertices, ref.nuclei.polygon_vertices)

@@ -27,3 +27,32 @@ def test_mosaic_reuses_images_in_turn_and_is_a_readable_pyramid(tmp_path: Path) 
     centres = [arr[32 + 64 * (k // 3), 40 + 80 * (k % 3), :3] for k in range(9)]
     reds = [int(c[0]) > int(c[2]) for c in centres]
     assert reds == [k % 2 == 0 for k in range(9)]
+
+
+def test_the_mosaic_is_removed_after_the_timing(tmp_path: Path, monkeypatch) -> None:
+    """A 10 x 10 MoNuSeg mosaic is ~125 MB: it must not stay behind in /tmp,
+    whether the timing succeeds or fails."""
+    import argparse
+
+    import pytest
+
+    from benchmark import speed
+
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.fromarray(np.full((64, 80, 3), 128, np.uint8)).save(src / "im.png")
+    seen: list[Path] = []
+
+    def fake_run(args: argparse.Namespace) -> int:
+        seen.append(Path(args.slide))
+        assert seen[-1].is_file()
+        if len(seen) == 2:
+            raise RuntimeError("timing failed")
+        return 0
+
+    monkeypatch.setattr(speed, "_run", fake_run)
+    args = argparse.Namespace(mosaic_from=str(src), mosaic_grid=2, mosaic_mpp=0.25, slide="")
+    assert speed.run(args) == 0
+    with pytest.raises(RuntimeError):
+        speed.run(args)
+    assert len(seen) == 2 and not any(p.exists() or p.parent.exists() for p in seen)

@@ -155,7 +155,25 @@ def _torch_threads(n: int) -> Iterator[None]:
 
 
 def _batches(tiles: Sequence[Tile], size: int) -> list[list[Tile]]:
-    return [list(tiles[i : i + size]) for i in range(0, len(tiles), size)]
+    """``tiles`` in batches of up to ``size`` tiles of one read size each, in
+    the order of their first tile.
+
+    A batch is padded to its largest tile, so a narrow tile at the slide's
+    right or bottom edge batched with a full one costs a full tile: on a 100 MP
+    40x mosaic (7 x 7 tiles at 0.4 um/px, batches of 2) that wasted ~1/5 of
+    the network's work.
+
+    >>> full, edge = (0, 0, 1120, 1120), (0, 0, 154, 1120)
+    >>> ts = [Tile(i, r, r) for i, r in enumerate([full, full, edge, full, full, edge])]
+    >>> [[t.index for t in b] for b in _batches(ts, 2)]
+    [[0, 1], [2, 5], [3, 4]]
+    """
+    groups: dict[tuple[int, int], list[tuple[int, Tile]]] = {}
+    for pos, t in enumerate(tiles):
+        groups.setdefault(t.read_size, []).append((pos, t))
+    batches = [g[i : i + size] for g in groups.values() for i in range(0, len(g), size)]
+    batches.sort(key=lambda b: b[0][0])
+    return [[t for _, t in b] for b in batches]
 
 
 def _timed_read(job: TileJob, tile: Tile) -> tuple[np.ndarray, float]:
@@ -220,12 +238,16 @@ def run_tiles(
     sched = (scheduler or "").strip()
     if sched == "":
         buf: list[tuple[Tile, np.ndarray]] = []
-        for i, (tile, img, secs) in enumerate(_prefetched(job, tiles, depth=2 * batch_size)):
+        ordered = [t for b in batches for t in b]
+        sizes = iter(len(b) for b in batches)
+        want = next(sizes, 0)
+        for tile, img, secs in _prefetched(job, ordered, depth=2 * batch_size):
             stages["read"] += secs
             buf.append((tile, img))
-            if len(buf) == batch_size or i == total - 1:
+            if len(buf) == want:
                 collect(process_tiles(job, [b[0] for b in buf], [b[1] for b in buf]), len(buf))
                 buf = []
+                want = next(sizes, 0)
     elif sched == "multithreading":
         from concurrent.futures import as_completed
 
@@ -312,48 +334,44 @@ def segment_array(
     scores: list[np.ndarray] = [np.zeros(1, np.float32)]
     classes: list[np.ndarray] = [np.zeros(1, np.int32)]
     next_id = 1
+    found: dict[int, Any] = {}
     for batch in _batches(tiles, max(1, batch_size)):
         crops = [
             np.ascontiguousarray(image[t.read[1] : t.read[3], t.read[0] : t.read[2]]) for t in batch
         ]
         for t, inst in zip(batch, model.predict_batch(crops, context), strict=True):
-            lab = inst.labels
-            n = int(lab.max(initial=0))
-            if n == 0:
-                continue
-            flat = lab.ravel()
-            cnt = np.bincount(flat, minlength=n + 1)
-            rows, cols = np.indices(lab.shape)
-            cy = (
-                np.bincount(flat, rows.ravel(), minlength=n + 1) / np.maximum(cnt, 1)
-                + 0.5
-                + t.read[1]
-            )
-            cx = (
-                np.bincount(flat, cols.ravel(), minlength=n + 1) / np.maximum(cnt, 1)
-                + 0.5
-                + t.read[0]
-            )
-            keep = in_core(np.c_[cx, cy], t.core) & (cnt > 0)
-            rx0, ry0, rx1, ry1 = t.read
-            edge = np.zeros(n + 1, bool)
-            if rx0 > 0:
-                edge[np.unique(lab[:, 0])] = True
-            if ry0 > 0:
-                edge[np.unique(lab[0, :])] = True
-            if rx1 < w:
-                edge[np.unique(lab[:, -1])] = True
-            if ry1 < h:
-                edge[np.unique(lab[-1, :])] = True
-            keep &= ~edge
-            keep[0] = False
-            ids = np.flatnonzero(keep)
-            remap = np.zeros(n + 1, np.int32)
-            remap[ids] = np.arange(next_id, next_id + len(ids), dtype=np.int32)
-            next_id += len(ids)
-            scores.append(np.asarray(inst.scores, np.float32)[ids])
-            classes.append(np.asarray(inst.classes, np.int32)[ids])
-            new = remap[lab]
-            view = out[ry0:ry1, rx0:rx1]
-            view[new > 0] = new[new > 0]
+            found[t.index] = inst
+    for t in tiles:  # numbered in tile order, whatever order the batches ran in
+        inst = found[t.index]
+        lab = inst.labels
+        n = int(lab.max(initial=0))
+        if n == 0:
+            continue
+        flat = lab.ravel()
+        cnt = np.bincount(flat, minlength=n + 1)
+        rows, cols = np.indices(lab.shape)
+        cy = np.bincount(flat, rows.ravel(), minlength=n + 1) / np.maximum(cnt, 1) + 0.5 + t.read[1]
+        cx = np.bincount(flat, cols.ravel(), minlength=n + 1) / np.maximum(cnt, 1) + 0.5 + t.read[0]
+        keep = in_core(np.c_[cx, cy], t.core) & (cnt > 0)
+        rx0, ry0, rx1, ry1 = t.read
+        edge = np.zeros(n + 1, bool)
+        if rx0 > 0:
+            edge[np.unique(lab[:, 0])] = True
+        if ry0 > 0:
+            edge[np.unique(lab[0, :])] = True
+        if rx1 < w:
+            edge[np.unique(lab[:, -1])] = True
+        if ry1 < h:
+            edge[np.unique(lab[-1, :])] = True
+        keep &= ~edge
+        keep[0] = False
+        ids = np.flatnonzero(keep)
+        remap = np.zeros(n + 1, np.int32)
+        remap[ids] = np.arange(next_id, next_id + len(ids), dtype=np.int32)
+        next_id += len(ids)
+        scores.append(np.asarray(inst.scores, np.float32)[ids])
+        classes.append(np.asarray(inst.classes, np.int32)[ids])
+        new = remap[lab]
+        view = out[ry0:ry1, rx0:rx1]
+        view[new > 0] = new[new > 0]
     return out, np.concatenate(scores), np.concatenate(classes)
