@@ -121,23 +121,41 @@ def test_existing_dask_scheduler_by_address(disk_slide) -> None:
     assert (tp, fp, fn) == (len(centres), 0, 0)
 
 
-def test_learned_model_does_not_depend_on_batch_size(shared_data: Path) -> None:
+def test_learned_model_does_not_depend_on_batch_size(shared_data: Path, monkeypatch) -> None:
     """The U-Net pads a batch to its largest tile: a narrow tile at the image's
-    right or bottom edge must not see a different border (and so different
-    nuclei) depending on which tile it was batched with."""
+    right or bottom edge must be batched only with tiles of its own size, so
+    it sees the same border (and gives the same nuclei) whatever the batch
+    size."""
+    from nucleus_models.models.unet import UNetModel
+
+    shapes: list[list[tuple[int, ...]]] = []
+    preprocess = UNetModel.preprocess
+
+    def spy(self, tiles, context):  # type: ignore[no-untyped-def]
+        shapes.append([t.shape for t in tiles])
+        return preprocess(self, tiles, context)
+
+    monkeypatch.setattr(UNetModel, "preprocess", spy)
     image = sorted((shared_data / "monuseg2018" / "train" / "images").glob("*.tif"))[0]
     kw = {
         "model": "unet-monuseg",
         "input_mpp": 0.25,
         "device": "cpu",
         "precision": "float32",
-        "analysis_tile_size": 256,  # 1000 px at 0.25 um/px is 625 px: tiles 256, 256, 113 a side
+        # 1000 px at 0.25 um/px is 625 px: 5 x 5 tiles, cores of 128 px but
+        # 113 at the right and bottom, reads with context on one side only at
+        # the image's edges (the overlap is below the largest nucleus, which
+        # only warns)
+        "analysis_tile_size": 128,
         "analysis_tile_overlap": 48,
     }
     ref = _run(image, batch_size=1, **kw)
-    assert ref.tiles["total"] == 9 and len(ref.nuclei) > 100
+    assert ref.tiles["total"] == 25 and len(ref.nuclei) > 100
     for bs in (2, 4):
+        shapes.clear()
         other = _run(image, batch_size=bs, **kw).nuclei
+        assert sum(len(b) for b in shapes) == 25 and max(len(b) for b in shapes) == bs
+        assert all(len(set(b)) == 1 for b in shapes), shapes
         assert len(other) == len(ref.nuclei), bs
         np.testing.assert_allclose(other.centroids, ref.nuclei.centroids, atol=1e-6)
         np.testing.assert_array_equal(other.polygon_vertices, ref.nuclei.polygon_vertices)
