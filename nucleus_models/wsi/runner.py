@@ -21,11 +21,12 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
+from itertools import islice
 from typing import Any
 
 import numpy as np
@@ -185,7 +186,7 @@ def _timed_read(job: TileJob, tile: Tile) -> tuple[np.ndarray, float]:
 
 def _prefetched(
     job: TileJob, tiles: Sequence[Tile], depth: int
-) -> Iterator[tuple[Tile, np.ndarray, float]]:
+) -> Generator[tuple[Tile, np.ndarray, float], None, None]:
     """Yield ``(tile, image, read seconds)`` while a thread reads up to ``depth`` tiles ahead."""
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tile-read") as pool:
         pending: list[tuple[Tile, Future[tuple[np.ndarray, float]]]] = []
@@ -238,17 +239,12 @@ def run_tiles(
 
     sched = (scheduler or "").strip()
     if sched == "":
-        buf: list[tuple[Tile, np.ndarray]] = []
         ordered = [t for b in batches for t in b]
-        sizes = iter(len(b) for b in batches)
-        want = next(sizes, 0)
-        for tile, img, secs in _prefetched(job, ordered, depth=2 * batch_size):
-            stages["read"] += secs
-            buf.append((tile, img))
-            if len(buf) == want:
-                collect(process_tiles(job, [b[0] for b in buf], [b[1] for b in buf]), len(buf))
-                buf = []
-                want = next(sizes, 0)
+        with closing(_prefetched(job, ordered, depth=2 * batch_size)) as stream:
+            for b in batches:
+                got = list(islice(stream, len(b)))
+                stages["read"] += sum(secs for _, _, secs in got)
+                collect(process_tiles(job, b, [img for _, img, _ in got]), len(b))
     elif sched == "multithreading":
         from concurrent.futures import as_completed
 
