@@ -91,6 +91,42 @@ def test_training_lowers_the_loss_and_checkpoints_are_loadable(
         registry._REGISTRY.pop("unet-test", None)
 
 
+def test_a_config_can_set_each_levels_channels_and_serving_builds_the_same_net(
+    shared_data: Path, tmp_path: Path
+) -> None:
+    """``model.channels`` (one count per level, finest first) trains, exports
+    into the spec and is served with the same shape; a bad list is a one-line
+    ValueError."""
+    from benchmark.training.run import export
+    from benchmark.training.unet import train_unet, unet_arch
+    from nucleus_models.models import get_model, registry
+    from nucleus_models.models.weights import register_shipped
+
+    cfg = _cfg()
+    cfg["name"] = "unet-chans"
+    cfg["model"]["channels"] = [4, 8, 12]
+    cfg["train"]["steps"] = 10
+    imgs = _tiny_images(shared_data)
+    ckpt = train_unet(cfg, imgs, tmp_path / "run", progress=False)
+    meta = {"command": "test", "steps": 10, "seconds": 1.0, "hardware": "cpu", "parameters": 1}
+    export(cfg, ckpt, None, tmp_path / "weights", meta)
+    spec = json.loads((tmp_path / "weights" / "unet-chans.json").read_text())["spec"]
+    assert spec["thresholds"]["channels"] == [4, 8, 12] and spec["thresholds"]["depth"] == 3
+    try:
+        assert register_shipped(tmp_path / "weights") == ["unet-chans"]
+        model = get_model("unet-chans", device="cpu")
+        widths = [b[0].out_channels for b in model.net.down]
+        assert widths == [4, 8, 12] and model.net.stride == 4
+        res = model.predict_batch([imgs[0].image], {})
+        assert res[0].labels.shape == imgs[0].image.shape[:2]
+    finally:
+        registry._REGISTRY.pop("unet-chans", None)
+    for bad in ([8], [8, 0], "8,16", [8, 16.5]):
+        with pytest.raises(ValueError, match="U-Net channels must be a list") as e:
+            unet_arch({"channels": bad})
+        assert "\n" not in str(e.value)
+
+
 def test_bfloat16_training_lowers_the_loss_and_bad_precisions_are_refused(
     shared_data: Path, tmp_path: Path
 ) -> None:

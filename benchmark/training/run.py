@@ -32,6 +32,7 @@ from .data import (
     stain_normalisation_of,
     stain_normalise_images,
 )
+from .unet import unet_arch
 
 # a size-normalised model's CV searches the scale again on the final
 # instances of the setting chosen at most this many times (after the first
@@ -365,9 +366,7 @@ def _load_net(ckpt: Path, cfg: dict[str, Any]) -> Any:
 
     from nucleus_models.models.unet import build_unet
 
-    net = build_unet(
-        base=int(cfg["model"].get("base", 16)), depth=int(cfg["model"].get("depth", 4))
-    )
+    net = build_unet(**unet_arch(cfg["model"]))
     net.load_state_dict(shipped_state(torch.load(ckpt, map_location="cpu", weights_only=True)))
     return net.eval()
 
@@ -601,8 +600,7 @@ def export(
     """Write ``<name>.pt`` (state_dict), ``<name>.json`` (spec) and ``<name>.md`` (model card)."""
     m = cfg["model"]
     thresholds: dict[str, Any] = {
-        "base": int(m.get("base", 16)),
-        "depth": int(m.get("depth", 4)),
+        **unet_arch(m),
         "min_area": int(m.get("min_area", 8)),
         "fg_threshold": 0.5,
         "seed_threshold": 0.5,
@@ -878,12 +876,7 @@ def train_from_config(
         "hardware": trained_on(sessions),
         "torch": torch.__version__,
         "images": [im.id for im in images],
-        "parameters": sum(
-            p.numel()
-            for p in build_unet(
-                base=int(cfg["model"].get("base", 16)), depth=int(cfg["model"].get("depth", 4))
-            ).parameters()
-        ),
+        "parameters": sum(p.numel() for p in build_unet(**unet_arch(cfg["model"])).parameters()),
         "seed": int(cfg.get("seed", 0)),
     }
     result = {"checkpoint": str(ckpt), "cv": cv, "meta": meta}

@@ -33,6 +33,24 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
+def unet_arch(model: dict[str, Any]) -> dict[str, Any]:
+    """The U-Net's shape from a config's ``[model]`` table, as ``build_unet``
+    takes it and as the exported spec stores it: ``base`` and ``depth``, and
+    ``channels`` (one count per level, finest first) when the config sets them.
+
+    >>> unet_arch({"base": 12})
+    {'base': 12, 'depth': 4}
+    >>> unet_arch({"channels": [8, 16, 48, 96]})
+    {'base': 8, 'depth': 4, 'channels': [8, 16, 48, 96]}
+    """
+    from nucleus_models.models.unet import unet_channels
+
+    if model.get("channels"):
+        chans = unet_channels(channels=model["channels"])
+        return {"base": chans[0], "depth": len(chans), "channels": chans}
+    return {"base": int(model.get("base", 16)), "depth": int(model.get("depth", 4))}
+
+
 def seed_everything(seed: int) -> np.random.Generator:
     """Seed torch and return a NumPy generator."""
     import torch
@@ -303,9 +321,7 @@ def train_unet(
     rng = seed_everything(int(cfg.get("seed", 0)))
     if tr.get("threads"):
         torch.set_num_threads(int(tr["threads"]))
-    net = build_unet(
-        base=int(cfg["model"].get("base", 16)), depth=int(cfg["model"].get("depth", 4))
-    )
+    net = build_unet(**unet_arch(cfg["model"]))
     # train.precision = "bfloat16": forward under autocast, channels-last
     # (weights, optimiser and loss stay float32)
     precision = str(tr.get("precision", "float32"))

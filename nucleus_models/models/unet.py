@@ -14,6 +14,7 @@ surroundings, which separates touching nuclei whose peaks differ in height).
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -37,12 +38,46 @@ __all__ = [
 ]
 
 
+def unet_channels(
+    base: int = 16, depth: int = 4, channels: Sequence[int] | None = None
+) -> list[int]:
+    """The channels of each U-Net level, finest first: ``channels`` when given,
+    else ``base * 2**k`` for ``depth`` levels.
+
+    >>> unet_channels(12, 4)
+    [12, 24, 48, 96]
+    >>> unet_channels(channels=[8, 16, 48, 96])
+    [8, 16, 48, 96]
+    """
+    if channels is None or (isinstance(channels, Sequence) and not channels):
+        return [base * 2**k for k in range(depth)]
+    if (
+        isinstance(channels, str)
+        or not isinstance(channels, Sequence)
+        or len(channels) < 2
+        or not all(isinstance(c, int) and c >= 1 for c in channels)
+    ):
+        raise ValueError(
+            f"U-Net channels must be a list of at least 2 whole numbers >= 1 (one per level,"
+            f" finest first), not {channels!r}"
+        )
+    return [int(c) for c in channels]
+
+
 def build_unet(
-    *, in_channels: int = 3, base: int = 16, depth: int = 4, out_channels: int = 3
+    *,
+    in_channels: int = 3,
+    base: int = 16,
+    depth: int = 4,
+    channels: Sequence[int] | None = None,
+    out_channels: int = 3,
 ) -> Any:
-    """A small U-Net (``base * 2**k`` channels, ``depth`` levels): ~470k parameters at the defaults."""
+    """A small U-Net (``base * 2**k`` channels, ``depth`` levels, or the given
+    ``channels`` per level): ~470k parameters at the defaults."""
     import torch
     from torch import nn
+
+    chans = unet_channels(base, depth, channels)
 
     def block(cin: int, cout: int) -> nn.Sequential:
         return nn.Sequential(
@@ -56,11 +91,10 @@ def build_unet(
 
     class SmallUNet(nn.Module):
         # inputs must be a multiple of the coarsest level's stride
-        stride = 2 ** (depth - 1)
+        stride = 2 ** (len(chans) - 1)
 
         def __init__(self) -> None:
             super().__init__()
-            chans = [base * 2**k for k in range(depth)]
             self.down = nn.ModuleList()
             cin = in_channels
             for c in chans:
@@ -529,7 +563,11 @@ class UNetModel(NucleusModel):
             self.device,
             cpu_bfloat16=bool(int(arch.get("cpu_bfloat16", 0))),
         )
-        self.net = build_unet(base=int(arch.get("base", 16)), depth=int(arch.get("depth", 4)))
+        self.net = build_unet(
+            base=int(arch.get("base", 16)),
+            depth=int(arch.get("depth", 4)),
+            channels=arch.get("channels"),
+        )
         self.net.load_state_dict(load_state_dict(weights_path, spec.sha256))
         self.net = fuse_for_inference(self.net).to(self.device, memory_format=torch.channels_last)
         self._torch = torch
