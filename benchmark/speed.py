@@ -18,9 +18,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from nucleus_models.errors import NucleusModelsError
 from nucleus_models.models.unet import PRECISIONS
 
-__all__ = ["add_arguments", "run", "time_cli"]
+__all__ = ["TimedCLIFailed", "add_arguments", "run", "time_cli"]
 
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]
@@ -69,16 +70,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="", help="also write the results as JSON here")
 
 
-def time_cli(cmd: list[str], out_file: Path) -> dict[str, Any]:
-    """Run one CLI command; return wall seconds and the number of annotation elements."""
+class TimedCLIFailed(NucleusModelsError):
+    """A timed CLI exited non-zero (``nucleus-bench speed`` prints it as one line)."""
+
+
+def time_cli(cmd: list[str], out_file: Path, name: str = "") -> dict[str, Any]:
+    """Run one CLI command; return wall seconds and the number of annotation elements.
+
+    A failing CLI raises :class:`TimedCLIFailed` with ``name`` and the last
+    lines it printed."""
     t0 = time.perf_counter()
     res = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if res.returncode != 0:
         tail = (res.stderr or res.stdout).strip().splitlines()[-3:]
-        raise RuntimeError(
-            f"{Path(cmd[1]).name if len(cmd) > 1 else cmd[0]} failed: {' | '.join(tail)}"
-        )
+        raise TimedCLIFailed(f"{name or cmd[0]} failed: {' | '.join(tail)}")
     doc = json.loads(out_file.read_text())
     docs = doc if isinstance(doc, list) else [doc]
     n = sum(len(d.get("elements", [])) for d in docs)
@@ -175,7 +181,7 @@ def _run(args: argparse.Namespace) -> int:
         for name, cmd, out in candidates:
             best: dict[str, Any] | None = None
             for _ in range(max(1, args.repeat)):
-                r = time_cli(cmd, out)
+                r = time_cli(cmd, out, name)
                 if best is None or r["seconds"] < best["seconds"]:
                     best = r
             assert best is not None

@@ -56,3 +56,18 @@ def test_the_mosaic_is_removed_after_the_timing(tmp_path: Path, monkeypatch) -> 
     with pytest.raises(RuntimeError):
         speed.run(args)
     assert len(seen) == 2 and not any(p.exists() or p.parent.exists() for p in seen)
+
+
+def test_a_failing_timed_cli_is_a_one_line_error(shared_data: Path, capsys) -> None:
+    """An unknown model (the CLI refuses it) ends ``nucleus-bench speed`` with
+    exit 2 and one line naming the CLI and its complaint, not a traceback."""
+    from benchmark.__main__ import main
+
+    slide = shared_data / "wsi" / "CMU-1-Small-Region.svs"
+    assert slide.is_file(), f"missing shared data: {slide}"
+    args = ["speed", "--slide", str(slide), "--model", "no-such-model", "--skip_histomicstk"]
+    assert main([*args, "--analysis_roi", "0,0,64,64"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err
+    assert err.startswith("error: NucleusDetection (no-such-model) failed: ")
+    assert "invalid choice: 'no-such-model'" in err
