@@ -268,7 +268,7 @@ def test_model_choices_are_the_registered_models(name: str) -> None:
     assert model.default in list_models()
 
 
-@pytest.mark.parametrize("model", ["unet-monuseg", "unet-monuseg-reinhard"])
+@pytest.mark.parametrize("model", ["unet-monuseg", "unet-monuseg-reinhard", "unet-monuseg-fast"])
 def test_learned_model_finds_the_annotated_nuclei(
     shared_data: Path, tmp_path: Path, model: str
 ) -> None:

@@ -968,7 +968,9 @@ def test_an_export_can_carry_over_the_cross_validation_of_the_same_config(
     assert "--cv_from replaces the cross-validation" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", ["unet-monuseg", "unet-monuseg-reinhard", "unet-bbbc038"])
+@pytest.mark.parametrize(
+    "name", ["unet-monuseg", "unet-monuseg-reinhard", "unet-monuseg-fast", "unet-bbbc038"]
+)
 def test_each_shipped_card_cross_validated_its_config(name: str) -> None:
     """The CV on a shipped model's card was made with ``configs/<name>.toml``
     as it is now (apart from the final model's steps and inference settings):
@@ -986,6 +988,7 @@ def test_each_shipped_card_cross_validated_its_config(name: str) -> None:
     th = shipped["spec"]["thresholds"]
     assert th.get("cpu_bfloat16", 0) == cfg["model"].get("cpu_bfloat16", 0)
     assert th.get("stain_normalisation", "none") == cfg["model"].get("stain_normalisation", "none")
+    assert th.get("channels") == cfg["model"].get("channels")
 
 
 def test_precision_auto_follows_the_cpu_and_bad_values_are_refused(

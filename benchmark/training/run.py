@@ -11,6 +11,8 @@ from typing import Any
 import numpy as np
 import tomllib
 
+from nucleus_models.models.unet import unet_channels
+
 from .common import (
     REPO,
     cv_fingerprint,
@@ -645,7 +647,10 @@ def _card_markdown(
         "",
         spec["description"],
         "",
-        f"- Architecture: compact U-Net (foreground, boundary, distance heads; {meta['parameters']:,} parameters) + marker-controlled watershed",
+        f"- Architecture: compact U-Net (foreground, boundary, distance heads; channels"
+        f" {'/'.join(map(str, unet_channels(**unet_arch(cfg['model']))))} from full to 1/"
+        f"{2 ** (unet_arch(cfg['model'])['depth'] - 1)} resolution;"
+        f" {meta['parameters']:,} parameters) + marker-controlled watershed",
         (
             f"- Resolution: size-normalised: nuclei {spec['thresholds']['diameter_px']:g} px across "
             "(training images resampled to it; at inference the scale comes from a first "
