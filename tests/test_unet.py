@@ -121,10 +121,18 @@ def test_a_config_can_set_each_levels_channels_and_serving_builds_the_same_net(
         assert res[0].labels.shape == imgs[0].image.shape[:2]
     finally:
         registry._REGISTRY.pop("unet-chans", None)
-    for bad in ([8], [8, 0], "8,16", [8, 16.5]):
+    for bad in ([8], [8, 0], "8,16", [8, 16.5], [True, 8]):
         with pytest.raises(ValueError, match="U-Net channels must be a list") as e:
             unet_arch({"channels": bad})
         assert "\n" not in str(e.value)
+    # a spec with a bad list is a model error naming the model (one CLI line)
+    from nucleus_models.models.base import ModelSpec
+    from nucleus_models.models.unet import UNetModel
+
+    w = tmp_path / "weights" / "unet-chans.pt"
+    bad_spec = ModelSpec(name="unet-bad", mpp=0.5, sha256="0", thresholds={"channels": [8]})
+    with pytest.raises(ModelError, match="model unet-bad: U-Net channels must be a list"):
+        UNetModel(bad_spec, str(w), device="cpu")
 
 
 def test_bfloat16_training_lowers_the_loss_and_bad_precisions_are_refused(

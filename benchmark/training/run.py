@@ -642,14 +642,14 @@ def _card_markdown(
 ) -> str:
     erosion = int(cfg["data"].get("foreground_mask_erosion", 0))
     resize = label_resize_of(cfg)
+    levels = unet_channels(**unet_arch(cfg["model"]))
     lines = [
         f"# Model card: {spec['name']}",
         "",
         spec["description"],
         "",
         f"- Architecture: compact U-Net (foreground, boundary, distance heads; channels"
-        f" {'/'.join(map(str, unet_channels(**unet_arch(cfg['model']))))} from full to 1/"
-        f"{2 ** (unet_arch(cfg['model'])['depth'] - 1)} resolution;"
+        f" {'/'.join(map(str, levels))} from full to 1/{2 ** (len(levels) - 1)} resolution;"
         f" {meta['parameters']:,} parameters) + marker-controlled watershed",
         (
             f"- Resolution: size-normalised: nuclei {spec['thresholds']['diameter_px']:g} px across "

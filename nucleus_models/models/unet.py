@@ -23,6 +23,7 @@ from .base import ModelSpec, NucleusModel, TileInstances
 
 __all__ = [
     "build_unet",
+    "unet_channels",
     "fuse_for_inference",
     "UNetModel",
     "normalise_tile",
@@ -55,7 +56,7 @@ def unet_channels(
         isinstance(channels, str)
         or not isinstance(channels, Sequence)
         or len(channels) < 2
-        or not all(isinstance(c, int) and c >= 1 for c in channels)
+        or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in channels)
     ):
         raise ValueError(
             f"U-Net channels must be a list of at least 2 whole numbers >= 1 (one per level,"
@@ -563,11 +564,16 @@ class UNetModel(NucleusModel):
             self.device,
             cpu_bfloat16=bool(int(arch.get("cpu_bfloat16", 0))),
         )
-        self.net = build_unet(
-            base=int(arch.get("base", 16)),
-            depth=int(arch.get("depth", 4)),
-            channels=arch.get("channels"),
-        )
+        try:
+            self.net = build_unet(
+                base=int(arch.get("base", 16)),
+                depth=int(arch.get("depth", 4)),
+                channels=arch.get("channels"),
+            )
+        except ValueError as exc:
+            from ..errors import ModelError
+
+            raise ModelError(f"model {spec.name}: {exc}") from None
         self.net.load_state_dict(load_state_dict(weights_path, spec.sha256))
         self.net = fuse_for_inference(self.net).to(self.device, memory_format=torch.channels_last)
         self._torch = torch
