@@ -74,7 +74,7 @@ class TimedCLIFailed(NucleusModelsError):
     """A timed CLI exited non-zero (``nucleus-bench speed`` prints it as one line)."""
 
 
-def time_cli(cmd: list[str], out_file: Path, name: str = "") -> dict[str, Any]:
+def time_cli(cmd: list[str], out_file: Path, name: str) -> dict[str, Any]:
     """Run one CLI command; return wall seconds and the number of annotation elements.
 
     A failing CLI raises :class:`TimedCLIFailed` with ``name`` and the last
@@ -84,7 +84,7 @@ def time_cli(cmd: list[str], out_file: Path, name: str = "") -> dict[str, Any]:
     wall = time.perf_counter() - t0
     if res.returncode != 0:
         tail = (res.stderr or res.stdout).strip().splitlines()[-3:]
-        raise TimedCLIFailed(f"{name or cmd[0]} failed: {' | '.join(tail)}")
+        raise TimedCLIFailed(f"{name} failed: {' | '.join(tail)}")
     doc = json.loads(out_file.read_text())
     docs = doc if isinstance(doc, list) else [doc]
     n = sum(len(d.get("elements", [])) for d in docs)

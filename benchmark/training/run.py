@@ -11,8 +11,6 @@ from typing import Any
 import numpy as np
 import tomllib
 
-from nucleus_models.models.unet import unet_channels
-
 from .common import (
     REPO,
     cv_fingerprint,
@@ -640,6 +638,8 @@ _LABEL_RESIZE_TEXT = {
 def _card_markdown(
     cfg: dict[str, Any], spec: dict[str, Any], meta: dict[str, Any], cv: dict[str, Any] | None
 ) -> str:
+    from nucleus_models.models.unet import unet_channels
+
     erosion = int(cfg["data"].get("foreground_mask_erosion", 0))
     resize = label_resize_of(cfg)
     levels = unet_channels(**unet_arch(cfg["model"]))

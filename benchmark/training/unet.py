@@ -28,6 +28,7 @@ __all__ = [
     "best_setting",
     "full_setting",
     "seed_everything",
+    "unet_arch",
 ]
 
 log = logging.getLogger(__name__)
