@@ -408,3 +408,18 @@ def test_a_detector_config_with_stain_normalisation_is_refused(tmp_path: Path) -
     cfg["model"]["stain_normalisation"] = "reinhard"
     with pytest.raises(ValueError, match="stain_normalisation is for U-Nets"):
         detectors.train_from_config(cfg, out_dir=tmp_path / "out")
+
+
+def test_a_detector_config_with_rotation_or_elastic_augmentation_is_refused(
+    tmp_path: Path,
+) -> None:
+    """Detector patches replay sample_patch's plain crop to get their
+    instance map, which a warped patch does not have: refused up front."""
+    from benchmark.training import detectors
+
+    for aug in ({"rotate": True}, {"elastic": 2.0}):
+        cfg = _cfg("fcos")
+        cfg["data"] = {"dataset": "monuseg", "root": str(tmp_path)}
+        cfg["augment"] = aug
+        with pytest.raises(ValueError, match="are for U-Nets"):
+            detectors.train_from_config(cfg, out_dir=tmp_path / "out")

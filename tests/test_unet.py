@@ -1288,3 +1288,92 @@ def test_blur_augmentation_softens_half_the_patches_and_leaves_the_targets() -> 
     augment(patch, r1, {"noise": 0.02})
     augment(patch, r2, {"noise": 0.02, "blur": 0})
     assert r1.uniform() == r2.uniform()
+
+
+def _bar_image() -> tuple[np.ndarray, np.ndarray]:
+    """A 96 x 96 image with two dark bars (instances 1 and 2) on a light background."""
+    lab = np.zeros((96, 96), np.int32)
+    lab[30:40, 20:76] = 1
+    lab[56:64, 30:60] = 2
+    img = np.full((96, 96, 3), 210, np.uint8)
+    img[lab > 0] = (70, 40, 110)
+    return img, lab
+
+
+def test_warped_patches_rotate_by_any_angle_and_keep_the_targets_on_the_nuclei() -> None:
+    """``augment.rotate`` / ``augment.elastic`` (warp_patch): the patch's
+    foreground covers the dark pixels wherever the warp takes them, instance
+    ids come from the source, angles are not only multiples of 90 degrees,
+    pixels from outside the image carry no weight, and a config without
+    them draws the same patch as before."""
+    from benchmark.training.data import TrainImage, sample_patch
+
+    img, lab = _bar_image()
+    item = TrainImage("bars", img, lab, lab > 0)
+    angles = []
+    for seed in range(12):
+        for warp in ({"rotate": True}, {"rotate": True, "elastic": 2.0}, {"elastic": 3.0}):
+            p = sample_patch(item, 48, np.random.default_rng(seed), boundary="thin", warp=warp)
+            w = p["fg_weight"] > 0
+            dark = p["image"][..., 0] < 140
+            assert (dark == (p["fg"] > 0))[w].mean() > 0.97
+            assert not p["fg"][~w].any() and np.array_equal(p["inst_weight"], p["fg_weight"])
+            assert set(np.unique(p["dist"][p["fg"] > 0] > 0)) <= {True}
+            if warp == {"rotate": True} and (p["fg"] > 0).sum() > 150:
+                ys, xs = np.nonzero(p["fg"] > 0)
+                cov = np.cov(np.stack([xs, ys]))
+                ev, evec = np.linalg.eigh(cov)
+                ang = np.degrees(np.arctan2(evec[1, 1], evec[0, 1])) % 90
+                angles.append(min(ang, 90 - ang))
+    assert max(angles) > 15  # a 90-degree rotation alone leaves the bars at 0
+    # the image's corners: a patch larger than the image has unweighted pixels
+    p = sample_patch(item, 160, np.random.default_rng(0), warp={"rotate": True})
+    assert 0 < p["fg_weight"].mean() < 1
+    # without rotate/elastic the draws and the patch are sample_patch's own
+    a = sample_patch(item, 48, np.random.default_rng(4), scale_range=(0.9, 1.1))
+    b = sample_patch(
+        item, 48, np.random.default_rng(4), scale_range=(0.9, 1.1), warp={"noise": 0.1}
+    )
+    for key in a:
+        assert np.array_equal(a[key], b[key])
+
+
+def test_elastic_warp_moves_outlines_by_at_most_its_shift() -> None:
+    """An elastic warp of at most 2 px keeps each bar's area within the
+    perimeter band of 2 px, and the same seed with and without it differs."""
+    from benchmark.training.data import TrainImage, warp_patch
+
+    img, lab = _bar_image()
+    item = TrainImage("bars", img, lab, lab > 0)
+    changed = 0
+    for seed in range(10):
+        a = warp_patch(item, 64, np.random.default_rng(seed), rotate=False, elastic=2.0)
+        b = warp_patch(item, 64, np.random.default_rng(seed), rotate=False, elastic=0.0)
+        changed += not np.array_equal(a["fg"], b["fg"])
+        band = float(np.abs(a["fg"] - b["fg"]).sum())
+        perimeter = 2 * (56 + 10) + 2 * (30 + 8)
+        assert band <= 2.0 * perimeter
+    assert changed >= 8
+
+
+def test_grayscale_augmentation_greys_that_share_of_the_patches() -> None:
+    """``augment.grayscale``: about that fraction of patches comes out with
+    three equal channels, targets untouched; a config without it draws the
+    same random numbers."""
+    from benchmark.training.data import augment
+
+    img, lab = _bar_image()
+    patch = {"image": img, "fg": (lab > 0).astype(np.float32)}
+    grey = 0
+    for seed in range(60):
+        a = augment(patch, np.random.default_rng(seed), {"grayscale": 0.25, "hue_shift": 0.05})
+        b = augment(patch, np.random.default_rng(seed), {"hue_shift": 0.05})
+        assert np.array_equal(a["fg"], b["fg"])
+        im = a["image"].astype(int)
+        if np.array_equal(im[..., 0], im[..., 1]) and np.array_equal(im[..., 1], im[..., 2]):
+            grey += 1
+    assert 6 <= grey <= 26  # 15 expected
+    r1, r2 = np.random.default_rng(1), np.random.default_rng(1)
+    augment(patch, r1, {"noise": 0.02})
+    augment(patch, r2, {"noise": 0.02, "grayscale": 0})
+    assert r1.uniform() == r2.uniform()

@@ -26,6 +26,7 @@ __all__ = [
     "make_targets",
     "load_training_images",
     "sample_patch",
+    "warp_patch",
     "split_foreground_mask",
     "augment",
 ]
@@ -304,8 +305,27 @@ def sample_patch(
     scale_range: tuple[float, float] = (1.0, 1.0),
     boundary: str = "thick",
     label_resize: str = "area",
+    warp: dict[str, Any] | None = None,
 ) -> dict[str, np.ndarray]:
-    """A random ``size x size`` patch (reflect-padded if the image is smaller) with its targets."""
+    """A random ``size x size`` patch (reflect-padded if the image is smaller) with its targets.
+
+    ``warp`` (the config's ``augment`` table) with ``rotate`` true or
+    ``elastic`` > 0 draws the patch through :func:`warp_patch` instead: any
+    rotation angle and/or a smooth elastic deformation, sampled from the
+    image in one step (configs without them draw the same random numbers as
+    before).
+    """
+    if warp and (warp.get("rotate") or float(warp.get("elastic", 0) or 0) > 0):
+        return warp_patch(
+            item,
+            size,
+            rng,
+            scale_range=scale_range,
+            boundary=boundary,
+            rotate=bool(warp.get("rotate", False)),
+            elastic=float(warp.get("elastic", 0) or 0),
+            elastic_sigma=float(warp.get("elastic_sigma", 8.0)),
+        )
     s = float(rng.uniform(*scale_range)) if scale_range != (1.0, 1.0) else 1.0
     crop = int(np.ceil(size / s))
     h, w = item.image.shape[:2]
@@ -344,11 +364,95 @@ def sample_patch(
     }
 
 
+def warp_patch(
+    item: TrainImage,
+    size: int,
+    rng: np.random.Generator,
+    *,
+    scale_range: tuple[float, float] = (1.0, 1.0),
+    boundary: str = "thick",
+    rotate: bool = True,
+    elastic: float = 0.0,
+    elastic_sigma: float = 8.0,
+) -> dict[str, np.ndarray]:
+    """A ``size x size`` patch sampled through a random similarity transform
+    (scale jitter as :func:`sample_patch`, any rotation angle when ``rotate``)
+    plus, when ``elastic`` > 0, a smooth random displacement field of at most
+    ``elastic`` pixels (its largest shift drawn uniformly up to that) (Gaussian-smoothed noise of scale ``elastic_sigma``
+    pixels, as in Ronneberger et al.'s U-Net).
+
+    The image is interpolated bilinearly, the instance labels and the
+    foreground mask take the label of the nearest source pixel centre (so
+    outlines are not shifted); output pixels that fall outside the image
+    have zero ``fg_weight`` and ``inst_weight``, like sample_patch's padding.
+
+    >>> lab = np.zeros((64, 64), np.int32); lab[20:40, 24:36] = 3
+    >>> img = np.full((64, 64, 3), 220, np.uint8); img[lab > 0] = 60
+    >>> it = TrainImage("t", img, lab, lab > 0)
+    >>> p = warp_patch(it, 48, np.random.default_rng(1), elastic=1.5)
+    >>> bool(((p["image"][..., 0] < 140) == (p["fg"] > 0))[p["fg_weight"] > 0].mean() > 0.97)
+    True
+    """
+    from scipy import ndimage as ndi
+
+    s = float(rng.uniform(*scale_range)) if scale_range != (1.0, 1.0) else 1.0
+    theta = float(rng.uniform(0, 2 * np.pi)) if rotate else 0.0
+    h, w = item.image.shape[:2]
+    # half the source extent of the rotated patch, so its corners stay inside
+    half = (size / s) / 2 * (abs(np.cos(theta)) + abs(np.sin(theta)))
+    cy = float(rng.uniform(half, h - half)) if h > 2 * half else h / 2
+    cx = float(rng.uniform(half, w - half)) if w > 2 * half else w / 2
+    c = (size - 1) / 2
+    v, u = np.mgrid[0:size, 0:size].astype(np.float64) - c
+    cos, sin = np.cos(theta) / s, np.sin(theta) / s
+    sy = cy - 0.5 + cos * v - sin * u
+    sx = cx - 0.5 + sin * v + cos * u
+    if elastic > 0:
+        for arr in (sy, sx):
+            field = ndi.gaussian_filter(rng.uniform(-1, 1, (size, size)), elastic_sigma)
+            arr += field * (rng.uniform(0, elastic) / max(float(np.abs(field).max()), 1e-9))
+    valid = ((sy > -0.5) & (sy < h - 0.5) & (sx > -0.5) & (sx < w - 0.5)).astype(np.float32)
+    coords = np.stack([sy, sx])
+    img = np.stack(
+        [
+            ndi.map_coordinates(
+                item.image[..., k].astype(np.float32), coords, order=1, mode="reflect"
+            )
+            for k in range(3)
+        ],
+        axis=-1,
+    )
+    img = np.clip(np.rint(img), 0, 255).astype(np.uint8)
+    iy = np.clip(np.floor(sy + 0.5).astype(np.intp), 0, h - 1)
+    ix = np.clip(np.floor(sx + 0.5).astype(np.intp), 0, w - 1)
+    inside = valid > 0
+    if item.labels is not None:
+        lab = np.where(inside, item.labels[iy, ix], 0).astype(np.int32)
+        fg, bd, dist = make_targets(lab, boundary=boundary)
+        inst_w = valid
+    else:
+        fg = (item.foreground[iy, ix] & inside).astype(np.float32)
+        bd = np.zeros_like(fg)
+        dist = np.zeros_like(fg)
+        inst_w = np.zeros_like(valid)
+    return {
+        "image": img,
+        "fg": fg,
+        "boundary": bd,
+        "dist": dist,
+        "fg_weight": valid,
+        "inst_weight": inst_w,
+    }
+
+
 def augment(
     patch: dict[str, np.ndarray], rng: np.random.Generator, cfg: dict[str, Any]
 ) -> dict[str, np.ndarray]:
     """Flips/rotations, HSV hue shift, stain (HED) jitter, brightness/contrast,
-    Gaussian blur (defocus), Gaussian noise.
+    grey patches, Gaussian blur (defocus), Gaussian noise.
+
+    ``grayscale`` > 0: that fraction of the patches is turned grey (luma in
+    every channel) after the colour changes.
 
     ``blur`` > 0: half the patches are blurred with a Gaussian of sigma drawn
     uniformly up to that many pixels of the model's grid (after the colour
@@ -381,6 +485,10 @@ def augment(
         c = 1 + rng.uniform(-cfg["brightness"], cfg["brightness"])
         m = img.mean()
         img = (img - m) * c + m + rng.uniform(-cfg["brightness"], cfg["brightness"]) * 255 * 0.5
+    if cfg.get("grayscale", 0) > 0 and rng.uniform() < cfg["grayscale"]:
+        # a fraction of the patches in grey (ITU-R 601 luma in all three
+        # channels): nuclei must be found by shape and texture, not by hue
+        img = np.repeat((img @ np.array([0.299, 0.587, 0.114], np.float32))[..., None], 3, -1)
     if cfg.get("blur", 0) > 0 and rng.uniform() < 0.5:
         sigma = float(rng.uniform(0, cfg["blur"]))
         if sigma > 0.1:

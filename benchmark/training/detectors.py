@@ -488,6 +488,12 @@ def train_from_config(
 
     from .run import _images, _training_set, cv_stage
 
+    aug = cfg.get("augment", {})
+    if aug.get("rotate") or float(aug.get("elastic", 0) or 0) > 0:
+        # _patch replays sample_patch's crop to recover the instance map
+        raise ValueError(
+            f"augment.rotate and augment.elastic are for U-Nets; {cfg.get('arch')} does not take them"
+        )
     if stain_normalisation_of(cfg) != "none":
         # served detectors read tiles as they are
         raise ValueError(

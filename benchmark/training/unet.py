@@ -82,6 +82,7 @@ def _batch(
                 scale_range=tuple(tr.get("scale_range", (1.0, 1.0))),
                 boundary=str(tr.get("boundary_target", "thick")),
                 label_resize=label_resize_of(cfg),
+                warp=cfg.get("augment", {}),
             ),
             rng,
             cfg.get("augment", {}),
