@@ -346,8 +346,18 @@ def sample_patch(
         fgm = np.pad(fgm, ((0, ph), (0, pw)))
         lab = np.pad(lab, ((0, ph), (0, pw))) if lab is not None else None
     img, valid, fgm = img[:size, :size], valid[:size, :size], fgm[:size, :size]
+    return _patch_with_targets(
+        img, lab[:size, :size] if lab is not None else None, fgm, valid, boundary
+    )
+
+
+def _patch_with_targets(
+    img: np.ndarray, lab: np.ndarray | None, fgm: np.ndarray, valid: np.ndarray, boundary: str
+) -> dict[str, np.ndarray]:
+    """A patch's image, targets and weights: the instance map's targets, or
+    for a foreground-only image its mask with no instance weight."""
     if lab is not None:
-        fg, bd, dist = make_targets(lab[:size, :size], boundary=boundary)
+        fg, bd, dist = make_targets(lab, boundary=boundary)
         inst_w = valid
     else:
         fg = fgm.astype(np.float32)
@@ -426,23 +436,10 @@ def warp_patch(
     iy = np.clip(np.floor(sy + 0.5).astype(np.intp), 0, h - 1)
     ix = np.clip(np.floor(sx + 0.5).astype(np.intp), 0, w - 1)
     inside = valid > 0
+    lab = None
     if item.labels is not None:
         lab = np.where(inside, item.labels[iy, ix], 0).astype(np.int32)
-        fg, bd, dist = make_targets(lab, boundary=boundary)
-        inst_w = valid
-    else:
-        fg = (item.foreground[iy, ix] & inside).astype(np.float32)
-        bd = np.zeros_like(fg)
-        dist = np.zeros_like(fg)
-        inst_w = np.zeros_like(valid)
-    return {
-        "image": img,
-        "fg": fg,
-        "boundary": bd,
-        "dist": dist,
-        "fg_weight": valid,
-        "inst_weight": inst_w,
-    }
+    return _patch_with_targets(img, lab, item.foreground[iy, ix] & inside, valid, boundary)
 
 
 def augment(
