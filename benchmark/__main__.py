@@ -120,6 +120,13 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     )
     t.add_argument("--steps", type=int, default=None, help="override the config's training steps")
     t.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default=None,
+        help="where the networks train (default: the config's train.device, else cpu); "
+        "not part of the config's fingerprint",
+    )
+    t.add_argument(
         "--cv_from",
         default=None,
         metavar="RECORD",
@@ -243,6 +250,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             fold=args.fold,
             cv_from=args.cv_from,
             cv_config=args.cv_config,
+            device=args.device,
         )
     except ValueError as exc:  # a config or option that cannot work: one line, exit 2
         raise DatasetError(str(exc)) from None

@@ -1439,3 +1439,50 @@ def test_watershed_per_connected_part_gives_the_whole_images_labels(shared_data:
             watershed_in_components(-height, mk, mask), _flood_whole_image(-height, mk, mask)
         )
     assert several > 50  # touching nuclei were split, not only single-seed parts copied
+
+
+def test_the_training_device_is_chosen_recorded_and_not_part_of_the_fingerprint(
+    shared_data: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``train.device`` / ``nucleus-bench train --device``: the U-Net trains
+    where it is told (here the CPU) and the checkpoint's session says so;
+    ``cuda`` without a GPU is a one-line error before anything is written;
+    the device and thread count do not change the config's fingerprint; a
+    GPU run is recorded with the GPU's name."""
+    import torch
+
+    from benchmark.__main__ import main
+    from benchmark.training import common
+    from benchmark.training.common import cv_fingerprint
+    from benchmark.training.unet import train_unet
+
+    cfg = _cfg()
+    cfg["train"] = {**cfg["train"], "steps": 4, "device": "cpu"}
+    ckpt = train_unet(cfg, _tiny_images(shared_data), tmp_path / "run", progress=False)
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert state["step"] == 4 and "CUDA" not in state["sessions"][-1]["hardware"]
+    assert all(t.device.type == "cpu" for t in state["model"].values())
+
+    base = {k: dict(v) if isinstance(v, dict) else v for k, v in _cfg().items()}
+    moved = {**base, "train": {**base["train"], "device": "cuda", "threads": 8}}
+    assert cv_fingerprint(moved) == cv_fingerprint(base)
+    assert cv_fingerprint({**base, "train": {**base["train"], "lr": 0.5}}) != cv_fingerprint(base)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    config = tmp_path / "c.toml"
+    config.write_text(
+        'name = "unet-dev"\n[data]\ndataset = "bbbc038"\nroot = "."\n'
+        "[model]\nmpp = 0.5\n[train]\nsteps = 2\nbatch_size = 2\npatch_size = 32\nlr = 0.01\n"
+    )
+    out = tmp_path / "never"
+    assert main(["train", "--config", str(config), "--device", "cuda", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: device 'cuda' requested but no CUDA GPU is available"
+    assert not out.exists()
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "Test GPU")
+    assert common.hardware_text("cuda").startswith("Test GPU (CUDA), ")
+    assert "GPU" not in common.hardware_text("cpu")

@@ -44,7 +44,8 @@ REPO = Path(__file__).resolve().parents[2]
 _NOT_IN_CV = {
     "card": None,
     "_config_path": None,
-    "train": ("steps",),
+    # where and on how many threads a run trains is not what it trains
+    "train": ("steps", "device", "threads"),
     "model": (
         "tile_size",
         "tile_overlap",
@@ -56,15 +57,22 @@ _NOT_IN_CV = {
 }
 
 
-def hardware_text() -> str:
-    """The machine a training run used, for the model card: CPU, threads, GPU."""
+def hardware_text(device: Any = None) -> str:
+    """The machine a training run used, for the model card: CPU and threads,
+    and the GPU when the network ran on one (``device``, a torch device or
+    its name; without one, any GPU this process sees)."""
     import torch
 
     n = torch.get_num_threads()
-    gpu = f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
-    return (
-        f"{platform.processor() or platform.machine()}, {n} CPU thread{'s' if n > 1 else ''}{gpu}"
-    )
+    cpu = f"{platform.processor() or platform.machine()}, {n} CPU thread{'s' if n > 1 else ''}"
+    if device is None:
+        on_gpu = torch.cuda.is_available()
+    else:
+        on_gpu = torch.device(device).type == "cuda"
+    if not on_gpu:
+        return cpu
+    index = torch.device(device).index if device is not None else None
+    return f"{torch.cuda.get_device_name(index or 0)} (CUDA), {cpu}"
 
 
 def trained_on(sessions: list[dict[str, Any]]) -> str:
@@ -354,7 +362,7 @@ def train_loop(
                 "from_step": int(step),
                 "to_step": int(step),
                 "command": invocation_text("(started from Python, not nucleus-bench)"),
-                "hardware": hardware_text(),
+                "hardware": hardware_text(next(net.parameters()).device),
                 "seconds": 0.0,
             }
         )

@@ -804,14 +804,22 @@ def train_from_config(
     fold: int | None = None,
     cv_from: str | Path | None = None,
     cv_config: str | Path | None = None,
+    device: str | None = None,
 ) -> dict[str, Any]:
     """Cross-validate (unless ``skip_cv``), train on all images (unless
     ``cv_only``), optionally export.  ``fold``: train only that
     cross-validation fold (implies ``cv_only``; nothing is evaluated).
     ``cv_from``: take the cross-validation from an earlier run of the same
     config (:func:`carried_cv`) instead of running it.  ``out_dir``
-    defaults to ``runs/<config name>``."""
+    defaults to ``runs/<config name>``.  ``device`` (``auto``, ``cpu`` or
+    ``cuda``) replaces the config's ``train.device`` (default ``cpu``):
+    where the networks train; held-out images are scored on the CPU."""
     cfg = load_config(config)
+    if device is not None:
+        from nucleus_models.models.unet import pick_device
+
+        pick_device(device)  # no GPU for "cuda": a one-line error before any data loads
+        cfg.setdefault("train", {})["device"] = device
     if out_dir is None:
         out_dir = Path("runs") / str(cfg["name"])
     if cv_from is not None and (skip_cv or cv_only or fold is not None):

@@ -307,14 +307,16 @@ def train_unet(
     """Train a U-Net on ``images``; checkpoints go to ``out_dir/checkpoint.pt``.
 
     Resuming restores model, optimiser, schedule, step and random state, so an
-    interrupted run continues where it stopped.  ``train.ema`` (a decay, e.g.
+    interrupted run continues where it stopped.  ``train.device`` (``cpu`` by
+    default, or ``auto``/``cuda``) picks where the network trains; patches
+    are made on the CPU, and a checkpoint loads anywhere.  ``train.ema`` (a decay, e.g.
     0.998) also keeps an exponential moving average of the weights (buffers
     included) in the checkpoint as ``ema_model``; evaluation and export use it
     (:func:`.common.shipped_state`).
     """
     import torch
 
-    from nucleus_models.models.unet import build_unet
+    from nucleus_models.models.unet import build_unet, pick_device
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -323,7 +325,8 @@ def train_unet(
     rng = seed_everything(int(cfg.get("seed", 0)))
     if tr.get("threads"):
         torch.set_num_threads(int(tr["threads"]))
-    net = build_unet(**unet_arch(cfg["model"]))
+    device = pick_device(tr.get("device", "cpu"))
+    net = build_unet(**unet_arch(cfg["model"])).to(device)
     # train.precision = "bfloat16": forward under autocast, channels-last
     # (weights, optimiser and loss stay float32)
     precision = str(tr.get("precision", "float32"))
@@ -332,6 +335,7 @@ def train_unet(
     bf16 = precision == "bfloat16"
     if bf16:
         net = net.to(memory_format=torch.channels_last)
+    autocast_to = torch.device(device).type
     opt = torch.optim.AdamW(
         net.parameters(), lr=float(tr["lr"]), weight_decay=float(tr.get("weight_decay", 1e-4))
     )
@@ -359,9 +363,9 @@ def train_unet(
     net.train()
 
     def one_step() -> dict[str, float]:
-        b = _batch(images, cfg, rng)
+        b = {k: v.to(device, non_blocking=True) for k, v in _batch(images, cfg, rng).items()}
         x = b["image"].to(memory_format=torch.channels_last) if bf16 else b["image"]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(autocast_to, dtype=torch.bfloat16, enabled=bf16):
             pred = net(x)
         loss = loss_fn(
             pred.float(),
