@@ -315,7 +315,7 @@ def sample_patch(
     image in one step (configs without them draw the same random numbers as
     before).
     """
-    if warp and (warp.get("rotate") or float(warp.get("elastic", 0) or 0) > 0):
+    if warp is not None and warps(warp):
         return warp_patch(
             item,
             size,
@@ -374,6 +374,16 @@ def _patch_with_targets(
     }
 
 
+def warps(aug: dict[str, Any] | None) -> bool:
+    """Whether an ``augment`` table asks for :func:`warp_patch` (``rotate``
+    true or ``elastic`` > 0).
+
+    >>> warps({"rotate": True}), warps({"elastic": 0}), warps(None)
+    (True, False, False)
+    """
+    return bool(aug) and (bool(aug.get("rotate")) or float(aug.get("elastic") or 0) > 0)
+
+
 def warp_patch(
     item: TrainImage,
     size: int,
@@ -387,9 +397,9 @@ def warp_patch(
 ) -> dict[str, np.ndarray]:
     """A ``size x size`` patch sampled through a random similarity transform
     (scale jitter as :func:`sample_patch`, any rotation angle when ``rotate``)
-    plus, when ``elastic`` > 0, a smooth random displacement field of at most
-    ``elastic`` pixels (its largest shift drawn uniformly up to that) (Gaussian-smoothed noise of scale ``elastic_sigma``
-    pixels, as in Ronneberger et al.'s U-Net).
+    plus, when ``elastic`` > 0, a smooth random displacement field as in
+    Ronneberger et al.'s U-Net: Gaussian-smoothed noise of scale
+    ``elastic_sigma`` pixels, its largest shift drawn up to ``elastic`` pixels.
 
     The image is interpolated bilinearly, the instance labels and the
     foreground mask take the label of the nearest source pixel centre (so

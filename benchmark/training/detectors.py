@@ -32,7 +32,14 @@ from .common import (
     warmup_cosine,
     write_weights,
 )
-from .data import TrainImage, augment, label_resize_of, sample_patch, stain_normalisation_of
+from .data import (
+    TrainImage,
+    augment,
+    label_resize_of,
+    sample_patch,
+    stain_normalisation_of,
+    warps,
+)
 
 __all__ = ["instance_targets", "train_detector", "export", "train_from_config"]
 
@@ -488,8 +495,7 @@ def train_from_config(
 
     from .run import _images, _training_set, cv_stage
 
-    aug = cfg.get("augment", {})
-    if aug.get("rotate") or float(aug.get("elastic", 0) or 0) > 0:
+    if warps(cfg.get("augment")):
         # _patch replays sample_patch's crop to recover the instance map
         raise ValueError(
             f"augment.rotate and augment.elastic are for U-Nets; {cfg.get('arch')} does not take them"
