@@ -7,6 +7,8 @@ downsample factor then maps analysis pixels onto base pixels exactly.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from .types import Nuclei
@@ -120,6 +122,7 @@ def nuclei_from_labels(
     classes: np.ndarray | None = None,
     pixel_area_um2: float | None = None,
     simplify: float = 0.5,
+    keep: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
 ) -> Nuclei:
     """Convert an ``(H, W)`` instance label map to ``Nuclei`` in its pixel frame.
 
@@ -133,6 +136,10 @@ def nuclei_from_labels(
         Area of one pixel in um^2; adds an ``area_um2`` measurement.
     simplify : float
         Douglas-Peucker tolerance in pixels for the outlines (0 = exact).
+    keep : callable, optional
+        ``keep(centroids, boxes)`` -> boolean mask of the instances to return
+        (e.g. a tile's seam rule): the same as selecting them afterwards, but
+        only the kept instances' outlines are traced.
 
     Examples
     --------
@@ -147,8 +154,8 @@ def nuclei_from_labels(
     labels = np.asarray(labels)
     ids = np.unique(labels)
     ids = ids[ids != 0]
+    keys = ["area_px"] + (["area_um2"] if pixel_area_um2 else [])
     if len(ids) == 0:
-        keys = ["area_px"] + (["area_um2"] if pixel_area_um2 else [])
         return Nuclei.empty(keys)
     flat = labels.ravel()
     maxid = int(ids.max())
@@ -157,12 +164,22 @@ def nuclei_from_labels(
     cy = np.bincount(flat, weights=rows.ravel(), minlength=maxid + 1)[ids] / counts[ids] + 0.5
     cx = np.bincount(flat, weights=cols.ravel(), minlength=maxid + 1)[ids] / counts[ids] + 0.5
     slices = ndi.find_objects(labels.astype(np.int64, copy=False), max_label=maxid)
+    boxes = np.array(
+        [
+            (sl[1].start, sl[0].start, sl[1].stop, sl[0].stop)
+            for sl in (slices[lab - 1] for lab in ids)
+        ],
+        np.float64,
+    )
+    centroids = np.c_[cx, cy]
+    if keep is not None:
+        sel = np.asarray(keep(centroids, boxes), bool)
+        ids, boxes, centroids = ids[sel], boxes[sel], centroids[sel]
+        if len(ids) == 0:
+            return Nuclei.empty(keys)
     polys: list[np.ndarray] = []
-    boxes = np.zeros((len(ids), 4))
-    for k, lab in enumerate(ids):
+    for lab, (x0, y0) in zip(ids, boxes[:, :2].astype(np.int64), strict=True):
         sl = slices[lab - 1]
-        y0, x0 = sl[0].start, sl[1].start
-        boxes[k] = (x0, y0, sl[1].stop, sl[0].stop)
         c = _outline(labels[sl] == lab)
         if simplify > 0 and len(c) > 8:
             c = cv2.approxPolyDP(c.astype(np.float32)[:, None], simplify, True).reshape(-1, 2)
@@ -172,7 +189,7 @@ def nuclei_from_labels(
         meas["area_um2"] = counts[ids] * float(pixel_area_um2)
     n = Nuclei.from_polygons(
         polys,
-        centroids=np.c_[cx, cy],
+        centroids=centroids,
         scores=np.ones(len(ids)) if scores is None else np.asarray(scores)[ids],
         labels=np.zeros(len(ids)) if classes is None else np.asarray(classes)[ids],
         measurements=meas,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from nucleus_models.instances import nuclei_from_labels
 from nucleus_models.types import Nuclei
@@ -88,3 +89,39 @@ def test_outlines_enclose_the_pixels_area_on_a_coarser_grid() -> None:
         x, y = polys[i][:, 0], polys[i][:, 1]
         area = 0.5 * abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1)))
         assert abs(area - n.measurements["area_px"][i]) < 0.05 * n.measurements["area_px"][i]
+
+
+def test_keep_returns_what_selecting_afterwards_does_and_traces_only_those(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``nuclei_from_labels(keep=...)`` (a tile's seam rule) gives the same
+    nuclei as selecting them from the full result, and traces the outlines
+    of the kept nuclei only."""
+    from skimage.draw import disk
+
+    from nucleus_models import instances
+
+    lab = np.zeros((60, 60), np.int32)
+    for k, (cy, cx, r) in enumerate([(10, 10, 6), (30, 26, 8.5), (9, 40, 4), (50, 50, 5)], 1):
+        rr, cc = disk((cy, cx), r, shape=lab.shape)
+        lab[rr, cc] = 10 * k
+    scores = np.linspace(0, 1, 41)
+
+    def keep(c: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return (c[:, 0] < 35) & (b[:, 3] < 45)
+
+    full = nuclei_from_labels(lab, scores=scores, pixel_area_um2=0.16)
+    traced: list[int] = []
+    outline = instances._outline
+    monkeypatch.setattr(instances, "_outline", lambda m: traced.append(1) or outline(m))
+    part = nuclei_from_labels(lab, scores=scores, pixel_area_um2=0.16, keep=keep)
+    want = full.select(keep(full.centroids, full.boxes))
+    assert len(part) == len(want) == len(traced) == 2
+    for name in ("centroids", "boxes", "scores", "labels", "polygon_offsets"):
+        np.testing.assert_array_equal(getattr(part, name), getattr(want, name))
+    np.testing.assert_array_equal(part.polygon_vertices, want.polygon_vertices)
+    assert part.measurements.keys() == want.measurements.keys()
+    for key in want.measurements:
+        np.testing.assert_array_equal(part.measurements[key], want.measurements[key])
+    none = nuclei_from_labels(lab, pixel_area_um2=0.16, keep=lambda c, b: c[:, 0] < 0)
+    assert len(none) == 0 and set(none.measurements) == {"area_px", "area_um2"}

@@ -95,25 +95,32 @@ def read_tile(job: TileJob, tile: Tile) -> np.ndarray:
 
 
 def _tile_nuclei(job: TileJob, tile: Tile, inst: Any) -> Nuclei:
-    """Keep the tile's own, uncut nuclei and map them to base pixels."""
+    """Keep the tile's own, uncut nuclei and map them to base pixels (only
+    their outlines are traced)."""
+    rx0, ry0, rx1, ry1 = tile.read
+    W, H = job.image_size
+
+    def own(centroids: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+        b = boxes + (rx0, ry0, rx0, ry0)
+        # cut at an inner edge of the read window (not at the slide border)
+        cut = (
+            ((b[:, 0] <= rx0) & (rx0 > 0))
+            | ((b[:, 1] <= ry0) & (ry0 > 0))
+            | ((b[:, 2] >= rx1) & (rx1 < W))
+            | ((b[:, 3] >= ry1) & (ry1 < H))
+        )
+        return in_core(centroids + (rx0, ry0), tile.core) & ~cut
+
     nuc = nuclei_from_labels(
-        inst.labels, scores=inst.scores, classes=inst.classes, pixel_area_um2=job.analysis_mpp**2
+        inst.labels,
+        scores=inst.scores,
+        classes=inst.classes,
+        pixel_area_um2=job.analysis_mpp**2,
+        keep=own,
     )
     if not len(nuc):
         return nuc
-    rx0, ry0, rx1, ry1 = tile.read
-    nuc = nuc.transformed(offset=(rx0, ry0))
-    keep = in_core(nuc.centroids, tile.core)
-    # cut at an inner edge of the read window (not at the slide border)
-    W, H = job.image_size
-    b = nuc.boxes
-    cut = (
-        ((b[:, 0] <= rx0) & (rx0 > 0))
-        | ((b[:, 1] <= ry0) & (ry0 > 0))
-        | ((b[:, 2] >= rx1) & (rx1 < W))
-        | ((b[:, 3] >= ry1) & (ry1 < H))
-    )
-    return nuc.select(keep & ~cut).transformed(scale=job.downsample)
+    return nuc.transformed(offset=(rx0, ry0)).transformed(scale=job.downsample)
 
 
 def process_tiles(
