@@ -293,9 +293,8 @@ def watershed_in_components(image: np.ndarray, markers: np.ndarray, mask: np.nda
     mask = np.asarray(mask, bool)
     markers = np.asarray(markers)
     comp, n = ndi.label(mask)
-    out = np.zeros(mask.shape, np.int32)
     if n == 0:
-        return out
+        return np.zeros(mask.shape, np.int32)
     c, m = comp.ravel(), markers.ravel()
     sel = (m > 0) & (c > 0)
     top = int(m[sel].max()) if sel.any() else 0
