@@ -66,13 +66,11 @@ def hardware_text(device: Any = None) -> str:
     n = torch.get_num_threads()
     cpu = f"{platform.processor() or platform.machine()}, {n} CPU thread{'s' if n > 1 else ''}"
     if device is None:
-        on_gpu = torch.cuda.is_available()
-    else:
-        on_gpu = torch.device(device).type == "cuda"
-    if not on_gpu:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type != "cuda":
         return cpu
-    index = torch.device(device).index if device is not None else None
-    return f"{torch.cuda.get_device_name(index or 0)} (CUDA), {cpu}"
+    return f"{torch.cuda.get_device_name(dev.index or 0)} (CUDA), {cpu}"
 
 
 def trained_on(sessions: list[dict[str, Any]]) -> str:

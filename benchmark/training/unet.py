@@ -73,6 +73,7 @@ def _batch(
     # each times its own weight (``data.extra`` images: their area's share)
     w = np.array([(2.0 if it.has_instances else 1.0) * it.weight for it in items])
     picks = rng.choice(len(items), size=int(tr["batch_size"]), p=w / w.sum())
+    aug = cfg.get("augment", {})
     patches = [
         augment(
             sample_patch(
@@ -82,10 +83,10 @@ def _batch(
                 scale_range=tuple(tr.get("scale_range", (1.0, 1.0))),
                 boundary=str(tr.get("boundary_target", "thick")),
                 label_resize=label_resize_of(cfg),
-                warp=cfg.get("augment", {}),
+                warp=aug,
             ),
             rng,
-            cfg.get("augment", {}),
+            aug,
         )
         for i in picks
     ]
