@@ -84,6 +84,9 @@ def resize_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.where(fg, expand_labels(ids, 1), 0).astype(np.int32)
 
 
+_SQUARE3 = np.ones((3, 3), np.uint8)
+
+
 def _outline(mask: np.ndarray) -> np.ndarray:
     """The outer outline ``(K, 2)`` x, y of a binary mask's largest part, on its
     pixels' edges (pixel ``i`` spans ``[i, i + 1]``): marching squares at level
@@ -109,10 +112,10 @@ def _outline(mask: np.ndarray) -> np.ndarray:
     h, w = mask.shape
     lattice = np.zeros((2 * h + 1, 2 * w + 1), np.uint8)
     lattice[1::2, 1::2] = mask
-    lattice = cv2.dilate(lattice, np.ones((3, 3), np.uint8))
+    lattice = cv2.dilate(lattice, _SQUARE3)
     chains, _ = cv2.findContours(lattice, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-    c = max(chains, key=cv2.contourArea).reshape(-1, 2)
-    return c[c.sum(axis=1) % 2 == 1] / 2.0
+    c = (chains[0] if len(chains) == 1 else max(chains, key=cv2.contourArea)).reshape(-1, 2)
+    return c[(c[:, 0] + c[:, 1]) % 2 == 1] / 2.0
 
 
 def nuclei_from_labels(
@@ -152,14 +155,13 @@ def nuclei_from_labels(
     from scipy import ndimage as ndi
 
     labels = np.asarray(labels)
-    ids = np.unique(labels)
-    ids = ids[ids != 0]
     keys = ["area_px"] + (["area_um2"] if pixel_area_um2 else [])
-    if len(ids) == 0:
-        return Nuclei.empty(keys)
     flat = labels.ravel()
-    maxid = int(ids.max())
+    maxid = int(flat.max(initial=0))
+    if maxid <= 0:
+        return Nuclei.empty(keys)
     counts = np.bincount(flat, minlength=maxid + 1)
+    ids = np.flatnonzero(counts[1:]) + 1
     rows, cols = np.indices(labels.shape)
     cy = np.bincount(flat, weights=rows.ravel(), minlength=maxid + 1)[ids] / counts[ids] + 0.5
     cx = np.bincount(flat, weights=cols.ravel(), minlength=maxid + 1)[ids] / counts[ids] + 0.5
@@ -177,22 +179,25 @@ def nuclei_from_labels(
         ids, boxes, centroids = ids[sel], boxes[sel], centroids[sel]
         if len(ids) == 0:
             return Nuclei.empty(keys)
-    polys: list[np.ndarray] = []
-    for lab, (x0, y0) in zip(ids, boxes[:, :2].astype(np.int64), strict=True):
+    polys: list[np.ndarray] = []  # in their boxes
+    for lab in ids.tolist():
         sl = slices[lab - 1]
-        c = _outline(labels[sl] == lab)
+        c = _outline(labels[sl] == lab).astype(np.float32)
         if simplify > 0 and len(c) > 8:
-            c = cv2.approxPolyDP(c.astype(np.float32)[:, None], simplify, True).reshape(-1, 2)
-        polys.append(c.astype(np.float64) + (x0, y0))
+            polys.append(cv2.approxPolyDP(c[:, None], simplify, True).reshape(-1, 2))
+        else:
+            polys.append(c)
+    lengths = np.array([len(c) for c in polys], np.int64)
     meas: dict[str, np.ndarray] = {"area_px": counts[ids].astype(np.float64)}
     if pixel_area_um2:
         meas["area_um2"] = counts[ids] * float(pixel_area_um2)
-    n = Nuclei.from_polygons(
-        polys,
+    return Nuclei(
         centroids=centroids,
+        boxes=boxes,
+        polygon_vertices=np.concatenate(polys)
+        + np.repeat(boxes[:, :2], lengths, axis=0).astype(np.float32),
+        polygon_offsets=np.concatenate([[0], np.cumsum(lengths)]),
         scores=np.ones(len(ids)) if scores is None else np.asarray(scores)[ids],
         labels=np.zeros(len(ids)) if classes is None else np.asarray(classes)[ids],
         measurements=meas,
     )
-    n.boxes = boxes
-    return n

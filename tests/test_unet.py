@@ -778,6 +778,112 @@ def test_masked_h_maxima_equals_scikit_image_with_a_low_background(seed: int) ->
     assert not masked_h_maxima(img, np.zeros_like(mask), h).any()
 
 
+def test_boxes_packed_on_a_canvas_lie_apart_and_inside_it() -> None:
+    from nucleus_models.models.unet import pack_boxes
+
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        sizes = rng.integers(1, 40, (int(rng.integers(1, 60)), 2))
+        width = int(rng.integers(10, 120))
+        corners, (ch, cw) = pack_boxes(sizes, width)
+        assert cw == max(width, int(sizes[:, 1].max()) + 2)
+        used = np.zeros((ch, cw), np.int32)
+        for (y, x), (h, w) in zip(corners, sizes, strict=True):
+            assert y >= 1 and x >= 1 and y + h + 1 <= ch and x + w + 1 <= cw
+            # the box and a one-pixel margin around it are free of other boxes
+            assert not used[y - 1 : y + h + 1, x - 1 : x + w + 1].any()
+            used[y : y + h, x : x + w] = 1
+        assert used.sum() == int(np.prod(sizes, axis=1).sum())
+
+
+def _h_maxima_reference(img: np.ndarray, mask: np.ndarray, h: float) -> np.ndarray:
+    """scikit-image's h-maxima with everything outside the mask set low."""
+    from skimage.morphology import h_maxima
+
+    low = float(img[mask].min()) - 2 * h - 1
+    return (h_maxima(np.where(mask, img, low).astype(np.float32), h) > 0) & mask
+
+
+def test_masked_h_maxima_moves_the_slow_parts_to_a_canvas_without_changing_the_result(
+    shared_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a few steps over the whole tile, the parts of the mask still
+    changing are reconstructed on a canvas of their own: the h-maxima are
+    still scikit-image's, on parts that need many steps (long ridges, parts
+    touching only at a corner, which the 3 x 3 dilation joins, parts at the
+    image's edge) and on the shipped H&E model's maps."""
+    import cv2
+    import tifffile
+    from scipy import ndimage as ndi
+
+    from nucleus_models.models import get_model, unet
+    from nucleus_models.models.unet import gaussian_smooth, masked_h_maxima
+
+    canvases: list[tuple[int, int]] = []
+    real = unet._parts_on_canvas
+
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        out = real(*args, **kwargs)
+        canvases.append(out[2])
+        return out
+
+    monkeypatch.setattr(unet, "_parts_on_canvas", spy)
+
+    # a ramp along a 1-px snake (1.0 down to 0.64 at its end, ~36 steps for
+    # its reconstruction to settle); a bar touches the snake's end only at a
+    # corner, which the 3 x 3 dilation joins. The snake's end rises above
+    # the bar's own level (0.6 = its peak - h) only after ~14 steps, when
+    # both have moved to the canvas: the bar's peak (0.7 on 0.65) is then
+    # less than h above its way to the snake's higher peak, and is no
+    # h-maximum (as a part of its own, or if the two parts were apart on the
+    # canvas, it would be)
+    img = np.zeros((50, 60), np.float32)
+    mask = np.zeros_like(img, bool)
+    path = (
+        [(2, x) for x in range(58)]
+        + [(y, 57) for y in range(3, 20)]
+        + [(19, x) for x in range(56, -1, -1)]
+        + [(20, 0)]
+    )
+    rows, cols = np.array(path).T
+    mask[rows, cols] = True
+    img[rows, cols] = np.linspace(1.0, 0.64, len(path))
+    mask[21:46, 1:3] = True  # (21, 1) meets the snake's end (20, 0) at a corner
+    img[21:46, 1:3] = 0.65
+    img[40, 2] = 0.7
+    ours = masked_h_maxima(img, mask, 0.1)
+    assert np.array_equal(ours, _h_maxima_reference(img, mask, 0.1))
+    assert ours[2, 0] and not ours[40, 2]
+    alone = mask.copy()
+    alone[:21] = False
+    assert masked_h_maxima(img, alone, 0.1)[40, 2]
+    assert canvases, "the slow parts were not moved to a canvas"
+
+    rng = np.random.default_rng(1)
+    for _ in range(30):
+        h_, w_ = (int(v) for v in rng.integers(20, 140, 2))
+        img = ndi.gaussian_filter(rng.normal(size=(h_, w_)), rng.uniform(1, 6)).astype(np.float32)
+        img /= np.abs(img).max()
+        mask = img > rng.uniform(-0.3, 0.2)
+        if not mask.any():
+            continue
+        hh = float(rng.uniform(0.01, 0.2))
+        assert np.array_equal(masked_h_maxima(img, mask, hh), _h_maxima_reference(img, mask, hh))
+
+    path = sorted((shared_data / "monuseg2018/train/images").glob("*.tif"))[1]
+    image = cv2.resize(tifffile.imread(path)[..., :3], (625, 625), interpolation=cv2.INTER_AREA)
+    model = get_model("unet-monuseg", precision="float32")
+    fg, bd, dist = model.forward(model.preprocess([image], {}))[0][:, :625, :625]
+    canvases.clear()
+    for fg_t, h, smooth in [(0.5, 0.3, 1.2), (0.4, 0.05, 0.6)]:
+        height = gaussian_smooth(dist - bd, smooth)
+        mask = fg > fg_t
+        ours = masked_h_maxima(height, mask, h)
+        assert np.array_equal(ours, _h_maxima_reference(height, mask, h))
+        assert ndi.label(ours)[1] > 100
+    assert canvases and all(ch * cw < 625 * 625 for ch, cw in canvases)
+
+
 def test_model_card_lists_every_training_session_of_a_continued_run(
     shared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -318,6 +318,64 @@ def watershed_in_components(image: np.ndarray, markers: np.ndarray, mask: np.nda
     return out
 
 
+def pack_boxes(sizes: np.ndarray, width: int, gap: int = 1) -> tuple[np.ndarray, tuple[int, int]]:
+    """Top-left corners ``(K, 2)`` (row, column) that lay boxes of ``sizes``
+    ``(K, 2)`` (height, width) side by side on shelves of a canvas about
+    ``width`` wide, at least ``gap`` pixels from each other and from the
+    canvas edge, tallest first; and the canvas's ``(height, width)``.
+
+    Work on some of the many small parts of an image (the parts of a mask
+    still changing) can then run on one canvas, without the rest of the
+    image.
+
+    >>> corners, shape = pack_boxes(np.array([[2, 3], [4, 2], [1, 5]]), width=8)
+    >>> corners.tolist(), shape
+    ([[1, 4], [1, 1], [6, 1]], (8, 8))
+    """
+    sizes = np.asarray(sizes, np.int64).reshape(-1, 2)
+    corners = np.zeros((len(sizes), 2), np.int64)
+    if not len(sizes):
+        return corners, (2 * gap, 2 * gap)
+    canvas_w = max(int(width), int(sizes[:, 1].max()) + 2 * gap)
+    top = right = shelf = 0  # the shelf's top row, its right end, its height
+    for i in np.argsort(-sizes[:, 0], kind="stable").tolist():
+        h, w = int(sizes[i, 0]), int(sizes[i, 1])
+        if right + gap + w + gap > canvas_w:  # a new shelf
+            top += gap + shelf
+            right = shelf = 0
+        corners[i] = (top + gap, right + gap)
+        right += gap + w
+        shelf = max(shelf, h)
+    return corners, (top + gap + shelf + gap, canvas_w)
+
+
+def _parts_on_canvas(
+    comp: np.ndarray, boxes: np.ndarray, ids: np.ndarray, width: int
+) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+    """Lay the parts ``ids`` of the label map ``comp`` apart on a canvas
+    with :func:`pack_boxes`: the flat indices of their pixels in ``comp``,
+    the flat indices of the same pixels on the canvas, and the canvas's
+    shape. ``boxes[k]`` is part ``k``'s box ``(top, left, bottom, right)``
+    (bottom and right exclusive; row 0 unused).
+
+    >>> comp = np.array([[1, 1, 0, 2], [0, 0, 0, 2]])
+    >>> boxes = np.array([[0, 0, 0, 0], [0, 0, 1, 2], [0, 3, 2, 4]])
+    >>> src, dst, shape = _parts_on_canvas(comp, boxes, np.array([2]), 4)
+    >>> src.tolist(), dst.tolist(), shape
+    ([3, 7], [5, 9], (4, 4))
+    """
+    ids = np.asarray(ids, np.int64)
+    b = boxes[ids]
+    corners, shape = pack_boxes(b[:, 2:] - b[:, :2], width)
+    chosen = np.zeros(len(boxes), bool)
+    chosen[ids] = True
+    shift = np.zeros(len(boxes), np.int64)  # canvas index - image index, but for the rows
+    shift[ids] = (corners[:, 0] - b[:, 0]) * shape[1] + corners[:, 1] - b[:, 1]
+    src = np.flatnonzero(chosen[comp])
+    dst = src // comp.shape[1] * (shape[1] - comp.shape[1]) + src + shift[comp.ravel()[src]]
+    return src, dst, shape
+
+
 def gaussian_smooth(image: np.ndarray, sigma: float) -> np.ndarray:
     """``scipy.ndimage.gaussian_filter(image, sigma)`` in float32 (mirrored
     borders, kernel cut at 4 sigma) computed by OpenCV, about 6x faster on a
@@ -340,6 +398,11 @@ def gaussian_smooth(image: np.ndarray, sigma: float) -> np.ndarray:
     )
 
 
+#: geodesic dilations over the whole tile before the parts of the mask still
+#: changing move to a canvas of their own (:func:`masked_h_maxima`)
+_WHOLE_TILE_STEPS = 8
+
+
 def masked_h_maxima(image: np.ndarray, mask: np.ndarray, h: float) -> np.ndarray:
     """h-maxima of ``image`` inside ``mask``, each connected part of the mask on its own.
 
@@ -348,7 +411,10 @@ def masked_h_maxima(image: np.ndarray, mask: np.ndarray, h: float) -> np.ndarray
     foreground blob keeps at least its highest peak), computed by iterated
     3x3 geodesic dilation with OpenCV: about 9x faster than scikit-image's
     reconstruction on a 1024 px tile, since the iterations only need to cross
-    one nucleus clump.
+    one nucleus clump. Most parts of the mask settle within a few steps; the
+    few large clumps that do not are then iterated on a canvas of their own
+    (:func:`pack_boxes`), which halves the time on a tile of the H&E model's
+    maps (0.06-0.09 s instead of 0.12-0.19 s).
 
     >>> img = np.array([[0.2, 1.0, 0.7, 0.8, 0.2, 0.9, 0.2]], np.float32)
     >>> m = np.ones_like(img, bool)
@@ -370,11 +436,48 @@ def masked_h_maxima(image: np.ndarray, mask: np.ndarray, h: float) -> np.ndarray
     eps = 2 * np.finfo(np.float32).resolution * np.abs(f)
     rec = np.where(mask, f - h - eps, low).astype(np.float32)
     kernel = np.ones((3, 3), np.uint8)
-    while True:  # reconstruction by dilation of f - h under f
-        nxt = np.minimum(cv2.dilate(rec, kernel), f)
-        if np.array_equal(nxt, rec):
-            break
-        rec = nxt
+
+    def grow(r: np.ndarray, top: np.ndarray, steps: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Up to ``steps`` geodesic dilations of ``r`` under ``top``: the
+        result, and the pixels the last one changed (None: converged)."""
+        nxt = np.empty_like(r)
+        changed = None
+        for _ in range(steps):
+            cv2.dilate(r, kernel, dst=nxt)
+            np.minimum(nxt, top, out=nxt)
+            changed = nxt != r
+            if not changed.any():
+                return nxt, None
+            r, nxt = nxt, r
+        return r, changed
+
+    # reconstruction by dilation of f - h under f: a few steps over the whole
+    # tile, where most parts of the mask settle; then only the parts still
+    # changing, side by side on a canvas (a part cannot reach the others:
+    # the parts are 8-connected, as the 3 x 3 dilation), for twice as many
+    # steps each round
+    steps = _WHOLE_TILE_STEPS
+    rec, changed = grow(rec, f, steps)
+    if changed is not None:
+        n, comp, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+        # (top, left, bottom, right) from OpenCV's (left, top, width, height)
+        x, y, w, h_ = (stats[:, i].astype(np.int64) for i in range(4))
+        boxes = np.c_[y, x, y + h_, x + w]
+        active = np.unique(comp[changed])
+        while len(active):
+            src, dst, shape = _parts_on_canvas(comp, boxes, active, mask.shape[1])
+            top = np.full(shape, low, np.float32)
+            top.reshape(-1)[dst] = f.reshape(-1)[src]
+            r = np.full(shape, low, np.float32)
+            r.reshape(-1)[dst] = rec.reshape(-1)[src]
+            r, changed = grow(r, top, steps)
+            rec.reshape(-1)[src] = r.reshape(-1)[dst]
+            if changed is None:
+                break
+            ids = np.zeros(shape, np.int32)
+            ids.reshape(-1)[dst] = comp.reshape(-1)[src]
+            active = np.unique(ids[changed])
+            steps *= 2
     return mask & ((f - rec) >= h)
 
 
