@@ -22,6 +22,28 @@ def test_svs_and_ndpi_resolution_from_metadata(shared_data: Path) -> None:
     assert region.shape == (128, 128, 3) and region.dtype == np.uint8
 
 
+def test_a_tile_read_at_the_models_resolution_is_the_harness_image(shared_data: Path) -> None:
+    """Reading a 40x region for a 0.4 um/px model (a shrink under 2x) gives
+    the pixels the training and evaluation images have (OpenCV's INTER_AREA
+    of the base layer), not large_image's Lanczos; larger shrinks (the
+    thumbnail) still come from a coarser layer at the size asked for."""
+    import cv2
+    import tifffile
+
+    path = sorted((shared_data / "monuseg2018/train/images").glob("*.tif"))[0]
+    s = open_slide(path, input_mpp=0.25)
+    image = tifffile.imread(path)[..., :3]
+    whole = s.read_region(0, 0, s.width, s.height, out_w=625, out_h=625)
+    assert np.array_equal(whole, cv2.resize(image, (625, 625), interpolation=cv2.INTER_AREA))
+    part = s.read_region(160, 320, 480, 320, out_w=300, out_h=200)
+    ref = cv2.resize(image[320:640, 160:640], (300, 200), interpolation=cv2.INTER_AREA)
+    assert np.array_equal(part, ref)
+    thumb, scale = s.thumbnail(400)
+    assert thumb.shape == (400, 400, 3) and scale == pytest.approx(0.4)
+    small = cv2.resize(image, (400, 400), interpolation=cv2.INTER_AREA).astype(int)
+    assert np.abs(thumb.astype(int) - small).mean() < 3
+
+
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "TIFF"])
 def test_plain_images_need_input_mpp(tmp_path: Path, fmt: str) -> None:
     path = tmp_path / f"img.{fmt.lower()}"
