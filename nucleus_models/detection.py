@@ -460,23 +460,19 @@ def _polygon_mask(
 def write_outputs(result: DetectionResult) -> list[str]:
     """Write every output the parameters ask for; return the paths written.
 
-    Documents are built in memory first and each file is written atomically,
-    so a failure leaves no partial file behind.
+    Each file is written atomically (the JSON ones a batch of nuclei at a
+    time, so a whole slide's annotation is never all in memory as Python
+    objects), so a failure leaves no partial file behind.
     """
-    from .io import (
-        annotation_document,
-        geojson_document,
-        write_annotation,
-        write_csv,
-        write_geojson,
-    )
+    from .io import write_annotation_document, write_csv, write_geojson_document
 
     p, spec = result.params, result.spec
     prov = result.provenance()
     name = p.annotation_name or f"Nuclei ({spec.name})"
     written: list[str] = []
     if p.outputNucleiAnnotationFile:
-        doc = annotation_document(
+        write_annotation_document(
+            p.outputNucleiAnnotationFile,
             result.nuclei,
             name=name,
             form=p.nuclei_annotation_format,
@@ -485,7 +481,6 @@ def write_outputs(result: DetectionResult) -> list[str]:
             description=f"{len(result.nuclei)} nuclei by {spec.name} (nucleus-models {result.version})",
             attributes=prov,
         )
-        write_annotation(p.outputNucleiAnnotationFile, doc)
         written.append(p.outputNucleiAnnotationFile)
     if p.outputNucleiCSVFile:
         write_csv(
@@ -497,10 +492,13 @@ def write_outputs(result: DetectionResult) -> list[str]:
         )
         written.append(p.outputNucleiCSVFile)
     if p.outputNucleiGeoJSONFile:
-        gj = geojson_document(
-            result.nuclei, class_names=spec.classes, class_colors=spec.class_colors, properties=prov
+        write_geojson_document(
+            p.outputNucleiGeoJSONFile,
+            result.nuclei,
+            class_names=spec.classes,
+            class_colors=spec.class_colors,
+            properties=prov,
         )
-        write_geojson(p.outputNucleiGeoJSONFile, gj)
         written.append(p.outputNucleiGeoJSONFile)
     if p.outputOverlayImageFile:
         _write_overlay(result, prov)

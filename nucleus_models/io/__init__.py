@@ -1,9 +1,9 @@
 """Outputs: DSA annotation documents, GeoJSON (QuPath), CSV, overlay PNG."""
 
-from .annotation import FORMS, annotation_document, write_annotation
+from .annotation import FORMS, annotation_document, write_annotation, write_annotation_document
 from .atomic import atomic_write
 from .overlay import render_overlay, write_overlay
-from .tables import geojson_document, write_csv, write_geojson
+from .tables import geojson_document, write_csv, write_geojson, write_geojson_document
 
 __all__ = [
     "FORMS",
@@ -12,7 +12,9 @@ __all__ = [
     "geojson_document",
     "render_overlay",
     "write_annotation",
+    "write_annotation_document",
     "write_csv",
     "write_geojson",
+    "write_geojson_document",
     "write_overlay",
 ]

@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 
 from ..types import Nuclei
-from .atomic import atomic_write
+from .atomic import atomic_write, write_json_in_batches
 
-__all__ = ["annotation_document", "write_annotation", "FORMS"]
+__all__ = ["annotation_document", "write_annotation", "write_annotation_document", "FORMS"]
 
 FORMS = ("polygon", "point", "box")
 _ALIASES = {"boundary": "polygon", "bbox": "box"}
@@ -29,26 +29,7 @@ def _fill(color: str, alpha: float = 0.25) -> str:
     return color
 
 
-def annotation_document(
-    nuclei: Nuclei,
-    *,
-    name: str,
-    form: str = "polygon",
-    class_names: Sequence[str] = ("nucleus",),
-    class_colors: Sequence[str] = ("rgb(0,200,255)",),
-    description: str = "",
-    attributes: dict[str, Any] | None = None,
-    decimals: int = 1,
-) -> dict[str, Any]:
-    """Build an annotation document for ``nuclei`` (base-pixel coordinates).
-
-    Parameters
-    ----------
-    form : {"polygon", "point", "box"}
-        Element type per nucleus (HistomicsTK's ``boundary``/``bbox`` accepted).
-    attributes : dict
-        Provenance (parameters, model, sha256, version, counts, timings).
-    """
+def _check_form(nuclei: Nuclei, form: str, class_names: Sequence[str]) -> str:
     form = _ALIASES.get(form, form)
     if form not in FORMS:
         raise ValueError(f"unknown annotation form {form!r}; use one of {FORMS}")
@@ -56,6 +37,17 @@ def annotation_document(
         raise ValueError(
             f"nucleus label {int(nuclei.labels.max())} has no class name in {list(class_names)}"
         )
+    return form
+
+
+def _elements(
+    nuclei: Nuclei,
+    form: str,
+    class_names: Sequence[str],
+    class_colors: Sequence[str],
+    decimals: int,
+) -> list[dict[str, Any]]:
+    """One annotation element per nucleus (``form`` already checked)."""
     colors = list(class_colors) + ["rgb(255,255,0)"] * max(0, len(class_names) - len(class_colors))
     meas_keys = [k for k in nuclei.measurements if k != "area_px"]
     meas = {k: np.round(nuclei.measurements[k].astype(float), 3).tolist() for k in meas_keys}
@@ -100,12 +92,76 @@ def annotation_document(
             user[k] = meas[k][i]
         el["user"] = user
         elements.append(el)
-    doc: dict[str, Any] = {"name": name, "elements": elements}
+    return elements
+
+
+def _tail(description: str, attributes: dict[str, Any] | None) -> dict[str, Any]:
+    tail: dict[str, Any] = {}
     if description:
-        doc["description"] = description
+        tail["description"] = description
     if attributes is not None:
-        doc["attributes"] = attributes
-    return doc
+        tail["attributes"] = attributes
+    return tail
+
+
+def annotation_document(
+    nuclei: Nuclei,
+    *,
+    name: str,
+    form: str = "polygon",
+    class_names: Sequence[str] = ("nucleus",),
+    class_colors: Sequence[str] = ("rgb(0,200,255)",),
+    description: str = "",
+    attributes: dict[str, Any] | None = None,
+    decimals: int = 1,
+) -> dict[str, Any]:
+    """Build an annotation document for ``nuclei`` (base-pixel coordinates).
+
+    Parameters
+    ----------
+    form : {"polygon", "point", "box"}
+        Element type per nucleus (HistomicsTK's ``boundary``/``bbox`` accepted).
+    attributes : dict
+        Provenance (parameters, model, sha256, version, counts, timings).
+    """
+    form = _check_form(nuclei, form, class_names)
+    doc: dict[str, Any] = {
+        "name": name,
+        "elements": _elements(nuclei, form, class_names, class_colors, decimals),
+    }
+    return {**doc, **_tail(description, attributes)}
+
+
+def write_annotation_document(
+    path: str,
+    nuclei: Nuclei,
+    *,
+    name: str,
+    form: str = "polygon",
+    class_names: Sequence[str] = ("nucleus",),
+    class_colors: Sequence[str] = ("rgb(0,200,255)",),
+    description: str = "",
+    attributes: dict[str, Any] | None = None,
+    decimals: int = 1,
+    batch: int = 5000,
+) -> None:
+    """Write :func:`annotation_document`'s document for ``nuclei`` to ``path``
+    (the same bytes as :func:`write_annotation` of it), atomically, building
+    ``batch`` elements at a time instead of all of them: a whole slide's
+    million nuclei would take ~3 GB as Python objects."""
+    form = _check_form(nuclei, form, class_names)
+    n = len(nuclei)
+    batches = (
+        _elements(
+            nuclei.select(np.arange(a, min(n, a + batch))),
+            form,
+            class_names,
+            class_colors,
+            decimals,
+        )
+        for a in range(0, n, max(1, batch))
+    )
+    write_json_in_batches(path, {"name": name}, "elements", batches, _tail(description, attributes))
 
 
 def write_annotation(path: str, doc: dict[str, Any]) -> None:

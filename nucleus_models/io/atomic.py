@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
-__all__ = ["atomic_write"]
+__all__ = ["atomic_write", "write_json_in_batches"]
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -35,3 +36,44 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "w", **kwargs: object
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _compact(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), allow_nan=False)
+
+
+def write_json_in_batches(
+    path: str | os.PathLike[str],
+    head: dict[str, Any],
+    key: str,
+    batches: Iterable[list[Any]],
+    tail: dict[str, Any],
+) -> None:
+    """Write ``{**head, key: [the items of all batches], **tail}`` as compact
+    JSON, atomically, with one batch of items in memory at a time.
+
+    The bytes are those of ``json.dumps(document, separators=(",", ":"),
+    allow_nan=False)`` (NaN or infinity is an error, and nothing is written).
+    A whole slide's annotation holds ~3 KB of Python objects a nucleus, so
+    building it whole costs gigabytes for a million nuclei.
+
+    >>> import tempfile, pathlib
+    >>> p = pathlib.Path(tempfile.mkdtemp()) / "doc.json"
+    >>> write_json_in_batches(p, {"name": "n"}, "elements", iter([[1, 2], [], [3]]), {"a": None})
+    >>> p.read_text()
+    '{"name":"n","elements":[1,2,3],"a":null}'
+    """
+    with atomic_write(path, "w", encoding="utf-8") as f:
+        # json.dumps uses the C encoder; json.dump to a stream does not (5x slower)
+        opening = _compact(head)[1:-1]
+        f.write("{" + opening + ("," if opening else "") + _compact(key) + ":[")
+        first = True
+        for batch in batches:
+            if not batch:
+                continue
+            if not first:
+                f.write(",")
+            f.write(_compact(batch)[1:-1])
+            first = False
+        closing = _compact(tail)[1:-1]
+        f.write("]" + ("," if closing else "") + closing + "}")

@@ -10,9 +10,9 @@ from typing import Any
 import numpy as np
 
 from ..types import Nuclei
-from .atomic import atomic_write
+from .atomic import atomic_write, write_json_in_batches
 
-__all__ = ["write_csv", "geojson_document", "write_geojson"]
+__all__ = ["write_csv", "geojson_document", "write_geojson", "write_geojson_document"]
 
 
 def write_csv(
@@ -50,18 +50,16 @@ def _rgb_triplet(color: str) -> list[int]:
     return [int(float(v)) for v in inner.split(",")[:3]]
 
 
-def geojson_document(
-    nuclei: Nuclei,
-    *,
-    class_names: Sequence[str],
-    class_colors: Sequence[str],
-    properties: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """GeoJSON FeatureCollection; each nucleus a Polygon with QuPath's properties."""
+def _features(
+    nuclei: Nuclei, class_names: Sequence[str], class_colors: Sequence[str], first_id: int = 1
+) -> list[dict[str, Any]]:
+    """One GeoJSON Feature per nucleus, numbered from ``first_id``."""
     feats = []
-    polys = nuclei.polygons()
+    # one conversion for all vertices, sliced per nucleus
+    verts = np.round(nuclei.polygon_vertices.astype(float), 2).tolist()
+    offsets = nuclei.polygon_offsets.tolist()
     for i in range(len(nuclei)):
-        ring = np.round(polys[i].astype(float), 2).tolist()
+        ring = verts[offsets[i] : offsets[i + 1]]
         if ring and ring[0] != ring[-1]:
             ring.append(ring[0])
         lab = int(nuclei.labels[i])
@@ -70,7 +68,7 @@ def geojson_document(
         feats.append(
             {
                 "type": "Feature",
-                "id": i + 1,
+                "id": first_id + i,
                 "geometry": {"type": "Polygon", "coordinates": [ring]},
                 "properties": {
                     "objectType": "detection",
@@ -82,10 +80,44 @@ def geojson_document(
                 },
             }
         )
-    doc: dict[str, Any] = {"type": "FeatureCollection", "features": feats}
+    return feats
+
+
+def geojson_document(
+    nuclei: Nuclei,
+    *,
+    class_names: Sequence[str],
+    class_colors: Sequence[str],
+    properties: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """GeoJSON FeatureCollection; each nucleus a Polygon with QuPath's properties."""
+    doc: dict[str, Any] = {
+        "type": "FeatureCollection",
+        "features": _features(nuclei, class_names, class_colors),
+    }
     if properties:
         doc["properties"] = properties
     return doc
+
+
+def write_geojson_document(
+    path: str,
+    nuclei: Nuclei,
+    *,
+    class_names: Sequence[str],
+    class_colors: Sequence[str],
+    properties: dict[str, Any] | None = None,
+    batch: int = 5000,
+) -> None:
+    """Write :func:`geojson_document`'s document to ``path`` (the same bytes
+    as :func:`write_geojson` of it), atomically, ``batch`` features at a time."""
+    n = len(nuclei)
+    batches = (
+        _features(nuclei.select(np.arange(a, min(n, a + batch))), class_names, class_colors, a + 1)
+        for a in range(0, n, max(1, batch))
+    )
+    tail = {"properties": properties} if properties else {}
+    write_json_in_batches(path, {"type": "FeatureCollection"}, "features", batches, tail)
 
 
 def write_geojson(path: str, doc: dict[str, Any]) -> None:
