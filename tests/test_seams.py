@@ -59,9 +59,42 @@ def test_results_do_not_depend_on_tiling_or_scheduler(disk_slide) -> None:
         np.testing.assert_array_equal(other.polygon_vertices, ref.polygon_vertices)
 
 
+def test_an_empty_scheduler_runs_a_thread_pool_on_a_cpu_and_one_worker_serially(
+    disk_slide,
+) -> None:
+    """The default (empty) scheduler: threads when there is more than one
+    worker, serial with one; recorded in the provenance; the same nuclei."""
+    import os
+
+    path, centres, _ = disk_slide
+    serial = _run(path, analysis_tile_size=256, num_workers=1)
+    threads = _run(path, analysis_tile_size=256, num_workers=2)
+    every_core = _run(path, analysis_tile_size=256)  # num_workers 0: all cores
+    assert (serial.tiles["scheduler"], serial.tiles["workers"]) == ("serial", 1)
+    assert (threads.tiles["scheduler"], threads.tiles["workers"]) == ("multithreading", 2)
+    cores = min(os.cpu_count() or 1, 8)  # the default pool has at most 8 threads
+    assert every_core.tiles["workers"] == cores
+    assert every_core.tiles["scheduler"] == ("multithreading" if cores > 1 else "serial")
+    for res in (threads, every_core):
+        assert len(res.nuclei) == len(serial.nuclei) == len(centres)
+        np.testing.assert_array_equal(res.nuclei.polygon_vertices, serial.nuclei.polygon_vertices)
+    explicit = _run(path, analysis_tile_size=256, scheduler="multithreading", num_workers=1)
+    assert (explicit.tiles["scheduler"], explicit.tiles["workers"]) == ("multithreading", 1)
+    # a many-core server: the default pool stops at 8 threads; asked-for counts stand
+    from unittest import mock
+
+    from nucleus_models.detection import effective_scheduler
+
+    with mock.patch("os.cpu_count", return_value=64):
+        assert effective_scheduler("", 0, "cpu") == ("multithreading", 8)
+        assert effective_scheduler("", 16, "cpu") == ("multithreading", 16)
+        assert effective_scheduler("multithreading", 0, "cpu") == ("multithreading", 64)
+        assert effective_scheduler("", 0, "cuda") == ("", 1)
+
+
 def test_dask_multiprocessing_matches_serial(disk_slide) -> None:
     path, centres, _ = disk_slide
-    serial = _run(path, analysis_tile_size=256).nuclei
+    serial = _run(path, analysis_tile_size=256, num_workers=1).nuclei
     dask = _run(path, analysis_tile_size=256, scheduler="multiprocessing", num_workers=2).nuclei
     assert len(dask) == len(serial) == len(centres)
     np.testing.assert_allclose(dask.centroids, serial.centroids, atol=1e-6)
