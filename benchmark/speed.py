@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import subprocess
 import sys
 import tempfile
@@ -20,6 +19,7 @@ from typing import Any
 
 from nucleus_models.errors import NucleusModelsError
 from nucleus_models.models.unet import PRECISIONS
+from nucleus_models.wsi.runner import available_cores
 
 __all__ = ["TimedCLIFailed", "add_arguments", "run", "time_cli"]
 
@@ -52,7 +52,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--model", default="classical-he", help="our model (registry name)")
     parser.add_argument(
-        "--workers", type=int, default=os.cpu_count() or 1, help="cores given to each CLI"
+        "--workers",
+        type=int,
+        default=available_cores(),
+        help="cores given to each CLI (default: those this process may use)",
     )
     parser.add_argument("--input_mpp", type=float, default=-1.0, help="resolution override (um/px)")
     parser.add_argument(
@@ -199,7 +202,7 @@ def _run(args: argparse.Namespace) -> int:
             )
     header = f"{'CLI':40s} {'seconds':>8s} {'nuclei':>8s} {'MP':>7s} {'MP/s':>7s} {'nuclei/s':>9s}"
     lines = [
-        f"slide: {args.slide}  roi: {args.analysis_roi}  workers: {args.workers}  cores: {os.cpu_count()}",
+        f"slide: {args.slide}  roi: {args.analysis_roi}  workers: {args.workers}  cores: {available_cores()}",
         header,
     ]
     for r in rows:

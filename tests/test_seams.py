@@ -64,7 +64,7 @@ def test_an_empty_scheduler_runs_a_thread_pool_on_a_cpu_and_one_worker_serially(
 ) -> None:
     """The default (empty) scheduler: threads when there is more than one
     worker, serial with one; recorded in the provenance; the same nuclei."""
-    import os
+    from nucleus_models.wsi import available_cores
 
     path, centres, _ = disk_slide
     serial = _run(path, analysis_tile_size=256, num_workers=1)
@@ -72,7 +72,7 @@ def test_an_empty_scheduler_runs_a_thread_pool_on_a_cpu_and_one_worker_serially(
     every_core = _run(path, analysis_tile_size=256)  # num_workers 0: all cores
     assert (serial.tiles["scheduler"], serial.tiles["workers"]) == ("serial", 1)
     assert (threads.tiles["scheduler"], threads.tiles["workers"]) == ("multithreading", 2)
-    cores = min(os.cpu_count() or 1, 8)  # the default pool has at most 8 threads
+    cores = min(available_cores(), 8)  # the default pool has at most 8 threads
     assert every_core.tiles["workers"] == cores
     assert every_core.tiles["scheduler"] == ("multithreading" if cores > 1 else "serial")
     for res in (threads, every_core):
@@ -85,7 +85,7 @@ def test_an_empty_scheduler_runs_a_thread_pool_on_a_cpu_and_one_worker_serially(
 
     from nucleus_models.detection import effective_scheduler
 
-    with mock.patch("os.cpu_count", return_value=64):
+    with mock.patch("nucleus_models.wsi.runner.available_cores", return_value=64):
         assert effective_scheduler("", 0, "cpu") == ("multithreading", 8)
         assert effective_scheduler("", 16, "cpu") == ("multithreading", 16)
         assert effective_scheduler("multithreading", 0, "cpu") == ("multithreading", 64)
@@ -192,3 +192,38 @@ def test_learned_model_does_not_depend_on_batch_size(shared_data: Path, monkeypa
         assert len(other) == len(ref.nuclei), bs
         np.testing.assert_allclose(other.centroids, ref.nuclei.centroids, atol=1e-6)
         np.testing.assert_array_equal(other.polygon_vertices, ref.nuclei.polygon_vertices)
+
+
+def test_the_cores_a_run_uses_respect_affinity_and_a_containers_cpu_quota(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A container limited to 4 of a host's 64 cores (``--cpus 4``: a cgroup
+    quota) or pinned to some cores (affinity) starts as many workers as it
+    may use, not one per host core."""
+    from nucleus_models.wsi import runner
+
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "cpu.max").write_text("400000 100000\n")
+    assert runner.cgroup_cpu_limit(str(v2)) == 4.0
+    (v2 / "cpu.max").write_text("max 100000\n")
+    assert runner.cgroup_cpu_limit(str(v2)) is None
+    v1 = tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("250000\n")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert runner.cgroup_cpu_limit(str(v1)) == 2.5
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    assert runner.cgroup_cpu_limit(str(v1)) is None
+    assert runner.cgroup_cpu_limit(str(tmp_path / "none")) is None
+
+    monkeypatch.setattr(runner.os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    monkeypatch.setattr(runner, "cgroup_cpu_limit", lambda root="": 4.0)
+    assert runner.available_cores() == 4
+    assert runner.resolve_workers(0) == 4 and runner.resolve_workers(-1) == 3
+    assert runner.resolve_workers(6) == 6  # asked for: as given
+    monkeypatch.setattr(runner, "cgroup_cpu_limit", lambda root="": 0.5)
+    assert runner.available_cores() == 1
+    monkeypatch.setattr(runner, "cgroup_cpu_limit", lambda root="": None)
+    monkeypatch.setattr(runner.os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    assert runner.available_cores() == 3

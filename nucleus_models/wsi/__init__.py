@@ -3,7 +3,7 @@
 This package is the only importer of ``large_image`` in the project.
 """
 
-from .runner import TileJob, resolve_workers, run_tiles
+from .runner import TileJob, available_cores, resolve_workers, run_tiles
 from .slide import Slide, open_slide, to_rgb_uint8
 from .tiling import Region, Tile, clip_region, in_core, parse_roi, tile_grid
 from .tissue import tile_tissue_fraction, tissue_mask
@@ -18,6 +18,7 @@ __all__ = [
     "open_slide",
     "parse_roi",
     "resolve_workers",
+    "available_cores",
     "run_tiles",
     "tile_grid",
     "tile_tissue_fraction",

@@ -61,9 +61,44 @@ class TileJob:
     analysis_mpp: float = 0.5
 
 
+def cgroup_cpu_limit(root: str = "/sys/fs/cgroup") -> float | None:
+    """The CPUs a cgroup quota allows this process (a container started with
+    ``--cpus 4``: 4.0), from cgroup v2's ``cpu.max`` or v1's
+    ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``; None without a quota."""
+    try:
+        with open(os.path.join(root, "cpu.max")) as f:
+            quota, period = f.read().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        with open(os.path.join(root, "cpu", "cpu.cfs_quota_us")) as f:
+            quota_us = int(f.read())
+        with open(os.path.join(root, "cpu", "cpu.cfs_period_us")) as f:
+            period_us = int(f.read())
+        return quota_us / period_us if quota_us > 0 and period_us > 0 else None
+    except (OSError, ValueError):
+        return None
+
+
+def available_cores() -> int:
+    """The cores this process may use: its CPU affinity, lowered to a
+    cgroup quota (``os.cpu_count()`` counts the host's, so a container
+    limited to 4 of 64 cores would start 64 workers)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    limit = cgroup_cpu_limit()
+    if limit is not None:
+        cores = min(cores, int(limit))
+    return max(1, cores)
+
+
 def resolve_workers(num_workers: int) -> int:
-    """``num_workers`` > 0 as given; 0 = all cores; < 0 = all cores minus ``|n|``."""
-    cores = os.cpu_count() or 1
+    """``num_workers`` > 0 as given; 0 = all available cores
+    (:func:`available_cores`); < 0 = all minus ``|n|``."""
+    cores = available_cores()
     if num_workers > 0:
         return num_workers
     return max(1, cores + num_workers)
@@ -247,7 +282,13 @@ def run_tiles(
     sched = (scheduler or "").strip()
     if sched == "":
         ordered = [t for b in batches for t in b]
-        with closing(_prefetched(job, ordered, depth=2 * batch_size)) as stream:
+        torch = sys.modules.get("torch")
+        # torch's default counts the host's cores; keep within a container's
+        threads = min(torch.get_num_threads() if torch else 1 << 16, available_cores())
+        with (
+            _torch_threads(threads),
+            closing(_prefetched(job, ordered, depth=2 * batch_size)) as stream,
+        ):
             for b in batches:
                 got = list(islice(stream, len(b)))
                 stages["read"] += sum(secs for _, _, secs in got)
@@ -257,7 +298,7 @@ def run_tiles(
 
         workers = resolve_workers(num_workers)
         with (
-            _torch_threads(max(1, (os.cpu_count() or 1) // workers)),
+            _torch_threads(max(1, available_cores() // workers)),
             ThreadPoolExecutor(max_workers=workers) as pool,
         ):
             futs = {pool.submit(process_tiles, job, b): len(b) for b in batches}
