@@ -9,7 +9,7 @@ nucleus's slice of it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -163,6 +163,20 @@ class Nuclei:
     def polygons(self) -> list[np.ndarray]:
         """All polygons as a list of ``(K, 2)`` views."""
         return np.split(self.polygon_vertices, self.polygon_offsets[1:-1])
+
+    def chunks(self, size: int) -> Iterator[tuple[int, Nuclei]]:
+        """``(first index, nuclei)`` for consecutive runs of up to ``size``
+        nuclei (at least 1), e.g. to encode a whole slide's outputs a part at
+        a time.
+
+        >>> sq = np.array([[0, 0], [2, 0], [2, 2], [0, 2]], float)
+        >>> n = Nuclei.from_polygons([sq + i for i in range(5)])
+        >>> [(a, len(part)) for a, part in n.chunks(2)], len(list(n.chunks(0)))
+        ([(0, 2), (2, 2), (4, 1)], 5)
+        """
+        size = max(1, int(size))
+        for a in range(0, len(self), size):
+            yield a, self.select(np.arange(a, min(len(self), a + size)))
 
     def select(self, keep: np.ndarray) -> Nuclei:
         """Rows where boolean ``keep`` is true (or the given integer indices)."""

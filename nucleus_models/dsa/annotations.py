@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..io.atomic import compact_json
 from .client import DSAClient, DSAError, GirderRequestError, GirderUnavailable
 
 __all__ = [
@@ -225,7 +226,7 @@ def push_annotation(
     push_id = uuid.uuid4().hex
     attrs = dict(doc.get("attributes") or {})
     attrs[ATTR_NS] = {**(record or {}), "analysis_key": analysis_key, "push_id": push_id}
-    body = json.dumps({**doc, "attributes": attrs}, separators=(",", ":"), allow_nan=False).encode()
+    body = compact_json({**doc, "attributes": attrs}).encode()
     timeout = _push_timeout(client, len(body))
     attempts = client.retry.attempts
     ann_id = ""

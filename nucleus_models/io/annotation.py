@@ -8,14 +8,13 @@ per-nucleus score and measurements under ``user``.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from ..types import Nuclei
-from .atomic import atomic_write, write_json_in_batches
+from .atomic import atomic_write, compact_json, write_json_in_batches
 
 __all__ = ["annotation_document", "write_annotation", "write_annotation_document", "FORMS"]
 
@@ -150,16 +149,9 @@ def write_annotation_document(
     ``batch`` elements at a time instead of all of them: a whole slide's
     million nuclei would take ~3 GB as Python objects."""
     form = _check_form(nuclei, form, class_names)
-    n = len(nuclei)
     batches = (
-        _elements(
-            nuclei.select(np.arange(a, min(n, a + batch))),
-            form,
-            class_names,
-            class_colors,
-            decimals,
-        )
-        for a in range(0, n, max(1, batch))
+        _elements(part, form, class_names, class_colors, decimals)
+        for _, part in nuclei.chunks(batch)
     )
     write_json_in_batches(path, {"name": name}, "elements", batches, _tail(description, attributes))
 
@@ -167,5 +159,4 @@ def write_annotation_document(
 def write_annotation(path: str, doc: dict[str, Any]) -> None:
     """Write an annotation document as compact JSON, atomically."""
     with atomic_write(path, "w", encoding="utf-8") as f:
-        # json.dumps uses the C encoder; json.dump to a stream does not (5x slower)
-        f.write(json.dumps(doc, separators=(",", ":"), allow_nan=False))
+        f.write(compact_json(doc))

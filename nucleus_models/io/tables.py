@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from ..types import Nuclei
-from .atomic import atomic_write, write_json_in_batches
+from .atomic import atomic_write, compact_json, write_json_in_batches
 
 __all__ = ["write_csv", "geojson_document", "write_geojson", "write_geojson_document"]
 
@@ -111,10 +111,9 @@ def write_geojson_document(
 ) -> None:
     """Write :func:`geojson_document`'s document to ``path`` (the same bytes
     as :func:`write_geojson` of it), atomically, ``batch`` features at a time."""
-    n = len(nuclei)
     batches = (
-        _features(nuclei.select(np.arange(a, min(n, a + batch))), class_names, class_colors, a + 1)
-        for a in range(0, n, max(1, batch))
+        _features(part, class_names, class_colors, first_id=a + 1)
+        for a, part in nuclei.chunks(batch)
     )
     tail = {"properties": properties} if properties else {}
     write_json_in_batches(path, {"type": "FeatureCollection"}, "features", batches, tail)
@@ -123,5 +122,4 @@ def write_geojson_document(
 def write_geojson(path: str, doc: dict[str, Any]) -> None:
     """Write a GeoJSON document atomically."""
     with atomic_write(path, "w", encoding="utf-8") as f:
-        # json.dumps uses the C encoder; json.dump to a stream does not (5x slower)
-        f.write(json.dumps(doc, separators=(",", ":"), allow_nan=False))
+        f.write(compact_json(doc))

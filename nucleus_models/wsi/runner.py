@@ -284,7 +284,7 @@ def run_tiles(
         ordered = [t for b in batches for t in b]
         torch = sys.modules.get("torch")
         # torch's default counts the host's cores; keep within a container's
-        threads = min(torch.get_num_threads() if torch else 1 << 16, available_cores())
+        threads = min(torch.get_num_threads(), available_cores()) if torch else 1
         with (
             _torch_threads(threads),
             closing(_prefetched(job, ordered, depth=2 * batch_size)) as stream,
