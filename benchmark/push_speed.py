@@ -13,6 +13,9 @@ Against the integration-test server (started here, ``.venv-girder`` needed)::
 
     .venv/bin/python -m benchmark.push_speed --sizes 10000 100000 --out bench_out/push.json
 
+``--batched 5000`` pushes the documents a batch at a time, as the folder job
+does; ``--memory`` adds the push's peak of Python allocations.
+
 or an existing server (token from ``GIRDER_TOKEN``)::
 
     .venv/bin/python -m benchmark.push_speed --api-url URL --item ITEM_ID --sizes 10000
@@ -84,18 +87,44 @@ def synthetic_document(n: int, form: str, *, seed: int = 0) -> tuple[dict[str, A
     return doc, side
 
 
-def time_push(client: Any, item_id: str, doc: dict[str, Any]) -> dict[str, Any]:
-    """Push ``doc`` (replacing the previous benchmark annotation) and time it."""
-    from nucleus_models.dsa import push_annotation
+def time_push(
+    client: Any, item_id: str, doc: dict[str, Any], *, batched: int = 0, memory: bool = False
+) -> dict[str, Any]:
+    """Push ``doc`` (replacing the previous benchmark annotation) and time it.
 
+    ``batched`` > 0 pushes it as a :class:`~nucleus_models.dsa.BatchedDocument`
+    of that many elements a batch (as the folder job does); ``memory`` records
+    the push's peak of Python allocations (``tracemalloc``, which slows it).
+    """
+    import tracemalloc
+
+    from nucleus_models.dsa import BatchedDocument, push_annotation
+
+    body: Any = doc
+    if batched > 0:
+        els = doc["elements"]
+        body = BatchedDocument(
+            name=doc["name"],
+            batches=lambda: (els[a : a + batched] for a in range(0, len(els), batched)),
+            attributes=doc.get("attributes"),
+        )
+    if memory:
+        tracemalloc.start()
     t0 = time.perf_counter()
-    res = push_annotation(client, item_id, doc, analysis_key="push-speed-benchmark")
+    try:
+        res = push_annotation(client, item_id, body, analysis_key="push-speed-benchmark")
+        seconds = time.perf_counter() - t0
+        peak = tracemalloc.get_traced_memory()[1] if memory else None
+    finally:
+        if memory:
+            tracemalloc.stop()
     return {
         "annotation_id": res.annotation_id,
         "elements": res.element_count,
-        "push_s": round(time.perf_counter() - t0, 2),
+        "push_s": round(seconds, 2),
         "mbytes": round(res.upload_bytes / 1e6, 1),
-        "elements_per_s": round(res.element_count / max(time.perf_counter() - t0, 1e-9)),
+        "elements_per_s": round(res.element_count / max(seconds, 1e-9)),
+        "client_peak_mb": None if peak is None else round(peak / 1e6, 1),
     }
 
 
@@ -178,7 +207,11 @@ def _measure(args: argparse.Namespace, form: str, n: int) -> dict[str, Any]:
         server, client, item_id = _server_and_item(args, Path(tmp))
         try:
             doc, side = synthetic_document(n, form)
-            row: dict[str, Any] = {"form": form, "n": n, **time_push(client, item_id, doc)}
+            row: dict[str, Any] = {
+                "form": form,
+                "n": n,
+                **time_push(client, item_id, doc, batched=args.batched, memory=args.memory),
+            }
             del doc
             row["queries"] = time_queries(client, row["annotation_id"], side)
             if server is None:
@@ -201,6 +234,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--api-url", default="", help="existing server (token from GIRDER_TOKEN)")
     ap.add_argument("--item", default="", help="item to push to (with --api-url)")
     ap.add_argument("--out", default="", help="write the results as JSON here")
+    ap.add_argument(
+        "--batched",
+        type=int,
+        default=0,
+        help="push as a BatchedDocument of this many elements a batch (the folder job: 5000)",
+    )
+    ap.add_argument(
+        "--memory",
+        action="store_true",
+        help="record the push's peak of Python allocations (tracemalloc; slows the push)",
+    )
     ap.add_argument(
         "--budget-s", type=float, default=300.0, help="skip sizes projected to take longer"
     )
@@ -230,11 +274,11 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
         "whole_slide_centroids",
     ]
     head = (
-        "| form | elements | MB | push s | elements/s | "
+        "| form | elements | MB | push s | elements/s | client peak MB | "
         + " | ".join(f"{q} s (n)" for q in qnames)
         + " |"
     )
-    lines = [head, "|" + "---|" * (5 + len(qnames))]
+    lines = [head, "|" + "---|" * (6 + len(qnames))]
     for r in rows:
         if "skipped" in r:
             lines.append(f"| {r['form']} | {r['n']} | skipped: {r['skipped']} |")
@@ -243,6 +287,7 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
         cells = [f"{q[k]['s']} ({q[k]['returned']})" for k in qnames]
         lines.append(
             f"| {r['form']} | {r['n']} | {r['mbytes']} | {r['push_s']} | {r['elements_per_s']} | "
+            f"{r['client_peak_mb'] if r['client_peak_mb'] is not None else '-'} | "
             + " | ".join(cells)
             + " |"
         )

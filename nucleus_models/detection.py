@@ -23,6 +23,7 @@ from .models import ModelSpec, get_spec
 from .types import Nuclei
 
 __all__ = [
+    "annotation_options",
     "DetectionParams",
     "DetectionResult",
     "ImageSegmentation",
@@ -497,6 +498,20 @@ def _polygon_mask(
     return ndi.binary_dilation(mask, iterations=2)
 
 
+def annotation_options(result: DetectionResult) -> dict[str, Any]:
+    """Name, description, element form and class colours of the run's annotation
+    document (the keywords of :func:`~nucleus_models.io.write_annotation_document`
+    besides the nuclei and attributes); the folder job pushes the same document."""
+    p, spec = result.params, result.spec
+    return {
+        "name": p.annotation_name or f"Nuclei ({spec.name})",
+        "form": p.nuclei_annotation_format,
+        "class_names": spec.classes,
+        "class_colors": spec.class_colors,
+        "description": f"{len(result.nuclei)} nuclei by {spec.name} (nucleus-models {result.version})",
+    }
+
+
 def write_outputs(result: DetectionResult) -> list[str]:
     """Write every output the parameters ask for; return the paths written.
 
@@ -508,17 +523,12 @@ def write_outputs(result: DetectionResult) -> list[str]:
 
     p, spec = result.params, result.spec
     prov = result.provenance()
-    name = p.annotation_name or f"Nuclei ({spec.name})"
     written: list[str] = []
     if p.outputNucleiAnnotationFile:
         write_annotation_document(
             p.outputNucleiAnnotationFile,
             result.nuclei,
-            name=name,
-            form=p.nuclei_annotation_format,
-            class_names=spec.classes,
-            class_colors=spec.class_colors,
-            description=f"{len(result.nuclei)} nuclei by {spec.name} (nucleus-models {result.version})",
+            **annotation_options(result),
             attributes=prov,
         )
         written.append(p.outputNucleiAnnotationFile)

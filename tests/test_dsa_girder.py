@@ -34,6 +34,7 @@ from girder_server import (
 
 from nucleus_models.dsa import (
     AnnotationRejected,
+    BatchedDocument,
     FolderJobParams,
     RetryPolicy,
     connect,
@@ -137,6 +138,61 @@ def _point_doc(n: int, name: str = "Nuclei (test)", seed: int = 0) -> dict[str, 
     return {"name": name, "elements": els, "attributes": {"software": "nucleus-models"}}
 
 
+def _batched(doc: dict[str, Any], size: int) -> BatchedDocument:
+    els = doc["elements"]
+    return BatchedDocument(
+        name=doc["name"],
+        batches=lambda: (els[a : a + size] for a in range(0, len(els), size)),
+        attributes=doc.get("attributes"),
+    )
+
+
+def _stored(client: Any, annotation_id: str) -> dict[str, Any]:
+    ann = client.get(f"annotation/{annotation_id}")["annotation"]
+    for el in ann["elements"]:
+        assert el.pop("id")
+    assert ann["attributes"]["nucleus_models"].pop("push_id")
+    return dict(ann)
+
+
+def test_batched_document_is_stored_as_the_whole_one(girder: GirderServer, tmp_path: Path) -> None:
+    client = _client(girder)
+    doc = _point_doc(53, seed=5)
+    whole = push_annotation(client, _item(girder, "whole"), doc, analysis_key=KEY)
+    batched = push_annotation(
+        client, _item(girder, "batched"), _batched(doc, 10), analysis_key=KEY, workdir=tmp_path
+    )
+    assert whole.element_count == batched.element_count == 53
+    assert whole.upload_bytes == batched.upload_bytes  # the same body, push ids aside
+    assert _stored(client, whole.annotation_id) == _stored(client, batched.annotation_id)
+    assert list(tmp_path.iterdir()) == []  # the body file is gone
+
+
+def test_batched_push_holds_one_batch_in_memory(girder: GirderServer) -> None:
+    import tracemalloc
+
+    client = _client(girder)
+    n, size = 30_000, 500
+    xy = np.random.default_rng(0).uniform(0, 1000, (n, 2)).round(1).tolist()
+
+    def batches() -> Iterator[list[dict[str, Any]]]:
+        for a in range(0, n, size):
+            yield [{"type": "point", "center": [x, y, 0]} for x, y in xy[a : a + size]]
+
+    doc = BatchedDocument(name="Nuclei (memory)", batches=batches)
+    item_id = _item(girder, "memory")
+    tracemalloc.start()
+    try:
+        res = push_annotation(client, item_id, doc, analysis_key=KEY)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # a dict push holds the body (upload_bytes) twice, as text and bytes, and the
+    # server's answer, every element again with its id, as Python objects (~15x)
+    assert res.element_count == n and res.upload_bytes > 1_000_000
+    assert peak < res.upload_bytes / 2, (peak, res.upload_bytes)
+
+
 def test_push_replaces_without_duplicates(girder: GirderServer) -> None:
     item_id = _item(girder, "replace")
     client = _client(girder)
@@ -168,7 +224,10 @@ def test_metadata_is_namespaced(girder: GirderServer) -> None:
     assert meta["nucleus_models"][KEY]["scores"] == {"a_b": 1.0, "nan": None}
 
 
-def test_5xx_and_lost_answers_mid_push_leave_one_annotation(girder: GirderServer) -> None:
+@pytest.mark.parametrize("batched", [False, True], ids=["whole", "batched"])
+def test_5xx_and_lost_answers_mid_push_leave_one_annotation(
+    girder: GirderServer, batched: bool
+) -> None:
     item_id = _item(girder, "faults")
     client = _client(girder, attempts=4, backoff=0.05)
     real_post = client._session.post
@@ -178,7 +237,10 @@ def test_5xx_and_lost_answers_mid_push_leave_one_annotation(girder: GirderServer
         def post(url: str, *args: Any, **kwargs: Any) -> Any:
             if url.endswith("/annotation") and not calls:
                 calls.append(mode)
-                if mode == "500":  # the server fails before storing anything
+                if mode.startswith("500"):  # the server fails before storing anything
+                    body = kwargs.get("data")
+                    if mode == "500 after reading" and hasattr(body, "read"):
+                        body.read()  # a retry must send the body again from its start
                     resp = requests.Response()
                     resp.status_code, resp.url = 500, url
                     resp._content = b'{"message": "injected failure", "type": "internal"}'
@@ -189,11 +251,14 @@ def test_5xx_and_lost_answers_mid_push_leave_one_annotation(girder: GirderServer
 
         return post
 
-    for mode in ("500", "lost answer"):
+    for mode in ("500", "500 after reading", "lost answer"):
         calls.clear()
         client._session.post = flaky(mode)
-        res = push_annotation(client, item_id, _point_doc(50, seed=len(mode)), analysis_key=KEY)
-        assert calls == [mode]
+        doc = _point_doc(50, seed=len(mode))
+        res = push_annotation(
+            client, item_id, _batched(doc, 7) if batched else doc, analysis_key=KEY
+        )
+        assert calls == [mode] and res.element_count == 50
         anns = find_annotations(client, item_id, KEY)
         assert [a["_id"] for a in anns] == [res.annotation_id], mode
     client._session.post = real_post
@@ -225,16 +290,20 @@ def test_rejected_document_names_the_element_and_stores_nothing(girder: GirderSe
         push_annotation(client, item_id, bad, analysis_key=KEY)
     msg = str(info.value)
     assert "element 3 (point)" in msg and "lineColor" in msg and "not-a-colour" in msg, msg
+    with pytest.raises(AnnotationRejected, match=r"element 3 \(point\): lineColor"):
+        push_annotation(client, item_id, _batched(bad, 2), analysis_key=KEY)  # 2nd batch
     bad["elements"][3] = {"type": "point", "center": [1, float("inf"), 0]}
     with pytest.raises(AnnotationRejected, match=r"element 3 \(point\): center"):
         push_annotation(client, item_id, bad, analysis_key=KEY)
+    with pytest.raises(AnnotationRejected, match=r"element 3 \(point\): center"):
+        push_annotation(client, item_id, _batched(bad, 2), analysis_key=KEY)
     anns = client.get("annotation", {"itemId": item_id})
     assert [(a["_id"], a["_elementCount"]) for a in anns] == [(good.annotation_id, 10)]
 
 
 # ------------------------------------------------------------- folder job
 def test_folder_job_runs_skips_replaces_and_records_failures(
-    girder: GirderServer, slides: dict[str, Path]
+    girder: GirderServer, slides: dict[str, Path], tmp_path: Path
 ) -> None:
     folder = _folder(girder, slides, ["disks0", "white", "cmu"], "job")
     client = _client(girder)
@@ -250,6 +319,11 @@ def test_folder_job_runs_skips_replaces_and_records_failures(
     rows = summary_rows(client, folder["_id"])
     assert [(r["item_name"], r["status"]) for r in rows] == [*DONE2, ("white.tif", "failed")]
     assert int(rows[0]["nuclei_count"]) == recs["cmu.tif"]["element_count"] > 100
+    # the pushed document (made a batch at a time) is the one the CLI writes
+    cli_doc = _detect(tmp_path, "--nuclei_annotation_format", "point")
+    pushed = _stored(client, recs["cmu.tif"]["annotation_id"])
+    assert (pushed["name"], pushed["description"]) == (cli_doc["name"], cli_doc["description"])
+    assert pushed["elements"] == cli_doc["elements"]
     # same analysis, model and parameters: skipped; the failure is tried again
     again = {o.item_name: o.status for o in run_folder_job(client, params)}
     assert again == {"cmu.tif": "skipped", "disks0.tif": "skipped", "white.tif": "failed"}

@@ -5,7 +5,8 @@ The only part of the package that imports ``girder_client``:
 - :mod:`.client`: :func:`connect` (token from the argument or ``$GIRDER_TOKEN``),
   retries with backoff on 5xx / time-outs / dropped connections, token redaction;
 - :mod:`.annotations`: :func:`push_annotation` (one POST, verified, then the
-  previous annotation of the same analysis key is deleted: never duplicates);
+  previous annotation of the same analysis key is deleted: never duplicates;
+  a :class:`BatchedDocument` is uploaded from a file written a batch at a time);
 - :mod:`.metadata`: scores and provenance under ``item.meta["nucleus_models"]``;
 - :mod:`.folder_job`: :func:`run_folder_job`, every large image of a folder,
   resumable, with a summary CSV uploaded to the folder.
@@ -17,6 +18,7 @@ folder job from cron.
 from .annotations import (
     ATTR_NS,
     AnnotationRejected,
+    BatchedDocument,
     PushResult,
     dedupe,
     find_annotations,
@@ -45,6 +47,7 @@ __all__ = [
     "TOKEN_ENV",
     "AnnotationRejected",
     "AuthenticationError",
+    "BatchedDocument",
     "DSAClient",
     "DSAError",
     "FolderJobParams",

@@ -6,7 +6,9 @@ Every document we push carries ``attributes["nucleus_models"]`` with its
 1. checks the elements locally (a bad element is named before any upload);
 2. POSTs the whole document in one request to ``annotation?itemId=``: the
    server validates everything before it stores anything, so a rejected
-   document leaves nothing on the item. If the answer is lost (time-out,
+   document leaves nothing on the item. A :class:`BatchedDocument` (a whole
+   slide's nuclei) is written to a temporary file a batch of elements at a
+   time and uploaded from it, so the push never holds it in memory. If the answer is lost (time-out,
    dropped connection, 5xx), the item is searched for the ``push_id`` before
    the POST is retried, so a retry never stores a second copy;
 3. reads the new annotation's element count back from the server;
@@ -19,21 +21,25 @@ one (removed by the next push or :func:`dedupe`), never a partial one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import os
+import tempfile
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any
 
-from ..io.atomic import compact_json
+from ..io.atomic import compact_json, write_json_in_batches
 from .client import DSAClient, DSAError, GirderRequestError, GirderUnavailable
 
 __all__ = [
     "ATTR_NS",
     "AnnotationRejected",
+    "BatchedDocument",
     "PushResult",
     "check_elements",
     "delete_annotation",
@@ -67,6 +73,31 @@ class AnnotationRejected(DSAError):
     """The document is invalid (the message names the element); nothing was stored."""
 
 
+@dataclass(frozen=True)
+class BatchedDocument:
+    """An annotation document whose elements are made a batch at a time.
+
+    ``batches`` returns a fresh iterable of element lists each time it is
+    called (a push reads them once to write its body, and again only to name
+    a bad element when the server rejects the document). A whole slide's
+    million nuclei take ~3 GB as one document of Python objects; pushed as a
+    ``BatchedDocument`` they take one batch.
+    """
+
+    name: str
+    batches: Callable[[], Iterable[list[dict[str, Any]]]]
+    description: str = ""
+    attributes: dict[str, Any] | None = None
+
+    def elements(self) -> Iterator[dict[str, Any]]:
+        """Every element, in order."""
+        for batch in self.batches():
+            yield from batch
+
+
+Document = dict[str, Any] | BatchedDocument
+
+
 @dataclass
 class PushResult:
     """What a push stored and what it replaced."""
@@ -90,15 +121,16 @@ def _finite_xy(value: Any, size: int = 3) -> bool:
     )
 
 
-def check_elements(elements: Sequence[Any]) -> None:
-    """Cheap local checks of the elements' geometry.
+def check_elements(elements: Sequence[Any], start: int = 0) -> None:
+    """Cheap local checks of the elements' geometry (``start``: the index of
+    the first one in its document, for the message).
 
     Raises
     ------
     AnnotationRejected
         Naming the first bad element (index, type, field).
     """
-    for i, el in enumerate(elements):
+    for i, el in enumerate(elements, start):
         if not isinstance(el, dict):
             raise AnnotationRejected(f"element {i} is a {type(el).__name__}, not an object")
         kind = el.get("type")
@@ -194,24 +226,29 @@ def _push_timeout(client: DSAClient, nbytes: int) -> tuple[float, float]:
 def push_annotation(
     client: DSAClient,
     item_id: str,
-    doc: dict[str, Any],
+    doc: Document,
     *,
     analysis_key: str,
     record: dict[str, Any] | None = None,
     replace: bool = True,
+    workdir: str | None = None,
 ) -> PushResult:
     """Store ``doc`` on the item and replace the previous one of the same analysis.
 
     Parameters
     ----------
-    doc : dict
-        A large_image annotation document (``name``, ``elements``, ``attributes``).
-        It is not modified.
+    doc : dict or BatchedDocument
+        A large_image annotation document (``name``, ``elements``, ``attributes``),
+        or one whose elements are made a batch at a time (uploaded from a
+        temporary file, never whole in memory). It is not modified.
     analysis_key : str
         Identity of the analysis; older annotations with this key are deleted
         once the new one is stored and verified.
     record : dict, optional
         Extra entries for ``attributes["nucleus_models"]`` (e.g. ``params_hash``).
+    workdir : str, optional
+        Where a :class:`BatchedDocument`'s body is written (default: the
+        system's temporary folder); removed after the push.
 
     Raises
     ------
@@ -221,60 +258,25 @@ def push_annotation(
         The server kept failing; the item keeps its previous annotation.
     """
     t0 = time.perf_counter()
-    elements = doc.get("elements") or []
-    check_elements(elements)
     push_id = uuid.uuid4().hex
-    attrs = dict(doc.get("attributes") or {})
+    attrs = dict(_attributes(doc) or {})
     attrs[ATTR_NS] = {**(record or {}), "analysis_key": analysis_key, "push_id": push_id}
-    body = compact_json({**doc, "attributes": attrs}).encode()
-    timeout = _push_timeout(client, len(body))
-    attempts = client.retry.attempts
-    ann_id = ""
-    for attempt in range(attempts):
-        try:
-            created = client.sendRestRequest(
-                "POST",
-                "annotation",
-                {"itemId": item_id},
-                data=body,
-                headers={"Content-Type": "application/json"},
-                attempts=1,
-                timeout=timeout,
-            )
-            ann_id = created["_id"]
-            break
-        except GirderRequestError as exc:
-            if exc.status == 400 and "Validation" in exc.text:
-                _remove_stray(client, item_id, push_id)
-                raise AnnotationRejected(
-                    f"Girder rejected annotation {doc.get('name')!r}: "
-                    + diagnose(client, doc, exc.text)
-                ) from None
-            raise
-        except GirderUnavailable as exc:
-            found = _lookup_after_failure(client, item_id, push_id)
-            if found:
-                ann_id = found[0]["_id"]
-                log.info("item %s: the push arrived although its answer was lost", item_id)
-                break
-            if attempt + 1 >= attempts:
-                raise GirderUnavailable(
-                    f"push of {len(elements)} elements to item {item_id} failed: {exc}"
-                ) from None
-            wait = client.retry.delay(attempt)
-            log.warning("push to item %s: %s; retry in %.1f s", item_id, exc, wait)
-            client._sleep(wait)
-    stored = [a for a in list_annotations(client, item_id) if a["_id"] == ann_id]
-    count = int(stored[0].get("_elementCount", -1)) if stored else -1
-    if count != len(elements):
+    with _body(doc, attrs, workdir) as (body, nbytes, n_elements):
+        attempt = _post(client, item_id, doc, body, nbytes, n_elements, push_id)
+    stored = _find_push(client, item_id, push_id)
+    if not stored:
+        raise DSAError(f"item {item_id}: Girder accepted the annotation but does not list it")
+    ann_id = stored[0]["_id"]
+    for copy in stored[1:]:  # a retried POST that landed twice: identical copies
+        delete_annotation(client, copy["_id"])
+    count = int(stored[0].get("_elementCount", -1))
+    if count != n_elements:
         delete_annotation(client, ann_id)
         raise DSAError(
-            f"item {item_id}: Girder stored {count} of {len(elements)} elements; push undone"
+            f"item {item_id}: Girder stored {count} of {n_elements} elements; push undone"
         )
     replaced = (
-        dedupe(client, item_id, analysis_key, ann_id, legacy_name=doc.get("name"))
-        if replace
-        else []
+        dedupe(client, item_id, analysis_key, ann_id, legacy_name=_name(doc)) if replace else []
     )
     if attempt:  # a POST whose answer was lost may still land late: look once more
         client._sleep(max(client.retry.backoff, 0.5))
@@ -287,9 +289,108 @@ def push_annotation(
         element_count=count,
         replaced=replaced,
         seconds=time.perf_counter() - t0,
-        upload_bytes=len(body),
+        upload_bytes=nbytes,
         attempts=attempt + 1,
     )
+
+
+def _name(doc: Document) -> str | None:
+    return doc.name if isinstance(doc, BatchedDocument) else doc.get("name")
+
+
+def _attributes(doc: Document) -> dict[str, Any] | None:
+    return doc.attributes if isinstance(doc, BatchedDocument) else doc.get("attributes")
+
+
+def _elements_of(doc: Document) -> Iterable[Any]:
+    return doc.elements() if isinstance(doc, BatchedDocument) else doc.get("elements") or []
+
+
+@contextlib.contextmanager
+def _body(
+    doc: Document, attrs: dict[str, Any], workdir: str | None
+) -> Iterator[tuple[bytes | IO[bytes], int, int]]:
+    """The POST body of ``doc`` with ``attrs`` (bytes, or an open temporary
+    file for a :class:`BatchedDocument`), its size and its element count; the
+    elements are checked first."""
+    if not isinstance(doc, BatchedDocument):
+        elements = doc.get("elements") or []
+        check_elements(elements)
+        body = compact_json({**doc, "attributes": attrs}).encode()
+        yield body, len(body), len(elements)
+        return
+    count = 0
+
+    def checked() -> Iterator[list[dict[str, Any]]]:
+        nonlocal count
+        for batch in doc.batches():
+            check_elements(batch, count)
+            count += len(batch)
+            yield batch
+
+    tail = {"description": doc.description} if doc.description else {}
+    with tempfile.TemporaryDirectory(prefix="nm-push-", dir=workdir) as tmp:
+        path = os.path.join(tmp, "annotation.json")
+        write_json_in_batches(
+            path, {"name": doc.name}, "elements", checked(), {**tail, "attributes": attrs}
+        )
+        with open(path, "rb") as f:
+            yield f, os.path.getsize(path), count
+
+
+def _post(
+    client: DSAClient,
+    item_id: str,
+    doc: Document,
+    body: bytes | IO[bytes],
+    nbytes: int,
+    n_elements: int,
+    push_id: str,
+) -> int:
+    """POST the body (retried; after a lost answer the item is searched for
+    ``push_id`` first); return the index of the attempt that stored it.
+
+    The server answers with the whole stored document, elements and their
+    new ids included (~100 bytes a point, more than the upload); that answer
+    is not read: the new annotation is found by its ``push_id``."""
+    timeout = _push_timeout(client, nbytes)
+    attempts = max(1, client.retry.attempts)
+    for attempt in range(attempts):
+        if not isinstance(body, bytes):
+            body.seek(0)
+        try:
+            answer = client.sendRestRequest(
+                "POST",
+                "annotation",
+                {"itemId": item_id},
+                data=body,
+                headers={"Content-Type": "application/json"},
+                jsonResp=False,
+                stream=True,
+                attempts=1,
+                timeout=timeout,
+            )
+            answer.close()
+            return attempt
+        except GirderRequestError as exc:
+            if exc.status == 400 and "Validation" in exc.text:
+                _remove_stray(client, item_id, push_id)
+                raise AnnotationRejected(
+                    f"Girder rejected annotation {_name(doc)!r}: " + diagnose(client, doc, exc.text)
+                ) from None
+            raise
+        except GirderUnavailable as exc:
+            if _lookup_after_failure(client, item_id, push_id):
+                log.info("item %s: the push arrived although its answer was lost", item_id)
+                return attempt
+            if attempt + 1 >= attempts:
+                raise GirderUnavailable(
+                    f"push of {n_elements} elements to item {item_id} failed: {exc}"
+                ) from None
+            wait = client.retry.delay(attempt)
+            log.warning("push to item %s: %s; retry in %.1f s", item_id, exc, wait)
+            client._sleep(wait)
+    raise AssertionError("unreachable: the last attempt returns or raises")
 
 
 def _lookup_after_failure(client: DSAClient, item_id: str, push_id: str) -> list[dict[str, Any]]:
@@ -304,7 +405,7 @@ def _remove_stray(client: DSAClient, item_id: str, push_id: str) -> None:
         delete_annotation(client, ann["_id"])
 
 
-def diagnose(client: DSAClient, doc: dict[str, Any], server_message: str) -> str:
+def diagnose(client: DSAClient, doc: Document, server_message: str) -> str:
     """Name the element the server's schema rejects (the server only says why)."""
     import jsonschema
 
@@ -313,7 +414,12 @@ def diagnose(client: DSAClient, doc: dict[str, Any], server_message: str) -> str
     except DSAError:
         schema = None
     if schema:
-        top = {**doc, "elements": []}
+        if isinstance(doc, BatchedDocument):
+            top: dict[str, Any] = {"name": doc.name, "elements": []}
+            top.update({"description": doc.description} if doc.description else {})
+            top.update({"attributes": doc.attributes} if doc.attributes is not None else {})
+        else:
+            top = {**doc, "elements": []}
         err = jsonschema.exceptions.best_match(jsonschema.Draft7Validator(schema).iter_errors(top))
         if err is not None:
             return f"{_where(err)}: {err.message}"
@@ -322,7 +428,7 @@ def diagnose(client: DSAClient, doc: dict[str, Any], server_message: str) -> str
             for s in schema["properties"]["elements"]["items"].get("anyOf", [])
         }
         validators = {k: jsonschema.Draft7Validator(v) for k, v in by_type.items() if k}
-        for i, el in enumerate(doc.get("elements") or []):
+        for i, el in enumerate(_elements_of(doc)):
             kind = el.get("type") if isinstance(el, dict) else None
             v = validators.get(kind)
             if v is None:

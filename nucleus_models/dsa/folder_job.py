@@ -14,6 +14,7 @@ summary and the item's metadata) and the job goes on.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import json
@@ -26,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..errors import NucleusModelsError
-from .annotations import dedupe, find_annotations, push_annotation
+from .annotations import BatchedDocument, dedupe, find_annotations, push_annotation
 from .client import DSAClient, DSAError, GirderRequestError, redact
 from .metadata import read_record, write_record
 
@@ -121,9 +122,10 @@ class FolderJobParams:
 
 @dataclass
 class AnalysisOutput:
-    """An analysis's result for one slide: annotation document, scores, provenance."""
+    """An analysis's result for one slide: annotation document (its
+    attributes are set when pushed), scores, provenance."""
 
-    document: dict[str, Any]
+    document: BatchedDocument
     scores: dict[str, Any]
     provenance: dict[str, Any]
 
@@ -143,18 +145,23 @@ class ItemOutcome:
 
 
 def _run_detection(params: FolderJobParams, slide: str, workdir: str, progress: Progress) -> Any:
-    from ..detection import DetectionParams, detect_nuclei, write_outputs
+    from ..detection import DetectionParams, annotation_options, detect_nuclei
+    from ..io import annotation_batches
 
-    anot = os.path.join(workdir, "nuclei.anot")
     det = DetectionParams(
         inputImageFile=slide,
-        outputNucleiAnnotationFile=anot,
+        outputNucleiAnnotationFile=os.path.join(workdir, "nuclei.anot"),  # named, not written
         **{k: getattr(params, k) for k in _DETECTION_FIELDS + _RUNTIME_FIELDS},
     )
     result = detect_nuclei(det, progress=progress)
-    write_outputs(result)  # the same document the NucleusDetection CLI writes
-    with open(anot, encoding="utf-8") as f:
-        doc = json.load(f)
+    # the document the NucleusDetection CLI writes, made a batch at a time when pushed
+    opts = annotation_options(result)
+    name, description = opts.pop("name"), opts.pop("description")
+    doc = BatchedDocument(
+        name=name,
+        batches=lambda: annotation_batches(result.nuclei, **opts),
+        description=description,
+    )
     prov = result.provenance()
     x, y, w, h = result.region
     area_mm2 = w * h * (result.slide["mpp"] or 0) ** 2 / 1e6
@@ -222,13 +229,14 @@ def _process(
         out = ANALYSES[params.analysis](params, slide, tmp, progress)
     prov = _sanitize(out.provenance, fname)
     girder = {"item_id": item["_id"], "file_id": file_id, "folder_id": item["folderId"]}
-    doc = {**out.document, "attributes": {**prov, "girder": girder}}
+    doc = dataclasses.replace(out.document, attributes={**prov, "girder": girder})
     push = push_annotation(
         client,
         item["_id"],
         doc,
         analysis_key=key,
         record={"params_hash": phash, "analysis": params.analysis, "model": params.model},
+        workdir=workdir,
     )
     log.info("item %s: annotation %s pushed", item["_id"], push.annotation_id)
     write_record(
@@ -241,7 +249,7 @@ def _process(
             "model": params.model,
             "params_hash": phash,
             "annotation_id": push.annotation_id,
-            "annotation_name": doc.get("name", ""),
+            "annotation_name": doc.name,
             "element_count": push.element_count,
             "scores": out.scores,
             "provenance": {**prov, "girder": girder, "job": params.public()},

@@ -8,7 +8,7 @@ per-nucleus score and measurements under ``user``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -16,7 +16,13 @@ import numpy as np
 from ..types import Nuclei
 from .atomic import atomic_write, compact_json, write_json_in_batches
 
-__all__ = ["annotation_document", "write_annotation", "write_annotation_document", "FORMS"]
+__all__ = [
+    "annotation_batches",
+    "annotation_document",
+    "write_annotation",
+    "write_annotation_document",
+    "FORMS",
+]
 
 FORMS = ("polygon", "point", "box")
 _ALIASES = {"boundary": "polygon", "bbox": "box"}
@@ -148,12 +154,42 @@ def write_annotation_document(
     (the same bytes as :func:`write_annotation` of it), atomically, building
     ``batch`` elements at a time instead of all of them: a whole slide's
     million nuclei would take ~3 GB as Python objects."""
-    form = _check_form(nuclei, form, class_names)
-    batches = (
-        _elements(part, form, class_names, class_colors, decimals)
-        for _, part in nuclei.chunks(batch)
+    batches = annotation_batches(
+        nuclei,
+        form=form,
+        class_names=class_names,
+        class_colors=class_colors,
+        decimals=decimals,
+        batch=batch,
     )
     write_json_in_batches(path, {"name": name}, "elements", batches, _tail(description, attributes))
+
+
+def annotation_batches(
+    nuclei: Nuclei,
+    *,
+    form: str = "polygon",
+    class_names: Sequence[str] = ("nucleus",),
+    class_colors: Sequence[str] = ("rgb(0,200,255)",),
+    decimals: int = 1,
+    batch: int = 5000,
+) -> Iterator[list[dict[str, Any]]]:
+    """:func:`annotation_document`'s elements, ``batch`` at a time (the form
+    and class names are checked before the first batch is made).
+
+    >>> from nucleus_models.types import Nuclei
+    >>> sq = np.array([[0, 0], [2, 0], [2, 2], [0, 2]], float)
+    >>> parts = annotation_batches(Nuclei.from_polygons([sq, sq + 5, sq + 9]), form="point", batch=2)
+    >>> [[e["center"] for e in part] for part in parts]
+    [[[1.0, 1.0, 0], [6.0, 6.0, 0]], [[10.0, 10.0, 0]]]
+    """
+    form = _check_form(nuclei, form, class_names)
+
+    def gen() -> Iterator[list[dict[str, Any]]]:
+        for _, part in nuclei.chunks(batch):
+            yield _elements(part, form, class_names, class_colors, decimals)
+
+    return gen()
 
 
 def write_annotation(path: str, doc: dict[str, Any]) -> None:
