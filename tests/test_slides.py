@@ -80,6 +80,19 @@ def test_thumbnail_and_tissue_mask(shared_data: Path) -> None:
     assert not tissue_mask(np.full((50, 50, 3), 250, np.uint8)).any()
 
 
+def test_optical_density_table_is_the_formula() -> None:
+    """The uint8 lookup gives the float32 formula's values, bit for bit."""
+    from nucleus_models.wsi.tissue import optical_density
+
+    every = np.arange(256, dtype=np.uint8).reshape(16, 16, 1).repeat(3, axis=2)
+    img = np.random.default_rng(0).integers(0, 256, (64, 48, 4), dtype=np.uint8)
+    for rgb in (every, img[..., :3]):
+        formula = -np.log10(np.clip(rgb.astype(np.float32), 1.0, 255.0) / 255.0)
+        od = optical_density(rgb)
+        assert od.dtype == np.float32 and np.array_equal(od, formula)
+        assert np.array_equal(optical_density(rgb.astype(np.float32)), formula)
+
+
 def test_in_memory_16bit_images_are_stretched_not_divided() -> None:
     """12-bit fluorescence in a 16-bit container keeps its contrast in segment_image/training."""
     from nucleus_models.wsi import to_rgb_uint8
