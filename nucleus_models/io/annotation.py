@@ -54,6 +54,7 @@ def _elements(
 ) -> list[dict[str, Any]]:
     """One annotation element per nucleus (``form`` already checked)."""
     colors = list(class_colors) + ["rgb(255,255,0)"] * max(0, len(class_names) - len(class_colors))
+    fills = [_fill(c) for c in colors]
     meas_keys = [k for k in nuclei.measurements if k != "area_px"]
     meas = {k: np.round(nuclei.measurements[k].astype(float), 3).tolist() for k in meas_keys}
     scores = np.round(nuclei.scores.astype(float), 3).tolist()
@@ -75,7 +76,7 @@ def _elements(
                 "type": "polyline",
                 "closed": True,
                 "points": verts[offsets[i] : offsets[i + 1]],
-                "fillColor": _fill(colors[lab]),
+                "fillColor": fills[lab],
             }
         elif form == "point":
             el = {"type": "point", "center": [cent[i][0], cent[i][1], 0]}
@@ -87,7 +88,7 @@ def _elements(
                 "width": round(x1 - x0, decimals),
                 "height": round(y1 - y0, decimals),
                 "rotation": 0,
-                "fillColor": _fill(colors[lab]),
+                "fillColor": fills[lab],
             }
         el["lineColor"] = colors[lab]
         el["lineWidth"] = 1
