@@ -8,10 +8,13 @@ Every document we push carries ``attributes["nucleus_models"]`` with its
    server validates everything before it stores anything, so a rejected
    document leaves nothing on the item. A :class:`BatchedDocument` (a whole
    slide's nuclei) is written to a temporary file a batch of elements at a
-   time and uploaded from it, so the push never holds it in memory. If the answer is lost (time-out,
-   dropped connection, 5xx), the item is searched for the ``push_id`` before
-   the POST is retried, so a retry never stores a second copy;
-3. reads the new annotation's element count back from the server;
+   time and uploaded from it, so the push never holds it in memory. If the
+   answer is lost (time-out, dropped connection, 5xx), the item is searched
+   for the ``push_id`` before the POST is retried, so a retry never stores a
+   second copy;
+3. finds the new annotation by its ``push_id`` (the POST's answer, the whole
+   document again with element ids, is not read) and checks its element
+   count;
 4. only then deletes the item's older annotations with the same analysis key
    (and any stray copy of this push).
 
