@@ -107,6 +107,8 @@ class DetectionResult:
     version: str = __version__
     #: where and how the model ran: ``device`` and, for learned models, ``precision``
     runtime: dict[str, Any] = field(default_factory=dict)
+    #: what the user should know about this run (also logged as it happens)
+    warnings: list[str] = field(default_factory=list)
 
     def provenance(self) -> dict[str, Any]:
         """JSON-ready record: parameters, model, sha256, version, counts, timings."""
@@ -132,6 +134,7 @@ class DetectionResult:
             "class_counts": counts,
             "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
             "runtime": dict(self.runtime),
+            "warnings": list(self.warnings),
         }
 
 
@@ -172,7 +175,9 @@ def detect_nuclei(params: DetectionParams, *, progress: Progress | None = None) 
     from .models import get_model
 
     model = None
+    warnings: list[str] = []
     thumb, tscale = slide.thumbnail(2048)
+    _check_modality(thumb, tscale, region.as_list(), spec, warnings)
     tissue = tissue_mask(thumb, modality=spec.modality)
     if region.polygons:
         tissue = tissue & _polygon_mask(region.polygons, tissue.shape, tscale)
@@ -204,11 +209,11 @@ def detect_nuclei(params: DetectionParams, *, progress: Progress | None = None) 
     tiles = tile_grid(bounds, tile_size=tile_size, overlap=overlap, image_size=(image_w, image_h))
     # after tile_grid: a tile size <= overlap is a one-line error, not a warning first
     if params.analysis_tile_overlap >= 0 and overlap < min_overlap:
-        log.warning(
-            "tile overlap %d px is smaller than the largest nucleus (%d px): nuclei may be cut at seams",
-            overlap,
-            min_overlap,
+        warnings.append(
+            f"tile overlap {overlap} px is smaller than the largest nucleus ({min_overlap} px): "
+            "nuclei may be cut at seams"
         )
+        log.warning("%s", warnings[-1])
 
     keep = []
     for t in tiles:
@@ -296,7 +301,33 @@ def detect_nuclei(params: DetectionParams, *, progress: Progress | None = None) 
             **{f"{k}_cpu": v for k, v in stages.items()},
         },
         runtime=model_runtime(model),
+        warnings=warnings,
     )
+
+
+def _check_modality(
+    thumb: np.ndarray, tscale: float, region: list[int], spec: Any, warnings: list[str]
+) -> None:
+    """Warn (log and ``warnings``) when the analysis region looks like
+    fluorescence and the model is for brightfield stains, or the other way
+    round: the run goes on, but its nuclei are likely nonsense."""
+    from .models import get_spec, list_models
+    from .wsi.tissue import apparent_modality
+
+    x, y, w, h = region
+    x0, y0 = int(x * tscale), int(y * tscale)
+    x1, y1 = max(int(round((x + w) * tscale)), x0 + 1), max(int(round((y + h) * tscale)), y0 + 1)
+    seen = apparent_modality(thumb[y0:y1, x0:x1])
+    if seen is None or seen == spec.modality:
+        return
+    others = [m for m in list_models() if get_spec(m).modality == seen]
+    background = "dark" if seen == "fluorescence" else "bright"
+    warnings.append(
+        f"the image looks like {seen} ({background} background) but model {spec.name} is for "
+        f"{spec.modality} images; its nuclei are likely wrong"
+        + (f" (for {seen} images: {', '.join(others)})" if others else "")
+    )
+    log.warning("%s", warnings[-1])
 
 
 def effective_scheduler(scheduler: str, num_workers: int, device: str) -> tuple[str, int]:

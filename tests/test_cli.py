@@ -143,6 +143,7 @@ def test_end_to_end_on_cmu_small_region(shared_data: Path, tmp_path: Path) -> No
     off = np.hypot(*(pts - xy).T)
     assert np.median(off) < 1.0 and off.max() < 10
     assert doc["attributes"]["slide"]["mpp"] == pytest.approx(0.499, abs=1e-3)
+    assert doc["attributes"]["warnings"] == [] and "WARNING" not in res.stderr
 
 
 def test_end_to_end_on_monuseg_image_finds_the_annotated_nuclei(
@@ -336,3 +337,40 @@ def test_fluorescence_model_on_the_ndpi_slide(shared_data: Path, tmp_path: Path)
     doc = json.loads(out.read_text())
     validate_annotation(doc)
     assert len(doc["elements"]) > 20
+    assert doc["attributes"]["warnings"] == [] and "looks like" not in res.stderr
+
+
+def test_a_brightfield_model_on_a_fluorescence_slide_is_warned_about(
+    shared_data: Path, tmp_path: Path
+) -> None:
+    """The default H&E model on the DAPI slide runs, but says the result is likely wrong."""
+    slide = next((shared_data / "wsi").glob("*.ndpi"))
+    out = tmp_path / "he.anot"
+    res = run_cli("NucleusDetection", str(slide), str(out), "--analysis_roi=1000,1000,1024,1024")
+    assert res.returncode == 0, res.stderr
+    warned = [line for line in res.stderr.splitlines() if "looks like fluorescence" in line]
+    assert len(warned) == 1 and "unet-monuseg" in warned[0] and "unet-bbbc038" in warned[0]
+    (recorded,) = json.loads(out.read_text())["attributes"]["warnings"]
+    assert recorded in warned[0]
+
+
+def test_the_modality_check_looks_at_the_analysis_region() -> None:
+    from nucleus_models.detection import _check_modality
+    from nucleus_models.models import get_spec
+
+    thumb = np.full((100, 200, 3), 235, np.uint8)
+    thumb[:, 100:] = 10  # right half dark, as fluorescence
+    he, fl = get_spec("unet-monuseg"), get_spec("unet-bbbc038")
+    scale = 0.1  # thumbnail pixels per base pixel: the slide is 2000 x 1000
+    cases = [
+        (he, [0, 0, 900, 1000], []),  # bright region, brightfield model
+        (he, [1100, 0, 900, 1000], ["looks like fluorescence"]),
+        (fl, [1100, 0, 900, 1000], []),
+        (fl, [0, 0, 2000, 300], []),  # half and half: undecided, no warning
+        (fl, [0, 0, 900, 1000], ["looks like brightfield", "unet-monuseg"]),
+    ]
+    for spec, region, expected in cases:
+        warnings: list[str] = []
+        _check_modality(thumb, scale, region, spec, warnings)
+        assert len(warnings) == (1 if expected else 0), (spec.name, region, warnings)
+        assert all(e in warnings[0] for e in expected)

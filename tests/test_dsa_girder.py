@@ -74,6 +74,11 @@ def slides(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out["white"] = write_pyramidal_tiff(
         root / "white.tif", np.full((256, 256, 3), 250, np.uint8), mpp=0.5
     )
+    # bright disks on a dark background: looks like fluorescence
+    c = disk_centres(400, 320, (128,), radius=6.0)
+    out["dark"] = write_pyramidal_tiff(
+        root / "dark.tif", 255 - draw_disks(400, 320, c, 6.0), mpp=0.5
+    )
     return out
 
 
@@ -319,6 +324,7 @@ def test_folder_job_runs_skips_replaces_and_records_failures(
     rows = summary_rows(client, folder["_id"])
     assert [(r["item_name"], r["status"]) for r in rows] == [*DONE2, ("white.tif", "failed")]
     assert int(rows[0]["nuclei_count"]) == recs["cmu.tif"]["element_count"] > 100
+    assert [r["warnings"] for r in rows] == ["", "", ""]
     # the pushed document (made a batch at a time) is the one the CLI writes
     cli_doc = _detect(tmp_path, "--nuclei_annotation_format", "point")
     pushed = _stored(client, recs["cmu.tif"]["annotation_id"])
@@ -335,6 +341,25 @@ def test_folder_job_runs_skips_replaces_and_records_failures(
     recs2 = assert_consistent(client, folder["_id"])
     assert recs2["cmu.tif"]["annotation_id"] != recs["cmu.tif"]["annotation_id"]
     assert recs2["cmu.tif"]["params_hash"] != recs["cmu.tif"]["params_hash"]
+
+
+def test_folder_job_reports_an_analysis_warnings(
+    girder: GirderServer, slides: dict[str, Path]
+) -> None:
+    """A slide that looks like fluorescence, given the default H&E model: done,
+    and the warning reaches the outcome, the item's record and the summary."""
+    folder = _folder(girder, slides, ["dark"], "warn")
+    client = _client(girder)
+    params = FolderJobParams(inputFolder=folder["_id"], nuclei_annotation_format="point")
+    (first,) = run_folder_job(client, params)
+    assert first.status == "done" and len(first.warnings) == 1
+    assert "looks like fluorescence" in first.warnings[0]
+    rec = read_record(client, first.item_id, KEY)
+    assert rec is not None and rec["provenance"]["warnings"] == first.warnings
+    (again,) = run_folder_job(client, params)
+    assert again.status == "skipped" and again.warnings == first.warnings
+    (row,) = summary_rows(client, folder["_id"])
+    assert row["status"] == "skipped" and row["warnings"] == first.warnings[0]
 
 
 def test_folder_job_survives_a_paused_server_and_dropped_connections(

@@ -142,6 +142,8 @@ class ItemOutcome:
     seconds: float = 0.0
     error: str = ""
     scores: dict[str, Any] = field(default_factory=dict)
+    #: the analysis's warnings (e.g. a fluorescence slide given a brightfield model)
+    warnings: list[str] = field(default_factory=list)
 
 
 def _run_detection(params: FolderJobParams, slide: str, workdir: str, progress: Progress) -> Any:
@@ -263,6 +265,7 @@ def _process(
         nuclei_count=out.scores.get("nuclei_count"),
         seconds=time.perf_counter() - t0,
         scores=out.scores,
+        warnings=list(prov.get("warnings") or []),
     )
 
 
@@ -287,6 +290,7 @@ def _summary_csv(outcomes: list[ItemOutcome], params: FolderJobParams, phash: st
     buf = io.StringIO()
     cols = ["item_id", "item_name", "status", "analysis", "analysis_key", "model"]
     cols += ["params_hash", "nuclei_count", "nuclei_per_mm2", "annotation_id", "seconds", "error"]
+    cols += ["warnings"]
     w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
     w.writeheader()
     for o in outcomes:
@@ -304,6 +308,7 @@ def _summary_csv(outcomes: list[ItemOutcome], params: FolderJobParams, phash: st
                 "annotation_id": o.annotation_id,
                 "seconds": f"{o.seconds:.2f}",
                 "error": o.error,
+                "warnings": "; ".join(o.warnings),
             }
         )
     return buf.getvalue().encode()
@@ -373,6 +378,7 @@ def run_folder_job(
                     annotation_id=rec["annotation_id"],
                     nuclei_count=scores.get("nuclei_count"),
                     scores=scores,
+                    warnings=list((rec.get("provenance") or {}).get("warnings") or []),
                 )
             else:
                 outcome = _process(client, params, item, phash, workdir, sub)

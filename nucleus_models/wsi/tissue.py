@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["optical_density", "tissue_mask", "tile_tissue_fraction"]
+__all__ = ["apparent_modality", "optical_density", "tissue_mask", "tile_tissue_fraction"]
 
 
 def tissue_mask(thumbnail: np.ndarray, *, modality: str = "brightfield") -> np.ndarray:
@@ -33,6 +33,29 @@ def tissue_mask(thumbnail: np.ndarray, *, modality: str = "brightfield") -> np.n
         mask = optical_density(rgb).sum(axis=2) > 0.2
     mask = ndi.binary_closing(mask, iterations=2, border_value=0) | mask
     return ndi.binary_fill_holes(mask)
+
+
+def apparent_modality(rgb: np.ndarray) -> str | None:
+    """What an RGB uint8 image (a slide's thumbnail) looks like from its
+    background: ``"fluorescence"`` when most of it is dark (median brightness
+    below 50 of 255), ``"brightfield"`` when most of it is bright (above 150),
+    ``None`` in between (e.g. a crop filled with dense tissue).
+
+    On this project's data: MoNuSeg's 30 H&E images have medians 82-211,
+    CCAgT's silver stains 153-212, CMU-1-Small-Region 243; BBBC038's 37
+    fluorescence images 3-52 and the DAPI NDPI slide 5.
+
+    >>> apparent_modality(np.full((8, 8, 3), 240, np.uint8)), apparent_modality(np.zeros((8, 8, 3), np.uint8))
+    ('brightfield', 'fluorescence')
+    """
+    if rgb.size == 0:
+        return None
+    median = float(np.median(rgb[..., :3].mean(axis=-1)))
+    if median < 50:
+        return "fluorescence"
+    if median > 150:
+        return "brightfield"
+    return None
 
 
 #: -log10(max(v, 1) / 255) for every uint8 value v, in float32
