@@ -1396,6 +1396,42 @@ def test_blur_augmentation_softens_half_the_patches_and_leaves_the_targets() -> 
     assert r1.uniform() == r2.uniform()
 
 
+def test_vesicular_augmentation_pales_nuclear_interiors_and_leaves_the_rest() -> None:
+    """``augment.vesicular``: in that share of the patches some nuclei get
+    paler interiors (never darker), their rims, the background and the
+    targets stay; a config without it draws the same random numbers."""
+    from benchmark.training.data import augment, make_targets
+
+    lab = np.zeros((64, 64), np.int32)
+    for i, (y, x) in enumerate([(12, 12), (12, 44), (44, 12), (44, 44)], start=1):
+        yy, xx = np.ogrid[:64, :64]
+        lab[(yy - y) ** 2 + (xx - x) ** 2 <= 81] = i
+    fg, bd, dist = make_targets(lab, boundary="thin")
+    img = np.full((64, 64, 3), (230, 190, 215), np.uint8)
+    img[lab > 0] = (70, 50, 120)
+    patch = {"image": img, "fg": fg, "boundary": bd, "dist": dist}
+    changed = 0
+    for seed in range(40):
+        a = augment(patch, np.random.default_rng(seed), {"vesicular": 0.5})
+        b = augment(patch, np.random.default_rng(seed), {})
+        for key in ("fg", "boundary", "dist"):
+            assert np.array_equal(a[key], b[key])
+        diff = a["image"].astype(int) - b["image"].astype(int)
+        m = b["fg"] == 0
+        assert np.abs(diff[m]).max() == 0  # the background is untouched
+        # (the patch is flipped and rotated: the masks come from its own targets)
+        centre, rim = a["dist"] > 0.8, (a["dist"] > 0) & (a["dist"] < 0.2)
+        if diff.any():
+            changed += 1
+            assert diff.min() >= 0 and diff[..., 0][centre].max() > 60  # paler, not darker
+        assert np.abs(diff[..., 0][rim]).max() < 40  # the rim stays dark
+    assert 10 <= changed <= 30
+    r1, r2 = np.random.default_rng(1), np.random.default_rng(1)
+    augment(patch, r1, {"noise": 0.02})
+    augment(patch, r2, {"noise": 0.02, "vesicular": 0})
+    assert r1.uniform() == r2.uniform()
+
+
 def _bar_image() -> tuple[np.ndarray, np.ndarray]:
     """A 96 x 96 image with two dark bars (instances 1 and 2) on a light background."""
     lab = np.zeros((96, 96), np.int32)
