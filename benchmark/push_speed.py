@@ -100,14 +100,7 @@ def time_push(
 
     from nucleus_models.dsa import BatchedDocument, push_annotation
 
-    body: Any = doc
-    if batched > 0:
-        els = doc["elements"]
-        body = BatchedDocument(
-            name=doc["name"],
-            batches=lambda: (els[a : a + batched] for a in range(0, len(els), batched)),
-            attributes=doc.get("attributes"),
-        )
+    body: Any = BatchedDocument.from_document(doc, batched) if batched > 0 else doc
     if memory:
         tracemalloc.start()
     t0 = time.perf_counter()

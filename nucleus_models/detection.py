@@ -24,6 +24,7 @@ from .types import Nuclei
 
 __all__ = [
     "annotation_options",
+    "modality_mismatch",
     "DetectionParams",
     "DetectionResult",
     "ImageSegmentation",
@@ -175,9 +176,16 @@ def detect_nuclei(params: DetectionParams, *, progress: Progress | None = None) 
     from .models import get_model
 
     model = None
-    warnings: list[str] = []
+    warnings: list[str] = []  # logged as they happen, and recorded in the outputs
+
+    def warn(msg: str) -> None:
+        warnings.append(msg)
+        log.warning("%s", msg)
+
     thumb, tscale = slide.thumbnail(2048)
-    _check_modality(thumb, tscale, region.as_list(), spec, warnings)
+    mismatch = modality_mismatch(thumb, tscale, region.as_list(), spec)
+    if mismatch:
+        warn(mismatch)
     tissue = tissue_mask(thumb, modality=spec.modality)
     if region.polygons:
         tissue = tissue & _polygon_mask(region.polygons, tissue.shape, tscale)
@@ -209,11 +217,10 @@ def detect_nuclei(params: DetectionParams, *, progress: Progress | None = None) 
     tiles = tile_grid(bounds, tile_size=tile_size, overlap=overlap, image_size=(image_w, image_h))
     # after tile_grid: a tile size <= overlap is a one-line error, not a warning first
     if params.analysis_tile_overlap >= 0 and overlap < min_overlap:
-        warnings.append(
+        warn(
             f"tile overlap {overlap} px is smaller than the largest nucleus ({min_overlap} px): "
             "nuclei may be cut at seams"
         )
-        log.warning("%s", warnings[-1])
 
     keep = []
     for t in tiles:
@@ -305,29 +312,25 @@ def detect_nuclei(params: DetectionParams, *, progress: Progress | None = None) 
     )
 
 
-def _check_modality(
-    thumb: np.ndarray, tscale: float, region: list[int], spec: Any, warnings: list[str]
-) -> None:
-    """Warn (log and ``warnings``) when the analysis region looks like
-    fluorescence and the model is for brightfield stains, or the other way
-    round: the run goes on, but its nuclei are likely nonsense."""
-    from .models import get_spec, list_models
-    from .wsi.tissue import apparent_modality
+def modality_mismatch(thumb: np.ndarray, tscale: float, region: list[int], spec: Any) -> str | None:
+    """A warning when the analysis region (left, top, width, height) of the
+    thumbnail looks like fluorescence and the model is for brightfield stains,
+    or the other way round (the run goes on, but its nuclei are likely
+    nonsense); None when they agree or the region is undecided."""
+    from .models import list_models
+    from .wsi.tissue import apparent_modality, thumbnail_window
 
     x, y, w, h = region
-    x0, y0 = int(x * tscale), int(y * tscale)
-    x1, y1 = max(int(round((x + w) * tscale)), x0 + 1), max(int(round((y + h) * tscale)), y0 + 1)
-    seen = apparent_modality(thumb[y0:y1, x0:x1])
+    seen = apparent_modality(thumbnail_window(thumb, (x, y, x + w, y + h), tscale))
     if seen is None or seen == spec.modality:
-        return
+        return None
     others = [m for m in list_models() if get_spec(m).modality == seen]
     background = "dark" if seen == "fluorescence" else "bright"
-    warnings.append(
+    return (
         f"the image looks like {seen} ({background} background) but model {spec.name} is for "
         f"{spec.modality} images; its nuclei are likely wrong"
         + (f" (for {seen} images: {', '.join(others)})" if others else "")
     )
-    log.warning("%s", warnings[-1])
 
 
 def effective_scheduler(scheduler: str, num_workers: int, device: str) -> tuple[str, int]:

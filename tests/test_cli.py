@@ -355,7 +355,7 @@ def test_a_brightfield_model_on_a_fluorescence_slide_is_warned_about(
 
 
 def test_the_modality_check_looks_at_the_analysis_region() -> None:
-    from nucleus_models.detection import _check_modality
+    from nucleus_models.detection import modality_mismatch
     from nucleus_models.models import get_spec
 
     thumb = np.full((100, 200, 3), 235, np.uint8)
@@ -370,7 +370,7 @@ def test_the_modality_check_looks_at_the_analysis_region() -> None:
         (fl, [0, 0, 900, 1000], ["looks like brightfield", "unet-monuseg"]),
     ]
     for spec, region, expected in cases:
-        warnings: list[str] = []
-        _check_modality(thumb, scale, region, spec, warnings)
+        msg = modality_mismatch(thumb, scale, region, spec)
+        warnings = [msg] if msg else []
         assert len(warnings) == (1 if expected else 0), (spec.name, region, warnings)
         assert all(e in warnings[0] for e in expected)

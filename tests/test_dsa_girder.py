@@ -143,15 +143,6 @@ def _point_doc(n: int, name: str = "Nuclei (test)", seed: int = 0) -> dict[str, 
     return {"name": name, "elements": els, "attributes": {"software": "nucleus-models"}}
 
 
-def _batched(doc: dict[str, Any], size: int) -> BatchedDocument:
-    els = doc["elements"]
-    return BatchedDocument(
-        name=doc["name"],
-        batches=lambda: (els[a : a + size] for a in range(0, len(els), size)),
-        attributes=doc.get("attributes"),
-    )
-
-
 def _stored(client: Any, annotation_id: str) -> dict[str, Any]:
     ann = client.get(f"annotation/{annotation_id}")["annotation"]
     for el in ann["elements"]:
@@ -165,7 +156,11 @@ def test_batched_document_is_stored_as_the_whole_one(girder: GirderServer, tmp_p
     doc = _point_doc(53, seed=5)
     whole = push_annotation(client, _item(girder, "whole"), doc, analysis_key=KEY)
     batched = push_annotation(
-        client, _item(girder, "batched"), _batched(doc, 10), analysis_key=KEY, workdir=tmp_path
+        client,
+        _item(girder, "batched"),
+        BatchedDocument.from_document(doc, 10),
+        analysis_key=KEY,
+        workdir=tmp_path,
     )
     assert whole.element_count == batched.element_count == 53
     assert whole.upload_bytes == batched.upload_bytes  # the same body, push ids aside
@@ -261,7 +256,10 @@ def test_5xx_and_lost_answers_mid_push_leave_one_annotation(
         client._session.post = flaky(mode)
         doc = _point_doc(50, seed=len(mode))
         res = push_annotation(
-            client, item_id, _batched(doc, 7) if batched else doc, analysis_key=KEY
+            client,
+            item_id,
+            BatchedDocument.from_document(doc, 7) if batched else doc,
+            analysis_key=KEY,
         )
         assert calls == [mode] and res.element_count == 50
         anns = find_annotations(client, item_id, KEY)
@@ -296,12 +294,14 @@ def test_rejected_document_names_the_element_and_stores_nothing(girder: GirderSe
     msg = str(info.value)
     assert "element 3 (point)" in msg and "lineColor" in msg and "not-a-colour" in msg, msg
     with pytest.raises(AnnotationRejected, match=r"element 3 \(point\): lineColor"):
-        push_annotation(client, item_id, _batched(bad, 2), analysis_key=KEY)  # 2nd batch
+        push_annotation(
+            client, item_id, BatchedDocument.from_document(bad, 2), analysis_key=KEY
+        )  # 2nd batch
     bad["elements"][3] = {"type": "point", "center": [1, float("inf"), 0]}
     with pytest.raises(AnnotationRejected, match=r"element 3 \(point\): center"):
         push_annotation(client, item_id, bad, analysis_key=KEY)
     with pytest.raises(AnnotationRejected, match=r"element 3 \(point\): center"):
-        push_annotation(client, item_id, _batched(bad, 2), analysis_key=KEY)
+        push_annotation(client, item_id, BatchedDocument.from_document(bad, 2), analysis_key=KEY)
     anns = client.get("annotation", {"itemId": item_id})
     assert [(a["_id"], a["_elementCount"]) for a in anns] == [(good.annotation_id, 10)]
 

@@ -97,6 +97,27 @@ class BatchedDocument:
         for batch in self.batches():
             yield from batch
 
+    def tail(self, attributes: dict[str, Any] | None) -> dict[str, Any]:
+        """The keys after ``elements``: description (when set), then ``attributes``."""
+        out: dict[str, Any] = {"description": self.description} if self.description else {}
+        return {**out, "attributes": attributes} if attributes is not None else out
+
+    @classmethod
+    def from_document(cls, doc: dict[str, Any], batch: int) -> BatchedDocument:
+        """A built document's elements served ``batch`` at a time (tests, benchmarks).
+
+        >>> d = BatchedDocument.from_document({"name": "n", "elements": [1, 2, 3]}, 2)
+        >>> d.name, list(d.batches()), d.tail(None)
+        ('n', [[1, 2], [3]], {})
+        """
+        els = doc.get("elements") or []
+        return cls(
+            name=doc["name"],
+            batches=lambda: (els[a : a + batch] for a in range(0, len(els), batch)),
+            description=doc.get("description", ""),
+            attributes=doc.get("attributes"),
+        )
+
 
 Document = dict[str, Any] | BatchedDocument
 
@@ -331,12 +352,9 @@ def _body(
             count += len(batch)
             yield batch
 
-    tail = {"description": doc.description} if doc.description else {}
     with tempfile.TemporaryDirectory(prefix="nm-push-", dir=workdir) as tmp:
         path = os.path.join(tmp, "annotation.json")
-        write_json_in_batches(
-            path, {"name": doc.name}, "elements", checked(), {**tail, "attributes": attrs}
-        )
+        write_json_in_batches(path, {"name": doc.name}, "elements", checked(), doc.tail(attrs))
         with open(path, "rb") as f:
             yield f, os.path.getsize(path), count
 
@@ -418,9 +436,7 @@ def diagnose(client: DSAClient, doc: Document, server_message: str) -> str:
         schema = None
     if schema:
         if isinstance(doc, BatchedDocument):
-            top: dict[str, Any] = {"name": doc.name, "elements": []}
-            top.update({"description": doc.description} if doc.description else {})
-            top.update({"attributes": doc.attributes} if doc.attributes is not None else {})
+            top = {"name": doc.name, "elements": [], **doc.tail(doc.attributes)}
         else:
             top = {**doc, "elements": []}
         err = jsonschema.exceptions.best_match(jsonschema.Draft7Validator(schema).iter_errors(top))

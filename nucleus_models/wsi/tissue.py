@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["apparent_modality", "optical_density", "tissue_mask", "tile_tissue_fraction"]
+__all__ = [
+    "apparent_modality",
+    "optical_density",
+    "thumbnail_window",
+    "tissue_mask",
+    "tile_tissue_fraction",
+]
 
 
 def tissue_mask(thumbnail: np.ndarray, *, modality: str = "brightfield") -> np.ndarray:
@@ -82,9 +88,21 @@ def tile_tissue_fraction(
     mask: np.ndarray, box: tuple[float, float, float, float], scale: float
 ) -> float:
     """Fraction of tissue in base-pixel ``box`` (x0, y0, x1, y1) of a mask at ``scale``."""
+    sub = thumbnail_window(mask, box, scale)
+    return float(sub.mean()) if sub.size else 0.0
+
+
+def thumbnail_window(
+    arr: np.ndarray, box: tuple[float, float, float, float], scale: float
+) -> np.ndarray:
+    """The pixels of a thumbnail (or its mask) at ``scale`` that cover base-pixel
+    ``box`` (x0, y0, x1, y1), at least one pixel wide and high.
+
+    >>> thumbnail_window(np.arange(100).reshape(10, 10), (15, 0, 31, 10), 0.1).tolist()
+    [[1, 2, 3]]
+    """
     x0 = int(np.floor(box[0] * scale))
     y0 = int(np.floor(box[1] * scale))
     x1 = max(int(np.ceil(box[2] * scale)), x0 + 1)
     y1 = max(int(np.ceil(box[3] * scale)), y0 + 1)
-    sub = mask[y0:y1, x0:x1]
-    return float(sub.mean()) if sub.size else 0.0
+    return arr[y0:y1, x0:x1]
