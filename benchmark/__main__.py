@@ -154,7 +154,29 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     )
     o.add_argument("--config", required=True, help="the config the run was trained with")
     o.add_argument("--run", required=True, help="run folder with cv/cv.json and cv/fold*/")
+    c = sub.add_parser(
+        "calibrate",
+        help="add the int8 calibration (--precision int8) to a shipped U-Net, made on its "
+        "config's training images",
+    )
+    c.add_argument("--config", required=True, help="the config the model was trained with")
+    c.add_argument(
+        "--weights_dir",
+        default="nucleus_models/weights",
+        help="folder with <name>.json/.pt/.md (default nucleus_models/weights)",
+    )
     return parser
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from .training.run import calibrate_shipped
+
+    try:
+        path = calibrate_shipped(args.config, args.weights_dir)
+    except ValueError as exc:  # a config or card that cannot work: one line, exit 2
+        raise DatasetError(str(exc)) from None
+    print(f"int8 calibration written to {path}")
+    return 0
 
 
 def _cmd_oracle(args: argparse.Namespace) -> int:
@@ -307,6 +329,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_train(args)
         if args.command == "oracle":
             return _cmd_oracle(args)
+        if args.command == "calibrate":
+            return _cmd_calibrate(args)
         from benchmark import speed
 
         return int(speed.run(args))

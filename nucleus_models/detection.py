@@ -370,12 +370,17 @@ _DEFAULT_MAX_THREADS = 8
 
 def model_runtime(model: Any) -> dict[str, Any]:
     """``{"device": ..., "precision": ...}`` as a built model resolved them
-    (``auto`` made concrete); a model without a network reports ``cpu`` and
-    ``not applicable``."""
-    return {
+    (``auto`` made concrete), plus ``int8_calibration`` (its sha256) for an
+    int8 network; a model without a network reports ``cpu`` and ``not
+    applicable``."""
+    out = {
         "device": str(getattr(model, "device", "cpu")),
         "precision": str(getattr(model, "precision", "not applicable")),
     }
+    calibration = getattr(model, "int8_calibration", None)
+    if calibration:
+        out["int8_calibration"] = str(calibration)
+    return out
 
 
 def _min_overlap(spec: ModelSpec) -> int:

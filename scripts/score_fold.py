@@ -45,7 +45,12 @@ def main() -> int:
     ap.add_argument("--config", required=True)
     ap.add_argument("--run", required=True)
     ap.add_argument("--fold", type=int, nargs="+", required=True)
-    ap.add_argument("--precision", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument(
+        "--precision",
+        default="float32",
+        choices=["float32", "bfloat16", "int8"],
+        help="int8: each fold model calibrated on its own training images, then quantized",
+    )
     ap.add_argument("--at_cv_setting", action="store_true")
     ap.add_argument("--outlines", action="store_true", help="score the annotation's outlines")
     ap.add_argument(
@@ -69,6 +74,10 @@ def main() -> int:
     folds = cv_folds(cfg, images)
     truth_of, _ = truth_source(cfg)
     held = fold_held_out(cfg, args.run, images, folds, args.fold)
+    if args.precision == "int8":
+        held = int8_folds(cfg, images, folds, held)
+        args.precision = "float32"  # (the networks are quantized: no autocast)
+        args.int8 = True
     maps = [held_out_maps(net, im.image, cfg, precision=args.precision) for net, im in held]
     truths = [truth_of(im) for _, im in held]
     if args.at_cv_setting:
@@ -96,6 +105,25 @@ def main() -> int:
     return 0
 
 
+def int8_folds(cfg: dict, images: list, folds: list, held: list) -> list:
+    """``held`` with each fold model replaced by its int8 network, calibrated
+    on that fold's training images (never its held-out ones)."""
+    from benchmark.training.run import int8_calibration
+    from nucleus_models.models.int8 import quantize
+    from nucleus_models.models.unet import fuse_for_inference
+
+    out, done = [], {}
+    for net, im in held:
+        if id(net) not in done:
+            k = next(i for i, f in enumerate(folds) if im.id in f)
+            train = [t for t in images if t.id not in folds[k]]
+            calibration = int8_calibration(cfg, net, train)
+            done[id(net)] = quantize(fuse_for_inference(net), calibration)
+            print(f"fold {k}: int8 calibrated on {len(train)} training images", flush=True)
+        out.append((done[id(net)], im))
+    return out
+
+
 def blur(image, sigma_px: float):  # type: ignore[no-untyped-def]
     """``image`` through a Gaussian of ``sigma_px`` pixels (reflected edges)."""
     import cv2
@@ -119,7 +147,8 @@ KEYS = ("f1_iou50", "aji", "dice", "det_f1", "sq", "pq")
 
 
 def report(args: argparse.Namespace, n: int, best: dict, at: dict) -> int:
-    print(json.dumps({"folds": args.fold, "images": n, "precision": args.precision}))
+    precision = "int8" if getattr(args, "int8", False) else args.precision
+    print(json.dumps({"folds": args.fold, "images": n, "precision": precision}))
     print(json.dumps({"best": best}))
     print("  ".join(f"{k}={at[k]:.4f}" for k in KEYS))
     return 0

@@ -74,15 +74,20 @@ def test_training_lowers_the_loss_and_checkpoints_are_loadable(
     assert torch.load(ckpt, map_location="cpu", weights_only=True)["step"] == 40
     # export + register + build + predict
     meta = {"command": "test", "steps": 40, "seconds": 1.0, "hardware": "cpu", "parameters": 1}
-    pt = export(_cfg(), ckpt, None, tmp_path / "weights", meta)
+    pt = export(_cfg(), ckpt, None, tmp_path / "weights", meta, imgs)
     card = json.loads((tmp_path / "weights" / "unet-test.json").read_text())
     assert card["spec"]["sha256"] and card["arch"] == "unet"
+    # the export calibrates the int8 network on the training images
+    assert card["int8"]["images"] == len(imgs) and "cpu_int8" not in card["spec"]["thresholds"]
     try:
         assert register_shipped(tmp_path / "weights") == ["unet-test"]
-        model = get_model("unet-test", device="cpu")
-        res = model.predict_batch([imgs[0].image, imgs[1].image[:50, :70]], {})
-        assert len(res) == 2 and res[1].labels.shape == (50, 70)
-        assert res[0].labels.dtype == np.int32 and len(res[0].scores) == res[0].labels.max() + 1
+        for precision in ("float32", "int8"):
+            model = get_model("unet-test", device="cpu", precision=precision)
+            assert model.precision == precision
+            res = model.predict_batch([imgs[0].image, imgs[1].image[:50, :70]], {})
+            assert len(res) == 2 and res[1].labels.shape == (50, 70)
+            assert res[0].labels.dtype == np.int32
+            assert len(res[0].scores) == res[0].labels.max() + 1
         # a corrupted weights file is refused before torch.load
         pt.write_bytes(pt.read_bytes()[:-10] + b"0123456789")
         with pytest.raises(ModelError, match="sha256 mismatch"):
@@ -1101,6 +1106,7 @@ def test_each_shipped_card_cross_validated_its_config(name: str) -> None:
     assert shipped["spec"]["tile_size"] == cfg["model"]["tile_size"]
     th = shipped["spec"]["thresholds"]
     assert th.get("cpu_bfloat16", 0) == cfg["model"].get("cpu_bfloat16", 0)
+    assert th.get("cpu_int8", 0) == cfg["model"].get("cpu_int8", 0)
     assert th.get("stain_normalisation", "none") == cfg["model"].get("stain_normalisation", "none")
     assert th.get("channels") == cfg["model"].get("channels")
 

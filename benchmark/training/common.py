@@ -53,6 +53,7 @@ _NOT_IN_CV = {
         "max_nucleus_diameter_um",
         "color",
         "cpu_bfloat16",
+        "cpu_int8",
     ),
 }
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -596,8 +598,11 @@ def export(
     cv: dict[str, Any] | None,
     weights_dir: Path,
     meta: dict[str, Any],
+    images: list[TrainImage] | None = None,
 ) -> Path:
-    """Write ``<name>.pt`` (state_dict), ``<name>.json`` (spec) and ``<name>.md`` (model card)."""
+    """Write ``<name>.pt`` (state_dict), ``<name>.json`` (spec) and ``<name>.md``
+    (model card); with ``images`` (what the model trained on) also the int8
+    calibration of the exported network (:func:`int8_calibration`)."""
     m = cfg["model"]
     thresholds: dict[str, Any] = {
         **unet_arch(m),
@@ -610,6 +615,11 @@ def export(
     }
     if int(m.get("cpu_bfloat16", 0)):
         thresholds["cpu_bfloat16"] = 1
+    int8 = None
+    if images:
+        int8 = int8_calibration(cfg, _load_net(ckpt, cfg), images)
+        if int(m.get("cpu_int8", 0)):
+            thresholds["cpu_int8"] = 1
     stain = stain_normalisation_of(cfg)
     if stain != "none":
         thresholds["stain_normalisation"] = stain
@@ -623,9 +633,88 @@ def export(
         weights_dir,
         arch="unet",
         thresholds=thresholds,
-        card={"training": meta, "cv": cv},
-        markdown=lambda spec: _card_markdown(cfg, spec, meta, cv),
+        card={"training": meta, "cv": cv, **({"int8": int8} if int8 else {})},
+        markdown=lambda spec: _card_markdown(cfg, spec, meta, cv, int8),
     )
+
+
+def int8_calibration(cfg: dict[str, Any], net: Any, images: list[TrainImage]) -> dict[str, Any]:
+    """The int8 calibration (:mod:`nucleus_models.models.int8`) of the float
+    U-Net ``net``: its serving form (batch norms folded) run on ``images`` as
+    a held-out image is run (:func:`held_out_maps`: at the model's
+    resolution, or a size-normalised model's own scale)."""
+    from nucleus_models.models.int8 import calibrate, prepare_calibration
+    from nucleus_models.models.unet import fuse_for_inference
+
+    prepared = prepare_calibration(fuse_for_inference(copy.deepcopy(net)))
+    for im in images:
+        held_out_maps(prepared, im.image, cfg)
+    root = Path(cfg["data"]["root"])
+    try:  # as the shipped configs write it, relative to the repository
+        root = Path(os.path.relpath(root.resolve(), Path(__file__).resolve().parents[2]))
+    except ValueError:  # (another drive)
+        pass
+    data = f"the {len(images)} training images of {cfg['data']['dataset']} in {root.as_posix()}"
+    return calibrate(prepared, images=len(images), data=data)
+
+
+def int8_card_lines(spec: dict[str, Any], int8: dict[str, Any]) -> list[str]:
+    """The model card's int8 section."""
+    auto = int(spec["thresholds"].get("cpu_int8", 0))
+    return [
+        "## int8 inference (CPU)",
+        "",
+        f"`--precision int8` runs the convolutions in 8-bit integers (PyTorch's {int8['engine']}"
+        " quantized engine; weights per output channel, activations per tensor with 7-bit"
+        " range; transposed convolutions and post-processing float32). Activation ranges"
+        f" of {len(int8['activations'])} tensors calibrated on {int8['data']}, as held-out"
+        f" images are run (torch {int8['torch']}, histogram observers), stored in"
+        f" `{spec['name']}.json`."
+        + (
+            " `--precision auto` uses it on CPUs (`model.cpu_int8`)."
+            if auto
+            else " `--precision auto` does not use it (`model.cpu_int8` not set)."
+        ),
+        "",
+    ]
+
+
+def calibrate_shipped(config: str | Path, weights_dir: str | Path) -> Path:
+    """Add the int8 calibration to the shipped weights of ``config``'s model
+    in ``weights_dir`` (``<name>.json``'s ``int8`` block, ``cpu_int8`` from
+    the config's ``model.cpu_int8``, and the card's int8 section), calibrated
+    on every training image of the config; the weights are checked against
+    their sha256 first.  Returns the JSON's path."""
+    import re
+
+    from nucleus_models.models.unet import build_unet
+    from nucleus_models.models.weights import load_state_dict
+
+    cfg = load_config(config)
+    if cfg.get("arch", "unet") != "unet":
+        raise ValueError(f"{config}: int8 calibration is for U-Nets, not {cfg.get('arch')!r}")
+    wd = Path(weights_dir)
+    card_path = wd / f"{cfg['name']}.json"
+    if not card_path.is_file():
+        raise ValueError(f"no shipped weights card {card_path} (export the model first)")
+    card = json.loads(card_path.read_text())
+    spec = card["spec"]
+    net = build_unet(**unet_arch(cfg["model"]))
+    net.load_state_dict(load_state_dict(wd / spec["weights"], spec["sha256"]))
+    images = _images(cfg)
+    card["int8"] = int8_calibration(cfg, net.eval(), images)
+    if int(cfg["model"].get("cpu_int8", 0)):
+        spec["thresholds"]["cpu_int8"] = 1
+    else:
+        spec["thresholds"].pop("cpu_int8", None)
+    card_path.write_text(json.dumps(card, indent=2) + "\n")
+    md_path = wd / f"{cfg['name']}.md"
+    if md_path.is_file():
+        md = md_path.read_text()
+        md = re.sub(r"\n## int8 inference \(CPU\)\n.*?(?=\n## |\Z)", "", md, flags=re.S)
+        md = md.rstrip("\n") + "\n\n" + "\n".join(int8_card_lines(spec, card["int8"]))
+        md_path.write_text(md)
+    return card_path
 
 
 _LABEL_RESIZE_TEXT = {
@@ -636,7 +725,11 @@ _LABEL_RESIZE_TEXT = {
 
 
 def _card_markdown(
-    cfg: dict[str, Any], spec: dict[str, Any], meta: dict[str, Any], cv: dict[str, Any] | None
+    cfg: dict[str, Any],
+    spec: dict[str, Any],
+    meta: dict[str, Any],
+    cv: dict[str, Any] | None,
+    int8: dict[str, Any] | None = None,
 ) -> str:
     from nucleus_models.models.unet import unet_channels
 
@@ -692,7 +785,9 @@ def _card_markdown(
         "- Inference arithmetic: float32 (the cross-validation's held-out maps included); "
         "`--precision auto` runs the network "
         + (
-            "in bfloat16 on CPUs that compute it in hardware (`model.cpu_bfloat16`), float32 elsewhere"
+            "in int8 on CPUs (`model.cpu_int8`; below), float32 on GPUs"
+            if int(spec["thresholds"].get("cpu_int8", 0)) and int8
+            else "in bfloat16 on CPUs that compute it in hardware (`model.cpu_bfloat16`), float32 elsewhere"
             if int(spec["thresholds"].get("cpu_bfloat16", 0))
             else "in float32 everywhere (`model.cpu_bfloat16` not set)"
         ),
@@ -702,6 +797,8 @@ def _card_markdown(
     ]
     if cv:
         lines += cv_card_lines(cfg, spec, cv)
+    if int8:
+        lines += ["", *int8_card_lines(spec, int8)]
     return "\n".join(lines)
 
 
@@ -894,6 +991,6 @@ def train_from_config(
     }
     result = {"checkpoint": str(ckpt), "cv": cv, "meta": meta}
     if export_to is not None:
-        result["weights"] = str(export(cfg, ckpt, cv, Path(export_to), meta))
+        result["weights"] = str(export(cfg, ckpt, cv, Path(export_to), meta, images))
     (out / "result.json").write_text(json.dumps(result, indent=2, default=str))
     return result

@@ -597,7 +597,7 @@ def pick_device(device: str | None) -> str:
 
 
 #: ``precision`` values a U-Net accepts (``auto`` resolves to one of the others)
-PRECISIONS = ("auto", "float32", "bfloat16")
+PRECISIONS = ("auto", "float32", "bfloat16", "int8")
 
 
 def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
@@ -626,32 +626,57 @@ def _proc_cpuinfo() -> str:
         return ""
 
 
-def pick_precision(precision: str | None, device: str, *, cpu_bfloat16: bool = True) -> str:
-    """The network's arithmetic: ``float32`` or ``bfloat16`` (autocast).
+def pick_precision(
+    precision: str | None, device: str, *, cpu_bfloat16: bool = True, cpu_int8: bool = False
+) -> str:
+    """The network's arithmetic: ``float32``, ``bfloat16`` (autocast) or
+    ``int8`` (a quantized network, CPUs only: :mod:`.int8`).
 
-    ``auto`` is ``bfloat16`` for a model that allows it (``cpu_bfloat16``:
-    its spec's ``thresholds["cpu_bfloat16"]``, set where the difference was
-    measured to be negligible) on a CPU that computes bfloat16 in hardware,
-    where the network runs about twice as fast; ``float32`` elsewhere, GPUs
-    included (not measured here).
+    ``auto`` is ``int8`` for a model that allows it (``cpu_int8``: its
+    spec's ``thresholds["cpu_int8"]`` with a stored calibration, set where
+    the held-out difference was measured to be negligible) on a CPU whose
+    PyTorch runs the ``x86`` quantized engine; else ``bfloat16`` for a
+    model that allows it (``cpu_bfloat16``) on a CPU that computes bfloat16
+    in hardware, where the network runs about twice as fast; ``float32``
+    elsewhere, GPUs included (not measured here).
+
+    >>> pick_precision("auto", "cuda", cpu_bfloat16=True, cpu_int8=True)
+    'float32'
+    >>> pick_precision("int8", "cuda")
+    Traceback (most recent call last):
+    nucleus_models.errors.ParameterError: precision int8 runs on CPUs only (device cuda): use float32 or bfloat16
     """
+    from .int8 import int8_available
+
     if precision in (None, "", "auto"):
+        if device == "cpu" and cpu_int8 and int8_available():
+            return "int8"
         if cpu_bfloat16 and device == "cpu" and cpu_has_native_bf16():
             import torch
 
             if torch.ops.mkldnn._is_mkldnn_bf16_supported():
                 return "bfloat16"
         return "float32"
-    if precision not in PRECISIONS:
-        from ..errors import ParameterError
+    from ..errors import ParameterError
 
+    if precision not in PRECISIONS:
         raise ParameterError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    if precision == "int8" and device != "cpu":
+        raise ParameterError(
+            f"precision int8 runs on CPUs only (device {device}): use float32 or bfloat16"
+        )
+    if precision == "int8" and not int8_available():
+        raise ParameterError(
+            "precision int8 needs PyTorch's x86 quantized engine, which this build lacks:"
+            " use float32 or bfloat16"
+        )
     return str(precision)
 
 
 def sigmoid_maps(net: Any, x: Any, *, precision: str = "float32") -> Any:
     """``sigmoid(net(x))`` in float32, the network run in ``precision``
-    (``bfloat16``: under ``torch.autocast`` on ``x``'s device)."""
+    (``bfloat16``: under ``torch.autocast`` on ``x``'s device; ``int8``:
+    ``net`` is already quantized, :func:`.int8.quantize`)."""
     import torch
 
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16"):
@@ -663,7 +688,13 @@ class UNetModel(NucleusModel):
     """Registered U-Net: tiles -> (fg, boundary, distance) -> watershed instances."""
 
     def __init__(
-        self, spec: ModelSpec, weights_path: str, *, device: str | None = None, **options: Any
+        self,
+        spec: ModelSpec,
+        weights_path: str,
+        *,
+        device: str | None = None,
+        int8: dict[str, Any] | None = None,
+        **options: Any,
     ) -> None:
         import torch
 
@@ -713,7 +744,17 @@ class UNetModel(NucleusModel):
             options.get("precision"),
             self.device,
             cpu_bfloat16=bool(int(arch.get("cpu_bfloat16", 0))),
+            cpu_int8=int8 is not None and bool(int(arch.get("cpu_int8", 0))),
         )
+        if self.precision == "int8" and int8 is None:
+            from ..errors import ParameterError
+
+            raise ParameterError(
+                f"model {spec.name} has no int8 calibration (nucleus-bench calibrate writes one):"
+                " use float32 or bfloat16"
+            )
+        #: sha256 of the int8 calibration the network runs with (None otherwise)
+        self.int8_calibration: str | None = None
         try:
             self.net = build_unet(
                 base=int(arch.get("base", 16)),
@@ -726,6 +767,17 @@ class UNetModel(NucleusModel):
             raise ModelError(f"model {spec.name}: {exc}") from None
         self.net.load_state_dict(load_state_dict(weights_path, spec.sha256))
         self.net = fuse_for_inference(self.net).to(self.device, memory_format=torch.channels_last)
+        if self.precision == "int8":
+            from .int8 import calibration_sha256, quantize, read_calibration
+
+            calibration = read_calibration(int8, spec.name)
+            try:
+                self.net = quantize(self.net, calibration)
+            except ValueError as exc:
+                from ..errors import ModelError
+
+                raise ModelError(f"model {spec.name}: {exc}") from None
+            self.int8_calibration = calibration_sha256(calibration)
         self._torch = torch
         self._pad = int(self.net.stride)
 

@@ -58,12 +58,12 @@ def spec_from_card(card: dict[str, Any]) -> ModelSpec:
     return ModelSpec(**s)
 
 
-def _builder(spec: ModelSpec, arch: str, weights: Path):  # noqa: ANN202
+def _builder(spec: ModelSpec, arch: str, weights: Path, int8: dict[str, Any] | None = None):  # noqa: ANN202
     def build(**options: Any) -> NucleusModel:
         if arch == "unet":
             from .unet import UNetModel
 
-            return UNetModel(spec, str(weights), **options)
+            return UNetModel(spec, str(weights), int8=int8, **options)
         if arch in ("fasterrcnn", "fcos", "maskrcnn"):
             from .torchvision_detectors import DetectorModel
 
@@ -84,6 +84,7 @@ def register_shipped(directory: Path = WEIGHTS_DIR) -> list[str]:
         if spec.name in _REGISTRY:
             continue
         weights = directory / (spec.weights or f"{spec.name}.pt")
-        register_model(spec)(_builder(spec, card.get("arch", "unet"), weights))
+        arch = card.get("arch", "unet")
+        register_model(spec)(_builder(spec, arch, weights, card.get("int8")))
         names.append(spec.name)
     return names

@@ -1,0 +1,238 @@
+"""int8 inference of the U-Nets: calibration, its storage, and serving."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nucleus_models.errors import ModelError, ParameterError
+
+REPO = Path(__file__).resolve().parents[1]
+WEIGHTS = REPO / "nucleus_models" / "weights"
+SHIPPED_UNETS = ["unet-monuseg", "unet-monuseg-reinhard", "unet-monuseg-fast", "unet-bbbc038"]
+
+
+def _tiny_net(depth: int = 3):  # type: ignore[no-untyped-def]
+    import torch
+
+    from nucleus_models.models.unet import build_unet, fuse_for_inference
+
+    torch.manual_seed(0)
+    net = build_unet(base=4, depth=depth)
+    # batch norms with non-trivial statistics, as a trained network has
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+    return fuse_for_inference(net.eval())
+
+
+def _inputs(n: int = 3, size: int = 48, seed: int = 1):  # type: ignore[no-untyped-def]
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return [torch.rand(1, 3, size, size, generator=g) - 0.5 for _ in range(n)]
+
+
+def test_a_stored_calibration_rebuilds_exactly_the_calibrated_network() -> None:
+    """The int8 network made from the stored ``[scale, zero_point]`` pairs is
+    the one the calibration run itself converts to (identical outputs), it
+    stays close to the float network, and it fits no other network."""
+    import torch
+    from torch.ao.quantization.quantize_fx import convert_fx
+
+    from nucleus_models.models.int8 import (
+        calibrate,
+        calibration_sha256,
+        prepare_calibration,
+        quantize,
+    )
+
+    net = _tiny_net()
+    prepared = prepare_calibration(net)
+    with torch.no_grad():
+        for x in _inputs():
+            prepared(x)
+    calibration = calibrate(prepared, images=3, data="three random inputs")
+    assert calibration["images"] == 3 and calibration["engine"] == "x86"
+    # JSON round trip, as the weights card stores it
+    stored = json.loads(json.dumps(calibration))
+    assert calibration_sha256(stored) == calibration_sha256(calibration)
+    direct = convert_fx(prepared)
+    rebuilt = quantize(net, stored)
+    assert rebuilt.stride == net.stride
+    x = _inputs(1, 64, seed=7)[0]
+    with torch.no_grad():
+        a, b, f = direct(x), rebuilt(x), net(x)
+    assert torch.equal(a, b)
+    err = (torch.sigmoid(b) - torch.sigmoid(f)).abs().mean()
+    assert float(err) < 0.03, float(err)
+    with pytest.raises(ValueError, match="made for another network"):
+        quantize(_tiny_net(depth=4), stored)
+
+
+def test_a_calibration_that_saw_nothing_is_refused() -> None:
+    from nucleus_models.models.int8 import calibrate, prepare_calibration
+
+    with pytest.raises(ValueError, match="saw no data"):
+        calibrate(prepare_calibration(_tiny_net()), images=0, data="none")
+
+
+def test_precision_int8_is_for_cpus_and_auto_takes_it_only_where_the_model_allows() -> None:
+    from nucleus_models.models import unet
+    from nucleus_models.models.int8 import int8_available
+
+    assert int8_available()  # the x86 image and this machine have the engine
+    assert unet.pick_precision("auto", "cpu", cpu_bfloat16=False, cpu_int8=True) == "int8"
+    assert unet.pick_precision("auto", "cpu", cpu_bfloat16=False, cpu_int8=False) == "float32"
+    assert unet.pick_precision("auto", "cuda", cpu_int8=True) == "float32"
+    assert unet.pick_precision("int8", "cpu") == "int8"
+    with pytest.raises(ParameterError, match="int8 runs on CPUs only"):
+        unet.pick_precision("int8", "cuda")
+    with pytest.raises(ParameterError, match="auto, float32, bfloat16, int8"):
+        unet.pick_precision("int4", "cpu")
+
+
+def test_malformed_or_missing_calibrations_are_clear_errors() -> None:
+    from nucleus_models.models.int8 import read_calibration
+    from nucleus_models.models.registry import get_spec
+    from nucleus_models.models.unet import UNetModel
+
+    spec = get_spec("unet-monuseg")
+    weights = str(WEIGHTS / "unet-monuseg.pt")
+    with pytest.raises(ParameterError, match="has no int8 calibration"):
+        UNetModel(spec, weights, int8=None, device="cpu", precision="int8")
+    # without a calibration, auto never picks int8
+    assert UNetModel(spec, weights, int8=None, device="cpu").precision != "int8"
+    with pytest.raises(ModelError, match="no activations table"):
+        read_calibration({"engine": "x86"}, "m")
+    with pytest.raises(ModelError, match="is not \\[scale, zero_point\\]"):
+        read_calibration({"activations": {"activation_post_process_0": [-1.0, 3]}}, "m")
+    card = json.loads((WEIGHTS / "unet-monuseg-fast.json").read_text())
+    with pytest.raises(ModelError, match="made for another network"):
+        # the narrower network's calibration does not fit the default one
+        UNetModel(spec, weights, int8=card["int8"], device="cpu", precision="int8")
+
+
+@pytest.mark.parametrize("name", SHIPPED_UNETS)
+def test_each_shipped_unet_carries_a_calibration_of_its_own_network(name: str) -> None:
+    from nucleus_models.models import get_model
+    from nucleus_models.models.int8 import calibration_sha256
+
+    card = json.loads((WEIGHTS / f"{name}.json").read_text())
+    assert card["int8"]["images"] >= 30 and card["int8"]["engine"] == "x86"
+    model = get_model(name, device="cpu", precision="int8")
+    assert model.precision == "int8"
+    assert model.int8_calibration == calibration_sha256(card["int8"])
+    md = (WEIGHTS / f"{name}.md").read_text()
+    assert md.count("## int8 inference (CPU)") == 1
+
+
+def test_int8_segments_a_shared_image_as_float32_does(shared_data: Path) -> None:
+    """The shipped H&E U-Net in int8 finds the same nuclei as in float32
+    (scored against each other and against the outlines) and records the
+    calibration it ran with."""
+    from benchmark.datasets import get_dataset
+    from benchmark.metrics import instance_metrics
+    from nucleus_models.detection import segment_image
+    from nucleus_models.models.int8 import calibration_sha256
+
+    ds = get_dataset("monuseg", shared_data / "monuseg2018" / "train")
+    sample = ds.load(ds.ids()[1])
+    segs = {
+        p: segment_image(
+            sample.image,
+            mpp=0.25,
+            model="unet-monuseg",
+            model_options={"device": "cpu", "precision": p},
+        )
+        for p in ("float32", "int8")
+    }
+    card = json.loads((WEIGHTS / "unet-monuseg.json").read_text())
+    assert segs["int8"].runtime == {
+        "device": "cpu",
+        "precision": "int8",
+        "int8_calibration": calibration_sha256(card["int8"]),
+    }
+    assert segs["float32"].runtime == {"device": "cpu", "precision": "float32"}
+    assert len(segs["int8"].nuclei) > 300
+    agree = instance_metrics(segs["float32"].labels, segs["int8"].labels)
+    assert agree["f1_iou50"] > 0.97 and agree["aji"] > 0.9, agree
+    m32, m8 = (instance_metrics(sample.labels, segs[p].labels) for p in ("float32", "int8"))
+    assert abs(m32["aji"] - m8["aji"]) < 0.01 and abs(m32["f1_iou50"] - m8["f1_iou50"]) < 0.01
+
+
+def test_calibrate_adds_the_block_and_one_card_section_to_a_shipped_model(
+    shared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``nucleus-bench calibrate`` on a copy of the shipped weights: the
+    card gets the ``int8`` block and, run twice, still one int8 section; the
+    rest of the card is kept; corrupt weights are refused first."""
+    from benchmark import __main__ as bench
+    from benchmark.training import run
+
+    for ext in ("json", "pt", "md"):
+        shutil.copy(WEIGHTS / f"unet-monuseg.{ext}", tmp_path / f"unet-monuseg.{ext}")
+    md0 = (tmp_path / "unet-monuseg.md").read_text()
+    head = md0.split("\n## int8 inference (CPU)")[0]
+    real_images = run._images
+
+    def two_images(cfg):  # type: ignore[no-untyped-def]
+        return [im for im in real_images(cfg) if im.has_instances][:2]
+
+    monkeypatch.setattr(run, "_images", two_images)
+    config = str(REPO / "configs" / "unet-monuseg.toml")
+    for _ in range(2):
+        assert bench.main(["calibrate", "--config", config, "--weights_dir", str(tmp_path)]) == 0
+    card = json.loads((tmp_path / "unet-monuseg.json").read_text())
+    assert card["int8"]["images"] == 2
+    assert card["int8"]["data"].startswith("the 2 training images of monuseg in ")
+    assert set(card["int8"]["activations"]) == set(
+        json.loads((WEIGHTS / "unet-monuseg.json").read_text())["int8"]["activations"]
+    )
+    assert card["spec"] == json.loads((WEIGHTS / "unet-monuseg.json").read_text())["spec"]
+    md = (tmp_path / "unet-monuseg.md").read_text()
+    assert md.count("## int8 inference (CPU)") == 1 and md.startswith(head)
+    assert "calibrated on the 2 training images" in md
+    pt = tmp_path / "unet-monuseg.pt"
+    pt.write_bytes(pt.read_bytes()[:-4] + b"\0\0\0\0")
+    rc = bench.main(["calibrate", "--config", config, "--weights_dir", str(tmp_path)])
+    assert rc == 2
+
+
+def test_calibrate_refuses_a_detector_config_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from benchmark import __main__ as bench
+
+    rc = bench.main(
+        [
+            "calibrate",
+            "--config",
+            str(REPO / "configs" / "fcos-monuseg.toml"),
+            "--weights_dir",
+            str(tmp_path),
+        ]
+    )
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.count("\n") == 0
+    assert err.startswith("error: ") and "for U-Nets" in err
+
+
+def test_int8_maps_are_deterministic_across_loads() -> None:
+    """Two loads of the int8 model give the same maps (nothing is calibrated
+    at load time)."""
+    import torch
+
+    from nucleus_models.models import get_model
+
+    x = torch.from_numpy(
+        np.random.default_rng(0).uniform(-0.5, 0.5, (1, 3, 64, 64)).astype(np.float32)
+    )
+    a = get_model("unet-monuseg", device="cpu", precision="int8").forward(x)
+    b = get_model("unet-monuseg", device="cpu", precision="int8").forward(x)
+    assert np.array_equal(a, b)
