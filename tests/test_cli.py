@@ -310,11 +310,20 @@ def test_learned_model_finds_the_annotated_nuclei(
     from nucleus_models.models import get_spec
     from nucleus_models.models.unet import pick_precision
 
-    allowed = bool(get_spec(model).thresholds.get("cpu_bfloat16", 0))
-    assert doc["attributes"]["runtime"] == {
+    spec = get_spec(model)
+    precision = pick_precision(
+        "auto",
+        "cpu",
+        cpu_bfloat16=bool(spec.thresholds.get("cpu_bfloat16", 0)),
+        cpu_int8=bool(spec.thresholds.get("cpu_int8", 0)),
+    )
+    runtime = doc["attributes"]["runtime"]
+    assert {k: runtime[k] for k in ("device", "precision")} == {
         "device": "cpu",
-        "precision": pick_precision("auto", "cpu", cpu_bfloat16=allowed),
+        "precision": precision,
     }
+    # an int8 network records which calibration it ran with, and only it does
+    assert ("int8_calibration" in runtime) == (precision == "int8")
     recall, precision = _hit_rates(tmp_path / "n.csv", sample.labels)
     assert recall > 0.75 and precision > 0.75, (recall, precision)
 

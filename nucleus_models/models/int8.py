@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import threading
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -44,6 +45,10 @@ __all__ = [
 #: PyTorch's quantized engine for x86 CPUs (FBGEMM and oneDNN kernels)
 ENGINE = "x86"
 _INPUT_SIZE = 64  # the example input prepare_fx traces with (any multiple of 8)
+# torch.fx tracing (prepare_fx) and convert_fx patch torch.nn.Module's methods
+# for the whole process while they run: two at once on two threads break
+# each other ("module is not installed as a submodule"), so they take turns
+_FX_LOCK = threading.RLock()
 
 
 def int8_available() -> bool:
@@ -59,9 +64,10 @@ def _qconfig_mapping(activation_observer: Any) -> Any:
     from torch.ao.quantization import QConfig, QConfigMapping, default_per_channel_weight_observer
 
     qconfig = QConfig(
-        # 7-bit activations (reduce_range): FBGEMM's AVX2 kernels, on CPUs
-        # without VNNI, would otherwise overflow their 16-bit sums
-        activation=activation_observer.with_args(reduce_range=True),
+        # 7-bit activations (quint8 in 0..127, what reduce_range=True means,
+        # spelled as torch asks): FBGEMM's AVX2 kernels, on CPUs without
+        # VNNI, would otherwise overflow their 16-bit sums
+        activation=activation_observer.with_args(quant_min=0, quant_max=127),
         weight=default_per_channel_weight_observer,
     )
     return QConfigMapping().set_global(qconfig).set_object_type(nn.ConvTranspose2d, None)
@@ -74,7 +80,7 @@ def _prepare(net: Any, activation_observer: Any) -> Any:
     torch.backends.quantized.engine = ENGINE
     float_net = copy.deepcopy(net).eval().to(memory_format=torch.contiguous_format)
     example = (torch.zeros(1, 3, _INPUT_SIZE, _INPUT_SIZE),)
-    with warnings.catch_warnings():
+    with _FX_LOCK, warnings.catch_warnings():
         # FX graph mode quantization is deprecated in favour of torchao, which
         # the image does not ship; it is what torch 2.14 itself provides
         warnings.simplefilter("ignore")
@@ -191,7 +197,7 @@ def quantize(net: Any, calibration: Mapping[str, Any]) -> Any:
         hi = (obs.quant_max - zero_point) * scale
         obs.min_val.fill_(lo)
         obs.max_val.fill_(hi)
-    with warnings.catch_warnings():
+    with _FX_LOCK, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         qnet: Any = convert_fx(prepared)
     qnet.stride = getattr(net, "stride", 1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -35,18 +36,29 @@ def register_model(
     return deco
 
 
-_LOADED = False
+_LOADED = False  # the built-in and shipped models are all registered
+_LOADING = False  # they are being registered (by the thread holding the lock)
+_LOAD_LOCK = threading.RLock()
 
 
 def _ensure_builtin() -> None:
-    global _LOADED
+    """Register the built-in and shipped models once; threads that ask
+    meanwhile wait for the whole registry (not a half-filled one)."""
+    global _LOADED, _LOADING
     if _LOADED:
         return
-    _LOADED = True
-    from . import classical  # noqa: F401  (registers classical-he, histomicstk-kofahi)
-    from .weights import register_shipped
+    with _LOAD_LOCK:
+        if _LOADED or _LOADING:  # (_LOADING: a re-entrant call while registering)
+            return
+        _LOADING = True
+        try:
+            from . import classical  # noqa: F401  (registers classical-he, histomicstk-kofahi)
+            from .weights import register_shipped
 
-    register_shipped()
+            register_shipped()
+        finally:
+            _LOADING = False
+            _LOADED = True
 
 
 def list_models() -> list[str]:

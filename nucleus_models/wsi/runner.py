@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -111,8 +112,22 @@ def _slide(path: str, input_mpp: float | None) -> Any:
     return open_slide(path, input_mpp=input_mpp)
 
 
-@lru_cache(maxsize=4)
+_MODEL_LOCK = threading.Lock()
+
+
 def _model(name: str, options: tuple[tuple[str, Any], ...]) -> Any:
+    """The process's one instance of a model, shared by its worker threads.
+
+    Built once even when workers ask at the same moment: besides the
+    wasted work, an int8 network is traced with torch.fx while it is
+    built, which patches ``torch.nn.Module`` for every thread, so a second
+    build (or inference) on another thread meanwhile would break it."""
+    with _MODEL_LOCK:
+        return _built_model(name, options)
+
+
+@lru_cache(maxsize=4)
+def _built_model(name: str, options: tuple[tuple[str, Any], ...]) -> Any:
     from ..models import get_model
 
     return get_model(name, **dict(options))
