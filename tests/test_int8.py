@@ -144,40 +144,6 @@ def test_each_shipped_unet_carries_a_calibration_of_its_own_network(name: str) -
     assert md.count("## int8 inference (CPU)") == 1
 
 
-def test_int8_segments_a_shared_image_as_float32_does(shared_data: Path) -> None:
-    """The shipped H&E U-Net in int8 finds the same nuclei as in float32
-    (scored against each other and against the outlines) and records the
-    calibration it ran with."""
-    from benchmark.datasets import get_dataset
-    from benchmark.metrics import instance_metrics
-    from nucleus_models.detection import segment_image
-    from nucleus_models.models.int8 import calibration_sha256
-
-    ds = get_dataset("monuseg", shared_data / "monuseg2018" / "train")
-    sample = ds.load(ds.ids()[1])
-    segs = {
-        p: segment_image(
-            sample.image,
-            mpp=0.25,
-            model="unet-monuseg",
-            model_options={"device": "cpu", "precision": p},
-        )
-        for p in ("float32", "int8")
-    }
-    card = json.loads((WEIGHTS / "unet-monuseg.json").read_text())
-    assert segs["int8"].runtime == {
-        "device": "cpu",
-        "precision": "int8",
-        "int8_calibration": calibration_sha256(card["int8"]),
-    }
-    assert segs["float32"].runtime == {"device": "cpu", "precision": "float32"}
-    assert len(segs["int8"].nuclei) > 300
-    agree = instance_metrics(segs["float32"].labels, segs["int8"].labels)
-    assert agree["f1_iou50"] > 0.97 and agree["aji"] > 0.9, agree
-    m32, m8 = (instance_metrics(sample.labels, segs[p].labels) for p in ("float32", "int8"))
-    assert abs(m32["aji"] - m8["aji"]) < 0.01 and abs(m32["f1_iou50"] - m8["f1_iou50"]) < 0.01
-
-
 def test_calibrate_adds_the_block_and_one_card_section_to_a_shipped_model(
     shared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -210,6 +176,19 @@ def test_calibrate_adds_the_block_and_one_card_section_to_a_shipped_model(
     md = (tmp_path / "unet-monuseg.md").read_text()
     assert md.count("## int8 inference (CPU)") == 1 and md.startswith(head)
     assert "calibrated on the 2 training images" in md
+    assert md.count("- Inference arithmetic:") == 1 and "in int8 on other x86 CPUs" in md
+    # the config's model.cpu_int8 decides what auto does, and the card says so
+    text = (REPO / "configs" / "unet-monuseg.toml").read_text()
+    assert "\ncpu_int8 = 1\n" in text
+    other = tmp_path / "cfg" / "unet-monuseg.toml"
+    other.parent.mkdir()
+    other.write_text(text.replace("\ncpu_int8 = 1\n", "\ncpu_int8 = 0\n"))
+    assert bench.main(["calibrate", "--config", str(other), "--weights_dir", str(tmp_path)]) == 0
+    spec = json.loads((tmp_path / "unet-monuseg.json").read_text())["spec"]
+    assert "cpu_int8" not in spec["thresholds"]
+    md = (tmp_path / "unet-monuseg.md").read_text()
+    assert md.count("- Inference arithmetic:") == 1 and "in int8" not in md
+    assert "`--precision auto` does not use it" in md
     pt = tmp_path / "unet-monuseg.pt"
     pt.write_bytes(pt.read_bytes()[:-4] + b"\0\0\0\0")
     rc = bench.main(["calibrate", "--config", config, "--weights_dir", str(tmp_path)])

@@ -1134,15 +1134,20 @@ def test_precision_auto_follows_the_cpu_and_bad_values_are_refused(
         unet.pick_precision("float16", "cpu")
 
 
-def test_bfloat16_segments_a_shared_image_as_float32_does(shared_data: Path) -> None:
-    """The shipped H&E U-Net in bfloat16 finds the same nuclei as in float32
-    (scored against each other and against the outlines), and says which it ran."""
+@pytest.mark.parametrize(("precision", "index"), [("bfloat16", 0), ("int8", 1)])
+def test_lower_precision_segments_a_shared_image_as_float32_does(
+    shared_data: Path, precision: str, index: int
+) -> None:
+    """The shipped H&E U-Net in bfloat16 or int8 finds the same nuclei as in
+    float32 (scored against each other and against the outlines), and says
+    which arithmetic it ran (int8: with its calibration's sha256)."""
     from benchmark.datasets import get_dataset
     from benchmark.metrics import instance_metrics
     from nucleus_models.detection import segment_image
+    from nucleus_models.models.int8 import calibration_sha256
 
     ds = get_dataset("monuseg", shared_data / "monuseg2018" / "train")
-    sample = ds.load(ds.ids()[0])
+    sample = ds.load(ds.ids()[index])
     segs = {
         p: segment_image(
             sample.image,
@@ -1150,15 +1155,21 @@ def test_bfloat16_segments_a_shared_image_as_float32_does(shared_data: Path) -> 
             model="unet-monuseg",
             model_options={"device": "cpu", "precision": p},
         )
-        for p in ("float32", "bfloat16")
+        for p in ("float32", precision)
     }
-    for p, seg in segs.items():
-        assert seg.runtime == {"device": "cpu", "precision": p}
-    assert len(segs["float32"].nuclei) > 300
-    agree = instance_metrics(segs["float32"].labels, segs["bfloat16"].labels)
+    assert segs["float32"].runtime == {"device": "cpu", "precision": "float32"}
+    expected = {"device": "cpu", "precision": precision}
+    if precision == "int8":
+        shipped = Path(__file__).resolve().parents[1] / "nucleus_models" / "weights"
+        card = json.loads((shipped / "unet-monuseg.json").read_text())
+        expected["int8_calibration"] = calibration_sha256(card["int8"])
+    assert segs[precision].runtime == expected
+    assert len(segs[precision].nuclei) > 300
+    agree = instance_metrics(segs["float32"].labels, segs[precision].labels)
     assert agree["f1_iou50"] > 0.97 and agree["aji"] > 0.9, agree
-    m32, m16 = (instance_metrics(sample.labels, segs[p].labels) for p in ("float32", "bfloat16"))
-    assert abs(m32["aji"] - m16["aji"]) < 0.01 and abs(m32["f1_iou50"] - m16["f1_iou50"]) < 0.01
+    m32, mlow = (instance_metrics(sample.labels, segs[p].labels) for p in ("float32", precision))
+    assert abs(m32["aji"] - mlow["aji"]) < 0.01
+    assert abs(m32["f1_iou50"] - mlow["f1_iou50"]) < 0.01
 
 
 def test_outline_weight_counts_the_pixels_near_the_outlines_more(shared_data: Path) -> None:

@@ -658,6 +658,31 @@ def int8_calibration(cfg: dict[str, Any], net: Any, images: list[TrainImage]) ->
     return calibrate(prepared, images=len(images), data=data)
 
 
+def arithmetic_line(spec: dict[str, Any], int8: dict[str, Any] | None) -> str:
+    """The model card's line on the arithmetic ``--precision auto`` picks
+    (:func:`nucleus_models.models.unet.pick_precision`)."""
+    bf16 = int(spec["thresholds"].get("cpu_bfloat16", 0))
+    q8 = bool(int(spec["thresholds"].get("cpu_int8", 0)) and int8)
+    if bf16 and q8:
+        auto = (
+            "in bfloat16 on CPUs that compute it in hardware (`model.cpu_bfloat16`), in int8"
+            " on other x86 CPUs (`model.cpu_int8`; below), in float32 on GPUs"
+        )
+    elif bf16:
+        auto = (
+            "in bfloat16 on CPUs that compute it in hardware (`model.cpu_bfloat16`),"
+            " float32 elsewhere"
+        )
+    elif q8:
+        auto = "in int8 on x86 CPUs (`model.cpu_int8`; below), float32 elsewhere"
+    else:
+        auto = "in float32 everywhere (`model.cpu_bfloat16` and `model.cpu_int8` not set)"
+    return (
+        "- Inference arithmetic: float32 (the cross-validation's held-out maps included);"
+        f" `--precision auto` runs the network {auto}"
+    )
+
+
 def int8_card_lines(spec: dict[str, Any], int8: dict[str, Any]) -> list[str]:
     """The model card's int8 section."""
     auto = int(spec["thresholds"].get("cpu_int8", 0))
@@ -671,7 +696,12 @@ def int8_card_lines(spec: dict[str, Any], int8: dict[str, Any]) -> list[str]:
         f" images are run (torch {int8['torch']}, histogram observers), stored in"
         f" `{spec['name']}.json`."
         + (
-            " `--precision auto` uses it on CPUs (`model.cpu_int8`)."
+            (
+                " `--precision auto` uses it on x86 CPUs without hardware bfloat16"
+                if int(spec["thresholds"].get("cpu_bfloat16", 0))
+                else " `--precision auto` uses it on x86 CPUs"
+            )
+            + " (`model.cpu_int8`)."
             if auto
             else " `--precision auto` does not use it (`model.cpu_int8` not set)."
         ),
@@ -713,6 +743,12 @@ def calibrate_shipped(config: str | Path, weights_dir: str | Path) -> Path:
         md = md_path.read_text()
         md = re.sub(r"\n## int8 inference \(CPU\)\n.*?(?=\n## |\Z)", "", md, flags=re.S)
         md = md.rstrip("\n") + "\n\n" + "\n".join(int8_card_lines(spec, card["int8"]))
+        md = re.sub(
+            r"^- Inference arithmetic: .*$",
+            lambda _: arithmetic_line(spec, card["int8"]),
+            md,
+            flags=re.M,
+        )
         md_path.write_text(md)
     return card_path
 
@@ -782,15 +818,7 @@ def _card_markdown(
             else ""
         ),
         f"- Post-processing: {_postprocess_text(spec['thresholds'])}",
-        "- Inference arithmetic: float32 (the cross-validation's held-out maps included); "
-        "`--precision auto` runs the network "
-        + (
-            "in int8 on CPUs (`model.cpu_int8`; below), float32 on GPUs"
-            if int(spec["thresholds"].get("cpu_int8", 0)) and int8
-            else "in bfloat16 on CPUs that compute it in hardware (`model.cpu_bfloat16`), float32 elsewhere"
-            if int(spec["thresholds"].get("cpu_bfloat16", 0))
-            else "in float32 everywhere (`model.cpu_bfloat16` not set)"
-        ),
+        arithmetic_line(spec, int8),
         f"- Weights: `{spec['weights']}`, sha256 `{spec['sha256']}` (loaded with weights_only=True after a checksum check)",
         f"- License: {spec['license']}",
         "",
