@@ -173,7 +173,7 @@ def detect_nuclei(params: DetectionParams, *, progress: Progress | None = None) 
     base_mpp = slide.require_mpp()
     region = clip_region(roi, slide.width, slide.height)
 
-    from .models import get_model
+    from .wsi.runner import shared_model
 
     model = None
     warnings: list[str] = []  # logged as they happen, and recorded in the outputs
@@ -194,7 +194,7 @@ def detect_nuclei(params: DetectionParams, *, progress: Progress | None = None) 
     if target and tissue.any():  # (no tissue: the one-line error below, nothing loaded)
         # size-normalised model: analyse at the scale where its own
         # segmentation of a tissue-rich sample finds nuclei target px across
-        model = get_model(spec.name, **params.model_options())
+        model = shared_model(spec.name, params.model_options())
         analysis_mpp = spec.mpp / _sample_scale(
             slide, model, spec, tissue, tscale, region, base_mpp, float(target)
         )
@@ -233,7 +233,7 @@ def detect_nuclei(params: DetectionParams, *, progress: Progress | None = None) 
             f"{slide.path.rsplit('/', 1)[-1]}: no tissue found in the analysis region {region.as_list()}"
         )
     if model is None:
-        model = get_model(spec.name, **params.model_options())
+        model = shared_model(spec.name, params.model_options())
     if model.prepare_from == "analysis":
         sample = _tissue_windows(slide, tissue, tscale, region, downsample)
         context = model.prepare(sample, tissue_mask(sample, modality=spec.modality))

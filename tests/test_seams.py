@@ -227,3 +227,29 @@ def test_the_cores_a_run_uses_respect_affinity_and_a_containers_cpu_quota(
     monkeypatch.setattr(runner, "cgroup_cpu_limit", lambda root="": None)
     monkeypatch.setattr(runner.os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
     assert runner.available_cores() == 3
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_run_builds_its_model_once(
+    disk_slide, monkeypatch: pytest.MonkeyPatch, workers: int
+) -> None:
+    """The model a run prepares with is the one its tile workers use: built
+    once per run, not again for the tiles."""
+    from nucleus_models import models
+    from nucleus_models.wsi import runner
+
+    path, centres, _ = disk_slide
+    real, built = models.get_model, []
+
+    def counting(name: str, **options: object) -> object:
+        built.append(name)
+        return real(name, **options)
+
+    monkeypatch.setattr(models, "get_model", counting)
+    runner._built_model.cache_clear()
+    try:
+        res = _run(path, analysis_tile_size=256, num_workers=workers)
+    finally:
+        runner._built_model.cache_clear()
+    assert built == ["classical-he"]
+    assert len(res.nuclei) == len(centres)
