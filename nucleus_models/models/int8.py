@@ -84,7 +84,14 @@ def _prepare(net: Any, activation_observer: Any) -> Any:
         # FX graph mode quantization is deprecated in favour of torchao, which
         # the image does not ship; it is what torch 2.14 itself provides
         warnings.simplefilter("ignore")
-        prepared: Any = prepare_fx(float_net, _qconfig_mapping(activation_observer), example)
+        # no stack trace per traced node (debugging aids): the first trace
+        # of a process would spend ~1-2 s importing what symbolises them
+        emit = torch.fx.config.do_not_emit_stack_traces
+        torch.fx.config.do_not_emit_stack_traces = True
+        try:
+            prepared: Any = prepare_fx(float_net, _qconfig_mapping(activation_observer), example)
+        finally:
+            torch.fx.config.do_not_emit_stack_traces = emit
     prepared.stride = getattr(net, "stride", 1)
     prepared.network_fingerprint = network_fingerprint(net)
     return prepared
