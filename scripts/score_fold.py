@@ -74,11 +74,11 @@ def main() -> int:
     folds = cv_folds(cfg, images)
     truth_of, _ = truth_source(cfg)
     held = fold_held_out(cfg, args.run, images, folds, args.fold)
+    arithmetic = args.precision
     if args.precision == "int8":
         held = int8_folds(cfg, images, folds, held)
-        args.precision = "float32"  # (the networks are quantized: no autocast)
-        args.int8 = True
-    maps = [held_out_maps(net, im.image, cfg, precision=args.precision) for net, im in held]
+        arithmetic = "float32"  # (the networks are quantized: no autocast)
+    maps = [held_out_maps(net, im.image, cfg, precision=arithmetic) for net, im in held]
     truths = [truth_of(im) for _, im in held]
     if args.at_cv_setting:
         best = json.loads((Path(args.run) / "cv" / "cv.json").read_text())["best"]
@@ -96,7 +96,7 @@ def main() -> int:
                 net,
                 blur(im.image, sigma_um / float(cfg["model"]["mpp"])),
                 cfg,
-                precision=args.precision,
+                precision=arithmetic,
             )
             for net, im in held
         ]
@@ -147,8 +147,7 @@ KEYS = ("f1_iou50", "aji", "dice", "det_f1", "sq", "pq")
 
 
 def report(args: argparse.Namespace, n: int, best: dict, at: dict) -> int:
-    precision = "int8" if getattr(args, "int8", False) else args.precision
-    print(json.dumps({"folds": args.fold, "images": n, "precision": precision}))
+    print(json.dumps({"folds": args.fold, "images": n, "precision": args.precision}))
     print(json.dumps({"best": best}))
     print("  ".join(f"{k}={at[k]:.4f}" for k in KEYS))
     return 0

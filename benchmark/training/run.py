@@ -685,7 +685,13 @@ def arithmetic_line(spec: dict[str, Any], int8: dict[str, Any] | None) -> str:
 
 def int8_card_lines(spec: dict[str, Any], int8: dict[str, Any]) -> list[str]:
     """The model card's int8 section."""
-    auto = int(spec["thresholds"].get("cpu_int8", 0))
+    th = spec["thresholds"]
+    if not int(th.get("cpu_int8", 0)):
+        auto = "does not use it (`model.cpu_int8` not set)"
+    elif int(th.get("cpu_bfloat16", 0)):
+        auto = "uses it on x86 CPUs without hardware bfloat16 (`model.cpu_int8`)"
+    else:
+        auto = "uses it on x86 CPUs (`model.cpu_int8`)"
     return [
         "## int8 inference (CPU)",
         "",
@@ -694,17 +700,7 @@ def int8_card_lines(spec: dict[str, Any], int8: dict[str, Any]) -> list[str]:
         " range; transposed convolutions and post-processing float32). Activation ranges"
         f" of {len(int8['activations'])} tensors calibrated on {int8['data']}, as held-out"
         f" images are run (torch {int8['torch']}, histogram observers), stored in"
-        f" `{spec['name']}.json`."
-        + (
-            (
-                " `--precision auto` uses it on x86 CPUs without hardware bfloat16"
-                if int(spec["thresholds"].get("cpu_bfloat16", 0))
-                else " `--precision auto` uses it on x86 CPUs"
-            )
-            + " (`model.cpu_int8`)."
-            if auto
-            else " `--precision auto` does not use it (`model.cpu_int8` not set)."
-        ),
+        f" `{spec['name']}.json`. `--precision auto` {auto}.",
         "",
     ]
 

@@ -180,7 +180,6 @@ def quantize(net: Any, calibration: Mapping[str, Any]) -> Any:
     ``calibration``'s activation ranges (weights quantized per output
     channel from ``net`` itself).  Raises ``ValueError`` when the
     calibration was made for another network."""
-    import torch
     from torch.ao.quantization import MinMaxObserver
     from torch.ao.quantization.quantize_fx import convert_fx
 
@@ -208,5 +207,4 @@ def quantize(net: Any, calibration: Mapping[str, Any]) -> Any:
         warnings.simplefilter("ignore")
         qnet: Any = convert_fx(prepared)
     qnet.stride = getattr(net, "stride", 1)
-    torch.backends.quantized.engine = ENGINE
     return qnet

@@ -36,29 +36,23 @@ def register_model(
     return deco
 
 
-_LOADED = False  # the built-in and shipped models are all registered
-_LOADING = False  # they are being registered (by the thread holding the lock)
+_LOADED = False
 _LOAD_LOCK = threading.RLock()
 
 
 def _ensure_builtin() -> None:
     """Register the built-in and shipped models once; threads that ask
-    meanwhile wait for the whole registry (not a half-filled one)."""
-    global _LOADED, _LOADING
-    if _LOADED:
-        return
+    meanwhile wait for the whole registry (not a half-filled one), and a
+    re-entrant call while registering returns at once."""
+    global _LOADED
     with _LOAD_LOCK:
-        if _LOADED or _LOADING:  # (_LOADING: a re-entrant call while registering)
+        if _LOADED:
             return
-        _LOADING = True
-        try:
-            from . import classical  # noqa: F401  (registers classical-he, histomicstk-kofahi)
-            from .weights import register_shipped
+        _LOADED = True
+        from . import classical  # noqa: F401  (registers classical-he, histomicstk-kofahi)
+        from .weights import register_shipped
 
-            register_shipped()
-        finally:
-            _LOADING = False
-            _LOADED = True
+        register_shipped()
 
 
 def list_models() -> list[str]:

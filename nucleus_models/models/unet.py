@@ -639,7 +639,7 @@ def pick_precision(
     fast; else ``int8`` for a model that allows it (``cpu_int8``: its
     spec's ``thresholds["cpu_int8"]`` with a stored calibration) where
     PyTorch runs the ``x86`` quantized engine, which makes CPUs without
-    hardware bfloat16 about 1.8x faster than float32 end to end; else
+    hardware bfloat16 1.5-1.6x faster than float32 end to end; else
     ``float32``. GPUs get ``float32`` (not measured here).
 
     >>> pick_precision("auto", "cuda", cpu_bfloat16=True, cpu_int8=True)
