@@ -784,7 +784,7 @@ def test_masked_h_maxima_equals_scikit_image_with_a_low_background(seed: int) ->
 
 
 def test_boxes_packed_on_a_canvas_lie_apart_and_inside_it() -> None:
-    from nucleus_models.models.unet import pack_boxes
+    from nucleus_models.canvas import pack_boxes
 
     rng = np.random.default_rng(0)
     for _ in range(50):
@@ -825,14 +825,14 @@ def test_masked_h_maxima_moves_the_slow_parts_to_a_canvas_without_changing_the_r
     from nucleus_models.models.unet import gaussian_smooth, masked_h_maxima
 
     canvases: list[tuple[int, int]] = []
-    real = unet._parts_on_canvas
+    real = unet.parts_on_canvas
 
     def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
         out = real(*args, **kwargs)
         canvases.append(out[2])
         return out
 
-    monkeypatch.setattr(unet, "_parts_on_canvas", spy)
+    monkeypatch.setattr(unet, "parts_on_canvas", spy)
 
     # a ramp along a 1-px snake (1.0 down to 0.64 at its end, ~36 steps for
     # its reconstruction to settle); a bar touches the snake's end only at a
