@@ -62,8 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--precision",
         choices=PRECISIONS,
         default="auto",
-        help="NucleusDetection --precision (learned U-Nets; auto: bfloat16 on CPUs with it in "
-        "hardware, else int8 on x86 CPUs, else float32)",
+        help="NucleusDetection --precision (learned U-Nets; auto: int8 on x86 CPUs, else "
+        "bfloat16 on CPUs with it in hardware, else float32)",
     )
     parser.add_argument(
         "--repeat", type=int, default=1, help="runs per CLI (the fastest is reported)"

@@ -18,7 +18,8 @@ observer they used; with them in float32 the maps differ by 0.006.
 PyTorch 2.14 marks its quantized tensors (and FX graph mode quantization)
 deprecated in favour of torchao; they are what the pinned torch provides.
 Where a later PyTorch lacks the ``x86`` engine, :func:`int8_available` is
-False and ``auto`` precision falls back to bfloat16 or float32.
+False and ``auto`` precision falls back to bfloat16 (CPUs with it in
+hardware) or float32.
 """
 
 from __future__ import annotations
