@@ -66,6 +66,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "bfloat16 on CPUs with it in hardware, else float32)",
     )
     parser.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="NucleusDetection --device (auto: a CUDA GPU when there is one)",
+    )
+    parser.add_argument(
+        "--scheduler",
+        default="",
+        help="NucleusDetection --scheduler (default '': what the CLI picks itself, a thread pool "
+        "of --workers threads on a CPU, serial on a GPU; or multithreading, multiprocessing, "
+        "tcp://host:port)",
+    )
+    parser.add_argument(
         "--repeat", type=int, default=1, help="runs per CLI (the fastest is reported)"
     )
     parser.add_argument(
@@ -98,6 +111,7 @@ def time_cli(cmd: list[str], out_file: Path, name: str) -> dict[str, Any]:
         "nuclei": n,
         "stages": attrs.get("timings_s", {}),
         "runtime": attrs.get("runtime", {}),
+        "tiles": attrs.get("tiles", {}),
     }
 
 
@@ -160,19 +174,31 @@ def run(args: argparse.Namespace) -> int:
         return _run(args)
 
 
+def nucleus_detection_command(args: argparse.Namespace, out: Path) -> list[str]:
+    """The timed ``NucleusDetection`` command line, as the DSA would run it.
+
+    >>> a = argparse.Namespace(slide="s.tif", model="unet-monuseg", analysis_roi="-1,-1,-1,-1",
+    ...     scheduler="", workers=2, precision="auto", device="cuda", input_mpp=-1.0)
+    >>> nucleus_detection_command(a, Path("o.anot"))[9:]
+    ['--scheduler', '', '--num_workers', '2', '--precision', 'auto', '--device', 'cuda']
+    """
+    cmd = [
+        sys.executable, "-m", "cli", "NucleusDetection", args.slide, str(out),
+        "--model", args.model, f"--analysis_roi={args.analysis_roi}",
+        "--scheduler", args.scheduler, "--num_workers", str(args.workers),
+        "--precision", args.precision, "--device", args.device,
+    ]  # fmt: skip
+    if args.input_mpp > 0:
+        cmd += ["--input_mpp", str(args.input_mpp)]
+    return cmd
+
+
 def _run(args: argparse.Namespace) -> int:
     area = _area_mpx(args.slide, args.analysis_roi, args.input_mpp)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         ours_out = Path(tmp) / "ours.anot"
-        ours = [
-            sys.executable, "-m", "cli", "NucleusDetection", args.slide, str(ours_out),
-            "--model", args.model, f"--analysis_roi={args.analysis_roi}",
-            "--scheduler", "multithreading" if args.workers > 1 else "",
-            "--num_workers", str(args.workers), "--precision", args.precision,
-        ]  # fmt: skip
-        if args.input_mpp > 0:
-            ours += ["--input_mpp", str(args.input_mpp)]
+        ours = nucleus_detection_command(args, ours_out)
         candidates = [("NucleusDetection (" + args.model + ")", ours, ours_out)]
         if not args.skip_histomicstk:
             htk_out = Path(tmp) / "htk.anot"
@@ -199,6 +225,7 @@ def _run(args: argparse.Namespace) -> int:
                     "nuclei_per_s": round(best["nuclei"] / best["seconds"], 1),
                     "stages_s": best.get("stages", {}),
                     "runtime": best.get("runtime", {}),
+                    "tiles": best.get("tiles", {}),
                 }
             )
     header = f"{'CLI':40s} {'seconds':>8s} {'nuclei':>8s} {'MP':>7s} {'MP/s':>7s} {'nuclei/s':>9s}"
@@ -221,8 +248,10 @@ def _run(args: argparse.Namespace) -> int:
             )
         rt = r.get("runtime") or {}
         if rt:
+            tl = r.get("tiles") or {}
             lines.append(
-                f"  {r['cli']}: device {rt.get('device')}, precision {rt.get('precision')}"
+                f"  {r['cli']}: device {rt.get('device')}, precision {rt.get('precision')}, "
+                f"scheduler {tl.get('scheduler', '?')} with {tl.get('workers', '?')} worker(s)"
             )
     sys.stdout.write("\n".join(lines) + "\n")
     if args.out:
