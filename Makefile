@@ -10,7 +10,7 @@ GIRDER_STAMP := $(GIRDER_VENV)/.setup-stamp
 SAMPLE := samples/CMU-1-Small-Region-crop.tif
 DEMO_OUT := demo_out
 
-.PHONY: setup setup-girder demo test lint speed clean
+.PHONY: setup setup-girder demo test lint speed clean check-image-torch
 
 setup: $(STAMP)
 
@@ -33,6 +33,10 @@ demo: setup
 
 test: setup setup-girder
 	$(PY) -m pytest
+
+# the tests under the Docker image's (older) torch: ~3 GB of downloads, ~10 min
+check-image-torch:
+	PYTHON=$(PYTHON) bash scripts/check_image_torch.sh
 
 lint: setup
 	$(VENV)/bin/ruff check .

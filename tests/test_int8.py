@@ -318,3 +318,46 @@ def test_worker_threads_share_one_model_built_once(monkeypatch: pytest.MonkeyPat
         runner._built_model.cache_clear()
     assert calls == ["some-model"] and most[0] == 1
     assert len(got) == 4 and all(g is got[0] for g in got)
+
+
+def test_auto_runs_on_without_int8_where_it_cannot_be_built_and_says_so(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Where the int8 network cannot be built (a PyTorch whose quantization
+    differs from the one the calibration was made with, say), ``auto`` runs
+    the next arithmetic it would pick and the run's warnings say why, in the
+    output too; ``--precision int8`` asked for is a one-line error."""
+    from nucleus_models.detection import DetectionParams, detect_nuclei
+    from nucleus_models.models import get_model, int8
+    from nucleus_models.models.unet import pick_precision
+    from nucleus_models.wsi import runner
+
+    def broken(net, calibration):  # type: ignore[no-untyped-def]
+        raise RuntimeError("quantized::conv2d_relu has no kernel for this backend")
+
+    monkeypatch.setattr(int8, "quantize", broken)
+    model = get_model("unet-monuseg", device="cpu")  # auto
+    assert model.precision == pick_precision("auto", "cpu", cpu_bfloat16=True, cpu_int8=False)
+    assert model.int8_calibration is None
+    assert model.precision_note == (
+        f"model unet-monuseg: int8 cannot run with torch {__import__('torch').__version__}"
+        " (RuntimeError: quantized::conv2d_relu has no kernel for this backend);"
+        f" running {model.precision} instead"
+    )
+    with pytest.raises(ModelError, match=r"^model unet-monuseg: int8 cannot run with torch .*"):
+        get_model("unet-monuseg", device="cpu", precision="int8")
+    # a run: the nuclei come, and so does the warning (stderr and the output)
+    sample = REPO / "samples" / "CMU-1-Small-Region-crop.tif"
+    runner._built_model.cache_clear()
+    try:
+        res = detect_nuclei(
+            DetectionParams(
+                inputImageFile=str(sample), model="unet-monuseg", analysis_roi="0,0,512,512"
+            )
+        )
+    finally:
+        runner._built_model.cache_clear()
+    assert len(res.nuclei) > 20
+    assert res.runtime["precision"] == model.precision
+    assert res.warnings == [model.precision_note]
+    assert model.precision_note in caplog.text

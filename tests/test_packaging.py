@@ -39,3 +39,17 @@ def test_image_and_make_setup_run_the_same_install_script() -> None:
     assert "python -m cli --list_cli" in docker  # smoke step at build time
     ci = (REPO / ".ci" / "run").read_text()
     assert "make test" in ci
+
+
+def test_the_image_torch_check_runs_the_torch_of_the_base_image() -> None:
+    """``make check-image-torch`` tests under the image's own torch: the one
+    its base image holds (the image keeps it, ``TORCH_SPEC=""``)."""
+    import re
+
+    docker = (REPO / "Dockerfile").read_text()
+    base = re.search(r"^ARG BASE_IMAGE=pytorch/pytorch:(\d+\.\d+\.\d+)-", docker, re.M)
+    assert base, "the Dockerfile's BASE_IMAGE is no longer a pytorch/pytorch image"
+    assert 'TORCH_SPEC=""' in docker
+    script = (REPO / "scripts" / "check_image_torch.sh").read_text()
+    assert f'IMAGE_TORCH=${{IMAGE_TORCH-"torch=={base.group(1)} ' in script
+    assert "check-image-torch:" in (REPO / "Makefile").read_text()

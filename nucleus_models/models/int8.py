@@ -24,12 +24,13 @@ hardware) or float32.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
 import threading
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 __all__ = [
@@ -85,17 +86,39 @@ def _prepare(net: Any, activation_observer: Any) -> Any:
         # FX graph mode quantization is deprecated in favour of torchao, which
         # the image does not ship; it is what torch 2.14 itself provides
         warnings.simplefilter("ignore")
-        # no stack trace per traced node (debugging aids): the first trace
-        # of a process would spend ~1-2 s importing what symbolises them
-        emit = torch.fx.config.do_not_emit_stack_traces
-        torch.fx.config.do_not_emit_stack_traces = True
-        try:
+        with without_stack_traces(getattr(torch.fx, "config", None)):
             prepared: Any = prepare_fx(float_net, _qconfig_mapping(activation_observer), example)
-        finally:
-            torch.fx.config.do_not_emit_stack_traces = emit
     prepared.stride = getattr(net, "stride", 1)
     prepared.network_fingerprint = network_fingerprint(net)
     return prepared
+
+
+@contextlib.contextmanager
+def without_stack_traces(config: Any) -> Iterator[None]:
+    """FX traces without a stack trace per node (debugging aids) while the
+    block runs: the first trace of a process would otherwise spend ~1-2 s
+    importing what symbolises them.  ``config`` is ``torch.fx.config``;
+    ``do_not_emit_stack_traces`` is a switch of recent PyTorch releases,
+    and where it is missing (the Docker image's older PyTorch) nothing is
+    set and tracing works as it always did.
+
+    >>> from types import SimpleNamespace
+    >>> new, old = SimpleNamespace(do_not_emit_stack_traces=False), SimpleNamespace()
+    >>> with without_stack_traces(new), without_stack_traces(old):
+    ...     new.do_not_emit_stack_traces, vars(old)
+    (True, {})
+    >>> new.do_not_emit_stack_traces
+    False
+    """
+    if not hasattr(config, "do_not_emit_stack_traces"):
+        yield
+        return
+    before = config.do_not_emit_stack_traces
+    config.do_not_emit_stack_traces = True
+    try:
+        yield
+    finally:
+        config.do_not_emit_stack_traces = before
 
 
 def network_fingerprint(net: Any) -> str:

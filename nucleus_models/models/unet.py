@@ -699,12 +699,16 @@ class UNetModel(NucleusModel):
             )
         self.tta = bool(options.get("tta", arch.get("tta", 0)))
         self.device = pick_device(device)
+        auto = options.get("precision") in (None, "", "auto")
+        cpu_bfloat16 = bool(int(arch.get("cpu_bfloat16", 0)))
         self.precision = pick_precision(
             options.get("precision"),
             self.device,
-            cpu_bfloat16=bool(int(arch.get("cpu_bfloat16", 0))),
+            cpu_bfloat16=cpu_bfloat16,
             cpu_int8=int8 is not None and bool(int(arch.get("cpu_int8", 0))),
         )
+        #: why ``auto`` did not run the arithmetic it picked first (None: it did)
+        self.precision_note: str | None = None
         if self.precision == "int8" and int8 is None:
             from ..errors import ParameterError
 
@@ -731,12 +735,27 @@ class UNetModel(NucleusModel):
 
             calibration = read_calibration(int8, spec.name)
             try:
-                self.net = quantize(self.net, calibration)
-            except ValueError as exc:
-                from ..errors import ModelError
+                qnet = quantize(self.net, calibration)
+            except Exception as exc:  # noqa: BLE001 (auto goes on without int8; int8 asked for: one line)
+                why = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
+                if not auto:
+                    from ..errors import ModelError
 
-                raise ModelError(f"model {spec.name}: {exc}") from None
-            self.int8_calibration = calibration_sha256(calibration)
+                    raise ModelError(
+                        f"model {spec.name}: int8 cannot run with torch {torch.__version__}: {why}"
+                    ) from None
+                # e.g. a PyTorch other than the one the calibration was made
+                # with: the next arithmetic auto would pick, and say so
+                self.precision = pick_precision(
+                    "auto", self.device, cpu_bfloat16=cpu_bfloat16, cpu_int8=False
+                )
+                self.precision_note = (
+                    f"model {spec.name}: int8 cannot run with torch {torch.__version__} ({why});"
+                    f" running {self.precision} instead"
+                )
+            else:
+                self.net = qnet
+                self.int8_calibration = calibration_sha256(calibration)
         self._torch = torch
         self._pad = int(self.net.stride)
 
