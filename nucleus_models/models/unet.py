@@ -276,10 +276,11 @@ def watershed_in_components(image: np.ndarray, markers: np.ndarray, mask: np.nda
     whole, and only parts with two or more are flooded, side by side on one
     canvas (:mod:`nucleus_models.canvas`): one call instead of one per part
     (~0.3 ms each), which took ~7 % off the H&E model's instances on 14
-    tiles of 1120 px (1.59-1.67 -> 1.43-1.56 s, the same labels). The same
-    labels as flooding the whole
-    image, in ~0.4x the time on a 1120-px H&E tile (0.056 vs 0.139 s, 179
-    of 1203 parts with several seeds): the flooding order inside a part does not depend on the
+    tiles of 1120 px (1.59-1.67 -> 1.43-1.56 s, the same labels); one call
+    per part had taken ~0.4x the time of flooding the whole image on a
+    1120-px H&E tile (0.056 vs 0.139 s, 179 of 1203 parts with several
+    seeds). The labels are the whole image's: the flooding order inside a
+    part does not depend on the
     other parts, except where seed pixels have exactly the same height
     (scikit-image then pops them in its heap's order, so a few pixels
     between two such seeds may go the other way; none did on the U-Net's
