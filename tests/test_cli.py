@@ -324,6 +324,8 @@ def test_learned_model_finds_the_annotated_nuclei(
     }
     # an int8 network records which calibration it ran with, and only it does
     assert ("int8_calibration" in runtime) == (precision == "int8")
+    # and auto ran what it picked (no fall-back from an int8 build that failed)
+    assert not [w for w in doc["attributes"]["warnings"] if "cannot run" in w]
     recall, precision = _hit_rates(tmp_path / "n.csv", sample.labels)
     assert recall > 0.75 and precision > 0.75, (recall, precision)
 
