@@ -160,11 +160,15 @@ def nuclei_from_labels(
     maxid = int(flat.max(initial=0))
     if maxid <= 0:
         return Nuclei.empty(keys)
-    counts = np.bincount(flat, minlength=maxid + 1)
+    # sums over the labelled pixels alone (a third of a tile, say), in the
+    # same order as over all of them: the same centroids, ~3x faster
+    where = np.flatnonzero(flat)
+    lab = flat[where]
+    counts = np.bincount(lab, minlength=maxid + 1)
     ids = np.flatnonzero(counts[1:]) + 1
-    rows, cols = np.indices(labels.shape)
-    cy = np.bincount(flat, weights=rows.ravel(), minlength=maxid + 1)[ids] / counts[ids] + 0.5
-    cx = np.bincount(flat, weights=cols.ravel(), minlength=maxid + 1)[ids] / counts[ids] + 0.5
+    rows, cols = np.divmod(where, labels.shape[1])
+    cy = np.bincount(lab, weights=rows, minlength=maxid + 1)[ids] / counts[ids] + 0.5
+    cx = np.bincount(lab, weights=cols, minlength=maxid + 1)[ids] / counts[ids] + 0.5
     slices = ndi.find_objects(labels.astype(np.int64, copy=False), max_label=maxid)
     boxes = np.array(
         [

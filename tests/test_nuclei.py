@@ -125,3 +125,25 @@ def test_keep_returns_what_selecting_afterwards_does_and_traces_only_those(
         np.testing.assert_array_equal(part.measurements[key], want.measurements[key])
     none = nuclei_from_labels(lab, pixel_area_um2=0.16, keep=lambda c, b: c[:, 0] < 0)
     assert len(none) == 0 and set(none.measurements) == {"area_px", "area_um2"}
+
+
+def test_centroids_areas_and_boxes_of_a_label_map_match_scipy() -> None:
+    """Centroids (pixel centres, so + 0.5), areas and boxes of a label map with
+    touching, non-consecutive and absent ids are scipy.ndimage's."""
+    from scipy import ndimage as ndi
+
+    rng = np.random.default_rng(3)
+    lab = np.zeros((90, 120), np.int32)
+    for k in rng.choice(np.arange(1, 400), 40, replace=False):
+        y, x = rng.integers(0, 85), rng.integers(0, 115)
+        lab[y : y + rng.integers(2, 12), x : x + rng.integers(2, 12)] = k  # later ones overlap
+    n = nuclei_from_labels(lab)
+    ids = np.unique(lab[lab > 0])
+    assert len(n) == len(ids)
+    com = np.array(ndi.center_of_mass(np.ones_like(lab), lab, ids))  # (row, col)
+    np.testing.assert_allclose(n.centroids, com[:, ::-1] + 0.5, rtol=0, atol=1e-9)
+    np.testing.assert_array_equal(n.measurements["area_px"], ndi.sum_labels(lab > 0, lab, ids))
+    boxes = [ndi.find_objects((lab == k).astype(np.int32))[0] for k in ids]
+    np.testing.assert_array_equal(
+        n.boxes, [(b[1].start, b[0].start, b[1].stop, b[0].stop) for b in boxes]
+    )
