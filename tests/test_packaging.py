@@ -53,3 +53,18 @@ def test_the_image_torch_check_runs_the_torch_of_the_base_image() -> None:
     script = (REPO / "scripts" / "check_image_torch.sh").read_text()
     assert f'IMAGE_TORCH=${{IMAGE_TORCH-"torch=={base.group(1)} ' in script
     assert "check-image-torch:" in (REPO / "Makefile").read_text()
+
+
+def test_the_changelog_names_the_package_version() -> None:
+    """Outputs record the package version; CHANGELOG.md's newest entry is
+    that version, so a version raised without saying what changed fails."""
+    import re
+
+    import nucleus_models
+
+    version = re.search(r'^version = "([^"]+)"', (REPO / "pyproject.toml").read_text(), re.M).group(
+        1
+    )  # type: ignore[union-attr]
+    newest = re.search(r"^## (\S+) \(", (REPO / "CHANGELOG.md").read_text(), re.M)
+    assert newest and newest.group(1) == version
+    assert nucleus_models.__version__ == version  # the installed metadata is current
