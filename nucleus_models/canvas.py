@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["pack_boxes", "parts_on_canvas"]
+__all__ = ["on_canvas", "pack_boxes", "parts_on_canvas"]
 
 
 def pack_boxes(sizes: np.ndarray, width: int, gap: int = 1) -> tuple[np.ndarray, tuple[int, int]]:
@@ -47,19 +47,18 @@ def pack_boxes(sizes: np.ndarray, width: int, gap: int = 1) -> tuple[np.ndarray,
 
 def parts_on_canvas(
     comp: np.ndarray, boxes: np.ndarray, ids: np.ndarray, width: int
-) -> tuple[np.ndarray, np.ndarray, tuple[int, int], np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
     """Lay the parts ``ids`` of the label map ``comp`` apart on a canvas
     with :func:`pack_boxes`: the flat indices of their pixels in ``comp``,
-    the flat indices of the same pixels on the canvas, the canvas's shape,
-    and each part's box's top-left corner on it ``(len(ids), 2)`` (row,
-    column). ``boxes[k]`` is part ``k``'s box ``(top, left, bottom, right)``
+    the flat indices of the same pixels on the canvas, and the canvas's
+    shape. ``boxes[k]`` is part ``k``'s box ``(top, left, bottom, right)``
     (bottom and right exclusive; row 0 unused).
 
     >>> comp = np.array([[1, 1, 0, 2], [0, 0, 0, 2]])
     >>> boxes = np.array([[0, 0, 0, 0], [0, 0, 1, 2], [0, 3, 2, 4]])
-    >>> src, dst, shape, corners = parts_on_canvas(comp, boxes, np.array([2]), 4)
-    >>> src.tolist(), dst.tolist(), shape, corners.tolist()
-    ([3, 7], [5, 9], (4, 4), [[1, 1]])
+    >>> src, dst, shape = parts_on_canvas(comp, boxes, np.array([2]), 4)
+    >>> src.tolist(), dst.tolist(), shape
+    ([3, 7], [5, 9], (4, 4))
     """
     ids = np.asarray(ids, np.int64)
     b = boxes[ids]
@@ -70,4 +69,20 @@ def parts_on_canvas(
     shift[ids] = (corners[:, 0] - b[:, 0]) * shape[1] + corners[:, 1] - b[:, 1]
     src = np.flatnonzero(chosen[comp])
     dst = src // comp.shape[1] * (shape[1] - comp.shape[1]) + src + shift[comp.ravel()[src]]
-    return src, dst, shape, corners
+    return src, dst, shape
+
+
+def on_canvas(
+    image: np.ndarray, src: np.ndarray, dst: np.ndarray, shape: tuple[int, int], fill: float = 0
+) -> np.ndarray:
+    """``image``'s pixels ``src`` at ``dst`` on a new canvas of ``shape``
+    (:func:`parts_on_canvas`'s), ``fill`` elsewhere, in ``image``'s dtype.
+
+    >>> on_canvas(np.array([[5, 6], [7, 8]]), np.array([1, 3]), np.array([0, 2]), (2, 2), 9)
+    array([[6, 9],
+           [8, 9]])
+    """
+    image = np.asarray(image)
+    out = np.full(shape, fill, image.dtype)
+    out.reshape(-1)[dst] = image.reshape(-1)[src]
+    return out

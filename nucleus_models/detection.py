@@ -234,7 +234,7 @@ def detect_nuclei(params: DetectionParams, *, progress: Progress | None = None) 
         )
     if model is None:
         model = shared_model(spec.name, params.model_options())
-    if getattr(model, "precision_note", None):
+    if model.precision_note:
         warn(model.precision_note)  # auto could not run what it picked first
     if model.prepare_from == "analysis":
         sample = _tissue_windows(slide, tissue, tscale, region, downsample)

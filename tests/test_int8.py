@@ -327,6 +327,8 @@ def test_auto_runs_on_without_int8_where_it_cannot_be_built_and_says_so(
     differs from the one the calibration was made with, say), ``auto`` runs
     the next arithmetic it would pick and the run's warnings say why, in the
     output too; ``--precision int8`` asked for is a one-line error."""
+    import torch
+
     from nucleus_models.detection import DetectionParams, detect_nuclei
     from nucleus_models.models import get_model, int8
     from nucleus_models.models.unet import pick_precision
@@ -340,7 +342,7 @@ def test_auto_runs_on_without_int8_where_it_cannot_be_built_and_says_so(
     assert model.precision == pick_precision("auto", "cpu", cpu_bfloat16=True, cpu_int8=False)
     assert model.int8_calibration is None
     assert model.precision_note == (
-        f"model unet-monuseg: int8 cannot run with torch {__import__('torch').__version__}"
+        f"model unet-monuseg: int8 cannot run with torch {torch.__version__}"
         " (RuntimeError: quantized::conv2d_relu has no kernel for this backend);"
         f" running {model.precision} instead"
     )

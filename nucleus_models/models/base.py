@@ -98,6 +98,10 @@ class NucleusModel(ABC):
     # thumbnail averages nuclei and stroma together)
     prepare_from: str = "thumbnail"
 
+    #: why the model runs in other arithmetic than ``auto`` picked first
+    #: (e.g. an int8 network that could not be built); None when it does not
+    precision_note: str | None = None
+
     def prepare(self, thumbnail: np.ndarray, tissue: np.ndarray) -> dict[str, Any]:
         """Whole-slide statistics from a thumbnail and its tissue mask.
 

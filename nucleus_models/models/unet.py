@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ..canvas import parts_on_canvas
+from ..canvas import on_canvas, parts_on_canvas
 from .base import ModelSpec, NucleusModel, TileInstances
 
 __all__ = [
@@ -319,14 +319,12 @@ def watershed_in_components(image: np.ndarray, markers: np.ndarray, mask: np.nda
         for k in several.tolist():
             rows, cols = slices[k - 1]
             boxes[k] = (rows.start, cols.start, rows.stop, cols.stop)
-        src, dst, shape, _ = parts_on_canvas(comp, boxes, several, mask.shape[1])
-        height = np.zeros(shape, image.dtype)
-        height.reshape(-1)[dst] = np.ravel(image)[src]
-        seeds_c = np.zeros(shape, np.int32)
-        seeds_c.reshape(-1)[dst] = m[src]
-        inside = np.zeros(shape, bool)
-        inside.reshape(-1)[dst] = True
-        flooded = watershed(height, seeds_c, mask=inside)
+        src, dst, shape = parts_on_canvas(comp, boxes, several, mask.shape[1])
+        flooded = watershed(
+            on_canvas(image, src, dst, shape),
+            on_canvas(markers, src, dst, shape),
+            mask=on_canvas(mask, src, dst, shape),
+        )
         out.reshape(-1)[src] = flooded.reshape(-1)[dst]
     return out
 
@@ -420,18 +418,13 @@ def masked_h_maxima(image: np.ndarray, mask: np.ndarray, h: float) -> np.ndarray
         boxes = np.c_[y, x, y + h_, x + w]
         active = np.unique(comp[changed])
         while len(active):
-            src, dst, shape, _ = parts_on_canvas(comp, boxes, active, mask.shape[1])
-            top = np.full(shape, low, np.float32)
-            top.reshape(-1)[dst] = f.reshape(-1)[src]
-            r = np.full(shape, low, np.float32)
-            r.reshape(-1)[dst] = rec.reshape(-1)[src]
-            r, changed = grow(r, top, steps)
+            src, dst, shape = parts_on_canvas(comp, boxes, active, mask.shape[1])
+            top = on_canvas(f, src, dst, shape, low)
+            r, changed = grow(on_canvas(rec, src, dst, shape, low), top, steps)
             rec.reshape(-1)[src] = r.reshape(-1)[dst]
             if changed is None:
                 break
-            ids = np.zeros(shape, np.int32)
-            ids.reshape(-1)[dst] = comp.reshape(-1)[src]
-            active = np.unique(ids[changed])
+            active = np.unique(on_canvas(comp, src, dst, shape)[changed])
             steps *= 2
     return mask & ((f - rec) >= h)
 
@@ -708,8 +701,6 @@ class UNetModel(NucleusModel):
             cpu_bfloat16=cpu_bfloat16,
             cpu_int8=int8 is not None and bool(int(arch.get("cpu_int8", 0))),
         )
-        #: why ``auto`` did not run the arithmetic it picked first (None: it did)
-        self.precision_note: str | None = None
         if self.precision == "int8" and int8 is None:
             from ..errors import ParameterError
 
