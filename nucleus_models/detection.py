@@ -259,7 +259,10 @@ def detect_nuclei(params: DetectionParams, *, progress: Progress | None = None) 
             progress(done / max(total, 1))
 
     scheduler, workers = effective_scheduler(
-        params.scheduler, params.num_workers, model_runtime(model)["device"]
+        params.scheduler,
+        params.num_workers,
+        model_runtime(model)["device"],
+        detachable=model.postprocessor() is not None,
     )
     stages: dict[str, float] = {}
     nuclei = run_tiles(
@@ -335,7 +338,9 @@ def modality_mismatch(thumb: np.ndarray, tscale: float, region: list[int], spec:
     )
 
 
-def effective_scheduler(scheduler: str, num_workers: int, device: str) -> tuple[str, int]:
+def effective_scheduler(
+    scheduler: str, num_workers: int, device: str, *, detachable: bool = True
+) -> tuple[str, int]:
     """The scheduler and worker count a run uses.
 
     An empty ``scheduler`` means "run here": on a CPU with more than one
@@ -344,25 +349,48 @@ def effective_scheduler(scheduler: str, num_workers: int, device: str) -> tuple[
     workers torch threads and post-process it while others run theirs (on 2
     cores the 100 MP mosaic ran at 3.6 MP/s in bfloat16 this way against
     3.2 serially, and 2.5-2.7 against 2.0 in float32; each worker adds
-    ~0.26 GB to the ~2 GB a run holds, hence the cap); on a GPU, or with one
-    worker, serially (tiles read ahead on a thread). HistomicsTK's CLIs
-    likewise start local workers when the scheduler is empty. Any other
-    value is kept, with ``num_workers`` as given (0 = one per core).
+    ~0.26 GB to the ~2 GB a run holds, hence the cap); with one worker,
+    serially (tiles read ahead on a thread). On a GPU, ``"pipeline"``: the
+    network runs here and ``num_workers`` processes post-process its maps
+    (0 = all cores but the one driving the GPU, at most 8), where that
+    makes two or more, the model can post-process apart from its network
+    (``detachable``, the U-Nets) and this process may start others (a
+    daemonic one, e.g. a dask worker, may not); otherwise serially. (One
+    worker process was no faster than none: it only moves the watershed out
+    of the process that waits for the GPU, and costs its start: with a
+    network that cost nothing, 2 cores, ``scripts/pipeline_ceiling.py``.) HistomicsTK's CLIs likewise start local
+    workers when the scheduler is empty. Any other value is kept, with
+    ``num_workers`` as given (0 = one per core).
 
     >>> effective_scheduler("", 2, "cpu"), effective_scheduler("", 1, "cpu")
     (('multithreading', 2), ('', 1))
-    >>> effective_scheduler("", 0, "cuda:0")[0], effective_scheduler("multiprocessing", 3, "cpu")
-    ('', ('multiprocessing', 3))
+    >>> effective_scheduler("", 3, "cuda:0"), effective_scheduler("", 3, "cuda:0", detachable=False)
+    (('pipeline', 3), ('', 1))
+    >>> effective_scheduler("multiprocessing", 3, "cpu")
+    ('multiprocessing', 3)
     """
+    import multiprocessing
+
     from .wsi import resolve_workers
 
     workers = resolve_workers(num_workers)
+    may_spawn = not multiprocessing.current_process().daemon
     if (scheduler or "").strip() == "":
         if device != "cpu":
-            return "", 1
+            if num_workers <= 0:
+                workers = min(resolve_workers(num_workers - 1), _DEFAULT_MAX_THREADS)
+            if workers < 2 or not (detachable and may_spawn):
+                return "", 1
+            return "pipeline", workers
         if num_workers <= 0:
             workers = min(workers, _DEFAULT_MAX_THREADS)
         return ("multithreading", workers) if workers > 1 else ("", 1)
+    if scheduler.strip() == "pipeline" and not (detachable and may_spawn):
+        raise ParameterError(
+            "the 'pipeline' scheduler needs a model that post-processes apart from its"
+            " network (the U-Nets) and a process that may start others (not a daemonic one):"
+            " use '' or 'multithreading'"
+        )
     return scheduler, workers
 
 

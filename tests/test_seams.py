@@ -89,7 +89,7 @@ def test_an_empty_scheduler_runs_a_thread_pool_on_a_cpu_and_one_worker_serially(
         assert effective_scheduler("", 0, "cpu") == ("multithreading", 8)
         assert effective_scheduler("", 16, "cpu") == ("multithreading", 16)
         assert effective_scheduler("multithreading", 0, "cpu") == ("multithreading", 64)
-        assert effective_scheduler("", 0, "cuda") == ("", 1)
+        assert effective_scheduler("", 0, "cuda") == ("pipeline", 8)
 
 
 def test_dask_multiprocessing_matches_serial(disk_slide) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -123,6 +124,15 @@ class NucleusModel(ABC):
         self, raw: Any, tiles: list[np.ndarray], context: dict[str, Any]
     ) -> list[TileInstances]:
         """Raw output -> one ``TileInstances`` per tile."""
+
+    def postprocessor(self) -> Callable[[Any, list[tuple[int, ...]]], list[TileInstances]] | None:
+        """``postprocess`` detached from the model, for other processes: a
+        picklable callable ``(raw, tile shapes) -> one TileInstances per
+        tile`` that needs neither the network nor the tiles' pixels, or None
+        where the model's post-processing needs them (the default). With one,
+        a run on a GPU post-processes in a pool of processes while the
+        network goes on (:func:`nucleus_models.wsi.runner.run_tiles`)."""
+        return None
 
     def predict_batch(
         self, tiles: list[np.ndarray], context: dict[str, Any] | None = None

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -27,6 +28,7 @@ __all__ = [
     "unet_channels",
     "fuse_for_inference",
     "UNetModel",
+    "WatershedSetting",
     "normalise_tile",
     "instances_from_maps",
     "masked_h_maxima",
@@ -798,12 +800,42 @@ class UNetModel(NucleusModel):
     def _maps(self, x: Any) -> Any:
         return sigmoid_maps(self.net, x, precision=self.precision)
 
+    def postprocessor(self) -> WatershedSetting:
+        """The model's watershed setting: post-processes its maps without the network."""
+        return WatershedSetting(
+            fg_threshold=self.fg_threshold,
+            seed_threshold=self.seed_threshold,
+            min_area=self.min_area,
+            seed_mode=self.seed_mode,
+            h=self.h,
+            smooth=self.smooth,
+            min_score=self.min_score,
+        )
+
     def postprocess(
         self, raw: np.ndarray, tiles: list[np.ndarray], context: dict[str, Any]
     ) -> list[TileInstances]:
+        return self.postprocessor()(raw, [t.shape[:2] for t in tiles])
+
+
+@dataclass(frozen=True)
+class WatershedSetting:
+    """:func:`instances_from_maps` with a model's setting, applied to a
+    batch of ``(fg, boundary, distance)`` maps (padded to the batch's size)
+    cropped to each tile's ``(height, width)``: picklable and free of torch,
+    so post-processing can run in other processes than the network's."""
+
+    fg_threshold: float = 0.5
+    seed_threshold: float = 0.5
+    min_area: int = 8
+    seed_mode: str = "threshold"
+    h: float = 0.05
+    smooth: float = 1.0
+    min_score: float = 0.0
+
+    def __call__(self, raw: np.ndarray, shapes: Sequence[tuple[int, ...]]) -> list[TileInstances]:
         res = []
-        for maps, t in zip(raw, tiles, strict=True):
-            h, w = t.shape[:2]
+        for maps, (h, w) in zip(raw, shapes, strict=True):
             res.append(
                 instances_from_maps(
                     maps[0, :h, :w],
