@@ -59,6 +59,37 @@ def test_pipeline_finds_the_same_nuclei_as_a_serial_run(shared_data: Path) -> No
     assert _shm_blocks() - before == set()
 
 
+def test_without_room_in_shared_memory_the_maps_go_through_the_pipe(
+    shared_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A container's /dev/shm (Docker: 64 MB unless told otherwise) too
+    small for a batch's maps: they travel through the pool's pipe, with the
+    same nuclei, instead of a write past the end of /dev/shm (SIGBUS)."""
+    from multiprocessing import shared_memory
+
+    from nucleus_models.wsi import runner
+
+    image = _image(shared_data)
+    created: list[int] = []
+    real = shared_memory.SharedMemory
+
+    def counting(*a: object, **kw: object) -> object:
+        if kw.get("create"):
+            created.append(1)
+        return real(*a, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(shared_memory, "SharedMemory", counting)
+    ref = detect_nuclei(_params(image, scheduler="pipeline", num_workers=2))
+    assert len(created) >= 5  # 9 tiles in batches of up to 2, each through shared memory
+    created.clear()
+    # a batch's maps are up to 2 x 3 x 352 x 352 float32 (3 MB): 256 kB free is too little
+    monkeypatch.setattr(runner, "_shm_free_bytes", lambda folder="/dev/shm": 1 << 18)
+    piped = detect_nuclei(_params(image, scheduler="pipeline", num_workers=2))
+    assert created == []
+    assert len(piped.nuclei) == len(ref.nuclei)
+    np.testing.assert_array_equal(piped.nuclei.polygon_vertices, ref.nuclei.polygon_vertices)
+
+
 def test_a_failing_worker_raises_here_and_leaves_no_shared_memory(
     shared_data: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -235,17 +235,40 @@ def postprocess_batch(
     return nuc, {"postprocess": time.perf_counter() - t0}
 
 
-def _shared(raw: np.ndarray) -> tuple[Any, tuple[str, tuple[int, ...], str]]:
+def _shm_free_bytes(folder: str = "/dev/shm") -> int | None:
+    """Free bytes of the tmpfs behind POSIX shared memory, None where there
+    is none to ask (not Linux)."""
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def _shared(raw: np.ndarray) -> tuple[Any, np.ndarray | tuple[str, tuple[int, ...], str]]:
     """``raw`` copied into a new block of shared memory, and what
-    :func:`postprocess_batch` needs to find it. A batch's maps (2 x 3 x 704
-    x 704 float32, 12 MB) took ~50 ms a round trip through the pool's pipe
-    on 2 cores, about what the watershed takes for them."""
+    :func:`postprocess_batch` needs to find it; or, where shared memory
+    has not twice the room, no block and ``raw`` itself, to travel through
+    the pool's pipe. A batch's maps (2 x 3 x 704 x 704 float32, 12 MB) took
+    ~50 ms a round trip through the pipe on 2 cores, about what the
+    watershed takes for them; but Docker gives a container 64 MB of
+    ``/dev/shm`` unless told otherwise, and writing past it would kill the
+    run (SIGBUS), not fail."""
     from multiprocessing.shared_memory import SharedMemory
 
     raw = np.ascontiguousarray(raw)
+    free = _shm_free_bytes()
+    if free is not None and free < 2 * raw.nbytes:
+        return None, raw
     shm = SharedMemory(create=True, size=max(1, raw.nbytes))
     np.ndarray(raw.shape, raw.dtype, buffer=shm.buf)[...] = raw
     return shm, (shm.name, raw.shape, raw.dtype.str)
+
+
+def _unlink(shm: Any) -> None:
+    if shm is not None:
+        shm.close()
+        shm.unlink()
 
 
 def _postprocess_worker_init() -> None:
@@ -458,7 +481,7 @@ def _run_pipeline(
     def finish(which: Iterator[Future[tuple[Nuclei, dict[str, float]]]]) -> None:
         for fut in which:
             n, shm = pending.pop(fut)
-            shm.unlink()
+            _unlink(shm)
             collect(fut.result(), n)
 
     pool = ProcessPoolExecutor(
@@ -488,7 +511,7 @@ def _run_pipeline(
                     with _main_hidden():  # submit may start a worker
                         fut = pool.submit(postprocess_batch, job, post, b, where, shapes)
                 except BaseException:
-                    shm.unlink()
+                    _unlink(shm)
                     raise
                 pending[fut] = (len(b), shm)
                 while len(pending) >= 2 * workers:
@@ -500,7 +523,7 @@ def _run_pipeline(
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         for _, shm in pending.values():
-            shm.unlink()
+            _unlink(shm)
 
 
 def _run_dask(
