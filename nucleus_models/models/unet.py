@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -680,18 +680,23 @@ class UNetModel(NucleusModel):
             )
         # Reinhard statistics are taken at the resolution the model trained at
         self.prepare_from = "analysis" if self.stain == "reinhard" else "thumbnail"
-        self.fg_threshold = float(options.get("fg_threshold", arch.get("fg_threshold", 0.5)))
-        self.seed_threshold = float(options.get("seed_threshold", arch.get("seed_threshold", 0.5)))
-        self.min_area = int(options.get("min_area", arch.get("min_area", 8)))
-        self.seed_mode = str(options.get("seed_mode", arch.get("seed_mode", "threshold")))
-        self.h = float(options.get("h", arch.get("h", 0.05)))
-        self.smooth = float(options.get("smooth", arch.get("smooth", 1.0)))
-        self.min_score = float(options.get("min_score", arch.get("min_score", 0.0)))
-        if self.seed_mode not in ("threshold", "hmax"):
+        # the watershed's setting: each field from the model options, else the
+        # card's thresholds, else its default, as the default's type
+        plain = WatershedSetting()
+        self.setting = WatershedSetting(
+            **{
+                f.name: type(getattr(plain, f.name))(
+                    options.get(f.name, arch.get(f.name, getattr(plain, f.name)))
+                )
+                for f in fields(WatershedSetting)
+            }
+        )
+        if self.setting.seed_mode not in ("threshold", "hmax"):
             from ..errors import ModelError
 
             raise ModelError(
-                f"model {spec.name}: seed_mode must be 'threshold' or 'hmax', not {self.seed_mode!r}"
+                f"model {spec.name}: seed_mode must be 'threshold' or 'hmax',"
+                f" not {self.setting.seed_mode!r}"
             )
         self.tta = bool(options.get("tta", arch.get("tta", 0)))
         self.device = pick_device(device)
@@ -802,15 +807,7 @@ class UNetModel(NucleusModel):
 
     def postprocessor(self) -> WatershedSetting:
         """The model's watershed setting: post-processes its maps without the network."""
-        return WatershedSetting(
-            fg_threshold=self.fg_threshold,
-            seed_threshold=self.seed_threshold,
-            min_area=self.min_area,
-            seed_mode=self.seed_mode,
-            h=self.h,
-            smooth=self.smooth,
-            min_score=self.min_score,
-        )
+        return self.setting
 
     def postprocess(
         self, raw: np.ndarray, tiles: list[np.ndarray], context: dict[str, Any]
@@ -834,20 +831,8 @@ class WatershedSetting:
     min_score: float = 0.0
 
     def __call__(self, raw: np.ndarray, shapes: Sequence[tuple[int, ...]]) -> list[TileInstances]:
-        res = []
-        for maps, (h, w) in zip(raw, shapes, strict=True):
-            res.append(
-                instances_from_maps(
-                    maps[0, :h, :w],
-                    maps[1, :h, :w],
-                    maps[2, :h, :w],
-                    fg_threshold=self.fg_threshold,
-                    seed_threshold=self.seed_threshold,
-                    min_area=self.min_area,
-                    seed_mode=self.seed_mode,
-                    h=self.h,
-                    smooth=self.smooth,
-                    min_score=self.min_score,
-                )
-            )
-        return res
+        kw = asdict(self)  # the fields are instances_from_maps' keywords
+        return [
+            instances_from_maps(maps[0, :h, :w], maps[1, :h, :w], maps[2, :h, :w], **kw)
+            for maps, (h, w) in zip(raw, shapes, strict=True)
+        ]
