@@ -454,8 +454,10 @@ def _run_pipeline(
     """The network here, batch after batch (tiles read ahead on a thread),
     and post-processing in ``workers`` processes meanwhile: what an empty
     scheduler runs on a GPU, whose network outpaces one core's watershed
-    many times over. Threads would share one interpreter lock, under which
-    two post-processing threads ran only 1.12-1.37x as fast as one. The
+    many times over. Not threads: post-processing gives the interpreter lock
+    back and takes it again around every NumPy/SciPy call, so in a thread
+    it runs only as fast as the process's other Python lets it (12 batches:
+    2.4-2.6 s alone, ~290 s beside a thread running a Python loop). The
     processes are spawned (a forked child of a process that holds a CUDA
     context or OpenMP threads can hang) and get only the maps, the model's
     setting and the tiles' places; at most two batches a worker wait for
