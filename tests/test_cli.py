@@ -385,3 +385,47 @@ def test_the_modality_check_looks_at_the_analysis_region() -> None:
         warnings = [msg] if msg else []
         assert len(warnings) == (1 if expected else 0), (spec.name, region, warnings)
         assert all(e in warnings[0] for e in expected)
+
+
+@pytest.mark.parametrize(
+    ("raised", "says"),
+    [
+        ("ram", "error: out of memory: use a smaller analysis_tile_size or batch_size"),
+        ("gpu", "error: GPU out of memory: use a smaller batch_size or analysis_tile_size"),
+        ("pool", "error: a post-processing worker process died (killed, e.g. for memory):"),
+    ],
+)
+def test_running_out_of_memory_is_one_line(
+    raised: str, says: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Out of memory in the CPU's RAM, on the GPU (torch's OutOfMemoryError,
+    a RuntimeError), or a pipeline worker killed (BrokenProcessPool): one
+    line and exit 2, not a traceback. Other RuntimeErrors still raise."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    import torch
+
+    from nucleus_models.cli_support import run_cli as run_cli_here
+
+    error = {
+        "ram": MemoryError(),
+        "gpu": torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"),
+        "pool": BrokenProcessPool("A process in the process pool was terminated abruptly"),
+    }[raised]
+
+    def main(args: object) -> None:
+        raise error
+
+    script = REPO / "cli" / "NucleusDetection" / "NucleusDetection.py"
+    monkeypatch.setattr(sys, "argv", ["NucleusDetection", "in.tif", "out.anot"])
+    with pytest.raises(SystemExit) as stop:
+        run_cli_here(main, str(script))
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(says) and "\n" not in err, err
+
+    def other(args: object) -> None:
+        raise RuntimeError("something else")
+
+    with pytest.raises(RuntimeError, match="something else"):
+        run_cli_here(other, str(script))
