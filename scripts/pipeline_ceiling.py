@@ -80,7 +80,7 @@ def main() -> None:
         mp = ref.slide["width"] * ref.slide["height"] / 1e6
         replay.replaying = True
         print(f"{a.slide}: {len(ref.nuclei)} nuclei, {ref.tiles['analysed']} tiles")
-        print("scheduler   workers  tiles wall (s)  MP/s   read / post-processing, summed (s)")
+        print("scheduler      workers  tiles wall (s)  MP/s   read / post-processing, summed (s)")
         for _ in range(a.rounds):
             runs = [("", 1)] + [(s, w) for w in a.workers for s in ("multithreading", "pipeline")]
             for sched, workers in runs:
@@ -92,7 +92,7 @@ def main() -> None:
                     raise SystemExit(f"{sched or 'serial'} x{workers}: other nuclei than serial")
                 wall = res.timings["tiles"]
                 print(
-                    f"{res.tiles['scheduler']:<11} {res.tiles['workers']:>7}  {wall:>14.2f}"
+                    f"{res.tiles['scheduler']:<14} {res.tiles['workers']:>7}  {wall:>14.2f}"
                     f"  {mp / wall:>5.1f}   {res.timings['read_cpu']:.2f} /"
                     f" {res.timings['postprocess_cpu']:.2f}"
                 )
