@@ -26,6 +26,8 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
@@ -60,6 +62,12 @@ def main() -> int:
         default=[],
         help="also score the images blurred with these Gaussian sigmas (microns)",
     )
+    ap.add_argument(
+        "--tta",
+        action="store_true",
+        help="average the maps of the image and its left-right and up-down flips"
+        " (the models' tta=1 option)",
+    )
     args = ap.parse_args()
     if args.outlines and not args.at_cv_setting:
         raise SystemExit("error: --outlines scores the run's own setting: add --at_cv_setting")
@@ -78,7 +86,20 @@ def main() -> int:
     if args.precision == "int8":
         held = int8_folds(cfg, images, folds, held)
         arithmetic = "float32"  # (the networks are quantized: no autocast)
-    maps = [held_out_maps(net, im.image, cfg, precision=arithmetic) for net, im in held]
+    if args.tta and cfg["data"].get("rescale_to_diameter"):
+        raise SystemExit("error: --tta is for models run at a fixed resolution")
+
+    def maps_of(net, image):  # type: ignore[no-untyped-def]
+        out = held_out_maps(net, image, cfg, precision=arithmetic)
+        if args.tta:  # as UNetModel.forward with tta: the mean of three passes
+            for image_axis, maps_axis in ((1, -1), (0, -2)):  # (H, W, 3) -> (3, H, W)
+                flipped = np.ascontiguousarray(np.flip(image, image_axis))
+                back = np.flip(held_out_maps(net, flipped, cfg, precision=arithmetic), maps_axis)
+                out = out + back
+            out = out / 3
+        return out
+
+    maps = [maps_of(net, im.image) for net, im in held]
     truths = [truth_of(im) for _, im in held]
     if args.at_cv_setting:
         best = json.loads((Path(args.run) / "cv" / "cv.json").read_text())["best"]

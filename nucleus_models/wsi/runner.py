@@ -258,7 +258,6 @@ class _SharedBlocks:
 
     def __init__(self) -> None:
         self.idle: list[Any] = []
-        self.made = 0
 
     def put(self, raw: np.ndarray) -> tuple[Any, np.ndarray | tuple[str, tuple[int, ...], str]]:
         """``raw`` in a block, and what :func:`postprocess_batch` needs to
@@ -275,7 +274,6 @@ class _SharedBlocks:
             if free is not None and free < 2 * raw.nbytes:
                 return None, raw
             shm = SharedMemory(create=True, size=max(1, raw.nbytes))
-            self.made += 1
         np.ndarray(raw.shape, raw.dtype, buffer=shm.buf)[...] = raw
         return shm, (shm.name, raw.shape, raw.dtype.str)
 
@@ -473,8 +471,8 @@ def _run_pipeline(
     collect: Callable[[tuple[Nuclei, dict[str, float]], int], None],
     stages: dict[str, float],
 ) -> None:
-    """The network here, batch after batch (tiles read ahead on a thread),
-    and post-processing in ``workers`` processes meanwhile: what an empty
+    """The network here, batch after batch (tiles read ahead on reader
+    threads), and post-processing in ``workers`` processes meanwhile: what an empty
     scheduler runs on a GPU, whose network outpaces one core's watershed
     many times over. Not threads: post-processing gives the interpreter lock
     back and takes it again around every NumPy/SciPy call, so in a thread
