@@ -75,8 +75,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--scheduler",
         default="",
         help="NucleusDetection --scheduler (default '': what the CLI picks itself, a thread pool "
-        "of --workers threads on a CPU, serial on a GPU; or multithreading, multiprocessing, "
-        "tcp://host:port)",
+        "of --workers threads on a CPU, a pipeline on a GPU; or multithreading, pipeline, "
+        "multiprocessing, tcp://host:port)",
+    )
+    parser.add_argument(
+        "--test_time_flips",
+        action="store_true",
+        help="NucleusDetection --test_time_flips true (U-Nets: three network passes a batch)",
     )
     parser.add_argument(
         "--repeat", type=int, default=1, help="runs per CLI (the fastest is reported)"
@@ -190,6 +195,8 @@ def nucleus_detection_command(args: argparse.Namespace, out: Path) -> list[str]:
     ]  # fmt: skip
     if args.input_mpp > 0:
         cmd += ["--input_mpp", str(args.input_mpp)]
+    if getattr(args, "test_time_flips", False):
+        cmd += ["--test_time_flips", "true"]
     return cmd
 
 

@@ -73,6 +73,7 @@ class DetectionParams:
     max_radius: float = -1.0
     local_max_search_radius: float = -1.0
     min_nucleus_area: float = -1.0
+    test_time_flips: bool = False
 
     @classmethod
     def from_namespace(cls, ns: Any) -> DetectionParams:
@@ -91,6 +92,8 @@ class DetectionParams:
             opts["device"] = self.device
         if self.precision and self.precision != "auto":
             opts["precision"] = self.precision
+        if self.test_time_flips:
+            opts["tta"] = 1
         return opts
 
 
@@ -236,6 +239,8 @@ def detect_nuclei(params: DetectionParams, *, progress: Progress | None = None) 
         model = shared_model(spec.name, params.model_options())
     if model.precision_note:
         warn(model.precision_note)  # auto could not run what it picked first
+    if params.test_time_flips and not getattr(model, "tta", False):
+        warn(f"test-time flips are for the U-Nets: model {spec.name} ran without them")
     if model.prepare_from == "analysis":
         sample = _tissue_windows(slide, tissue, tscale, region, downsample)
         context = model.prepare(sample, tissue_mask(sample, modality=spec.modality))
@@ -401,15 +406,18 @@ _DEFAULT_MAX_THREADS = 8
 def model_runtime(model: Any) -> dict[str, Any]:
     """``{"device": ..., "precision": ...}`` as a built model resolved them
     (``auto`` made concrete), plus ``int8_calibration`` (its sha256) for an
-    int8 network; a model without a network reports ``cpu`` and ``not
+    int8 network and ``test_time_flips`` where the network also ran on the
+    tiles' flips; a model without a network reports ``cpu`` and ``not
     applicable``."""
-    out = {
+    out: dict[str, Any] = {
         "device": str(getattr(model, "device", "cpu")),
         "precision": str(getattr(model, "precision", "not applicable")),
     }
     calibration = getattr(model, "int8_calibration", None)
     if calibration:
         out["int8_calibration"] = str(calibration)
+    if getattr(model, "tta", False):
+        out["test_time_flips"] = True
     return out
 
 

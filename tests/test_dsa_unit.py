@@ -226,6 +226,32 @@ def test_params_hash_and_token_never_in_provenance() -> None:
     assert TOKEN not in repr(a) and TOKEN not in json.dumps(a.public())
 
 
+def test_test_time_flips_change_the_hash_only_when_set() -> None:
+    """Results stored before the option existed keep their hash (they are not
+    redone); with flips the hash differs (they are). The cron flag sets it."""
+    import hashlib
+
+    from nucleus_models.dsa.__main__ import build_parser
+    from nucleus_models.models import get_spec
+
+    plain = FolderJobParams(inputFolder="f", min_radius=3)
+    before = ["model", "analysis_roi", "input_mpp", "nuclei_annotation_format"]
+    before += ["annotation_name", "analysis_tile_size", "analysis_tile_overlap", "min_fgnd_frac"]
+    before += ["foreground_threshold", "min_radius", "max_radius", "local_max_search_radius"]
+    before += ["min_nucleus_area"]
+    old = {"analysis": plain.analysis, "model_sha256": get_spec(plain.model).sha256}
+    old.update({k: getattr(plain, k) for k in before})
+    blob = json.dumps(old, sort_keys=True, separators=(",", ":"))
+    assert plain.params_hash() == hashlib.sha256(blob.encode()).hexdigest()[:16]
+    flips = FolderJobParams(inputFolder="f", min_radius=3, test_time_flips=True)
+    assert flips.settings()["test_time_flips"] is True
+    assert flips.params_hash() != plain.params_hash()
+    ns = build_parser().parse_args(
+        ["folder-job", "--api-url", "http://x/api/v1", "--folder", "f", "--test-time-flips"]
+    )
+    assert FolderJobParams.from_namespace(ns).test_time_flips is True
+
+
 def _cron(*args: str, token: str | None = TOKEN) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k != "GIRDER_TOKEN"}
     if token:

@@ -1645,3 +1645,35 @@ def test_the_training_device_is_chosen_recorded_and_not_part_of_the_fingerprint(
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "Test GPU")
     assert common.hardware_text("cuda").startswith("Test GPU (CUDA), ")
     assert "GPU" not in common.hardware_text("cpu")
+
+
+def test_test_time_flips_run_the_network_on_each_tile_and_its_two_flips(
+    shared_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``test_time_flips`` reaches the U-Net (three passes a batch), is
+    recorded in the runtime, and changes the nuclei a little; a model
+    without a network ignores it with a warning."""
+    from nucleus_models.detection import DetectionParams, detect_nuclei
+    from nucleus_models.models.unet import UNetModel
+
+    passes: list[int] = []
+    maps = UNetModel._maps
+
+    def counting(self, x):  # type: ignore[no-untyped-def]
+        passes.append(1)
+        return maps(self, x)
+
+    monkeypatch.setattr(UNetModel, "_maps", counting)
+    image = sorted((shared_data / "monuseg2018" / "train" / "images").glob("*.tif"))[0]
+    kw = {"inputImageFile": str(image), "input_mpp": 0.25, "device": "cpu", "num_workers": 1}
+    plain = detect_nuclei(DetectionParams(**kw, precision="float32"))  # type: ignore[arg-type]
+    once = len(passes)
+    passes.clear()
+    flips = detect_nuclei(DetectionParams(**kw, precision="float32", test_time_flips=True))  # type: ignore[arg-type]
+    assert once >= 1 and len(passes) == 3 * once
+    assert flips.runtime.get("test_time_flips") is True and "test_time_flips" not in plain.runtime
+    assert 0.9 < len(flips.nuclei) / len(plain.nuclei) < 1.1
+    assert not np.array_equal(flips.nuclei.centroids, plain.nuclei.centroids)
+    other = detect_nuclei(DetectionParams(**{**kw, "model": "classical-he"}, test_time_flips=True))  # type: ignore[arg-type]
+    assert any("test-time flips are for the U-Nets" in w for w in other.warnings)
+    assert "test_time_flips" not in other.runtime

@@ -71,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     fj.add_argument("--tile-size", dest="analysis_tile_size", type=int, default=-1)
     fj.add_argument("--tile-overlap", dest="analysis_tile_overlap", type=int, default=-1)
     fj.add_argument("--min-fgnd-frac", dest="min_fgnd_frac", type=float, default=0.0)
+    fj.add_argument(
+        "--test-time-flips",
+        dest="test_time_flips",
+        action="store_true",
+        help="U-Nets: average the network over each tile and its two flips (3x its time)",
+    )
     fj.add_argument("--scheduler", default="")
     fj.add_argument("--num-workers", dest="num_workers", type=int, default=0)
     fj.add_argument("--timeout", type=float, default=120.0, help="seconds per request")

@@ -57,6 +57,7 @@ _DETECTION_FIELDS = (
     "max_radius",
     "local_max_search_radius",
     "min_nucleus_area",
+    "test_time_flips",
 )
 _RUNTIME_FIELDS = ("scheduler", "num_workers")
 
@@ -84,6 +85,7 @@ class FolderJobParams:
     max_radius: float = -1.0
     local_max_search_radius: float = -1.0
     min_nucleus_area: float = -1.0
+    test_time_flips: bool = False
     scheduler: str = ""
     num_workers: int = 0
 
@@ -102,11 +104,16 @@ class FolderJobParams:
         from ..models import get_spec
 
         spec = get_spec(self.model)
-        return {
+        settings = {
             "analysis": self.analysis,
             "model_sha256": spec.sha256,
             **{k: getattr(self, k) for k in _DETECTION_FIELDS},
         }
+        # added after results were stored under these hashes: only when set,
+        # so results made without flips keep their hash and are not redone
+        if not settings.pop("test_time_flips"):
+            return settings
+        return {**settings, "test_time_flips": True}
 
     def params_hash(self) -> str:
         """sha256 (16 hex) of :meth:`settings`: equal hashes mean equal results."""
