@@ -362,9 +362,10 @@ def effective_scheduler(
     (``detachable``, the U-Nets) and this process may start others (a
     daemonic one, e.g. a dask worker, may not); otherwise serially. (One
     worker process was no faster than none: it only moves the watershed out
-    of the process that waits for the GPU, and costs its start: with a
-    network that cost nothing, 2 cores, ``scripts/pipeline_ceiling.py``.) HistomicsTK's CLIs likewise start local
-    workers when the scheduler is empty. Any other value is kept, with
+    of the process that waits for the GPU, and costs its start; measured
+    with a network that cost nothing on 2 cores,
+    ``scripts/pipeline_ceiling.py``.) HistomicsTK's CLIs likewise start
+    local workers when the scheduler is empty. Any other value is kept, with
     ``num_workers`` as given (0 = one per core).
 
     >>> effective_scheduler("", 2, "cpu"), effective_scheduler("", 1, "cpu")
