@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any, NoReturn
 
 from .errors import NucleusModelsError
@@ -59,18 +60,16 @@ def run_cli(main: Callable[[Any], Any], script_file: str) -> None:
         fail(str(exc))
     except MemoryError:
         fail("out of memory: use a smaller analysis_tile_size or batch_size")
+    except BrokenProcessPool:  # the system killed a pipeline worker, mostly for memory
+        fail(
+            "a post-processing worker process died (killed, e.g. for memory):"
+            " use fewer num_workers, or the scheduler 'multithreading'"
+        )
     except RuntimeError as exc:
         # torch.OutOfMemoryError (torch.cuda.OutOfMemoryError) is a
-        # RuntimeError; the pipeline's pool breaks when the system kills a
-        # worker, which on a full machine is mostly for memory
-        kind = type(exc).__name__
-        if kind == "OutOfMemoryError":
-            fail("GPU out of memory: use a smaller batch_size or analysis_tile_size")
-        if kind == "BrokenProcessPool":
-            fail(
-                "a post-processing worker process died (killed, e.g. for memory):"
-                " use fewer num_workers, or the scheduler 'multithreading'"
-            )
-        raise
+        # RuntimeError; matched by name so that this module needs no torch
+        if type(exc).__name__ != "OutOfMemoryError":
+            raise
+        fail("GPU out of memory: use a smaller batch_size or analysis_tile_size")
     except KeyboardInterrupt:
         fail("interrupted", 130)

@@ -60,6 +60,10 @@ _DETECTION_FIELDS = (
     "test_time_flips",
 )
 _RUNTIME_FIELDS = ("scheduler", "num_workers")
+#: detection fields added after results were stored under settings hashes,
+#: with the value all those results had: a field at that value is left out
+#: of the hash, so results made before the field existed are not redone
+_LATER_FIELDS: dict[str, Any] = {"test_time_flips": False}
 
 
 @dataclass
@@ -104,16 +108,12 @@ class FolderJobParams:
         from ..models import get_spec
 
         spec = get_spec(self.model)
-        settings = {
+        fields = {k: getattr(self, k) for k in _DETECTION_FIELDS}
+        return {
             "analysis": self.analysis,
             "model_sha256": spec.sha256,
-            **{k: getattr(self, k) for k in _DETECTION_FIELDS},
+            **{k: v for k, v in fields.items() if k not in _LATER_FIELDS or v != _LATER_FIELDS[k]},
         }
-        # added after results were stored under these hashes: only when set,
-        # so results made without flips keep their hash and are not redone
-        if not settings.pop("test_time_flips"):
-            return settings
-        return {**settings, "test_time_flips": True}
 
     def params_hash(self) -> str:
         """sha256 (16 hex) of :meth:`settings`: equal hashes mean equal results."""

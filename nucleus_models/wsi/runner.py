@@ -12,8 +12,9 @@ Schedulers (HistomicsTK's names): ``""`` serial (reads prefetched on a
 thread), ``"multithreading"`` (a thread pool), ``"multiprocessing"`` (a local
 dask.distributed cluster of processes) or ``"tcp://host:port"`` (an existing
 dask scheduler); and ``"pipeline"``: the network here, post-processing in a
-pool of processes (for a GPU).  Workers open the slide and build the model themselves, so
-only small, picklable descriptions travel.
+pool of processes (for a GPU).  Dask workers open the slide and build the
+model themselves, and pipeline workers get the maps and the model's
+post-processing setting, so only small, picklable descriptions travel.
 """
 
 from __future__ import annotations
@@ -223,14 +224,7 @@ def postprocess_batch(
     shape and dtype of the shared memory that holds it (:class:`_SharedBlocks`)."""
     t0 = time.perf_counter()
     if isinstance(raw, tuple):
-        from multiprocessing.shared_memory import SharedMemory
-
-        name, shape, dtype = raw
-        shm = SharedMemory(name=name)
-        try:
-            raw = np.array(np.ndarray(shape, np.dtype(dtype), buffer=shm.buf))
-        finally:
-            shm.close()
+        raw = _SharedBlocks.get(raw)
     nuc = _merged(job, tiles, post(raw, shapes))
     return nuc, {"postprocess": time.perf_counter() - t0}
 
@@ -276,6 +270,18 @@ class _SharedBlocks:
             shm = SharedMemory(create=True, size=max(1, raw.nbytes))
         np.ndarray(raw.shape, raw.dtype, buffer=shm.buf)[...] = raw
         return shm, (shm.name, raw.shape, raw.dtype.str)
+
+    @staticmethod
+    def get(where: tuple[str, tuple[int, ...], str]) -> np.ndarray:
+        """A copy of the array :meth:`put` placed ``where`` (in a worker)."""
+        from multiprocessing.shared_memory import SharedMemory
+
+        name, shape, dtype = where
+        shm = SharedMemory(name=name)
+        try:
+            return np.array(np.ndarray(shape, np.dtype(dtype), buffer=shm.buf))
+        finally:
+            shm.close()
 
     def done(self, shm: Any) -> None:
         """``shm``'s batch is done: the block may carry another."""
@@ -369,6 +375,30 @@ def _prefetched(
             yield t, img, secs
 
 
+@contextmanager
+def _read_ahead(
+    job: TileJob,
+    batches: list[list[Tile]],
+    stages: dict[str, float],
+    *,
+    depth: int,
+    readers: int = 1,
+) -> Iterator[Iterator[tuple[list[Tile], list[np.ndarray]]]]:
+    """The batches with their tiles' images, read ahead (:func:`_prefetched`),
+    their reading time added to ``stages["read"]``; the readers stop when
+    the block is left."""
+    ordered = [t for b in batches for t in b]
+    with closing(_prefetched(job, ordered, depth=depth, readers=readers)) as stream:
+
+        def each() -> Iterator[tuple[list[Tile], list[np.ndarray]]]:
+            for b in batches:
+                got = list(islice(stream, len(b)))
+                stages["read"] += sum(secs for _, _, secs in got)
+                yield b, [img for _, img, _ in got]
+
+        yield each()
+
+
 def run_tiles(
     job: TileJob,
     tiles: Sequence[Tile],
@@ -404,18 +434,15 @@ def run_tiles(
 
     sched = (scheduler or "").strip()
     if sched == "":
-        ordered = [t for b in batches for t in b]
         torch = sys.modules.get("torch")
         # torch's default counts the host's cores; keep within a container's
         threads = min(torch.get_num_threads(), available_cores()) if torch else 1
         with (
             _torch_threads(threads),
-            closing(_prefetched(job, ordered, depth=2 * batch_size)) as stream,
+            _read_ahead(job, batches, stages, depth=2 * batch_size) as read,
         ):
-            for b in batches:
-                got = list(islice(stream, len(b)))
-                stages["read"] += sum(secs for _, _, secs in got)
-                collect(process_tiles(job, b, [img for _, img, _ in got]), len(b))
+            for b, images in read:
+                collect(process_tiles(job, b, images), len(b))
     elif sched == "pipeline":
         _run_pipeline(job, batches, resolve_workers(num_workers), batch_size, collect, stages)
     elif sched == "multithreading":
@@ -492,7 +519,6 @@ def _run_pipeline(
             f"model {job.model_name} cannot post-process apart from its network:"
             " use the scheduler '' or 'multithreading'"
         )
-    ordered = [t for b in batches for t in b]
     # one reader thread read the 100 MP mosaic's 49 tiles in 1.35-1.67 s,
     # two in 1.01-1.07 s (2 cores): with the network on a GPU and the
     # watershed in several processes, reading comes next
@@ -502,11 +528,14 @@ def _run_pipeline(
 
     blocks = _SharedBlocks()
 
-    def finish(which: Iterator[Future[tuple[Nuclei, dict[str, float]]]]) -> None:
-        for fut in which:
-            n, shm = pending.pop(fut)
-            blocks.done(shm)  # the worker copied the maps out before it returned
-            collect(fut.result(), n)
+    def drain(most: int) -> None:
+        """Collect finished batches until at most ``most`` are in flight."""
+        while len(pending) > most:
+            done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
+            for fut in done:
+                n, shm = pending.pop(fut)
+                blocks.done(shm)  # the worker copied the maps out before it returned
+                collect(fut.result(), n)
 
     pool = ProcessPoolExecutor(
         max_workers=workers,
@@ -520,12 +549,9 @@ def _run_pipeline(
         with (
             # a CPU's network (tests, measurements) leaves the workers their cores
             _torch_threads(max(1, available_cores() - workers)),
-            closing(_prefetched(job, ordered, depth=4 * batch_size, readers=readers)) as stream,
+            _read_ahead(job, batches, stages, depth=4 * batch_size, readers=readers) as read,
         ):
-            for b in batches:
-                got = list(islice(stream, len(b)))
-                stages["read"] += sum(secs for _, _, secs in got)
-                images = [img for _, img, _ in got]
+            for b, images in read:
                 t0 = time.perf_counter()
                 raw = model.forward(model.preprocess(images, job.context))
                 stages["network"] += time.perf_counter() - t0
@@ -538,12 +564,8 @@ def _run_pipeline(
                     blocks.done(shm)
                     raise
                 pending[fut] = (len(b), shm)
-                while len(pending) >= 2 * workers:
-                    done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
-                    finish(iter(done))
-        while pending:
-            done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
-            finish(iter(done))
+                drain(2 * workers - 1)
+        drain(0)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         blocks.close(*(shm for _, shm in pending.values()))
