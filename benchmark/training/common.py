@@ -246,9 +246,10 @@ def warmup_cosine(opt: Any, total: int, *, warmup_fraction: float) -> Any:
     import torch
 
     warm = max(1, int(warmup_fraction * total))
+    span = max(1, total)  # 0 steps (a starting model taken as it is) never steps the schedule
     return torch.optim.lr_scheduler.LambdaLR(
         opt,
-        lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)),
+        lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, span) / span)),
     )
 
 
@@ -396,6 +397,18 @@ def train_loop(
                     **{k: v() if callable(v) else v for k, v in checkpoint_extra.items()},
                 )
     bar.close()
+    if not ckpt.exists():  # 0 steps: the starting weights are the model
+        save_checkpoint(
+            ckpt,
+            net=net,
+            opt=opt,
+            sched=sched,
+            step=step,
+            rng=rng,
+            history=history,
+            sessions=sessions,
+            **{k: v() if callable(v) else v for k, v in checkpoint_extra.items()},
+        )
     return ckpt
 
 

@@ -34,7 +34,7 @@ from .data import (
     stain_normalisation_of,
     stain_normalise_images,
 )
-from .unet import unet_arch
+from .unet import starting_weights, unet_arch
 
 # a size-normalised model's CV searches the scale again on the final
 # instances of the setting chosen at most this many times (after the first
@@ -90,6 +90,19 @@ def load_config(path: str | Path) -> dict[str, Any]:
     cfg.setdefault("name", p.stem)
     cfg.setdefault("arch", "unet")
     cfg["_config_path"] = str(p)
+    if cfg.get("train", {}).get("init_from"):
+        if cfg["arch"] != "unet":
+            raise ValueError(
+                f"{p}: train.init_from fine-tunes a U-Net; this config's arch is {cfg['arch']}"
+            )
+        from .unet import starting_weights
+
+        try:
+            init = starting_weights(cfg)
+        except ValueError as exc:
+            raise ValueError(f"{p}: {exc}") from None
+        # the starting weights are part of what the cross-validation measured
+        cfg["train"]["init_sha256"] = init["sha256"] if init else None
     return cfg
 
 
@@ -627,6 +640,22 @@ def export(
         thresholds["diameter_px"] = float(cfg["data"]["rescale_to_diameter"])
     if cv:
         thresholds.update(cv["best"])
+    init = meta.get("init_from")
+    if (
+        init
+        and init.get("license")
+        and init["license"] not in cfg.get("card", {}).get("license", "")
+    ):
+        # fine-tuned weights inherit the starting weights' license too
+        own = cfg.get("card", {}).get("license", "")
+        cfg = {
+            **cfg,
+            "card": {
+                **cfg.get("card", {}),
+                "license": f"{own}; " * bool(own)
+                + f"from the starting weights ({init['name']}): {init['license']}",
+            },
+        }
     return write_weights(
         cfg,
         ckpt,
@@ -787,6 +816,7 @@ def _card_markdown(
             else f"- Resolution: {spec['mpp']} um/px (inputs are resampled to it); modality: {spec['modality']}"
         ),
         f"- Training data: {cfg.get('card', {}).get('data', cfg['data']['dataset'])}",
+        *_starting_weights_lines(meta),
         f"- Targets: boundary {cfg['train'].get('boundary_target', 'thick')}; loss weights boundary "
         f"{cfg['train'].get('boundary_weight', 1.0)}, distance {cfg['train'].get('distance_weight', 2.0)}"
         + f"; label maps resampled to the model's grid by {_LABEL_RESIZE_TEXT.get(resize, resize)}"
@@ -827,6 +857,24 @@ def _card_markdown(
     if int8:
         lines += ["", *int8_card_lines(spec, int8)]
     return "\n".join(lines)
+
+
+def _starting_weights_lines(meta: dict[str, Any]) -> list[str]:
+    """The card's line on the weights a fine-tuned model started from."""
+    init = meta.get("init_from")
+    if not init:
+        return []
+    seen = init.get("images_seen", [])
+    return [
+        f"- Starting weights: fine-tuned from `{init['name']}` (sha256 `{init['sha256']}`, "
+        f"{init['mpp']:g} um/px), itself trained on {init['data'].rstrip('.')}"
+        + (
+            f"; {len(seen)} of the images here were among its training images, so its "
+            "cross-validation is not held out for them"
+            if seen
+            else "; none of the images here were among its training images"
+        )
+    ]
 
 
 def cv_card_lines(cfg: dict[str, Any], spec: dict[str, Any], cv: dict[str, Any]) -> list[str]:
@@ -980,6 +1028,17 @@ def train_from_config(
     images = _images(cfg)
     if not images:
         raise ValueError(f"no training images with labels under {cfg['data']['root']}")
+    init = starting_weights(cfg)
+    if init is not None:
+        seen = {im.id for im in images} & set(init["images"])
+        if seen:
+            log.warning(
+                "%d of these %d images trained %s, the starting weights: the cross-validation "
+                "is not held out for them",
+                len(seen),
+                len(images),
+                init["name"],
+            )
     cv, t_cv = cv_stage(
         cross_validate,
         cfg,
@@ -1013,9 +1072,17 @@ def train_from_config(
         "hardware": trained_on(sessions),
         "torch": torch.__version__,
         "images": [im.id for im in images],
+        "data": str(cfg.get("card", {}).get("data", cfg["data"]["dataset"])),
         "parameters": sum(p.numel() for p in build_unet(**unet_arch(cfg["model"])).parameters()),
         "seed": int(cfg.get("seed", 0)),
     }
+    init = starting_weights(cfg)
+    if init is not None:
+        seen = sorted({im.id for im in images} & set(init["images"]))
+        meta["init_from"] = {
+            **{k: init[k] for k in ("name", "sha256", "mpp", "license", "data")},
+            "images_seen": seen,
+        }
     result = {"checkpoint": str(ckpt), "cv": cv, "meta": meta}
     if export_to is not None:
         result["weights"] = str(export(cfg, ckpt, cv, Path(export_to), meta, images))

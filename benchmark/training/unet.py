@@ -9,14 +9,29 @@ metrics.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .common import mean_metrics, restore_checkpoint, score_on_truth, train_loop, warmup_cosine
-from .data import TrainImage, augment, input_normalisation, label_resize_of, sample_patch
+from .common import (
+    REPO,
+    mean_metrics,
+    restore_checkpoint,
+    score_on_truth,
+    train_loop,
+    warmup_cosine,
+)
+from .data import (
+    TrainImage,
+    augment,
+    input_normalisation,
+    label_resize_of,
+    sample_patch,
+    stain_normalisation_of,
+)
 
 __all__ = [
     "train_unet",
@@ -29,6 +44,7 @@ __all__ = [
     "full_setting",
     "seed_everything",
     "unet_arch",
+    "starting_weights",
 ]
 
 log = logging.getLogger(__name__)
@@ -50,6 +66,99 @@ def unet_arch(model: dict[str, Any]) -> dict[str, Any]:
         chans = unet_channels(channels=model["channels"])
         return {"base": chans[0], "depth": len(chans), "channels": chans}
     return {"base": int(model.get("base", 16)), "depth": int(model.get("depth", 4))}
+
+
+def starting_weights(cfg: dict[str, Any]) -> dict[str, Any] | None:
+    """``train.init_from``: the shipped U-Net (a registered name, e.g.
+    ``"unet-monuseg"``, or the path of its ``.json`` card or ``.pt`` weights)
+    whose weights the networks start from instead of random ones, i.e.
+    fine-tuning.  Returns None without it, else its name, card, weights path,
+    sha256, resolution, license, data and training images.
+
+    The config must build the same network and prepare its input the same
+    way (normalisation, stain normalisation): anything else is a one-line
+    ``ValueError``, as is a ``train.init_sha256`` that does not match.  The
+    resolution may differ (fine-tuning to another one).
+    """
+    src = cfg.get("train", {}).get("init_from")
+    if not src:
+        return None
+    from nucleus_models.models.unet import default_normalisation, unet_channels
+    from nucleus_models.models.weights import WEIGHTS_DIR
+
+    text = str(src)
+    if text.endswith((".json", ".pt")) or "/" in text:
+        p = Path(text).expanduser()
+        p = p if p.is_absolute() else REPO / p
+        card_path = p.with_suffix(".json")
+    else:
+        card_path = WEIGHTS_DIR / f"{text}.json"
+        if not card_path.is_file():
+            shipped = sorted(c.stem for c in WEIGHTS_DIR.glob("*.json"))
+            raise ValueError(
+                f"train.init_from: no shipped model {text!r} (shipped: {', '.join(shipped)}; "
+                "or give the path of a model's .json card)"
+            )
+    if not card_path.is_file():
+        raise ValueError(f"train.init_from: no model card {card_path} (the .json beside the .pt)")
+    try:
+        card = json.loads(card_path.read_text())
+        spec = card["spec"]
+        th = spec["thresholds"]
+        theirs = unet_channels(
+            int(th.get("base", 16)), int(th.get("depth", 4)), th.get("channels") or None
+        )
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"train.init_from: {card_path} is not a model card ({exc!r})") from None
+    if card.get("arch", "unet") != "unet":
+        raise ValueError(
+            f"train.init_from: {spec['name']} is a {card['arch']} model; only U-Nets can be "
+            "fine-tuned"
+        )
+    ours = unet_channels(**unet_arch(cfg["model"]))
+    differ = []
+    if ours != theirs:
+        differ.append(f"channels {'/'.join(map(str, ours))} vs {'/'.join(map(str, theirs))}")
+    norm = str(th.get("normalisation", default_normalisation(str(spec["modality"]))))
+    if input_normalisation(cfg) != norm:
+        differ.append(f"normalisation {input_normalisation(cfg)} vs {norm}")
+    stain = str(th.get("stain_normalisation", "none"))
+    if stain_normalisation_of(cfg) != stain:
+        differ.append(f"stain_normalisation {stain_normalisation_of(cfg)} vs {stain}")
+    if differ:
+        raise ValueError(
+            f"train.init_from: {spec['name']} is not the network this config builds "
+            f"({'; '.join(differ)}): set [model] as its card says"
+        )
+    pinned = cfg["train"].get("init_sha256")
+    if pinned and pinned != spec["sha256"]:
+        raise ValueError(
+            f"train.init_from: {spec['name']} has sha256 {spec['sha256'][:12]}..., not the "
+            f"train.init_sha256 {str(pinned)[:12]}... this config was made with"
+        )
+    return {
+        "name": str(spec["name"]),
+        "card": str(card_path),
+        "weights": str(card_path.parent / str(spec.get("weights") or f"{spec['name']}.pt")),
+        "sha256": str(spec["sha256"]),
+        "mpp": float(spec["mpp"]),
+        "license": str(spec.get("license", "")),
+        "data": _card_data(card, card_path),
+        "images": [str(i) for i in card.get("training", {}).get("images", [])],
+    }
+
+
+def _card_data(card: dict[str, Any], card_path: Path) -> str:
+    """What a shipped model was trained on: its card's ``training.data``, else
+    the "Training data" line of its Markdown card, else its image count."""
+    data = str(card.get("training", {}).get("data", ""))
+    md = card_path.with_suffix(".md")
+    if not data and md.is_file():
+        for line in md.read_text().splitlines():
+            if line.startswith("- Training data: "):
+                data = line.removeprefix("- Training data: ")
+                break
+    return data or f"{len(card.get('training', {}).get('images', []))} images"
 
 
 def seed_everything(seed: int) -> np.random.Generator:
@@ -327,7 +436,20 @@ def train_unet(
     if tr.get("threads"):
         torch.set_num_threads(int(tr["threads"]))
     device = pick_device(tr.get("device", "cpu"))
-    net = build_unet(**unet_arch(cfg["model"])).to(device)
+    net = build_unet(**unet_arch(cfg["model"]))
+    init = starting_weights(cfg)
+    if init is not None:  # fine-tuning (a resumed checkpoint replaces these below)
+        from nucleus_models.models.weights import load_state_dict
+
+        net.load_state_dict(load_state_dict(init["weights"], init["sha256"]))
+        if abs(init["mpp"] - float(cfg["model"]["mpp"])) > 1e-9:
+            log.warning(
+                "fine-tuning %s (trained at %g um/px) at %g um/px",
+                init["name"],
+                init["mpp"],
+                float(cfg["model"]["mpp"]),
+            )
+    net = net.to(device)
     # train.precision = "bfloat16": forward under autocast, channels-last
     # (weights, optimiser and loss stay float32)
     precision = str(tr.get("precision", "float32"))

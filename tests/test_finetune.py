@@ -1,0 +1,233 @@
+"""Fine-tuning a shipped U-Net (``train.init_from``) and the ``folder`` dataset
+of one's own labelled images."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nucleus_models.errors import ModelError
+
+
+def _write_folder(root: Path, shared_data: Path, n: int = 3, size: int = 96) -> list[str]:
+    """``n`` crops of BBBC038 images written as a ``folder`` dataset (PNG
+    images, 16-bit TIFF label masks); returns their ids."""
+    import tifffile
+    from PIL import Image
+
+    from benchmark.datasets import get_dataset
+    from benchmark.datasets.base import to_rgb_uint8
+
+    ds = get_dataset("bbbc038", shared_data / "dsb2018_bbbc038")
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    ids = []
+    for sid in ds.ids():
+        s = ds.load(sid)
+        if s.modality != "fluorescence" or min(s.labels.shape) < size:
+            continue
+        lab = s.labels[:size, :size]
+        if lab.max() == 0:
+            continue
+        Image.fromarray(to_rgb_uint8(s.image[:size, :size])).save(root / "images" / f"{sid}.png")
+        tifffile.imwrite(root / "masks" / f"{sid}.tif", lab.astype(np.uint16))
+        ids.append(sid)
+        if len(ids) == n:
+            break
+    return ids
+
+
+def test_a_folder_of_images_and_label_masks_loads_as_a_dataset(
+    shared_data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from PIL import Image
+
+    from benchmark.datasets import DatasetError, fingerprint, get_dataset
+
+    root = tmp_path / "mine"
+    ids = _write_folder(root, shared_data)
+    ds = get_dataset("folder", root)
+    assert sorted(ds.ids()) == sorted(ids) and len(ds) == 3
+    s = ds.load(ids[0])
+    assert s.image.shape == (96, 96, 3) and s.labels.dtype == np.int32
+    assert s.mpp is None and s.modality == "fluorescence"  # grey stored as RGB
+    # the labels are the mask's integers, unchanged
+    import tifffile
+
+    assert np.array_equal(s.labels, tifffile.imread(root / "masks" / f"{ids[0]}.tif"))
+    # mpp.txt gives every image its resolution; it is part of the fingerprint
+    before = fingerprint(ds)
+    (root / "mpp.txt").write_text("0.25\n")
+    ds = get_dataset("folder", root)
+    assert ds.load(ids[0]).mpp == 0.25 and fingerprint(ds) != before
+    # a binary mask: its connected parts become nuclei, with a warning
+    two = np.zeros((96, 96), np.uint8)
+    two[10:20, 10:20] = two[40:50, 40:60] = 255
+    Image.fromarray(two).save(root / "masks" / f"{ids[1]}.png")
+    (root / "masks" / f"{ids[1]}.tif").unlink()
+    with caplog.at_level(logging.WARNING):
+        lab = get_dataset("folder", root).load(ids[1]).labels
+    assert sorted(np.unique(lab).tolist()) == [0, 1, 2] and "binary mask" in caplog.text
+    # an image without a mask is left out, with a warning
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "images" / "lonely.png")
+    with caplog.at_level(logging.WARNING):
+        assert "lonely" not in get_dataset("folder", root).ids()
+    assert "without a mask" in caplog.text
+    # bad masks and layouts are one-line errors naming the file
+    Image.fromarray(np.zeros((90, 96), np.uint8)).save(root / "masks" / f"{ids[2]}.png")
+    (root / "masks" / f"{ids[2]}.tif").unlink()
+    with pytest.raises(DatasetError, match=r"mask shape \(90, 96\) differs") as err:
+        get_dataset("folder", root).load(ids[2])
+    assert "\n" not in str(err.value) and f"{ids[2]}.png" in str(err.value)
+    colour = np.zeros((96, 96, 3), np.uint8)
+    colour[5:9, 5:9] = (255, 0, 0)
+    Image.fromarray(colour).save(root / "masks" / f"{ids[2]}.png")
+    with pytest.raises(DatasetError, match="colour image"):
+        get_dataset("folder", root).load(ids[2])
+    (root / "mpp.txt").write_text("fast\n")
+    with pytest.raises(DatasetError, match="not a number of microns per pixel"):
+        get_dataset("folder", root)
+    (root / "mpp.txt").unlink()
+    (tmp_path / "nomasks" / "images").mkdir(parents=True)
+    with pytest.raises(DatasetError, match="missing masks/"):
+        get_dataset("folder", tmp_path / "nomasks")
+    with pytest.raises(DatasetError, match="missing images/"):
+        get_dataset("folder", root / "images")
+    empty = tmp_path / "empty"
+    (empty / "images").mkdir(parents=True)
+    (empty / "labels").mkdir()
+    with pytest.raises(DatasetError, match="no image in images/ has a mask"):
+        get_dataset("folder", empty)
+
+
+def _tiny_cfg(**train: object) -> dict:
+    return {
+        "name": "unet-base",
+        "seed": 3,
+        "data": {"dataset": "folder", "root": "."},
+        "model": {"mpp": 0.5, "modality": "fluorescence", "base": 8, "depth": 3},
+        "train": {
+            "steps": 30,
+            "batch_size": 4,
+            "patch_size": 64,
+            "lr": 0.01,
+            "checkpoint_every": 10,
+            "log_every": 1,
+            **train,
+        },
+        "cv": {"fg_thresholds": [0.5], "seed_thresholds": [0.5]},
+        "card": {"data": "three BBBC038 crops", "license": "CC0"},
+        "_config_path": "test",
+    }
+
+
+@pytest.fixture
+def shipped_base(shared_data: Path, tmp_path: Path) -> tuple[Path, list]:
+    """A small U-Net trained for 30 steps on three crops and exported with a
+    card, as a shipped model is; returns its card and the crops."""
+    from benchmark.training.data import load_training_images
+    from benchmark.training.run import export
+    from benchmark.training.unet import train_unet
+
+    ids = _write_folder(tmp_path / "data", shared_data)
+    imgs = load_training_images("folder", tmp_path / "data", mpp=0.5, default_mpp=0.5)
+    assert sorted(im.id for im in imgs) == sorted(ids)
+    ckpt = train_unet(_tiny_cfg(), imgs, tmp_path / "base", progress=False)
+    meta = {"command": "t", "steps": 30, "seconds": 1.0, "hardware": "cpu", "parameters": 1}
+    meta |= {"images": ids, "data": "three BBBC038 crops"}
+    export(_tiny_cfg(), ckpt, None, tmp_path / "weights", meta)
+    return tmp_path / "weights" / "unet-base.json", imgs
+
+
+def test_fine_tuning_starts_from_the_shipped_weights_and_checks_them(
+    shipped_base: tuple[Path, list], tmp_path: Path
+) -> None:
+    import torch
+
+    from benchmark.training.unet import starting_weights, train_unet
+
+    card, imgs = shipped_base
+    shipped = torch.load(card.with_suffix(".pt"), weights_only=True)
+    # 0 steps: the model is the starting weights, exactly
+    ck = train_unet(_tiny_cfg(init_from=str(card), steps=0), imgs, tmp_path / "f0", progress=False)
+    state = torch.load(ck, weights_only=True)
+    assert state["step"] == 0 and state["model"].keys() == shipped.keys()
+    assert all(torch.equal(state["model"][k], shipped[k]) for k in shipped)
+    # a few steps: it starts where the shipped model ended, far below a random network
+    tuned = train_unet(
+        _tiny_cfg(init_from=str(card), steps=3), imgs, tmp_path / "f3", progress=False
+    )
+    fresh = train_unet(_tiny_cfg(steps=3), imgs, tmp_path / "s3", progress=False)
+    first_tuned = torch.load(tuned, weights_only=True)["history"][0]["loss"]
+    first_fresh = torch.load(fresh, weights_only=True)["history"][0]["loss"]
+    assert first_tuned < 0.8 * first_fresh
+    # the .pt path names the same model as its card
+    assert (
+        starting_weights(_tiny_cfg(init_from=str(card.with_suffix(".pt"))))["name"] == "unet-base"
+    )
+    # another network, another input preparation or a pinned sha256 that
+    # differs: one-line errors before training
+    wide = _tiny_cfg(init_from=str(card))
+    wide["model"]["base"] = 12
+    with pytest.raises(ValueError, match=r"channels 12/24/48 vs 8/16/32"):
+        train_unet(wide, imgs, tmp_path / "x", progress=False)
+    rgb = _tiny_cfg(init_from=str(card))
+    rgb["model"]["normalisation"] = "rgb"
+    with pytest.raises(ValueError, match="normalisation rgb vs percentile"):
+        starting_weights(rgb)
+    with pytest.raises(ValueError, match="not the train.init_sha256"):
+        starting_weights(_tiny_cfg(init_from=str(card), init_sha256="0" * 64))
+    with pytest.raises(ValueError, match="no shipped model 'unet-nope'"):
+        starting_weights(_tiny_cfg(init_from="unet-nope"))
+    with pytest.raises(ValueError, match="no model card"):
+        starting_weights(_tiny_cfg(init_from=str(tmp_path / "gone.json")))
+    # weights that are not the card's are refused by their checksum
+    pt = card.with_suffix(".pt")
+    pt.write_bytes(pt.read_bytes()[:-10] + b"0123456789")
+    with pytest.raises(ModelError, match="sha256 mismatch"):
+        train_unet(_tiny_cfg(init_from=str(card)), imgs, tmp_path / "y", progress=False)
+
+
+def test_a_fine_tuned_model_is_cross_validated_exported_and_carded(
+    shipped_base: tuple[Path, list], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``nucleus-bench train`` on a ``folder`` dataset with ``init_from``: the
+    fold models start from the shipped weights too, the card names them and
+    their license, and says that the CV is not held out for images the
+    starting model trained on."""
+    from benchmark.__main__ import main
+    from benchmark.training.run import load_config
+
+    card, _ = shipped_base
+    cfg = tmp_path / "ft.toml"
+    cfg.write_text(
+        'name = "unet-ft"\narch = "unet"\nseed = 1\n'
+        f'[data]\ndataset = "folder"\nroot = "{tmp_path / "data"}"\ndefault_mpp = 0.5\n'
+        '[model]\nmpp = 0.5\nmodality = "fluorescence"\nbase = 8\ndepth = 3\n'
+        f'[train]\ninit_from = "{card}"\nsteps = 2\nbatch_size = 2\npatch_size = 64\nlr = 0.001\n'
+        "[cv]\nfolds = 3\nfg_thresholds = [0.5]\nseed_thresholds = [0.5]\n"
+        '[card]\ndata = "the same crops"\nlicense = "CC BY 4.0"\n'
+    )
+    sha = json.loads(card.read_text())["spec"]["sha256"]
+    assert load_config(cfg)["train"]["init_sha256"] == sha
+    out = tmp_path / "weights-ft"
+    with caplog.at_level(logging.WARNING):
+        rc = main(
+            ["train", "--config", str(cfg), "--out", str(tmp_path / "run"), "--export", str(out)]
+        )
+    assert rc == 0
+    assert "3 of these 3 images trained unet-base" in caplog.text
+    shipped = json.loads((out / "unet-ft.json").read_text())
+    assert shipped["training"]["init_from"]["sha256"] == sha
+    assert len(shipped["training"]["init_from"]["images_seen"]) == 3
+    assert shipped["spec"]["license"] == "CC BY 4.0; from the starting weights (unet-base): CC0"
+    md = (out / "unet-ft.md").read_text()
+    assert f"fine-tuned from `unet-base` (sha256 `{sha}`" in md
+    assert "trained on three BBBC038 crops" in md and "3 of the images here" in md
+    # a config whose starting model does not fit is a one-line error from the command line
+    cfg.write_text(cfg.read_text().replace("base = 8", "base = 6"))
+    assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "run2")]) == 2
