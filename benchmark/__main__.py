@@ -165,7 +165,59 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
         default="nucleus_models/weights",
         help="folder with <name>.json/.pt/.md (default nucleus_models/weights)",
     )
+    f = sub.add_parser(
+        "fields",
+        help="cut labelled training fields out of a slide and its (corrected) DSA annotation "
+        "into the folder dataset's layout",
+    )
+    f.add_argument("--slide", required=True, help="the slide the annotation was drawn on")
+    f.add_argument(
+        "--annotation",
+        required=True,
+        nargs="+",
+        help="annotation JSON file(s): a document, Girder's GET annotation/{id} record, or a list",
+    )
+    f.add_argument("--out", required=True, help="folder to add images/, masks/ and mpp.txt to")
+    f.add_argument(
+        "--region",
+        action="append",
+        default=[],
+        metavar="X,Y,W,H",
+        help="a field in base pixels (repeatable; default: the annotation's rectangles)",
+    )
+    f.add_argument(
+        "--field_group",
+        default=None,
+        help="take only the rectangles of this group as fields (when others are drawn too)",
+    )
+    f.add_argument(
+        "--input_mpp",
+        type=float,
+        default=None,
+        help="microns per base pixel, for a slide whose metadata has none",
+    )
     return parser
+
+
+def _cmd_fields(args: argparse.Namespace) -> int:
+    from .fields import FieldError, export_fields, parse_region
+
+    try:
+        records = export_fields(
+            args.slide,
+            args.annotation,
+            args.out,
+            regions=[parse_region(r) for r in args.region],
+            field_group=args.field_group,
+            input_mpp=args.input_mpp,
+        )
+    except FieldError as exc:
+        raise DatasetError(str(exc)) from None
+    for rec in records:
+        x, y, w, h = rec["region"]
+        print(f"{rec['id']}: {rec['nuclei']} nuclei in {w}x{h} px at {x},{y}")
+    print(f"wrote {len(records)} field(s) to {args.out}")
+    return 0
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
@@ -331,6 +383,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_oracle(args)
         if args.command == "calibrate":
             return _cmd_calibrate(args)
+        if args.command == "fields":
+            return _cmd_fields(args)
         from benchmark import speed
 
         return int(speed.run(args))

@@ -1,0 +1,332 @@
+"""Labelled training fields from a slide and its DSA annotation.
+
+The loop a pathologist closes in HistomicsUI: run NucleusDetection on a
+region, correct its outlines (delete, redraw, add the missed nuclei), draw a
+rectangle around the part that is now right, and download the annotation
+(or fetch it with girder-client: ``GET annotation/{id}``). This module cuts
+each rectangle out of the slide at its base resolution and draws the
+nuclei inside it as an instance label mask, in the ``folder`` dataset's
+layout, which ``nucleus-bench eval --dataset folder`` scores and a training
+config with ``train.init_from`` fine-tunes on::
+
+    <out>/images/<slide>_<x>_<y>_<w>x<h>.png    RGB field (base pixels)
+    <out>/masks/<slide>_<x>_<y>_<w>x<h>.png     uint16, 0 = background, 1..N nuclei
+    <out>/mpp.txt                               microns per pixel of every field
+    <out>/fields.json                           where each field came from
+
+Nuclei are the closed ``polyline``, ``circle`` and ``ellipse`` elements; a
+pixel belongs to a nucleus when its centre lies inside the outline (pixel
+``i`` spans ``[i, i + 1]``, as NucleusDetection's outlines are drawn), so
+an annotation written by the CLI gives back the label map it was traced
+from. Where outlines overlap, the later element wins. Nuclei cut by the
+field's edge keep their part inside it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+#: the largest field side in base pixels (a 40x field of 8192 px is 2 mm)
+MAX_FIELD_SIDE = 8192
+#: relative difference of resolutions one folder accepts (scanners round)
+MPP_TOLERANCE = 0.02
+NUCLEUS_TYPES = ("polyline", "circle", "ellipse")
+
+
+class FieldError(ValueError):
+    """Bad input (annotation, region or folder): one line for the user."""
+
+
+@dataclass
+class Field:
+    """A rectangle of the slide, in base pixels, and the nuclei drawn in it."""
+
+    x: int
+    y: int
+    w: int
+    h: int
+    source: str
+    elements: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def id(self) -> str:
+        return f"{self.x}_{self.y}_{self.w}x{self.h}"
+
+
+def annotation_elements(paths: Sequence[str | Path]) -> tuple[list[dict[str, Any]], list[str]]:
+    """The elements of the annotation documents in ``paths`` and their sha256s.
+
+    A file may hold one document (``{"name", "elements"}``, as the CLIs
+    write it), Girder's record of one (``{"_id", "annotation": {...}}``,
+    as ``GET annotation/{id}`` returns it) or a list of either.
+    """
+    elements: list[dict[str, Any]] = []
+    digests: list[str] = []
+    for path in paths:
+        p = Path(path)
+        try:
+            raw = p.read_bytes()
+            data = json.loads(raw)
+        except FileNotFoundError:
+            raise FieldError(f"annotation file not found: {p}") from None
+        except (OSError, ValueError) as exc:
+            raise FieldError(f"{p.name}: not a JSON annotation ({exc})") from None
+        digests.append(hashlib.sha256(raw).hexdigest())
+        docs = data if isinstance(data, list) else [data]
+        for doc in docs:
+            if isinstance(doc, dict) and isinstance(doc.get("annotation"), dict):
+                doc = doc["annotation"]
+            if not isinstance(doc, dict) or not isinstance(doc.get("elements"), list):
+                raise FieldError(f"{p.name}: not a DSA annotation document (no 'elements' list)")
+            elements += [e for e in doc["elements"] if isinstance(e, dict)]
+    return elements, digests
+
+
+def _is_nucleus(el: dict[str, Any]) -> bool:
+    kind = el.get("type")
+    if kind == "polyline":
+        return bool(el.get("closed")) and len(el.get("points") or []) >= 3
+    return kind in ("circle", "ellipse")
+
+
+def _rectangle(el: dict[str, Any]) -> tuple[int, int, int, int]:
+    if abs(float(el.get("rotation") or 0.0)) > 1e-6:
+        raise FieldError(
+            "a field rectangle is rotated: draw fields as upright rectangles, or pass --region"
+        )
+    cx, cy = float(el["center"][0]), float(el["center"][1])
+    w, h = float(el["width"]), float(el["height"])
+    x0, y0 = int(round(cx - w / 2)), int(round(cy - h / 2))
+    return x0, y0, int(round(cx + w / 2)) - x0, int(round(cy + h / 2)) - y0
+
+
+def parse_region(text: str) -> tuple[int, int, int, int]:
+    """``"x,y,w,h"`` in base pixels.
+
+    >>> parse_region("100,200,512,256")
+    (100, 200, 512, 256)
+    """
+    try:
+        x, y, w, h = (int(round(float(v))) for v in text.split(","))
+    except ValueError:
+        raise FieldError(f"--region {text!r}: give x,y,width,height in base pixels") from None
+    return x, y, w, h
+
+
+def _bounds(el: dict[str, Any]) -> tuple[float, float, float, float]:
+    if el["type"] == "polyline":
+        pts = np.asarray(el["points"], float)[:, :2]
+        return (*pts.min(axis=0), *pts.max(axis=0))  # type: ignore[return-value]
+    cx, cy = float(el["center"][0]), float(el["center"][1])
+    if el["type"] == "circle":
+        r = float(el["radius"])
+    else:
+        r = max(float(el["width"]), float(el["height"])) / 2
+    return cx - r, cy - r, cx + r, cy + r
+
+
+def find_fields(
+    elements: list[dict[str, Any]],
+    regions: Iterable[tuple[int, int, int, int]] = (),
+    *,
+    field_group: str | None = None,
+    width: int,
+    height: int,
+) -> list[Field]:
+    """The fields (``regions``, else the annotation's rectangles, only those
+    of ``field_group`` if given) with the nucleus elements that reach into
+    each, checked against the slide's ``width`` x ``height``."""
+    boxes = [(*r, "--region") for r in regions]
+    if not boxes:
+        for el in elements:
+            if el.get("type") != "rectangle":
+                continue
+            if field_group is not None and el.get("group") != field_group:
+                continue
+            boxes.append((*_rectangle(el), "rectangle"))
+    if not boxes:
+        which = f" of group {field_group!r}" if field_group is not None else ""
+        raise FieldError(
+            f"no field: the annotation has no rectangle{which}; draw one around the nuclei "
+            "you have checked, or pass --region x,y,w,h"
+        )
+    nuclei = [el for el in elements if _is_nucleus(el)]
+    if not nuclei:
+        raise FieldError(
+            "the annotation has no nucleus outlines (closed polylines, circles or ellipses)"
+        )
+    bounds = np.array([_bounds(el) for el in nuclei], float)
+    fields: list[Field] = []
+    for x, y, w, h, src in boxes:
+        if w < 1 or h < 1:
+            raise FieldError(f"field {x},{y},{w},{h} has no pixels")
+        if max(w, h) > MAX_FIELD_SIDE:
+            raise FieldError(
+                f"field {x},{y},{w},{h} is larger than {MAX_FIELD_SIDE} px a side: "
+                "draw smaller fields"
+            )
+        if x < 0 or y < 0 or x + w > width or y + h > height:
+            raise FieldError(f"field {x},{y},{w},{h} reaches outside the {width}x{height} slide")
+        hit = (
+            (bounds[:, 2] > x)
+            & (bounds[:, 0] < x + w)
+            & (bounds[:, 3] > y)
+            & (bounds[:, 1] < y + h)
+        )
+        fields.append(Field(x, y, w, h, src, [nuclei[i] for i in np.flatnonzero(hit)]))
+    return fields
+
+
+def rasterise(fld: Field) -> tuple[np.ndarray, int]:
+    """The field's ``(h, w)`` uint16 label map (elements numbered 1..N in
+    order, those with no pixel inside left out and the rest renumbered) and
+    the number of pixels a later outline took from an earlier one."""
+    from skimage.draw import ellipse, polygon
+
+    labels = np.zeros((fld.h, fld.w), np.int32)
+    overlap = 0
+    n = 0
+    for el in fld.elements:
+        # pixel centres at (i + 0.5): shift the outline by half a pixel
+        if el["type"] == "polyline":
+            pts = np.asarray(el["points"], float)[:, :2]
+            rr, cc = polygon(pts[:, 1] - fld.y - 0.5, pts[:, 0] - fld.x - 0.5, shape=labels.shape)
+        else:
+            cx = float(el["center"][0]) - fld.x - 0.5
+            cy = float(el["center"][1]) - fld.y - 0.5
+            if el["type"] == "circle":
+                ry = rx = float(el["radius"])
+                rot = 0.0
+            else:
+                rx, ry = float(el["width"]) / 2, float(el["height"]) / 2
+                rot = float(el.get("rotation") or 0.0)
+            rr, cc = ellipse(cy, cx, ry, rx, shape=labels.shape, rotation=-rot)
+        if len(rr) == 0:
+            continue
+        n += 1
+        overlap += int(np.count_nonzero(labels[rr, cc]))
+        labels[rr, cc] = n
+    # an element wholly covered by later ones leaves a gap in the numbering
+    present = np.unique(labels[labels > 0])
+    if len(present) != n:
+        lut = np.zeros(n + 1, np.int32)
+        lut[present] = np.arange(1, len(present) + 1)
+        labels = lut[labels]
+    if labels.max(initial=0) > np.iinfo(np.uint16).max:
+        raise FieldError(f"field {fld.id} holds more than 65535 nuclei: draw smaller fields")
+    return labels.astype(np.uint16), overlap
+
+
+def _check_mpp(out: Path, mpp: float) -> None:
+    path = out / "mpp.txt"
+    if not path.exists():
+        return
+    try:
+        have = float(path.read_text().split()[0])
+    except (ValueError, IndexError):
+        raise FieldError(f"{path}: does not hold a resolution") from None
+    if not math.isclose(have, mpp, rel_tol=MPP_TOLERANCE):
+        raise FieldError(
+            f"{path} says {have:g} um/px and this slide is {mpp:g}: one folder holds "
+            "one resolution, use another --out"
+        )
+
+
+def export_fields(
+    slide_path: str | Path,
+    annotation_paths: Sequence[str | Path],
+    out: str | Path,
+    *,
+    regions: Sequence[tuple[int, int, int, int]] = (),
+    field_group: str | None = None,
+    input_mpp: float | None = None,
+) -> list[dict[str, Any]]:
+    """Write each field of the slide and its nuclei into ``out`` (the
+    ``folder`` dataset's layout); return one record per field.
+
+    Everything is checked, and every field read and drawn, before the first
+    file is written; each file is written whole (temporary file, then
+    renamed). Fields already in ``out`` (same slide and rectangle) are
+    replaced, others kept, so several slides can fill one folder.
+    """
+    from PIL import Image
+
+    import nucleus_models
+    from nucleus_models.errors import SlideError
+    from nucleus_models.io.atomic import atomic_write
+    from nucleus_models.wsi.slide import open_slide
+
+    out = Path(out)
+    elements, digests = annotation_elements(annotation_paths)
+    try:
+        slide = open_slide(slide_path, input_mpp=input_mpp)
+        mpp = slide.require_mpp()
+    except SlideError as exc:
+        raise FieldError(str(exc)) from None
+    _check_mpp(out, mpp)
+    fields = find_fields(
+        elements, regions, field_group=field_group, width=slide.width, height=slide.height
+    )
+    stem = Path(slide_path).stem
+    made = []
+    for fld in fields:
+        try:
+            image = slide.read_region(fld.x, fld.y, fld.w, fld.h)
+        except SlideError as exc:
+            raise FieldError(str(exc)) from None
+        labels, overlap = rasterise(fld)
+        made.append((fld, image, labels, overlap))
+    records = []
+    for fld, image, labels, overlap in made:
+        sid = f"{stem}_{fld.id}"
+        for sub, arr in (("images", image), ("masks", labels)):
+            with atomic_write(out / sub / f"{sid}.png", "wb") as f:
+                Image.fromarray(arr).save(f, format="PNG")
+        n = int(labels.max(initial=0))
+        if overlap:
+            logger.warning(
+                "%s: outlines overlap on %d px; the later-drawn nucleus has them", sid, overlap
+            )
+        if n == 0:
+            logger.warning("%s: no nucleus in this field; it trains as background", sid)
+        records.append(
+            {
+                "id": sid,
+                "slide": str(slide_path),
+                "region": [fld.x, fld.y, fld.w, fld.h],
+                "from": fld.source,
+                "nuclei": n,
+                "overlap_px": overlap,
+            }
+        )
+    with atomic_write(out / "mpp.txt", "w", encoding="utf-8") as f:
+        f.write(f"{mpp:.6g}\n")
+    index_path = out / "fields.json"
+    index: dict[str, Any] = {}
+    if index_path.exists():
+        try:
+            index = json.loads(index_path.read_text())
+        except ValueError:
+            index = {}
+    entries = index.get("fields", {}) if isinstance(index.get("fields"), dict) else {}
+    for rec in records:
+        entries[rec["id"]] = {
+            **{k: v for k, v in rec.items() if k != "id"},
+            "annotation_sha256": digests,
+            "mpp": mpp,
+            "version": nucleus_models.__version__,
+        }
+    with atomic_write(index_path, "w", encoding="utf-8") as f:
+        json.dump({"fields": entries}, f, indent=1)
+    return records
