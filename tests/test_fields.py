@@ -122,6 +122,29 @@ def test_regions_groups_shapes_and_overlap(tmp_path: Path, caplog) -> None:
     # later-drawn circle whole (pi r^2 ~ 201 px), the first loses the overlap
     assert abs(areas[1] - np.pi * 64) < 12 and areas[0] < areas[1]
     assert abs(areas[2] - np.pi * 10 * 5) < 12
+    # a rotated ellipse is HistomicsUI's: its outline turned by +rotation in x, y
+    # (y down), as the polygon of its points is drawn
+    theta = np.linspace(0, 2 * np.pi, 720, endpoint=False)
+    ex, ey = 15 * np.cos(theta), 6 * np.sin(theta)
+    rot = 0.6
+    px, py = ex * np.cos(rot) - ey * np.sin(rot) + 140, ex * np.sin(rot) + ey * np.cos(rot) + 140
+    both = [
+        {
+            "type": "ellipse",
+            "center": [140.0, 140.0, 0],
+            "width": 30,
+            "height": 12,
+            "rotation": rot,
+        },
+        {"type": "polyline", "closed": True, "points": np.c_[px, py, 0 * px].tolist()},
+    ]
+    masks = []
+    for el in both:
+        ann.write_text(json.dumps({"elements": [el]}))
+        export_fields(SLIDE, [ann], tmp_path / "e", regions=[(100, 100, 80, 80)])
+        masks.append(np.asarray(list(get_dataset("folder", tmp_path / "e"))[0].labels) > 0)
+    assert (masks[0] & masks[1]).sum() / (masks[0] | masks[1]).sum() > 0.97
+    ann.write_text(json.dumps(doc))
     # without a group both rectangles are fields; --region replaces them
     assert len(export_fields(SLIDE, [ann], tmp_path / "b")) == 2
     records = export_fields(SLIDE, [ann], tmp_path / "c", regions=[(0, 0, 64, 64)])
