@@ -169,13 +169,23 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
         "fields",
         help="cut labelled training fields out of a slide and its (corrected) DSA annotation "
         "into the folder dataset's layout",
+        description="From files: --slide and --annotation. Straight from a DSA server: "
+        "--api-url and --annotation_id (token in the GIRDER_TOKEN environment variable); "
+        "only the fields' pixels are read, through large_image's tiles API.",
     )
-    f.add_argument("--slide", required=True, help="the slide the annotation was drawn on")
+    f.add_argument("--slide", default=None, help="the slide file the annotation was drawn on")
     f.add_argument(
         "--annotation",
-        required=True,
         nargs="+",
+        default=[],
         help="annotation JSON file(s): a document, Girder's GET annotation/{id} record, or a list",
+    )
+    f.add_argument("--api-url", dest="api_url", default=None, help="Girder API root URL")
+    f.add_argument(
+        "--annotation_id",
+        action="append",
+        default=[],
+        help="a DSA annotation's id (repeatable; all on one slide)",
     )
     f.add_argument("--out", required=True, help="folder to add images/, masks/ and mpp.txt to")
     f.add_argument(
@@ -200,17 +210,29 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
 
 
 def _cmd_fields(args: argparse.Namespace) -> int:
-    from .fields import FieldError, export_fields, parse_region
+    from .fields import FieldError, export_fields, export_girder_fields, parse_region
 
-    try:
-        records = export_fields(
-            args.slide,
-            args.annotation,
-            args.out,
-            regions=[parse_region(r) for r in args.region],
-            field_group=args.field_group,
-            input_mpp=args.input_mpp,
+    from_files = bool(args.slide or args.annotation)
+    from_girder = bool(args.api_url or args.annotation_id)
+    if (
+        from_files == from_girder
+        or (from_files and not (args.slide and args.annotation))
+        or (from_girder and not (args.api_url and args.annotation_id))
+    ):
+        raise DatasetError(
+            "give either --slide and --annotation (files) or --api-url and --annotation_id "
+            "(a DSA server)"
         )
+    try:
+        regions = [parse_region(r) for r in args.region]
+        options = {"regions": regions, "field_group": args.field_group, "input_mpp": args.input_mpp}
+        if from_files:
+            records = export_fields(args.slide, args.annotation, args.out, **options)
+        else:
+            from nucleus_models.dsa import connect
+
+            client = connect(args.api_url)
+            records = export_girder_fields(client, args.annotation_id, args.out, **options)
     except FieldError as exc:
         raise DatasetError(str(exc)) from None
     for rec in records:

@@ -243,6 +243,101 @@ def _check_mpp(out: Path, mpp: float) -> None:
         )
 
 
+class LocalSlide:
+    """A slide file read with large_image (:func:`nucleus_models.wsi.slide.open_slide`)."""
+
+    def __init__(self, path: str | Path, input_mpp: float | None = None):
+        from nucleus_models.errors import SlideError
+        from nucleus_models.wsi.slide import open_slide
+
+        try:
+            self._slide = open_slide(path, input_mpp=input_mpp)
+            self.mpp = self._slide.require_mpp()
+        except SlideError as exc:
+            raise FieldError(str(exc)) from None
+        self.width, self.height = self._slide.width, self._slide.height
+        self.name = Path(path).stem
+        self.where = str(path)
+
+    def read(self, x: int, y: int, w: int, h: int) -> np.ndarray:
+        from nucleus_models.errors import SlideError
+
+        try:
+            return self._slide.read_region(x, y, w, h)[..., :3]
+        except SlideError as exc:
+            raise FieldError(str(exc)) from None
+
+
+class GirderSlide:
+    """A large image of a Girder item, read through large_image's tiles API
+    (``item/{id}/tiles`` for size and resolution, ``tiles/region`` as PNG
+    for the base pixels: nothing but the fields is downloaded)."""
+
+    def __init__(self, client: Any, item_id: str, input_mpp: float | None = None):
+        self._client = client
+        self.item_id = item_id
+        item = client.getItem(item_id)
+        meta = client.get(f"item/{item_id}/tiles")
+        self.width, self.height = int(meta["sizeX"]), int(meta["sizeY"])
+        mm = meta.get("mm_x")
+        if input_mpp:
+            self.mpp = float(input_mpp)
+        elif mm:
+            self.mpp = float(mm) * 1000.0
+        else:
+            raise FieldError(
+                f"{item['name']}: resolution unknown (no mm_x in its tile metadata); "
+                "pass --input_mpp (microns per base pixel)"
+            )
+        self.name = Path(item["name"]).stem
+        self.where = f"{client.api_url}/item/{item_id} ({item['name']})"
+
+    def read(self, x: int, y: int, w: int, h: int) -> np.ndarray:
+        import io
+
+        from PIL import Image
+
+        resp = self._client.sendRestRequest(
+            "GET",
+            f"item/{self.item_id}/tiles/region",
+            parameters={
+                "left": x,
+                "top": y,
+                "right": x + w,
+                "bottom": y + h,
+                "units": "base_pixels",
+                "encoding": "PNG",
+            },
+            jsonResp=False,
+        )
+        with Image.open(io.BytesIO(resp.content)) as im:
+            arr = np.asarray(im.convert("RGB"))
+        if arr.shape[:2] != (h, w):
+            raise FieldError(
+                f"Girder returned a {arr.shape[1]}x{arr.shape[0]} region for {w}x{h} at {x},{y}"
+            )
+        return arr
+
+
+def girder_annotations(
+    client: Any, annotation_ids: Sequence[str]
+) -> tuple[list[dict[str, Any]], list[str], str]:
+    """Elements, sha256s and the item of DSA annotations fetched by id
+    (all must be on one item)."""
+    elements: list[dict[str, Any]] = []
+    digests: list[str] = []
+    items = set()
+    for aid in annotation_ids:
+        record = client.get(f"annotation/{aid}")
+        items.add(str(record["itemId"]))
+        doc = record.get("annotation") or {}
+        elements += [e for e in doc.get("elements", []) if isinstance(e, dict)]
+        digests.append(hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest())
+    if len(items) != 1:
+        raise FieldError("the annotations are on different items: give one slide's at a time")
+    return elements, digests, items.pop()
+
+
 def export_fields(
     slide_path: str | Path,
     annotation_paths: Sequence[str | Path],
@@ -252,8 +347,39 @@ def export_fields(
     field_group: str | None = None,
     input_mpp: float | None = None,
 ) -> list[dict[str, Any]]:
-    """Write each field of the slide and its nuclei into ``out`` (the
-    ``folder`` dataset's layout); return one record per field.
+    """Write each field of a slide file and its annotation files into
+    ``out`` (the ``folder`` dataset's layout); return one record per field.
+    See :func:`write_fields`."""
+    elements, digests = annotation_elements(annotation_paths)
+    slide = LocalSlide(slide_path, input_mpp)
+    return write_fields(slide, elements, digests, out, regions=regions, field_group=field_group)
+
+
+def export_girder_fields(
+    client: Any,
+    annotation_ids: Sequence[str],
+    out: str | Path,
+    *,
+    regions: Sequence[tuple[int, int, int, int]] = (),
+    field_group: str | None = None,
+    input_mpp: float | None = None,
+) -> list[dict[str, Any]]:
+    """:func:`export_fields` for annotations and their slide on a DSA server."""
+    elements, digests, item_id = girder_annotations(client, annotation_ids)
+    slide = GirderSlide(client, item_id, input_mpp)
+    return write_fields(slide, elements, digests, out, regions=regions, field_group=field_group)
+
+
+def write_fields(
+    slide: LocalSlide | GirderSlide,
+    elements: list[dict[str, Any]],
+    digests: list[str],
+    out: str | Path,
+    *,
+    regions: Sequence[tuple[int, int, int, int]] = (),
+    field_group: str | None = None,
+) -> list[dict[str, Any]]:
+    """Write each field of ``slide`` and its nuclei into ``out``.
 
     Everything is checked, and every field read and drawn, before the first
     file is written; each file is written whole (temporary file, then
@@ -263,33 +389,22 @@ def export_fields(
     from PIL import Image
 
     import nucleus_models
-    from nucleus_models.errors import SlideError
     from nucleus_models.io.atomic import atomic_write
-    from nucleus_models.wsi.slide import open_slide
 
     out = Path(out)
-    elements, digests = annotation_elements(annotation_paths)
-    try:
-        slide = open_slide(slide_path, input_mpp=input_mpp)
-        mpp = slide.require_mpp()
-    except SlideError as exc:
-        raise FieldError(str(exc)) from None
+    mpp = slide.mpp
     _check_mpp(out, mpp)
     fields = find_fields(
         elements, regions, field_group=field_group, width=slide.width, height=slide.height
     )
-    stem = Path(slide_path).stem
     made = []
     for fld in fields:
-        try:
-            image = slide.read_region(fld.x, fld.y, fld.w, fld.h)
-        except SlideError as exc:
-            raise FieldError(str(exc)) from None
+        image = slide.read(fld.x, fld.y, fld.w, fld.h)
         labels, overlap = rasterise(fld)
         made.append((fld, image, labels, overlap))
     records = []
     for fld, image, labels, overlap in made:
-        sid = f"{stem}_{fld.id}"
+        sid = f"{slide.name}_{fld.id}"
         for sub, arr in (("images", image), ("masks", labels)):
             with atomic_write(out / sub / f"{sid}.png", "wb") as f:
                 Image.fromarray(arr).save(f, format="PNG")
@@ -303,7 +418,7 @@ def export_fields(
         records.append(
             {
                 "id": sid,
-                "slide": str(slide_path),
+                "slide": slide.where,
                 "region": [fld.x, fld.y, fld.w, fld.h],
                 "from": fld.source,
                 "nuclei": n,

@@ -31,6 +31,7 @@ from girder_server import (
     summary_rows,
     upload_slide,
 )
+from PIL import Image
 
 from nucleus_models.dsa import (
     AnnotationRejected,
@@ -135,6 +136,45 @@ def test_nucleus_detection_pushed_and_read_back(girder: GirderServer, tmp_path: 
         p = np.array(e["points"])
         assert p[:, 0].max() >= 100 and p[:, 0].min() <= 300
         assert p[:, 1].max() >= 100 and p[:, 1].min() <= 250
+
+
+def test_fields_read_from_the_server_equal_those_from_files(
+    girder: GirderServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """`nucleus-bench fields --api-url`: a corrected annotation on the server
+    gives the same fields, pixel for pixel, as the slide file and the
+    annotation downloaded."""
+    from test_fields import _document, _labels
+
+    from benchmark.__main__ import main as bench
+
+    item_id = _item(girder, "fields")
+    doc = _document(_labels(seed=3))
+    gc = girder.client()
+    ann = gc.post("annotation", parameters={"itemId": item_id}, json=doc)
+    monkeypatch.setenv("GIRDER_TOKEN", girder.token)
+    args = ["fields", "--api-url", girder.api_url, "--annotation_id", ann["_id"]]
+    assert bench([*args, "--out", str(tmp_path / "server")]) == 0
+    assert "1 field(s)" in capsys.readouterr().out
+    (tmp_path / "ann.json").write_text(json.dumps(gc.get(f"annotation/{ann['_id']}")))
+    files = ["fields", "--slide", str(SAMPLE), "--annotation", str(tmp_path / "ann.json")]
+    assert bench([*files, "--out", str(tmp_path / "files")]) == 0
+    for sub in ("images", "masks"):
+        (a,) = sorted((tmp_path / "server" / sub).iterdir())
+        (b,) = sorted((tmp_path / "files" / sub).iterdir())
+        assert a.name == b.name.replace("CMU-1-Small-Region-crop", "cmu")
+        with Image.open(a) as ia, Image.open(b) as ib:
+            assert np.array_equal(np.asarray(ia), np.asarray(ib)), sub
+    rec = json.loads((tmp_path / "server" / "fields.json").read_text())["fields"]
+    assert [r["slide"] for r in rec.values()] == [f"{girder.api_url}/item/{item_id} (cmu.tif)"]
+    assert (tmp_path / "server" / "mpp.txt").read_text().strip() == "0.499"
+    # an unknown annotation, and both sources at once: one line, status 2
+    assert bench([*args[:3], "--annotation_id", "0" * 24, "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "annotation/" in err
+    assert bench([*args, *files[1:], "--out", str(tmp_path / "x")]) == 2
+    assert "either" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 def _point_doc(n: int, name: str = "Nuclei (test)", seed: int = 0) -> dict[str, Any]:
