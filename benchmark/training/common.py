@@ -351,6 +351,21 @@ def train_loop(
     from tqdm import tqdm
 
     ckpt = out / "checkpoint.pt"
+
+    def _save(at: int) -> None:
+        extra = {k: v() if callable(v) else v for k, v in checkpoint_extra.items()}
+        save_checkpoint(
+            ckpt,
+            net=net,
+            opt=opt,
+            sched=sched,
+            step=at,
+            rng=rng,
+            history=history,
+            sessions=sessions,
+            **extra,
+        )
+
     bar = tqdm(total=total, initial=step, desc=desc, disable=not progress)
     # time accumulates over resumed invocations (the history holds the past)
     t0, running = time.perf_counter() - (history[-1]["seconds"] if history else 0.0), []
@@ -385,30 +400,10 @@ def train_loop(
                 logf.flush()
             if step % checkpoint_every == 0 or step == total:
                 sessions[-1].update(to_step=int(step), seconds=time.perf_counter() - t_start)
-                save_checkpoint(
-                    ckpt,
-                    net=net,
-                    opt=opt,
-                    sched=sched,
-                    step=step,
-                    rng=rng,
-                    history=history,
-                    sessions=sessions,
-                    **{k: v() if callable(v) else v for k, v in checkpoint_extra.items()},
-                )
+                _save(step)
     bar.close()
     if not ckpt.exists():  # 0 steps: the starting weights are the model
-        save_checkpoint(
-            ckpt,
-            net=net,
-            opt=opt,
-            sched=sched,
-            step=step,
-            rng=rng,
-            history=history,
-            sessions=sessions,
-            **{k: v() if callable(v) else v for k, v in checkpoint_extra.items()},
-        )
+        _save(step)
     return ckpt
 
 
