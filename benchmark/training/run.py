@@ -1029,16 +1029,15 @@ def train_from_config(
     if not images:
         raise ValueError(f"no training images with labels under {cfg['data']['root']}")
     init = starting_weights(cfg)
-    if init is not None:
-        seen = {im.id for im in images} & set(init["images"])
-        if seen:
-            log.warning(
-                "%d of these %d images trained %s, the starting weights: the cross-validation "
-                "is not held out for them",
-                len(seen),
-                len(images),
-                init["name"],
-            )
+    seen = sorted({im.id for im in images} & set(init["images"])) if init else []
+    if init is not None and seen:
+        log.warning(
+            "%d of these %d images trained %s, the starting weights: the cross-validation "
+            "is not held out for them",
+            len(seen),
+            len(images),
+            init["name"],
+        )
     cv, t_cv = cv_stage(
         cross_validate,
         cfg,
@@ -1076,9 +1075,7 @@ def train_from_config(
         "parameters": sum(p.numel() for p in build_unet(**unet_arch(cfg["model"])).parameters()),
         "seed": int(cfg.get("seed", 0)),
     }
-    init = starting_weights(cfg)
     if init is not None:
-        seen = sorted({im.id for im in images} & set(init["images"]))
         meta["init_from"] = {
             **{k: init[k] for k in ("name", "sha256", "mpp", "license", "data")},
             "images_seen": seen,

@@ -1,0 +1,137 @@
+"""Make the CLIs' model menus list the registered models.
+
+HistomicsUI offers a CLI's ``--model`` choices from its XML, which is a
+file, while the registry is whatever cards ``nucleus_models/weights`` holds.
+After exporting a fine-tuned model there (``nucleus-bench train ...
+--export``), run this so NucleusDetection and NucleusFolderJob offer it (then
+rebuild the image or build one ``FROM`` it; README, "Serving a model you
+trained")::
+
+    python scripts/sync_cli_models.py            # rewrite the XMLs
+    python scripts/sync_cli_models.py --check    # exit 1 if they are out of date
+
+The menu keeps its order and default, drops models no longer registered and
+appends new ones; each new model's card description is added to the
+parameter's description. Only the ``<element>`` lines and that description
+change: the rest of the file stays as it is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import re
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+_BLOCK = re.compile(
+    r"(<string-enumeration>(?:(?!</string-enumeration>).)*?<name>model</name>.*?</string-enumeration>)",
+    re.S,
+)
+_ELEMENT = re.compile(r"^([ \t]*)<element>(.*?)</element>[ \t]*\n", re.M)
+_DESCRIPTION = re.compile(r"(<description>)(.*?)(</description>)", re.S)
+
+
+def sync_xml(text: str, models: Mapping[str, str]) -> tuple[str, list[str], list[str]]:
+    """``text`` with its ``model`` enumeration made ``models`` (name ->
+    description); returns the new text and the names added and removed.
+
+    >>> xml = '''<string-enumeration>
+    ...   <name>model</name>
+    ...   <description>a: first.</description>
+    ...   <element>a</element>
+    ...   <element>gone</element>
+    ...   <default>a</default>
+    ... </string-enumeration>
+    ... '''
+    >>> new, added, removed = sync_xml(xml, {"a": "first", "b": "Site & stain."})
+    >>> added, removed
+    (['b'], ['gone'])
+    >>> print(new.strip())  # doctest: +NORMALIZE_WHITESPACE
+    <string-enumeration>
+      <name>model</name>
+      <description>a: first. b: Site &amp; stain.</description>
+      <element>a</element>
+      <element>b</element>
+      <default>a</default>
+    </string-enumeration>
+    """
+    match = _BLOCK.search(text)
+    if match is None:
+        return text, [], []
+    block = match.group(1)
+    listed = [html.unescape(m.group(2)) for m in _ELEMENT.finditer(block)]
+    if not listed:
+        raise ValueError("the model enumeration lists no <element>")
+    indent = _ELEMENT.search(block).group(1)  # type: ignore[union-attr]
+    keep = [n for n in listed if n in models]
+    added = sorted(n for n in models if n not in listed)
+    removed = [n for n in listed if n not in models]
+    lines = "".join(f"{indent}<element>{html.escape(n)}</element>\n" for n in keep + added)
+    first = _ELEMENT.search(block)
+    assert first is not None
+    body = _ELEMENT.sub("", block)
+    at = first.start()
+    new_block = body[:at] + lines + body[at:]
+    if added:
+
+        def describe(m: re.Match[str]) -> str:
+            extra = " ".join(
+                f"{html.escape(n)}: {html.escape(models[n].strip().rstrip('.'))}." for n in added
+            )
+            return f"{m.group(1)}{m.group(2).rstrip()} {extra}{m.group(3)}"
+
+        new_block = _DESCRIPTION.sub(describe, new_block, count=1)
+    default = re.search(r"<default>(.*?)</default>", new_block)
+    if default and html.unescape(default.group(1)) not in models:
+        raise ValueError(
+            f"the menu's default {default.group(1)!r} is no longer registered: "
+            "change <default> by hand"
+        )
+    return text[: match.start()] + new_block + text[match.end() :], added, removed
+
+
+def registered() -> dict[str, str]:
+    """Registered model names and their descriptions."""
+    from nucleus_models.models import get_spec, list_models
+
+    return {n: get_spec(n).description for n in list_models()}
+
+
+def cli_xmls(repo: Path = REPO) -> list[Path]:
+    """The XML of every CLI ``slicer_cli_list.json`` names."""
+    names = json.loads((repo / "slicer_cli_list.json").read_text())
+    return [repo / "cli" / n / f"{n}.xml" for n in names]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--check", action="store_true", help="only report; exit 1 if out of date")
+    args = ap.parse_args(argv)
+    models = registered()
+    stale = False
+    for path in cli_xmls():
+        text = path.read_text()
+        try:
+            new, added, removed = sync_xml(text, models)
+        except ValueError as exc:
+            print(f"error: {path.name}: {exc}", file=sys.stderr)
+            return 2
+        if new == text:
+            continue
+        stale = True
+        what = ", ".join([f"+{n}" for n in added] + [f"-{n}" for n in removed])
+        if args.check:
+            print(f"{path.relative_to(REPO)}: model menu out of date ({what})")
+        else:
+            path.write_text(new)
+            print(f"{path.relative_to(REPO)}: {what}")
+    return 1 if stale and args.check else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
