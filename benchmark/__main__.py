@@ -165,6 +165,38 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
         default="nucleus_models/weights",
         help="folder with <name>.json/.pt/.md (default nucleus_models/weights)",
     )
+    ft = sub.add_parser(
+        "finetune",
+        help="fine-tune a shipped U-Net on your labelled images (writes the config, then trains)",
+        description="Writes OUT/config.yaml (the starting model's own training config with "
+        "your data, train.init_from pinned to its sha256, a small learning rate and as many "
+        "CV folds as the images allow), then cross-validates and trains it as `train` does.",
+    )
+    ft.add_argument("--from", dest="start", required=True, help="shipped U-Net, e.g. unet-monuseg")
+    ft.add_argument("--dataset", default="folder", help="dataset name (default folder)")
+    ft.add_argument("--root", required=True, help="your labelled images (folder: images/ + masks/)")
+    ft.add_argument("--name", required=True, help="the new model's name, e.g. unet-monuseg-mysite")
+    ft.add_argument(
+        "--mpp", type=float, default=None, help="microns per pixel of images without one"
+    )
+    ft.add_argument("--steps", type=int, default=None, help="training steps (default 1000)")
+    ft.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-4)")
+    ft.add_argument("--folds", type=int, default=3, help="CV folds, at most one per image")
+    ft.add_argument("--license", default="", help="the terms of your images, for the card")
+    ft.add_argument("--data_description", default="", help="what the images are, for the card")
+    ft.add_argument("--out", default="", help="run folder (default runs/<name>)")
+    ft.add_argument("--resume", action="store_true", help="continue from the run's checkpoints")
+    ft.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
+    ft.add_argument(
+        "--export",
+        nargs="?",
+        const="nucleus_models/weights",
+        default=None,
+        help="write weights + card to this folder (default nucleus_models/weights)",
+    )
+    ft.add_argument(
+        "--config_only", action="store_true", help="write the config and stop (to edit it first)"
+    )
     f = sub.add_parser(
         "fields",
         help="cut labelled training fields out of a slide and its (corrected) DSA annotation "
@@ -350,6 +382,43 @@ def _cmd_train(args: argparse.Namespace) -> int:
         )
     except ValueError as exc:  # a config or option that cannot work: one line, exit 2
         raise DatasetError(str(exc)) from None
+    _print_training(result)
+    return 0
+
+
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from .training.common import REPO
+    from .training.finetune import DEFAULT_LR, DEFAULT_STEPS, finetune_config, write_config
+    from .training.run import train_from_config
+
+    out = Path(args.out) if args.out else REPO / "runs" / args.name
+    try:
+        cfg = finetune_config(
+            args.start,
+            dataset=args.dataset,
+            root=args.root,
+            name=args.name,
+            mpp=args.mpp,
+            steps=args.steps if args.steps is not None else DEFAULT_STEPS,
+            lr=args.lr if args.lr is not None else DEFAULT_LR,
+            folds=args.folds,
+            license=args.license,
+            data_description=args.data_description,
+        )
+        path = write_config(cfg, out)
+        print(f"config: {path}")
+        if args.config_only:
+            return 0
+        result = train_from_config(
+            path, out_dir=out, resume=args.resume, export_to=args.export, device=args.device
+        )
+    except ValueError as exc:
+        raise DatasetError(str(exc)) from None
+    _print_training(result)
+    return 0
+
+
+def _print_training(result: dict) -> None:
     cv = result.get("cv")
     if cv:
         m = cv["metrics_at_best"]
@@ -359,7 +428,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(f"checkpoint: {result['checkpoint']}")
     if result.get("weights"):
         print(f"exported: {result['weights']}")
-    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -407,6 +475,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_calibrate(args)
         if args.command == "fields":
             return _cmd_fields(args)
+        if args.command == "finetune":
+            return _cmd_finetune(args)
         from benchmark import speed
 
         return int(speed.run(args))

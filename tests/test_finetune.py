@@ -231,3 +231,66 @@ def test_a_fine_tuned_model_is_cross_validated_exported_and_carded(
     # a config whose starting model does not fit is a one-line error from the command line
     cfg.write_text(cfg.read_text().replace("base = 8", "base = 6"))
     assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "run2")]) == 2
+
+
+def test_finetune_command_writes_the_config_and_trains_from_a_shipped_model(
+    shared_data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys
+) -> None:
+    """``nucleus-bench finetune``: the starting model's own config with the
+    user's data, the weights pinned, a small learning rate and one fold per
+    image at most; trained, cross-validated and exported with a card."""
+    import yaml
+    from PIL import Image
+
+    from benchmark.__main__ import main
+    from benchmark.datasets import get_dataset
+    from nucleus_models.models.weights import WEIGHTS_DIR
+
+    ds = get_dataset("monuseg", shared_data / "monuseg2018" / "train")
+    root = tmp_path / "mine"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    ids = [sid for sid in ds.ids() if ds.load(sid).labels is not None][:3]
+    for sid in ids:
+        s = ds.load(sid)
+        Image.fromarray(s.image[:320, :320, :3]).save(root / "images" / f"{sid}.png")
+        Image.fromarray(s.labels[:320, :320].astype(np.uint16)).save(root / "masks" / f"{sid}.png")
+    (root / "mpp.txt").write_text("0.25\n")
+    out, weights = tmp_path / "run", tmp_path / "weights"
+    args = ["finetune", "--from", "unet-monuseg", "--root", str(root), "--out", str(out)]
+    args += ["--name", "unet-monuseg-mine", "--license", "CC BY 4.0"]
+    with caplog.at_level(logging.WARNING):
+        assert main([*args, "--steps", "2", "--folds", "5", "--export", str(weights)]) == 0
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    card = json.loads((WEIGHTS_DIR / "unet-monuseg.json").read_text())
+    assert cfg["train"]["init_from"] == "unet-monuseg"
+    assert cfg["train"]["init_sha256"] == card["spec"]["sha256"]
+    assert cfg["train"]["lr"] == 1e-4 and cfg["train"]["steps"] == 2
+    assert cfg["cv"]["folds"] == 3  # one per image at most
+    assert "report_groups" not in cfg["cv"] and "steps" not in cfg["cv"]
+    assert cfg["data"] == {
+        "dataset": "folder",
+        "root": str(root),
+        "label_resize": "area",
+    }
+    assert cfg["model"]["base"] == 12 and "cpu_int8" not in cfg["model"]
+    # the crops are of unet-monuseg's own training images: said, not hidden
+    assert "3 of these 3 images trained unet-monuseg" in caplog.text
+    shipped = json.loads((weights / "unet-monuseg-mine.json").read_text())
+    assert shipped["spec"]["license"].startswith("CC BY 4.0; from the starting weights")
+    assert shipped["training"]["init_from"]["sha256"] == card["spec"]["sha256"]
+    assert len(shipped["cv"]["folds"]) == 3
+    assert "cross-validation (3 folds)" in capsys.readouterr().out
+    # what cannot work is one line and status 2, before anything is trained
+    for bad, message in [
+        (["--name", "unet-monuseg"], "is a shipped model"),
+        (["--from", "unet-nosuch"], "no shipped model 'unet-nosuch'"),
+        (["--from", "classical-he"], "no shipped model 'classical-he'"),
+    ]:
+        assert main([*args, *bad, "--out", str(tmp_path / "bad")]) == 2
+        assert message in capsys.readouterr().err
+    for sid in ids[1:]:
+        (root / "masks" / f"{sid}.png").unlink()
+    assert main([*args, "--out", str(tmp_path / "bad")]) == 2
+    assert "needs two or more" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

@@ -1,0 +1,131 @@
+"""``nucleus-bench finetune``: a shipped U-Net adapted to your labelled fields.
+
+It writes the training config that fine-tuning needs, from the starting
+model's own config (network, input, augmentation and watershed grid as it
+was trained) with your data, ``train.init_from`` pinned to its sha256, a
+small learning rate, as many cross-validation folds as the fields allow,
+and a card naming your data; then trains it as ``nucleus-bench train``
+would. The config is kept in the run folder (``<out>/config.yaml``), so
+the run can be resumed, re-exported or read later.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+from .common import REPO
+
+#: measured on DeepLIIF (benchmark/EXPERIMENTS.md, "Fine-tuning"): 1e-4 beat 5e-4 and 2e-3
+DEFAULT_LR = 1e-4
+DEFAULT_STEPS = 1000
+# [data] keys that describe the starting model's own dataset, not the user's
+_THEIR_DATA = (
+    "foreground_only_masks",
+    "pseudo_instances",
+    "foreground_mask_erosion",
+    "extra",
+    "default_mpp",
+    "modality",
+)
+# [cv] keys about the starting model's dataset or its long schedule
+_THEIR_CV = ("report_groups", "steps", "labelled_fraction")
+
+
+def finetune_config(
+    start: str,
+    *,
+    dataset: str,
+    root: str,
+    name: str,
+    mpp: float | None = None,
+    steps: int = DEFAULT_STEPS,
+    lr: float = DEFAULT_LR,
+    folds: int = 3,
+    license: str = "",
+    data_description: str = "",
+) -> dict[str, Any]:
+    """The training config that fine-tunes shipped model ``start`` on ``dataset`` at ``root``.
+
+    Raises ``ValueError`` (one line) for an unknown or non-U-Net starting
+    model, a starting model whose config is not in the repository, a
+    ``name`` that is already a shipped model, or fewer than two labelled
+    images (a cross-validation needs two).
+    """
+    from nucleus_models.models.weights import WEIGHTS_DIR
+
+    from ..datasets import DatasetError, get_dataset
+    from .run import load_config
+
+    card_path = WEIGHTS_DIR / f"{start}.json"
+    if not card_path.is_file():
+        shipped = sorted(c.stem for c in WEIGHTS_DIR.glob("*.json"))
+        raise ValueError(f"--from: no shipped model {start!r} (shipped: {', '.join(shipped)})")
+    card = json.loads(card_path.read_text())
+    if card.get("arch", "unet") != "unet":
+        raise ValueError(f"--from: {start} is a {card['arch']} model; only U-Nets are fine-tuned")
+    if (WEIGHTS_DIR / f"{name}.json").exists() or name == start:
+        raise ValueError(
+            f"--name {name!r} is a shipped model: pick a new name (e.g. {start}-mysite)"
+        )
+    their_config = REPO / str(card.get("training", {}).get("config", ""))
+    if not their_config.is_file():
+        raise ValueError(
+            f"--from: {start}'s training config ({their_config}) is not in this checkout"
+        )
+    try:
+        ds = get_dataset(dataset, root)
+        n = sum(1 for sid in ds.ids() if ds.load(sid).labels is not None)
+    except DatasetError as exc:
+        raise ValueError(str(exc)) from None
+    if n < 2:
+        raise ValueError(
+            f"{root}: {n} labelled image(s); fine-tuning cross-validates, so it needs two or more"
+        )
+    base = load_config(their_config)
+    cfg: dict[str, Any] = {
+        k: copy.deepcopy(v) for k, v in base.items() if not k.startswith("_") and k != "card"
+    }
+    cfg["name"] = name
+    data = {k: v for k, v in base["data"].items() if k not in _THEIR_DATA}
+    data.update(dataset=dataset, root=str(Path(root).resolve()))
+    if mpp:
+        data["default_mpp"] = float(mpp)
+    cfg["data"] = data
+    train = {k: v for k, v in base["train"].items() if k not in ("init_from", "init_sha256")}
+    train.update(
+        init_from=start,
+        init_sha256=str(card["spec"]["sha256"]),
+        steps=int(steps),
+        lr=float(lr),
+    )
+    cfg["train"] = train
+    cfg["model"] = {k: v for k, v in base["model"].items() if k != "cpu_int8"}
+    cv = {k: v for k, v in base.get("cv", {}).items() if k not in _THEIR_CV}
+    cv["folds"] = max(2, min(int(folds), n))
+    cfg["cv"] = cv
+    description = str(card["spec"].get("description", start)).rstrip(".")
+    cfg["card"] = {
+        "description": f"{description}; fine-tuned from {start} on {n} labelled fields.",
+        "data": data_description or f"{n} labelled images of the {dataset} dataset at {root}",
+        "license": license or f"not stated (the terms of the images at {root})",
+    }
+    return cfg
+
+
+def write_config(cfg: dict[str, Any], out_dir: str | Path) -> Path:
+    """``cfg`` as ``<out_dir>/config.yaml`` (written whole); returns the path."""
+    import yaml
+
+    from nucleus_models.io.atomic import atomic_write
+
+    path = Path(out_dir) / "config.yaml"
+    head = (
+        "# written by nucleus-bench finetune; train again with\n"
+        f"#   nucleus-bench train --config {path} --out {out_dir} --resume --export\n"
+    )
+    with atomic_write(path, "w", encoding="utf-8") as f:
+        f.write(head + yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True))
+    return path
