@@ -25,7 +25,16 @@ from benchmark.datasets import (
     list_datasets,
 )
 
-ALL_NAMES = ["bbbc038", "bbbc039", "ccagt", "deepliif", "kromp2020", "monuseg", "pt_fixation"]
+ALL_NAMES = [
+    "bbbc038",
+    "bbbc039",
+    "ccagt",
+    "deepliif",
+    "folder",
+    "kromp2020",
+    "monuseg",
+    "pt_fixation",
+]
 
 
 def _shared_root() -> Path:
@@ -73,7 +82,7 @@ def check_sample(s: Sample) -> None:
 
 
 # -- registry ---------------------------------------------------------------------
-def test_registry_lists_all_seven() -> None:
+def test_registry_lists_all_eight() -> None:
     assert list_datasets() == ALL_NAMES
 
 
