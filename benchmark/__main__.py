@@ -184,6 +184,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     ft.add_argument("--folds", type=int, default=3, help="CV folds, at most one per image")
     ft.add_argument("--license", default="", help="the terms of your images, for the card")
     ft.add_argument("--data_description", default="", help="what the images are, for the card")
+    ft.add_argument("--description", default="", help="what the model is for, for the card")
     ft.add_argument("--out", default="", help="run folder (default runs/<name>)")
     ft.add_argument("--resume", action="store_true", help="continue from the run's checkpoints")
     ft.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
@@ -404,6 +405,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
             folds=args.folds,
             license=args.license,
             data_description=args.data_description,
+            description=args.description,
         )
         path = write_config(cfg, out)
         print(f"config: {path}")

@@ -277,6 +277,10 @@ def test_finetune_command_writes_the_config_and_trains_from_a_shipped_model(
     # the crops are of unet-monuseg's own training images: said, not hidden
     assert "3 of these 3 images trained unet-monuseg" in caplog.text
     shipped = json.loads((weights / "unet-monuseg-mine.json").read_text())
+    assert shipped["spec"]["description"] == (
+        "Nucleus instance segmentation (compact U-Net + watershed): unet-monuseg fine-tuned on "
+        f"3 labelled images of the folder dataset at {root}."
+    )
     assert shipped["spec"]["license"].startswith("CC BY 4.0; from the starting weights")
     assert shipped["training"]["init_from"]["sha256"] == card["spec"]["sha256"]
     assert len(shipped["cv"]["folds"]) == 3

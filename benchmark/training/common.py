@@ -90,9 +90,10 @@ def trained_on(sessions: list[dict[str, Any]]) -> str:
 
 
 def invocation_text(default: str) -> str:
-    """The ``nucleus-bench train ...`` command line this process runs, or
-    ``default`` when training was started some other way (from Python)."""
-    if len(sys.argv) > 1 and sys.argv[1] == "train":
+    """The ``nucleus-bench train ...`` (or ``finetune ...``) command line this
+    process runs, or ``default`` when training was started some other way
+    (from Python)."""
+    if len(sys.argv) > 1 and sys.argv[1] in ("train", "finetune"):
         return "nucleus-bench " + " ".join(sys.argv[1:])
     return default
 

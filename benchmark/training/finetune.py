@@ -46,6 +46,7 @@ def finetune_config(
     folds: int = 3,
     license: str = "",
     data_description: str = "",
+    description: str = "",
 ) -> dict[str, Any]:
     """The training config that fine-tunes shipped model ``start`` on ``dataset`` at ``root``.
 
@@ -106,10 +107,12 @@ def finetune_config(
     cv = {k: v for k, v in base.get("cv", {}).items() if k not in _THEIR_CV}
     cv["folds"] = max(2, min(int(folds), n))
     cfg["cv"] = cv
-    description = str(card["spec"].get("description", start)).rstrip(".")
+    what = data_description or f"{n} labelled images of the {dataset} dataset at {root}"
     cfg["card"] = {
-        "description": f"{description}; fine-tuned from {start} on {n} labelled fields.",
-        "data": data_description or f"{n} labelled images of the {dataset} dataset at {root}",
+        "description": description
+        or f"Nucleus instance segmentation (compact U-Net + watershed): {start} fine-tuned "
+        f"on {what.rstrip('.')}.",
+        "data": what,
         "license": license or f"not stated (the terms of the images at {root})",
     }
     return cfg
