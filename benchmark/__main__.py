@@ -71,6 +71,16 @@ def _add_eval(sub: Any) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _add_export(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--export",
+        nargs="?",
+        const="nucleus_models/weights",
+        default=None,
+        help="write weights + card to this folder (default nucleus_models/weights)",
+    )
+
+
 def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     """Build the argument parser.
 
@@ -140,13 +150,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
         metavar="CONFIG",
         help="for a --cv_from record that predates config fingerprints: the config it was made with",
     )
-    t.add_argument(
-        "--export",
-        nargs="?",
-        const="nucleus_models/weights",
-        default=None,
-        help="write weights + card to this folder (default nucleus_models/weights)",
-    )
+    _add_export(t)
     o = sub.add_parser(
         "oracle",
         help="how much better a U-Net's held-out instances could be with the annotation's "
@@ -188,13 +192,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     ft.add_argument("--out", default="", help="run folder (default runs/<name>)")
     ft.add_argument("--resume", action="store_true", help="continue from the run's checkpoints")
     ft.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
-    ft.add_argument(
-        "--export",
-        nargs="?",
-        const="nucleus_models/weights",
-        default=None,
-        help="write weights + card to this folder (default nucleus_models/weights)",
-    )
+    _add_export(ft)
     ft.add_argument(
         "--config_only", action="store_true", help="write the config and stop (to edit it first)"
     )
