@@ -21,6 +21,8 @@ COPY scripts ./scripts
 COPY nucleus_models ./nucleus_models
 COPY cli ./cli
 COPY benchmark ./benchmark
+# the shipped models' training configs: `nucleus-bench finetune` starts from them
+COPY configs ./configs
 
 # The same install steps `make setup` runs; torch comes from the base image.
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
