@@ -243,13 +243,10 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
 def _cmd_fields(args: argparse.Namespace) -> int:
     from .fields import FieldError, export_fields, export_girder_fields, parse_region
 
-    from_files = bool(args.slide or args.annotation)
-    from_girder = bool(args.api_url or args.annotation_id)
-    if (
-        from_files == from_girder
-        or (from_files and not (args.slide and args.annotation))
-        or (from_girder and not (args.api_url and args.annotation_id))
-    ):
+    # exactly one pair, whole: files or a server
+    from_files = bool(args.slide and args.annotation)
+    given = [args.slide, args.annotation, args.api_url, args.annotation_id]
+    if sum(map(bool, given)) != 2 or from_files == bool(args.api_url and args.annotation_id):
         raise DatasetError(
             "give either --slide and --annotation (files) or --api-url and --annotation_id "
             "(a DSA server)"

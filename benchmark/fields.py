@@ -232,10 +232,12 @@ def _check_mpp(out: Path, mpp: float) -> None:
     path = out / "mpp.txt"
     if not path.exists():
         return
+    from .datasets.folder import read_mpp_file
+
     try:
-        have = float(path.read_text().split()[0])
-    except (ValueError, IndexError):
-        raise FieldError(f"{path}: does not hold a resolution") from None
+        have = read_mpp_file(path)
+    except ValueError as exc:
+        raise FieldError(f"{path}: {exc}") from None
     if not math.isclose(have, mpp, rel_tol=MPP_TOLERANCE):
         raise FieldError(
             f"{path} says {have:g} um/px and this slide is {mpp:g}: one folder holds "

@@ -64,18 +64,16 @@ def sync_xml(text: str, models: Mapping[str, str]) -> tuple[str, list[str], list
     if match is None:
         return text, [], []
     block = match.group(1)
-    listed = [html.unescape(m.group(2)) for m in _ELEMENT.finditer(block)]
-    if not listed:
+    found = list(_ELEMENT.finditer(block))
+    if not found:
         raise ValueError("the model enumeration lists no <element>")
-    indent = _ELEMENT.search(block).group(1)  # type: ignore[union-attr]
+    listed = [html.unescape(m.group(2)) for m in found]
     keep = [n for n in listed if n in models]
     added = sorted(n for n in models if n not in listed)
     removed = [n for n in listed if n not in models]
+    indent, at = found[0].group(1), found[0].start()
     lines = "".join(f"{indent}<element>{html.escape(n)}</element>\n" for n in keep + added)
-    first = _ELEMENT.search(block)
-    assert first is not None
     body = _ELEMENT.sub("", block)
-    at = first.start()
     new_block = body[:at] + lines + body[at:]
     if added:
 

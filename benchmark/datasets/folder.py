@@ -63,6 +63,19 @@ def instance_labels(mask: np.ndarray) -> tuple[np.ndarray, bool]:
     return labels, False
 
 
+def read_mpp_file(path: Path) -> float:
+    """The resolution an ``mpp.txt`` holds (one number, microns per pixel);
+    ``ValueError`` for anything else."""
+    text = path.read_text().strip()
+    try:
+        mpp = float(text)
+    except ValueError:
+        raise ValueError(f"holds {text[:40]!r}, not a number of microns per pixel") from None
+    if not 0.01 <= mpp <= 100:
+        raise ValueError(f"{mpp:g} um/px is not a microscope's resolution (0.01-100)")
+    return mpp
+
+
 @register_dataset
 class LabelledFolder(Dataset):
     """Images with instance label masks of the same name, from any source.
@@ -125,14 +138,10 @@ class LabelledFolder(Dataset):
         f = self.root / "mpp.txt"
         if not f.is_file():
             return None
-        text = f.read_text().strip()
         try:
-            mpp = float(text)
-        except ValueError:
-            raise self.error(f, f"holds {text[:40]!r}, not a number of microns per pixel") from None
-        if not 0.01 <= mpp <= 100:
-            raise self.error(f, f"{mpp:g} um/px is not a microscope's resolution (0.01-100)")
-        return mpp
+            return read_mpp_file(f)
+        except ValueError as exc:
+            raise self.error(f, str(exc)) from None
 
     def ids(self, split: str | None = None) -> list[str]:
         """Image ids (file stems) that have a mask; there are no splits."""

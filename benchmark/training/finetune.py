@@ -59,14 +59,9 @@ def finetune_config(
 
     from ..datasets import DatasetError, get_dataset
     from .run import load_config
+    from .unet import shipped_card, starting_weights
 
-    card_path = WEIGHTS_DIR / f"{start}.json"
-    if not card_path.is_file():
-        shipped = sorted(c.stem for c in WEIGHTS_DIR.glob("*.json"))
-        raise ValueError(f"--from: no shipped model {start!r} (shipped: {', '.join(shipped)})")
-    card = json.loads(card_path.read_text())
-    if card.get("arch", "unet") != "unet":
-        raise ValueError(f"--from: {start} is a {card['arch']} model; only U-Nets are fine-tuned")
+    card = json.loads(shipped_card(start, "--from").read_text())
     if (WEIGHTS_DIR / f"{name}.json").exists() or name == start:
         raise ValueError(
             f"--name {name!r} is a shipped model: pick a new name (e.g. {start}-mysite)"
@@ -96,14 +91,13 @@ def finetune_config(
         data["default_mpp"] = float(mpp)
     cfg["data"] = data
     train = {k: v for k, v in base["train"].items() if k not in ("init_from", "init_sha256")}
-    train.update(
-        init_from=start,
-        init_sha256=str(card["spec"]["sha256"]),
-        steps=int(steps),
-        lr=float(lr),
-    )
+    train.update(init_from=start, steps=int(steps), lr=float(lr))
     cfg["train"] = train
     cfg["model"] = {k: v for k, v in base["model"].items() if k != "cpu_int8"}
+    # the checks a training run makes (a U-Net, the same network), and the pin
+    init = starting_weights(cfg)
+    assert init is not None
+    train["init_sha256"] = init["sha256"]
     cv = {k: v for k, v in base.get("cv", {}).items() if k not in _THEIR_CV}
     cv["folds"] = max(2, min(int(folds), n))
     cfg["cv"] = cv

@@ -95,8 +95,6 @@ def load_config(path: str | Path) -> dict[str, Any]:
             raise ValueError(
                 f"{p}: train.init_from fine-tunes a U-Net; this config's arch is {cfg['arch']}"
             )
-        from .unet import starting_weights
-
         try:
             init = starting_weights(cfg)
         except ValueError as exc:

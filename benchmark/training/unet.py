@@ -45,6 +45,7 @@ __all__ = [
     "seed_everything",
     "unet_arch",
     "starting_weights",
+    "shipped_card",
 ]
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,6 @@ def starting_weights(cfg: dict[str, Any]) -> dict[str, Any] | None:
     if not src:
         return None
     from nucleus_models.models.unet import default_normalisation, unet_channels
-    from nucleus_models.models.weights import WEIGHTS_DIR
 
     text = str(src)
     if text.endswith((".json", ".pt")) or "/" in text:
@@ -92,13 +92,9 @@ def starting_weights(cfg: dict[str, Any]) -> dict[str, Any] | None:
         p = p if p.is_absolute() else REPO / p
         card_path = p.with_suffix(".json")
     else:
-        card_path = WEIGHTS_DIR / f"{text}.json"
-        if not card_path.is_file():
-            shipped = sorted(c.stem for c in WEIGHTS_DIR.glob("*.json"))
-            raise ValueError(
-                f"train.init_from: no shipped model {text!r} (shipped: {', '.join(shipped)}; "
-                "or give the path of a model's .json card)"
-            )
+        card_path = shipped_card(
+            text, "train.init_from", "; or give the path of a model's .json card"
+        )
     if not card_path.is_file():
         raise ValueError(f"train.init_from: no model card {card_path} (the .json beside the .pt)")
     try:
@@ -146,6 +142,18 @@ def starting_weights(cfg: dict[str, Any]) -> dict[str, Any] | None:
         "data": _card_data(card, card_path),
         "images": [str(i) for i in card.get("training", {}).get("images", [])],
     }
+
+
+def shipped_card(name: str, flag: str, hint: str = "") -> Path:
+    """The ``.json`` card of shipped model ``name``, or a one-line
+    ``ValueError`` (prefixed with the option ``flag``) listing the shipped ones."""
+    from nucleus_models.models.weights import WEIGHTS_DIR
+
+    card_path = WEIGHTS_DIR / f"{name}.json"
+    if not card_path.is_file():
+        shipped = sorted(c.stem for c in WEIGHTS_DIR.glob("*.json"))
+        raise ValueError(f"{flag}: no shipped model {name!r} (shipped: {', '.join(shipped)}{hint})")
+    return card_path
 
 
 def _card_data(card: dict[str, Any], card_path: Path) -> str:
