@@ -131,6 +131,26 @@ def test_monuseg_real(shared: Path) -> None:
     assert unl.labels is None and unl.image.shape == (1000, 1000, 3)
 
 
+def test_monuseg_flat_test_download(shared: Path, tmp_path: Path) -> None:
+    """The challenge's test download has tiles and XMLs side by side (MoNuSegTestData/)."""
+    root = need(shared, "monuseg2018/train")
+    flat = tmp_path / "MoNuSegTestData"
+    flat.mkdir()
+    stems = sorted(p.stem for p in (root / "annotations").glob("*.xml"))[:2]
+    for stem in stems:
+        (flat / f"{stem}.tif").symlink_to((root / "images" / f"{stem}.tif").resolve())
+        (flat / f"{stem}.xml").symlink_to((root / "annotations" / f"{stem}.xml").resolve())
+    (flat / "notes.txt").write_text("not an image")
+    ds, ref = get_dataset("monuseg", flat), get_dataset("monuseg", root)
+    assert ds.ids() == stems
+    for stem in stems:
+        a, b = ds.load(stem), ref.load(stem)
+        check_sample(a)
+        assert np.array_equal(a.labels, b.labels) and np.array_equal(a.image, b.image)
+    with pytest.raises(DatasetError, match="MoNuSegTestData"):
+        get_dataset("monuseg", tmp_path / "MoNuSegTestData" / ".." / "..")
+
+
 def test_monuseg_rasterisation_overwrites_and_clips(tmp_path: Path) -> None:
     (tmp_path / "images").mkdir()
     (tmp_path / "annotations").mkdir()
@@ -177,6 +197,55 @@ def test_bbbc038_real(shared: Path) -> None:
         assert s.groups["modality"] == s.modality
     assert ds.load(rgba).modality == "fluorescence" and ds.load(rgba).image.ndim == 2
     assert ds.load(bright).modality == "brightfield" and ds.load(bright).image.shape[2] == 3
+
+
+def _encode_rle(mask: np.ndarray) -> str:
+    """Column-major 1-based runs, as the Data Science Bowl's CSVs (written independently)."""
+    flat = np.concatenate([[0], mask.T.ravel().astype(np.int8), [0]])
+    edges = np.flatnonzero(np.diff(flat))
+    starts, ends = edges[0::2], edges[1::2]
+    return " ".join(f"{a + 1} {b - a}" for a, b in zip(starts, ends, strict=True))
+
+
+def test_bbbc038_solution_csv(shared: Path, tmp_path: Path) -> None:
+    """The challenge's download: images only, nuclei in stage1_solution.csv beside them."""
+    root = need(shared, "dsb2018_bbbc038")
+    ref = get_dataset("bbbc038", root)
+    ids = [
+        "0e132f71c8b4875c3c2dd7a22997468a3e842b46aa9bd47cf7b0e8b7d63f0925",
+        "0f1f896d9ae5a04752d3239c690402c022db4d72c0d2c087d73380896f72c466",
+    ]
+    rows = ["ImageId,EncodedPixels,Height,Width,Usage"]
+    for sid in ids:
+        d = tmp_path / "stage1_test" / sid / "images"
+        d.mkdir(parents=True)
+        (d / f"{sid}.png").symlink_to(
+            (root / "stage1_test" / sid / "images" / f"{sid}.png").resolve()
+        )
+        labels = ref.load(sid).labels
+        for k in range(1, int(labels.max()) + 1):
+            h, w = labels.shape
+            rows.append(f"{sid},{_encode_rle(labels == k)},{h},{w},Public")
+    # an image with no CSV rows stays out, as one with an empty masks/ folder does
+    other = tmp_path / "stage1_test" / "unlabelled" / "images"
+    other.mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(other / "unlabelled.png")
+    (tmp_path / "stage1_solution.csv").write_text("\n".join(rows) + "\n")
+    for where in (tmp_path, tmp_path / "stage1_test"):  # the CSV beside a stage folder too
+        ds = get_dataset("bbbc038", where)
+        assert ds.ids() == sorted(ids)
+        assert tmp_path / "stage1_solution.csv" in ds.files()
+        for sid in ids:
+            s = ds.load(sid)
+            check_sample(s)
+            assert np.array_equal(s.labels, ref.load(sid).labels)
+            assert s.extra["n_masks"] == s.n_instances == ref.load(sid).n_instances
+    # a run past the image's end is a one-line error naming the sample
+    bad = rows[:2] + [f"{ids[0]},999999 5,,,Public"]
+    (tmp_path / "stage1_solution.csv").write_text("\n".join(bad) + "\n")
+    with pytest.raises(DatasetError, match="runs outside") as exc:
+        get_dataset("bbbc038", tmp_path).load(ids[0])
+    assert "\n" not in str(exc.value) and ids[0] in str(exc.value)
 
 
 # -- BBBC039 (fixture) ------------------------------------------------------------

@@ -87,6 +87,10 @@ _XML_DIRS = ["annotations", "Annotations"]
 _IMAGE_EXTS = {".tif", ".tiff", ".png"}
 
 
+def _is_image(p: Path) -> bool:
+    return p.is_file() and p.suffix.lower() in _IMAGE_EXTS
+
+
 def parse_imagescope_xml(path: Path) -> tuple[list[np.ndarray], float | None]:
     """Parse an Aperio ImageScope XML file.
 
@@ -150,7 +154,8 @@ class MoNuSeg(Dataset):
     Parameters
     ----------
     root : str or Path
-        Folder holding ``images/`` and ``annotations/`` (or a parent holding ``train/``).
+        Folder holding ``images/`` and ``annotations/`` (or a parent holding ``train/``),
+        or a folder of tiles beside their XMLs (the challenge's ``MoNuSegTestData/``).
     include_unlabelled : bool, default False
         Also list images without an XML; they load with ``labels=None``.
     default_mpp : float, default 0.25
@@ -161,7 +166,8 @@ class MoNuSeg(Dataset):
     description = "MoNuSeg 2018 H&E 40x TCGA tiles (1000x1000) with per-nucleus polygons"
     layout = (
         "<root>/images/<TCGA id>.tif (RGB uint8) and <root>/annotations/<TCGA id>.xml "
-        "(Aperio ImageScope XML, one Region of Vertices per nucleus); <root>/train/ is also accepted"
+        "(Aperio ImageScope XML, one Region of Vertices per nucleus); <root>/train/ is also "
+        "accepted, and tiles beside their XMLs in one folder (the challenge's MoNuSegTestData/)"
     )
     kind = "instances"
 
@@ -172,23 +178,26 @@ class MoNuSeg(Dataset):
         base = first_existing(
             self.root, ["", "train"], lambda p: any((p / d).is_dir() for d in _IMAGE_DIRS)
         )
-        if base is None:
+        if base is not None:
+            image_dir = first_existing(base, _IMAGE_DIRS, Path.is_dir)
+            if image_dir is None:  # pragma: no cover - guaranteed by the search above
+                raise self.error(base, "missing images/ folder")
+            xml_dir = first_existing(base, _XML_DIRS, Path.is_dir)
+        elif any(_is_image(p) for p in self.root.iterdir()):
+            # the challenge's test download (MoNuSegTestData/): tiles and XMLs side by side
+            base = image_dir = xml_dir = self.root
+        else:
             raise self.error(
-                self.root, "missing images/ folder (expected images/*.tif + annotations/*.xml)"
+                self.root,
+                "missing images/ folder (expected images/*.tif + annotations/*.xml, "
+                "or *.tif beside *.xml as in MoNuSegTestData/)",
             )
         self.base = base
-        image_dir = first_existing(base, _IMAGE_DIRS, Path.is_dir)
-        if image_dir is None:  # pragma: no cover - guaranteed by the search above
-            raise self.error(base, "missing images/ folder")
         self.image_dir = image_dir
-        self.xml_dir = first_existing(base, _XML_DIRS, Path.is_dir)
+        self.xml_dir = xml_dir
         self.include_unlabelled = include_unlabelled
         self.default_mpp = default_mpp
-        self._images = {
-            p.stem: p
-            for p in self.image_dir.iterdir()
-            if p.is_file() and p.suffix.lower() in _IMAGE_EXTS
-        }
+        self._images = {p.stem: p for p in self.image_dir.iterdir() if _is_image(p)}
         self._xmls = (
             {p.stem: p for p in self.xml_dir.glob("*.xml")} if self.xml_dir is not None else {}
         )
