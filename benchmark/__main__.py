@@ -16,6 +16,8 @@ Input problems (unknown dataset or model, missing root, wrong layout) print one
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -93,6 +95,11 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("datasets", help="list the supported datasets and their folder layouts")
+    m = sub.add_parser(
+        "models",
+        help="list the registered models: resolution, cross-validation, weights' sha256, license",
+    )
+    m.add_argument("--json", action="store_true", help="everything, as JSON")
     _add_eval(sub)
     p = sub.add_parser("report", help="(re)build report.md/html and figures from OUT/metrics.json")
     p.add_argument("out", help="folder written by `nucleus-bench eval`")
@@ -312,6 +319,70 @@ def _cmd_datasets() -> int:
     return 0
 
 
+def model_records() -> list[dict[str, Any]]:
+    """One record per registered model: its spec, card files and cross-validation.
+
+    ``cv`` holds the card's cross-validated metrics at the chosen setting,
+    those of the held-out images of the model's own modality where the card
+    reports them by modality (``cv_images`` says which), else of all of them.
+    """
+    from dataclasses import asdict
+
+    from nucleus_models.models import get_spec, list_models
+    from nucleus_models.models.weights import WEIGHTS_DIR
+
+    out = []
+    for name in list_models():
+        spec = get_spec(name)
+        rec: dict[str, Any] = {"name": name, "spec": asdict(spec), "card": None, "cv": None}
+        card_json = WEIGHTS_DIR / f"{name}.json"
+        if spec.weights and card_json.is_file():
+            card = json.loads(card_json.read_text())
+            md = WEIGHTS_DIR / f"{name}.md"
+            rec["card"] = str(md) if md.is_file() else str(card_json)
+            cv = card.get("cv") or {}
+            group = (cv.get("by_group") or {}).get(f"modality={spec.modality}")
+            if group:
+                rec["cv"] = {k: v for k, v in group.items() if k != "n"}
+                rec["cv_images"] = f"{group['n']} held-out {spec.modality} images"
+            elif cv.get("metrics_at_best"):
+                rec["cv"] = cv["metrics_at_best"]
+                rec["cv_images"] = f"{cv.get('n_images', '?')} held-out images"
+            rec["cv_folds"] = len(cv.get("folds") or [])
+        out.append(rec)
+    return out
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    records = model_records()
+    if args.json:
+        print(json.dumps(records, indent=2, default=str))
+        return 0
+    head = f"{'model':<24}{'modality':<14}{'um/px':>6}  {'F1@0.5':>6} {'AJI':>6} {'Dice':>6} {'detF1':>6}  {'sha256':<12}  license"
+    print(head)
+    for r in records:
+        spec = r["spec"]
+        cv = r["cv"]
+        scores = (
+            " ".join(f"{cv[k]:>6.3f}" for k in ("f1_iou50", "aji", "dice", "det_f1"))
+            if cv
+            else f"{'(no training, no CV)':>27}"
+        )
+        sha = spec["sha256"][:12] if spec["weights"] else "-"
+        license_ = (spec["license"] or "-").split(" (")[0]
+        print(
+            f"{r['name']:<24}{spec['modality']:<14}{spec['mpp']:>6.2f}  {scores}  {sha:<12}  {license_}"
+        )
+    print()
+    for r in records:
+        if r["cv"]:
+            card = Path(r["card"])
+            with contextlib.suppress(ValueError):
+                card = card.relative_to(Path.cwd())
+            print(f"{r['name']}: {r['cv_folds']}-fold CV on {r['cv_images']}; card {card}")
+    return 0
+
+
 def _print_summary(result: dict[str, Any], out: str) -> None:
     mean, pooled = result["mean"], result["pooled"]
     keys = [*result["metric_keys"], "ap", "n_true", "n_pred", "seconds"]
@@ -456,6 +527,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "datasets":
             return _cmd_datasets()
+        if args.command == "models":
+            return _cmd_models(args)
         if args.command == "eval":
             return _cmd_eval(args, command)
         if args.command == "report":

@@ -231,3 +231,36 @@ def test_point_evaluate(tmp_path: Path) -> None:
         assert lines[0] == "x,y,score" and len(lines) > 1
     assert (out / "figures" / "overlay_a.png").is_file()
     assert (out / "report.md").is_file()
+
+
+def test_models_lists_every_registered_model_with_its_card(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`nucleus-bench models`: every registered name, the card's CV and the file's sha256."""
+    import hashlib
+
+    from nucleus_models.models import list_models
+    from nucleus_models.models.weights import WEIGHTS_DIR
+
+    assert main(["models", "--json"]) == 0
+    records = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert sorted(records) == list_models()
+    shipped = sorted(p.stem for p in WEIGHTS_DIR.glob("*.json"))
+    assert shipped and set(shipped) <= set(records)
+    for name in shipped:
+        rec = records[name]
+        weights = WEIGHTS_DIR / rec["spec"]["weights"]
+        assert hashlib.sha256(weights.read_bytes()).hexdigest() == rec["spec"]["sha256"]
+        assert rec["card"] == str(WEIGHTS_DIR / f"{name}.md") and rec["cv"]["aji"] > 0
+    card = json.loads((WEIGHTS_DIR / "unet-bbbc038.json").read_text())["cv"]
+    fluo = card["by_group"]["modality=fluorescence"]  # the model's own modality, not all images
+    assert records["unet-bbbc038"]["cv"]["f1_iou50"] == fluo["f1_iou50"]
+    assert records["unet-bbbc038"]["cv_images"].startswith(f"{fluo['n']} held-out fluorescence")
+    assert records["classical-he"]["cv"] is None and records["classical-he"]["card"] is None
+
+    assert main(["models"]) == 0
+    table = capsys.readouterr().out
+    card = json.loads((WEIGHTS_DIR / "unet-monuseg.json").read_text())
+    row = next(line for line in table.splitlines() if line.startswith("unet-monuseg "))
+    assert f"{card['cv']['metrics_at_best']['aji']:.3f}" in row
+    assert card["spec"]["sha256"][:12] in row
