@@ -298,3 +298,25 @@ def test_finetune_command_writes_the_config_and_trains_from_a_shipped_model(
     assert main([*args, "--out", str(tmp_path / "bad")]) == 2
     assert "needs two or more" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_finetune_from_the_fluorescence_model(shared_data: Path, tmp_path: Path, capsys) -> None:
+    """``finetune --from unet-bbbc038`` on a folder of fluorescence fields: the
+    size normalisation is kept, its tuning on BBBC038's fluorescence group is
+    not (the user's folder has no such group), and the run exports."""
+    from benchmark.__main__ import main
+    from benchmark.training.finetune import finetune_config
+
+    root = tmp_path / "mine"
+    ids = _write_folder(root, shared_data, n=3, size=200)
+    assert len(ids) == 3
+    name = "unet-bbbc038-mine"
+    cfg = finetune_config("unet-bbbc038", dataset="folder", root=str(root), name=name)
+    assert "tune_on" not in cfg["cv"] and cfg["data"]["rescale_to_diameter"]
+    out, weights = tmp_path / "run", tmp_path / "weights"
+    args = ["finetune", "--from", "unet-bbbc038", "--root", str(root), "--name", name]
+    args += ["--out", str(out), "--steps", "2", "--folds", "2", "--export", str(weights)]
+    assert main(args) == 0, capsys.readouterr().err
+    shipped = json.loads((weights / f"{name}.json").read_text())
+    assert shipped["cv"]["tuned_on"] == "all" and shipped["cv"]["n_images"] == 3
+    assert shipped["spec"]["thresholds"]["diameter_px"] == cfg["data"]["rescale_to_diameter"]

@@ -317,6 +317,27 @@ def test_size_search_stops_at_the_setting_it_was_measured_with() -> None:
     maps, _, setting, metrics, passes = settle_size_setting(a, flip, "aji", max_passes=3)
     assert measured == [a, b, a] and passes == 4
     assert setting == a and maps == [a] and metrics == {"aji": 0.0}
+    # no fixed point, and the grid on the last maps no longer holds the setting
+    # kept (its filters were searched around other seeds): scored on those maps
+    d = {"fg_threshold": 0.5, "min_area": 48}
+    grids = {
+        str(d): [(b, {"aji": 0.9}), (c, {"aji": 0.1})],
+        str(b): [(c, {"aji": 0.9}), (d, {"aji": 0.1})],
+    }
+
+    def drift(setting):  # type: ignore[no-untyped-def]
+        return [setting], grids[str(setting)]
+
+    scored: list = []
+
+    def score(maps, setting):  # type: ignore[no-untyped-def]
+        scored.append((maps, setting))
+        return {"aji": 0.42}
+
+    out = settle_size_setting(d, drift, "aji", max_passes=2, score=score)
+    assert out[2:] == (b, {"aji": 0.42}, 3) and scored == [([b], b)]
+    with pytest.raises(ValueError, match="pass score"):
+        settle_size_setting(d, drift, "aji", max_passes=2)
 
 
 def test_cross_validation_can_choose_the_setting_on_one_group(

@@ -30,8 +30,9 @@ _THEIR_DATA = (
     "default_mpp",
     "modality",
 )
-# [cv] keys about the starting model's dataset or its long schedule
-_THEIR_CV = ("report_groups", "steps", "labelled_fraction")
+# [cv] keys about the starting model's dataset (its groups: unet-bbbc038 tunes
+# on its fluorescence images) or its long schedule
+_THEIR_CV = ("report_groups", "tune_on", "steps", "labelled_fraction")
 
 
 def finetune_config(

@@ -389,6 +389,7 @@ def settle_size_setting(
     remeasure: Callable[[dict[str, Any]], tuple[list[Any], Any]],
     metric: str | list[str],
     max_passes: int = MAX_SIZE_PASSES,
+    score: Callable[[list[Any], dict[str, Any]], dict[str, float]] | None = None,
 ) -> tuple[list[Any], Any, dict[str, Any], dict[str, float], int]:
     """Alternate scale search and tuning for a size-normalised model.
 
@@ -398,7 +399,9 @@ def settle_size_setting(
     was measured on the foreground map), the setting chosen on the new maps
     replaces it until it is the one they were measured with, so the numbers
     are those inference gets; with no such fixed point within ``max_passes``
-    the setting of the last measurement is kept with its own scores.
+    the setting of the last measurement is kept with its own scores
+    (``score(maps, setting)`` gives them when the grid scored on those maps
+    does not hold it: its filters are searched around another setting's seeds).
     Returns ``(maps, grid, setting, metrics, passes)``, passes counting the
     first search.
 
@@ -417,7 +420,12 @@ def settle_size_setting(
         best, at_best = best_setting(grid, metric)
         if best == used:
             return maps, grid, best, at_best, passes
-    return maps, grid, used, next(m for p, m in grid if p == used), passes
+    at_used = next((m for p, m in grid if p == used), None)
+    if at_used is None:
+        if score is None:
+            raise ValueError("settle_size_setting: the setting kept is not in the grid; pass score")
+        at_used = score(maps, used)
+    return maps, grid, used, at_used, passes
 
 
 def cross_validate(
@@ -490,7 +498,18 @@ def cross_validate(
                 [again[i] for i in tuned], [truths[i] for i in tuned], cfg
             )
 
-        maps, grid, best, at_best, size_passes = settle_size_setting(best, remeasure, metric)
+        def score_tuned(again: list[Any], setting: dict[str, Any]) -> dict[str, float]:
+            return mean_metrics(
+                score_images(
+                    [again[i] for i in tuned],
+                    [truths[i] for i in tuned],
+                    full_setting(cfg, setting),
+                )
+            )
+
+        maps, grid, best, at_best, size_passes = settle_size_setting(
+            best, remeasure, metric, score=score_tuned
+        )
     # the chosen setting per group of images (cv.report_groups, e.g. ["modality"])
     report = list(cv.get("report_groups", []))
     rows = score_images(maps, truths, full_setting(cfg, best)) if report or tune_on else []
