@@ -24,6 +24,7 @@ from benchmark.datasets import (
     get_dataset,
     list_datasets,
 )
+from benchmark.datasets.monuseg import MoNuSeg
 
 ALL_NAMES = [
     "bbbc038",
@@ -131,6 +132,15 @@ def test_monuseg_real(shared: Path) -> None:
     assert unl.labels is None and unl.image.shape == (1000, 1000, 3)
 
 
+MONUSEG_TEST_IDS = [
+    "TCGA-2Z-A9J9-01A-01-TS1", "TCGA-44-2665-01B-06-BS6", "TCGA-69-7764-01A-01-TS1",
+    "TCGA-A6-6782-01A-01-BS1", "TCGA-AC-A2FO-01A-01-TS1", "TCGA-AO-A0J2-01A-01-BSA",
+    "TCGA-CU-A0YN-01A-02-BSB", "TCGA-EJ-A46H-01A-03-TSC", "TCGA-FG-A4MU-01B-01-TS1",
+    "TCGA-GL-6846-01A-01-BS1", "TCGA-HC-7209-01A-01-TS1", "TCGA-HT-8564-01Z-00-DX1",
+    "TCGA-IZ-8196-01A-01-BS1", "TCGA-ZF-A9R5-01A-01-TS1",
+]  # fmt: skip
+
+
 def test_monuseg_flat_test_download(shared: Path, tmp_path: Path) -> None:
     """The challenge's test download has tiles and XMLs side by side (MoNuSegTestData/)."""
     root = need(shared, "monuseg2018/train")
@@ -147,8 +157,18 @@ def test_monuseg_flat_test_download(shared: Path, tmp_path: Path) -> None:
         a, b = ds.load(stem), ref.load(stem)
         check_sample(a)
         assert np.array_equal(a.labels, b.labels) and np.array_equal(a.image, b.image)
+    # some unpackings keep the XMLs in Annotations/ beside the tiles
+    (flat / "Annotations").mkdir()
+    for stem in stems:
+        (flat / f"{stem}.xml").rename(flat / "Annotations" / f"{stem}.xml")
+    moved = get_dataset("monuseg", flat)
+    assert moved.ids() == stems
+    assert np.array_equal(moved.load(stems[0]).labels, ref.load(stems[0]).labels)
     with pytest.raises(DatasetError, match="MoNuSegTestData"):
         get_dataset("monuseg", tmp_path / "MoNuSegTestData" / ".." / "..")
+    # the test set's organs, two of them unseen in training, group the report
+    organs = {MoNuSeg.groups_for(i)["organ"] for i in MONUSEG_TEST_IDS}
+    assert organs == {"bladder", "breast", "colon", "kidney", "prostate", "brain", "lung"}
 
 
 def test_monuseg_rasterisation_overwrites_and_clips(tmp_path: Path) -> None:

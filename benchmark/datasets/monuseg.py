@@ -23,8 +23,8 @@ from .base import (
 
 logger = logging.getLogger(__name__)
 
-#: Organ of each of the 30 images of Kumar et al. (2017), as in the MoNuSeg
-#: challenge's own description of its training data. Note: the six "liver"
+#: Organ of each of the 30 images of Kumar et al. (2017) and the 14 of the
+#: MoNuSeg 2018 test set, as in the challenge's own description of its data. Note: the six "liver"
 #: images carry TCGA tissue-source-site codes (18, 21, 38, 49, 50) that TCGA
 #: assigns to lung studies; we keep the challenge's label and also expose the
 #: raw site code as ``groups["tcga_site"]`` so either grouping can be used.
@@ -79,6 +79,18 @@ MONUSEG_ORGANS: dict[str, str] = {
     "TCGA-NH-A8F7-01A-01-TS1": "colon",
     "TCGA-KB-A93J-01A-01-TS1": "stomach",
     "TCGA-RD-A8N9-01A-01-TS1": "stomach",
+    # the 14 images of the challenge's test set (MoNuSegTestData), as its own
+    # description lists them: brain and lung are organs the training set lacks
+    **dict.fromkeys(["TCGA-CU-A0YN-01A-02-BSB", "TCGA-ZF-A9R5-01A-01-TS1"], "bladder"),
+    **dict.fromkeys(["TCGA-AC-A2FO-01A-01-TS1", "TCGA-AO-A0J2-01A-01-BSA"], "breast"),
+    "TCGA-A6-6782-01A-01-BS1": "colon",
+    **dict.fromkeys(
+        ["TCGA-2Z-A9J9-01A-01-TS1", "TCGA-GL-6846-01A-01-BS1", "TCGA-IZ-8196-01A-01-BS1"],
+        "kidney",
+    ),
+    **dict.fromkeys(["TCGA-EJ-A46H-01A-03-TSC", "TCGA-HC-7209-01A-01-TS1"], "prostate"),
+    **dict.fromkeys(["TCGA-FG-A4MU-01B-01-TS1", "TCGA-HT-8564-01Z-00-DX1"], "brain"),
+    **dict.fromkeys(["TCGA-44-2665-01B-06-BS6", "TCGA-69-7764-01A-01-TS1"], "lung"),
 }
 
 _TCGA_RE = re.compile(r"^TCGA-([A-Z0-9]{2})-([A-Z0-9]{4})", re.IGNORECASE)
@@ -185,7 +197,8 @@ class MoNuSeg(Dataset):
             xml_dir = first_existing(base, _XML_DIRS, Path.is_dir)
         elif any(_is_image(p) for p in self.root.iterdir()):
             # the challenge's test download (MoNuSegTestData/): tiles and XMLs side by side
-            base = image_dir = xml_dir = self.root
+            base = image_dir = self.root
+            xml_dir = first_existing(self.root, [*_XML_DIRS, ""], Path.is_dir)
         else:
             raise self.error(
                 self.root,
