@@ -55,6 +55,15 @@ def test_a_folder_of_images_and_label_masks_loads_as_a_dataset(
     s = ds.load(ids[0])
     assert s.image.shape == (96, 96, 3) and s.labels.dtype == np.int32
     assert s.mpp is None and s.modality == "fluorescence"  # grey stored as RGB
+    # a pseudo-coloured DAPI field (a fluorescence slide's, cut by `fields`)
+    # is fluorescence too, an H&E crop brightfield
+    grey = np.asarray(Image.open(root / "images" / f"{ids[0]}.png"))[..., 0]
+    blue = np.stack([np.zeros_like(grey), grey // 5, grey], axis=2)
+    Image.fromarray(blue).save(root / "images" / f"{ids[0]}.png")
+    assert get_dataset("folder", root).load(ids[0]).modality == "fluorescence"
+    he = get_dataset("monuseg", shared_data / "monuseg2018" / "train")
+    Image.fromarray(he.load(he.ids()[0]).image[:96, :96]).save(root / "images" / f"{ids[0]}.png")
+    assert get_dataset("folder", root).load(ids[0]).modality == "brightfield"
     # the labels are the mask's integers, unchanged
     import tifffile
 

@@ -89,7 +89,8 @@ class LabelledFolder(Dataset):
         ``data.default_mpp``).
     modality : str, optional
         ``"brightfield"`` or ``"fluorescence"``; by default images with one
-        channel (or grey stored as RGB) are fluorescence, colour images
+        channel, grey stored as RGB or colour on a dark background (median
+        brightness below 50 of 255) are fluorescence, other colour images
         brightfield.
     """
 
@@ -195,9 +196,20 @@ def _by_stem(folder: Path, suffixes: set[str], ds: Dataset) -> dict[str, Path]:
 
 
 def _modality_of(image: np.ndarray) -> str:
-    """Fluorescence for one channel or grey stored as colour, else brightfield."""
+    """Fluorescence for one channel, grey stored as colour, or colour on a dark
+    background (a pseudo-coloured DAPI channel, as a fluorescence slide's
+    fields come out of ``nucleus-bench fields``); else brightfield.
+
+    >>> dapi = np.zeros((4, 4, 3), np.uint8); dapi[1, 1] = (0, 40, 230)
+    >>> _modality_of(dapi), _modality_of(np.full((4, 4, 3), (230, 200, 220), np.uint8))
+    ('fluorescence', 'brightfield')
+    """
+    from nucleus_models.wsi.tissue import apparent_modality
+
     if image.ndim == 2 or image.shape[2] == 1:
         return "fluorescence"
     rgb = image[..., :3]
     grey = np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2])
-    return "fluorescence" if grey else "brightfield"
+    if grey or apparent_modality(np.asarray(rgb, dtype=np.uint8)) == "fluorescence":
+        return "fluorescence"
+    return "brightfield"
