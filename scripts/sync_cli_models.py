@@ -12,7 +12,7 @@ trained")::
 
 The menu keeps its order and default, drops models no longer registered and
 appends new ones; each new model's card description is added to the
-parameter's description. Only the ``<element>`` lines and that description
+parameter's description, and a dropped model's sentence is taken out of it. Only the ``<element>`` lines and that description
 change: the rest of the file stays as it is.
 """
 
@@ -59,6 +59,12 @@ def sync_xml(text: str, models: Mapping[str, str]) -> tuple[str, list[str], list
       <element>b</element>
       <default>a</default>
     </string-enumeration>
+
+    A model that leaves takes its sentence with it:
+
+    >>> back, added, removed = sync_xml(new, {"a": "first"})
+    >>> removed, "Site" in back
+    (['b'], False)
     """
     match = _BLOCK.search(text)
     if match is None:
@@ -75,13 +81,21 @@ def sync_xml(text: str, models: Mapping[str, str]) -> tuple[str, list[str], list
     lines = "".join(f"{indent}<element>{html.escape(n)}</element>\n" for n in keep + added)
     body = _ELEMENT.sub("", block)
     new_block = body[:at] + lines + body[at:]
-    if added:
+    if added or removed:
 
         def describe(m: re.Match[str]) -> str:
-            extra = " ".join(
-                f"{html.escape(n)}: {html.escape(models[n].strip().rstrip('.'))}." for n in added
+            text = m.group(2).rstrip()
+            for n in removed:  # its "name: ..." up to the next listed model's or the end
+                start = text.rfind(f" {html.escape(n)}: ")
+                if start < 0:
+                    continue
+                ends = [text.find(f" {html.escape(k)}: ", start + 1) for k in keep + added]
+                end = min([e for e in ends if e > start], default=len(text))
+                text = text[:start] + text[end:]
+            extra = "".join(
+                f" {html.escape(n)}: {html.escape(models[n].strip().rstrip('.'))}." for n in added
             )
-            return f"{m.group(1)}{m.group(2).rstrip()} {extra}{m.group(3)}"
+            return f"{m.group(1)}{text}{extra}{m.group(3)}"
 
         new_block = _DESCRIPTION.sub(describe, new_block, count=1)
     default = re.search(r"<default>(.*?)</default>", new_block)

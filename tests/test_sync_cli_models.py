@@ -61,9 +61,12 @@ def test_a_new_model_joins_every_menu_as_ctk_reads_it(tmp_path: Path) -> None:
         # and back: a model no longer registered leaves the menu
         back, added, removed = mod.sync_xml(new, mod.registered())
         assert (added, removed) == ([], ["unet-mysite"])
-        assert [p for p in back.splitlines() if "<element>" in p] == [
-            p for p in text.splitlines() if "<element>" in p
-        ]
+        assert back == text  # its element and its sentence gone, nothing else touched
+        # between other added models, only its own sentence goes
+        two = {**models, "unet-other": "IHC: Ki-67 fields."}
+        both = mod.sync_xml(text, two)[0]
+        one = mod.sync_xml(both, {k: v for k, v in two.items() if k != "unet-mysite"})[0]
+        assert one == mod.sync_xml(text, {**mod.registered(), "unet-other": two["unet-other"]})[0]
 
 
 def test_a_default_that_left_the_registry_is_an_error() -> None:
