@@ -302,6 +302,10 @@ def test_finetune_command_writes_the_config_and_trains_from_a_shipped_model(
     ]:
         assert main([*args, *bad, "--out", str(tmp_path / "bad")]) == 2
         assert message in capsys.readouterr().err
+    # images of unknown resolution would be taken as at the model's: refused
+    (root / "mpp.txt").unlink()
+    assert main([*args, "--out", str(tmp_path / "bad")]) == 2
+    assert "3 of the 3 labelled images carry no resolution: give --mpp" in capsys.readouterr().err
     for sid in ids[1:]:
         (root / "masks" / f"{sid}.png").unlink()
     assert main([*args, "--out", str(tmp_path / "bad")]) == 2
@@ -309,7 +313,9 @@ def test_finetune_command_writes_the_config_and_trains_from_a_shipped_model(
     assert not (tmp_path / "bad").exists()
 
 
-def test_finetune_from_the_fluorescence_model(shared_data: Path, tmp_path: Path, capsys) -> None:
+def test_finetune_from_the_fluorescence_model(
+    shared_data: Path, tmp_path: Path, capsys, caplog: pytest.LogCaptureFixture
+) -> None:
     """``finetune --from unet-bbbc038`` on a folder of fluorescence fields: the
     size normalisation is kept, its tuning on BBBC038's fluorescence group is
     not (the user's folder has no such group), and the run exports."""
@@ -320,8 +326,16 @@ def test_finetune_from_the_fluorescence_model(shared_data: Path, tmp_path: Path,
     ids = _write_folder(root, shared_data, n=3, size=200)
     assert len(ids) == 3
     name = "unet-bbbc038-mine"
+    # no resolution is needed: the model sizes the nuclei itself
     cfg = finetune_config("unet-bbbc038", dataset="folder", root=str(root), name=name)
     assert "tune_on" not in cfg["cv"] and cfg["data"]["rescale_to_diameter"]
+    # fluorescence fields under an H&E model: said (and a resolution is needed there)
+    with caplog.at_level(logging.WARNING):
+        finetune_config("unet-monuseg", dataset="folder", root=str(root), name=name, mpp=0.3)
+    assert (
+        "3 of the 3 labelled images look fluorescence; unet-monuseg was trained on brightfield"
+        in caplog.text
+    )
     out, weights = tmp_path / "run", tmp_path / "weights"
     args = ["finetune", "--from", "unet-bbbc038", "--root", str(root), "--name", name]
     args += ["--out", str(out), "--steps", "2", "--folds", "2", "--export", str(weights)]

@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 from .common import REPO
+
+logger = logging.getLogger(__name__)
 
 #: measured on DeepLIIF (benchmark/EXPERIMENTS.md, "Fine-tuning"): 1e-4 beat 5e-4 and 2e-3
 DEFAULT_LR = 1e-4
@@ -74,14 +77,34 @@ def finetune_config(
         )
     try:
         ds = get_dataset(dataset, root)
-        n = sum(1 for sid in ds.ids() if ds.load(sid).labels is not None)
+        labelled = [s for s in (ds.load(sid) for sid in ds.ids()) if s.labels is not None]
     except DatasetError as exc:
         raise ValueError(str(exc)) from None
+    n = len(labelled)
     if n < 2:
         raise ValueError(
             f"{root}: {n} labelled image(s); fine-tuning cross-validates, so it needs two or more"
         )
     base = load_config(their_config)
+    spec = card["spec"]
+    unscaled = sum(1 for s in labelled if s.mpp is None)
+    if unscaled and not mpp and not base["data"].get("rescale_to_diameter"):
+        # they would be taken as already at the model's resolution, silently
+        raise ValueError(
+            f"{root}: {unscaled} of the {n} labelled images carry no resolution: give --mpp "
+            f"(their microns per pixel) or write mpp.txt ({start} works at {spec['mpp']} um/px)"
+        )
+    other = sum(1 for s in labelled if s.modality != spec["modality"])
+    if other:
+        logger.warning(
+            "%d of the %d labelled images look %s; %s was trained on %s images "
+            "(`nucleus-bench models` lists each model's modality)",
+            other,
+            n,
+            "fluorescence" if spec["modality"] == "brightfield" else "brightfield",
+            start,
+            spec["modality"],
+        )
     cfg: dict[str, Any] = {
         k: copy.deepcopy(v) for k, v in base.items() if not k.startswith("_") and k != "card"
     }
