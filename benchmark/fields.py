@@ -188,14 +188,24 @@ def find_fields(
     return fields
 
 
-def rasterise(fld: Field) -> tuple[np.ndarray, int]:
+#: a nucleus drawn with at least this share of its pixels over earlier ones is
+#: drawn over another (a duplicate?), not merely touching a neighbour
+DRAWN_OVER = 0.25
+
+
+def rasterise(fld: Field) -> tuple[np.ndarray, int, int]:
     """The field's ``(h, w)`` uint16 label map (elements numbered 1..N in
-    order, those with no pixel inside left out and the rest renumbered) and
-    the number of pixels a later outline took from an earlier one."""
+    order, those with no pixel inside left out and the rest renumbered), the
+    number of pixels a later outline took from an earlier one, and how many
+    outlines took at least :data:`DRAWN_OVER` of their pixels that way.
+
+    Neighbours whose simplified outlines touch (the CLI's own, for one) share
+    a few edge pixels; an outline drawn over another shares much of itself.
+    """
     from skimage.draw import ellipse, polygon
 
     labels = np.zeros((fld.h, fld.w), np.int32)
-    overlap = 0
+    overlap = drawn_over = 0
     n = 0
     for el in fld.elements:
         # pixel centres at (i + 0.5): shift the outline by half a pixel
@@ -215,7 +225,9 @@ def rasterise(fld: Field) -> tuple[np.ndarray, int]:
         if len(rr) == 0:
             continue
         n += 1
-        overlap += int(np.count_nonzero(labels[rr, cc]))
+        taken = int(np.count_nonzero(labels[rr, cc]))
+        overlap += taken
+        drawn_over += taken >= DRAWN_OVER * len(rr)
         labels[rr, cc] = n
     # an element wholly covered by later ones leaves a gap in the numbering
     present = np.unique(labels[labels > 0])
@@ -225,7 +237,7 @@ def rasterise(fld: Field) -> tuple[np.ndarray, int]:
         labels = lut[labels]
     if labels.max(initial=0) > np.iinfo(np.uint16).max:
         raise FieldError(f"field {fld.id} holds more than 65535 nuclei: draw smaller fields")
-    return labels.astype(np.uint16), overlap
+    return labels.astype(np.uint16), overlap, drawn_over
 
 
 def _check_mpp(out: Path, mpp: float) -> None:
@@ -402,18 +414,29 @@ def write_fields(
     made = []
     for fld in fields:
         image = slide.read(fld.x, fld.y, fld.w, fld.h)
-        labels, overlap = rasterise(fld)
-        made.append((fld, image, labels, overlap))
+        labels, overlap, drawn_over = rasterise(fld)
+        made.append((fld, image, labels, overlap, drawn_over))
     records = []
-    for fld, image, labels, overlap in made:
+    for fld, image, labels, overlap, drawn_over in made:
         sid = f"{slide.name}_{fld.id}"
         for sub, arr in (("images", image), ("masks", labels)):
             with atomic_write(out / sub / f"{sid}.png", "wb") as f:
                 Image.fromarray(arr).save(f, format="PNG")
         n = int(labels.max(initial=0))
-        if overlap:
+        if drawn_over:
             logger.warning(
-                "%s: outlines overlap on %d px; the later-drawn nucleus has them", sid, overlap
+                "%s: %d nuclei drawn over another for %d%% or more of their pixels (a "
+                "duplicate?); the later-drawn one has them (%d px overlap in all)",
+                sid,
+                drawn_over,
+                round(100 * DRAWN_OVER),
+                overlap,
+            )
+        elif overlap:
+            logger.info(
+                "%s: neighbouring outlines share %d px; the later-drawn nucleus has them",
+                sid,
+                overlap,
             )
         if n == 0:
             logger.warning("%s: no nucleus in this field; it trains as background", sid)
@@ -425,6 +448,7 @@ def write_fields(
                 "from": fld.source,
                 "nuclei": n,
                 "overlap_px": overlap,
+                "drawn_over": drawn_over,
             }
         )
     with atomic_write(out / "mpp.txt", "w", encoding="utf-8") as f:

@@ -115,7 +115,7 @@ def test_regions_groups_shapes_and_overlap(tmp_path: Path, caplog) -> None:
         records = export_fields(SLIDE, [ann], tmp_path / "a", field_group="field")
     assert [r["region"] for r in records] == [[80, 80, 120, 120]]
     assert records[0]["nuclei"] == 3 and records[0]["overlap_px"] > 0
-    assert "overlap" in caplog.text
+    assert records[0]["drawn_over"] == 1 and "1 nuclei drawn over another" in caplog.text
     (sample,) = list(get_dataset("folder", tmp_path / "a"))
     lab = np.asarray(sample.labels)
     areas = np.bincount(lab.ravel())[1:]
@@ -212,3 +212,19 @@ def test_cli_and_folder_resolution_check(tmp_path: Path, capsys) -> None:
     )
     assert rc == 2 and "x,y,width,height" in capsys.readouterr().err
     assert annotation_elements([ann])[0]
+
+
+def test_touching_neighbours_are_no_warning(tmp_path: Path, caplog) -> None:
+    """Outlines that share a few edge pixels (neighbours, the CLI's simplified
+    ones) are recorded, not warned about; one drawn over another is."""
+    touching = [
+        {"type": "circle", "center": [110.0, 110.0, 0], "radius": 8.0},
+        {"type": "circle", "center": [125.0, 110.0, 0], "radius": 8.0},  # 15 px apart
+    ]
+    ann = tmp_path / "touching.json"
+    ann.write_text(json.dumps({"name": "t", "elements": touching}))
+    with caplog.at_level(logging.INFO, logger="benchmark.fields"):
+        (rec,) = export_fields(SLIDE, [ann], tmp_path / "a", regions=[(80, 80, 80, 80)])
+    assert 0 < rec["overlap_px"] < 10 and rec["drawn_over"] == 0
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "neighbouring outlines share" in caplog.text
