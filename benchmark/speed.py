@@ -50,7 +50,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--analysis_roi", default="-1,-1,-1,-1", help="left,top,width,height in base pixels"
     )
-    parser.add_argument("--model", default="classical-he", help="our model (registry name)")
+    parser.add_argument(
+        "--model",
+        default=cli_default_model(),
+        help="our model (registry name; default: NucleusDetection's own, %(default)s)",
+    )
     parser.add_argument(
         "--workers",
         type=int,
@@ -177,6 +181,24 @@ def run(args: argparse.Namespace) -> int:
             )
         )
         return _run(args)
+
+
+def cli_default_model() -> str:
+    """The model NucleusDetection runs when HistomicsUI's user picks none:
+    the ``<default>`` of its XML's ``model`` parameter.
+
+    >>> cli_default_model()
+    'unet-monuseg'
+    """
+    import xml.etree.ElementTree as ET
+
+    import cli
+
+    xml = Path(cli.__file__).resolve().parent / "NucleusDetection" / "NucleusDetection.xml"
+    for param in ET.parse(xml).getroot().iter("string-enumeration"):
+        if param.findtext("name") == "model":
+            return str(param.findtext("default"))
+    raise ValueError(f"{xml}: no model parameter")
 
 
 def nucleus_detection_command(args: argparse.Namespace, out: Path) -> list[str]:

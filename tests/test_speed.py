@@ -71,3 +71,15 @@ def test_a_failing_timed_cli_is_a_one_line_error(shared_data: Path, capsys) -> N
     assert "\n" not in err and "Traceback" not in err
     assert err.startswith("error: NucleusDetection (no-such-model) failed: ")
     assert "invalid choice: 'no-such-model'" in err
+
+
+def test_speed_times_the_model_nucleus_detection_runs_by_default() -> None:
+    """Without --model, `speed` times what a HistomicsUI user gets: the XML's default."""
+    from ctk_cli import CLIModule
+
+    from benchmark.__main__ import build_parser
+
+    xml = Path(__file__).resolve().parents[1] / "cli" / "NucleusDetection" / "NucleusDetection.xml"
+    default = {p.name: p for p in CLIModule(str(xml)).parameters()}["model"].default
+    args = build_parser(["speed"]).parse_args(["speed", "--slide", "s.svs"])
+    assert args.model == default == "unet-monuseg"
