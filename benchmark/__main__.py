@@ -331,10 +331,19 @@ def model_records() -> list[dict[str, Any]]:
     from nucleus_models.models import get_spec, list_models
     from nucleus_models.models.weights import WEIGHTS_DIR
 
+    from .speed import cli_default_model
+
+    default = cli_default_model()
     out = []
     for name in list_models():
         spec = get_spec(name)
-        rec: dict[str, Any] = {"name": name, "spec": asdict(spec), "card": None, "cv": None}
+        rec: dict[str, Any] = {
+            "name": name,
+            "cli_default": name == default,
+            "spec": asdict(spec),
+            "card": None,
+            "cv": None,
+        }
         card_json = WEIGHTS_DIR / f"{name}.json"
         if spec.weights and card_json.is_file():
             card = json.loads(card_json.read_text())
@@ -370,10 +379,11 @@ def _cmd_models(args: argparse.Namespace) -> int:
         )
         sha = spec["sha256"][:12] if spec["weights"] else "-"
         license_ = (spec["license"] or "-").split(" (")[0]
+        name = f"{r['name']}*" if r["cli_default"] else r["name"]
         print(
-            f"{r['name']:<24}{spec['modality']:<14}{spec['mpp']:>6.2f}  {scores}  {sha:<12}  {license_}"
+            f"{name:<24}{spec['modality']:<14}{spec['mpp']:>6.2f}  {scores}  {sha:<12}  {license_}"
         )
-    print()
+    print("\n* NucleusDetection's default (what a HistomicsUI user gets without choosing)")
     for r in records:
         if r["cv"]:
             card = Path(r["card"])

@@ -257,10 +257,11 @@ def test_models_lists_every_registered_model_with_its_card(
     assert records["unet-bbbc038"]["cv"]["f1_iou50"] == fluo["f1_iou50"]
     assert records["unet-bbbc038"]["cv_images"].startswith(f"{fluo['n']} held-out fluorescence")
     assert records["classical-he"]["cv"] is None and records["classical-he"]["card"] is None
+    assert [n for n, r in records.items() if r["cli_default"]] == ["unet-monuseg"]
 
     assert main(["models"]) == 0
     table = capsys.readouterr().out
     card = json.loads((WEIGHTS_DIR / "unet-monuseg.json").read_text())
-    row = next(line for line in table.splitlines() if line.startswith("unet-monuseg "))
+    row = next(line for line in table.splitlines() if line.startswith("unet-monuseg* "))
     assert f"{card['cv']['metrics_at_best']['aji']:.3f}" in row
     assert card["spec"]["sha256"][:12] in row
