@@ -414,8 +414,7 @@ def write_fields(
     made = []
     for fld in fields:
         image = slide.read(fld.x, fld.y, fld.w, fld.h)
-        labels, overlap, drawn_over = rasterise(fld)
-        made.append((fld, image, labels, overlap, drawn_over))
+        made.append((fld, image, *rasterise(fld)))
     records = []
     for fld, image, labels, overlap, drawn_over in made:
         sid = f"{slide.name}_{fld.id}"

@@ -12,8 +12,9 @@ trained")::
 
 The menu keeps its order and default, drops models no longer registered and
 appends new ones; each new model's card description is added to the
-parameter's description, and a dropped model's sentence is taken out of it. Only the ``<element>`` lines and that description
-change: the rest of the file stays as it is.
+parameter's description, and a dropped model's sentence is taken out of it.
+Only the ``<element>`` lines and that description change: the rest of the
+file stays as it is.
 """
 
 from __future__ import annotations

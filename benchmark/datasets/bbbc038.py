@@ -49,6 +49,10 @@ def guess_modality(rgb: np.ndarray, grey_tol: float = 2.0, dark_median: float = 
     )
 
 
+#: an image's nuclei in a run-length CSV: (code, (H, W) when the CSV gives it)
+_Runs = list[tuple[str, tuple[int, int] | None]]
+
+
 def decode_rle(encoded: str, shape: tuple[int, int]) -> np.ndarray:
     """Decode one run-length-encoded nucleus of the Data Science Bowl 2018 CSVs.
 
@@ -159,15 +163,13 @@ class BBBC038(Dataset):
                 + " (directly or under stage1_train/ or stage1_test/)",
             )
 
-    def _read_rle_csvs(
-        self,
-    ) -> tuple[list[Path], dict[str, list[tuple[str, tuple[int, int] | None]]]]:
+    def _read_rle_csvs(self) -> tuple[list[Path], dict[str, _Runs]]:
         """Read the run-length CSVs beside the samples: id -> [(code, (H, W) or None)]."""
         places = [self.root]
         if self.root.name in _STAGE_DIRS:
             places.append(self.root.parent)
         found: list[Path] = []
-        rle: dict[str, list[tuple[str, tuple[int, int] | None]]] = {}
+        rle: dict[str, _Runs] = {}
         for place in places:
             for path in sorted(place.glob("*.csv")):
                 with path.open(newline="") as f:

@@ -203,6 +203,8 @@ def _modality_of(image: np.ndarray) -> str:
     >>> dapi = np.zeros((4, 4, 3), np.uint8); dapi[1, 1] = (0, 40, 230)
     >>> _modality_of(dapi), _modality_of(np.full((4, 4, 3), (230, 200, 220), np.uint8))
     ('fluorescence', 'brightfield')
+    >>> _modality_of(dapi.astype(np.uint16) * 256)  # 16-bit: scaled, not wrapped
+    'fluorescence'
     """
     from nucleus_models.wsi.tissue import apparent_modality
 
@@ -210,6 +212,9 @@ def _modality_of(image: np.ndarray) -> str:
         return "fluorescence"
     rgb = image[..., :3]
     grey = np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2])
-    if grey or apparent_modality(np.asarray(rgb, dtype=np.uint8)) == "fluorescence":
+    if rgb.dtype != np.uint8 and np.issubdtype(rgb.dtype, np.integer):
+        # on apparent_modality's 0-255 scale (a cast would wrap 16-bit values)
+        rgb = rgb.astype(np.float32) * np.float32(255 / np.iinfo(rgb.dtype).max)
+    if grey or apparent_modality(rgb) == "fluorescence":
         return "fluorescence"
     return "brightfield"
