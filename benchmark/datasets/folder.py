@@ -203,8 +203,8 @@ def _modality_of(image: np.ndarray) -> str:
     >>> dapi = np.zeros((4, 4, 3), np.uint8); dapi[1, 1] = (0, 40, 230)
     >>> _modality_of(dapi), _modality_of(np.full((4, 4, 3), (230, 200, 220), np.uint8))
     ('fluorescence', 'brightfield')
-    >>> _modality_of(dapi.astype(np.uint16) * 256)  # 16-bit: scaled, not wrapped
-    'fluorescence'
+    >>> _modality_of(np.full((4, 4, 3), (230, 200, 220), np.uint16) * 256)  # scaled, not wrapped
+    'brightfield'
     """
     from nucleus_models.wsi.tissue import apparent_modality
 
