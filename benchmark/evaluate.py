@@ -207,6 +207,39 @@ def _sample_mpp(sample: Sample, mpp: float | None, model_mpp: float) -> tuple[fl
     return float(model_mpp), "model"
 
 
+def _warn_unknown_resolution(rows: list[dict[str, Any]], name: str, spec: Any) -> None:
+    """Warn when images without a resolution were read at the model's own.
+
+    Their nuclei are then sized wrongly by the factor between the two, and
+    nothing else says so; a model that sizes nuclei itself
+    (``thresholds.diameter_px``, e.g. ``unet-bbbc038``) only needs it for the
+    numbers in microns (point radius, error band).
+    """
+    n = sum(1 for r in rows if r["mpp_source"] == "model")
+    if not n:
+        return
+    if spec.thresholds.get("diameter_px"):
+        logger.info(
+            "%s: %d of the %d images carry no resolution; %s sizes nuclei itself, the numbers in "
+            "microns take %g um/px (--mpp sets it)",
+            name,
+            n,
+            len(rows),
+            spec.name,
+            spec.mpp,
+        )
+        return
+    logger.warning(
+        "%s: %d of the %d images carry no resolution and were read at %g um/px, %s's own; "
+        "if they are at another, pass --mpp (e.g. 0.25 for 40x, 0.5 for 20x)",
+        name,
+        n,
+        len(rows),
+        spec.mpp,
+        spec.name,
+    )
+
+
 def _score_instances(
     sample: Sample, labels: np.ndarray, xy: np.ndarray, scores: np.ndarray, mpp: float
 ):
@@ -420,6 +453,7 @@ def evaluate(
         logger.debug("%s: %s", sample_id, {k: row[k] for k in ("n_true", "n_pred")})
     if not rows:
         raise DatasetError(f"{dataset.name}: {dataset.root}: no annotated samples to evaluate")
+    _warn_unknown_resolution(rows, dataset.name, spec)
 
     metric_keys = list(POINT_METRICS if points_mode else INSTANCE_METRICS)
     mean = {k: float(np.nanmean([r[k] for r in rows])) for k in metric_keys}

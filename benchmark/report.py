@@ -236,6 +236,29 @@ def _runtime_text(runtime: dict | None) -> str:
     return f", run on {runtime.get('device', '?')} in {runtime.get('precision', '?')}"
 
 
+def _resolution_text(rows: list[dict]) -> str:
+    """Where the images' resolutions came from, for a report's header.
+
+    >>> _resolution_text([{"mpp": 0.25, "mpp_source": "sample"}] * 2)
+    "resolution: 0.25 um/px (the images' own)"
+    >>> _resolution_text([{"mpp": 0.25, "mpp_source": "sample"}, {"mpp": 0.4, "mpp_source": "model"}])
+    "resolution: 0.25 um/px (the images' own) for 1; 0.4 um/px (none recorded: the model's) for 1"
+    """
+    if not rows or any(r.get("mpp") is None for r in rows):
+        return ""  # a metrics.json of before 0.2.4
+    words = {"sample": "the images' own", "--mpp": "--mpp", "model": "none recorded: the model's"}
+    seen: dict[tuple[str, float], int] = {}
+    for r in rows:
+        key = (str(r.get("mpp_source", "sample")), float(r["mpp"]))
+        seen[key] = seen.get(key, 0) + 1
+    parts = [f"{m:g} um/px ({words.get(src, src)})" for src, m in seen]
+    if len(parts) == 1:
+        return f"resolution: {parts[0]}"
+    return "resolution: " + "; ".join(
+        f"{p} for {n}" for p, n in zip(parts, seen.values(), strict=True)
+    )
+
+
 def _blocks(metrics: dict, figs: list[tuple[str, str]]) -> list[Block]:
     prov, kind = metrics["provenance"], metrics["kind"]
     keys = list(_TABLE_METRICS[kind])
@@ -249,6 +272,7 @@ def _blocks(metrics: dict, figs: list[tuple[str, str]]) -> list[Block]:
                 f"model: {mod['name']} (sha256 {mod['sha256']}, {mod['mpp']} um/px)"
                 + _runtime_text(prov.get("runtime")),
                 f"dataset: {ds['name']} at {ds['root']} ({ds['n_samples']} samples, fingerprint {ds['fingerprint'][:16]})",
+                *filter(None, [_resolution_text(metrics["rows"])]),
                 f"nucleus-models {prov['package_version']}, created {prov['created']}",
                 f"command: `{prov['command']}`",
             ],

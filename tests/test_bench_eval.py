@@ -9,6 +9,7 @@ prostate point set has no images.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import subprocess
@@ -211,10 +212,14 @@ class _FakePoints(Dataset):
         )
 
 
-def test_point_evaluate(tmp_path: Path) -> None:
+def test_point_evaluate(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     ds = _FakePoints(tmp_path)
     out = tmp_path / "out"
-    res = evaluate(ds, model="classical-he", out_dir=out, progress=False)
+    with caplog.at_level(logging.WARNING, logger="benchmark.evaluate"):
+        res = evaluate(ds, model="classical-he", out_dir=out, progress=False)
+    # image b has no resolution: read at the model's, and both the log and the report say so
+    (warned,) = [r.getMessage() for r in caplog.records if "no resolution" in r.getMessage()]
+    assert "1 of the 2 images" in warned and "--mpp" in warned
     assert res["kind"] == "points" and res["main_metric"] == "f1"
     assert set(res["mean"]) >= {"f1", "precision", "recall"}
     assert res["mean"]["f1"] > 0.8, res["mean"]
@@ -230,7 +235,9 @@ def test_point_evaluate(tmp_path: Path) -> None:
         lines = (out / "predictions" / f"{sid}.csv").read_text().splitlines()
         assert lines[0] == "x,y,score" and len(lines) > 1
     assert (out / "figures" / "overlay_a.png").is_file()
-    assert (out / "report.md").is_file()
+    report = (out / "report.md").read_text()
+    assert "0.5 um/px (the images' own) for 1" in report
+    assert "um/px (none recorded: the model's) for 1" in report
 
 
 def test_models_lists_every_registered_model_with_its_card(

@@ -173,9 +173,12 @@ class PTFixation(Dataset):
         else:
             path = self.image_path(sample_id)
             if path is None:
+                where = ", ".join(str(d) for d in self._image_dirs) or f"{self.base}/HE (absent)"
                 raise self.error(
                     self.base / "HE",
-                    f"image {sample_id}.tif not found (pass points_only=True to load points only)",
+                    f"image {sample_id}.tif not found in {where}; the H&E images are "
+                    "distributed separately from the point files: put them in HE/ beside "
+                    "annotations/ (from Python, points_only=True reads the points alone)",
                 )
             image = to_rgb_uint8(read_image(path))
         return Sample(
