@@ -251,6 +251,42 @@ def test_push_replaces_without_duplicates(girder: GirderServer) -> None:
     assert ids == {hand["_id"]: 2, second.annotation_id: 20, other.annotation_id: 5}
 
 
+def test_a_named_key_keeps_the_annotation_nucleus_detection_made(girder: GirderServer) -> None:
+    """An annotation NucleusDetection wrote from HistomicsUI (same name, no key)
+    is replaced by the default analysis only; a key of the user's own keeps it."""
+    item_id = _item(girder, "named-key")
+    client = _client(girder)
+    by_hand = client.post("annotation", {"itemId": item_id}, json=_point_doc(3))
+    batch = push_annotation(
+        client, item_id, _point_doc(10), analysis_key="batch-2026", legacy=False
+    )
+    assert batch.replaced == []
+    ids = {a["_id"] for a in client.get("annotation", {"itemId": item_id})}
+    assert ids == {by_hand["_id"], batch.annotation_id}
+
+
+def test_a_replacement_that_fails_takes_the_new_annotation_back(
+    girder: GirderServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The older annotation cannot be removed (e.g. HTTP 403, not ours to delete):
+    the push raises and the item keeps only what it had, never two."""
+    from nucleus_models.dsa import annotations
+    from nucleus_models.dsa.client import GirderRequestError
+
+    item_id = _item(girder, "undo")
+    client = _client(girder)
+    first = push_annotation(client, item_id, _point_doc(4), analysis_key=KEY)
+
+    def refused(*args: Any, **kwargs: Any) -> list[str]:
+        raise GirderRequestError("DELETE annotation failed: HTTP 403", status=403)
+
+    monkeypatch.setattr(annotations, "dedupe", refused)
+    with pytest.raises(GirderRequestError, match="403"):
+        push_annotation(client, item_id, _point_doc(9), analysis_key=KEY)
+    ids = [a["_id"] for a in client.get("annotation", {"itemId": item_id})]
+    assert ids == [first.annotation_id]
+
+
 def test_metadata_is_namespaced(girder: GirderServer) -> None:
     item_id = _item(girder, "meta")
     client = _client(girder)
@@ -514,6 +550,41 @@ def test_slicer_cli_folder_job_reports_progress_and_never_shows_the_token(
         everything += [json.dumps(a) for a in client.get("annotation", {"itemId": item["_id"]})]
     everything.append(json.dumps(summary_rows(client, folder["_id"])))
     assert not any(girder.token in text for text in everything)
+
+
+def test_folder_job_stops_when_the_token_is_refused(
+    girder: GirderServer, slides: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A token that expires mid-job stops it at that slide: the later slides are
+    not analysed only to fail one by one."""
+    from nucleus_models.dsa import folder_job
+    from nucleus_models.dsa.client import AuthenticationError
+
+    folder = _folder(girder, slides, ["disks0", "disks1"], "expired")
+    tried: list[str] = []
+
+    def expired(client: Any, params: Any, item: dict[str, Any], *args: Any) -> Any:
+        tried.append(item["name"])
+        raise AuthenticationError("the Girder token was not accepted (POST annotation)")
+
+    monkeypatch.setattr(folder_job, "_process", expired)
+    params = FolderJobParams(inputFolder=folder["_id"], nuclei_annotation_format="point")
+    with pytest.raises(AuthenticationError, match="not accepted"):
+        run_folder_job(_client(girder), params)
+    assert tried == ["disks0.tif"]
+
+
+def test_slicer_cli_folder_without_slides(girder: GirderServer) -> None:
+    """Slides only in sub-folders: a one-line error naming them, not an empty
+    summary and a job that looks successful."""
+    gc = girder.client()
+    parent = create_folder(gc, f"cases-{time.monotonic_ns()}")
+    gc.createFolder(parent["_id"], "case1")
+    res = _slicer(girder, parent["_id"], "--girder-token", girder.token)
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.returncode == 2, res.stderr
+    assert len(lines) == 1 and "holds no large image" in lines[0] and "case1" in lines[0]
+    assert list(gc.listItem(parent["_id"])) == []  # no summary written
 
 
 @pytest.mark.parametrize("case", ["unknown folder", "bad token"])

@@ -255,6 +255,7 @@ def push_annotation(
     analysis_key: str,
     record: dict[str, Any] | None = None,
     replace: bool = True,
+    legacy: bool = True,
     workdir: str | None = None,
 ) -> PushResult:
     """Store ``doc`` on the item and replace the previous one of the same analysis.
@@ -270,6 +271,9 @@ def push_annotation(
         once the new one is stored and verified.
     record : dict, optional
         Extra entries for ``attributes["nucleus_models"]`` (e.g. ``params_hash``).
+    legacy : bool, default True
+        Also replace an annotation of the same name that NucleusDetection wrote
+        from HistomicsUI (no key). Off for a named key, which keeps them.
     workdir : str, optional
         Where a :class:`BatchedDocument`'s body is written (default: the
         system's temporary folder); removed after the push.
@@ -299,9 +303,20 @@ def push_annotation(
         raise DSAError(
             f"item {item_id}: Girder stored {count} of {n_elements} elements; push undone"
         )
-    replaced = (
-        dedupe(client, item_id, analysis_key, ann_id, legacy_name=_name(doc)) if replace else []
-    )
+    try:
+        replaced = (
+            dedupe(
+                client, item_id, analysis_key, ann_id, legacy_name=_name(doc) if legacy else None
+            )
+            if replace
+            else []
+        )
+    except DSAError:
+        # the older one could not be removed (e.g. 403: not ours to delete): take
+        # the new one back, so a failed replacement never leaves two
+        with contextlib.suppress(DSAError):
+            delete_annotation(client, ann_id)
+        raise
     if attempt:  # a POST whose answer was lost may still land late: look once more
         client._sleep(max(client.retry.backoff, 0.5))
         for stray in _find_push(client, item_id, push_id):

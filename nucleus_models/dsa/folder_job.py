@@ -28,7 +28,7 @@ from typing import Any
 
 from ..errors import NucleusModelsError
 from .annotations import BatchedDocument, dedupe, find_annotations, push_annotation
-from .client import DSAClient, DSAError, GirderRequestError, redact
+from .client import AuthenticationError, DSAClient, DSAError, GirderRequestError, redact
 from .metadata import read_record, write_record
 
 __all__ = [
@@ -245,6 +245,8 @@ def _process(
         doc,
         analysis_key=key,
         record={"params_hash": phash, "analysis": params.analysis, "model": params.model},
+        # a key of the user's own keeps the annotations NucleusDetection made by hand
+        legacy=key == params.analysis,
         workdir=workdir,
     )
     log.info("item %s: annotation %s pushed", item["_id"], push.annotation_id)
@@ -364,7 +366,16 @@ def run_folder_job(
         folder = client.get(f"folder/{params.inputFolder}")
     except GirderRequestError as exc:
         raise DSAError(f"folder {params.inputFolder!r} not found: {exc}") from None
+    if int(folder.get("_accessLevel", 2)) < 1:
+        raise DSAError(
+            f"folder {folder.get('name', params.inputFolder)!r}: write access is needed to record "
+            "each slide's result in its metadata; this token has read access only"
+        )
     items = _large_images(client, folder["_id"])
+    if not items:
+        subs = [f["name"] for f in client.listFolder(folder["_id"], parentFolderType="folder")]
+        where = f"; its sub-folders ({', '.join(subs[:5])}) are not searched" if subs else ""
+        raise DSAError(f"folder {folder['name']!r} holds no large image{where}")
     log.info("folder %s: %d large image(s), analysis %s", folder["name"], len(items), key)
     report = progress or (lambda f: None)
     outcomes: list[ItemOutcome] = []
@@ -389,6 +400,8 @@ def run_folder_job(
                 )
             else:
                 outcome = _process(client, params, item, phash, workdir, sub)
+        except AuthenticationError:
+            raise  # the token expired or was revoked: every later slide would fail too
         except Exception as exc:  # one slide's failure never stops the job
             msg = " ".join(redact(exc).split())[:500] or type(exc).__name__
             log.warning("%s failed: %s", label, msg)
