@@ -68,3 +68,15 @@ def test_the_changelog_names_the_package_version() -> None:
     newest = re.search(r"^## (\S+) \(", (REPO / "CHANGELOG.md").read_text(), re.M)
     assert newest and newest.group(1) == version
     assert nucleus_models.__version__ == version  # the installed metadata is current
+
+
+def test_the_cli_xml_versions_are_the_package_version() -> None:
+    """`-V` and slicer_cli_web's task list show the XML's <version>: the same
+    version the outputs record, not the one the XML was first written with."""
+    import re
+
+    version = re.search(r'^version = "([^"]+)"', (REPO / "pyproject.toml").read_text(), re.M)
+    assert version
+    for xml in sorted((REPO / "cli").glob("*/*.xml")):
+        found = re.findall(r"<version>([^<]*)</version>", xml.read_text())
+        assert found == [version.group(1)], (xml.name, found)
