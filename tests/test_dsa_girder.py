@@ -574,6 +574,35 @@ def test_folder_job_stops_when_the_token_is_refused(
     assert tried == ["disks0.tif"]
 
 
+def test_overlapping_runs_leave_the_recorded_annotation(
+    girder: GirderServer, slides: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another run of the same key (a cron run outlasting its interval) pushes
+    and records a newer annotation after this run's push: this run's final sweep
+    keeps the recorded one, so the item never ends with none."""
+    from nucleus_models.dsa import folder_job
+
+    folder = _folder(girder, slides, ["disks0"], "overlap")
+    client = _client(girder)
+    real = folder_job._process
+    later: dict[str, str] = {}
+
+    def then_another_run(client: Any, params: Any, item: dict[str, Any], *args: Any) -> Any:
+        out = real(client, params, item, *args)
+        other = push_annotation(client, item["_id"], _point_doc(7), analysis_key=KEY)
+        rec = read_record(client, item["_id"], KEY) or {}
+        write_record(client, item["_id"], KEY, {**rec, "annotation_id": other.annotation_id})
+        later["id"] = other.annotation_id
+        return out
+
+    monkeypatch.setattr(folder_job, "_process", then_another_run)
+    params = FolderJobParams(inputFolder=folder["_id"], nuclei_annotation_format="point")
+    (outcome,) = run_folder_job(client, params)
+    ids = [a["_id"] for a in find_annotations(client, outcome.item_id, KEY)]
+    assert ids == [later["id"]] == [outcome.annotation_id]
+    assert (read_record(client, outcome.item_id, KEY) or {})["annotation_id"] == later["id"]
+
+
 def test_slicer_cli_folder_without_slides(girder: GirderServer) -> None:
     """Slides only in sub-folders: a one-line error naming them, not an empty
     summary and a job that looks successful."""

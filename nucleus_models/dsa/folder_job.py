@@ -414,7 +414,13 @@ def run_folder_job(
     for o in outcomes:
         if o.status in ("done", "skipped"):
             try:
-                dedupe(client, o.item_id, key, o.annotation_id)
+                # the item's record names the annotation to keep: another run of
+                # the same key that finished later recorded its own, newer one
+                keep = str((read_record(client, o.item_id, key) or {}).get("annotation_id"))
+                if keep not in {a["_id"] for a in find_annotations(client, o.item_id, key)}:
+                    keep = o.annotation_id
+                dedupe(client, o.item_id, key, keep)
+                o.annotation_id = keep
             except DSAError as exc:
                 log.warning("item %s: final check failed: %s", o.item_id, exc)
     fid = upload_summary(
