@@ -18,6 +18,7 @@ import html
 import io
 import json
 import logging
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -246,17 +247,12 @@ def _resolution_text(rows: list[dict]) -> str:
     """
     if not rows or any(r.get("mpp") is None for r in rows):
         return ""  # a metrics.json of before 0.2.4
-    words = {"sample": "the images' own", "--mpp": "--mpp", "model": "none recorded: the model's"}
-    seen: dict[tuple[str, float], int] = {}
-    for r in rows:
-        key = (str(r.get("mpp_source", "sample")), float(r["mpp"]))
-        seen[key] = seen.get(key, 0) + 1
-    parts = [f"{m:g} um/px ({words.get(src, src)})" for src, m in seen]
+    words = {"sample": "the images' own", "model": "none recorded: the model's"}
+    seen = Counter((str(r.get("mpp_source", "sample")), float(r["mpp"])) for r in rows)
+    parts = [(f"{m:g} um/px ({words.get(src, src)})", n) for (src, m), n in seen.items()]
     if len(parts) == 1:
-        return f"resolution: {parts[0]}"
-    return "resolution: " + "; ".join(
-        f"{p} for {n}" for p, n in zip(parts, seen.values(), strict=True)
-    )
+        return f"resolution: {parts[0][0]}"
+    return "resolution: " + "; ".join(f"{text} for {n}" for text, n in parts)
 
 
 def _blocks(metrics: dict, figs: list[tuple[str, str]]) -> list[Block]:

@@ -173,7 +173,7 @@ class PTFixation(Dataset):
         else:
             path = self.image_path(sample_id)
             if path is None:
-                where = ", ".join(str(d) for d in self._image_dirs) or f"{self.base}/HE (absent)"
+                where = ", ".join(str(d) for d in self._image_dirs)  # base itself at least
                 raise self.error(
                     self.base / "HE",
                     f"image {sample_id}.tif not found in {where}; the H&E images are "

@@ -225,10 +225,17 @@ def dedupe(
     keep_id: str,
     *,
     legacy_name: str | None = None,
+    found: list[dict[str, Any]] | None = None,
 ) -> list[str]:
-    """Delete every annotation of ``analysis_key`` on the item except ``keep_id``."""
+    """Delete every annotation of ``analysis_key`` on the item except ``keep_id``.
+
+    ``found``: the item's annotations of that key, when the caller has just
+    listed them (:func:`find_annotations`); otherwise they are listed here.
+    """
+    if found is None:
+        found = find_annotations(client, item_id, analysis_key, legacy_name=legacy_name)
     removed = []
-    for ann in find_annotations(client, item_id, analysis_key, legacy_name=legacy_name):
+    for ann in found:
         if ann["_id"] != keep_id:
             delete_annotation(client, ann["_id"])
             removed.append(ann["_id"])
@@ -303,20 +310,17 @@ def push_annotation(
         raise DSAError(
             f"item {item_id}: Girder stored {count} of {n_elements} elements; push undone"
         )
-    try:
-        replaced = (
-            dedupe(
-                client, item_id, analysis_key, ann_id, legacy_name=_name(doc) if legacy else None
-            )
-            if replace
-            else []
-        )
-    except DSAError:
-        # the older one could not be removed (e.g. 403: not ours to delete): take
-        # the new one back, so a failed replacement never leaves two
-        with contextlib.suppress(DSAError):
-            delete_annotation(client, ann_id)
-        raise
+    replaced: list[str] = []
+    if replace:
+        try:
+            legacy_name = _name(doc) if legacy else None
+            replaced = dedupe(client, item_id, analysis_key, ann_id, legacy_name=legacy_name)
+        except DSAError:
+            # the older one could not be removed (e.g. 403: not ours to delete):
+            # take the new one back, so a failed replacement never leaves two
+            with contextlib.suppress(DSAError):
+                delete_annotation(client, ann_id)
+            raise
     if attempt:  # a POST whose answer was lost may still land late: look once more
         client._sleep(max(client.retry.backoff, 0.5))
         for stray in _find_push(client, item_id, push_id):

@@ -416,11 +416,11 @@ def run_folder_job(
             try:
                 # the item's record names the annotation to keep: another run of
                 # the same key that finished later recorded its own, newer one
-                keep = str((read_record(client, o.item_id, key) or {}).get("annotation_id"))
-                if keep not in {a["_id"] for a in find_annotations(client, o.item_id, key)}:
-                    keep = o.annotation_id
-                dedupe(client, o.item_id, key, keep)
-                o.annotation_id = keep
+                found = find_annotations(client, o.item_id, key)
+                recorded = (read_record(client, o.item_id, key) or {}).get("annotation_id")
+                if any(a["_id"] == recorded for a in found):
+                    o.annotation_id = str(recorded)
+                dedupe(client, o.item_id, key, o.annotation_id, found=found)
             except DSAError as exc:
                 log.warning("item %s: final check failed: %s", o.item_id, exc)
     fid = upload_summary(
