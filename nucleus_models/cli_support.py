@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable
 from concurrent.futures.process import BrokenProcessPool
@@ -18,7 +19,7 @@ from typing import Any, NoReturn
 
 from .errors import NucleusModelsError
 
-__all__ = ["build_parser", "run_cli", "fail"]
+__all__ = ["build_parser", "run_cli", "fail", "join_negative_values"]
 
 log = logging.getLogger("nucleus_models.cli")
 
@@ -43,6 +44,35 @@ def build_parser(xml_path: str) -> Any:
     return _Parser(xml_path)
 
 
+#: a comma-separated list of numbers, e.g. the whole-slide region "-1,-1,-1,-1"
+_NUMBER_LIST = re.compile(r"^-[0-9.]+(?:e-?[0-9]+)?(?:,\s*-?[0-9.]+(?:e-?[0-9]+)?)+$", re.I)
+
+
+def join_negative_values(argv: list[str]) -> list[str]:
+    """``--flag -1,-1,-1,-1`` as ``--flag=-1,-1,-1,-1``.
+
+    argparse takes a value that starts with ``-`` for an option unless it
+    is one number, so a region or vector starting with a negative number
+    (the whole-slide region of a cron line or a shell) was refused with
+    "expected one argument". slicer_cli_web passes ``-1, -1, -1, -1``, whose
+    spaces argparse already accepts.
+    """
+    out: list[str] = []
+    for arg in argv:
+        prev = out[-1] if out else ""
+        if (
+            _NUMBER_LIST.match(arg)
+            and prev.startswith("--")
+            and "=" not in prev
+            and prev != "--"
+            and "--" not in out[:-1]
+        ):
+            out[-1] = f"{prev}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def run_cli(main: Callable[[Any], Any], script_file: str) -> None:
     """Parse ``sys.argv`` with the XML beside ``script_file`` and run ``main``."""
     logging.basicConfig(
@@ -53,7 +83,7 @@ def run_cli(main: Callable[[Any], Any], script_file: str) -> None:
     for noisy in ("large_image", "distributed", "tornado", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     parser = build_parser(os.path.splitext(os.path.abspath(script_file))[0] + ".xml")
-    args = parser.parse_args()
+    args = parser.parse_args(join_negative_values(sys.argv[1:]))
     try:
         main(args)
     except NucleusModelsError as exc:

@@ -197,6 +197,33 @@ def test_point_and_box_forms(tmp_path: Path) -> None:
         assert doc["elements"] and {e["type"] for e in doc["elements"]} == {etype}
 
 
+def test_whole_slide_region_as_a_separate_argument(tmp_path: Path) -> None:
+    """``--analysis_roi -1,-1,-1,-1`` (a cron line, a shell) is the whole
+    slide, as ``--analysis_roi=-1,-1,-1,-1`` and slicer_cli_web's
+    ``-1, -1, -1, -1`` are; argparse alone took it for an option."""
+    from nucleus_models.cli_support import join_negative_values
+
+    assert join_negative_values(["in.svs", "--analysis_roi", "-1,-1,-1,-1", "--force"]) == [
+        "in.svs",
+        "--analysis_roi=-1,-1,-1,-1",
+        "--force",
+    ]
+    assert join_negative_values(["--a", "-1.5,2e-3"]) == ["--a=-1.5,2e-3"]
+    # one number, an option and a value after "--" stay as they are
+    for argv in (["--x", "-1"], ["--x", "--y"], ["--", "--x", "-1,-1"], ["-1,-1"]):
+        assert join_negative_values(argv) == argv
+    sample = REPO / "samples" / "CMU-1-Small-Region-crop.tif"
+    out = tmp_path / "o.anot"
+    res = run_cli(
+        "NucleusDetection", str(sample), str(out), "--model", "classical-he",
+        "--analysis_roi", "-1,-1,-1,-1",
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(out.read_text())
+    assert doc["attributes"]["params"]["analysis_roi"] == [-1, -1, -1, -1]
+    assert len(doc["elements"]) > 100
+
+
 # ----------------------------------------------------------------- bad input
 def _white(path: Path, *, mpp: float | None) -> Path:
     from conftest import write_pyramidal_tiff

@@ -10,6 +10,7 @@ metadata that names it.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -534,10 +535,19 @@ def test_slicer_cli_folder_job_reports_progress_and_never_shows_the_token(
     girder: GirderServer, slides: dict[str, Path]
 ) -> None:
     folder = _folder(girder, slides, ["disks1", "white"], "slicer")
+    gc = girder.client()
+    for name, data in (("broken.svs", b"not a slide" * 100), ("notes.txt", b"stain: H&E")):
+        gc.uploadFile(folder["_id"], io.BytesIO(data), name, len(data), parentType="folder")
     res = _slicer(
         girder, folder["_id"], "--girder-token", girder.token, "--analysis_roi", "0,0,300,300"
     )
-    assert res.returncode == 0, res.stderr
+    # a failed slide fails the job (HistomicsUI shows it), after the rest is saved
+    assert res.returncode == 1, res.stderr
+    last = res.stderr.strip().splitlines()[-1]
+    assert (
+        last.startswith("error: 1 of 2 slide(s) failed (first: white.tif: ") and "no tissue" in last
+    )
+    assert "nucleus_models_summary_NucleusDetection.csv" in last
     lines = res.stdout.splitlines()
     assert lines[0].startswith("<filter-start>") and lines[-1].startswith("<filter-end>")
     assert "<filter-progress>1.0000</filter-progress>" in lines
@@ -548,7 +558,15 @@ def test_slicer_cli_folder_job_reports_progress_and_never_shows_the_token(
     everything = [res.stdout, res.stderr, json.dumps(recs)]
     for item in client.listItem(folder["_id"]):
         everything += [json.dumps(a) for a in client.get("annotation", {"itemId": item["_id"]})]
-    everything.append(json.dumps(summary_rows(client, folder["_id"])))
+    rows = summary_rows(client, folder["_id"])
+    # the item named like a slide that is not a large image is listed, the text file not
+    assert [(r["item_name"], r["status"]) for r in rows] == [
+        ("disks1.tif", "done"),
+        ("white.tif", "failed"),
+        ("broken.svs", "not_analysed"),
+    ]
+    assert "not a large image" in rows[2]["error"] and "broken.svs" in res.stderr
+    everything.append(json.dumps(rows))
     assert not any(girder.token in text for text in everything)
 
 
@@ -609,11 +627,13 @@ def test_slicer_cli_folder_without_slides(girder: GirderServer) -> None:
     gc = girder.client()
     parent = create_folder(gc, f"cases-{time.monotonic_ns()}")
     gc.createFolder(parent["_id"], "case1")
+    gc.uploadFile(parent["_id"], io.BytesIO(b"x" * 64), "scan.ndpi", 64, parentType="folder")
     res = _slicer(girder, parent["_id"], "--girder-token", girder.token)
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert res.returncode == 2, res.stderr
     assert len(lines) == 1 and "holds no large image" in lines[0] and "case1" in lines[0]
-    assert list(gc.listItem(parent["_id"])) == []  # no summary written
+    assert "'scan.ndpi': not a large image" in lines[0]
+    assert [i["name"] for i in gc.listItem(parent["_id"])] == ["scan.ndpi"]  # no summary
 
 
 @pytest.mark.parametrize("case", ["unknown folder", "bad token"])

@@ -252,6 +252,21 @@ def test_test_time_flips_change_the_hash_only_when_set() -> None:
     assert FolderJobParams.from_namespace(ns).test_time_flips is True
 
 
+def test_items_named_like_slides_that_are_not_large_images() -> None:
+    from nucleus_models.dsa.folder_job import not_analysed_reason
+
+    def item(name: str, large: dict[str, object] | None = None) -> dict[str, object]:
+        return {"_id": "i", "name": name, **({"largeImage": large} if large is not None else {})}
+
+    assert not_analysed_reason(item("a.svs", {"fileId": "f"})) is None  # a large image
+    assert "not a large image" in str(not_analysed_reason(item("Case 1.NDPI")))
+    converting = item("b.tiff", {"expected": True, "jobId": "j", "originalId": "f"})
+    assert "conversion job running" in str(not_analysed_reason(converting))
+    assert "has no file" in str(not_analysed_reason(item("c.svs", {"originalId": "f"})))
+    for other in ("notes.txt", "nucleus_models_summary_NucleusDetection.csv", "report.pdf"):
+        assert not_analysed_reason(item(other)) is None
+
+
 def _cron(*args: str, token: str | None = TOKEN) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k != "GIRDER_TOKEN"}
     if token:
@@ -268,7 +283,7 @@ def _cron(*args: str, token: str | None = TOKEN) -> subprocess.CompletedProcess[
 
 @pytest.mark.parametrize(
     "case",
-    ["unreachable", "bad token", "no token", "bad url", "missing folder arg"],
+    ["unreachable", "bad token", "no token", "bad url", "missing folder arg", "roi as cron has it"],
 )
 def test_cron_bad_input_one_line_error(case: str, server: str) -> None:
     from girder_server import free_port
@@ -280,6 +295,12 @@ def test_cron_bad_input_one_line_error(case: str, server: str) -> None:
         "no token": (["--api-url", server, "--folder", "x"], None, "GIRDER_TOKEN"),
         "bad url": (["--api-url", "ftp://x", "--folder", "x"], TOKEN, "http://"),
         "missing folder arg": (["--api-url", server], TOKEN, "--folder"),
+        # the whole slide written without "=" parses (the URL is what is wrong)
+        "roi as cron has it": (
+            ["--api-url", "ftp://x", "--folder", "x", "--analysis-roi", "-1,-1,-1,-1"],
+            TOKEN,
+            "http://",
+        ),
     }[case]
     res = _cron("folder-job", *args, token=token)
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]

@@ -2,13 +2,15 @@
 
 Pushes one annotation per slide and analysis (replacing the previous one),
 writes scores and provenance to item metadata, skips slides already done with
-the same parameters, and uploads a summary CSV to the folder.
+the same parameters, and uploads a summary CSV to the folder. Exits with
+status 1 (one ``error:`` line) when any slide failed, after the others' results
+and the summary are saved, so that HistomicsUI shows the job as failed.
 """
 
 import time
 
-from nucleus_models.cli_support import run_cli
-from nucleus_models.dsa.folder_job import FolderJobParams
+from nucleus_models.cli_support import fail, run_cli
+from nucleus_models.dsa.folder_job import FolderJobParams, summary_name
 
 #: The parameter object; its fields are this CLI's XML parameter names.
 Params = FolderJobParams
@@ -24,8 +26,17 @@ def main(args):
     progress.start()
     t0 = time.perf_counter()
     client = connect(params.girderApiUrl, params.girderToken or None)
-    run_folder_job(client, params, progress=progress)
+    outcomes = run_folder_job(client, params, progress=progress)
     progress.end(time.perf_counter() - t0)
+    failed = [o for o in outcomes if o.status == "failed"]
+    if failed:  # the job shows as failed in HistomicsUI; a re-run redoes only these
+        analysed = sum(o.status != "not_analysed" for o in outcomes)
+        first = f"{failed[0].item_name}: {failed[0].error}"
+        fail(
+            f"{len(failed)} of {analysed} slide(s) failed (first: {first[:300]}); the others'"
+            f" results are saved; the list is in {summary_name(params.key())}",
+            code=1,
+        )
 
 
 if __name__ == "__main__":

@@ -98,7 +98,7 @@ class _ProgressLog:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command; returns the exit status."""
-    from ..cli_support import fail
+    from ..cli_support import fail, join_negative_values
     from ..errors import NucleusModelsError
     from .client import TOKEN_ENV, RetryPolicy, connect, install_log_redaction
     from .folder_job import FolderJobParams, run_folder_job, summary_name
@@ -112,7 +112,9 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     install_log_redaction()
 
-    ns: Any = build_parser().parse_args(argv)
+    ns: Any = build_parser().parse_args(
+        join_negative_values(sys.argv[1:] if argv is None else argv)
+    )
     params = FolderJobParams.from_namespace(ns)
     policy = RetryPolicy(attempts=max(1, ns.retries), read_timeout=ns.timeout)
     try:
@@ -124,11 +126,12 @@ def main(argv: list[str] | None = None) -> int:
         fail("interrupted", 130)
     failed = [o for o in outcomes if o.status == "failed"]
     log.info(
-        "%d item(s): %d done, %d skipped, %d failed; summary in %s",
+        "%d item(s): %d done, %d skipped, %d failed, %d not analysed; summary in %s",
         len(outcomes),
         sum(o.status == "done" for o in outcomes),
         sum(o.status == "skipped" for o in outcomes),
         len(failed),
+        sum(o.status == "not_analysed" for o in outcomes),
         summary_name(params.key()),
     )
     return 1 if failed and ns.strict else 0

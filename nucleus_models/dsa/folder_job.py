@@ -143,7 +143,7 @@ class ItemOutcome:
 
     item_id: str
     item_name: str
-    status: str  # done | skipped | failed
+    status: str  # done | skipped | failed | not_analysed (an image-like item, not a large image)
     annotation_id: str = ""
     nuclei_count: int | None = None
     seconds: float = 0.0
@@ -193,9 +193,40 @@ def summary_name(analysis_key: str) -> str:
     return f"nucleus_models_summary_{analysis_key}.csv"
 
 
-def _large_images(client: DSAClient, folder_id: str) -> list[dict[str, Any]]:
-    items = [i for i in client.listItem(folder_id) if "fileId" in (i.get("largeImage") or {})]
-    return sorted(items, key=lambda i: (i["name"], i["_id"]))
+#: file name endings of slides and images; an item so named that is not a
+#: large image is listed in the summary as not analysed
+_IMAGE_SUFFIXES = (
+    ".svs", ".ndpi", ".tif", ".tiff", ".scn", ".mrxs", ".vsi", ".czi", ".bif", ".qptiff",
+    ".isyntax", ".dcm", ".jp2", ".png", ".jpg", ".jpeg", ".bmp",
+)  # fmt: skip
+
+
+def not_analysed_reason(item: dict[str, Any]) -> str | None:
+    """Why an item the folder job skips looks like a slide, or None if it does not."""
+    large = item.get("largeImage")
+    if large is not None and "fileId" not in large:
+        if large.get("expected") or large.get("jobId"):
+            return (
+                "still being made a large image (conversion job running): run the job again later"
+            )
+        return "its large image has no file: make it a large image again"
+    if large is None and str(item.get("name", "")).lower().endswith(_IMAGE_SUFFIXES):
+        return "not a large image: make it one in Girder (its file's menu) to analyse it"
+    return None
+
+
+def _large_images(
+    client: DSAClient, folder_id: str
+) -> tuple[list[dict[str, Any]], list[ItemOutcome]]:
+    """The folder's large images in name order, and the image-like items that are not."""
+    items, others = [], []
+    for i in client.listItem(folder_id):
+        if "fileId" in (i.get("largeImage") or {}):
+            items.append(i)
+        elif (why := not_analysed_reason(i)) is not None:
+            others.append(ItemOutcome(i["_id"], i["name"], "not_analysed", error=why))
+    items.sort(key=lambda i: (i["name"], i["_id"]))
+    return items, sorted(others, key=lambda o: (o.item_name, o.item_id))
 
 
 def _done_record(
@@ -349,7 +380,9 @@ def run_folder_job(
     -------
     list of ItemOutcome
         One per large-image item: ``done``, ``skipped`` (already done with
-        the same parameters) or ``failed`` (with the error).
+        the same parameters) or ``failed`` (with the error); then one
+        ``not_analysed`` per item named like a slide that is not a large
+        image, or not yet (conversion running), with the reason as its error.
 
     Raises
     ------
@@ -371,12 +404,19 @@ def run_folder_job(
             f"folder {folder.get('name', params.inputFolder)!r}: write access is needed to record "
             "each slide's result in its metadata; this token has read access only"
         )
-    items = _large_images(client, folder["_id"])
+    items, not_analysed = _large_images(client, folder["_id"])
     if not items:
         subs = [f["name"] for f in client.listFolder(folder["_id"], parentFolderType="folder")]
         where = f"; its sub-folders ({', '.join(subs[:5])}) are not searched" if subs else ""
+        if not_analysed:
+            o = not_analysed[0]
+            where += (
+                f"; {len(not_analysed)} item(s) are not (yet) one, e.g. {o.item_name!r}: {o.error}"
+            )
         raise DSAError(f"folder {folder['name']!r} holds no large image{where}")
     log.info("folder %s: %d large image(s), analysis %s", folder["name"], len(items), key)
+    for o in not_analysed:
+        log.warning("item %r not analysed: %s", o.item_name, o.error)
     report = progress or (lambda f: None)
     outcomes: list[ItemOutcome] = []
     for i, item in enumerate(items):
@@ -423,6 +463,7 @@ def run_folder_job(
                 dedupe(client, o.item_id, key, o.annotation_id, found=found)
             except DSAError as exc:
                 log.warning("item %s: final check failed: %s", o.item_id, exc)
+    outcomes += not_analysed
     fid = upload_summary(
         client, folder["_id"], summary_name(key), _summary_csv(outcomes, params, phash)
     )
@@ -431,7 +472,8 @@ def run_folder_job(
         summary_name(key),
         fid,
         ", ".join(
-            f"{s} {sum(o.status == s for o in outcomes)}" for s in ("done", "skipped", "failed")
+            f"{s} {sum(o.status == s for o in outcomes)}"
+            for s in ("done", "skipped", "failed", "not_analysed")
         ),
     )
     return outcomes
