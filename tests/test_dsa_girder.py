@@ -515,6 +515,8 @@ def test_folder_job_killed_and_rerun(girder: GirderServer, slides: dict[str, Pat
     out, err = rerun.communicate(timeout=300)
     assert rerun.returncode == 0, err
     assert out == "" and "0 failed" in err, err
+    # the killed run's lease named a process of this host that is gone
+    assert "taking over the lease" in err and _lease_of(client, folder["_id"]) is None
     after = assert_consistent(client, folder["_id"])
     assert after["cmu.tif"]["annotation_id"] == first["annotation_id"]
     assert all(r and r["status"] == "done" for r in after.values())
@@ -653,3 +655,130 @@ def test_slicer_cli_bad_input(girder: GirderServer, case: str) -> None:
     assert res.returncode == 2, res.stderr
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], res.stderr
     assert girder.token not in res.stderr + res.stdout
+
+
+# ------------------------------------------------------------------ lease
+def _lease_of(client: Any, folder_id: str, key: str = KEY) -> Any:
+    from nucleus_models.dsa.lease import lease_field
+
+    return (client.get(f"folder/{folder_id}").get("meta") or {}).get(lease_field(key))
+
+
+def _set_lease(client: Any, folder_id: str, **fields: Any) -> None:
+    from nucleus_models.dsa.lease import lease_field
+
+    lease = {"run": "other", "host": "dsa-worker-7", "pid": 1, "started": "2026-12-05T10:00:00"}
+    lease.update({"heartbeat_epoch": time.time(), **fields})
+    client.sendRestRequest("PUT", f"folder/{folder_id}/metadata", json={lease_field(KEY): lease})
+
+
+def test_a_second_run_of_the_same_key_waits_for_the_first(
+    girder: GirderServer, slides: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second run of the key while the first analyses (a cron run outlasting
+    its interval, a second click) analyses nothing; another key runs; the
+    lease is gone when the first run ends."""
+    import dataclasses
+    import socket
+
+    from nucleus_models.dsa import folder_job
+    from nucleus_models.dsa.lease import FolderBusy
+
+    folder = _folder(girder, slides, ["disks0", "disks1"], "lease")
+    client = _client(girder)
+    real = folder_job._process
+    seen: dict[str, Any] = {}
+
+    def with_more_runs(client: Any, params: Any, item: dict[str, Any], *args: Any) -> Any:
+        if "busy" not in seen:
+            seen["lease"] = _lease_of(client, folder["_id"])
+            with pytest.raises(FolderBusy) as busy:
+                run_folder_job(client, params)
+            seen["busy"] = str(busy.value)
+            other = dataclasses.replace(params, analysis_key="second-opinion")
+            seen["other"] = [o.status for o in run_folder_job(client, other)]
+        return real(client, params, item, *args)
+
+    monkeypatch.setattr(folder_job, "_process", with_more_runs)
+    params = FolderJobParams(inputFolder=folder["_id"], nuclei_annotation_format="point")
+    assert [o.status for o in run_folder_job(client, params)] == ["done", "done"]
+    assert "another run of NucleusDetection is in progress" in seen["busy"]
+    assert (seen["lease"]["host"], seen["lease"]["pid"]) == (socket.gethostname(), os.getpid())
+    assert seen["other"] == ["done", "done"]
+    assert _lease_of(client, folder["_id"]) is None
+    assert _lease_of(client, folder["_id"], "second-opinion") is None
+    recs = assert_consistent(client, folder["_id"])
+    assert all(r["status"] == "done" for r in recs.values())
+
+
+def test_a_stale_lease_is_taken_over_and_a_live_one_renewed(
+    girder: GirderServer, slides: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from nucleus_models.dsa import folder_job, lease
+
+    folder = _folder(girder, slides, ["disks2"], "stale")
+    client = _client(girder)
+    _set_lease(client, folder["_id"], heartbeat_epoch=time.time() - lease.STALE_AFTER_S - 5)
+    monkeypatch.setattr(lease, "HEARTBEAT_EVERY_S", 0.2)
+    real = folder_job._process
+    beats: list[float] = []
+
+    def slow(client: Any, params: Any, item: dict[str, Any], *args: Any) -> Any:
+        beats.append(_lease_of(client, folder["_id"])["heartbeat_epoch"])
+        time.sleep(1.5)  # a long download: the heartbeat goes on without progress
+        beats.append(_lease_of(client, folder["_id"])["heartbeat_epoch"])
+        return real(client, params, item, *args)
+
+    monkeypatch.setattr(folder_job, "_process", slow)
+    params = FolderJobParams(inputFolder=folder["_id"], nuclei_annotation_format="point")
+    assert [o.status for o in run_folder_job(client, params)] == ["done"]
+    assert beats[1] > beats[0] > time.time() - 60
+    assert _lease_of(client, folder["_id"]) is None
+
+
+def test_a_run_whose_lease_was_taken_stops_before_the_next_slide(
+    girder: GirderServer, slides: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run silent for too long (a hung mount, a paused VM) whose lease
+    another run took over stops at the next slide and leaves that lease."""
+    from nucleus_models.dsa import folder_job, lease
+
+    folder = _folder(girder, slides, ["disks0", "disks1"], "taken")
+    client = _client(girder)
+    monkeypatch.setattr(lease, "HEARTBEAT_EVERY_S", 0.2)
+    real = folder_job._process
+    tried: list[str] = []
+
+    def taken_over(client: Any, params: Any, item: dict[str, Any], *args: Any) -> Any:
+        tried.append(item["name"])
+        _set_lease(client, folder["_id"], run="newer")
+        time.sleep(1.0)
+        return real(client, params, item, *args)
+
+    monkeypatch.setattr(folder_job, "_process", taken_over)
+    params = FolderJobParams(inputFolder=folder["_id"], nuclei_annotation_format="point")
+    with pytest.raises(lease.FolderBusy, match="took the folder over .* before item 2/2"):
+        run_folder_job(client, params)
+    assert tried == ["disks0.tif"] and _lease_of(client, folder["_id"])["run"] == "newer"
+
+
+def test_cron_and_slicer_cli_while_another_run_holds_the_folder(
+    girder: GirderServer, slides: dict[str, Path]
+) -> None:
+    """cron: a warning and exit 0 (the other run does the work); HistomicsUI:
+    one error line. Neither analyses nor writes anything."""
+    folder = _folder(girder, slides, ["disks0"], "busy")
+    client = _client(girder)
+    _set_lease(client, folder["_id"])
+    proc = _cron(girder, folder["_id"], "--strict")
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert "another run of NucleusDetection is in progress" in err and "dsa-worker-7" in err
+    res = _slicer(girder, folder["_id"], "--girder-token", girder.token)
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.returncode == 2 and len(lines) == 1, res.stderr
+    assert lines[0].startswith("error: ") and "is in progress" in lines[0]
+    (item,) = client.listItem(folder["_id"])  # no summary
+    assert read_record(client, item["_id"], KEY) is None
+    assert find_annotations(client, item["_id"], KEY) == []
+    assert _lease_of(client, folder["_id"])["run"] == "other"

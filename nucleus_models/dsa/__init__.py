@@ -9,7 +9,9 @@ The only part of the package that imports ``girder_client``:
   a :class:`BatchedDocument` is uploaded from a file written a batch at a time);
 - :mod:`.metadata`: scores and provenance under ``item.meta["nucleus_models"]``;
 - :mod:`.folder_job`: :func:`run_folder_job`, every large image of a folder,
-  resumable, with a summary CSV uploaded to the folder.
+  resumable, with a summary CSV uploaded to the folder;
+- :mod:`.lease`: one run per folder and analysis key at a time (a lease with a
+  heartbeat in the folder's metadata).
 
 ``python -m nucleus_models.dsa folder-job --api-url URL --folder ID`` runs the
 folder job from cron.

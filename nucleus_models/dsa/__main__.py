@@ -4,7 +4,9 @@ The token comes from the ``GIRDER_TOKEN`` environment variable (never from the
 command line, where ``ps`` would show it). Progress and per-item results are
 logged to stderr; bad input (unreachable server, bad token, unknown folder)
 prints one ``error: ...`` line and exits with status 2. With ``--strict`` the
-exit status is 1 when any slide failed.
+exit status is 1 when any slide failed. While another run of the same analysis
+key holds the folder (a run outlasting the cron interval) it logs a warning and
+exits with status 0 without analysing anything.
 
 Example::
 
@@ -102,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..errors import NucleusModelsError
     from .client import TOKEN_ENV, RetryPolicy, connect, install_log_redaction
     from .folder_job import FolderJobParams, run_folder_job, summary_name
+    from .lease import FolderBusy
 
     logging.basicConfig(
         level=os.environ.get("NUCLEUS_LOG_LEVEL", "INFO"),
@@ -120,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         client = connect(params.girderApiUrl, os.environ.get(TOKEN_ENV), retry=policy)
         outcomes = run_folder_job(client, params, progress=_ProgressLog(), workdir=ns.workdir)
+    except FolderBusy as exc:  # a cron run outlasting its interval: the other run goes on
+        log.warning("%s", exc)
+        return 0
     except NucleusModelsError as exc:
         fail(str(exc))
     except KeyboardInterrupt:

@@ -29,6 +29,7 @@ from typing import Any
 from ..errors import NucleusModelsError
 from .annotations import BatchedDocument, dedupe, find_annotations, push_annotation
 from .client import AuthenticationError, DSAClient, DSAError, GirderRequestError, redact
+from .lease import FolderBusy, FolderLease
 from .metadata import read_record, write_record
 
 __all__ = [
@@ -415,8 +416,41 @@ def run_folder_job(
             )
         raise DSAError(f"folder {folder['name']!r} holds no large image{where}")
     log.info("folder %s: %d large image(s), analysis %s", folder["name"], len(items), key)
+    lease = FolderLease.acquire(client, folder, key)  # FolderBusy while another run holds it
+    try:
+        outcomes = _run_items(client, params, folder, items, lease, progress, workdir)
+    finally:
+        lease.release()
     for o in not_analysed:
         log.warning("item %r not analysed: %s", o.item_name, o.error)
+    outcomes += not_analysed
+    fid = upload_summary(
+        client, folder["_id"], summary_name(key), _summary_csv(outcomes, params, phash)
+    )
+    log.info(
+        "summary %s (file %s): %s",
+        summary_name(key),
+        fid,
+        ", ".join(
+            f"{s} {sum(o.status == s for o in outcomes)}"
+            for s in ("done", "skipped", "failed", "not_analysed")
+        ),
+    )
+    return outcomes
+
+
+def _run_items(
+    client: DSAClient,
+    params: FolderJobParams,
+    folder: dict[str, Any],
+    items: list[dict[str, Any]],
+    lease: FolderLease,
+    progress: Progress | None,
+    workdir: str | None,
+) -> list[ItemOutcome]:
+    """Each item analysed or skipped, then the final sweep of duplicate annotations."""
+    phash, key = params.params_hash(), params.key()
+
     report = progress or (lambda f: None)
     outcomes: list[ItemOutcome] = []
     for i, item in enumerate(items):
@@ -425,6 +459,11 @@ def run_folder_job(
         def sub(frac: float, i: int = i) -> None:
             report((i + min(max(frac, 0.0), 1.0) * 0.95) / max(len(items), 1))
 
+        if lease.lost:
+            raise FolderBusy(
+                f"folder {folder['name']!r}: another run of {key} took the folder over"
+                f" (this one went unheard too long); stopped before {label}"
+            )
         try:
             rec = None if params.force else _done_record(client, item, key, phash)
             if rec is not None:
@@ -463,17 +502,4 @@ def run_folder_job(
                 dedupe(client, o.item_id, key, o.annotation_id, found=found)
             except DSAError as exc:
                 log.warning("item %s: final check failed: %s", o.item_id, exc)
-    outcomes += not_analysed
-    fid = upload_summary(
-        client, folder["_id"], summary_name(key), _summary_csv(outcomes, params, phash)
-    )
-    log.info(
-        "summary %s (file %s): %s",
-        summary_name(key),
-        fid,
-        ", ".join(
-            f"{s} {sum(o.status == s for o in outcomes)}"
-            for s in ("done", "skipped", "failed", "not_analysed")
-        ),
-    )
     return outcomes
