@@ -267,6 +267,24 @@ def test_items_named_like_slides_that_are_not_large_images() -> None:
         assert not_analysed_reason(item(other)) is None
 
 
+def test_a_lease_is_dead_only_when_its_process_is_gone_from_this_host() -> None:
+    """A lease from another host, or from a container that shares the host's
+    name but not its PID namespace, is never judged by a local PID."""
+    import socket
+
+    from nucleus_models.dsa.lease import _dead_here, _pid_namespace
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    here = {"host": socket.gethostname(), "pidns": _pid_namespace()}
+    assert here["pidns"]  # Linux
+    assert _dead_here({**here, "pid": gone.pid})
+    assert not _dead_here({**here, "pid": os.getpid()})
+    assert not _dead_here({**here, "pidns": "4026531836x", "pid": gone.pid})
+    assert not _dead_here({**here, "host": "elsewhere", "pid": gone.pid})
+    assert not _dead_here({"host": here["host"], "pid": gone.pid})  # written without pidns
+
+
 def _cron(*args: str, token: str | None = TOKEN) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k != "GIRDER_TOKEN"}
     if token:

@@ -10,7 +10,8 @@ heartbeat is fresh; a thread of the run renews it every
 :data:`HEARTBEAT_EVERY_S` (downloads and pushes included) and the run removes
 it at the end. A run that died leaves a lease that goes stale after
 :data:`STALE_AFTER_S` without a heartbeat and is then taken over; on the
-same host a lease whose process is gone is taken over at once. Hosts'
+same host (and PID namespace: containers with the host's name have their own)
+a lease whose process is gone is taken over at once. Hosts'
 clocks are compared, so they should agree to within a minute. Two runs that start within the same moment both write and read back:
 the one whose write landed last keeps the lease, the other gives way.
 """
@@ -56,9 +57,20 @@ def lease_field(key: str) -> str:
     return next(iter(clean_for_mongo({LEASE_PREFIX + key: 0})))
 
 
+def _pid_namespace() -> str:
+    """This process's PID namespace (containers sharing a host name have their own)."""
+    try:
+        return f"{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return ""
+
+
 def _dead_here(lease: dict[str, Any]) -> bool:
-    """The lease names a process of this host that no longer runs."""
-    if lease.get("host") != socket.gethostname() or not isinstance(lease.get("pid"), int):
+    """The lease names a process of this host and PID namespace that no longer runs."""
+    here = (socket.gethostname(), _pid_namespace())
+    if (lease.get("host"), lease.get("pidns")) != here or not here[1]:
+        return False
+    if not isinstance(lease.get("pid"), int):
         return False
     try:
         os.kill(lease["pid"], 0)
@@ -141,6 +153,7 @@ class FolderLease:
             run=self.run_id,
             host=socket.gethostname(),
             pid=os.getpid(),
+            pidns=_pid_namespace(),
             heartbeat=_iso(now),
             heartbeat_epoch=now,
         )
