@@ -10,7 +10,8 @@ Subcommands::
     nucleus-bench oracle --config CONFIG --run RUN
 
 Input problems (unknown dataset or model, missing root, wrong layout) print one
-``error: ...`` line on stderr and exit with status 2.
+``error: ...`` line on stderr and exit with status 2; Ctrl-C prints
+``error: interrupted`` and exits with status 130.
 """
 
 from __future__ import annotations
@@ -46,7 +47,13 @@ def _add_eval(sub: Any) -> None:
     p.add_argument("--dataset", required=True, help="dataset name (see `nucleus-bench datasets`)")
     p.add_argument("--root", required=True, help="dataset folder laid out as `datasets` shows")
     p.add_argument("--model", required=True, help="registered model name")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="output folder; a finished run replaces the metrics.json and predictions/ of an "
+        "earlier one there (predictions of samples not in this run go); a failed or "
+        "interrupted run leaves them as they were",
+    )
     p.add_argument("--split", default=None, help="evaluate only this split")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N samples")
     p.add_argument(
@@ -67,7 +74,8 @@ def _add_eval(sub: Any) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="model builder option, e.g. foreground_threshold=0.6 (repeatable)",
+        help="model builder option, e.g. foreground_threshold=80 or fg_threshold=0.6 "
+        "(repeatable; options the model lacks and values of the wrong type are refused)",
     )
     p.add_argument("--no_report", action="store_true", help="write metrics and predictions only")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -509,7 +517,7 @@ def _print_training(result: dict) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``nucleus-bench``; return the exit status (0 ok, 2 bad input).
+    """Run ``nucleus-bench``; return the exit status (0 ok, 2 bad input, 130 interrupted).
 
     Parameters
     ----------
@@ -559,11 +567,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_finetune(args)
         from benchmark import speed
 
-        return int(speed.run(args))
+        return int(speed.run(args, command))
     except (DatasetError, NucleusModelsError) as exc:
         msg = " ".join(str(exc).split())
         print(f"error: {msg}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

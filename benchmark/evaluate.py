@@ -18,7 +18,9 @@ import csv
 import json
 import logging
 import math
+import os
 import sys
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
@@ -49,11 +51,13 @@ __all__ = [
     "ERROR_BAND_UM",
     "INSTANCE_METRICS",
     "POINT_METRICS",
+    "check_model_options",
     "error_counts",
     "error_profile",
     "error_sentences",
     "evaluate",
     "jsonable",
+    "provenance",
 ]
 
 logger = logging.getLogger(__name__)
@@ -94,6 +98,94 @@ def jsonable(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     return obj
+
+
+def provenance(spec: Any, params: Mapping[str, Any], command: str | None = None) -> dict[str, Any]:
+    """What made a result: package version, model (name, sha256, mpp), parameters,
+    creation time and command line (default ``" ".join(sys.argv)``)."""
+    from nucleus_models import __version__
+
+    return {
+        "package_version": __version__,
+        "model": {"name": spec.name, "sha256": spec.sha256, "mpp": spec.mpp},
+        "params": dict(params),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": command if command is not None else " ".join(sys.argv),
+    }
+
+
+def _model_option_kinds(spec: Any) -> dict[str, Any] | None:
+    """The builder options the model of ``spec`` reads: name -> type, or the
+    tuple of the values it takes; ``None`` for a model of another kind than
+    the classical ones and the U-Nets, whose options cannot be checked."""
+    from dataclasses import fields
+
+    from nucleus_models.models import classical, unet
+    from nucleus_models.models.weights import WEIGHTS_DIR
+
+    if spec.name in (classical.CLASSICAL_HE.name, classical.HISTOMICSTK_KOFAHI.name):
+        return {f.name: type(f.default) for f in fields(classical.ClassicalParams)}
+    card = WEIGHTS_DIR / f"{spec.name}.json"
+    if not card.is_file() or json.loads(card.read_text()).get("arch", "unet") != "unet":
+        return None
+    return unet.option_kinds()
+
+
+def check_model_options(spec: Any, options: Mapping[str, Any]) -> dict[str, Any]:
+    """``options`` as the types the model of ``spec`` reads them (numbers given
+    as text are converted).
+
+    Raises
+    ------
+    nucleus_models.errors.ParameterError
+        For an option the model does not read, or a value of the wrong type.
+    """
+    from nucleus_models.errors import ParameterError
+
+    kinds = _model_option_kinds(spec)
+    if kinds is None:
+        return dict(options)
+    unknown = sorted(set(options) - set(kinds))
+    if unknown:
+        raise ParameterError(
+            f"model {spec.name} has no option {unknown[0]!r}; its options: {', '.join(sorted(kinds))}"
+        )
+    return {key: _option_value(key, value, kinds[key]) for key, value in options.items()}
+
+
+def _option_value(key: str, value: Any, kind: Any) -> Any:
+    from nucleus_models.errors import ParameterError
+
+    if isinstance(kind, tuple):
+        if str(value) in kind:
+            return str(value)
+        want = "one of " + ", ".join(kind)
+    elif kind is str:
+        return str(value)
+    else:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = math.nan
+        if kind is int and number.is_integer():
+            return int(number)
+        if kind is not int and math.isfinite(number):
+            return number
+        want = "an integer" if kind is int else "a number"
+    raise ParameterError(f"model option {key}={value}: expected {want}")
+
+
+def _staging(out: Path) -> tempfile.TemporaryDirectory[str]:
+    """A fresh folder in ``out`` (made if need be) to write this run's outputs in."""
+    from nucleus_models.errors import ParameterError
+
+    if out.exists() and not out.is_dir():
+        raise ParameterError(f"--out {out} is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        return tempfile.TemporaryDirectory(prefix=".eval-", dir=out)
+    except OSError as exc:
+        raise ParameterError(f"cannot write to --out {out}: {exc.strerror}") from None
 
 
 def _prf(tp: int, fp: int, fn: int) -> dict[str, float]:
@@ -345,6 +437,8 @@ def evaluate(
         Registered model name (see :func:`nucleus_models.models.list_models`).
     out_dir : str or Path
         Output folder; receives ``metrics.json``, ``predictions/`` and the report.
+        An earlier run's ``metrics.json`` and ``predictions/`` there are replaced
+        together once the run has finished, and left as they were if it fails.
     split : str, optional
         Evaluate only this split of the dataset.
     limit : int, optional
@@ -374,20 +468,23 @@ def evaluate(
     DatasetError
         If the dataset has no samples to score or a sample lacks its image.
     nucleus_models.errors.NucleusModelsError
-        If the model is unknown or its weights fail their checksum.
+        If the model is unknown or its weights fail their checksum, or a
+        parameter, a model option or ``out_dir`` cannot work (before anything is
+        written).
     """
-    from nucleus_models import __version__
-    from nucleus_models.detection import segment_image
+    from nucleus_models.errors import ParameterError
     from nucleus_models.models import get_spec
 
     spec = get_spec(model)  # unknown model fails before any work
     radius_um = DEFAULT_RADIUS_UM if radius_um is None else float(radius_um)
     if radius_um <= 0:
         raise DatasetError(f"radius_um must be positive, got {radius_um}")
-    points_mode = dataset.kind == "points"
-    ids = dataset.ids(split)
-    if limit is not None and limit > 0:
-        ids = ids[:limit]
+    if limit is not None and limit < 1:
+        raise ParameterError(f"limit must be at least 1, got {limit}")
+    if mpp is not None and not mpp > 0:
+        raise ParameterError(f"mpp must be positive, got {mpp}")
+    model_options = check_model_options(spec, model_options or {}) or None
+    ids = dataset.ids(split)[:limit]
     if not ids:
         raise DatasetError(f"{dataset.name}: {dataset.root}: no samples to evaluate")
     out = Path(out_dir)
@@ -396,9 +493,54 @@ def evaluate(
         run_params = {"dataset": dataset.name, "root": str(dataset.root), "model": model}
         run_params |= {"out": str(out), "split": split, "limit": limit, "radius_um": radius_um}
         run_params |= {"mpp": mpp, "model_options": model_options or {}}
-    pred_dir = out / "predictions"
-    pred_dir.mkdir(parents=True, exist_ok=True)
+    with _staging(out) as staging:
+        result = _run(
+            staging,
+            dataset,
+            ids,
+            spec=spec,
+            split=split,
+            model_options=model_options,
+            radius_um=radius_um,
+            mpp=mpp,
+            progress=progress,
+        )
+        result["provenance"] = {**provenance(spec, run_params, command), **result["provenance"]}
+        result = jsonable(result)
+        (Path(staging) / "metrics.json").write_text(json.dumps(result, indent=1) + "\n")
+        # the run's predictions and metrics replace an earlier run's together
+        if (out / "predictions").exists():
+            (out / "predictions").rename(Path(staging) / "old")
+        (Path(staging) / "predictions").rename(out / "predictions")
+        os.replace(Path(staging) / "metrics.json", out / "metrics.json")
+    logger.info("wrote %s", out / "metrics.json")
+    if report:
+        from .report import write_report
 
+        write_report(out, dataset=dataset)
+    return result
+
+
+def _run(
+    staging: str,
+    dataset: Dataset,
+    ids: list[str],
+    *,
+    spec: Any,
+    split: str | None,
+    model_options: dict[str, Any] | None,
+    radius_um: float,
+    mpp: float | None,
+    progress: bool,
+) -> dict[str, Any]:
+    """:func:`evaluate`'s work: predictions into ``staging/predictions/``, and
+    the content of ``metrics.json``, with the provenance of the run itself."""
+    from nucleus_models.detection import segment_image
+
+    model = spec.name
+    points_mode = dataset.kind == "points"
+    pred_dir = Path(staging) / "predictions"
+    pred_dir.mkdir()
     rows: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
     all_scores: list[np.ndarray] = []
@@ -494,8 +636,6 @@ def evaluate(
             "bins": _pool_density(density),
         }
     result["provenance"] = {
-        "package_version": __version__,
-        "model": {"name": spec.name, "sha256": spec.sha256, "mpp": spec.mpp},
         "runtime": runtime,
         "dataset": {
             "name": dataset.name,
@@ -504,16 +644,6 @@ def evaluate(
             "n_samples": len(rows),
             "split": split,
         },
-        "params": run_params,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": command if command is not None else " ".join(sys.argv),
         "seconds_total": round(time.perf_counter() - t_start, 3),
     }
-    result = jsonable(result)
-    (out / "metrics.json").write_text(json.dumps(result, indent=1) + "\n")
-    logger.info("wrote %s", out / "metrics.json")
-    if report:
-        from .report import write_report
-
-        write_report(out, dataset=dataset)
     return result

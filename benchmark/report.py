@@ -229,12 +229,16 @@ def _runtime_text(runtime: dict | None) -> str:
 
     >>> _runtime_text({"device": "cpu", "precision": "bfloat16"})
     ', run on cpu in bfloat16'
+    >>> _runtime_text({"device": "cpu", "precision": "not applicable"})  # no network
+    ', run on cpu'
     >>> _runtime_text({})
     ''
     """
     if not runtime:
         return ""
-    return f", run on {runtime.get('device', '?')} in {runtime.get('precision', '?')}"
+    text = f", run on {runtime.get('device', '?')}"
+    precision = runtime.get("precision", "?")
+    return text if precision == "not applicable" else f"{text} in {precision}"
 
 
 def _resolution_text(rows: list[dict]) -> str:

@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from nucleus_models.errors import NucleusModelsError
+from nucleus_models.errors import NucleusModelsError, ParameterError
+from nucleus_models.io.atomic import atomic_write
 from nucleus_models.models.unet import PRECISIONS
 from nucleus_models.wsi.runner import available_cores
 
@@ -93,7 +94,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--skip_histomicstk", action="store_true", help="time only NucleusDetection"
     )
-    parser.add_argument("--out", default="", help="also write the results as JSON here")
+    parser.add_argument(
+        "--out",
+        default="",
+        help="also write the results as JSON to this file, with their provenance (package "
+        "version, model and sha256, parameters, command, time)",
+    )
 
 
 class TimedCLIFailed(NucleusModelsError):
@@ -109,8 +115,8 @@ def time_cli(cmd: list[str], out_file: Path, name: str) -> dict[str, Any]:
     res = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if res.returncode != 0:
-        tail = (res.stderr or res.stdout).strip().splitlines()[-3:]
-        raise TimedCLIFailed(f"{name} failed: {' | '.join(tail)}")
+        tail = [s.removeprefix("error: ") for s in (res.stderr or res.stdout).strip().splitlines()]
+        raise TimedCLIFailed(f"{name} failed: {' | '.join(tail[-3:])}")
     doc = json.loads(out_file.read_text())
     docs = doc if isinstance(doc, list) else [doc]
     n = sum(len(d.get("elements", [])) for d in docs)
@@ -166,10 +172,27 @@ def make_mosaic(folder: str, out: Path, *, grid: int, mpp: float) -> Path:
     return out
 
 
-def run(args: argparse.Namespace) -> int:
-    """Time both CLIs and print a side-by-side table."""
+def _check_out(path: Path) -> None:
+    """Fail now, not after the timing, when no file can be written at ``path``."""
+    if path.is_dir():
+        raise ParameterError(f"--out {path} is a folder, not a file")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".speed-"):
+            pass
+    except OSError as exc:
+        raise ParameterError(f"cannot write --out {path}: {exc.strerror}") from None
+
+
+def run(args: argparse.Namespace, command: str | None = None) -> int:
+    """Time both CLIs and print a side-by-side table (``command``: the command
+    line recorded with ``--out``'s results)."""
+    if args.repeat < 1:
+        raise ParameterError(f"--repeat must be at least 1, got {args.repeat}")
+    if args.out:
+        _check_out(Path(args.out))
     if not args.mosaic_from:
-        return _run(args)
+        return _run(args, command)
     # the mosaic (~125 MB for 10 x 10 MoNuSeg images) goes when the timing ends
     with tempfile.TemporaryDirectory(prefix="nucleus-speed-") as tmpdir:
         args.slide = str(
@@ -180,7 +203,7 @@ def run(args: argparse.Namespace) -> int:
                 mpp=args.mosaic_mpp,
             )
         )
-        return _run(args)
+        return _run(args, command)
 
 
 def cli_default_model() -> str:
@@ -222,7 +245,7 @@ def nucleus_detection_command(args: argparse.Namespace, out: Path) -> list[str]:
     return cmd
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, command: str | None) -> int:
     area = _area_mpx(args.slide, args.analysis_roi, args.input_mpp)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -239,7 +262,7 @@ def _run(args: argparse.Namespace) -> int:
             candidates.append(("HistomicsTK NucleiDetection", htk, htk_out))
         for name, cmd, out in candidates:
             best: dict[str, Any] | None = None
-            for _ in range(max(1, args.repeat)):
+            for _ in range(args.repeat):
                 r = time_cli(cmd, out, name)
                 if best is None or r["seconds"] < best["seconds"]:
                     best = r
@@ -284,7 +307,13 @@ def _run(args: argparse.Namespace) -> int:
             )
     sys.stdout.write("\n".join(lines) + "\n")
     if args.out:
-        Path(args.out).write_text(
-            json.dumps({"slide": args.slide, "roi": args.analysis_roi, "rows": rows}, indent=2)
-        )
+        from nucleus_models.models import get_spec
+
+        from .evaluate import provenance
+
+        params = {k: v for k, v in vars(args).items() if k not in ("command", "verbose")}
+        record = {"slide": args.slide, "roi": args.analysis_roi, "rows": rows}
+        record["provenance"] = provenance(get_spec(args.model), params, command)
+        with atomic_write(args.out) as f:
+            f.write(json.dumps(record, indent=2) + "\n")
     return 0

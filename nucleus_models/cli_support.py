@@ -103,3 +103,7 @@ def run_cli(main: Callable[[Any], Any], script_file: str) -> None:
         fail("GPU out of memory: use a smaller batch_size or analysis_tile_size")
     except KeyboardInterrupt:
         fail("interrupted", 130)
+    except OSError as exc:  # a full disk, a folder that vanished, permissions
+        log.debug("OSError", exc_info=True)
+        where = f": {exc.filename}" if exc.filename else ""
+        fail(f"{exc.strerror or exc or type(exc).__name__}{where}")

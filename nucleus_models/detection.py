@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -166,14 +167,18 @@ def detect_nuclei(params: DetectionParams, *, progress: Progress | None = None) 
 
     t0 = time.perf_counter()
     spec = get_spec(params.model)  # unknown model fails before any I/O
-    if params.nuclei_annotation_format not in ("polygon", "point", "box", "boundary", "bbox"):
-        raise ParameterError(
-            f"nuclei_annotation_format must be polygon, point or box, got {params.nuclei_annotation_format!r}"
-        )
+    check_params(params)
+    check_output_paths(params)  # before the analysis, not after it
     roi = parse_roi(params.analysis_roi)
     input_mpp = params.input_mpp if params.input_mpp and params.input_mpp > 0 else None
     slide = open_slide(params.inputImageFile, input_mpp=input_mpp)
     base_mpp = slide.require_mpp()
+    if not MPP_RANGE[0] <= base_mpp <= MPP_RANGE[1]:
+        where = "--input_mpp" if input_mpp else f"the slide's metadata ({slide.mpp_source})"
+        raise ParameterError(
+            f"resolution {base_mpp:g} um/px (from {where}) is not a microscope's: expected "
+            f"{MPP_RANGE[0]:g}-{MPP_RANGE[1]:g} (40x is ~0.25, 20x ~0.5); pass the right --input_mpp"
+        )
     region = clip_region(roi, slide.width, slide.height)
 
     from .wsi.runner import shared_model
@@ -202,6 +207,12 @@ def detect_nuclei(params: DetectionParams, *, progress: Progress | None = None) 
             slide, model, spec, tissue, tscale, region, base_mpp, float(target)
         )
     downsample = analysis_mpp / base_mpp
+    if downsample < 1 / MAX_UPSAMPLING:
+        raise ParameterError(
+            f"the model works at {analysis_mpp:.3g} um/px, {1 / downsample:.0f}x finer than the "
+            f"image's {base_mpp:g} um/px: too coarse an image for it (at most "
+            f"{MAX_UPSAMPLING}x); check --input_mpp or the slide's resolution"
+        )
     image_w = max(1, int(math.floor(slide.width / downsample)))
     image_h = max(1, int(math.floor(slide.height / downsample)))
     tile_size = params.analysis_tile_size if params.analysis_tile_size > 0 else spec.tile_size
@@ -241,6 +252,15 @@ def detect_nuclei(params: DetectionParams, *, progress: Progress | None = None) 
         warn(model.precision_note)  # auto could not run what it picked first
     if params.test_time_flips and not getattr(model, "tta", False):
         warn(f"test-time flips are for the U-Nets: model {spec.name} ran without them")
+    unused = [k for k in MODEL_OPTION_NAMES if getattr(params, k) >= 0 and k not in spec.thresholds]
+    if unused:
+        warn(
+            f"{', '.join(unused)}: settings of the classical models; model {spec.name} "
+            "ran without them"
+        )
+    ran_on = str(model_runtime(model)["device"])
+    if params.device not in ("", "auto") and ran_on.split(":")[0] != params.device.split(":")[0]:
+        warn(f"model {spec.name} runs on the {ran_on} only: --device {params.device} was not used")
     if model.prepare_from == "analysis":
         sample = _tissue_windows(slide, tissue, tscale, region, downsample)
         context = model.prepare(sample, tissue_mask(sample, modality=spec.modality))
@@ -320,6 +340,88 @@ def detect_nuclei(params: DetectionParams, *, progress: Progress | None = None) 
         runtime=model_runtime(model),
         warnings=warnings,
     )
+
+
+#: resolutions (um/px) a slide or image may have: outside, it is a wrong value
+MPP_RANGE = (0.01, 100.0)
+#: the most the analysis grid may be finer than the image
+MAX_UPSAMPLING = 16
+
+
+def check_params(params: DetectionParams) -> None:
+    """One-line errors for parameter values no run can use, before any I/O."""
+    fmt = params.nuclei_annotation_format
+    if fmt not in ("polygon", "point", "box", "boundary", "bbox"):
+        raise ParameterError(f"nuclei_annotation_format must be polygon, point or box, got {fmt!r}")
+    mpp = params.input_mpp
+    if (
+        not math.isfinite(mpp)
+        or (mpp < 0 and mpp != -1)
+        or (mpp > 0 and not MPP_RANGE[0] <= mpp <= MPP_RANGE[1])
+    ):
+        raise ParameterError(
+            f"input_mpp must be -1 (the slide's own) or microns per pixel from {MPP_RANGE[0]:g} "
+            f"to {MPP_RANGE[1]:g} (40x is ~0.25, 20x ~0.5), got {mpp:g}"
+        )
+    if not 0 <= params.min_fgnd_frac < 1:
+        raise ParameterError(
+            f"min_fgnd_frac is a fraction of a tile, from 0 to below 1, got {params.min_fgnd_frac:g}"
+        )
+    for name, least in (("analysis_tile_size", 1), ("analysis_tile_overlap", 0), ("batch_size", 1)):
+        value = getattr(params, name)
+        if value != -1 and value < least:
+            raise ParameterError(
+                f"{name} must be -1 (the model's default) or at least {least}, got {value}"
+            )
+    tile, overlap = params.analysis_tile_size, params.analysis_tile_overlap
+    if tile > 0 and overlap >= 0 and tile <= overlap:
+        raise ParameterError(f"tile size ({tile}) must be larger than the tile overlap ({overlap})")
+    sched = (params.scheduler or "").strip()
+    if sched not in ("", "multithreading", "multiprocessing", "pipeline") and ":" not in sched:
+        raise ParameterError(
+            f"unknown scheduler {params.scheduler!r}: use '', 'multithreading', 'multiprocessing',"
+            " 'pipeline' or tcp://host:port"
+        )
+    for k in MODEL_OPTION_NAMES:
+        if not math.isfinite(getattr(params, k)):
+            raise ParameterError(f"{k} must be a number, got {getattr(params, k)}")
+
+
+#: the CLI's output parameters and their descriptions
+_OUTPUTS = {
+    "outputNucleiAnnotationFile": "the annotation file",
+    "outputNucleiCSVFile": "nuclei_csv",
+    "outputNucleiGeoJSONFile": "nuclei_geojson",
+    "outputOverlayImageFile": "overlay_image",
+}
+
+
+def check_output_paths(params: DetectionParams) -> None:
+    """One-line errors for output paths that cannot be written, or would
+    overwrite the input or each other."""
+    source = os.path.realpath(params.inputImageFile)
+    seen: dict[str, str] = {}
+    for name, what in _OUTPUTS.items():
+        path = getattr(params, name)
+        if not path:
+            continue
+        real = os.path.realpath(path)
+        if real == source:
+            raise ParameterError(f"{what} {path!r} is the input image: it would be overwritten")
+        if real in seen:
+            raise ParameterError(f"{what} and {seen[real]} are the same file {path!r}")
+        seen[real] = what
+        if name == "outputOverlayImageFile" and not path.lower().endswith(".png"):
+            raise ParameterError(f"{what} is written as PNG: name it .png, got {path!r}")
+        if os.path.isdir(real):
+            raise ParameterError(f"{what} {path!r} is a folder, not a file name")
+        folder = os.path.dirname(real)
+        while not os.path.exists(folder):  # created when written
+            folder = os.path.dirname(folder)
+        if not os.path.isdir(folder):
+            raise ParameterError(f"{what} {path!r}: {folder!r} is a file, not a folder")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise ParameterError(f"{what} {path!r}: no permission to write in {folder!r}")
 
 
 def modality_mismatch(thumb: np.ndarray, tscale: float, region: list[int], spec: Any) -> str | None:

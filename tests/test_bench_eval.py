@@ -138,6 +138,8 @@ def test_eval_report(monuseg_eval: Path) -> None:
     assert {"per_sample_det_f1.png", "counts_scatter.png", "pr_curve.png"} <= names
     assert sum(n.startswith("overlay_") for n in names) == 2
     assert "data:image/png;base64" in (monuseg_eval / "report.html").read_text()
+    # a model without a network has no arithmetic to name
+    assert "run on cpu\n" in md and "not applicable" not in md
     # the report subcommand rebuilds it from metrics.json alone
     (monuseg_eval / "report.md").unlink()
     assert main(["report", str(monuseg_eval), "--overlays", "1"]) == 0

@@ -258,6 +258,14 @@ def _bad_cases(tmp: Path, shared: Path) -> dict[str, tuple[list[str], str]]:
         "bad roi": ([sample, "--analysis_roi", "1,2,3"], "analysis_roi"),
         "bad scheduler": ([sample, "--scheduler", "carrier-pigeon"], "scheduler"),
         "bad precision": ([sample, "--precision", "float16"], "invalid choice"),
+        # resolutions no microscope has: a 256 px image once grew 200x and hung
+        "mpp too coarse": ([sample, "--input_mpp", "100"], "250x finer than the image"),
+        "mpp too fine": ([sample, "--input_mpp", "0.0001"], "input_mpp must be"),
+        "mpp not a number": ([sample, "--input_mpp", "nan"], "input_mpp must be"),
+        "roi infinite": ([sample, "--analysis_roi", "0,0,inf,10"], "finite"),
+        "tile fraction": ([sample, "--min_fgnd_frac", "5"], "min_fgnd_frac"),
+        "tile size 0": ([sample, "--analysis_tile_size", "0"], "analysis_tile_size must be"),
+        "batch size": ([sample, "--batch_size", "-9"], "batch_size must be"),
     }
 
 
@@ -281,6 +289,58 @@ def test_bad_input_one_line_nonzero_exit_no_output(shared_data: Path, tmp_path: 
         assert lines[0].startswith("error: ") and expected in lines[0], (case, lines[0])
         assert list(out.iterdir()) == [], (case, list(out.iterdir()))
     shutil.rmtree(tmp_path / "out")
+
+
+def test_bad_output_paths_fail_before_the_analysis(tmp_path: Path) -> None:
+    """Output paths that cannot be written are refused up front in one line:
+    the input is never overwritten and no output of the set is written."""
+    sample = tmp_path / "in.tif"
+    shutil.copy(REPO / "samples" / "CMU-1-Small-Region-crop.tif", sample)
+    before = sample.read_bytes()
+    anot = str(tmp_path / "o" / "n.anot")
+    (tmp_path / "folder.anot").mkdir()
+    cases = {
+        "input as output": ([str(sample)], "is the input image"),
+        "input as csv": ([anot, "--nuclei_csv", str(sample)], "is the input image"),
+        "under a file": ([anot, "--nuclei_csv", f"{sample}/n.csv"], "is a file, not a folder"),
+        "a folder": ([str(tmp_path / "folder.anot")], "is a folder"),
+        "one file twice": ([anot, "--nuclei_csv", anot], "are the same file"),
+        "overlay not png": ([anot, "--overlay_image", str(tmp_path / "o.jpg")], "name it .png"),
+    }
+    for case, (outputs, expected) in cases.items():
+        res = run_cli(
+            "NucleusDetection", str(sample), *outputs, "--model", "classical-he",
+            "--analysis_roi", "0,0,300,300",
+        )  # fmt: skip
+        lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+        assert res.returncode == 2 and len(lines) == 1, (case, res.stderr)
+        assert lines[0].startswith("error: ") and expected in lines[0], (case, lines[0])
+        assert "filter-progress" not in res.stdout, case  # refused before any tile
+        assert sample.read_bytes() == before, case
+        assert not (tmp_path / "o").exists() and not (tmp_path / "o.jpg").exists(), case
+    assert list((tmp_path / "folder.anot").iterdir()) == []
+
+
+def test_settings_a_model_does_not_use_are_reported(tmp_path: Path) -> None:
+    """The classical models' thresholds given to a U-Net, and --device cuda to
+    a CPU-only model: the run says so in its warnings (its parameters record
+    what was asked, so they must not read as if it was used)."""
+    sample = REPO / "samples" / "CMU-1-Small-Region-crop.tif"
+    out = tmp_path / "u.anot"
+    res = run_cli(
+        "NucleusDetection", str(sample), str(out), "--analysis_roi", "0,0,300,300",
+        "--foreground_threshold", "200", "--min_radius", "3",
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    (warning,) = json.loads(out.read_text())["attributes"]["warnings"]
+    assert warning.startswith("foreground_threshold, min_radius: settings of the classical")
+    res = run_cli(
+        "NucleusDetection", str(sample), str(out), "--analysis_roi", "0,0,300,300",
+        "--model", "classical-he", "--device", "cuda", "--min_radius", "3",
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    warnings = json.loads(out.read_text())["attributes"]["warnings"]
+    assert warnings == ["model classical-he runs on the cpu only: --device cuda was not used"]
 
 
 def test_library_rejects_unknown_model() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 
@@ -43,7 +44,7 @@ def test_the_mosaic_is_removed_after_the_timing(tmp_path: Path, monkeypatch) -> 
     Image.fromarray(np.full((64, 80, 3), 128, np.uint8)).save(src / "im.png")
     seen: list[Path] = []
 
-    def fake_run(args: argparse.Namespace) -> int:
+    def fake_run(args: argparse.Namespace, command: str | None) -> int:
         seen.append(Path(args.slide))
         assert seen[-1].is_file()
         if len(seen) == 2:
@@ -51,7 +52,9 @@ def test_the_mosaic_is_removed_after_the_timing(tmp_path: Path, monkeypatch) -> 
         return 0
 
     monkeypatch.setattr(speed, "_run", fake_run)
-    args = argparse.Namespace(mosaic_from=str(src), mosaic_grid=2, mosaic_mpp=0.25, slide="")
+    args = argparse.Namespace(
+        mosaic_from=str(src), mosaic_grid=2, mosaic_mpp=0.25, slide="", repeat=1, out=""
+    )
     assert speed.run(args) == 0
     with pytest.raises(RuntimeError):
         speed.run(args)
@@ -71,6 +74,7 @@ def test_a_failing_timed_cli_is_a_one_line_error(shared_data: Path, capsys) -> N
     assert "\n" not in err and "Traceback" not in err
     assert err.startswith("error: NucleusDetection (no-such-model) failed: ")
     assert "invalid choice: 'no-such-model'" in err
+    assert err.count("error:") == 1  # the CLI's own "error: " is not repeated
 
 
 def test_speed_times_the_model_nucleus_detection_runs_by_default() -> None:
@@ -83,3 +87,71 @@ def test_speed_times_the_model_nucleus_detection_runs_by_default() -> None:
     default = {p.name: p for p in CLIModule(str(xml)).parameters()}["model"].default
     args = build_parser(["speed"]).parse_args(["speed", "--slide", "s.svs"])
     assert args.model == default == "unet-monuseg"
+
+
+def _fake_timing(calls: list[list[str]]):  # noqa: ANN202
+    """A stand-in for :func:`benchmark.speed.time_cli` that records the commands."""
+
+    def time_cli(cmd: list[str], out_file: Path, name: str) -> dict:
+        calls.append(cmd)
+        return {"seconds": 2.0, "nuclei": 10, "stages": {}, "runtime": {}, "tiles": {}}
+
+    return time_cli
+
+
+def _speed_args(shared_data: Path, *extra: str) -> list[str]:
+    slide = shared_data / "wsi" / "CMU-1-Small-Region.svs"
+    assert slide.is_file(), f"missing shared data: {slide}"
+    return ["speed", "--slide", str(slide), "--skip_histomicstk", "--model", "classical-he",
+            "--analysis_roi", "0,0,64,64", "--input_mpp", "0.5", *extra]  # fmt: skip
+
+
+def test_speed_json_records_its_provenance(shared_data: Path, tmp_path: Path, monkeypatch) -> None:
+    """As eval's metrics.json: package version, model and sha256, parameters, command, time."""
+    import json
+
+    from benchmark import speed
+    from benchmark.__main__ import main
+    from nucleus_models import __version__
+    from nucleus_models.models import get_spec
+
+    calls: list[list[str]] = []
+    monkeypatch.setattr(speed, "time_cli", _fake_timing(calls))
+    out = tmp_path / "s.json"
+    assert main(_speed_args(shared_data, "--repeat", "2", "--out", str(out))) == 0
+    assert len(calls) == 2
+    doc = json.loads(out.read_text())
+    assert doc["rows"][0]["nuclei"] == 10
+    prov = doc["provenance"]
+    assert set(prov) == {"package_version", "model", "params", "created", "command"}
+    assert prov["package_version"] == __version__
+    spec = get_spec("classical-he")
+    assert prov["model"] == {"name": spec.name, "sha256": spec.sha256, "mpp": spec.mpp}
+    assert prov["params"]["repeat"] == 2 and prov["params"]["input_mpp"] == 0.5
+    assert prov["command"].startswith("nucleus-bench speed --slide ")
+    assert [p.name for p in tmp_path.iterdir()] == ["s.json"]  # no temporary file left
+
+
+@pytest.mark.parametrize("case", ["out under a file", "out a folder", "out unwritable", "repeat 0"])
+def test_speed_refuses_bad_input_before_timing(
+    shared_data: Path, tmp_path: Path, monkeypatch, capsys, case: str
+) -> None:
+    from benchmark import speed
+    from benchmark.__main__ import main
+
+    calls: list[list[str]] = []
+    monkeypatch.setattr(speed, "time_cli", _fake_timing(calls))
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("keep")
+    extra = {
+        "out under a file": ["--out", str(a_file / "s.json")],
+        "out a folder": ["--out", str(tmp_path)],
+        "out unwritable": ["--out", "/sys/s.json"],  # sysfs: not even root may write there
+        "repeat 0": ["--repeat", "0", "--out", str(tmp_path / "s.json")],
+    }[case]
+    assert main(_speed_args(shared_data, *extra)) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("error: ")
+    assert ("--repeat must be at least 1" if case == "repeat 0" else "--out") in err
+    assert calls == []  # refused before any timing
+    assert sorted(tmp_path.iterdir()) == [a_file] and a_file.read_text() == "keep"

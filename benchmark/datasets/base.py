@@ -105,7 +105,8 @@ class Dataset(ABC):
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
-            raise self.error(self.root, "folder does not exist")
+            why = "is a file, not a folder" if self.root.exists() else "folder does not exist"
+            raise self.error(self.root, why)
 
     # -- interface -------------------------------------------------------------
     @abstractmethod

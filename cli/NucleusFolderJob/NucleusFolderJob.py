@@ -22,6 +22,7 @@ def main(args):
 
     install_log_redaction()
     params = Params.from_namespace(args)
+    params.check()  # before connecting
     progress = FilterProgress("NucleusFolderJob", f"{params.analysis} with model {params.model}")
     progress.start()
     t0 = time.perf_counter()

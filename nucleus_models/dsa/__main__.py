@@ -121,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     params = FolderJobParams.from_namespace(ns)
     policy = RetryPolicy(attempts=max(1, ns.retries), read_timeout=ns.timeout)
     try:
+        params.check()  # before connecting
         client = connect(params.girderApiUrl, os.environ.get(TOKEN_ENV), retry=policy)
         outcomes = run_folder_job(client, params, progress=_ProgressLog(), workdir=ns.workdir)
     except FolderBusy as exc:  # a cron run outlasting its interval: the other run goes on

@@ -359,7 +359,9 @@ def connect(
     if not api_url or not api_url.startswith(("http://", "https://")):
         raise DSAError(f"the Girder API URL must start with http:// or https://, got {api_url!r}")
     if not token:
-        raise AuthenticationError(f"no Girder token: pass one or set ${TOKEN_ENV}")
+        raise AuthenticationError(
+            f"no Girder token was given (the CLI's --girder-token, or ${TOKEN_ENV} from cron)"
+        )
     client = DSAClient(api_url, token, retry=retry)
     try:
         me = client.sendRestRequest(

@@ -100,6 +100,21 @@ class FolderJobParams:
         names = cls.__dataclass_fields__.keys()
         return cls(**{k: getattr(ns, k) for k in names if hasattr(ns, k)})
 
+    def check(self) -> None:
+        """One-line errors for values no slide could use, before connecting."""
+        from ..detection import DetectionParams, check_params
+        from ..models import get_spec
+        from ..wsi import parse_roi
+
+        if self.analysis not in ANALYSES:
+            raise NucleusModelsError(
+                f"unknown analysis {self.analysis!r}; available: {', '.join(ANALYSES)}"
+            )
+        get_spec(self.model)
+        fields = {k: getattr(self, k) for k in _DETECTION_FIELDS + _RUNTIME_FIELDS}
+        check_params(DetectionParams(inputImageFile="", **fields))
+        parse_roi(self.analysis_roi)
+
     def key(self) -> str:
         """The analysis key: annotations and metadata records are per key."""
         return self.analysis_key or self.analysis
@@ -390,11 +405,8 @@ def run_folder_job(
     DSAError
         The folder does not exist or the server cannot be reached at the start.
     """
-    if params.analysis not in ANALYSES:
-        raise NucleusModelsError(
-            f"unknown analysis {params.analysis!r}; available: {', '.join(ANALYSES)}"
-        )
-    phash = params.params_hash()  # unknown model fails here, before any item
+    params.check()  # before any request: a bad value would fail every slide
+    phash = params.params_hash()
     key = params.key()
     try:
         folder = client.get(f"folder/{params.inputFolder}")

@@ -815,6 +815,21 @@ class UNetModel(NucleusModel):
         return self.postprocessor()(raw, [t.shape[:2] for t in tiles])
 
 
+def option_kinds() -> dict[str, Any]:
+    """The builder options :class:`UNetModel` reads: name -> its type, or
+    the tuple of the values it takes (for callers that check options given
+    as text, e.g. ``nucleus-bench eval --model_option``)."""
+    plain = WatershedSetting()
+    return {
+        **{f.name: type(getattr(plain, f.name)) for f in fields(WatershedSetting)},
+        "seed_mode": ("threshold", "hmax"),
+        "normalisation": NORMALISATIONS,
+        "tta": int,
+        "precision": PRECISIONS,
+        "device": str,
+    }
+
+
 @dataclass(frozen=True)
 class WatershedSetting:
     """:func:`instances_from_maps` with a model's setting, applied to a

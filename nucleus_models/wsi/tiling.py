@@ -94,6 +94,8 @@ def parse_roi(values: Sequence[float] | str | None) -> Region:
             ) from None
     else:
         vals = [float(v) for v in values]
+    if not all(math.isfinite(v) for v in vals):
+        raise ParameterError(f"analysis_roi must be finite numbers, got {values!r}")
     if not vals or (len(vals) == 4 and all(v == -1 for v in vals)):
         return Region(-1, -1, -1, -1)
     if len(vals) == 6:

@@ -1,0 +1,170 @@
+"""``nucleus-bench eval`` on bad input: one ``error:`` line, a non-zero exit, nothing written.
+
+Also what an output folder holds after a run that replaces an earlier one,
+or after an interrupted one. Real MoNuSeg data from ``../shared/data``
+(missing data fails the tests); at most one image is segmented.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from benchmark.__main__ import main
+
+# a folder no one may write in, root included (sysfs)
+UNWRITABLE = Path("/sys")
+
+
+@pytest.fixture(scope="module")
+def monuseg_root(shared_data: Path) -> Path:
+    root = shared_data / "monuseg2018" / "train"
+    assert (root / "images").is_dir(), f"missing shared data: {root}"
+    return root
+
+
+def _eval(
+    root: Path, out: Path, *extra: str, model: str = "classical-he", limit: str = "1"
+) -> list[str]:
+    return ["eval", "--dataset", "monuseg", "--root", str(root), "--model", model,
+            "--out", str(out), "--limit", limit, "--quiet", "--no_report", *extra]  # fmt: skip
+
+
+def _one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("error: "), err
+    return err
+
+
+@pytest.mark.parametrize(
+    ("model", "option", "words"),
+    [
+        ("classical-he", "foreground_threshold=abc", ["foreground_threshold", "a number"]),
+        ("classical-he", "min_nucleus_area=20.5", ["min_nucleus_area", "an integer"]),
+        ("unet-monuseg", "precision=int4", ["precision", "float32, bfloat16, int8"]),
+        # unknown keys: named, with the model's own
+        ("classical-he", "bogus=3", ["'bogus'", "foreground_threshold", "min_radius"]),
+        ("unet-monuseg", "foreground_threshold=80", ["'foreground_threshold'", "fg_threshold"]),
+    ],
+)
+def test_a_bad_model_option_is_refused_before_anything_is_written(
+    monuseg_root: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    model: str,
+    option: str,
+    words: list[str],
+) -> None:
+    out = tmp_path / "out"
+    assert main(_eval(monuseg_root, out, "--model_option", option, model=model)) == 2
+    err = _one_error_line(capsys)
+    assert all(w in err for w in words), err
+    assert not out.exists()
+
+
+def test_model_options_are_read_as_the_types_the_model_takes() -> None:
+    from benchmark.evaluate import check_model_options
+    from nucleus_models.models import get_spec
+
+    given = {"foreground_threshold": "80", "min_nucleus_area": 30.0}
+    checked = check_model_options(get_spec("classical-he"), given)
+    assert checked == {"foreground_threshold": 80.0, "min_nucleus_area": 30}
+    assert type(checked["min_nucleus_area"]) is int
+    unet = {"fg_threshold": 0.6, "seed_mode": "hmax", "tta": 1.0, "device": "cpu"}
+    assert check_model_options(get_spec("unet-monuseg"), unet) == {**unet, "tta": 1}
+
+
+@pytest.mark.parametrize("where", ["a file", "under a file", "unwritable"])
+def test_an_out_that_cannot_be_written_is_one_line(
+    monuseg_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], where: str
+) -> None:
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("keep")
+    out = {"a file": a_file, "under a file": a_file / "out", "unwritable": UNWRITABLE}[where]
+    assert main(_eval(monuseg_root, out)) == 2
+    err = _one_error_line(capsys)
+    assert str(out) in err
+    assert a_file.read_text() == "keep" and sorted(tmp_path.iterdir()) == [a_file]
+
+
+@pytest.mark.parametrize(
+    ("limit", "mpp", "words"),
+    [
+        ("0", [], "limit must be at least 1"),
+        ("-1", [], "limit must be at least 1"),
+        ("1", ["--mpp", "-1"], "mpp must be positive"),
+        ("1", ["--mpp", "0"], "mpp must be positive"),
+    ],
+)
+def test_limit_and_mpp_out_of_range_are_refused(
+    monuseg_root: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    limit: str,
+    mpp: list[str],
+    words: str,
+) -> None:
+    out = tmp_path / "out"
+    assert main(_eval(monuseg_root, out, *mpp, limit=limit)) == 2
+    assert words in _one_error_line(capsys)
+    assert not out.exists()
+
+
+def test_a_root_that_is_a_file_is_called_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "image.tif"
+    root.write_bytes(b"")
+    assert main(_eval(root, tmp_path / "out")) == 2
+    err = _one_error_line(capsys)
+    assert "not a folder" in err and "does not exist" not in err
+
+
+def _earlier_run(out: Path) -> None:
+    """An earlier run's outputs: two predictions and their metrics."""
+    (out / "predictions").mkdir(parents=True)
+    for sid in ("earlier-a", "earlier-b"):
+        tifffile.imwrite(out / "predictions" / f"{sid}.tif", np.zeros((4, 4), np.uint32))
+    (out / "metrics.json").write_text('{"rows": [{"id": "earlier-a"}, {"id": "earlier-b"}]}')
+
+
+def test_a_run_replaces_the_predictions_of_an_earlier_one(
+    monuseg_root: Path, tmp_path: Path
+) -> None:
+    """A smaller run into the folder of a larger one leaves no stale predictions."""
+    out = tmp_path / "out"
+    _earlier_run(out)
+    assert main(_eval(monuseg_root, out)) == 0
+    rows = json.loads((out / "metrics.json").read_text())["rows"]
+    assert len(rows) == 1
+    assert sorted(p.name for p in (out / "predictions").iterdir()) == [f"{rows[0]['id']}.tif"]
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "predictions"]
+
+
+def test_ctrl_c_is_one_line_exit_130_and_keeps_the_earlier_run(
+    monuseg_root: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import nucleus_models.detection
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(nucleus_models.detection, "segment_image", interrupted)
+    out = tmp_path / "out"
+    _earlier_run(out)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    try:
+        rc = main(_eval(monuseg_root, out))
+    except KeyboardInterrupt:
+        rc = None
+    assert rc == 130
+    assert _one_error_line(capsys) == "error: interrupted"
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "predictions"]
