@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -139,8 +140,28 @@ class DetectionResult:
             "class_counts": counts,
             "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
             "runtime": dict(self.runtime),
+            "libraries": library_versions(),
             "warnings": list(self.warnings),
         }
+
+
+#: libraries whose version can change a run's nuclei (when the run imported them)
+_LIBRARIES = ("torch", "histomicstk", "large_image", "numpy", "scipy", "skimage", "cv2")
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries in :data:`_LIBRARIES` this process has imported.
+
+    int8 results, for one, depend on PyTorch's quantized kernels, and the
+    Docker image's PyTorch is not CI's.
+    """
+    out = {}
+    for name in _LIBRARIES:
+        module = sys.modules.get(name)
+        version = getattr(module, "__version__", None) if module is not None else None
+        if version:
+            out[name] = str(version)
+    return out
 
 
 Progress = Callable[[float], None]
@@ -289,6 +310,13 @@ def detect_nuclei(params: DetectionParams, *, progress: Progress | None = None) 
         model_runtime(model)["device"],
         detachable=model.postprocessor() is not None,
     )
+    from .wsi.runner import available_cores
+
+    if ":" not in scheduler and workers > 2 * available_cores():
+        warn(
+            f"num_workers {workers} is more than twice the {available_cores()} cores this run"
+            " may use: each worker holds its own tiles in memory (~0.26 GB), for no speed"
+        )
     stages: dict[str, float] = {}
     nuclei = run_tiles(
         job,

@@ -144,6 +144,13 @@ def test_end_to_end_on_cmu_small_region(shared_data: Path, tmp_path: Path) -> No
     assert np.median(off) < 1.0 and off.max() < 10
     assert doc["attributes"]["slide"]["mpp"] == pytest.approx(0.499, abs=1e-3)
     assert doc["attributes"]["warnings"] == [] and "WARNING" not in res.stderr
+    # the versions of the libraries the run imported (the image's are not CI's)
+    import histomicstk
+    import large_image
+
+    libraries = doc["attributes"]["libraries"]
+    assert libraries["histomicstk"] == histomicstk.__version__
+    assert libraries["large_image"] == large_image.__version__ and "numpy" in libraries
 
 
 def test_end_to_end_on_monuseg_image_finds_the_annotated_nuclei(
@@ -263,6 +270,7 @@ def _bad_cases(tmp: Path, shared: Path) -> dict[str, tuple[list[str], str]]:
         "mpp too fine": ([sample, "--input_mpp", "0.0001"], "input_mpp must be"),
         "mpp not a number": ([sample, "--input_mpp", "nan"], "input_mpp must be"),
         "roi infinite": ([sample, "--analysis_roi", "0,0,inf,10"], "finite"),
+        "roi flat polygon": ([sample, "--analysis_roi", "0,0,10,10,20,20,30,30"], "no area"),
         "tile fraction": ([sample, "--min_fgnd_frac", "5"], "min_fgnd_frac"),
         "tile size 0": ([sample, "--analysis_tile_size", "0"], "analysis_tile_size must be"),
         "batch size": ([sample, "--batch_size", "-9"], "batch_size must be"),
@@ -321,6 +329,21 @@ def test_bad_output_paths_fail_before_the_analysis(tmp_path: Path) -> None:
     assert list((tmp_path / "folder.anot").iterdir()) == []
 
 
+def test_histomicstk_baseline_runs_quietly(tmp_path: Path) -> None:
+    """HistomicsTK's Kofahi detector through the CLI: nuclei, and a clean job
+    log (its scikit-image deprecation warnings are nothing a user can act on)."""
+    out = tmp_path / "k.anot"
+    res = run_cli(
+        "NucleusDetection", str(REPO / "samples" / "CMU-1-Small-Region-crop.tif"), str(out),
+        "--model", "histomicstk-kofahi", "--analysis_roi", "0,0,400,400",
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert res.stderr == ""
+    doc = json.loads(out.read_text())
+    # at its documented 20x defaults it finds about one nucleus in four (EXPERIMENTS.md)
+    assert len(doc["elements"]) > 0 and doc["attributes"]["model"]["name"] == "histomicstk-kofahi"
+
+
 def test_settings_a_model_does_not_use_are_reported(tmp_path: Path) -> None:
     """The classical models' thresholds given to a U-Net, and --device cuda to
     a CPU-only model: the run says so in its warnings (its parameters record
@@ -337,10 +360,12 @@ def test_settings_a_model_does_not_use_are_reported(tmp_path: Path) -> None:
     res = run_cli(
         "NucleusDetection", str(sample), str(out), "--analysis_roi", "0,0,300,300",
         "--model", "classical-he", "--device", "cuda", "--min_radius", "3",
+        "--num_workers", "500",
     )  # fmt: skip
     assert res.returncode == 0, res.stderr
-    warnings = json.loads(out.read_text())["attributes"]["warnings"]
-    assert warnings == ["model classical-he runs on the cpu only: --device cuda was not used"]
+    device, workers = json.loads(out.read_text())["attributes"]["warnings"]
+    assert device == "model classical-he runs on the cpu only: --device cuda was not used"
+    assert workers.startswith("num_workers 500 is more than twice the")
 
 
 def test_library_rejects_unknown_model() -> None:

@@ -225,4 +225,13 @@ def _build_classical_he(**options: Any) -> NucleusModel:
 
 @register_model(HISTOMICSTK_KOFAHI)
 def _build_histomicstk_kofahi(**options: Any) -> NucleusModel:
+    import warnings
+
+    # HistomicsTK's max_clustering reads a scikit-image property under its
+    # deprecated name: two FutureWarnings on every run, nothing a user can act on
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`RegionProperties\.weighted_centroid` is deprecated",
+        category=FutureWarning,
+    )
     return HistomicsKofahi(HISTOMICSTK_KOFAHI, **options)

@@ -119,7 +119,13 @@ def parse_roi(values: Sequence[float] | str | None) -> Region:
             if len(current) > 1 and np.array_equal(current[0], current[-1]):
                 current.pop()
             if len(current) >= 3:
-                polys.append(np.array(current))
+                poly = np.array(current)
+                xs, ys = poly[:, 0], poly[:, 1]  # shoelace: a polygon without area
+                if abs(np.dot(xs, np.roll(ys, 1)) - np.dot(ys, np.roll(xs, 1))) == 0:
+                    raise ParameterError(
+                        f"analysis_roi polygon encloses no area (e.g. its vertices lie on a line): {vals}"
+                    )
+                polys.append(poly)
             current = []
         elif not current or not np.array_equal(p, current[-1]):
             current.append(p)
