@@ -19,7 +19,14 @@ from typing import Any, NoReturn
 
 from .errors import NucleusModelsError
 
-__all__ = ["build_parser", "run_cli", "fail", "join_negative_values"]
+__all__ = [
+    "Terminated",
+    "build_parser",
+    "fail",
+    "handle_termination",
+    "join_negative_values",
+    "run_cli",
+]
 
 log = logging.getLogger("nucleus_models.cli")
 
@@ -42,6 +49,27 @@ def build_parser(xml_path: str) -> Any:
             fail(f"{os.path.basename(xml_path)[:-4]}: {message}")
 
     return _Parser(xml_path)
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived (a job cancelled in HistomicsUI, ``docker stop``)."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+def handle_termination() -> None:
+    """Make SIGTERM raise :class:`Terminated` in the main thread.
+
+    Cancelling a job stops its container with SIGTERM. Python ignores it as
+    a container's first process (and dies at once elsewhere), so ``finally``
+    blocks never ran: downloaded slides stayed in the temporary folder and a
+    folder job's lease held the folder. Raised as an exception, they run.
+    """
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminate)
 
 
 #: a comma-separated list of numbers, e.g. the whole-slide region "-1,-1,-1,-1"
@@ -82,6 +110,7 @@ def run_cli(main: Callable[[Any], Any], script_file: str) -> None:
     )
     for noisy in ("large_image", "distributed", "tornado", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    handle_termination()
     parser = build_parser(os.path.splitext(os.path.abspath(script_file))[0] + ".xml")
     args = parser.parse_args(join_negative_values(sys.argv[1:]))
     try:
@@ -103,6 +132,8 @@ def run_cli(main: Callable[[Any], Any], script_file: str) -> None:
         fail("GPU out of memory: use a smaller batch_size or analysis_tile_size")
     except KeyboardInterrupt:
         fail("interrupted", 130)
+    except Terminated:
+        fail("terminated (SIGTERM: the job was cancelled or its container stopped)", 143)
     except OSError as exc:  # a full disk, a folder that vanished, permissions
         log.debug("OSError", exc_info=True)
         where = f": {exc.filename}" if exc.filename else ""

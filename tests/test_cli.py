@@ -329,6 +329,34 @@ def test_bad_output_paths_fail_before_the_analysis(tmp_path: Path) -> None:
     assert list((tmp_path / "folder.anot").iterdir()) == []
 
 
+def test_a_cancelled_run_writes_nothing(shared_data: Path, tmp_path: Path) -> None:
+    """SIGTERM mid-run (a job cancelled in HistomicsUI stops its container):
+    one error line, exit 143, no output and no temporary file left."""
+    import signal
+
+    out = tmp_path / "out"
+    out.mkdir()
+    cmd = [sys.executable, "-m", "cli", "NucleusDetection"]
+    cmd += [str(shared_data / "wsi" / "CMU-1-Small-Region.svs"), str(out / "n.anot")]
+    cmd += ["--model", "classical-he", "--nuclei_csv", str(out / "n.csv"), "--num_workers", "1"]
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # the analysis has started
+            if line.startswith("<filter-progress>"):
+                break
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: terminated"), err
+    assert list(out.iterdir()) == []
+
+
 def test_histomicstk_baseline_runs_quietly(tmp_path: Path) -> None:
     """HistomicsTK's Kofahi detector through the CLI: nuclei, and a clean job
     log (its scikit-image deprecation warnings are nothing a user can act on)."""

@@ -523,6 +523,39 @@ def test_folder_job_killed_and_rerun(girder: GirderServer, slides: dict[str, Pat
     assert {r["status"] for r in summary_rows(client, folder["_id"])} == {"done", "skipped"}
 
 
+def test_a_cancelled_cron_job_cleans_up(
+    girder: GirderServer, slides: dict[str, Path], tmp_path: Path
+) -> None:
+    """SIGTERM (a job cancelled in HistomicsUI, ``docker stop``) mid-job: one
+    error line, exit 143, the downloaded slide removed and the folder's lease
+    given back, so the next run starts at once."""
+    import signal
+
+    folder = _folder(girder, slides, ["disks0", "disks1", "disks2", "cmu"], "cancel")
+    work = tmp_path / "work"
+    work.mkdir()
+    proc = _cron(girder, folder["_id"], "--workdir", str(work))
+    watchdog = threading.Timer(180, proc.kill)
+    watchdog.start()
+    try:
+        assert proc.stderr is not None
+        log = []
+        for line in proc.stderr:  # stop it after the first slide's push
+            log.append(line)
+            if "pushed" in line:
+                break
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.stderr.read()
+        proc.wait(timeout=60)
+    finally:
+        watchdog.cancel()
+        proc.kill()
+    assert proc.returncode == 143, "".join(log) + rest
+    assert rest.strip().splitlines()[-1] == "error: terminated (SIGTERM)"
+    assert list(work.iterdir()) == []  # no slide left behind
+    assert _lease_of(_client(girder), folder["_id"]) is None
+
+
 def _slicer(girder: GirderServer, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "cli", "NucleusFolderJob", *args, "--api-url", girder.api_url],

@@ -100,7 +100,7 @@ class _ProgressLog:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command; returns the exit status."""
-    from ..cli_support import fail, join_negative_values
+    from ..cli_support import Terminated, fail, handle_termination, join_negative_values
     from ..errors import NucleusModelsError
     from .client import TOKEN_ENV, RetryPolicy, connect, install_log_redaction
     from .folder_job import FolderJobParams, run_folder_job, summary_name
@@ -115,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     install_log_redaction()
 
+    if argv is None:  # run as a command, not called from Python
+        handle_termination()
     ns: Any = build_parser().parse_args(
         join_negative_values(sys.argv[1:] if argv is None else argv)
     )
@@ -131,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         fail(str(exc))
     except KeyboardInterrupt:
         fail("interrupted", 130)
+    except Terminated:
+        fail("terminated (SIGTERM)", 143)
     failed = [o for o in outcomes if o.status == "failed"]
     log.info(
         "%d item(s): %d done, %d skipped, %d failed, %d not analysed; summary in %s",
