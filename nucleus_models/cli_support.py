@@ -137,4 +137,4 @@ def run_cli(main: Callable[[Any], Any], script_file: str) -> None:
     except OSError as exc:  # a full disk, a folder that vanished, permissions
         log.debug("OSError", exc_info=True)
         where = f": {exc.filename}" if exc.filename else ""
-        fail(f"{exc.strerror or exc or type(exc).__name__}{where}")
+        fail(f"{exc.strerror or str(exc) or type(exc).__name__}{where}")

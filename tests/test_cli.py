@@ -10,6 +10,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -338,7 +339,8 @@ def test_a_cancelled_run_writes_nothing(shared_data: Path, tmp_path: Path) -> No
     out.mkdir()
     cmd = [sys.executable, "-m", "cli", "NucleusDetection"]
     cmd += [str(shared_data / "wsi" / "CMU-1-Small-Region.svs"), str(out / "n.anot")]
-    cmd += ["--model", "classical-he", "--nuclei_csv", str(out / "n.csv"), "--num_workers", "1"]
+    # two worker threads: the queued batches are dropped, not run before exiting
+    cmd += ["--model", "classical-he", "--nuclei_csv", str(out / "n.csv"), "--num_workers", "2"]
     proc = subprocess.Popen(
         cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
@@ -348,10 +350,13 @@ def test_a_cancelled_run_writes_nothing(shared_data: Path, tmp_path: Path) -> No
             if line.startswith("<filter-progress>"):
                 break
         proc.send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
         _, err = proc.communicate(timeout=60)
+        waited = time.monotonic() - t0
     finally:
         proc.kill()
     assert proc.returncode == 143, err
+    assert waited < 8, waited  # docker's SIGKILL comes 10 s after SIGTERM
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: terminated"), err
     assert list(out.iterdir()) == []

@@ -449,13 +449,15 @@ def run_tiles(
         from concurrent.futures import as_completed
 
         workers = resolve_workers(num_workers)
-        with (
-            _torch_threads(max(1, available_cores() // workers)),
-            ThreadPoolExecutor(max_workers=workers) as pool,
-        ):
-            futs = {pool.submit(process_tiles, job, b): len(b) for b in batches}
-            for fut in as_completed(futs):
-                collect(fut.result(), futs[fut])
+        with _torch_threads(max(1, available_cores() // workers)):
+            pool = ThreadPoolExecutor(max_workers=workers)
+            try:
+                futs = {pool.submit(process_tiles, job, b): len(b) for b in batches}
+                for fut in as_completed(futs):
+                    collect(fut.result(), futs[fut])
+            finally:
+                # an error or SIGTERM: the queued batches are not run first
+                pool.shutdown(wait=True, cancel_futures=True)
     elif sched == "multiprocessing" or "://" in sched or ":" in sched:
         _run_dask(job, batches, sched, num_workers, collect)
     else:
