@@ -795,6 +795,32 @@ def test_a_run_whose_lease_was_taken_stops_before_the_next_slide(
     assert tried == ["disks0.tif"] and _lease_of(client, folder["_id"])["run"] == "newer"
 
 
+def test_a_run_reads_the_lease_before_each_slide(
+    girder: GirderServer, slides: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two runs that both read their own write back (a slow server) are
+    settled before the next slide, not at the next heartbeat 30 s later: the
+    run whose write was overwritten stops and leaves the other's lease."""
+    from nucleus_models.dsa import folder_job, lease
+
+    folder = _folder(girder, slides, ["disks0", "disks1"], "raced")
+    client = _client(girder)
+    assert lease.HEARTBEAT_EVERY_S >= 30
+    real = folder_job._process
+    tried: list[str] = []
+
+    def overwritten(client: Any, params: Any, item: dict[str, Any], *args: Any) -> Any:
+        tried.append(item["name"])
+        _set_lease(client, folder["_id"], run="simultaneous")
+        return real(client, params, item, *args)
+
+    monkeypatch.setattr(folder_job, "_process", overwritten)
+    params = FolderJobParams(inputFolder=folder["_id"], nuclei_annotation_format="point")
+    with pytest.raises(lease.FolderBusy, match="same moment.* before item 2/2"):
+        run_folder_job(client, params)
+    assert tried == ["disks0.tif"] and _lease_of(client, folder["_id"])["run"] == "simultaneous"
+
+
 def test_cron_and_slicer_cli_while_another_run_holds_the_folder(
     girder: GirderServer, slides: dict[str, Path]
 ) -> None:

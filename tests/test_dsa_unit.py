@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -272,17 +273,95 @@ def test_a_lease_is_dead_only_when_its_process_is_gone_from_this_host() -> None:
     name but not its PID namespace, is never judged by a local PID."""
     import socket
 
-    from nucleus_models.dsa.lease import _dead_here, _pid_namespace
+    from nucleus_models.dsa.lease import _boot_id, _dead_here, _pid_namespace
 
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
-    here = {"host": socket.gethostname(), "pidns": _pid_namespace()}
-    assert here["pidns"]  # Linux
+    here = {"host": socket.gethostname(), "boot": _boot_id(), "pidns": _pid_namespace()}
+    assert here["pidns"] and here["boot"]  # Linux
     assert _dead_here({**here, "pid": gone.pid})
     assert not _dead_here({**here, "pid": os.getpid()})
     assert not _dead_here({**here, "pidns": "4026531836x", "pid": gone.pid})
     assert not _dead_here({**here, "host": "elsewhere", "pid": gone.pid})
+    # a VM cloned from this one (same name, same initial PID namespace), or this
+    # host before a reboot: its PIDs are not this boot's
+    assert not _dead_here({**here, "boot": "0" * 8 + here["boot"][8:], "pid": gone.pid})
     assert not _dead_here({"host": here["host"], "pid": gone.pid})  # written without pidns
+    assert not _dead_here({k: here[k] for k in ("host", "pidns")} | {"pid": gone.pid})
+
+
+class _FolderMeta:
+    """A Girder stand-in holding one folder's metadata; ``fail`` maps a call
+    number (1-based, GETs and PUTs together) to the exception it raises."""
+
+    def __init__(self, fail: dict[int, BaseException] | None = None):
+        self.meta: dict[str, Any] = {}
+        self.calls = 0
+        self.fail = fail or {}
+
+    def _call(self) -> None:
+        self.calls += 1
+        if self.calls in self.fail:
+            raise self.fail[self.calls]
+
+    def get(self, path: str) -> dict[str, Any]:
+        self._call()
+        return {"_id": "f1", "name": "cases", "meta": dict(self.meta)}
+
+    def sendRestRequest(self, method: str, path: str, json: dict[str, Any]) -> None:  # noqa: N802
+        self._call()
+        for k, v in json.items():
+            if v is None:
+                self.meta.pop(k, None)
+            else:
+                self.meta[k] = v
+
+
+def test_a_lease_whose_read_back_fails_is_not_left_behind(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server dropping the read-back after the lease was written (or a
+    SIGTERM in that moment) removes it again: other runs are not kept out
+    for the stale time by a run that never started."""
+    from nucleus_models.dsa import lease
+    from nucleus_models.dsa.client import DSAError
+
+    monkeypatch.setattr(lease, "SETTLE_S", 0.0)
+    folder = {"_id": "f1", "name": "cases"}
+    for exc in (DSAError("GET folder/f1: 502 Bad Gateway"), KeyboardInterrupt()):
+        girder = _FolderMeta(fail={3: exc})  # 1 GET, 2 PUT (written), 3 GET (read back)
+        with pytest.raises(type(exc)):
+            lease.FolderLease.acquire(girder, folder, "NucleusDetection")  # type: ignore[arg-type]
+        assert girder.meta == {} and girder.calls == 5  # read again, then removed
+    girder = _FolderMeta()
+    held = lease.FolderLease.acquire(girder, folder, "NucleusDetection")  # type: ignore[arg-type]
+    assert set(girder.meta) == {lease.lease_field("NucleusDetection")}
+    held.release()
+    assert girder.meta == {}
+
+
+def test_a_heartbeat_that_errs_keeps_beating_and_a_removed_lease_is_written_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from nucleus_models.dsa import lease
+
+    monkeypatch.setattr(lease, "SETTLE_S", 0.0)
+    girder = _FolderMeta()
+    held = lease.FolderLease.acquire(girder, {"_id": "f1"}, "k")  # type: ignore[arg-type]
+    held._stop.set()  # no thread: the test beats by hand
+    held._thread.join()  # type: ignore[union-attr]
+    held._stop.clear()
+    field = lease.lease_field("k")
+    girder.fail = {girder.calls + 1: ValueError("Expecting value: line 1 column 1 (char 0)")}
+    held.beat()  # a garbled answer (not a DSAError) is logged, not raised
+    before = girder.meta[field]["heartbeat_epoch"]
+    time.sleep(0.01)
+    held.beat()
+    assert girder.meta[field]["heartbeat_epoch"] > before and not held.lost
+    girder.meta.clear()  # someone removed the metadata key by hand
+    assert not held.check() and girder.meta[field]["run"] == held.run_id
+    girder.meta[field] = {**girder.meta[field], "run": "newer"}
+    assert held.check() and held.lost
+    held.beat()  # never takes the lease back from the newer run
+    assert girder.meta[field]["run"] == "newer"
 
 
 def _cron(*args: str, token: str | None = TOKEN) -> subprocess.CompletedProcess[str]:

@@ -471,10 +471,11 @@ def _run_items(
         def sub(frac: float, i: int = i) -> None:
             report((i + min(max(frac, 0.0), 1.0) * 0.95) / max(len(items), 1))
 
-        if lease.lost:
+        if lease.check():  # read now: a heartbeat may be 30 s away
             raise FolderBusy(
                 f"folder {folder['name']!r}: another run of {key} took the folder over"
-                f" (this one went unheard too long); stopped before {label}"
+                f" (this one went unheard too long, or both started at the same moment);"
+                f" stopped before {label}"
             )
         try:
             rec = None if params.force else _done_record(client, item, key, phash)

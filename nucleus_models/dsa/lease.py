@@ -3,17 +3,27 @@
 A cron run that outlasts its interval, or a second click in HistomicsUI,
 would otherwise analyse every slide the first run has not finished yet a
 second time, in lockstep with it. :meth:`FolderLease.acquire` writes
-``folder.meta["nucleus_models_run_<analysis_key>"]`` (run id, host, start and
-heartbeat times; one metadata key per analysis key, which Girder's metadata
-PUT replaces alone, so runs of other keys never overwrite it) and refuses with :class:`FolderBusy` while another run's
-heartbeat is fresh; a thread of the run renews it every
-:data:`HEARTBEAT_EVERY_S` (downloads and pushes included) and the run removes
-it at the end. A run that died leaves a lease that goes stale after
-:data:`STALE_AFTER_S` without a heartbeat and is then taken over; on the
-same host (and PID namespace: containers with the host's name have their own)
-a lease whose process is gone is taken over at once. Hosts'
-clocks are compared, so they should agree to within a minute. Two runs that start within the same moment both write and read back:
-the one whose write landed last keeps the lease, the other gives way.
+``folder.meta["nucleus_models_run_<analysis_key>"]`` (run id, host, boot,
+PID, start and heartbeat times) and refuses with :class:`FolderBusy` while
+another run's heartbeat is fresh. A thread of the run renews it every
+:data:`HEARTBEAT_EVERY_S` (downloads and pushes included), the run reads it
+back before each slide (:meth:`FolderLease.check`) and stops if another run
+holds it, and it removes the lease at the end.
+
+A run that died leaves a lease that goes stale after :data:`STALE_AFTER_S`
+without a heartbeat and is then taken over; a lease written from this host,
+boot and PID namespace (containers with the host's name have their own
+namespace, a cloned VM its own boot id) whose process is gone is taken over
+at once.
+
+Limits: hosts' clocks are compared, so they should agree to within a minute.
+Two runs that start within the same moment both write and read back; the one
+whose write landed last keeps the lease, the other gives way (at the latest
+before its first slide). Girder's metadata PUT reads and rewrites the whole
+folder document, so two writes to one folder's metadata within the same
+instant (another key's lease, a person editing metadata) can undo one of them:
+a lost heartbeat is repaired by the next one, and a lease whose removal was
+undone goes stale and is taken over.
 """
 
 from __future__ import annotations
@@ -65,10 +75,19 @@ def _pid_namespace() -> str:
         return ""
 
 
+def _boot_id() -> str:
+    """This boot of this machine (a cloned VM or image keeps the host name, not this)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
 def _dead_here(lease: dict[str, Any]) -> bool:
-    """The lease names a process of this host and PID namespace that no longer runs."""
-    here = (socket.gethostname(), _pid_namespace())
-    if (lease.get("host"), lease.get("pidns")) != here or not here[1]:
+    """The lease names a process of this host, boot and PID namespace that no longer runs."""
+    here = (socket.gethostname(), _boot_id(), _pid_namespace())
+    if (lease.get("host"), lease.get("boot"), lease.get("pidns")) != here or not all(here):
         return False
     if not isinstance(lease.get("pid"), int):
         return False
@@ -127,9 +146,13 @@ class FolderLease:
                 age,
             )
         lease = cls(client, fid, key, uuid.uuid4().hex)
-        lease._write(now, started=now)
-        time.sleep(SETTLE_S)
-        held = _lease(client, fid, key)
+        try:
+            lease._write(now, started=now)
+            time.sleep(SETTLE_S)
+            held = _lease(client, fid, key)
+        except BaseException:  # the server went away, or a SIGTERM: leave no lease behind
+            lease.release()
+            raise
         if held.get("run") != lease.run_id:  # a run that started at the same moment won
             raise FolderBusy(
                 f"folder {name!r}: another run of {key} started at the same moment "
@@ -152,6 +175,7 @@ class FolderLease:
         mine.update(
             run=self.run_id,
             host=socket.gethostname(),
+            boot=_boot_id(),
             pid=os.getpid(),
             pidns=_pid_namespace(),
             heartbeat=_iso(now),
@@ -163,14 +187,29 @@ class FolderLease:
 
     def beat(self) -> None:
         """Renew the heartbeat (sets :attr:`lost` if another run has taken
-        the lease); never raises (logs instead)."""
+        the lease); never raises (logs instead: a heartbeat thread that died
+        would let the lease go stale unnoticed)."""
         with self._lock:
             if self._stop.is_set():
                 return
             try:
                 self._write(time.time())
-            except (DSAError, OSError) as exc:
+            except Exception as exc:  # any error: the thread must go on beating
                 log.warning("folder %s: could not renew the lease: %s", self.folder_id, exc)
+
+    def check(self) -> bool:
+        """Read the lease now; True (and :attr:`lost` set) when another run holds
+        it. A read that fails keeps the last answer (the heartbeat goes on)."""
+        with self._lock:
+            if not self.lost:
+                try:
+                    held = _lease(self.client, self.folder_id, self.key)
+                    if not held:  # removed meanwhile (a metadata edit): written again
+                        self._write(time.time())
+                    self.lost = self.lost or (bool(held) and held.get("run") != self.run_id)
+                except (DSAError, OSError) as exc:
+                    log.warning("folder %s: could not read the lease: %s", self.folder_id, exc)
+        return self.lost
 
     def release(self) -> None:
         """Stop the heartbeat and remove the lease if it is still this run's;
@@ -182,5 +221,5 @@ class FolderLease:
             try:
                 if _lease(self.client, self.folder_id, self.key).get("run") == self.run_id:
                     _put(self.client, self.folder_id, self.key, None)
-            except (DSAError, OSError) as exc:
+            except Exception as exc:  # never hides the run's own error
                 log.warning("folder %s: could not remove the lease: %s", self.folder_id, exc)
