@@ -687,7 +687,9 @@ def _tissue_windows(
 def _in_polygons(points: np.ndarray, polygons: tuple[np.ndarray, ...]) -> np.ndarray:
     import shapely
 
-    geom = shapely.union_all([shapely.Polygon(p) for p in polygons])
+    from .wsi.tiling import polygon_geometry
+
+    geom = shapely.union_all([polygon_geometry(p) for p in polygons])
     return shapely.contains_xy(geom, points[:, 0], points[:, 1])
 
 

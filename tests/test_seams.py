@@ -10,6 +10,7 @@ import pytest
 from scipy.optimize import linear_sum_assignment
 
 from nucleus_models.detection import DetectionParams, detect_nuclei
+from nucleus_models.errors import ParameterError
 
 
 def _match(found: np.ndarray, truth: np.ndarray, tol: float = 1.5) -> tuple[int, int, int]:
@@ -139,6 +140,29 @@ def test_roi_rectangle_and_polygon(disk_slide) -> None:
     want = centres[shapely.contains_xy(poly, centres[:, 0], centres[:, 1])]
     tp, fp, fn = _match(res.nuclei.centroids, want)
     assert (fp, fn) == (0, 0) and tp == len(want) > 10
+    # drawn by hand: a bow-tie, a lasso whose stroke crossed itself and a
+    # square, as one ROI; each crossing polygon is read even-odd (its lobes)
+    bow = [0, 0, 300, 300, 300, 0, 0, 300]
+    lasso = [400, 400, 700, 400, 700, 700, 550, 700, 550, 250, 450, 250]
+    square = [100, 500, 300, 500, 300, 700, 100, 700]
+    res = _run(path, analysis_roi=[*bow, -1, -1, *lasso, -1, -1, *square], analysis_tile_size=200)
+    geom = shapely.union_all(
+        [shapely.make_valid(shapely.Polygon(np.reshape(p, (-1, 2)))) for p in (bow, lasso, square)]
+    )
+    want = centres[shapely.contains_xy(geom, centres[:, 0], centres[:, 1])]
+    tp, fp, fn = _match(res.nuclei.centroids, want)
+    assert (fp, fn) == (0, 0) and tp == len(want) > 10
+
+
+def test_self_crossing_roi_polygons_are_their_lobes() -> None:
+    from nucleus_models.wsi.tiling import parse_roi
+
+    bow = parse_roi([0, 0, 100, 100, 100, 0, 0, 100])  # its shoelace sum is 0
+    assert bow.as_list() == [0, 0, 101, 101] and len(bow.polygons) == 1
+    with pytest.raises(ParameterError, match="no area"):
+        parse_roi([0, 0, 10, 10, 20, 20, 30, 30])
+    with pytest.raises(ParameterError, match="no area"):
+        parse_roi([0, 0, 10, 0, 10, 10, 10, 0])  # out and back along one line
 
 
 def test_existing_dask_scheduler_by_address(disk_slide) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -23,6 +24,7 @@ __all__ = [
     "Tile",
     "Region",
     "parse_roi",
+    "polygon_geometry",
     "tile_grid",
     "in_core",
 ]
@@ -64,6 +66,15 @@ class Region:
     def as_list(self) -> list[int]:
         """``[left, top, width, height]``."""
         return [self.left, self.top, self.width, self.height]
+
+
+def polygon_geometry(vertices: np.ndarray) -> Any:
+    """A shapely geometry of ``(K, 2)`` vertices; a self-crossing outline
+    becomes the valid (Multi)Polygon of its lobes, read even-odd as
+    :func:`skimage.draw.polygon` fills it."""
+    import shapely
+
+    return shapely.make_valid(shapely.Polygon(vertices))
 
 
 def parse_roi(values: Sequence[float] | str | None) -> Region:
@@ -120,8 +131,9 @@ def parse_roi(values: Sequence[float] | str | None) -> Region:
                 current.pop()
             if len(current) >= 3:
                 poly = np.array(current)
-                xs, ys = poly[:, 0], poly[:, 1]  # shoelace: a polygon without area
-                if abs(np.dot(xs, np.roll(ys, 1)) - np.dot(ys, np.roll(xs, 1))) == 0:
+                # a stroke that crossed itself counts as its lobes (a bow-tie's
+                # signed area is 0, yet it encloses two triangles)
+                if polygon_geometry(poly).area == 0:
                     raise ParameterError(
                         f"analysis_roi polygon encloses no area (e.g. its vertices lie on a line): {vals}"
                     )
