@@ -472,11 +472,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
-    from .training.common import REPO
     from .training.finetune import DEFAULT_LR, DEFAULT_STEPS, finetune_config, write_config
     from .training.run import train_from_config
 
-    out = Path(args.out) if args.out else REPO / "runs" / args.name
+    # as `train`'s default: runs/<name> under the current folder, so that the
+    # README's follow-up `train --config runs/<name>/config.yaml` finds it
+    out = Path(args.out) if args.out else Path("runs") / args.name
     try:
         cfg = finetune_config(
             args.start,

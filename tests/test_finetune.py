@@ -343,3 +343,34 @@ def test_finetune_from_the_fluorescence_model(
     shipped = json.loads((weights / f"{name}.json").read_text())
     assert shipped["cv"]["tuned_on"] == "all" and shipped["cv"]["n_images"] == 3
     assert shipped["spec"]["thresholds"]["diameter_px"] == cfg["data"]["rescale_to_diameter"]
+
+
+def test_finetune_writes_its_run_where_train_looks_for_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """Without --out both commands use runs/<name> under the current folder,
+    so the README's `train --config runs/<name>/config.yaml` follow-up finds
+    the config wherever the user works (not in the installed package's tree)."""
+    from PIL import Image
+
+    from benchmark.__main__ import main
+
+    root = tmp_path / "mine"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), np.uint8)).save(
+            root / "images" / f"f{i}.png"
+        )
+        lab = np.zeros((64, 64), np.uint16)
+        lab[10:20, 10:20] = 1
+        Image.fromarray(lab).save(root / "masks" / f"f{i}.png")
+    (root / "mpp.txt").write_text("0.25\n")
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    args = ["finetune", "--from", "unet-monuseg", "--root", str(root), "--name", "site-x"]
+    assert main([*args, "--license", "CC BY 4.0", "--config_only"]) == 0
+    assert (work / "runs" / "site-x" / "config.yaml").is_file()
+    assert "config: runs/site-x/config.yaml" in capsys.readouterr().out

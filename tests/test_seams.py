@@ -93,10 +93,15 @@ def test_an_empty_scheduler_runs_a_thread_pool_on_a_cpu_and_one_worker_serially(
         assert effective_scheduler("", 0, "cuda") == ("pipeline", 8)
 
 
-def test_dask_multiprocessing_matches_serial(disk_slide) -> None:
+def test_dask_multiprocessing_matches_serial(disk_slide, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
     path, centres, _ = disk_slide
     serial = _run(path, analysis_tile_size=256, num_workers=1).nuclei
-    dask = _run(path, analysis_tile_size=256, scheduler="multiprocessing", num_workers=2).nuclei
+    with caplog.at_level(logging.INFO):
+        dask = _run(path, analysis_tile_size=256, scheduler="multiprocessing", num_workers=2).nuclei
+    # the cluster's own chatter stays out of the job's log
+    assert not [r for r in caplog.records if r.name.startswith("distributed")], caplog.text
     assert len(dask) == len(serial) == len(centres)
     np.testing.assert_allclose(dask.centroids, serial.centroids, atol=1e-6)
 

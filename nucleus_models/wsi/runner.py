@@ -580,6 +580,27 @@ def _run_dask(
     num_workers: int,
     collect: Callable[[tuple[Nuclei, dict[str, float]], int], None],
 ) -> None:
+    # the cluster's start and stop log ~30 INFO lines (ports, nannies, comms)
+    # into the job's log; its warnings and errors still show. Imported first:
+    # its first import sets its loggers' levels (to INFO) itself.
+    import distributed  # noqa: F401
+
+    quiet = logging.getLogger("distributed")
+    level = quiet.level
+    quiet.setLevel(max(level, logging.WARNING))
+    try:
+        _run_dask_client(job, batches, sched, num_workers, collect)
+    finally:
+        quiet.setLevel(level)
+
+
+def _run_dask_client(
+    job: TileJob,
+    batches: list[list[Tile]],
+    sched: str,
+    num_workers: int,
+    collect: Callable[[tuple[Nuclei, dict[str, float]], int], None],
+) -> None:
     from dask.distributed import Client, LocalCluster, as_completed
 
     cluster = None
