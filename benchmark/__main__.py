@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import json
 import logging
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -533,7 +534,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from nucleus_models.errors import NucleusModelsError
 
     args_list = list(sys.argv[1:] if argv is None else argv)
-    command = " ".join(sys.argv) if argv is None else " ".join(["nucleus-bench", *args_list])
+    # as the user can type it again: `python -m benchmark` and the console
+    # script are the same command (sys.argv[0] is then a path to __main__.py)
+    command = shlex.join(["nucleus-bench", *args_list])
     parser = build_parser(args_list)
     try:
         args = parser.parse_args(args_list)

@@ -274,3 +274,23 @@ def test_models_lists_every_registered_model_with_its_card(
     row = next(line for line in table.splitlines() if line.startswith("unet-monuseg* "))
     assert f"{card['cv']['metrics_at_best']['aji']:.3f}" in row
     assert card["spec"]["sha256"][:12] in row
+
+
+def test_the_recorded_command_can_be_run_again(monuseg_root: Path, tmp_path: Path) -> None:
+    """`python -m benchmark` records itself as `nucleus-bench`, quoted for a
+    shell (not as the path of __main__.py, words split at the spaces)."""
+    import shlex
+
+    out = tmp_path / "my run"
+    args = ["eval", "--dataset", "monuseg", "--root", str(monuseg_root)]
+    args += ["--model", "classical-he", "--limit", "1", "--out", str(out)]
+    res = subprocess.run(
+        [sys.executable, "-m", "benchmark", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr
+    command = json.loads((out / "metrics.json").read_text())["provenance"]["command"]
+    assert shlex.split(command) == ["nucleus-bench", *args]

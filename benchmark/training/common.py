@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import platform
+import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -94,7 +95,7 @@ def invocation_text(default: str) -> str:
     process runs, or ``default`` when training was started some other way
     (from Python)."""
     if len(sys.argv) > 1 and sys.argv[1] in ("train", "finetune"):
-        return "nucleus-bench " + " ".join(sys.argv[1:])
+        return shlex.join(["nucleus-bench", *sys.argv[1:]])
     return default
 
 
