@@ -356,12 +356,71 @@ def test_a_heartbeat_that_errs_keeps_beating_and_a_removed_lease_is_written_agai
     time.sleep(0.01)
     held.beat()
     assert girder.meta[field]["heartbeat_epoch"] > before and not held.lost
+    started = girder.meta[field]["started"]
     girder.meta.clear()  # someone removed the metadata key by hand
     assert not held.check() and girder.meta[field]["run"] == held.run_id
+    assert girder.meta[field]["started"] == started
+    girder.fail = {girder.calls + 1: ValueError("Expecting value: line 1 column 1 (char 0)")}
+    assert not held.check()  # an odd answer is logged; the job goes on
     girder.meta[field] = {**girder.meta[field], "run": "newer"}
     assert held.check() and held.lost
     held.beat()  # never takes the lease back from the newer run
     assert girder.meta[field]["run"] == "newer"
+    girder.meta.clear()  # the newer run ended
+    held.beat()  # nor writes this lost run's lease back
+    assert girder.meta == {}
+
+
+def test_release_does_not_wait_for_a_heartbeat_stuck_on_the_server(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A cancelled job (docker kills it ~10 s after SIGTERM) is not held up
+    by a heartbeat retrying an unanswered server: the lease goes stale."""
+    from nucleus_models.dsa import lease
+
+    monkeypatch.setattr(lease, "SETTLE_S", 0.0)
+    monkeypatch.setattr(lease, "RELEASE_WAIT_S", 0.2)
+    girder = _FolderMeta()
+    held = lease.FolderLease.acquire(girder, {"_id": "f1"}, "k")  # type: ignore[arg-type]
+    stuck, go_on = threading.Event(), threading.Event()
+
+    def hang(path: str) -> dict[str, Any]:
+        stuck.set()
+        go_on.wait(30)
+        return {"meta": dict(girder.meta)}
+
+    monkeypatch.setattr(girder, "get", hang)
+    beat = threading.Thread(target=held.beat)
+    beat.start()
+    assert stuck.wait(10)
+    t0 = time.monotonic()
+    with caplog.at_level(logging.WARNING):
+        held.release()
+    assert time.monotonic() - t0 < 2 and "left to go stale" in caplog.text
+    go_on.set()
+    beat.join(10)
+
+
+def test_a_lease_write_undone_by_another_metadata_write_is_written_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Girder's metadata PUT rewrites the whole folder document: a
+    simultaneous write of another key can undo this lease's write. That is
+    not another run of the key winning: the lease is written again."""
+    from nucleus_models.dsa import lease
+
+    monkeypatch.setattr(lease, "SETTLE_S", 0.0)
+
+    class Undone(_FolderMeta):
+        def sendRestRequest(self, method: str, path: str, json: dict[str, Any]) -> None:  # noqa: N802
+            super().sendRestRequest(method, path, json)
+            if self.calls == 2:
+                self.meta.clear()
+
+    girder = Undone()
+    held = lease.FolderLease.acquire(girder, {"_id": "f1"}, "k")  # type: ignore[arg-type]
+    assert girder.meta[lease.lease_field("k")]["run"] == held.run_id
+    held.release()
 
 
 def _cron(*args: str, token: str | None = TOKEN) -> subprocess.CompletedProcess[str]:

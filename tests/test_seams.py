@@ -168,6 +168,23 @@ def test_self_crossing_roi_polygons_are_their_lobes() -> None:
         parse_roi([0, 0, 10, 10, 20, 20, 30, 30])
     with pytest.raises(ParameterError, match="no area"):
         parse_roi([0, 0, 10, 0, 10, 10, 10, 0])  # out and back along one line
+    # the tissue mask (which tiles run) and the centroid filter read one
+    # geometry: a stroke that retraces itself along a line leaves a block
+    # that shapely keeps and a plain even-odd fill would drop
+    import shapely
+
+    from nucleus_models.detection import _polygon_mask
+    from nucleus_models.wsi.tiling import polygon_geometry
+
+    retrace = np.array(
+        [(10, 10), (190, 10), (190, 190), (10, 190), (10, 100), (120, 100)]
+        + [(120, 60), (80, 60), (80, 140), (10, 140)],
+        float,
+    )
+    mask = _polygon_mask((retrace,), (200, 200), 1.0)
+    yy, xx = np.mgrid[0:200, 0:200]
+    kept = shapely.contains_xy(polygon_geometry(retrace), xx.ravel(), yy.ravel())
+    assert kept.sum() > 25000 and not (kept.reshape(200, 200) & ~mask).any()
 
 
 def test_existing_dask_scheduler_by_address(disk_slide) -> None:

@@ -18,8 +18,8 @@ at once.
 
 Limits: hosts' clocks are compared, so they should agree to within a minute.
 Two runs that start within the same moment both write and read back; the one
-whose write landed last keeps the lease, the other gives way (at the latest
-before its first slide). Girder's metadata PUT reads and rewrites the whole
+whose write landed last keeps the lease, the other gives way (before its
+next slide, if it had started). Girder's metadata PUT reads and rewrites the whole
 folder document, so two writes to one folder's metadata within the same
 instant (another key's lease, a person editing metadata) can undo one of them:
 a lost heartbeat is repaired by the next one, and a lease whose removal was
@@ -50,6 +50,8 @@ LEASE_PREFIX = "nucleus_models_run_"
 STALE_AFTER_S = 150.0
 #: Time between two heartbeats.
 HEARTBEAT_EVERY_S = 30.0
+#: The longest :meth:`FolderLease.release` waits for a heartbeat in progress.
+RELEASE_WAIT_S = 3.0
 #: Wait between writing a lease and reading it back (a simultaneous start's write lands).
 SETTLE_S = 0.5
 
@@ -121,6 +123,7 @@ class FolderLease:
         self._thread: threading.Thread | None = None
         #: another run took the lease over (this one was silent too long): stop
         self.lost = False
+        self.started = time.time()
 
     @classmethod
     def acquire(cls, client: DSAClient, folder: dict[str, Any], key: str) -> FolderLease:
@@ -146,10 +149,14 @@ class FolderLease:
                 age,
             )
         lease = cls(client, fid, key, uuid.uuid4().hex)
+        lease.started = now
         try:
-            lease._write(now, started=now)
-            time.sleep(SETTLE_S)
-            held = _lease(client, fid, key)
+            for _ in range(3):
+                lease._write(now, fresh=True)
+                time.sleep(SETTLE_S)
+                held = _lease(client, fid, key)
+                if held:  # else another metadata write undid this one: write again
+                    break
         except BaseException:  # the server went away, or a SIGTERM: leave no lease behind
             lease.release()
             raise
@@ -166,9 +173,9 @@ class FolderLease:
         while not self._stop.wait(HEARTBEAT_EVERY_S) and not self.lost:
             self.beat()
 
-    def _write(self, now: float, *, started: float | None = None) -> None:
-        mine = _lease(self.client, self.folder_id, self.key) if started is None else {}
-        if started is None and mine and mine.get("run") != self.run_id:
+    def _write(self, now: float, *, fresh: bool = False) -> None:
+        mine = {} if fresh else _lease(self.client, self.folder_id, self.key)
+        if not fresh and mine and mine.get("run") != self.run_id:
             # taken over: this run went without a heartbeat for too long
             self.lost = True
             return
@@ -178,11 +185,10 @@ class FolderLease:
             boot=_boot_id(),
             pid=os.getpid(),
             pidns=_pid_namespace(),
+            started=_iso(self.started),
             heartbeat=_iso(now),
             heartbeat_epoch=now,
         )
-        if started is not None:
-            mine["started"] = _iso(started)
         _put(self.client, self.folder_id, self.key, mine)
 
     def beat(self) -> None:
@@ -190,7 +196,7 @@ class FolderLease:
         the lease); never raises (logs instead: a heartbeat thread that died
         would let the lease go stale unnoticed)."""
         with self._lock:
-            if self._stop.is_set():
+            if self._stop.is_set() or self.lost:  # never written back once lost
                 return
             try:
                 self._write(time.time())
@@ -207,19 +213,30 @@ class FolderLease:
                     if not held:  # removed meanwhile (a metadata edit): written again
                         self._write(time.time())
                     self.lost = self.lost or (bool(held) and held.get("run") != self.run_id)
-                except (DSAError, OSError) as exc:
+                except Exception as exc:  # an odd answer must not end the whole job
                     log.warning("folder %s: could not read the lease: %s", self.folder_id, exc)
         return self.lost
 
     def release(self) -> None:
         """Stop the heartbeat and remove the lease if it is still this run's;
-        never raises (logs instead)."""
+        never raises (logs instead). A heartbeat still retrying an unanswered
+        server is not waited for beyond :data:`RELEASE_WAIT_S` (a cancelled
+        job has ~10 s before docker kills it): the lease then goes stale."""
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=60)
-        with self._lock:
-            try:
-                if _lease(self.client, self.folder_id, self.key).get("run") == self.run_id:
-                    _put(self.client, self.folder_id, self.key, None)
-            except Exception as exc:  # never hides the run's own error
-                log.warning("folder %s: could not remove the lease: %s", self.folder_id, exc)
+            self._thread.join(timeout=RELEASE_WAIT_S)
+        if not self._lock.acquire(timeout=RELEASE_WAIT_S):
+            log.warning(
+                "folder %s: the lease is left to go stale (%.0f s): its heartbeat is still"
+                " waiting for the server",
+                self.folder_id,
+                STALE_AFTER_S,
+            )
+            return
+        try:
+            if _lease(self.client, self.folder_id, self.key).get("run") == self.run_id:
+                _put(self.client, self.folder_id, self.key, None)
+        except Exception as exc:  # never hides the run's own error
+            log.warning("folder %s: could not remove the lease: %s", self.folder_id, exc)
+        finally:
+            self._lock.release()
