@@ -19,6 +19,7 @@ post-processing setting, so only small, picklable descriptions travel.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -573,28 +574,23 @@ def _run_pipeline(
         blocks.close(*(shm for _, shm in pending.values()))
 
 
-def _run_dask(
-    job: TileJob,
-    batches: list[list[Tile]],
-    sched: str,
-    num_workers: int,
-    collect: Callable[[tuple[Nuclei, dict[str, float]], int], None],
-) -> None:
-    # the cluster's start and stop log ~30 INFO lines (ports, nannies, comms)
-    # into the job's log; its warnings and errors still show. Imported first:
-    # its first import sets its loggers' levels (to INFO) itself.
-    import distributed  # noqa: F401
+@contextlib.contextmanager
+def _quiet_distributed() -> Iterator[None]:
+    """dask.distributed's INFO lines (ports, nannies, comms: ~30 a run) kept
+    out of the job's log; its warnings and errors still show."""
+    import distributed  # noqa: F401  (its first import sets its loggers to INFO)
 
     quiet = logging.getLogger("distributed")
     level = quiet.level
     quiet.setLevel(max(level, logging.WARNING))
     try:
-        _run_dask_client(job, batches, sched, num_workers, collect)
+        yield
     finally:
         quiet.setLevel(level)
 
 
-def _run_dask_client(
+@_quiet_distributed()
+def _run_dask(
     job: TileJob,
     batches: list[list[Tile]],
     sched: str,
