@@ -94,14 +94,24 @@ def test_an_empty_scheduler_runs_a_thread_pool_on_a_cpu_and_one_worker_serially(
 
 
 def test_dask_multiprocessing_matches_serial(disk_slide, caplog: pytest.LogCaptureFixture) -> None:
+    import contextlib
     import logging
+    import socket
+    import warnings
 
     path, centres, _ = disk_slide
     serial = _run(path, analysis_tile_size=256, num_workers=1).nuclei
-    with caplog.at_level(logging.INFO):
+    busy = socket.socket()  # dask's default port taken (another run, another service)
+    with contextlib.suppress(OSError):
+        busy.bind(("127.0.0.1", 8787))
+        busy.listen()
+    with caplog.at_level(logging.INFO), warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
         dask = _run(path, analysis_tile_size=256, scheduler="multiprocessing", num_workers=2).nuclei
+    busy.close()
     # the cluster's own chatter stays out of the job's log
     assert not [r for r in caplog.records if r.name.startswith("distributed")], caplog.text
+    assert not [w for w in seen if "already in use" in str(w.message)]
     assert len(dask) == len(serial) == len(centres)
     np.testing.assert_allclose(dask.centroids, serial.centroids, atol=1e-6)
 

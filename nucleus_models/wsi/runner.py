@@ -605,7 +605,9 @@ def _run_dask(
             n_workers=resolve_workers(num_workers),
             threads_per_worker=1,
             processes=True,
-            dashboard_address=None,
+            # dask's HTTP server runs anyway (no bokeh, no dashboard): on a port
+            # of its own on loopback, not 8787 (another run's: a warning each run)
+            dashboard_address="127.0.0.1:0",
             silence_logs=logging.ERROR,
         )
         client = Client(cluster)
