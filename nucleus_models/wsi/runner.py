@@ -606,7 +606,7 @@ def _run_dask(
             threads_per_worker=1,
             processes=True,
             # dask's HTTP server runs anyway (no bokeh, no dashboard): on a port
-            # of its own on loopback, not 8787 (another run's: a warning each run)
+            # of its own on loopback, not 8787 (taken by another run: a warning)
             dashboard_address="127.0.0.1:0",
             silence_logs=logging.ERROR,
         )
