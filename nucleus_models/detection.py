@@ -690,34 +690,18 @@ def _in_polygons(points: np.ndarray, polygons: tuple[np.ndarray, ...]) -> np.nda
     from .wsi.tiling import polygon_geometry
 
     geom = shapely.union_all([polygon_geometry(p) for p in polygons])
+    shapely.prepare(geom)
     return shapely.contains_xy(geom, points[:, 0], points[:, 1])
 
 
 def _polygon_mask(
     polygons: tuple[np.ndarray, ...], shape: tuple[int, ...], scale: float
 ) -> np.ndarray:
-    import shapely
-    from skimage.draw import polygon as draw_polygon
-
-    from .wsi.tiling import polygon_geometry
-
-    def fill(ring: Any, value: bool, into: np.ndarray) -> None:
-        xy = np.asarray(ring.coords)
-        rr, cc = draw_polygon(xy[:, 1] * scale, xy[:, 0] * scale, into.shape)
-        into[rr, cc] = value
-
-    # the same geometry as the centroid filter (_in_polygons), so a
-    # self-crossing outline's lobes are read alike by both
-    mask = np.zeros(shape[:2], bool)
-    for p in polygons:
-        for part in shapely.get_parts(polygon_geometry(p)):
-            for poly in shapely.get_parts(part):  # a GeometryCollection's pieces
-                if isinstance(poly, shapely.Polygon):
-                    one = np.zeros(shape[:2], bool)
-                    fill(poly.exterior, True, one)
-                    for hole in poly.interiors:
-                        fill(hole, False, one)
-                    mask |= one
+    # the pixels whose centre the centroid filter (_in_polygons) would keep:
+    # one geometry, so a self-crossing outline's lobes are read alike by both
+    rows, cols = np.indices(shape[:2])
+    centres = np.column_stack([cols.ravel(), rows.ravel()]) / scale
+    mask = _in_polygons(centres, polygons).reshape(shape[:2])
     # keep tiles that only graze the polygon
     from scipy import ndimage as ndi
 

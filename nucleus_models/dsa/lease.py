@@ -116,14 +116,14 @@ def _put(client: DSAClient, folder_id: str, key: str, value: dict[str, Any] | No
 class FolderLease:
     """This run's hold on ``(folder, analysis key)``; see the module's docstring."""
 
-    def __init__(self, client: DSAClient, folder_id: str, key: str, run_id: str):
+    def __init__(self, client: DSAClient, folder_id: str, key: str, run_id: str, *, started: float):
         self.client, self.folder_id, self.key, self.run_id = client, folder_id, key, run_id
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         #: another run took the lease over (this one was silent too long): stop
         self.lost = False
-        self.started = time.time()
+        self.started = started
 
     @classmethod
     def acquire(cls, client: DSAClient, folder: dict[str, Any], key: str) -> FolderLease:
@@ -148,8 +148,7 @@ class FolderLease:
                 other.get("run"),
                 age,
             )
-        lease = cls(client, fid, key, uuid.uuid4().hex)
-        lease.started = now
+        lease = cls(client, fid, key, uuid.uuid4().hex, started=now)
         try:
             for _ in range(3):
                 lease._write(now, fresh=True)
@@ -174,6 +173,8 @@ class FolderLease:
             self.beat()
 
     def _write(self, now: float, *, fresh: bool = False) -> None:
+        """Write this run's lease; unless ``fresh`` (nothing there to keep),
+        read it first and set :attr:`lost` instead if another run holds it."""
         mine = {} if fresh else _lease(self.client, self.folder_id, self.key)
         if not fresh and mine and mine.get("run") != self.run_id:
             # taken over: this run went without a heartbeat for too long
@@ -211,8 +212,8 @@ class FolderLease:
                 try:
                     held = _lease(self.client, self.folder_id, self.key)
                     if not held:  # removed meanwhile (a metadata edit): written again
-                        self._write(time.time())
-                    self.lost = self.lost or (bool(held) and held.get("run") != self.run_id)
+                        self._write(time.time(), fresh=True)
+                    self.lost = bool(held) and held.get("run") != self.run_id
                 except Exception as exc:  # an odd answer must not end the whole job
                     log.warning("folder %s: could not read the lease: %s", self.folder_id, exc)
         return self.lost
