@@ -656,6 +656,43 @@ def test_overlapping_runs_leave_the_recorded_annotation(
     assert (read_record(client, outcome.item_id, KEY) or {})["annotation_id"] == later["id"]
 
 
+def test_a_record_undone_by_another_analysis_job_is_written_again(
+    girder: GirderServer, slides: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another analysis's job over the same folder read an item's metadata just
+    before this run recorded the slide and wrote its own record just after
+    (Girder's PUT replaces the whole metadata key): this run's record is
+    written again by its final sweep, and the other's is kept."""
+    from nucleus_models.dsa import META_NS, folder_job, metadata
+
+    folder = _folder(girder, slides, ["disks0", "disks1"], "undone")
+    client = _client(girder)
+    real = folder_job.write_record
+    other = {"status": "done", "annotation_id": "0" * 24, "analysis": "other"}
+
+    def raced(client: Any, item_id: str, key: str, record: dict[str, Any]) -> Any:
+        stale = metadata.read_records(client, item_id)  # the other job's read
+        out = real(client, item_id, key, record)
+        if "OtherJob" not in stale:  # its write, from what it read: ours is gone
+            client.sendRestRequest(
+                "PUT", f"item/{item_id}/metadata", json={META_NS: {**stale, "OtherJob": other}}
+            )
+        return out
+
+    monkeypatch.setattr(folder_job, "write_record", raced)
+    monkeypatch.setattr(folder_job, "SWEEP_SETTLE_S", 0.0)
+    params = FolderJobParams(inputFolder=folder["_id"], nuclei_annotation_format="point")
+    outcomes = run_folder_job(client, params)
+    assert [o.status for o in outcomes] == ["done", "done"]
+    for o in outcomes:
+        records = metadata.read_records(client, o.item_id)
+        assert set(records) == {KEY, "OtherJob"}
+        assert records[KEY]["annotation_id"] == o.annotation_id
+        assert [a["_id"] for a in find_annotations(client, o.item_id, KEY)] == [o.annotation_id]
+    monkeypatch.undo()
+    assert [o.status for o in run_folder_job(client, params)] == ["skipped", "skipped"]
+
+
 def test_slicer_cli_folder_without_slides(girder: GirderServer) -> None:
     """Slides only in sub-folders: a one-line error naming them, not an empty
     summary and a job that looks successful."""

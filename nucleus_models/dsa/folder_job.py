@@ -42,6 +42,11 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+#: Wait before the final sweep, so a metadata write made by another job just
+#: after this run's last one has landed when the records are read back.
+SWEEP_SETTLE_S = 0.5
+
 Progress = Callable[[float], None]
 
 _DETECTION_FIELDS = (
@@ -275,7 +280,8 @@ def _process(
     phash: str,
     workdir: str | None,
     progress: Progress,
-) -> ItemOutcome:
+) -> tuple[ItemOutcome, dict[str, Any]]:
+    """The item analysed, pushed and recorded: its outcome and the record written."""
     t0 = time.perf_counter()
     key = params.key()
     file_id = item["largeImage"]["fileId"]
@@ -297,23 +303,19 @@ def _process(
         workdir=workdir,
     )
     log.info("item %s: annotation %s pushed", item["_id"], push.annotation_id)
-    write_record(
-        client,
-        item["_id"],
-        key,
-        {
-            "status": "done",
-            "analysis": params.analysis,
-            "model": params.model,
-            "params_hash": phash,
-            "annotation_id": push.annotation_id,
-            "annotation_name": doc.name,
-            "element_count": push.element_count,
-            "scores": out.scores,
-            "provenance": {**prov, "girder": girder, "job": params.public()},
-        },
-    )
-    return ItemOutcome(
+    record = {
+        "status": "done",
+        "analysis": params.analysis,
+        "model": params.model,
+        "params_hash": phash,
+        "annotation_id": push.annotation_id,
+        "annotation_name": doc.name,
+        "element_count": push.element_count,
+        "scores": out.scores,
+        "provenance": {**prov, "girder": girder, "job": params.public()},
+    }
+    write_record(client, item["_id"], key, record)
+    outcome = ItemOutcome(
         item["_id"],
         item["name"],
         "done",
@@ -323,6 +325,7 @@ def _process(
         scores=out.scores,
         warnings=list(prov.get("warnings") or []),
     )
+    return outcome, record
 
 
 def _record_failure(
@@ -465,6 +468,7 @@ def _run_items(
 
     report = progress or (lambda f: None)
     outcomes: list[ItemOutcome] = []
+    written: dict[str, dict[str, Any]] = {}  # item id -> the record this run wrote
     for i, item in enumerate(items):
         label = f"item {i + 1}/{len(items)} {item['name']!r}"
 
@@ -491,7 +495,7 @@ def _run_items(
                     warnings=list((rec.get("provenance") or {}).get("warnings") or []),
                 )
             else:
-                outcome = _process(client, params, item, phash, workdir, sub)
+                outcome, written[item["_id"]] = _process(client, params, item, phash, workdir, sub)
         except AuthenticationError:
             raise  # the token expired or was revoked: every later slide would fail too
         except Exception as exc:  # one slide's failure never stops the job
@@ -502,7 +506,13 @@ def _run_items(
         outcomes.append(outcome)
         log.info("%s: %s %s", label, outcome.status, outcome.nuclei_count or "")
         report((i + 1) / max(len(items), 1))
-    # late copies of a push whose answer was lost may arrive after it: sweep once more
+    # Late copies of a push whose answer was lost may arrive after it, and an
+    # item's record may have been undone by another write of the item's
+    # metadata (Girder's PUT rewrites the whole document; another analysis's
+    # job writes its own record from what it read a moment before): sweep once
+    # more, when a write landing just after the last one has landed too.
+    if written:
+        time.sleep(SWEEP_SETTLE_S)
     for o in outcomes:
         if o.status in ("done", "skipped"):
             try:
@@ -512,6 +522,13 @@ def _run_items(
                 recorded = (read_record(client, o.item_id, key) or {}).get("annotation_id")
                 if any(a["_id"] == recorded for a in found):
                     o.annotation_id = str(recorded)
+                elif o.item_id in written:
+                    log.warning(
+                        "item %s: its record was undone by another write of the item's"
+                        " metadata; written again",
+                        o.item_id,
+                    )
+                    write_record(client, o.item_id, key, written[o.item_id])
                 dedupe(client, o.item_id, key, o.annotation_id, found=found)
             except DSAError as exc:
                 log.warning("item %s: final check failed: %s", o.item_id, exc)
