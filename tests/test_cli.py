@@ -58,6 +58,26 @@ def test_xml_parses_and_matches_the_parameter_object(name: str) -> None:
             assert p.reference == "inputImageFile" and p.fileExtensions == [".anot"]
 
 
+def test_slicer_cli_web_hands_the_slide_over_as_a_file() -> None:
+    """slicer_cli_web gives the CLI a local path for an input it sees as on
+    Girder, and tags the outputs with that input's item, by which HistomicsUI
+    attaches the .anot to the slide. A ``reference="_girder_id_"`` image is
+    passed as its bare file id instead (``slide not found: <id>``) and the
+    annotation is attached nowhere. The folder job's folder is the opposite:
+    it is read through girder-client, so its id is what the CLI needs."""
+    from slicer_cli_web.cli_utils import SLICER_TYPE_TO_GIRDER_MODEL_MAP, is_on_girder
+
+    params = _xml_params("NucleusDetection")
+    primary = min(
+        (p for p in params.values() if p.index is not None and p.channel == "input"),
+        key=lambda p: int(p.index),
+    )
+    assert primary.name == "inputImageFile" and is_on_girder(primary)
+    assert SLICER_TYPE_TO_GIRDER_MODEL_MAP[primary.typ] == "file"  # the slide's item and file
+    folder = _xml_params("NucleusFolderJob")["inputFolder"]
+    assert folder.typ == "directory" and not is_on_girder(folder)
+
+
 def test_list_cli_lists_every_cli_folder() -> None:
     res = run_cli("--list_cli")
     assert res.returncode == 0, res.stderr
