@@ -472,6 +472,7 @@ def evaluate(
         parameter, a model option or ``out_dir`` cannot work (before anything is
         written).
     """
+    from nucleus_models.detection import MPP_RANGE
     from nucleus_models.errors import ParameterError
     from nucleus_models.models import get_spec
 
@@ -481,8 +482,11 @@ def evaluate(
         raise DatasetError(f"radius_um must be positive, got {radius_um}")
     if limit is not None and limit < 1:
         raise ParameterError(f"limit must be at least 1, got {limit}")
-    if mpp is not None and not mpp > 0:
-        raise ParameterError(f"mpp must be positive, got {mpp}")
+    if mpp is not None and not MPP_RANGE[0] <= mpp <= MPP_RANGE[1]:
+        raise ParameterError(
+            f"mpp {mpp:g} um/px is not a microscope's resolution: expected "
+            f"{MPP_RANGE[0]:g}-{MPP_RANGE[1]:g} (40x is ~0.25, 20x ~0.5)"
+        )
     model_options = check_model_options(spec, model_options or {}) or None
     ids = dataset.ids(split)[:limit]
     if not ids:
@@ -508,9 +512,12 @@ def evaluate(
         result["provenance"] = {**provenance(spec, run_params, command), **result["provenance"]}
         result = jsonable(result)
         (Path(staging) / "metrics.json").write_text(json.dumps(result, indent=1) + "\n")
-        # the run's predictions and metrics replace an earlier run's together
-        if (out / "predictions").exists():
-            (out / "predictions").rename(Path(staging) / "old")
+        # the run's predictions and metrics replace an earlier run's together,
+        # and the earlier run's report goes with them (written again below,
+        # unless --no_report: then no report describes another run)
+        for name in ("predictions", "report.md", "report.html", "figures"):
+            if (out / name).exists():
+                (out / name).rename(Path(staging) / f"old-{name}")
         (Path(staging) / "predictions").rename(out / "predictions")
         os.replace(Path(staging) / "metrics.json", out / "metrics.json")
     logger.info("wrote %s", out / "metrics.json")

@@ -22,6 +22,7 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -211,14 +212,18 @@ def _overlays(metrics: dict, out: Path, dataset: Dataset | None, n: int) -> list
     paths = []
     for row in metrics["rows"][:n]:
         sid = row["id"]
-        sample = dataset.load(sid)
-        title = f"{_short(sid, 28)}  green TP / blue FP / red FN"
         path = out / "figures" / f"overlay_{sid}.png"
-        if metrics["kind"] == "points":
-            pred_path = out / "predictions" / f"{sid}.csv"
+        points = metrics["kind"] == "points"
+        pred_path = out / "predictions" / f"{sid}.{'csv' if points else 'tif'}"
+        if not pred_path.is_file():
+            logger.warning("overlay of %s skipped: %s is missing", sid, pred_path)
+            continue
+        sample = dataset.load(sid)
+        if points:
+            title = f"{_short(sid, 28)}  green TP / blue FP / red FN"
             paths.append(_point_overlay(sample, pred_path, row["radius_px"], title, path))
         else:
-            pred_path = out / "predictions" / f"{sid}.tif"
+            title = f"{_short(sid, 28)}  green TP / blue FP / red FN (IoU > 0.5)"
             paths.append(_instance_overlay(sample, pred_path, title, path))
     return paths
 
@@ -343,8 +348,8 @@ def _markdown(blocks: list[Block]) -> str:
             lines.append("|" + "---|" * len(b[1]))
             lines += ["| " + " | ".join(map(str, row)) + " |" for row in b[2]]
             lines.append("")
-        elif kind == "img":
-            lines += [f"![{b[2]}]({b[1]})", ""]
+        elif kind == "img":  # (a sample id may hold spaces or brackets)
+            lines += [f"![{b[2]}]({quote(b[1])})", ""]
     return "\n".join(lines)
 
 
@@ -415,13 +420,25 @@ def write_report(
     DatasetError
         If ``metrics.json`` is missing or unreadable.
     """
+    from nucleus_models.errors import ParameterError
+
+    if n_overlays < 0:
+        raise ParameterError(f"the number of overlays must be 0 or more, got {n_overlays}")
     out = Path(out_dir)
     try:
         metrics = json.loads((out / "metrics.json").read_text())
     except (OSError, ValueError) as exc:
         raise DatasetError(f"{out / 'metrics.json'}: cannot read metrics ({exc})") from None
+    keys = ("rows", "main_metric", "mean", "pooled", "pr_curve", "kind", "provenance")
+    missing = [k for k in keys if k not in metrics] if isinstance(metrics, dict) else list(keys)
+    if missing:
+        raise DatasetError(
+            f"{out / 'metrics.json'}: not written by nucleus-bench eval (no {', '.join(missing)})"
+        )
     fig_dir = out / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
+    for old in fig_dir.glob("overlay_*.png"):  # an earlier report's samples
+        old.unlink()
     rows, main = metrics["rows"], metrics["main_metric"]
     figs: list[tuple[str, Path]] = []
     p = _bar_plot(rows, main, metrics["mean"].get(main), fig_dir / f"per_sample_{main}.png")

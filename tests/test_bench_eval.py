@@ -12,9 +12,11 @@ import json
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import unquote
 
 import numpy as np
 import pytest
@@ -133,8 +135,8 @@ def test_eval_report(monuseg_eval: Path) -> None:
     figs = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
     assert figs, "report.md shows no figures"
     for rel in figs:
-        assert (monuseg_eval / rel).is_file(), rel
-    names = {Path(f).name for f in figs}
+        assert (monuseg_eval / unquote(rel)).is_file(), rel
+    names = {Path(unquote(f)).name for f in figs}
     assert {"per_sample_det_f1.png", "counts_scatter.png", "pr_curve.png"} <= names
     assert sum(n.startswith("overlay_") for n in names) == 2
     assert "data:image/png;base64" in (monuseg_eval / "report.html").read_text()
@@ -144,6 +146,59 @@ def test_eval_report(monuseg_eval: Path) -> None:
     (monuseg_eval / "report.md").unlink()
     assert main(["report", str(monuseg_eval), "--overlays", "1"]) == 0
     assert (monuseg_eval / "report.md").is_file()
+
+
+def _one_error(capsys: pytest.CaptureFixture[str]) -> str:
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
+
+
+def test_report_redrawn_damaged_or_asked_wrongly(
+    monuseg_eval: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The report subcommand on a folder it did not write whole: one line, exit 2,
+    or the report without what is missing; an earlier report's overlays go."""
+    out = tmp_path / "copy"
+    shutil.copytree(monuseg_eval, out)
+    assert main(["report", str(out), "--overlays", "-1"]) == 2
+    assert "0 or more" in _one_error(capsys)
+    assert main(["report", str(out), "--overlays", "2"]) == 0
+    assert len(list((out / "figures").glob("overlay_*.png"))) == 2
+    assert main(["report", str(out), "--overlays", "1"]) == 0
+    assert len(list((out / "figures").glob("overlay_*.png"))) == 1  # not 2: one is shown
+    shutil.rmtree(out / "predictions")
+    assert main(["report", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    assert "overlay_" not in md and "per_sample_det_f1.png" in md
+    metrics = json.loads((out / "metrics.json").read_text())
+    (out / "metrics.json").write_text(json.dumps({"mean": metrics["mean"]}))
+    assert main(["report", str(out)]) == 2
+    assert "not written by nucleus-bench eval (no rows" in _one_error(capsys)
+
+
+def test_an_eval_without_a_report_takes_the_earlier_report_away(
+    monuseg_eval: Path, monuseg_root: Path, tmp_path: Path
+) -> None:
+    """--no_report into the folder of a run with a report: no report.md is
+    left to describe the earlier run's samples."""
+    out = tmp_path / "copy"
+    shutil.copytree(monuseg_eval, out)
+    argv = ["eval", "--dataset", "monuseg", "--root", str(monuseg_root), "--model"]
+    argv += ["classical-he", "--limit", "1", "--out", str(out), "--quiet", "--no_report"]
+    assert main(argv) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "predictions"]
+
+
+def test_markdown_figure_links_survive_spaces_and_brackets() -> None:
+    """A QuPath tile's name as a sample id: the link is one URL a Markdown
+    viewer resolves, not text broken at the space."""
+    from benchmark.report import _markdown
+
+    rel = "figures/overlay_slide 1 [d=1,x=0,y=0].png"
+    md = _markdown([("img", rel, "overlay")])
+    (link,) = re.findall(r"!\[overlay\]\((\S+)\)", md)
+    assert unquote(link) == rel
 
 
 def test_datasets_lists_all(capsys: pytest.CaptureFixture[str]) -> None:

@@ -96,8 +96,11 @@ def test_an_out_that_cannot_be_written_is_one_line(
     [
         ("0", [], "limit must be at least 1"),
         ("-1", [], "limit must be at least 1"),
-        ("1", ["--mpp", "-1"], "mpp must be positive"),
-        ("1", ["--mpp", "0"], "mpp must be positive"),
+        ("1", ["--mpp", "-1"], "not a microscope's resolution"),
+        ("1", ["--mpp", "0"], "not a microscope's resolution"),
+        # (500 made OpenCV ask for 394 GB; 0.0001 shrank the images to nothing)
+        ("1", ["--mpp", "500"], "not a microscope's resolution"),
+        ("1", ["--mpp", "0.0001"], "not a microscope's resolution"),
     ],
 )
 def test_limit_and_mpp_out_of_range_are_refused(
@@ -112,6 +115,16 @@ def test_limit_and_mpp_out_of_range_are_refused(
     assert main(_eval(monuseg_root, out, *mpp, limit=limit)) == 2
     assert words in _one_error_line(capsys)
     assert not out.exists()
+
+
+def test_an_image_far_coarser_than_the_model_is_refused_before_resampling() -> None:
+    """An ``mpp.txt`` of 100 um/px (inside the range a folder accepts) would
+    have the image upsampled 250x for a 0.4 um/px model."""
+    from nucleus_models.detection import segment_image
+    from nucleus_models.errors import ParameterError
+
+    with pytest.raises(ParameterError, match="too coarse an image"):
+        segment_image(np.zeros((64, 64, 3), np.uint8), mpp=100.0, model="classical-he")
 
 
 def test_a_root_that_is_a_file_is_called_so(
