@@ -8,6 +8,7 @@ slide coordinates plus everything needed to record provenance).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -198,7 +199,8 @@ def detect_nuclei(params: DetectionParams, *, progress: Progress | None = None) 
         where = "--input_mpp" if input_mpp else f"the slide's metadata ({slide.mpp_source})"
         raise ParameterError(
             f"resolution {base_mpp:g} um/px (from {where}) is not a microscope's: expected "
-            f"{MPP_RANGE[0]:g}-{MPP_RANGE[1]:g} (40x is ~0.25, 20x ~0.5); pass the right --input_mpp"
+            f"{MPP_RANGE[0]:g}-{MPP_RANGE[1]:g} (40x is ~0.25, 20x ~0.5); pass the right --input_mpp "
+            "('Input resolution (um/px)' in HistomicsUI)"
         )
     region = clip_region(roi, slide.width, slide.height)
 
@@ -228,11 +230,14 @@ def detect_nuclei(params: DetectionParams, *, progress: Progress | None = None) 
             slide, model, spec, tissue, tscale, region, base_mpp, float(target)
         )
     downsample = analysis_mpp / base_mpp
+    if not target and _native_if_close(downsample) == 1.0:
+        downsample, analysis_mpp = 1.0, base_mpp
     if downsample < 1 / MAX_UPSAMPLING:
         raise ParameterError(
             f"the model works at {analysis_mpp:.3g} um/px, {1 / downsample:.0f}x finer than the "
             f"image's {base_mpp:g} um/px: too coarse an image for it (at most "
-            f"{MAX_UPSAMPLING}x); check --input_mpp or the slide's resolution"
+            f"{MAX_UPSAMPLING}x); check --input_mpp ('Input resolution (um/px)') or the slide's "
+            "resolution"
         )
     image_w = max(1, int(math.floor(slide.width / downsample)))
     image_h = max(1, int(math.floor(slide.height / downsample)))
@@ -374,6 +379,20 @@ def detect_nuclei(params: DetectionParams, *, progress: Progress | None = None) 
 MPP_RANGE = (0.01, 100.0)
 #: the most the analysis grid may be finer than the image
 MAX_UPSAMPLING = 16
+#: an image within this fraction of a model's resolution is analysed on its
+#: own pixels: resampling 0.499 um/px to 0.5 changes no nucleus's size that
+#: matters, but blurs every pixel (interpolating between neighbours), and
+#: HistomicsTK's detector at its defaults then finds a fifth fewer nuclei
+NATIVE_MPP_TOLERANCE = 0.02
+
+
+def _native_if_close(ratio: float) -> float:
+    """``ratio`` (model um/px per image um/px), or 1 when within the tolerance.
+
+    >>> _native_if_close(0.5 / 0.499), _native_if_close(0.4 / 0.25)
+    (1.0, 1.6)
+    """
+    return 1.0 if abs(ratio - 1.0) <= NATIVE_MPP_TOLERANCE else ratio
 
 
 def check_params(params: DetectionParams) -> None:
@@ -727,47 +746,63 @@ def write_outputs(result: DetectionResult) -> list[str]:
 
     Each file is written atomically (the JSON ones a batch of nuclei at a
     time, so a whole slide's annotation is never all in memory as Python
-    objects), so a failure leaves no partial file behind.
+    objects), and the set is too: each goes to a hidden name beside its
+    target first and all are renamed into place once every one is complete,
+    so a failure (or a cancelled run) leaves neither a partial file nor some
+    outputs without the others, and the outputs of an earlier run stay.
     """
     from .io import write_annotation_document, write_csv, write_geojson_document
 
     p, spec = result.params, result.spec
     prov = result.provenance()
-    written: list[str] = []
-    if p.outputNucleiAnnotationFile:
-        write_annotation_document(
-            p.outputNucleiAnnotationFile,
-            result.nuclei,
-            **annotation_options(result),
-            attributes=prov,
-        )
-        written.append(p.outputNucleiAnnotationFile)
-    if p.outputNucleiCSVFile:
-        write_csv(
-            p.outputNucleiCSVFile,
-            result.nuclei,
-            class_names=spec.classes,
-            mpp=result.slide["mpp"],
-            provenance=prov,
-        )
-        written.append(p.outputNucleiCSVFile)
-    if p.outputNucleiGeoJSONFile:
-        write_geojson_document(
-            p.outputNucleiGeoJSONFile,
-            result.nuclei,
-            class_names=spec.classes,
-            class_colors=spec.class_colors,
-            properties=prov,
-        )
-        written.append(p.outputNucleiGeoJSONFile)
-    if p.outputOverlayImageFile:
-        _write_overlay(result, prov)
-        written.append(p.outputOverlayImageFile)
-    return written
+    token = f"{os.getpid()}-{time.monotonic_ns()}"
+    pending: list[tuple[str, str]] = []  # (written as, target)
+
+    def staged(target: str) -> str:
+        head, name = os.path.split(target)
+        stem, ext = os.path.splitext(name)
+        tmp = os.path.join(head, f".{stem}.pending-{token}{ext}")  # (same suffix: same format)
+        pending.append((tmp, target))
+        return tmp
+
+    try:
+        if p.outputNucleiAnnotationFile:
+            write_annotation_document(
+                staged(p.outputNucleiAnnotationFile),
+                result.nuclei,
+                **annotation_options(result),
+                attributes=prov,
+            )
+        if p.outputNucleiCSVFile:
+            write_csv(
+                staged(p.outputNucleiCSVFile),
+                result.nuclei,
+                class_names=spec.classes,
+                mpp=result.slide["mpp"],
+                provenance=prov,
+            )
+        if p.outputNucleiGeoJSONFile:
+            write_geojson_document(
+                staged(p.outputNucleiGeoJSONFile),
+                result.nuclei,
+                class_names=spec.classes,
+                class_colors=spec.class_colors,
+                properties=prov,
+            )
+        if p.outputOverlayImageFile:
+            _write_overlay(result, prov, staged(p.outputOverlayImageFile))
+        for tmp, target in pending:
+            os.replace(tmp, target)
+    except BaseException:
+        for tmp, _ in pending:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        raise
+    return [target for _, target in pending]
 
 
 def _write_overlay(
-    result: DetectionResult, provenance: dict[str, Any], max_size: int = 2048
+    result: DetectionResult, provenance: dict[str, Any], path: str, max_size: int = 2048
 ) -> None:
     from .io import write_overlay
     from .wsi import open_slide
@@ -778,9 +813,8 @@ def _write_overlay(
     scale = min(1.0, max_size / max(w, h))
     out_w, out_h = max(1, round(w * scale)), max(1, round(h * scale))
     img = slide.read_region(x, y, w, h, out_w=out_w, out_h=out_h)
-    assert p.outputOverlayImageFile is not None
     write_overlay(
-        p.outputOverlayImageFile,
+        path,
         img,
         nuclei=result.nuclei,
         origin=(x, y),
@@ -848,7 +882,13 @@ def segment_image(
         )
         return out[0] > 0, out
 
-    start = mpp / spec.mpp
+    start = _native_if_close(mpp / spec.mpp)
+    if start > MAX_UPSAMPLING:  # (a wrong resolution: the image would not fit in memory)
+        raise ParameterError(
+            f"the model works at {spec.mpp:g} um/px, {start:.0f}x finer than the image's "
+            f"{mpp:g} um/px: too coarse an image for it (at most {MAX_UPSAMPLING}x); "
+            "check the image's resolution"
+        )
     target = spec.thresholds.get("diameter_px")
     if target:
         # size-normalised model: its own first segmentation picks the scale

@@ -382,6 +382,40 @@ def test_a_cancelled_run_writes_nothing(shared_data: Path, tmp_path: Path) -> No
     assert list(out.iterdir()) == []
 
 
+def test_outputs_are_written_all_or_none(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failure (or a cancel) while the outputs are written leaves none of
+    them beside the others, no hidden file, and an earlier run's outputs as
+    they were; without one, all of them are there."""
+    from nucleus_models import io as nio
+    from nucleus_models.detection import DetectionParams, detect_nuclei, write_outputs
+
+    anot, table, image = tmp_path / "n.anot", tmp_path / "n.csv", tmp_path / "n.png"
+    result = detect_nuclei(
+        DetectionParams(
+            inputImageFile=str(REPO / "samples" / "CMU-1-Small-Region-crop.tif"),
+            outputNucleiAnnotationFile=str(anot),
+            outputNucleiCSVFile=str(table),
+            outputOverlayImageFile=str(image),
+            model="classical-he",
+            analysis_roi=[0.0, 0.0, 300.0, 300.0],
+        )
+    )
+    anot.write_text("the earlier run's")
+
+    def cancelled(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(nio, "write_overlay", cancelled)  # the last one written
+    with pytest.raises(KeyboardInterrupt):
+        write_outputs(result)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["n.anot"]
+    assert anot.read_text() == "the earlier run's"
+    monkeypatch.undo()
+    assert write_outputs(result) == [str(anot), str(table), str(image)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["n.anot", "n.csv", "n.png"]
+    assert len(json.loads(anot.read_text())["elements"]) == len(result.nuclei) > 0
+
+
 def test_histomicstk_baseline_runs_quietly(tmp_path: Path) -> None:
     """HistomicsTK's Kofahi detector through the CLI: nuclei, and a clean job
     log (its scikit-image deprecation warnings are nothing a user can act on)."""
@@ -395,6 +429,56 @@ def test_histomicstk_baseline_runs_quietly(tmp_path: Path) -> None:
     doc = json.loads(out.read_text())
     # at its documented 20x defaults it finds about one nucleus in four (EXPERIMENTS.md)
     assert len(doc["elements"]) > 0 and doc["attributes"]["model"]["name"] == "histomicstk-kofahi"
+
+
+@pytest.mark.filterwarnings("ignore:`RegionProperties.weighted_centroid`:FutureWarning")
+def test_histomicstk_kofahi_finds_what_histomicstk_finds(tmp_path: Path) -> None:
+    """The baseline is HistomicsTK's own per-tile detector (``detect_tile_nuclei``,
+    which its NucleiDetection CLI runs) given the same slide statistics: one
+    tile over the whole 20x sample, the same nuclei at the same centroids.
+    A 0.499 um/px slide is read on its own pixels, as HistomicsTK reads it
+    at 20x: resampled to 0.5 (blurred), the detector found a fifth fewer."""
+    import types
+
+    import large_image
+    from histomicstk.segmentation.nuclear import detect_tile_nuclei
+
+    from nucleus_models.stain import REFERENCE_MU_LAB, REFERENCE_STD_LAB, reinhard_stats
+    from nucleus_models.wsi.tissue import tissue_mask
+
+    sample = REPO / "samples" / "CMU-1-Small-Region-crop.tif"
+    out, table = tmp_path / "k.anot", tmp_path / "k.csv"
+    res = run_cli(
+        "NucleusDetection", str(sample), str(out), "--model", "histomicstk-kofahi",
+        "--analysis_tile_size", "2048", "--nuclei_csv", str(table),
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    ours = np.array([[float(r["x"]), float(r["y"])] for r in _csv_rows(table)])
+    img = large_image.open(str(sample)).getRegion(format="numpy")[0][:, :, :3]
+    assert json.loads(out.read_text())["attributes"]["tiles"]["analysis_mpp"] == 0.499
+    stats = reinhard_stats(img, tissue_mask(img, modality="brightfield"))  # the thumbnail's
+    stains = {f"stain_{i}": s for i, s in enumerate(("hematoxylin", "eosin", "null"), 1)}
+    args = types.SimpleNamespace(
+        reference_mu_lab=REFERENCE_MU_LAB, reference_std_lab=REFERENCE_STD_LAB,
+        **stains, **{f"{k}_vector": [-1, -1, -1] for k in stains},
+        foreground_threshold=60, min_radius=6, max_radius=20, min_nucleus_area=80,
+        local_max_search_radius=10, ignore_border_nuclei=False,
+        nuclei_annotation_format="bbox", remove_overlapping_nuclei_segmentation=False,
+    )  # fmt: skip
+    h, w = img.shape[:2]
+    tile = {"tile": img, "gx": 0, "gy": 0, "gwidth": w, "gheight": h, "width": w, "height": h}
+    tile["tile_overlap"] = {"left": 0, "right": 0, "top": 0, "bottom": 0}
+    theirs = detect_tile_nuclei(
+        tile,
+        args,
+        src_mu_lab=np.array(stats["src_mu_lab"]),
+        src_sigma_lab=np.array(stats["src_sigma_lab"]),
+    )
+    # theirs are pixel indices; ours put pixel i's centre at i + 0.5 (nucleus_models.instances)
+    theirs_xy = np.array([e["center"][:2] for e in theirs]) + 0.5
+    assert len(ours) == len(theirs_xy) > 150
+    order = lambda xy: xy[np.lexsort((xy[:, 1], xy[:, 0]))]  # noqa: E731
+    np.testing.assert_allclose(order(ours), order(theirs_xy), atol=0.02)
 
 
 def test_settings_a_model_does_not_use_are_reported(tmp_path: Path) -> None:

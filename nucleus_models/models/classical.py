@@ -57,6 +57,10 @@ def _stain_matrix() -> np.ndarray:
 class _HEBase(NucleusModel):
     """Shared stages: global Reinhard statistics and hematoxylin extraction."""
 
+    #: background intensity of the colour deconvolution (``None``: histomicstk's
+    #: default, ``rgb + 1`` against 256, as HistomicsTK's NucleiDetection runs it)
+    deconvolution_i0: float | None = 255
+
     def __init__(self, spec: ModelSpec, **options: Any) -> None:
         self.spec = spec
         self.params = ClassicalParams.from_options({**spec.thresholds, **options})
@@ -73,7 +77,7 @@ class _HEBase(NucleusModel):
         for tile in tiles:
             if "src_mu_lab" in context:
                 tile = reinhard_to_reference(tile, context)
-            stains = color_deconvolution(tile, self._w, 255).Stains
+            stains = color_deconvolution(tile, self._w, self.deconvolution_i0).Stains
             out.append(stains[:, :, 0].astype(np.float32))
         return out
 
@@ -159,6 +163,8 @@ class ClassicalHE(_HEBase):
 
 class HistomicsKofahi(_HEBase):
     """HistomicsTK's ``detect_nuclei_kofahi`` on the normalised hematoxylin."""
+
+    deconvolution_i0 = None
 
     def _segment(self, hema: np.ndarray) -> TileInstances:
         from histomicstk.segmentation.nuclear import detect_nuclei_kofahi

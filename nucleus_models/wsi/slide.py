@@ -60,7 +60,8 @@ class Slide:
         if self.mpp is None:
             raise SlideError(
                 f"{Path(self.path).name}: resolution unknown (no microns-per-pixel or "
-                "magnification in its metadata); pass --input_mpp (microns per base pixel)"
+                "magnification in its metadata); pass --input_mpp, the microns per base pixel "
+                "('Input resolution (um/px)' in HistomicsUI)"
             )
         return self.mpp
 
