@@ -38,6 +38,37 @@ def fail(message: str, code: int = 2) -> NoReturn:
     raise SystemExit(code)
 
 
+#: what a value of each Slicer parameter type must look like
+_EXPECTED = {
+    "integer": "a whole number",
+    "float": "a number",
+    "double": "a number",
+    "boolean": "true or false",
+    "region": "numbers: left,top,width,height in base pixels, polygon vertices "
+    "x1,y1,x2,y2,..., or -1,-1,-1,-1 for the whole slide",
+    "integer-vector": "comma-separated whole numbers",
+    "float-vector": "comma-separated numbers",
+    "double-vector": "comma-separated numbers",
+}
+#: argparse's words for a value its type function (ctk_cli's parseValue) refused
+_TYPE_ERROR = re.compile(r"^argument (?P<flag>\S+): invalid parseValue value: (?P<value>.*)$")
+
+
+def _explained(message: str, xml_path: str) -> str:
+    """argparse's ``invalid parseValue value: 'x'`` as what the value should be."""
+    m = _TYPE_ERROR.match(message)
+    if not m:
+        return message
+    from ctk_cli import CLIModule
+
+    flags = m["flag"].split("/")
+    for p in CLIModule(xml_path).parameters():
+        if p.longflag and f"--{p.longflag.lstrip('-')}" in flags and p.typ in _EXPECTED:
+            label = f" ({p.label})" if p.label else ""
+            return f"argument {m['flag']}{label}: {m['value']}: expected {_EXPECTED[p.typ]}"
+    return f"argument {m['flag']}: invalid value {m['value']}"
+
+
 def build_parser(xml_path: str) -> Any:
     """slicer_cli_web's argument parser for ``xml_path``, failing in one line."""
     from slicer_cli_web import CLIArgumentParser
@@ -46,7 +77,7 @@ def build_parser(xml_path: str) -> Any:
         def error(
             self, message: str
         ) -> NoReturn:  # argparse prints usage + error; we print one line
-            fail(f"{os.path.basename(xml_path)[:-4]}: {message}")
+            fail(f"{os.path.basename(xml_path)[:-4]}: {_explained(message, xml_path)}")
 
     return _Parser(xml_path)
 
