@@ -22,6 +22,7 @@ import os
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -107,7 +108,12 @@ def provenance(spec: Any, params: Mapping[str, Any], command: str | None = None)
 
     return {
         "package_version": __version__,
-        "model": {"name": spec.name, "sha256": spec.sha256, "mpp": spec.mpp},
+        "model": {
+            "name": spec.name,
+            "sha256": spec.sha256,
+            "mpp": spec.mpp,
+            "modality": spec.modality,
+        },
         "params": dict(params),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": command if command is not None else " ".join(sys.argv),
@@ -329,6 +335,33 @@ def _warn_unknown_resolution(rows: list[dict[str, Any]], name: str, spec: Any) -
         len(rows),
         spec.mpp,
         spec.name,
+    )
+
+
+def _warn_other_modality(rows: list[dict[str, Any]], name: str, spec: Any) -> None:
+    """Warn when some images are of another kind than the model's (fluorescence
+    for an H&E model, say): its scores there say little, and nothing else
+    would say why they are low (the CLI warns the same way on a slide)."""
+    other = Counter(
+        r["groups"]["modality"]
+        for r in rows
+        if r["groups"].get("modality") not in (None, "", spec.modality)
+    )
+    if not other:
+        return
+    from nucleus_models.models import get_spec, list_models
+
+    kinds = " and ".join(f"{n} {m}" for m, n in sorted(other.items()))
+    fitting = [m for m in list_models() if get_spec(m).modality in other]
+    logger.warning(
+        "%s: %s of the %d images, and %s is a model for %s images: its nuclei there are "
+        "likely wrong (the report's modality table shows them apart)%s",
+        name,
+        kinds,
+        len(rows),
+        spec.name,
+        spec.modality,
+        f"; for them: {', '.join(fitting)}" if fitting else "",
     )
 
 
@@ -603,6 +636,7 @@ def _run(
     if not rows:
         raise DatasetError(f"{dataset.name}: {dataset.root}: no annotated samples to evaluate")
     _warn_unknown_resolution(rows, dataset.name, spec)
+    _warn_other_modality(rows, dataset.name, spec)
 
     metric_keys = list(POINT_METRICS if points_mode else INSTANCE_METRICS)
     mean = {k: float(np.nanmean([r[k] for r in rows])) for k in metric_keys}

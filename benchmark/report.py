@@ -264,6 +264,28 @@ def _resolution_text(rows: list[dict]) -> str:
     return "resolution: " + "; ".join(f"{text} for {n}" for text, n in parts)
 
 
+def _modality_text(rows: list[dict], model_modality: str | None) -> str:
+    """The images of another kind than the model's, for a report's header.
+
+    >>> rows = [{"groups": {"modality": "fluorescence"}}, {"groups": {"modality": "brightfield"}}]
+    >>> _modality_text(rows, "brightfield")
+    'images of another kind than the model (brightfield): 1 fluorescence of 2'
+    >>> _modality_text(rows[1:], "brightfield"), _modality_text(rows, None)
+    ('', '')
+    """
+    if not model_modality:
+        return ""  # a metrics.json of before 0.2.7
+    other = Counter(
+        r["groups"]["modality"]
+        for r in rows
+        if r.get("groups", {}).get("modality") not in (None, "", model_modality)
+    )
+    if not other:
+        return ""
+    kinds = ", ".join(f"{n} {m}" for m, n in sorted(other.items()))
+    return f"images of another kind than the model ({model_modality}): {kinds} of {len(rows)}"
+
+
 def _blocks(metrics: dict, figs: list[tuple[str, str]]) -> list[Block]:
     prov, kind = metrics["provenance"], metrics["kind"]
     keys = list(_TABLE_METRICS[kind])
@@ -277,7 +299,13 @@ def _blocks(metrics: dict, figs: list[tuple[str, str]]) -> list[Block]:
                 f"model: {mod['name']} (sha256 {mod['sha256']}, {mod['mpp']} um/px)"
                 + _runtime_text(prov.get("runtime")),
                 f"dataset: {ds['name']} at {ds['root']} ({ds['n_samples']} samples, fingerprint {ds['fingerprint'][:16]})",
-                *filter(None, [_resolution_text(metrics["rows"])]),
+                *filter(
+                    None,
+                    [
+                        _resolution_text(metrics["rows"]),
+                        _modality_text(metrics["rows"], prov["model"].get("modality")),
+                    ],
+                ),
                 f"nucleus-models {prov['package_version']}, created {prov['created']}",
                 f"command: `{prov['command']}`",
             ],

@@ -349,3 +349,42 @@ def test_the_recorded_command_can_be_run_again(monuseg_root: Path, tmp_path: Pat
     assert res.returncode == 0, res.stderr
     command = json.loads((out / "metrics.json").read_text())["provenance"]["command"]
     assert shlex.split(command) == ["nucleus-bench", *args]
+
+
+class _FakeMixed(Dataset):
+    name = "fake_mixed"
+    description = "an H&E-like image and its inverse, a fluorescence-like one"
+    layout = "none"
+    kind = "instances"
+
+    def ids(self, split: str | None = None) -> list[str]:
+        return ["he", "fluo"]
+
+    def load(self, sample_id: str) -> Sample:
+        from skimage.measure import label
+
+        img, _ = _disk_image(0)
+        labels = label(img[..., 0] < 150).astype(np.int32)
+        fluo = sample_id == "fluo"
+        return Sample(
+            id=sample_id,
+            image=255 - img if fluo else img,
+            labels=labels,
+            mpp=0.5,
+            modality="fluorescence" if fluo else "brightfield",
+        )
+
+
+def test_images_of_another_kind_than_the_model_are_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An H&E model on a fluorescence image scores ~0 there: the log and the
+    report say why, and name the models for that kind."""
+    out = tmp_path / "out"
+    with caplog.at_level(logging.WARNING, logger="benchmark.evaluate"):
+        res = evaluate(_FakeMixed(tmp_path), model="classical-he", out_dir=out, progress=False)
+    (warned,) = [r.getMessage() for r in caplog.records if "likely wrong" in r.getMessage()]
+    assert "1 fluorescence of the 2 images" in warned and "unet-bbbc038" in warned
+    assert res["provenance"]["model"]["modality"] == "brightfield"
+    md = (out / "report.md").read_text()
+    assert "images of another kind than the model (brightfield): 1 fluorescence of 2" in md
