@@ -173,12 +173,33 @@ def _option_value(key: str, value: Any, kind: Any) -> Any:
             number = float(value)
         except (TypeError, ValueError):
             number = math.nan
+        lo, hi = _OPTION_RANGES.get(key, (-math.inf, math.inf))
+        if math.isfinite(number) and not lo <= number <= hi:
+            # (fg_threshold=7 ran and found nothing, as if the model had failed)
+            raise ParameterError(f"model option {key}={value}: expected {lo:g}-{hi:g}")
         if kind is int and number.is_integer():
             return int(number)
         if kind is not int and math.isfinite(number):
             return number
         want = "an integer" if kind is int else "a number"
     raise ParameterError(f"model option {key}={value}: expected {want}")
+
+
+#: the values a model option can take (probabilities, 8-bit intensities, sizes)
+_OPTION_RANGES: dict[str, tuple[float, float]] = {
+    "fg_threshold": (0.0, 1.0),
+    "seed_threshold": (0.0, 1.0),
+    "min_score": (0.0, 1.0),
+    "h": (0.0, math.inf),
+    "smooth": (0.0, math.inf),
+    "min_area": (0.0, math.inf),
+    "tta": (0.0, 1.0),
+    "foreground_threshold": (0.0, 255.0),
+    "min_radius": (0.0, math.inf),
+    "max_radius": (0.0, math.inf),
+    "local_max_search_radius": (0.0, math.inf),
+    "min_nucleus_area": (0.0, math.inf),
+}
 
 
 def _staging(out: Path) -> tempfile.TemporaryDirectory[str]:

@@ -46,6 +46,10 @@ def _one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
         ("classical-he", "foreground_threshold=abc", ["foreground_threshold", "a number"]),
         ("classical-he", "min_nucleus_area=20.5", ["min_nucleus_area", "an integer"]),
         ("unet-monuseg", "precision=int4", ["precision", "float32, bfloat16, int8"]),
+        # outside what the option can be: the run would find nothing
+        ("unet-monuseg-fast", "fg_threshold=7", ["fg_threshold=7", "expected 0-1"]),
+        ("classical-he", "foreground_threshold=300", ["expected 0-255"]),
+        ("classical-he", "min_radius=-2", ["min_radius=-2", "expected 0-inf"]),
         # unknown keys: named, with the model's own
         ("classical-he", "bogus=3", ["'bogus'", "foreground_threshold", "min_radius"]),
         ("unet-monuseg", "foreground_threshold=80", ["'foreground_threshold'", "fg_threshold"]),
