@@ -103,11 +103,14 @@ def jsonable(obj: Any) -> Any:
 
 def provenance(spec: Any, params: Mapping[str, Any], command: str | None = None) -> dict[str, Any]:
     """What made a result: package version, model (name, sha256, mpp), parameters,
-    creation time and command line (default ``" ".join(sys.argv)``)."""
+    creation time, command line (default ``" ".join(sys.argv)``) and the
+    versions of the libraries imported by then (torch's int8 kernels, for one)."""
     from nucleus_models import __version__
+    from nucleus_models.detection import library_versions
 
     return {
         "package_version": __version__,
+        "libraries": library_versions(),
         "model": {
             "name": spec.name,
             "sha256": spec.sha256,
@@ -326,8 +329,11 @@ def _sample_mpp(sample: Sample, mpp: float | None, model_mpp: float) -> tuple[fl
     return float(model_mpp), "model"
 
 
-def _warn_unknown_resolution(rows: list[dict[str, Any]], name: str, spec: Any) -> None:
-    """Warn when images without a resolution were read at the model's own.
+def _warn_unknown_resolution(
+    rows: list[dict[str, Any]], name: str, spec: Any, mpp: float | None = None
+) -> None:
+    """Warn when images without a resolution were read at the model's own, or
+    when ``mpp`` (``--mpp``) was given and every image had its own.
 
     Their nuclei are then sized wrongly by the factor between the two, and
     nothing else says so; a model that sizes nuclei itself
@@ -335,6 +341,8 @@ def _warn_unknown_resolution(rows: list[dict[str, Any]], name: str, spec: Any) -
     numbers in microns (point radius, error band).
     """
     n = sum(1 for r in rows if r["mpp_source"] == "model")
+    if mpp is not None and all(r["mpp_source"] == "sample" for r in rows):
+        logger.warning("%s: --mpp %g not used: the images carry their own resolution", name, mpp)
     if not n:
         return
     if spec.thresholds.get("diameter_px"):
@@ -656,7 +664,7 @@ def _run(
         logger.debug("%s: %s", sample_id, {k: row[k] for k in ("n_true", "n_pred")})
     if not rows:
         raise DatasetError(f"{dataset.name}: {dataset.root}: no annotated samples to evaluate")
-    _warn_unknown_resolution(rows, dataset.name, spec)
+    _warn_unknown_resolution(rows, dataset.name, spec, mpp)
     _warn_other_modality(rows, dataset.name, spec)
 
     metric_keys = list(POINT_METRICS if points_mode else INSTANCE_METRICS)

@@ -70,6 +70,7 @@ def test_eval_metrics_json(monuseg_eval: Path, monuseg_root: Path) -> None:
     prov = m["provenance"]
     assert set(prov) >= {"package_version", "model", "dataset", "params", "created", "command"}
     assert set(prov["model"]) >= {"name", "sha256", "mpp"}
+    assert {"numpy", "skimage", "histomicstk"} <= set(prov["libraries"])
     assert prov["model"]["name"] == "classical-he"
     # a model without a network: no device choice, no arithmetic to record
     assert prov["runtime"] == {"device": "cpu", "precision": "not applicable"}
@@ -388,3 +389,21 @@ def test_images_of_another_kind_than_the_model_are_warned_about(
     assert res["provenance"]["model"]["modality"] == "brightfield"
     md = (out / "report.md").read_text()
     assert "images of another kind than the model (brightfield): 1 fluorescence of 2" in md
+
+
+def test_an_mpp_the_images_do_not_need_is_said_to_be_unused(
+    monuseg_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    ds = get_dataset("monuseg", monuseg_root)
+    with caplog.at_level(logging.WARNING, logger="benchmark.evaluate"):
+        res = evaluate(
+            ds,
+            model="classical-he",
+            out_dir=tmp_path,
+            limit=1,
+            mpp=0.5,
+            progress=False,
+            report=False,
+        )
+    assert [r["mpp_source"] for r in res["rows"]] == ["sample"]  # the images' own (0.2527)
+    assert any("--mpp 0.5 not used" in r.getMessage() for r in caplog.records)
