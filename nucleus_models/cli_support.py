@@ -132,10 +132,20 @@ def join_negative_values(argv: list[str]) -> list[str]:
     return out
 
 
+def log_level(default: str = "WARNING") -> str:
+    """``$NUCLEUS_LOG_LEVEL`` (``debug`` as well as ``DEBUG``), else ``default``;
+    an unknown level is a one-line error, not a traceback from logging."""
+    given = os.environ.get("NUCLEUS_LOG_LEVEL", "").strip()
+    name = (given or default).upper()
+    if not isinstance(logging.getLevelName(name), int):
+        fail(f"NUCLEUS_LOG_LEVEL={given!r}: expected DEBUG, INFO, WARNING or ERROR")
+    return name
+
+
 def run_cli(main: Callable[[Any], Any], script_file: str) -> None:
     """Parse ``sys.argv`` with the XML beside ``script_file`` and run ``main``."""
     logging.basicConfig(
-        level=os.environ.get("NUCLEUS_LOG_LEVEL", "WARNING"),
+        level=log_level(),
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )

@@ -693,6 +693,63 @@ def test_a_record_undone_by_another_analysis_job_is_written_again(
     assert [o.status for o in run_folder_job(client, params)] == ["skipped", "skipped"]
 
 
+def test_a_slide_put_in_an_item_since_or_named_past_the_file_system_limit(
+    girder: GirderServer, slides: dict[str, Path]
+) -> None:
+    """An item whose record names another file than its large image now (the
+    slide was replaced) is analysed again, not skipped with the old slide's
+    results; a file name longer than a file system takes (268 bytes) is
+    downloaded under a short one."""
+    folder = _folder(girder, slides, ["disks0"], "replaced")
+    gc, client = girder.client(), _client(girder)
+    long_name = "病理標本" * 22 + ".tif"
+    item = gc.createItem(folder["_id"], "long", reuseExisting=False)
+    data = slides["disks1"].read_bytes()
+    gc.uploadFile(item["_id"], io.BytesIO(data), long_name, len(data), parentType="item")
+    deadline = time.monotonic() + 60
+    while "largeImage" not in gc.getItem(item["_id"]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    params = FolderJobParams(inputFolder=folder["_id"], nuclei_annotation_format="point")
+    first = run_folder_job(client, params)
+    assert [(o.item_name, o.status) for o in first] == [("disks0.tif", "done"), ("long", "done")]
+    rec = read_record(client, first[0].item_id, KEY) or {}
+    assert rec["provenance"]["params"]["inputImageFile"] == "disks0.tif"
+    prov = {**rec["provenance"], "girder": {**rec["provenance"]["girder"], "file_id": "0" * 24}}
+    write_record(client, first[0].item_id, KEY, {**rec, "provenance": prov})  # another file's
+    again = {o.item_name: o.status for o in run_folder_job(client, params)}
+    assert again == {"disks0.tif": "done", "long": "skipped"}
+    assert [a["_id"] for a in find_annotations(client, first[0].item_id, KEY)] == [
+        (read_record(client, first[0].item_id, KEY) or {})["annotation_id"]
+    ]
+
+
+def test_a_server_that_stops_answering_stops_the_job(
+    girder: GirderServer, slides: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Requests unanswered after every retry for three slides in a row stop the
+    job (each later slide would spend its retries too: hours over a large
+    folder); one slide whose file the server fails on does not."""
+    from nucleus_models.dsa import GirderUnavailable, folder_job
+
+    folder = _folder(girder, slides, ["disks0", "disks1", "disks2", "cmu"], "down")
+    client = _client(girder)
+    real = folder_job._process
+    down: set[str] = set()
+
+    def maybe_down(client: Any, params: Any, item: dict[str, Any], *args: Any) -> Any:
+        if item["name"] in down or "*" in down:
+            raise GirderUnavailable(f"GET file/{item['_id']}/download: 502 Bad Gateway")
+        return real(client, params, item, *args)
+
+    monkeypatch.setattr(folder_job, "_process", maybe_down)
+    params = FolderJobParams(inputFolder=folder["_id"], nuclei_annotation_format="point")
+    down.add("cmu.tif")  # the first slide
+    assert [o.status for o in run_folder_job(client, params)] == ["failed", *["done"] * 3]
+    down.add("*")
+    with pytest.raises(GirderUnavailable, match=r"3 slides in a row; stopped at item 3/4"):
+        run_folder_job(client, FolderJobParams(**{**params.public(), "force": True}))
+
+
 def test_slicer_cli_folder_without_slides(girder: GirderServer) -> None:
     """Slides only in sub-folders: a one-line error naming them, not an empty
     summary and a job that looks successful."""

@@ -466,3 +466,51 @@ def test_cron_bad_input_one_line_error(case: str, server: str) -> None:
     if case == "no token":  # its hint was once taken for a secret and starred out
         assert "***" not in res.stderr and "--girder-token" in res.stderr
     assert TOKEN not in res.stderr
+
+
+def test_the_cron_takes_every_parameter_of_the_folder_job_in_either_spelling() -> None:
+    """What a HistomicsUI run was given can be given to the cron: each
+    FolderJobParams field (the token comes from $GIRDER_TOKEN) has a flag,
+    and --input_mpp, the spelling the error messages use, works too."""
+    import dataclasses
+
+    from nucleus_models.dsa.__main__ import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    fj = sub.choices["folder-job"]  # type: ignore[attr-defined]
+    fields = {f.name for f in dataclasses.fields(FolderJobParams)} - {"girderToken"}
+    assert fields <= {a.dest for a in fj._actions}
+    ns = build_parser().parse_args(
+        ["folder-job", "--api-url", "u", "--folder", "f", "--min_radius", "3",
+         "--input_mpp", "0.5", "--foreground-threshold", "80"]
+    )  # fmt: skip
+    params = FolderJobParams.from_namespace(ns)
+    assert (params.min_radius, params.input_mpp, params.foreground_threshold) == (3, 0.5, 80)
+
+
+def test_a_workdir_that_cannot_be_written_is_refused_before_any_request(tmp_path: Path) -> None:
+    from nucleus_models.dsa import run_folder_job
+    from nucleus_models.errors import NucleusModelsError
+
+    class NoServer:
+        def __getattr__(self, name: str) -> Any:
+            raise AssertionError(f"the server was asked ({name})")
+
+    params = FolderJobParams(inputFolder="f")
+    for workdir in (tmp_path / "missing", tmp_path / "file"):
+        (tmp_path / "file").write_text("")
+        with pytest.raises(NucleusModelsError, match="not a folder this job can write to"):
+            run_folder_job(NoServer(), params, workdir=str(workdir))  # type: ignore[arg-type]
+
+
+def test_the_log_level_is_read_in_any_case(monkeypatch: pytest.MonkeyPatch) -> None:
+    from nucleus_models.cli_support import log_level
+
+    monkeypatch.setenv("NUCLEUS_LOG_LEVEL", "debug")
+    assert log_level() == "DEBUG"
+    monkeypatch.delenv("NUCLEUS_LOG_LEVEL")
+    assert log_level("INFO") == "INFO"
+    monkeypatch.setenv("NUCLEUS_LOG_LEVEL", "loud")
+    with pytest.raises(SystemExit) as exc:
+        log_level()
+    assert exc.value.code == 2

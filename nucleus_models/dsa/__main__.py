@@ -55,36 +55,52 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = ap.add_subparsers(dest="command", required=True)
     fj = sub.add_parser("folder-job", help="run an analysis on every large image of a folder")
-    fj.add_argument("--api-url", dest="girderApiUrl", required=True, help="Girder API root URL")
-    fj.add_argument("--folder", dest="inputFolder", required=True, help="Girder folder id")
-    fj.add_argument("--analysis", choices=sorted(ANALYSES), default=d.analysis)
-    fj.add_argument("--analysis-key", dest="analysis_key", default="", help="default: analysis")
-    fj.add_argument("--force", action="store_true", help="redo items that are already done")
-    fj.add_argument("--model", default=d.model)
-    fj.add_argument("--analysis-roi", dest="analysis_roi", type=_roi, default=d.analysis_roi)
-    fj.add_argument("--input-mpp", dest="input_mpp", type=float, default=d.input_mpp)
-    fj.add_argument(
+
+    def add(flag: str, *args: Any, **kwargs: Any) -> None:
+        """A flag, also spelt with underscores (``--input_mpp``, the CLI's and
+        the error messages' spelling, as well as ``--input-mpp``)."""
+        also = ["--" + flag[2:].replace("-", "_")] if "-" in flag[2:] else []
+        fj.add_argument(flag, *also, *args, **kwargs)
+
+    add("--api-url", dest="girderApiUrl", required=True, help="Girder API root URL")
+    add("--folder", dest="inputFolder", required=True, help="Girder folder id")
+    add("--analysis", choices=sorted(ANALYSES), default=d.analysis)
+    add("--analysis-key", dest="analysis_key", default="", help="default: analysis")
+    add("--force", action="store_true", help="redo items that are already done")
+    add("--model", default=d.model)
+    add("--analysis-roi", dest="analysis_roi", type=_roi, default=d.analysis_roi)
+    add("--input-mpp", dest="input_mpp", type=float, default=d.input_mpp)
+    add(
         "--format",
         dest="nuclei_annotation_format",
         choices=["polygon", "point", "box"],
         default=d.nuclei_annotation_format,
     )
-    fj.add_argument("--annotation-name", dest="annotation_name", default="")
-    fj.add_argument("--tile-size", dest="analysis_tile_size", type=int, default=-1)
-    fj.add_argument("--tile-overlap", dest="analysis_tile_overlap", type=int, default=-1)
-    fj.add_argument("--min-fgnd-frac", dest="min_fgnd_frac", type=float, default=0.0)
-    fj.add_argument(
+    add("--annotation-name", dest="annotation_name", default="")
+    add("--tile-size", dest="analysis_tile_size", type=int, default=-1)
+    add("--tile-overlap", dest="analysis_tile_overlap", type=int, default=-1)
+    add("--min-fgnd-frac", dest="min_fgnd_frac", type=float, default=0.0)
+    add(
         "--test-time-flips",
         dest="test_time_flips",
         action="store_true",
         help="U-Nets: average the network over each tile and its two flips (3x its time)",
     )
-    fj.add_argument("--scheduler", default="")
-    fj.add_argument("--num-workers", dest="num_workers", type=int, default=0)
-    fj.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
-    fj.add_argument("--retries", type=int, default=5, help="tries per request")
-    fj.add_argument("--workdir", default=None, help="where slides are downloaded (temporary)")
-    fj.add_argument("--strict", action="store_true", help="exit 1 when any slide failed")
+    # the classical models' thresholds (HistomicsTK's names; -1: the model's own)
+    for name in (
+        "foreground_threshold",
+        "min_radius",
+        "max_radius",
+        "local_max_search_radius",
+        "min_nucleus_area",
+    ):
+        add(f"--{name.replace('_', '-')}", dest=name, type=float, default=-1.0)
+    add("--scheduler", default="")
+    add("--num-workers", dest="num_workers", type=int, default=0)
+    add("--timeout", type=float, default=120.0, help="seconds per request")
+    add("--retries", type=int, default=5, help="tries per request")
+    add("--workdir", default=None, help="where slides are downloaded (temporary)")
+    add("--strict", action="store_true", help="exit 1 when any slide failed")
     return ap
 
 
@@ -100,14 +116,20 @@ class _ProgressLog:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command; returns the exit status."""
-    from ..cli_support import Terminated, fail, handle_termination, join_negative_values
+    from ..cli_support import (
+        Terminated,
+        fail,
+        handle_termination,
+        join_negative_values,
+        log_level,
+    )
     from ..errors import NucleusModelsError
     from .client import TOKEN_ENV, RetryPolicy, connect, install_log_redaction
     from .folder_job import FolderJobParams, run_folder_job, summary_name
     from .lease import FolderBusy
 
     logging.basicConfig(
-        level=os.environ.get("NUCLEUS_LOG_LEVEL", "INFO"),
+        level=log_level("INFO"),
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )

@@ -24,11 +24,19 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import PurePath
 from typing import Any
 
 from ..errors import NucleusModelsError
 from .annotations import BatchedDocument, dedupe, find_annotations, push_annotation
-from .client import AuthenticationError, DSAClient, DSAError, GirderRequestError, redact
+from .client import (
+    AuthenticationError,
+    DSAClient,
+    DSAError,
+    GirderRequestError,
+    GirderUnavailable,
+    redact,
+)
 from .lease import FolderBusy, FolderLease
 from .metadata import read_record, write_record
 
@@ -46,6 +54,9 @@ log = logging.getLogger(__name__)
 #: Wait before the final sweep, so a metadata write made by another job just
 #: after this run's last one has landed when the records are read back.
 SWEEP_SETTLE_S = 0.5
+#: Slides in a row whose requests went unanswered after every retry before the
+#: job stops (one slide's file failing on the server does not stop it)
+UNANSWERED_SLIDES = 3
 
 Progress = Callable[[float], None]
 
@@ -257,12 +268,31 @@ def _done_record(
     rec = read_record(client, item["_id"], key)
     if not rec or rec.get("status") != "done" or rec.get("params_hash") != phash:
         return None
+    analysed = ((rec.get("provenance") or {}).get("girder") or {}).get("file_id")
+    if analysed and analysed != item["largeImage"]["fileId"]:
+        return None  # another slide was put in the item since: redo
     anns = find_annotations(client, item["_id"], key)
     if not any(a["_id"] == rec.get("annotation_id") for a in anns):
         return None  # the annotation was deleted: redo
     if len(anns) > 1:  # a push that crashed before its metadata: the record wins
         dedupe(client, item["_id"], key, rec["annotation_id"])
     return rec
+
+
+def local_name(file_name: str) -> str:
+    """A short name to download a slide as, keeping its extensions (large_image
+    picks a reader by them): a Girder file name can be longer than a file
+    system takes (255 bytes; 85 characters of CJK script).
+
+    >>> local_name("病理標本" * 22 + ".ome.tif"), local_name("case 1.2 scan.svs"), local_name("x")
+    ('slide.ome.tif', 'slide.svs', 'slide')
+    """
+    ext = ""
+    for suffix in reversed(PurePath(file_name).suffixes[-2:]):
+        if not (2 <= len(suffix) <= 9 and suffix.isascii() and suffix[1:].isalnum()):
+            break
+        ext = suffix + ext
+    return "slide" + ext
 
 
 def _sanitize(prov: dict[str, Any], file_name: str) -> dict[str, Any]:
@@ -287,7 +317,7 @@ def _process(
     file_id = item["largeImage"]["fileId"]
     fname = os.path.basename(client.get(f"file/{file_id}")["name"]) or "slide"
     with tempfile.TemporaryDirectory(prefix="nm-folder-job-", dir=workdir) as tmp:
-        slide = client.download_file(file_id, os.path.join(tmp, fname))
+        slide = client.download_file(file_id, os.path.join(tmp, local_name(fname)))
         out = ANALYSES[params.analysis](params, slide, tmp, progress)
     prov = _sanitize(out.provenance, fname)
     girder = {"item_id": item["_id"], "file_id": file_id, "folder_id": item["folderId"]}
@@ -409,6 +439,8 @@ def run_folder_job(
         The folder does not exist or the server cannot be reached at the start.
     """
     params.check()  # before any request: a bad value would fail every slide
+    if workdir is not None and not (os.path.isdir(workdir) and os.access(workdir, os.W_OK)):
+        raise NucleusModelsError(f"workdir {workdir}: not a folder this job can write to")
     phash = params.params_hash()
     key = params.key()
     try:
@@ -469,6 +501,7 @@ def _run_items(
     report = progress or (lambda f: None)
     outcomes: list[ItemOutcome] = []
     written: dict[str, dict[str, Any]] = {}  # item id -> the record this run wrote
+    unanswered = 0  # slides in a row the server did not answer for
     for i, item in enumerate(items):
         label = f"item {i + 1}/{len(items)} {item['name']!r}"
 
@@ -501,8 +534,16 @@ def _run_items(
         except Exception as exc:  # one slide's failure never stops the job
             msg = " ".join(redact(exc).split())[:500] or type(exc).__name__
             log.warning("%s failed: %s", label, msg)
+            unanswered = unanswered + 1 if isinstance(exc, GirderUnavailable) else 0
+            if unanswered >= UNANSWERED_SLIDES:  # the server is down, not one slide bad
+                raise GirderUnavailable(
+                    f"Girder did not answer for {unanswered} slides in a row; stopped at "
+                    f"{label} (a later run goes on from there): {msg}"
+                ) from None
             _record_failure(client, item, key, phash, msg)
             outcome = ItemOutcome(item["_id"], item["name"], "failed", error=msg)
+        else:
+            unanswered = 0
         outcomes.append(outcome)
         log.info("%s: %s %s", label, outcome.status, outcome.nuclei_count or "")
         report((i + 1) / max(len(items), 1))
