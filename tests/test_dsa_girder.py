@@ -784,6 +784,31 @@ def test_slicer_cli_bad_input(girder: GirderServer, case: str) -> None:
     assert girder.token not in res.stderr + res.stdout
 
 
+def test_a_cron_job_can_give_an_api_key(
+    girder: GirderServer, slides: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """$GIRDER_API_KEY (long-lived, unlike a session token) is exchanged for a
+    token; a key the server does not know is one line naming the variable,
+    and neither the key nor the token reaches the output."""
+    gc = girder.client()
+    key = gc.post("api_key", parameters={"name": f"cron-{time.monotonic_ns()}"})["key"]
+    folder = _folder(girder, slides, ["disks0"], "apikey")
+    env = {k: v for k, v in os.environ.items() if k != "GIRDER_TOKEN"}
+    cmd = [sys.executable, "-m", "nucleus_models.dsa", "folder-job", "--api-url"]
+    cmd += [girder.api_url, "--folder", folder["_id"], "--format", "point"]
+    for given, rc in ((key, 0), ("k" * 40, 2)):
+        res = subprocess.run(
+            cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+            env={**env, "GIRDER_API_KEY": given},
+        )  # fmt: skip
+        assert res.returncode == rc, res.stderr
+        assert given not in res.stderr + res.stdout
+    assert "GIRDER_API_KEY was not accepted" in res.stderr
+    assert len([ln for ln in res.stderr.splitlines() if ln.strip()]) == 1
+    (item,) = gc.listItem(folder["_id"], name="disks0.tif")
+    assert (read_record(_client(girder), item["_id"], KEY) or {})["status"] == "done"
+
+
 # ------------------------------------------------------------------ lease
 def _lease_of(client: Any, folder_id: str, key: str = KEY) -> Any:
     from nucleus_models.dsa.lease import lease_field

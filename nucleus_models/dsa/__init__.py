@@ -28,6 +28,7 @@ from .annotations import (
     push_annotation,
 )
 from .client import (
+    API_KEY_ENV,
     TOKEN_ENV,
     AuthenticationError,
     DSAClient,
@@ -47,6 +48,7 @@ __all__ = [
     "ATTR_NS",
     "META_NS",
     "TOKEN_ENV",
+    "API_KEY_ENV",
     "AnnotationRejected",
     "AuthenticationError",
     "BatchedDocument",

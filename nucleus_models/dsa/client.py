@@ -26,6 +26,7 @@ from ..errors import NucleusModelsError
 
 __all__ = [
     "TOKEN_ENV",
+    "API_KEY_ENV",
     "DSAError",
     "GirderUnavailable",
     "GirderRequestError",
@@ -41,6 +42,8 @@ log = logging.getLogger(__name__)
 
 #: Environment variable holding the Girder token for scripted / cron use.
 TOKEN_ENV = "GIRDER_TOKEN"
+#: or a Girder API key (long-lived, for cron), exchanged for a token at the start
+API_KEY_ENV = "GIRDER_API_KEY"
 RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
 _SECRET_PATTERNS = (
     re.compile(r"(?i)((?:girder[-_]?)?token['\"]?\s*[=:]\s*['\"]?)([^&\s'\",}]+)"),
@@ -356,20 +359,46 @@ def connect(
         The server cannot be reached.
     """
     token = token or os.environ.get(TOKEN_ENV, "")
+    api_key = "" if token else os.environ.get(API_KEY_ENV, "").strip()
     if not api_url or not api_url.startswith(("http://", "https://")):
         raise DSAError(f"the Girder API URL must start with http:// or https://, got {api_url!r}")
-    if not token:
+    if not token and not api_key:
         raise AuthenticationError(
-            f"no Girder token was given (the CLI's --girder-token, or ${TOKEN_ENV} from cron)"
+            f"no Girder token was given (the CLI's --girder-token, or ${TOKEN_ENV} or "
+            f"${API_KEY_ENV} from cron)"
         )
     client = DSAClient(api_url, token, retry=retry)
     try:
+        if api_key:  # a long-lived key (cron): exchanged for a token of its scope
+            register_secret(api_key)
+            try:
+                answer = client.sendRestRequest(
+                    "POST",
+                    "api_key/token",
+                    parameters={"key": api_key},
+                    attempts=connect_attempts,
+                    retry_log_level=logging.DEBUG,
+                )
+            except GirderRequestError as exc:
+                if exc.status != 400:
+                    raise
+                raise AuthenticationError(
+                    f"the Girder API key in ${API_KEY_ENV} was not accepted by {api_url} "
+                    f"(unknown, inactive or expired): {_message(exc.text)}"
+                ) from None
+            token = str(answer["authToken"]["token"])
+            register_secret(token)
+            client.setToken(token)
         me = client.sendRestRequest(
             "GET", "user/me", attempts=connect_attempts, retry_log_level=logging.DEBUG
         )
     except GirderRequestError as exc:
         raise DSAError(f"{api_url} does not look like a Girder API: {exc}") from None
     if not me:
-        raise AuthenticationError(f"the Girder token was not accepted by {api_url}")
+        raise AuthenticationError(
+            f"the Girder token was not accepted by {api_url}: unknown or expired, or made from "
+            "an API key whose scopes leave out reading the user (the job needs read and write "
+            f"access to the data; a cron job can give the API key itself in ${API_KEY_ENV})"
+        )
     log.debug("connected to %s as %s", client.api_url, me.get("login"))
     return client
