@@ -792,13 +792,16 @@ def test_a_cron_job_can_give_an_api_key(
     and neither the key nor the token reaches the output."""
     gc = girder.client()
     key = gc.post("api_key", parameters={"name": f"cron-{time.monotonic_ns()}"})["key"]
+    # the scopes the README names
+    scopes = json.dumps(["core.user_info.read", "core.data.read", "core.data.write"])
+    scoped = gc.post("api_key", parameters={"name": "cron-scoped", "scope": scopes})["key"]
     folder = _folder(girder, slides, ["disks0"], "apikey")
     env = {k: v for k, v in os.environ.items() if k != "GIRDER_TOKEN"}
     cmd = [sys.executable, "-m", "nucleus_models.dsa", "folder-job", "--api-url"]
-    cmd += [girder.api_url, "--folder", folder["_id"], "--format", "point"]
-    for given, rc in ((key, 0), ("k" * 40, 2)):
+    cmd += [girder.api_url, "--folder", folder["_id"], "--format", "point", "--strict"]
+    for given, rc, more in ((key, 0, []), (scoped, 0, ["--force"]), ("k" * 40, 2, [])):
         res = subprocess.run(
-            cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+            [*cmd, *more], cwd=REPO, capture_output=True, text=True, timeout=300,
             env={**env, "GIRDER_API_KEY": given},
         )  # fmt: skip
         assert res.returncode == rc, res.stderr
