@@ -144,7 +144,14 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
         help="train only this cross-validation fold (0-based; folds can run in parallel "
         "processes, then --resume evaluates them)",
     )
-    t.add_argument("--steps", type=int, default=None, help="override the config's training steps")
+    t.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="the final model's training steps (train.steps); the CV folds train "
+        "cv.steps (default: train.steps as the config gives it), so a quick look needs "
+        "--skip_cv too",
+    )
     t.add_argument(
         "--device",
         choices=["auto", "cpu", "cuda"],

@@ -299,6 +299,10 @@ def test_finetune_command_writes_the_config_and_trains_from_a_shipped_model(
         (["--name", "unet-monuseg"], "is a shipped model"),
         (["--from", "unet-nosuch"], "no shipped model 'unet-nosuch'"),
         (["--from", "classical-he"], "no shipped model 'classical-he'"),
+        # (-1 resized every image to 1 x 1 px and trained on that)
+        (["--mpp", "-1"], "--mpp -1: expected the images' microns per pixel"),
+        (["--mpp", "0"], "--mpp 0: expected"),
+        (["--dataset", "nope"], "unknown dataset 'nope'"),
     ]:
         assert main([*args, *bad, "--out", str(tmp_path / "bad")]) == 2
         assert message in capsys.readouterr().err

@@ -1698,3 +1698,95 @@ def test_test_time_flips_run_the_network_on_each_tile_and_its_two_flips(
     other = detect_nuclei(DetectionParams(**{**kw, "model": "classical-he"}, test_time_flips=True))  # type: ignore[arg-type]
     assert any("test-time flips are for the U-Nets" in w for w in other.warnings)
     assert "test_time_flips" not in other.runtime
+
+
+_TINY = (
+    'name = "unet-tiny"\narch = "unet"\nseed = 1\n'
+    '[data]\ndataset = "bbbc038"\nroot = "."\n'
+    '[model]\nmpp = 0.5\nmodality = "fluorescence"\nbase = 8\ndepth = 3\n'
+    "[train]\nsteps = 2\nbatch_size = 2\npatch_size = 64\nlr = 0.01\n"
+    "[augment]\nnoise = 0.02\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        # a misspelt table trained without augmentation, silently
+        (("[augment]", "[augmnet]"), "unknown table 'augmnet'; did you mean 'augment'?"),
+        (
+            ("patch_size", "patch_sise"),
+            "unknown key 'train.patch_sise'; did you mean 'patch_size'?",
+        ),
+        (("lr = 0.01", 'lr = "fast"'), "train.lr = 'fast': expected a number"),
+        (("steps = 2", 'steps = "thirty"'), "train.steps = 'thirty': expected a whole number"),
+        # 0 steps from random weights would export untrained weights
+        (("steps = 2", "steps = 0"), "train.steps = 0 trains nothing"),
+        (("steps = 2", "steps = -5"), "train.steps = -5: expected at least 0"),
+        (("lr = 0.01", 'lr = 0.01\n[cv]\nmetric = "ajj"'), "cv.metric 'ajj' is not one of"),
+        (("lr = 0.01", "lr = 0.01\n[cv]\nfolds = 1"), "cv.folds = 1: expected at least 2"),
+        (('"bbbc038"', '"monusegg"'), "unknown dataset 'monusegg'; known:"),
+        (("mpp = 0.5", "mpp = 0"), "model.mpp = 0: expected microns per pixel"),
+        (("[train]\nsteps = 2\nbatch_size = 2\npatch_size = 64\nlr = 0.01\n", ""), "no [train]"),
+        (('root = "."\n', ""), "no data.root"),
+    ],
+)
+def test_a_config_that_cannot_work_is_one_line_before_anything_loads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], change: tuple[str, str], words: str
+) -> None:
+    from benchmark.__main__ import main
+
+    old, new = change
+    assert old in _TINY
+    config = tmp_path / "tiny.toml"
+    config.write_text(_TINY.replace(old, new))
+    assert main(["train", "--config", str(config), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {config}: ") and "\n" not in err, err
+    assert words in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_every_shipped_config_passes_the_check() -> None:
+    from benchmark.training.run import load_config
+
+    for config in sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.toml")):
+        load_config(config)  # raises on a key the check does not know
+
+
+def test_a_resume_with_another_network_or_a_cut_checkpoint_is_one_line(
+    shared_data: Path, tmp_path: Path
+) -> None:
+    """--resume after changing what the weights depend on (the network's
+    width, the learning rate) names the keys instead of a size-mismatch
+    traceback or a silent mix of two configs; the step count may change.
+    A checkpoint is replaced whole, so a run killed while saving resumes
+    from the previous one."""
+    from benchmark.training.unet import train_unet
+
+    imgs = _tiny_images(shared_data)
+    cfg = _cfg()
+    out = tmp_path / "run"
+    ckpt = train_unet(cfg, imgs, out, steps=10, progress=False)
+    for table, key, value in (("model", "base", 12), ("train", "lr", 0.02)):
+        other = {**cfg, table: {**cfg[table], key: value}}
+        with pytest.raises(ValueError, match=rf"another config \({table}\.{key} differ\)"):
+            train_unet(other, imgs, out, steps=20, resume=True, progress=False)
+    train_unet(cfg, imgs, out, steps=20, resume=True, progress=False)
+    assert "resumed at 10 of 20 steps" in (out / "train.log").read_text()
+
+    def killed(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt  # while torch.save writes
+
+    import torch
+
+    good = ckpt.read_bytes()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch, "save", killed)
+        with pytest.raises(KeyboardInterrupt):
+            train_unet(cfg, imgs, out, steps=30, resume=True, progress=False)
+    assert ckpt.read_bytes() == good
+    assert [p.name for p in out.iterdir() if p.name.endswith(".partial")] == []
+    ckpt.write_bytes(good[: len(good) // 2])  # what a save cut short by an older version left
+    with pytest.raises(ValueError, match="not a readable checkpoint"):
+        train_unet(cfg, imgs, out, steps=30, resume=True, progress=False)

@@ -22,6 +22,7 @@ import numpy as np
 __all__ = [
     "warmup_cosine",
     "save_checkpoint",
+    "training_settings",
     "restore_checkpoint",
     "train_loop",
     "write_weights",
@@ -266,22 +267,63 @@ def save_checkpoint(
     history: list[dict[str, float]],
     **extra: Any,
 ) -> None:
-    """Everything needed to continue a run exactly: model, optimiser, schedule, step, random state."""
+    """Everything needed to continue a run exactly: model, optimiser, schedule, step, random state.
+
+    Written to a temporary file and renamed over the last one, so a run
+    killed while saving still resumes from its previous checkpoint.
+    """
     import torch
 
-    torch.save(
-        {
-            **extra,
-            "model": net.state_dict(),
-            "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(),
-            "step": step,
-            "numpy_rng": rng.bit_generator.state,
-            "torch_rng": torch.get_rng_state(),
-            "history": history,
-        },
-        path,
-    )
+    from nucleus_models.io.atomic import atomic_write
+
+    state = {
+        **extra,
+        "model": net.state_dict(),
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "step": step,
+        "numpy_rng": rng.bit_generator.state,
+        "torch_rng": torch.get_rng_state(),
+        "history": history,
+    }
+    with atomic_write(path, "wb") as f:
+        torch.save(state, f)
+
+
+def training_settings(cfg: dict[str, Any]) -> dict[str, Any]:
+    """What a run's weights depend on, as plain JSON: the config without its
+    card, name and cross-validation table, step count, device and threads,
+    and the settings only inference reads; data paths relative to the
+    repository.  A run resumed with other values of these would be another
+    run's continuation (:func:`restore_checkpoint` refuses it).
+
+    >>> training_settings({"name": "a", "train": {"steps": 5, "lr": 0.1}, "cv": {"folds": 3}})
+    {'train': {'lr': 0.1}}
+    """
+    c = {k: copy.deepcopy(v) for k, v in cfg.items() if not k.startswith("_")}
+    for section in ("card", "cv", "name"):
+        c.pop(section, None)
+    for section, keys in _NOT_IN_CV.items():
+        for key in keys or ():
+            c.get(section, {}).pop(key, None)
+    for table, key in data_paths(c):
+        table[key] = os.path.relpath(table[key], REPO)
+    return dict(json.loads(json.dumps(c, sort_keys=True, default=str)))
+
+
+def changed_settings(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two :func:`training_settings`.
+
+    >>> changed_settings({"model": {"base": 12}, "seed": 0}, {"model": {"base": 8}, "seed": 0})
+    ['model.base']
+    """
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return [] if old == new else [prefix or "(all)"]
+    out: list[str] = []
+    for key in sorted(set(old) | set(new)):
+        name = f"{prefix}.{key}" if prefix else str(key)
+        out += changed_settings(old.get(key), new.get(key), name)
+    return out
 
 
 def restore_checkpoint(
@@ -292,25 +334,42 @@ def restore_checkpoint(
     sched: Any,
     rng: np.random.Generator,
     expect: dict[str, Any] | None = None,
+    settings: dict[str, Any] | None = None,
 ) -> tuple[int, list[dict[str, float]], dict[str, Any]]:
     """Load a checkpoint written by :func:`save_checkpoint` into the given objects.
 
     ``expect``: extra keys that must hold these values (e.g. the architecture),
-    checked before anything is loaded.  Returns ``(step, history, state)``.
+    checked before anything is loaded; ``settings``: the run's
+    :func:`training_settings`, which must be those the checkpoint was made
+    with (when it recorded them).  Returns ``(step, history, state)``.
     """
     import torch
 
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError) as exc:  # (an old, non-atomic save cut short)
+        raise ValueError(
+            f"{path}: not a readable checkpoint ({' '.join(str(exc).split())[:200]}); "
+            "train again without --resume"
+        ) from None
     for key, want in (expect or {}).items():
         if state.get(key) != want:
             raise ValueError(f"{path} holds a {state.get(key)!r} model, not {want!r}")
+    recorded = state.get("training_settings")
+    if settings is not None and recorded is not None:
+        changed = changed_settings(recorded, settings)
+        if changed:
+            raise ValueError(
+                f"{path} was trained with another config ({', '.join(changed[:5])} differ): "
+                "put them back to continue it, or train again without --resume"
+            )
     net.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     rng.bit_generator.state = state["numpy_rng"]
     torch.set_rng_state(state["torch_rng"])
     step = int(state["step"])
-    log.info("resumed from %s at step %d", path, step)
+    log.warning("resumed from %s at step %d", path, step)
     return step, list(state.get("history", [])), state
 
 
@@ -384,6 +443,8 @@ def train_loop(
             }
         )
     with (out / "train.log").open("a") as logf:
+        # (a run started again without --resume appends to the same log)
+        logf.write(f"{'resumed' if step else 'started'} at {step} of {total} steps\n")
         while step < total:
             running.append(step_fn())
             sched.step()
@@ -431,7 +492,10 @@ def write_weights(
     name = cfg["name"]
     weights_dir.mkdir(parents=True, exist_ok=True)
     pt = weights_dir / f"{name}.pt"
-    torch.save(shipped_state(torch.load(ckpt, map_location="cpu", weights_only=True)), pt)
+    from nucleus_models.io.atomic import atomic_write
+
+    with atomic_write(pt, "wb") as f:
+        torch.save(shipped_state(torch.load(ckpt, map_location="cpu", weights_only=True)), f)
     m = cfg["model"]
     spec = {
         "name": name,

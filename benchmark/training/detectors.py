@@ -29,6 +29,7 @@ from .common import (
     trained_on,
     training_lines,
     training_record,
+    training_settings,
     warmup_cosine,
     write_weights,
 )
@@ -204,7 +205,13 @@ def train_detector(
     step, history, sessions = 0, [], []
     if resume and ckpt.exists():
         step, history, state = restore_checkpoint(
-            ckpt, net=net, opt=opt, sched=sched, rng=rng, expect={"arch": cfg["arch"]}
+            ckpt,
+            net=net,
+            opt=opt,
+            sched=sched,
+            rng=rng,
+            expect={"arch": cfg["arch"]},
+            settings=training_settings(cfg),
         )
         sessions = list(state.get("sessions", []))
     net.train()
@@ -241,6 +248,7 @@ def train_detector(
         sessions=sessions,
         arch=cfg["arch"],
         net_options=_net_options(cfg),
+        training_settings=training_settings(cfg),
     )
 
 

@@ -59,12 +59,20 @@ def finetune_config(
     ``name`` that is already a shipped model, or fewer than two labelled
     images (a cross-validation needs two).
     """
+    from nucleus_models.detection import MPP_RANGE
     from nucleus_models.models.weights import WEIGHTS_DIR
 
     from ..datasets import DatasetError, get_dataset
     from .run import load_config
     from .unet import shipped_card, starting_weights
 
+    if mpp is not None and not MPP_RANGE[0] <= mpp <= MPP_RANGE[1]:
+        raise ValueError(
+            f"--mpp {mpp:g}: expected the images' microns per pixel, "
+            f"{MPP_RANGE[0]:g}-{MPP_RANGE[1]:g} (40x is ~0.25, 20x ~0.5)"
+        )
+    if int(steps) < 0:
+        raise ValueError(f"--steps {steps}: expected 0 or more")
     card = json.loads(shipped_card(start, "--from").read_text())
     if (WEIGHTS_DIR / f"{name}.json").exists() or name == start:
         raise ValueError(
@@ -80,6 +88,8 @@ def finetune_config(
         labelled = [s for s in (ds.load(sid) for sid in ds.ids()) if s.labels is not None]
     except DatasetError as exc:
         raise ValueError(str(exc)) from None
+    except KeyError as exc:  # an unknown dataset name
+        raise ValueError(str(exc.args[0] if exc.args else exc)) from None
     n = len(labelled)
     if n < 2:
         raise ValueError(

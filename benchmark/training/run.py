@@ -76,7 +76,7 @@ def load_config(path: str | Path) -> dict[str, Any]:
             ) from None
     if not isinstance(cfg, dict):
         raise ValueError(f"{p}: a training config is a table of sections, not {type(cfg).__name__}")
-    extra = cfg.get("data", {}).get("extra", [])
+    extra = cfg.get("data", {}).get("extra", []) if isinstance(cfg.get("data"), dict) else []
     if not isinstance(extra, list) or not all(
         isinstance(e, dict) and "dataset" in e and "root" in e for e in extra
     ):
@@ -84,6 +84,7 @@ def load_config(path: str | Path) -> dict[str, Any]:
             f"{p}: data.extra must be a list of tables with 'dataset' and 'root' "
             "([[data.extra]] in TOML)"
         )
+    check_config(cfg, str(p))
     for table, key in data_paths(cfg):
         if not Path(table[key]).is_absolute():
             table[key] = str((REPO / table[key]).resolve())
@@ -102,6 +103,157 @@ def load_config(path: str | Path) -> dict[str, Any]:
         # the starting weights are part of what the cross-validation measured
         cfg["train"]["init_sha256"] = init["sha256"] if init else None
     return cfg
+
+
+#: every key a training config may hold, by table (``""``: the top level);
+#: ``check_config`` refuses others, so a misspelt key is not silently ignored
+CONFIG_KEYS: dict[str, frozenset[str]] = {
+    "": frozenset({"name", "arch", "seed", "data", "model", "train", "augment", "cv", "card"}),
+    "data": frozenset(
+        {
+            "dataset", "root", "extra", "default_mpp", "label_resize",
+            "foreground_only_masks", "foreground_mask_erosion", "pseudo_instances",
+            "rescale_to_diameter", "synthetic_images", "synthetic_max_overlap",
+        }
+    ),
+    "data.extra": frozenset({"dataset", "root", "modality", "mpp", "weight"}),
+    "model": frozenset(
+        {
+            "mpp", "modality", "normalisation", "stain_normalisation", "base", "depth",
+            "channels", "min_area", "tile_size", "tile_overlap", "batch_size",
+            "max_nucleus_diameter_um", "color", "cpu_bfloat16", "cpu_int8", "tta",
+            "fpn_channels", "detections_per_img", "score_threshold", "nms_iou", "mask_threshold",
+        }
+    ),
+    "train": frozenset(
+        {
+            "steps", "lr", "batch_size", "patch_size", "optimizer", "weight_decay", "clip_grad",
+            "precision", "device", "threads", "ema", "scale_range", "boundary_target",
+            "boundary_weight", "distance_weight", "outline_weight", "outline_band_px",
+            "focal_gamma", "min_instance_area", "log_every", "checkpoint_every", "init_from",
+            "init_sha256",
+        }
+    ),
+    "augment": frozenset(
+        {
+            "rotate", "elastic", "elastic_sigma", "hue_shift", "stain_jitter", "brightness",
+            "noise", "grayscale", "blur", "vesicular",
+        }
+    ),
+    "cv": frozenset(
+        {
+            "folds", "steps", "metric", "tune_on", "report_groups", "labelled_fraction",
+            "fg_thresholds", "seed_thresholds", "hmax_h", "hmax_smooth", "min_areas",
+            "min_scores", "score_thresholds", "nms_ious", "mask_thresholds",
+        }
+    ),
+    "card": frozenset({"data", "description", "license", "earlier_training"}),
+}  # fmt: skip
+#: keys whose value is a whole number / a number, and the least each may be
+_WHOLE = {
+    "seed": 0, "steps": 0, "batch_size": 1, "patch_size": 16, "threads": 1, "folds": 2,
+    "base": 1, "depth": 1, "min_area": 0, "tile_size": 16, "tile_overlap": 0,
+    "log_every": 1, "checkpoint_every": 1, "synthetic_images": 0,
+    "foreground_mask_erosion": 0,
+}  # fmt: skip
+_NUMBER = {
+    "lr": 0.0, "weight_decay": 0.0, "clip_grad": 0.0, "ema": 0.0, "boundary_weight": 0.0,
+    "distance_weight": 0.0, "outline_weight": 0.0, "outline_band_px": 0.0, "focal_gamma": 0.0,
+    "min_instance_area": 0.0, "max_nucleus_diameter_um": 0.0, "hue_shift": 0.0,
+    "stain_jitter": 0.0, "brightness": 0.0, "noise": 0.0, "grayscale": 0.0, "blur": 0.0,
+    "vesicular": 0.0, "elastic": 0.0, "elastic_sigma": 0.0, "labelled_fraction": 0.0,
+    "synthetic_max_overlap": 0.0, "weight": 0.0,
+}  # fmt: skip
+
+
+def check_config(cfg: dict[str, Any], where: str) -> None:
+    """One ``ValueError`` line for what would otherwise fail late or not at
+    all: an unknown table or key (a misspelt ``[augmnet]`` trained without
+    augmentation), a missing table or key the training reads, a value of the
+    wrong type or out of range, an unknown dataset or CV metric, 0 steps
+    without starting weights, fewer than 2 folds."""
+    import difflib
+
+    from benchmark.datasets import list_datasets
+    from benchmark.evaluate import INSTANCE_METRICS
+    from nucleus_models.detection import MPP_RANGE
+
+    def unknown(table: str, key: str) -> ValueError:
+        known = CONFIG_KEYS[table]
+        near = difflib.get_close_matches(key, sorted(known), n=1)
+        name = f"{table}.{key}" if table else key
+        hint = f"; did you mean {near[0]!r}?" if near else f"; known: {', '.join(sorted(known))}"
+        kind = "table" if not table and key not in known else "key"
+        return ValueError(f"{where}: unknown {kind} {name!r}{hint}")
+
+    def tables(table: str, value: Any) -> list[dict[str, Any]]:
+        if table == "data.extra":
+            return list(value)
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: {table} must be a table ([{table}]), not {value!r}")
+        return [value]
+
+    for key in cfg:
+        if key not in CONFIG_KEYS[""] and not key.startswith("_"):
+            raise unknown("", key)
+    for table in ("data", "model", "train"):
+        if table not in cfg:
+            raise ValueError(f"{where}: no [{table}] table")
+    checks: list[tuple[str, dict[str, Any]]] = [("", cfg)]
+    for table in CONFIG_KEYS:
+        head, _, sub = table.partition(".")
+        if not table or head not in cfg:
+            continue
+        value = cfg[head] if not sub else cfg[head].get(sub, [])
+        for t in tables(table, value):
+            for key in t:
+                if key not in CONFIG_KEYS[table] and not (table == "data" and key == "extra"):
+                    raise unknown(table, key)
+            checks.append((table, t))
+    for table, t in checks:
+        for key, value in t.items():
+            name = f"{table}.{key}" if table else key
+            if key in _WHOLE or key in _NUMBER:
+                whole = key in _WHOLE
+                ok = isinstance(value, int | float) and not isinstance(value, bool)
+                if not ok or (whole and float(value) != int(value)) or value != value:
+                    want = "a whole number" if whole else "a number"
+                    raise ValueError(f"{where}: {name} = {value!r}: expected {want}")
+                least = _WHOLE[key] if whole else _NUMBER[key]
+                if value < least:
+                    raise ValueError(f"{where}: {name} = {value!r}: expected at least {least}")
+            if key in ("mpp", "default_mpp") and table in ("model", "data", "data.extra"):
+                ok = isinstance(value, int | float) and not isinstance(value, bool)
+                if not ok or not MPP_RANGE[0] <= value <= MPP_RANGE[1]:
+                    raise ValueError(
+                        f"{where}: {name} = {value!r}: expected microns per pixel, "
+                        f"{MPP_RANGE[0]:g}-{MPP_RANGE[1]:g} (40x is ~0.25, 20x ~0.5)"
+                    )
+    for key in ("dataset", "root"):
+        if key not in cfg["data"]:
+            raise ValueError(f"{where}: no data.{key}")
+    for d in [cfg["data"], *cfg["data"].get("extra", [])]:
+        if str(d["dataset"]).lower() not in list_datasets():
+            raise ValueError(
+                f"{where}: unknown dataset {d['dataset']!r}; known: {', '.join(list_datasets())}"
+            )
+    if "mpp" not in cfg["model"]:
+        raise ValueError(f"{where}: no model.mpp (the resolution the model trains and runs at)")
+    tr = cfg["train"]
+    for key in ("steps", "lr", "batch_size", "patch_size"):
+        if key not in tr:
+            raise ValueError(f"{where}: no train.{key}")
+    if tr["steps"] == 0 and not tr.get("init_from"):
+        raise ValueError(
+            f"{where}: train.steps = 0 trains nothing; 0 is for re-tuning a model given as "
+            "train.init_from"
+        )
+    metric = cfg.get("cv", {}).get("metric", "aji")
+    for m in [metric] if isinstance(metric, str) else list(metric):
+        if m not in INSTANCE_METRICS:
+            raise ValueError(
+                f"{where}: cv.metric {m!r} is not one of {', '.join(INSTANCE_METRICS)}"
+            )
 
 
 def kfold(ids: list[str], k: int, seed: int) -> list[list[str]]:
@@ -1004,11 +1156,21 @@ def train_from_config(
     ``cuda``) replaces the config's ``train.device`` (default ``cpu``):
     where the networks train; held-out images are scored on the CPU."""
     cfg = load_config(config)
-    if device is not None:
+    if device is not None or cfg["train"].get("device"):
         from nucleus_models.models.unet import pick_device
 
-        pick_device(device)  # no GPU for "cuda": a one-line error before any data loads
-        cfg.setdefault("train", {})["device"] = device
+        # no GPU for "cuda": a one-line error before any data loads or is written
+        pick_device(device if device is not None else str(cfg["train"]["device"]))
+        if device is not None:
+            cfg["train"]["device"] = device
+    if steps is not None and (steps < 0 or (steps == 0 and not cfg["train"].get("init_from"))):
+        raise ValueError(
+            f"--steps {steps}: expected 1 or more (0 only re-tunes a model given as "
+            "train.init_from)"
+        )
+    k = int(cfg.get("cv", {}).get("folds", 3))
+    if fold is not None and not 0 <= fold < k:
+        raise ValueError(f"--fold {fold}: the config has folds 0..{k - 1}")
     if out_dir is None:
         out_dir = Path("runs") / str(cfg["name"])
     if cv_from is not None and (skip_cv or cv_only or fold is not None):

@@ -22,6 +22,7 @@ from .common import (
     restore_checkpoint,
     score_on_truth,
     train_loop,
+    training_settings,
     warmup_cosine,
 )
 from .data import (
@@ -482,7 +483,9 @@ def train_unet(
 
         ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
     if resume and ckpt.exists():
-        step, history, state = restore_checkpoint(ckpt, net=net, opt=opt, sched=sched, rng=rng)
+        step, history, state = restore_checkpoint(
+            ckpt, net=net, opt=opt, sched=sched, rng=rng, settings=training_settings(cfg)
+        )
         sessions = list(state.get("sessions", []))
         if ema is not None:
             if "ema_model" in state:
@@ -513,10 +516,10 @@ def train_unet(
             ema.update_parameters(net)
         return {"loss": loss.item()}
 
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any] = {"training_settings": training_settings(cfg)}
     if ema is not None:
         avg = ema
-        extra = {
+        extra |= {
             "ema_model": lambda: avg.module.state_dict(),
             "ema_n": lambda: int(avg.n_averaged.item()),
             "ema_decay": ema_decay,
