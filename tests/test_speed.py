@@ -123,10 +123,15 @@ def test_speed_json_records_its_provenance(shared_data: Path, tmp_path: Path, mo
     doc = json.loads(out.read_text())
     assert doc["rows"][0]["nuclei"] == 10
     prov = doc["provenance"]
-    assert set(prov) == {"package_version", "model", "params", "created", "command"}
+    assert set(prov) == {"package_version", "libraries", "model", "params", "created", "command"}
     assert prov["package_version"] == __version__
     spec = get_spec("classical-he")
-    assert prov["model"] == {"name": spec.name, "sha256": spec.sha256, "mpp": spec.mpp}
+    assert prov["model"] == {
+        "name": spec.name,
+        "sha256": spec.sha256,
+        "mpp": spec.mpp,
+        "modality": spec.modality,
+    }
     assert prov["params"]["repeat"] == 2 and prov["params"]["input_mpp"] == 0.5
     assert prov["command"].startswith("nucleus-bench speed --slide ")
     assert [p.name for p in tmp_path.iterdir()] == ["s.json"]  # no temporary file left

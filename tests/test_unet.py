@@ -1790,3 +1790,24 @@ def test_a_resume_with_another_network_or_a_cut_checkpoint_is_one_line(
     ckpt.write_bytes(good[: len(good) // 2])  # what a save cut short by an older version left
     with pytest.raises(ValueError, match="not a readable checkpoint"):
         train_unet(cfg, imgs, out, steps=30, resume=True, progress=False)
+
+
+def test_an_export_without_cross_validation_says_so(
+    shared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ``--skip_cv`` export's card says it has no held-out metrics and that
+    its thresholds are the config's defaults, and names the CPU's model."""
+    from benchmark.__main__ import main
+    from benchmark.training import run
+    from benchmark.training.common import cpu_model
+
+    imgs = _tiny_images(shared_data)
+    monkeypatch.setattr(run, "_images", lambda cfg: imgs)
+    config = tmp_path / "tiny.toml"
+    config.write_text(_TINY)
+    argv = ["train", "--config", str(config), "--out", str(tmp_path / "run"), "--skip_cv"]
+    assert main([*argv, "--export", str(tmp_path / "weights")]) == 0
+    card = (tmp_path / "weights" / "unet-tiny.md").read_text()
+    assert "Not cross-validated (trained with `--skip_cv`)" in card
+    assert "(no cross-validation)" in card and "min more" not in card
+    assert cpu_model() in card

@@ -60,6 +60,21 @@ _NOT_IN_CV = {
 }
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux's ``/proc/cpuinfo``; ``platform.processor()``
+    is empty there), else the machine type (``x86_64``)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.lower().startswith("model name") and ":" in line:
+                    name = " ".join(line.split(":", 1)[1].split())
+                    if name:
+                        return f"{name} ({platform.machine()})"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def hardware_text(device: Any = None) -> str:
     """The machine a training run used, for the model card: CPU and threads,
     and the GPU when the network ran on one (``device``, a torch device or
@@ -67,7 +82,7 @@ def hardware_text(device: Any = None) -> str:
     import torch
 
     n = torch.get_num_threads()
-    cpu = f"{platform.processor() or platform.machine()}, {n} CPU thread{'s' if n > 1 else ''}"
+    cpu = f"{cpu_model()}, {n} CPU thread{'s' if n > 1 else ''}"
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)

@@ -240,9 +240,8 @@ def check_config(cfg: dict[str, Any], where: str) -> None:
     if "mpp" not in cfg["model"]:
         raise ValueError(f"{where}: no model.mpp (the resolution the model trains and runs at)")
     tr = cfg["train"]
-    for key in ("steps", "lr", "batch_size", "patch_size"):
-        if key not in tr:
-            raise ValueError(f"{where}: no train.{key}")
+    if "steps" not in tr:
+        raise ValueError(f"{where}: no train.steps")
     if tr["steps"] == 0 and not tr.get("init_from"):
         raise ValueError(
             f"{where}: train.steps = 0 trains nothing; 0 is for re-tuning a model given as "
@@ -1003,7 +1002,11 @@ def _card_markdown(
         *training_lines(meta, cfg),
         f"- Training: {meta['steps']} steps, batch {cfg['train']['batch_size']}, patch {cfg['train']['patch_size']} px, "
         f"{meta['seconds'] / 60:.1f} min on {meta['hardware']} "
-        f"(cross-validation folds: {meta.get('cv_seconds', 0) / 60:.1f} min more)"
+        + (
+            f"(cross-validation folds: {meta.get('cv_seconds', 0) / 60:.1f} min more)"
+            if cv
+            else "(no cross-validation)"
+        )
         + (
             f"; the shipped and cross-validated weights are an exponential moving average "
             f"of the trained ones (decay {float(cfg['train']['ema']):g})"
@@ -1023,6 +1026,11 @@ def _card_markdown(
     ]
     if cv:
         lines += cv_card_lines(cfg, spec, cv)
+    else:
+        lines += [
+            "Not cross-validated (trained with `--skip_cv`): no held-out metrics, and the "
+            "post-processing thresholds above are the config's defaults, not tuned.",
+        ]
     if int8:
         lines += ["", *int8_card_lines(spec, int8)]
     return "\n".join(lines)
@@ -1171,6 +1179,10 @@ def train_from_config(
     k = int(cfg.get("cv", {}).get("folds", 3))
     if fold is not None and not 0 <= fold < k:
         raise ValueError(f"--fold {fold}: the config has folds 0..{k - 1}")
+    needed = ("batch_size", "patch_size") + (("lr",) if cfg["arch"] == "unet" else ())
+    for key in needed:
+        if key not in cfg["train"]:
+            raise ValueError(f"{config}: no train.{key}")
     if out_dir is None:
         out_dir = Path("runs") / str(cfg["name"])
     if cv_from is not None and (skip_cv or cv_only or fold is not None):
