@@ -482,10 +482,12 @@ def test_the_cron_takes_every_parameter_of_the_folder_job_in_either_spelling() -
     assert fields <= {a.dest for a in fj._actions}
     ns = build_parser().parse_args(
         ["folder-job", "--api-url", "u", "--folder", "f", "--min_radius", "3",
-         "--input_mpp", "0.5", "--foreground-threshold", "80"]
+         "--input_mpp", "0.5", "--foreground-threshold", "80",
+         "--analysis_tile_size", "512", "--nuclei_annotation_format", "point"]
     )  # fmt: skip
     params = FolderJobParams.from_namespace(ns)
     assert (params.min_radius, params.input_mpp, params.foreground_threshold) == (3, 0.5, 80)
+    assert (params.analysis_tile_size, params.nuclei_annotation_format) == (512, "point")
 
 
 def test_a_workdir_that_cannot_be_written_is_refused_before_any_request(tmp_path: Path) -> None:

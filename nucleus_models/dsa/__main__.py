@@ -1,7 +1,8 @@
 """``python -m nucleus_models.dsa folder-job``: the folder job for cron.
 
 The token comes from the ``GIRDER_TOKEN`` environment variable (never from the
-command line, where ``ps`` would show it). Progress and per-item results are
+command line, where ``ps`` would show it), or, when that is not set, a
+long-lived API key from ``GIRDER_API_KEY``, exchanged for a token at the start. Progress and per-item results are
 logged to stderr; bad input (unreachable server, bad token, unknown folder)
 prints one ``error: ...`` line and exits with status 2. With ``--strict`` the
 exit status is 1 when any slide failed. While another run of the same analysis
@@ -56,11 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
     fj = sub.add_parser("folder-job", help="run an analysis on every large image of a folder")
 
-    def add(flag: str, *args: Any, **kwargs: Any) -> None:
-        """A flag, also spelt with underscores (``--input_mpp``, the CLI's and
-        the error messages' spelling, as well as ``--input-mpp``)."""
-        also = ["--" + flag[2:].replace("-", "_")] if "-" in flag[2:] else []
-        fj.add_argument(flag, *also, *args, **kwargs)
+    def add(*flags: str, **kwargs: Any) -> None:
+        """Flags, each also spelt with underscores (``--input_mpp``, the CLI's
+        and the error messages' spelling, as well as ``--input-mpp``)."""
+        also = ["--" + f[2:].replace("-", "_") for f in flags if "-" in f[2:]]
+        fj.add_argument(*flags, *also, **kwargs)
 
     add("--api-url", dest="girderApiUrl", required=True, help="Girder API root URL")
     add("--folder", dest="inputFolder", required=True, help="Girder folder id")
@@ -72,13 +73,20 @@ def build_parser() -> argparse.ArgumentParser:
     add("--input-mpp", dest="input_mpp", type=float, default=d.input_mpp)
     add(
         "--format",
+        "--nuclei-annotation-format",
         dest="nuclei_annotation_format",
         choices=["polygon", "point", "box"],
         default=d.nuclei_annotation_format,
     )
     add("--annotation-name", dest="annotation_name", default="")
-    add("--tile-size", dest="analysis_tile_size", type=int, default=-1)
-    add("--tile-overlap", dest="analysis_tile_overlap", type=int, default=-1)
+    add("--tile-size", "--analysis-tile-size", dest="analysis_tile_size", type=int, default=-1)
+    add(
+        "--tile-overlap",
+        "--analysis-tile-overlap",
+        dest="analysis_tile_overlap",
+        type=int,
+        default=-1,
+    )
     add("--min-fgnd-frac", dest="min_fgnd_frac", type=float, default=0.0)
     add(
         "--test-time-flips",
