@@ -156,7 +156,10 @@ def test_each_shipped_unet_carries_a_calibration_of_its_own_network(name: str) -
 
 
 def test_calibrate_adds_the_block_and_one_card_section_to_a_shipped_model(
-    shared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    shared_data: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     """``nucleus-bench calibrate`` on a copy of the shipped weights: the
     card gets the ``int8`` block and, run twice, still one int8 section; the
@@ -201,6 +204,17 @@ def test_calibrate_adds_the_block_and_one_card_section_to_a_shipped_model(
     md = (tmp_path / "unet-monuseg.md").read_text()
     assert md.count("- Inference arithmetic:") == 1 and "in int8" not in md
     assert "`--precision auto` does not use it" in md
+    # another model's config (another resolution, another width) would store
+    # another model's ranges in this card: refused in one line, card untouched
+    before = (tmp_path / "unet-monuseg.json").read_text()
+    for old, new in (("\nmpp = 0.4\n", "\nmpp = 0.8\n"), ("\nbase = 12\n", "\nbase = 8\n")):
+        assert old in text
+        other.write_text(text.replace(old, new))
+        assert (
+            bench.main(["calibrate", "--config", str(other), "--weights_dir", str(tmp_path)]) == 2
+        )
+        assert "is not the config unet-monuseg was trained with" in capsys.readouterr().err
+    assert (tmp_path / "unet-monuseg.json").read_text() == before
     pt = tmp_path / "unet-monuseg.pt"
     pt.write_bytes(pt.read_bytes()[:-4] + b"\0\0\0\0")
     rc = bench.main(["calibrate", "--config", config, "--weights_dir", str(tmp_path)])

@@ -918,20 +918,44 @@ def calibrate_shipped(config: str | Path, weights_dir: str | Path) -> Path:
     card_path = wd / f"{cfg['name']}.json"
     if not card_path.is_file():
         raise ValueError(f"no shipped weights card {card_path} (export the model first)")
-    card = json.loads(card_path.read_text())
-    spec = card["spec"]
+    try:
+        card = json.loads(card_path.read_text())
+        spec = card["spec"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{card_path}: not a model card ({exc})") from None
+    # the ranges are measured on the config's images at its resolution: a
+    # config other than the model's would store another model's calibration
+    made_with = (card.get("cv") or {}).get("config_sha256")
+    if made_with and made_with != cv_fingerprint(cfg):
+        raise ValueError(
+            f"{config} is not the config {cfg['name']} was trained with (its card records "
+            f"config fingerprint {made_with[:12]}, this config's is {cv_fingerprint(cfg)[:12]})"
+        )
+    if abs(float(spec.get("mpp", 0)) - float(cfg["model"]["mpp"])) > 1e-9:
+        raise ValueError(
+            f"{config}: model.mpp {cfg['model']['mpp']} is not {cfg['name']}'s {spec.get('mpp')}"
+        )
     net = build_unet(**unet_arch(cfg["model"]))
-    net.load_state_dict(load_state_dict(wd / spec["weights"], spec["sha256"]))
+    try:
+        net.load_state_dict(load_state_dict(wd / spec["weights"], spec["sha256"]))
+    except RuntimeError as exc:  # (another width or depth than the weights')
+        first = " ".join(str(exc).split())[:200]
+        raise ValueError(f"{config}: its network is not {cfg['name']}'s: {first}") from None
     images = _images(cfg)
     card["int8"] = int8_calibration(cfg, net.eval(), images)
     if int(cfg["model"].get("cpu_int8", 0)):
         spec["thresholds"]["cpu_int8"] = 1
     else:
         spec["thresholds"].pop("cpu_int8", None)
-    card_path.write_text(json.dumps(card, indent=2) + "\n")
+    from nucleus_models.io.atomic import atomic_write
+
+    with atomic_write(card_path) as f:
+        f.write(json.dumps(card, indent=2) + "\n")
     md_path = wd / f"{cfg['name']}.md"
     if md_path.is_file():
-        md_path.write_text(card_with_int8(md_path.read_text(), spec, card["int8"]))
+        text = card_with_int8(md_path.read_text(), spec, card["int8"])
+        with atomic_write(md_path) as f:
+            f.write(text)
     return card_path
 
 
