@@ -119,7 +119,7 @@ def parse_region(text: str) -> tuple[int, int, int, int]:
     """
     try:
         x, y, w, h = (int(round(float(v))) for v in text.split(","))
-    except ValueError:
+    except (ValueError, OverflowError):  # (OverflowError: inf)
         raise FieldError(f"--region {text!r}: give x,y,width,height in base pixels") from None
     return x, y, w, h
 
@@ -147,7 +147,7 @@ def find_fields(
     """The fields (``regions``, else the annotation's rectangles, only those
     of ``field_group`` if given) with the nucleus elements that reach into
     each, checked against the slide's ``width`` x ``height``."""
-    boxes = [(*r, "--region") for r in regions]
+    boxes = list(dict.fromkeys((*r, "--region") for r in regions))  # (the same one twice: once)
     if not boxes:
         for el in elements:
             if el.get("type") != "rectangle":
@@ -352,6 +352,20 @@ def girder_annotations(
     return elements, digests, items.pop()
 
 
+def _checked_mpp(input_mpp: float | None) -> float | None:
+    """``--input_mpp``: None or a resolution a microscope has (a one-line error else)."""
+    from nucleus_models.detection import MPP_RANGE
+
+    if input_mpp is None:
+        return None
+    if not MPP_RANGE[0] <= float(input_mpp) <= MPP_RANGE[1]:  # (also NaN)
+        raise FieldError(
+            f"--input_mpp {input_mpp}: expected microns per pixel, "
+            f"{MPP_RANGE[0]:g}-{MPP_RANGE[1]:g} (40x is ~0.25, 20x ~0.5)"
+        )
+    return float(input_mpp)
+
+
 def export_fields(
     slide_path: str | Path,
     annotation_paths: Sequence[str | Path],
@@ -364,6 +378,7 @@ def export_fields(
     """Write each field of a slide file and its annotation files into
     ``out`` (the ``folder`` dataset's layout); return one record per field.
     See :func:`write_fields`."""
+    input_mpp = _checked_mpp(input_mpp)
     elements, digests = annotation_elements(annotation_paths)
     slide = LocalSlide(slide_path, input_mpp)
     return write_fields(slide, elements, digests, out, regions=regions, field_group=field_group)
@@ -379,6 +394,7 @@ def export_girder_fields(
     input_mpp: float | None = None,
 ) -> list[dict[str, Any]]:
     """:func:`export_fields` for annotations and their slide on a DSA server."""
+    input_mpp = _checked_mpp(input_mpp)
     elements, digests, item_id = girder_annotations(client, annotation_ids)
     slide = GirderSlide(client, item_id, input_mpp)
     return write_fields(slide, elements, digests, out, regions=regions, field_group=field_group)
@@ -406,11 +422,45 @@ def write_fields(
     from nucleus_models.io.atomic import atomic_write
 
     out = Path(out)
+    for folder in (out, out / "images", out / "masks"):
+        if folder.exists() and not folder.is_dir():
+            raise FieldError(f"--out: {folder} is a file, not a folder")
     mpp = slide.mpp
     _check_mpp(out, mpp)
+    index_path = out / "fields.json"
+    index: dict[str, Any] = {}
+    if index_path.exists():  # read first: a damaged index is not replaced silently
+        try:
+            index = json.loads(index_path.read_text())
+        except ValueError as exc:
+            raise FieldError(
+                f"{index_path}: not readable ({exc}); it records where every field of the "
+                "folder came from: mend or remove it"
+            ) from None
+    entries = index.get("fields", {}) if isinstance(index.get("fields"), dict) else {}
     fields = find_fields(
         elements, regions, field_group=field_group, width=slide.width, height=slide.height
     )
+    for sid in (f"{slide.name}_{fld.id}" for fld in fields):
+        other = (entries.get(sid) or {}).get("slide")
+        if other is not None and str(other) != str(slide.where):
+            raise FieldError(
+                f"{out} already holds field {sid} from another slide ({other}) with the same "
+                "name: use another --out, or rename one of the slides"
+            )
+    for i, a in enumerate(fields):
+        for b in fields[i + 1 :]:
+            ox = min(a.x + a.w, b.x + b.w) - max(a.x, b.x)
+            oy = min(a.y + a.h, b.y + b.h) - max(a.y, b.y)
+            if ox > 0 and oy > 0:
+                logger.warning(
+                    "fields %s and %s overlap by %d x %d px: a cross-validation that holds "
+                    "out one and trains on the other scores pixels it trained on",
+                    a.id,
+                    b.id,
+                    ox,
+                    oy,
+                )
     made = []
     for fld in fields:
         image = slide.read(fld.x, fld.y, fld.w, fld.h)
@@ -450,16 +500,9 @@ def write_fields(
                 "drawn_over": drawn_over,
             }
         )
-    with atomic_write(out / "mpp.txt", "w", encoding="utf-8") as f:
-        f.write(f"{mpp:.6g}\n")
-    index_path = out / "fields.json"
-    index: dict[str, Any] = {}
-    if index_path.exists():
-        try:
-            index = json.loads(index_path.read_text())
-        except ValueError:
-            index = {}
-    entries = index.get("fields", {}) if isinstance(index.get("fields"), dict) else {}
+    if not (out / "mpp.txt").exists():  # the folder's first slide sets its resolution
+        with atomic_write(out / "mpp.txt", "w", encoding="utf-8") as f:
+            f.write(f"{mpp:.6g}\n")
     for rec in records:
         entries[rec["id"]] = {
             **{k: v for k, v in rec.items() if k != "id"},

@@ -228,3 +228,51 @@ def test_touching_neighbours_are_no_warning(tmp_path: Path, caplog) -> None:
     assert 0 < rec["overlap_px"] < 10 and rec["drawn_over"] == 0
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert "neighbouring outlines share" in caplog.text
+
+
+def test_what_would_spoil_a_fields_folder_is_refused_or_said(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An --out (or its masks/) that is a file, a damaged fields.json, a slide
+    of the same name from elsewhere, an impossible --input_mpp or --region:
+    one error, nothing written; the same region twice is one field,
+    overlapping fields are warned about; mpp.txt keeps the folder's first
+    resolution (slides within the tolerance of it join, and cannot drift)."""
+    import shutil
+
+    ann = tmp_path / "ann.json"
+    ann.write_text(json.dumps(_document(_labels())))
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    with pytest.raises(FieldError, match="is a file, not a folder"):
+        export_fields(SLIDE, [ann], afile, regions=[(0, 0, 100, 100)])
+    (tmp_path / "z").mkdir()
+    (tmp_path / "z" / "masks").write_text("")
+    with pytest.raises(FieldError, match="is a file, not a folder"):
+        export_fields(SLIDE, [ann], tmp_path / "z", regions=[(0, 0, 100, 100)])
+    assert sorted(p.name for p in (tmp_path / "z").iterdir()) == ["masks"]
+    for bad in (float("inf"), float("nan"), 0.0, -0.3):
+        with pytest.raises(FieldError, match="--input_mpp"):
+            export_fields(SLIDE, [ann], tmp_path / "m", input_mpp=bad)
+    rc = main(["fields", "--slide", str(SLIDE), "--annotation", str(ann), "--out"]
+              + [str(tmp_path / "m"), "--region", "inf,0,10,10"])  # fmt: skip
+    assert rc == 2 and not (tmp_path / "m").exists()
+
+    out = tmp_path / "out"
+    with caplog.at_level(logging.WARNING, logger="benchmark.fields"):
+        twice = export_fields(SLIDE, [ann], out, regions=[(250, 250, 100, 100)] * 2)
+        export_fields(SLIDE, [ann], out, regions=[(250, 250, 200, 200), (300, 300, 200, 200)])
+    assert len(twice) == 1
+    assert any("overlap by 150 x 150 px" in r.getMessage() for r in caplog.records)
+    # the same file name from another folder would replace these fields silently
+    other = tmp_path / "elsewhere" / SLIDE.name
+    other.parent.mkdir()
+    shutil.copy(SLIDE, other)
+    with pytest.raises(FieldError, match="from another slide"):
+        export_fields(other, [ann], out, regions=[(250, 250, 100, 100)])
+    # mpp.txt stays the first slide's: 0.4998 joins, but does not move it
+    export_fields(SLIDE, [ann], out, regions=[(0, 0, 64, 64)], input_mpp=0.4998)
+    assert (out / "mpp.txt").read_text().strip() == "0.499"
+    (out / "fields.json").write_text('{"fields": ')
+    with pytest.raises(FieldError, match="fields.json: not readable"):
+        export_fields(SLIDE, [ann], out, regions=[(0, 0, 64, 64)])
