@@ -30,7 +30,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import sys
 import tempfile
 import time
@@ -198,21 +197,18 @@ def _measure(args: argparse.Namespace, form: str, n: int) -> dict[str, Any]:
 
     with tempfile.TemporaryDirectory(prefix="push-speed-") as tmp:
         server, client, item_id = _server_and_item(args, Path(tmp))
+        row: dict[str, Any] = {"form": form, "n": n}
         try:
             doc, side = synthetic_document(n, form)
-            row: dict[str, Any] = {
-                "form": form,
-                "n": n,
-                **time_push(client, item_id, doc, batched=args.batched, memory=args.memory),
-            }
+            row |= time_push(client, item_id, doc, batched=args.batched, memory=args.memory)
             del doc
             row["queries"] = time_queries(client, row["annotation_id"], side)
-            if server is None:
-                delete_annotation(client, row["annotation_id"])
             return row
         finally:
             if server is not None:
                 server.stop()
+            elif row.get("annotation_id"):  # never leave the synthetic nuclei on a user's slide
+                delete_annotation(client, row["annotation_id"])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -242,7 +238,15 @@ def main(argv: list[str] | None = None) -> None:
         "--budget-s", type=float, default=300.0, help="skip sizes projected to take longer"
     )
     args = ap.parse_args(argv)
-    logging.basicConfig(level=os.environ.get("NUCLEUS_LOG_LEVEL", "WARNING"), stream=sys.stderr)
+    from nucleus_models.cli_support import fail, log_level
+
+    logging.basicConfig(level=log_level(), stream=sys.stderr)
+    if min(args.sizes) < 1:
+        fail(f"--sizes: each at least 1, got {min(args.sizes)}")
+    if args.api_url and not args.item:
+        fail("--api-url needs --item, the large-image item to push to (and remove from)")
+    if args.out and Path(args.out).is_dir():
+        fail(f"--out {args.out} is a folder, not a file")
     rows: list[dict[str, Any]] = []
     for form in args.forms:
         rate = 0.0

@@ -151,11 +151,25 @@ def make_mosaic(folder: str, out: Path, *, grid: int, mpp: float) -> Path:
     import pyvips
     from PIL import Image
 
+    from nucleus_models.detection import MPP_RANGE
+
+    if grid < 1:
+        raise ParameterError(f"--mosaic_grid {grid}: expected 1 or more")
+    if not MPP_RANGE[0] <= mpp <= MPP_RANGE[1]:
+        raise ParameterError(
+            f"--mosaic_mpp {mpp:g}: expected microns per pixel, "
+            f"{MPP_RANGE[0]:g}-{MPP_RANGE[1]:g} (40x is ~0.25)"
+        )
+    if not Path(folder).is_dir():
+        raise ParameterError(f"--mosaic_from {folder}: not a folder")
     files = sorted(
         p for p in Path(folder).iterdir() if p.suffix.lower() in (".tif", ".tiff", ".png", ".jpg")
     )
     if not files:
-        raise SystemExit(f"error: {folder} has no .tif/.png/.jpg images for a mosaic")
+        raise ParameterError(
+            f"--mosaic_from {folder} has no .tif/.png/.jpg images for a mosaic (a dataset's "
+            "images/ folder, e.g. monuseg2018/train/images)"
+        )
     if len(files) < grid * grid:
         log.warning("mosaic: %d images reused in turn for %d cells", len(files), grid * grid)
     images = [np.asarray(Image.open(f).convert("RGB")) for f in files[: grid * grid]]

@@ -160,3 +160,34 @@ def test_speed_refuses_bad_input_before_timing(
     assert ("--repeat must be at least 1" if case == "repeat 0" else "--out") in err
     assert calls == []  # refused before any timing
     assert sorted(tmp_path.iterdir()) == [a_file] and a_file.read_text() == "keep"
+
+
+@pytest.mark.parametrize(
+    ("extra", "words"),
+    [
+        (["--mosaic_from", "MISSING"], "not a folder"),
+        (["--mosaic_from", "EMPTY"], "has no .tif/.png/.jpg images"),
+        (["--mosaic_from", "IMAGES", "--mosaic_grid", "0"], "--mosaic_grid 0"),
+        (["--mosaic_from", "IMAGES", "--mosaic_mpp", "0"], "--mosaic_mpp 0"),
+        (["--mosaic_from", "IMAGES", "--mosaic_mpp", "-0.25"], "--mosaic_mpp -0.25"),
+    ],
+)
+def test_a_mosaic_that_cannot_be_made_is_one_line(
+    shared_data: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    extra: list[str],
+    words: str,
+) -> None:
+    from benchmark.__main__ import main
+
+    (tmp_path / "empty").mkdir()
+    where = {
+        "MISSING": str(tmp_path / "missing"),
+        "EMPTY": str(tmp_path / "empty"),
+        "IMAGES": str(shared_data / "monuseg2018" / "train" / "images"),
+    }
+    argv = ["speed", "--skip_histomicstk", "--model", "classical-he"]
+    assert main(argv + [where.get(a, a) for a in extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and words in err, err
