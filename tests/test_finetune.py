@@ -303,9 +303,13 @@ def test_finetune_command_writes_the_config_and_trains_from_a_shipped_model(
         (["--mpp", "-1"], "--mpp -1: expected the images' microns per pixel"),
         (["--mpp", "0"], "--mpp 0: expected"),
         (["--dataset", "nope"], "unknown dataset 'nope'"),
+        (["--lr", "-1"], "--lr -1"),
+        (["--name", "x y/../z"], "letters, digits"),
     ]:
         assert main([*args, *bad, "--out", str(tmp_path / "bad")]) == 2
         assert message in capsys.readouterr().err
+    assert main([*args, "--out", str(root / "mpp.txt"), "--config_only"]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
     # images of unknown resolution would be taken as at the model's: refused
     (root / "mpp.txt").unlink()
     assert main([*args, "--out", str(tmp_path / "bad")]) == 2

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,13 @@ def finetune_config(
         )
     if int(steps) < 0:
         raise ValueError(f"--steps {steps}: expected 0 or more")
+    if not float(lr) > 0:
+        raise ValueError(f"--lr {lr}: expected a positive learning rate (default 1e-4)")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", name):
+        # (it names the weight files and the CLI's menu entry)
+        raise ValueError(
+            f"--name {name!r}: letters, digits, '.', '_' and '-' only, e.g. unet-monuseg-mysite"
+        )
     card = json.loads(shipped_card(start, "--from").read_text())
     if (WEIGHTS_DIR / f"{name}.json").exists() or name == start:
         raise ValueError(
@@ -152,6 +160,8 @@ def write_config(cfg: dict[str, Any], out_dir: str | Path) -> Path:
 
     from nucleus_models.io.atomic import atomic_write
 
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise ValueError(f"--out {out_dir} is a file, not a folder")
     path = Path(out_dir) / "config.yaml"
     head = (
         "# written by nucleus-bench finetune; train again with\n"

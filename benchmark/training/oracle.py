@@ -130,7 +130,11 @@ def oracle_cv(
     record = cv_dir / "cv.json"
     if not record.is_file():
         raise ValueError(f"oracle: {record}: no finished cross-validation (train --resume first)")
-    cv = json.loads(record.read_text())
+    try:
+        cv = json.loads(record.read_text())
+        cv["folds"], cv["best"]  # noqa: B018 (what the oracle reads)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"oracle: {record}: not a cross-validation record ({exc})") from None
     images = _images(cfg) if images is None else images
     folds = cv_folds(cfg, images)
     if cv["folds"] != folds:
