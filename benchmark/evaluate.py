@@ -534,7 +534,7 @@ def evaluate(
         parameter, a model option or ``out_dir`` cannot work (before anything is
         written).
     """
-    from nucleus_models.detection import MPP_RANGE
+    from nucleus_models.detection import mpp_problem
     from nucleus_models.errors import ParameterError
     from nucleus_models.models import get_spec
 
@@ -544,11 +544,8 @@ def evaluate(
         raise DatasetError(f"radius_um must be positive, got {radius_um}")
     if limit is not None and limit < 1:
         raise ParameterError(f"limit must be at least 1, got {limit}")
-    if mpp is not None and not MPP_RANGE[0] <= mpp <= MPP_RANGE[1]:
-        raise ParameterError(
-            f"mpp {mpp:g} um/px is not a microscope's resolution: expected "
-            f"{MPP_RANGE[0]:g}-{MPP_RANGE[1]:g} (40x is ~0.25, 20x ~0.5)"
-        )
+    if mpp is not None and (why := mpp_problem(mpp)):
+        raise ParameterError(f"mpp {mpp:g} um/px is not a microscope's resolution: {why}")
     model_options = check_model_options(spec, model_options or {}) or None
     ids = dataset.ids(split)[:limit]
     if not ids:

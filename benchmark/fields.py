@@ -354,15 +354,12 @@ def girder_annotations(
 
 def _checked_mpp(input_mpp: float | None) -> float | None:
     """``--input_mpp``: None or a resolution a microscope has (a one-line error else)."""
-    from nucleus_models.detection import MPP_RANGE
+    from nucleus_models.detection import mpp_problem
 
     if input_mpp is None:
         return None
-    if not MPP_RANGE[0] <= float(input_mpp) <= MPP_RANGE[1]:  # (also NaN)
-        raise FieldError(
-            f"--input_mpp {input_mpp}: expected microns per pixel, "
-            f"{MPP_RANGE[0]:g}-{MPP_RANGE[1]:g} (40x is ~0.25, 20x ~0.5)"
-        )
+    if why := mpp_problem(input_mpp):  # (NaN and inf too)
+        raise FieldError(f"--input_mpp {input_mpp}: {why}")
     return float(input_mpp)
 
 

@@ -151,15 +151,12 @@ def make_mosaic(folder: str, out: Path, *, grid: int, mpp: float) -> Path:
     import pyvips
     from PIL import Image
 
-    from nucleus_models.detection import MPP_RANGE
+    from nucleus_models.detection import mpp_problem
 
     if grid < 1:
         raise ParameterError(f"--mosaic_grid {grid}: expected 1 or more")
-    if not MPP_RANGE[0] <= mpp <= MPP_RANGE[1]:
-        raise ParameterError(
-            f"--mosaic_mpp {mpp:g}: expected microns per pixel, "
-            f"{MPP_RANGE[0]:g}-{MPP_RANGE[1]:g} (40x is ~0.25)"
-        )
+    if why := mpp_problem(mpp):
+        raise ParameterError(f"--mosaic_mpp {mpp:g}: {why}")
     if not Path(folder).is_dir():
         raise ParameterError(f"--mosaic_from {folder}: not a folder")
     files = sorted(

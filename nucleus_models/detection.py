@@ -379,6 +379,21 @@ def detect_nuclei(params: DetectionParams, *, progress: Progress | None = None) 
 MPP_RANGE = (0.01, 100.0)
 #: the most the analysis grid may be finer than the image
 MAX_UPSAMPLING = 16
+
+
+def mpp_problem(value: object) -> str | None:
+    """Why ``value`` is not a microscope's resolution (None when it is one):
+    the end of a one-line error, after the caller names the value.
+
+    >>> mpp_problem(0.25) is None, mpp_problem(float("nan"))
+    (True, 'expected microns per pixel, 0.01-100 (40x is ~0.25, 20x ~0.5)')
+    """
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    if ok and MPP_RANGE[0] <= float(value) <= MPP_RANGE[1]:  # type: ignore[arg-type]
+        return None
+    return f"expected microns per pixel, {MPP_RANGE[0]:g}-{MPP_RANGE[1]:g} (40x is ~0.25, 20x ~0.5)"
+
+
 #: an image within this fraction of a model's resolution is analysed on its
 #: own pixels: resampling 0.499 um/px to 0.5 changes no nucleus's size that
 #: matters, but blurs every pixel (interpolating between neighbours), and

@@ -300,8 +300,8 @@ def test_finetune_command_writes_the_config_and_trains_from_a_shipped_model(
         (["--from", "unet-nosuch"], "no shipped model 'unet-nosuch'"),
         (["--from", "classical-he"], "no shipped model 'classical-he'"),
         # (-1 resized every image to 1 x 1 px and trained on that)
-        (["--mpp", "-1"], "--mpp -1: expected the images' microns per pixel"),
-        (["--mpp", "0"], "--mpp 0: expected"),
+        (["--mpp", "-1"], "--mpp -1 (the images' resolution): expected microns per pixel"),
+        (["--mpp", "0"], "--mpp 0 (the images' resolution): expected"),
         (["--dataset", "nope"], "unknown dataset 'nope'"),
         (["--lr", "-1"], "--lr -1"),
         (["--name", "x y/../z"], "letters, digits"),

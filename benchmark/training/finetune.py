@@ -60,18 +60,15 @@ def finetune_config(
     ``name`` that is already a shipped model, or fewer than two labelled
     images (a cross-validation needs two).
     """
-    from nucleus_models.detection import MPP_RANGE
+    from nucleus_models.detection import mpp_problem
     from nucleus_models.models.weights import WEIGHTS_DIR
 
     from ..datasets import DatasetError, get_dataset
     from .run import load_config
     from .unet import shipped_card, starting_weights
 
-    if mpp is not None and not MPP_RANGE[0] <= mpp <= MPP_RANGE[1]:
-        raise ValueError(
-            f"--mpp {mpp:g}: expected the images' microns per pixel, "
-            f"{MPP_RANGE[0]:g}-{MPP_RANGE[1]:g} (40x is ~0.25, 20x ~0.5)"
-        )
+    if mpp is not None and (why := mpp_problem(mpp)):
+        raise ValueError(f"--mpp {mpp:g} (the images' resolution): {why}")
     if int(steps) < 0:
         raise ValueError(f"--steps {steps}: expected 0 or more")
     if not float(lr) > 0:

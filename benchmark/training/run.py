@@ -176,7 +176,7 @@ def check_config(cfg: dict[str, Any], where: str) -> None:
 
     from benchmark.datasets import list_datasets
     from benchmark.evaluate import INSTANCE_METRICS
-    from nucleus_models.detection import MPP_RANGE
+    from nucleus_models.detection import mpp_problem
 
     def unknown(table: str, key: str) -> ValueError:
         known = CONFIG_KEYS[table]
@@ -223,12 +223,8 @@ def check_config(cfg: dict[str, Any], where: str) -> None:
                 if value < least:
                     raise ValueError(f"{where}: {name} = {value!r}: expected at least {least}")
             if key in ("mpp", "default_mpp") and table in ("model", "data", "data.extra"):
-                ok = isinstance(value, int | float) and not isinstance(value, bool)
-                if not ok or not MPP_RANGE[0] <= value <= MPP_RANGE[1]:
-                    raise ValueError(
-                        f"{where}: {name} = {value!r}: expected microns per pixel, "
-                        f"{MPP_RANGE[0]:g}-{MPP_RANGE[1]:g} (40x is ~0.25, 20x ~0.5)"
-                    )
+                if why := mpp_problem(value):
+                    raise ValueError(f"{where}: {name} = {value!r}: {why}")
     for key in ("dataset", "root"):
         if key not in cfg["data"]:
             raise ValueError(f"{where}: no data.{key}")
