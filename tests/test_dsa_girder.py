@@ -665,7 +665,7 @@ def test_a_record_undone_by_another_analysis_job_is_written_again(
     written again by its final sweep, and the other's is kept."""
     from nucleus_models.dsa import META_NS, folder_job, metadata
 
-    folder = _folder(girder, slides, ["disks0", "disks1"], "undone")
+    folder = _folder(girder, slides, ["disks0", "disks1", "white"], "undone")
     client = _client(girder)
     real = folder_job.write_record
     other = {"status": "done", "annotation_id": "0" * 24, "analysis": "other"}
@@ -683,14 +683,17 @@ def test_a_record_undone_by_another_analysis_job_is_written_again(
     monkeypatch.setattr(folder_job, "SWEEP_SETTLE_S", 0.0)
     params = FolderJobParams(inputFolder=folder["_id"], nuclei_annotation_format="point")
     outcomes = run_folder_job(client, params)
-    assert [o.status for o in outcomes] == ["done", "done"]
+    assert [o.status for o in outcomes] == ["done", "done", "failed"]  # white: no tissue
     for o in outcomes:
         records = metadata.read_records(client, o.item_id)
         assert set(records) == {KEY, "OtherJob"}
+        if o.status == "failed":  # a failure's record is written again too
+            assert records[KEY]["status"] == "failed" and "no tissue" in records[KEY]["error"]
+            continue
         assert records[KEY]["annotation_id"] == o.annotation_id
         assert [a["_id"] for a in find_annotations(client, o.item_id, KEY)] == [o.annotation_id]
     monkeypatch.undo()
-    assert [o.status for o in run_folder_job(client, params)] == ["skipped", "skipped"]
+    assert [o.status for o in run_folder_job(client, params)] == ["skipped", "skipped", "failed"]
 
 
 def test_a_slide_put_in_an_item_since_or_named_past_the_file_system_limit(

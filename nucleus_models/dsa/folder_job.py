@@ -360,8 +360,9 @@ def _process(
 
 def _record_failure(
     client: DSAClient, item: dict[str, Any], key: str, phash: str, error: str
-) -> None:
-    """Note the failure on the item, keeping a previous successful record intact."""
+) -> dict[str, Any] | None:
+    """Note the failure on the item, keeping a previous successful record
+    intact; returns the record written (None when it could not be)."""
     failure = {"error": error, "params_hash": phash, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
     try:
         old = read_record(client, item["_id"], key)
@@ -371,8 +372,16 @@ def _record_failure(
             else {"status": "failed", **failure}
         )
         write_record(client, item["_id"], key, rec)
+        return rec
     except (DSAError, OSError) as exc:
         log.warning("item %s: could not record the failure: %s", item["_id"], exc)
+        return None
+
+
+def _failure_of(rec: dict[str, Any] | None) -> tuple[Any, Any]:
+    """The (error, time) of the failure a record notes (a done record's last one)."""
+    f = (rec or {}).get("last_failure", rec or {})
+    return f.get("error"), f.get("time")
 
 
 def _summary_csv(outcomes: list[ItemOutcome], params: FolderJobParams, phash: str) -> bytes:
@@ -540,7 +549,8 @@ def _run_items(
                     f"Girder did not answer for {unanswered} slides in a row; stopped at "
                     f"{label} (a later run goes on from there): {msg}"
                 ) from None
-            _record_failure(client, item, key, phash, msg)
+            if (noted := _record_failure(client, item, key, phash, msg)) is not None:
+                written[item["_id"]] = noted
             outcome = ItemOutcome(item["_id"], item["name"], "failed", error=msg)
         else:
             unanswered = 0
@@ -555,6 +565,18 @@ def _run_items(
     if written:
         time.sleep(SWEEP_SETTLE_S)
     for o in outcomes:
+        if o.status == "failed" and o.item_id in written:
+            try:
+                mine = written[o.item_id]
+                if _failure_of(read_record(client, o.item_id, key)) != _failure_of(mine):
+                    log.warning(
+                        "item %s: its failure record was undone by another write of the "
+                        "item's metadata; written again",
+                        o.item_id,
+                    )
+                    write_record(client, o.item_id, key, mine)
+            except DSAError as exc:
+                log.warning("item %s: final check failed: %s", o.item_id, exc)
         if o.status in ("done", "skipped"):
             try:
                 # the item's record names the annotation to keep: another run of
