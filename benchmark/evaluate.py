@@ -22,7 +22,6 @@ import os
 import sys
 import tempfile
 import time
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -162,6 +161,23 @@ def check_model_options(spec: Any, options: Mapping[str, Any]) -> dict[str, Any]
     return {key: _option_value(key, value, kinds[key]) for key, value in options.items()}
 
 
+#: the values a model option can take (probabilities, 8-bit intensities, sizes)
+_OPTION_RANGES: dict[str, tuple[float, float]] = {
+    "fg_threshold": (0.0, 1.0),
+    "seed_threshold": (0.0, 1.0),
+    "min_score": (0.0, 1.0),
+    "h": (0.0, math.inf),
+    "smooth": (0.0, math.inf),
+    "min_area": (0.0, math.inf),
+    "tta": (0.0, 1.0),
+    "foreground_threshold": (0.0, 255.0),
+    "min_radius": (0.0, math.inf),
+    "max_radius": (0.0, math.inf),
+    "local_max_search_radius": (0.0, math.inf),
+    "min_nucleus_area": (0.0, math.inf),
+}
+
+
 def _option_value(key: str, value: Any, kind: Any) -> Any:
     from nucleus_models.errors import ParameterError
 
@@ -186,23 +202,6 @@ def _option_value(key: str, value: Any, kind: Any) -> Any:
             return number
         want = "an integer" if kind is int else "a number"
     raise ParameterError(f"model option {key}={value}: expected {want}")
-
-
-#: the values a model option can take (probabilities, 8-bit intensities, sizes)
-_OPTION_RANGES: dict[str, tuple[float, float]] = {
-    "fg_threshold": (0.0, 1.0),
-    "seed_threshold": (0.0, 1.0),
-    "min_score": (0.0, 1.0),
-    "h": (0.0, math.inf),
-    "smooth": (0.0, math.inf),
-    "min_area": (0.0, math.inf),
-    "tta": (0.0, 1.0),
-    "foreground_threshold": (0.0, 255.0),
-    "min_radius": (0.0, math.inf),
-    "max_radius": (0.0, math.inf),
-    "local_max_search_radius": (0.0, math.inf),
-    "min_nucleus_area": (0.0, math.inf),
-}
 
 
 def _staging(out: Path) -> tempfile.TemporaryDirectory[str]:
@@ -371,14 +370,13 @@ def _warn_other_modality(rows: list[dict[str, Any]], name: str, spec: Any) -> No
     """Warn when some images are of another kind than the model's (fluorescence
     for an H&E model, say): its scores there say little, and nothing else
     would say why they are low (the CLI warns the same way on a slide)."""
-    other = Counter(
-        r["groups"]["modality"]
-        for r in rows
-        if r["groups"].get("modality") not in (None, "", spec.modality)
-    )
+    from nucleus_models.models import get_spec, list_models
+
+    from .report import other_modalities
+
+    other = other_modalities(rows, spec.modality)
     if not other:
         return
-    from nucleus_models.models import get_spec, list_models
 
     kinds = " and ".join(f"{n} {m}" for m, n in sorted(other.items()))
     fitting = [m for m in list_models() if get_spec(m).modality in other]

@@ -352,7 +352,7 @@ def girder_annotations(
     return elements, digests, items.pop()
 
 
-def _checked_mpp(input_mpp: float | None) -> float | None:
+def _input_mpp(input_mpp: float | None) -> float | None:
     """``--input_mpp``: None or a resolution a microscope has (a one-line error else)."""
     from nucleus_models.detection import mpp_problem
 
@@ -375,7 +375,7 @@ def export_fields(
     """Write each field of a slide file and its annotation files into
     ``out`` (the ``folder`` dataset's layout); return one record per field.
     See :func:`write_fields`."""
-    input_mpp = _checked_mpp(input_mpp)
+    input_mpp = _input_mpp(input_mpp)
     elements, digests = annotation_elements(annotation_paths)
     slide = LocalSlide(slide_path, input_mpp)
     return write_fields(slide, elements, digests, out, regions=regions, field_group=field_group)
@@ -391,7 +391,7 @@ def export_girder_fields(
     input_mpp: float | None = None,
 ) -> list[dict[str, Any]]:
     """:func:`export_fields` for annotations and their slide on a DSA server."""
-    input_mpp = _checked_mpp(input_mpp)
+    input_mpp = _input_mpp(input_mpp)
     elements, digests, item_id = girder_annotations(client, annotation_ids)
     slide = GirderSlide(client, item_id, input_mpp)
     return write_fields(slide, elements, digests, out, regions=regions, field_group=field_group)

@@ -264,6 +264,20 @@ def _resolution_text(rows: list[dict]) -> str:
     return "resolution: " + "; ".join(f"{text} for {n}" for text, n in parts)
 
 
+def other_modalities(rows: list[dict], model_modality: str) -> Counter[str]:
+    """How many of an evaluation's ``rows`` are of each kind of image other
+    than the model's (their ``groups.modality``; unknown ones not counted).
+
+    >>> other_modalities([{"groups": {"modality": "fluorescence"}}, {"groups": {}}], "brightfield")
+    Counter({'fluorescence': 1})
+    """
+    return Counter(
+        r["groups"]["modality"]
+        for r in rows
+        if r.get("groups", {}).get("modality") not in (None, "", model_modality)
+    )
+
+
 def _modality_text(rows: list[dict], model_modality: str | None) -> str:
     """The images of another kind than the model's, for a report's header.
 
@@ -275,11 +289,7 @@ def _modality_text(rows: list[dict], model_modality: str | None) -> str:
     """
     if not model_modality:
         return ""  # a metrics.json of before 0.2.7
-    other = Counter(
-        r["groups"]["modality"]
-        for r in rows
-        if r.get("groups", {}).get("modality") not in (None, "", model_modality)
-    )
+    other = other_modalities(rows, model_modality)
     if not other:
         return ""
     kinds = ", ".join(f"{n} {m}" for m, n in sorted(other.items()))

@@ -195,12 +195,11 @@ def detect_nuclei(params: DetectionParams, *, progress: Progress | None = None) 
     input_mpp = params.input_mpp if params.input_mpp and params.input_mpp > 0 else None
     slide = open_slide(params.inputImageFile, input_mpp=input_mpp)
     base_mpp = slide.require_mpp()
-    if not MPP_RANGE[0] <= base_mpp <= MPP_RANGE[1]:
+    if why := mpp_problem(base_mpp):
         where = "--input_mpp" if input_mpp else f"the slide's metadata ({slide.mpp_source})"
         raise ParameterError(
-            f"resolution {base_mpp:g} um/px (from {where}) is not a microscope's: expected "
-            f"{MPP_RANGE[0]:g}-{MPP_RANGE[1]:g} (40x is ~0.25, 20x ~0.5); pass the right --input_mpp "
-            "('Input resolution (um/px)' in HistomicsUI)"
+            f"resolution {base_mpp:g} um/px (from {where}) is not a microscope's: {why}; "
+            "pass the right --input_mpp ('Input resolution (um/px)' in HistomicsUI)"
         )
     region = clip_region(roi, slide.width, slide.height)
 
@@ -233,11 +232,10 @@ def detect_nuclei(params: DetectionParams, *, progress: Progress | None = None) 
     if not target and _native_if_close(downsample) == 1.0:
         downsample, analysis_mpp = 1.0, base_mpp
     if downsample < 1 / MAX_UPSAMPLING:
-        raise ParameterError(
-            f"the model works at {analysis_mpp:.3g} um/px, {1 / downsample:.0f}x finer than the "
-            f"image's {base_mpp:g} um/px: too coarse an image for it (at most "
-            f"{MAX_UPSAMPLING}x); check --input_mpp ('Input resolution (um/px)') or the slide's "
-            "resolution"
+        raise _too_coarse(
+            analysis_mpp,
+            base_mpp,
+            "check --input_mpp ('Input resolution (um/px)') or the slide's resolution",
         )
     image_w = max(1, int(math.floor(slide.width / downsample)))
     image_h = max(1, int(math.floor(slide.height / downsample)))
@@ -392,6 +390,16 @@ def mpp_problem(value: object) -> str | None:
     if ok and MPP_RANGE[0] <= float(value) <= MPP_RANGE[1]:  # type: ignore[arg-type]
         return None
     return f"expected microns per pixel, {MPP_RANGE[0]:g}-{MPP_RANGE[1]:g} (40x is ~0.25, 20x ~0.5)"
+
+
+def _too_coarse(model_mpp: float, image_mpp: float, hint: str) -> ParameterError:
+    """The error for an image more than :data:`MAX_UPSAMPLING` times coarser
+    than the model (almost always a wrong resolution), ending in ``hint``."""
+    return ParameterError(
+        f"the model works at {model_mpp:.3g} um/px, {image_mpp / model_mpp:.0f}x finer than the "
+        f"image's {image_mpp:g} um/px: too coarse an image for it (at most {MAX_UPSAMPLING}x); "
+        + hint
+    )
 
 
 #: an image within this fraction of a model's resolution is analysed on its
@@ -899,11 +907,7 @@ def segment_image(
 
     start = _native_if_close(mpp / spec.mpp)
     if start > MAX_UPSAMPLING:  # (a wrong resolution: the image would not fit in memory)
-        raise ParameterError(
-            f"the model works at {spec.mpp:g} um/px, {start:.0f}x finer than the image's "
-            f"{mpp:g} um/px: too coarse an image for it (at most {MAX_UPSAMPLING}x); "
-            "check the image's resolution"
-        )
+        raise _too_coarse(spec.mpp, mpp, "check the image's resolution")
     target = spec.thresholds.get("diameter_px")
     if target:
         # size-normalised model: its own first segmentation picks the scale

@@ -174,8 +174,17 @@ def cv_fingerprint(cfg: dict[str, Any]) -> str:
     >>> cv_fingerprint(a) == cv_fingerprint({"train": {"steps": 10, "lr": 0.2}})
     False
     """
-    c = copy.deepcopy(cfg)
-    c.setdefault("cv", {}).setdefault("steps", c.get("train", {}).get("steps"))
+    c = _settings_copy(cfg)
+    c.setdefault("cv", {}).setdefault("steps", cfg.get("train", {}).get("steps"))
+    text = json.dumps(c, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _settings_copy(cfg: dict[str, Any], *, drop: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A copy of a loaded config without what neither its cross-validation nor
+    its weights depend on (:data:`_NOT_IN_CV`) nor the tables in ``drop``,
+    with data paths relative to the repository (a fresh checkout: the same)."""
+    c = copy.deepcopy({k: v for k, v in cfg.items() if k not in drop})
     for section, keys in _NOT_IN_CV.items():
         if keys is None:
             c.pop(section, None)
@@ -184,8 +193,7 @@ def cv_fingerprint(cfg: dict[str, Any]) -> str:
                 c.get(section, {}).pop(key, None)
     for table, key in data_paths(c):
         table[key] = os.path.relpath(table[key], REPO)
-    text = json.dumps(c, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
+    return c
 
 
 def training_record(ckpt: Path) -> tuple[float, list[dict[str, Any]]]:
@@ -315,15 +323,8 @@ def training_settings(cfg: dict[str, Any]) -> dict[str, Any]:
     >>> training_settings({"name": "a", "train": {"steps": 5, "lr": 0.1}, "cv": {"folds": 3}})
     {'train': {'lr': 0.1}}
     """
-    c = {k: copy.deepcopy(v) for k, v in cfg.items() if not k.startswith("_")}
-    for section in ("card", "cv", "name"):
-        c.pop(section, None)
-    for section, keys in _NOT_IN_CV.items():
-        for key in keys or ():
-            c.get(section, {}).pop(key, None)
-    for table, key in data_paths(c):
-        table[key] = os.path.relpath(table[key], REPO)
-    return dict(json.loads(json.dumps(c, sort_keys=True, default=str)))
+    drop = ("cv", "name", *(k for k in cfg if k.startswith("_")))
+    return dict(json.loads(json.dumps(_settings_copy(cfg, drop=drop), default=str)))
 
 
 def changed_settings(old: Any, new: Any, prefix: str = "") -> list[str]:

@@ -178,12 +178,12 @@ def check_config(cfg: dict[str, Any], where: str) -> None:
     from benchmark.evaluate import INSTANCE_METRICS
     from nucleus_models.detection import mpp_problem
 
-    def unknown(table: str, key: str) -> ValueError:
+    def unknown(table: str, key: str, value: Any) -> ValueError:
         known = CONFIG_KEYS[table]
         near = difflib.get_close_matches(key, sorted(known), n=1)
         name = f"{table}.{key}" if table else key
         hint = f"; did you mean {near[0]!r}?" if near else f"; known: {', '.join(sorted(known))}"
-        kind = "table" if not table and key not in known else "key"
+        kind = "table" if isinstance(value, dict) else "key"
         return ValueError(f"{where}: unknown {kind} {name!r}{hint}")
 
     def tables(table: str, value: Any) -> list[dict[str, Any]]:
@@ -195,7 +195,7 @@ def check_config(cfg: dict[str, Any], where: str) -> None:
 
     for key in cfg:
         if key not in CONFIG_KEYS[""] and not key.startswith("_"):
-            raise unknown("", key)
+            raise unknown("", key, cfg[key])
     for table in ("data", "model", "train"):
         if table not in cfg:
             raise ValueError(f"{where}: no [{table}] table")
@@ -207,8 +207,8 @@ def check_config(cfg: dict[str, Any], where: str) -> None:
         value = cfg[head] if not sub else cfg[head].get(sub, [])
         for t in tables(table, value):
             for key in t:
-                if key not in CONFIG_KEYS[table] and not (table == "data" and key == "extra"):
-                    raise unknown(table, key)
+                if key not in CONFIG_KEYS[table]:
+                    raise unknown(table, key, t[key])
             checks.append((table, t))
     for table, t in checks:
         for key, value in t.items():

@@ -2,8 +2,8 @@
 
 The token comes from the ``GIRDER_TOKEN`` environment variable (never from the
 command line, where ``ps`` would show it), or, when that is not set, a
-long-lived API key from ``GIRDER_API_KEY``, exchanged for a token at the start. Progress and per-item results are
-logged to stderr; bad input (unreachable server, bad token, unknown folder)
+long-lived API key from ``GIRDER_API_KEY``, exchanged for a token at the
+start. Progress and per-item results are logged to stderr; bad input (unreachable server, bad token, unknown folder)
 prints one ``error: ...`` line and exits with status 2. With ``--strict`` the
 exit status is 1 when any slide failed. While another run of the same analysis
 key holds the folder (a run outlasting the cron interval) it logs a warning and
