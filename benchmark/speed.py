@@ -131,11 +131,23 @@ def time_cli(cmd: list[str], out_file: Path, name: str) -> dict[str, Any]:
 
 
 def _area_mpx(slide: str, roi: str, input_mpp: float) -> float:
+    """Megapixels of base layer the ROI covers on the slide: the rectangle's,
+    or for polygons the area of their union inside the slide (the pixels
+    whose nuclei NucleusDetection keeps), not their bounding box's."""
     from nucleus_models.wsi import clip_region, open_slide, parse_roi
 
     s = open_slide(slide, input_mpp=input_mpp if input_mpp > 0 else None)
     r = clip_region(parse_roi(roi), s.width, s.height)
-    return r.width * r.height / 1e6
+    if not r.polygons:
+        return r.width * r.height / 1e6
+    import shapely
+
+    from nucleus_models.wsi.tiling import polygon_geometry
+
+    inside = shapely.union_all([polygon_geometry(p) for p in r.polygons]).intersection(
+        shapely.box(0, 0, s.width, s.height)
+    )
+    return float(inside.area) / 1e6
 
 
 def _histomicstk_cli() -> Path:

@@ -191,3 +191,18 @@ def test_a_mosaic_that_cannot_be_made_is_one_line(
     assert main(argv + [where.get(a, a) for a in extra]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and words in err, err
+
+
+def test_speed_counts_a_polygon_rois_own_area_not_its_bounding_box() -> None:
+    from benchmark.speed import _area_mpx
+
+    sample = str(Path(__file__).resolve().parents[1] / "samples" / "CMU-1-Small-Region-crop.tif")
+    assert _area_mpx(sample, "-1,-1,-1,-1", -1) == 1024 * 1024 / 1e6
+    assert _area_mpx(sample, "0,0,400,300", -1) == 0.12
+    # a right triangle (a fourth vertex on its hypotenuse): half its bounding box
+    assert _area_mpx(sample, "0,0, 400,0, 200,200, 0,400", -1) == pytest.approx(0.08)
+    # two overlapping squares count their union once; one reaches past the slide
+    two = "0,0, 200,0, 200,200, 0,200, -1,-1, 100,100, 300,100, 300,300, 100,300"
+    assert _area_mpx(sample, two, -1) == pytest.approx((2 * 200 * 200 - 100 * 100) / 1e6)
+    past = "924,924, 1224,924, 1224,1224, 924,1224"
+    assert _area_mpx(sample, past, -1) == pytest.approx(100 * 100 / 1e6)
