@@ -304,13 +304,13 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_oracle(args: argparse.Namespace) -> int:
+def _cmd_oracle(args: argparse.Namespace, command: str) -> int:
     from .evaluate import error_sentences
     from .training.oracle import VARIANTS, oracle_cv
     from .training.run import load_config
 
     try:
-        result = oracle_cv(load_config(args.config), args.run)
+        result = oracle_cv(load_config(args.config), args.run, command=command)
     except ValueError as exc:
         raise DatasetError(str(exc)) from None
     keys = ("f1_iou50", "aji", "dice", "det_f1", "sq")
@@ -569,7 +569,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "train":
             return _cmd_train(args)
         if args.command == "oracle":
-            return _cmd_oracle(args)
+            return _cmd_oracle(args, command)
         if args.command == "calibrate":
             return _cmd_calibrate(args)
         if args.command == "fields":

@@ -66,8 +66,19 @@ def test_oracle_of_a_cross_validation_starts_from_its_own_scores(
     with pytest.raises(ValueError, match="no finished cross-validation"):
         oracle_cv(cfg, run, images=imgs)
     cv = cross_validate(cfg, imgs, run / "cv", resume=False)
-    res = oracle_cv(cfg, run, images=imgs)
+    res = oracle_cv(cfg, run, images=imgs, command="nucleus-bench oracle --config c.toml")
     assert res["n_images"] == 3 and res["setting"] == cv["best"]
+    prov = json.loads((run / "cv" / "oracle.json").read_text())["provenance"]
+    from benchmark.training.common import cv_fingerprint
+    from nucleus_models import __version__
+    from nucleus_models.models.base import sha256_of_file
+
+    assert prov["package_version"] == __version__ and prov["libraries"]["torch"]
+    assert prov["config_sha256"] == cv_fingerprint(cfg)
+    assert prov["command"] == "nucleus-bench oracle --config c.toml" and prov["created"]
+    assert prov["fold_checkpoints_sha256"] == [
+        sha256_of_file(run / "cv" / f"fold{i}" / "checkpoint.pt") for i in range(3)
+    ]
     for k, v in cv["metrics_at_best"].items():
         assert res["mean"]["model"][k] == pytest.approx(v, nan_ok=True), k
     both = res["mean"]["true_mask_and_seeds"]

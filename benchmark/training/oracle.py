@@ -23,6 +23,8 @@ writes ``RUN/cv/oracle.json``.
 from __future__ import annotations
 
 import json
+import sys
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -102,12 +104,18 @@ def oracle_instances(
 
 
 def oracle_cv(
-    cfg: dict[str, Any], run: str | Path, images: list[TrainImage] | None = None
+    cfg: dict[str, Any],
+    run: str | Path,
+    images: list[TrainImage] | None = None,
+    command: str | None = None,
 ) -> dict[str, Any]:
     """:func:`oracle_scores` on every held-out image of a finished U-Net
     cross-validation in ``run`` (its fold models and chosen setting), averaged
-    over the images; written to ``run/cv/oracle.json``.  ``images``: the
-    training images (default: the config's data, as ``train`` loads them).
+    over the images; written to ``run/cv/oracle.json`` with its provenance
+    (package and library versions, the config's name and fingerprint, each
+    fold model's sha256, ``command``: default ``" ".join(sys.argv)``).
+    ``images``: the training images (default: the config's data, as
+    ``train`` loads them).
 
     Raises
     ------
@@ -117,8 +125,12 @@ def oracle_cv(
         pick their scale per image, where the annotation has no grid).
     """
     from benchmark.evaluate import error_counts, error_profile
+    from nucleus_models import __version__
+    from nucleus_models.detection import library_versions
     from nucleus_models.instances import resize_labels
+    from nucleus_models.models.base import sha256_of_file
 
+    from .common import cv_fingerprint
     from .run import _images, _load_net, cv_folds, truth_source
     from .unet import full_setting, predict_maps
 
@@ -143,10 +155,12 @@ def oracle_cv(
     params = full_setting(cfg, cv["best"])
     norm = input_normalisation(cfg)
     per_image: list[dict[str, Any]] = []
+    fold_sha256: list[str] = []
     for i, held in enumerate(folds):
         ckpt = cv_dir / f"fold{i}" / "checkpoint.pt"
         if not ckpt.is_file():
             raise ValueError(f"oracle: {ckpt} is missing")
+        fold_sha256.append(sha256_of_file(ckpt))
         net = _load_net(ckpt, cfg)
         for im in images:
             if im.id not in held:
@@ -167,6 +181,15 @@ def oracle_cv(
         "mean": {k: mean_metrics([r[k] for r in per_image]) for k in VARIANTS},
         "errors": error_profile([r["errors"] for r in per_image]),
         "images": per_image,
+        "provenance": {
+            "package_version": __version__,
+            "libraries": library_versions(),
+            "config": cfg.get("name"),
+            "config_sha256": cv_fingerprint(cfg),
+            "fold_checkpoints_sha256": fold_sha256,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "command": command if command is not None else " ".join(sys.argv),
+        },
     }
     (cv_dir / "oracle.json").write_text(json.dumps(result, indent=1) + "\n")
     return result
