@@ -55,3 +55,26 @@ def test_the_pushed_annotation_is_removed_from_a_users_slide_when_a_query_fails(
     with pytest.raises(RuntimeError, match="query timed out"):
         push_speed._measure(args, "point", 10)
     assert removed == ["a1"]
+
+
+def test_the_json_records_its_rows_and_provenance(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import json
+
+    from benchmark import push_speed
+    from nucleus_models import __version__
+
+    def measured(args: argparse.Namespace, form: str, n: int) -> dict[str, Any]:
+        return {"form": form, "n": n, "elements_per_s": 100.0, "queries": {}}
+
+    monkeypatch.setattr(push_speed, "_measure", measured)
+    monkeypatch.setattr(push_speed, "_print_table", lambda rows: None)
+    out = tmp_path / "push.json"
+    push_speed.main(["--sizes", "10", "--forms", "point", "--batched", "5", "--out", str(out)])
+    record = json.loads(out.read_text())
+    assert record["rows"] == [measured(argparse.Namespace(), "point", 10)]
+    prov = record["provenance"]
+    assert prov["package_version"] == __version__ and prov["libraries"]["girder_client"]
+    assert prov["params"]["batched"] == 5 and prov["params"]["sizes"] == [10]
+    assert prov["server"].startswith("test server") and prov["created"] and prov["command"]
