@@ -1,4 +1,4 @@
-"""nucleus_models: nucleus detection, AgNOR-score and H-Score for the Digital Slide Archive.
+"""nucleus_models: nucleus detection and segmentation for the Digital Slide Archive.
 
 The library behind the Slicer CLIs in ``cli/`` and the benchmark harness in
 ``benchmark/``.  Heavy dependencies (torch, large_image) are imported lazily,
