@@ -538,8 +538,9 @@ def evaluate(
 
     spec = get_spec(model)  # unknown model fails before any work
     radius_um = DEFAULT_RADIUS_UM if radius_um is None else float(radius_um)
-    if radius_um <= 0:
-        raise DatasetError(f"radius_um must be positive, got {radius_um}")
+    if not (math.isfinite(radius_um) and radius_um > 0):
+        # (nan matched nothing and inf everything, each scored as if real)
+        raise DatasetError(f"radius_um must be a positive number of microns, got {radius_um}")
     if limit is not None and limit < 1:
         raise ParameterError(f"limit must be at least 1, got {limit}")
     if mpp is not None and (why := mpp_problem(mpp)):

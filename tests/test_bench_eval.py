@@ -23,7 +23,14 @@ import pytest
 import tifffile
 
 from benchmark.__main__ import main
-from benchmark.datasets import Dataset, Sample, fingerprint, get_dataset, list_datasets
+from benchmark.datasets import (
+    Dataset,
+    DatasetError,
+    Sample,
+    fingerprint,
+    get_dataset,
+    list_datasets,
+)
 from benchmark.evaluate import ERROR_BAND_UM, evaluate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -296,6 +303,21 @@ def test_point_evaluate(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> Non
     report = (out / "report.md").read_text()
     assert "0.5 um/px (the images' own) for 1" in report
     assert "um/px (none recorded: the model's) for 1" in report
+
+
+@pytest.mark.parametrize("radius_um", [float("nan"), float("inf")])
+def test_a_point_radius_that_is_not_a_number_of_microns_is_refused(
+    tmp_path: Path, radius_um: float
+) -> None:
+    """nan matched no point and inf every one, each reported as a real F1."""
+    with pytest.raises(DatasetError, match="positive number of microns"):
+        evaluate(
+            _FakePoints(tmp_path),
+            model="classical-he",
+            out_dir=tmp_path / "out",
+            radius_um=radius_um,
+            progress=False,
+        )
 
 
 def test_models_lists_every_registered_model_with_its_card(
