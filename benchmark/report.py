@@ -322,7 +322,12 @@ def _blocks(metrics: dict, figs: list[tuple[str, str]]) -> list[Block]:
         ),
         ("h2", "Mean metrics"),
     ]
-    match = "hit-in-mask for det_f1/precision/recall" if kind == "instances" else "radius matching"
+    if kind == "instances":
+        match = "hit-in-mask for det_f1/precision/recall"
+    else:  # the radius is what the point scores mean: a report without it says nothing
+        radius = metrics.get("density", {}).get("match_radius_um")
+        within = f" within {radius:g} um" if radius is not None else ""
+        match = f"predictions matched one to one to true points{within}"
     blocks.append(("p", f"Mean over samples and pooled over all nuclei ({match})."))
     mkeys = [*metrics["metric_keys"], "ap", "n_true", "n_pred", "seconds"]
     blocks.append(

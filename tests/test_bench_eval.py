@@ -320,6 +320,15 @@ def test_a_point_radius_that_is_not_a_number_of_microns_is_refused(
         )
 
 
+def test_a_point_report_says_its_matching_radius(tmp_path: Path) -> None:
+    """The point scores mean nothing without the radius they were matched
+    within: the report names it."""
+    out = tmp_path / "out"
+    evaluate(_FakePoints(tmp_path), model="classical-he", out_dir=out, radius_um=4, progress=False)
+    assert "within 4 um" in (out / "report.md").read_text()
+    assert "within 4 um" in (out / "report.html").read_text()
+
+
 def test_models_lists_every_registered_model_with_its_card(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
