@@ -218,7 +218,11 @@ def _overlays(metrics: dict, out: Path, dataset: Dataset | None, n: int) -> list
         if not pred_path.is_file():
             logger.warning("overlay of %s skipped: %s is missing", sid, pred_path)
             continue
-        sample = dataset.load(sid)
+        try:
+            sample = dataset.load(sid)
+        except DatasetError as exc:  # (an image moved away since the eval)
+            logger.warning("overlay of %s skipped: %s", sid, exc)
+            continue
         if points:
             title = f"{_short(sid, 28)}  green TP / blue FP / red FN"
             paths.append(_point_overlay(sample, pred_path, row["radius_px"], title, path))

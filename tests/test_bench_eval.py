@@ -320,6 +320,13 @@ def test_a_point_radius_that_is_not_a_number_of_microns_is_refused(
         )
 
 
+class _PointsWithoutImageB(_FakePoints):
+    def load(self, sample_id: str) -> Sample:
+        if sample_id == "b":  # its image moved away since the eval
+            raise DatasetError(f"fake_points: image {sample_id}.tif not found")
+        return super().load(sample_id)
+
+
 def test_a_point_report_says_its_matching_radius(tmp_path: Path) -> None:
     """The point scores mean nothing without the radius they were matched
     within: the report names it."""
@@ -327,6 +334,22 @@ def test_a_point_report_says_its_matching_radius(tmp_path: Path) -> None:
     evaluate(_FakePoints(tmp_path), model="classical-he", out_dir=out, radius_um=4, progress=False)
     assert "within 4 um" in (out / "report.md").read_text()
     assert "within 4 um" in (out / "report.html").read_text()
+
+
+def test_a_report_redrawn_without_one_samples_image_leaves_its_overlay_out(
+    tmp_path: Path,
+) -> None:
+    """Redrawing a report when a sample's image has gone since the eval: its
+    overlay is left out with a warning, instead of an error after the
+    earlier overlays were removed (the old report.md then linked to them)."""
+    from benchmark.report import write_report
+
+    out = tmp_path / "out"
+    evaluate(_FakePoints(tmp_path), model="classical-he", out_dir=out, progress=False)
+    write_report(out, dataset=_PointsWithoutImageB(tmp_path))
+    md = (out / "report.md").read_text()
+    assert "overlay_a.png" in md and "overlay_b.png" not in md
+    assert sorted(p.name for p in (out / "figures").glob("overlay_*")) == ["overlay_a.png"]
 
 
 def test_models_lists_every_registered_model_with_its_card(
