@@ -113,6 +113,26 @@ def test_a_folder_of_images_and_label_masks_loads_as_a_dataset(
         get_dataset("folder", empty)
 
 
+def test_a_jpeg_mask_is_named_as_not_read(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A mask saved as JPEG is not read (lossy); the error or warning says so,
+    instead of "0 masks" beside the file the user sees there."""
+    from PIL import Image
+
+    from benchmark.datasets import DatasetError, get_dataset
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "images" / "a.png")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "masks" / "a.jpg")
+    with pytest.raises(DatasetError, match=r"0 masks\); 1 JPEG mask\(s\) not read \(a.jpg\)"):
+        get_dataset("folder", tmp_path)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "images" / "b.png")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "masks" / "b.png")
+    with caplog.at_level(logging.WARNING):
+        assert get_dataset("folder", tmp_path).ids() == ["b"]
+    assert "left out (a); 1 JPEG mask(s) not read (a.jpg)" in caplog.text
+
+
 def _tiny_cfg(**train: object) -> dict:
     return {
         "name": "unet-base",

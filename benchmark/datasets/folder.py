@@ -120,18 +120,33 @@ class LabelledFolder(Dataset):
         masks = _by_stem(mask_dir, MASK_SUFFIXES, self)
         self._images = {k: images[k] for k in sorted(images.keys() & masks.keys(), key=natural_key)}
         self._masks = {k: masks[k] for k in self._images}
+        # a JPEG mask is not read (its labels are blurred): say so where it
+        # would have been the image's mask, not "0 masks" beside the file
+        lossy = {
+            p.stem: p
+            for p in sorted(mask_dir.iterdir())
+            if p.suffix.lower() in IMAGE_SUFFIXES - MASK_SUFFIXES and p.is_file()
+        }
+        unread = sorted((images.keys() - masks.keys()) & lossy.keys(), key=natural_key)
+        why = (
+            f"; {len(unread)} JPEG mask(s) not read ({lossy[unread[0]].name}"
+            f"{', ...' if len(unread) > 1 else ''}): a mask must be lossless, PNG or TIFF"
+            if unread
+            else ""
+        )
         if not self._images:
             raise self.error(
                 self.root,
                 f"no image in images/ has a mask of the same name in {mask_dir.name}/ "
-                f"({len(images)} images, {len(masks)} masks)",
+                f"({len(images)} images, {len(masks)} masks){why}",
             )
         alone = sorted(images.keys() - masks.keys())
         if alone:
             logger.warning(
-                "folder: %d image(s) without a mask are left out (%s)",
+                "folder: %d image(s) without a mask are left out (%s)%s",
                 len(alone),
                 ", ".join(alone[:3]) + (", ..." if len(alone) > 3 else ""),
+                why,
             )
         self.mpp = self._read_mpp()
 
