@@ -161,7 +161,9 @@ class Nuclei:
         return self.polygon_vertices[self.polygon_offsets[i] : self.polygon_offsets[i + 1]]
 
     def polygons(self) -> list[np.ndarray]:
-        """All polygons as a list of ``(K, 2)`` views."""
+        """All polygons as a list of ``(K, 2)`` views (empty for no nuclei)."""
+        if not len(self):  # (np.split would give one empty array)
+            return []
         return np.split(self.polygon_vertices, self.polygon_offsets[1:-1])
 
     def chunks(self, size: int) -> Iterator[tuple[int, Nuclei]]:

@@ -147,3 +147,25 @@ def test_centroids_areas_and_boxes_of_a_label_map_match_scipy() -> None:
     np.testing.assert_array_equal(
         n.boxes, [(b[1].start, b[0].start, b[1].stop, b[0].stop) for b in boxes]
     )
+
+
+def test_no_nuclei_have_no_polygons_and_an_overlay_of_none_is_the_image(tmp_path) -> None:
+    """A run that finds nothing (a tiny or empty region) still writes its
+    overlay: the image without outlines (it raised IndexError)."""
+    from PIL import Image
+
+    from nucleus_models.io import write_overlay
+
+    none = Nuclei.empty(["area_px"])
+    assert none.polygons() == []
+    assert [p.shape for p in _two().polygons()] == [(3, 2), (4, 2)]
+    img = np.full((20, 30, 3), 200, np.uint8)
+    write_overlay(
+        str(tmp_path / "o.png"),
+        img,
+        nuclei=none,
+        origin=(0, 0),
+        scale=1.0,
+        class_colors=["rgb(0,200,255)"],
+    )
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "o.png")), img)
