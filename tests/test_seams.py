@@ -309,3 +309,23 @@ def test_a_run_builds_its_model_once(
         runner._built_model.cache_clear()
     assert built == ["classical-he"]
     assert len(res.nuclei) == len(centres)
+
+
+def test_area_px_is_in_base_pixels_like_the_coordinates(tmp_path: Path) -> None:
+    """A 40x slide (0.25 um/px) analysed at the model's 0.5 um/px: the CSV's
+    and GeoJSON's area_px is counted in the slide's pixels, as x, y and the
+    boxes are (it was the analysis grid's count, 4x too small here)."""
+    from conftest import disk_centres, draw_disks, write_pyramidal_tiff
+
+    radius = 14.0  # base px: 7 um across, the fixture's disks at 0.5 um/px
+    centres = disk_centres(600, 500, (256,), radius=radius)
+    path = write_pyramidal_tiff(
+        tmp_path / "disks40x.tif", draw_disks(600, 500, centres, radius), mpp=0.25
+    )
+    res = _run(path)
+    assert res.tiles["analysis_mpp"] == 0.5
+    nuc = res.nuclei
+    assert _match(nuc.centroids, centres, tol=3.0)[0] == len(centres) == len(nuc)
+    disk = np.pi * radius**2
+    np.testing.assert_allclose(nuc.measurements["area_px"], disk, rtol=0.15)
+    np.testing.assert_allclose(nuc.measurements["area_um2"], disk * 0.25**2, rtol=0.15)

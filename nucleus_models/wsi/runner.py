@@ -183,6 +183,8 @@ def _tile_nuclei(job: TileJob, tile: Tile, inst: Any) -> Nuclei:
     )
     if not len(nuc):
         return nuc
+    # area_px counts analysis pixels: in base pixels, as every coordinate is
+    nuc.measurements["area_px"] = nuc.measurements["area_px"] * job.downsample**2
     return nuc.transformed(offset=(rx0, ry0)).transformed(scale=job.downsample)
 
 
