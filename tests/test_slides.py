@@ -134,3 +134,21 @@ def test_reinhard_statistics_of_a_slide_come_from_its_tissue_at_the_analysis_res
     small = np.asarray(reinhard_stats(thumb, tissue)["src_sigma_lab"])
     assert np.all(np.abs(got / ref - 1) < 0.15), (got, ref)
     assert np.all(small / ref < 0.85), (small, ref)
+
+
+@pytest.mark.parametrize("model", ["classical-he", "unet-monuseg"])
+def test_an_all_black_image_has_no_tissue(tmp_path: Path, model: str) -> None:
+    """An all-black image (a failed scan) is "no tissue", as an all-white one
+    is, for the brightfield models too: it was all tissue to them (optical
+    density 7), and the run ended with no nuclei, exit 0, and only a warning
+    that it looked like fluorescence."""
+    from conftest import write_pyramidal_tiff
+
+    from nucleus_models.detection import DetectionParams, detect_nuclei
+    from nucleus_models.errors import NoTissueError
+
+    assert not tissue_mask(np.zeros((50, 50, 3), np.uint8)).any()
+    assert not tissue_mask(np.full((50, 50, 3), (70, 45, 130), np.uint8)).any()
+    path = write_pyramidal_tiff(tmp_path / "black.tif", np.zeros((300, 400, 3), np.uint8), mpp=0.5)
+    with pytest.raises(NoTissueError, match="no tissue found"):
+        detect_nuclei(DetectionParams(inputImageFile=str(path), model=model))

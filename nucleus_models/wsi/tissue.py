@@ -20,6 +20,7 @@ def tissue_mask(thumbnail: np.ndarray, *, modality: str = "brightfield") -> np.n
     pale eosin ~0.3), closed and hole-filled.  Fluorescence: brighter than
     half of Otsu's threshold on the mean channel (dark background).
     Thresholds are fixed, so the mask does not depend on how the slide is cut.
+    An image of one flat colour (blank, all black) has no tissue.
 
     >>> img = np.full((20, 20, 3), 245, np.uint8); img[5:15, 5:15] = (200, 120, 180)
     >>> int(tissue_mask(img).sum())
@@ -28,12 +29,12 @@ def tissue_mask(thumbnail: np.ndarray, *, modality: str = "brightfield") -> np.n
     from scipy import ndimage as ndi
 
     rgb = thumbnail[..., :3]
+    grey = rgb.astype(np.float32).mean(axis=2)
+    if float(grey.max()) - float(grey.min()) < 1.0:
+        return np.zeros(grey.shape, bool)  # one flat colour (e.g. all black): no tissue
     if modality == "fluorescence":
         from skimage.filters import threshold_otsu
 
-        grey = rgb.astype(np.float32).mean(axis=2)
-        if float(grey.max()) - float(grey.min()) < 1.0:
-            return np.zeros(grey.shape, bool)
         mask = grey > 0.5 * threshold_otsu(grey)
     else:
         mask = optical_density(rgb).sum(axis=2) > 0.2
