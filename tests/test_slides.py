@@ -152,3 +152,20 @@ def test_an_all_black_image_has_no_tissue(tmp_path: Path, model: str) -> None:
     path = write_pyramidal_tiff(tmp_path / "black.tif", np.zeros((300, 400, 3), np.uint8), mpp=0.5)
     with pytest.raises(NoTissueError, match="no tissue found"):
         detect_nuclei(DetectionParams(inputImageFile=str(path), model=model))
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_a_plain_image_too_large_for_large_image_says_so(tmp_path: Path, fmt: str) -> None:
+    """A PNG or JPEG over large_image's 4096 px is neither unsupported nor
+    corrupt (as the error said): it is too large to read whole, and a tiled
+    TIFF of it is what to run on."""
+    path = tmp_path / f"wide.{fmt.lower()}"
+    Image.fromarray(np.full((16, 4200, 3), 200, np.uint8)).save(path, format=fmt)
+    with pytest.raises(
+        SlideError, match=rf"plain {fmt} image of 4200x16 px is larger than the 4096"
+    ):
+        open_slide(path)
+    broken = tmp_path / f"broken.{fmt.lower()}"
+    broken.write_bytes(b"not an image at all")
+    with pytest.raises(SlideError, match="unsupported or corrupt"):
+        open_slide(broken)

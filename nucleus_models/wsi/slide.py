@@ -227,6 +227,31 @@ def check_tiff_integrity(path: Path) -> None:
         raise SlideError(f"{path.name}: damaged TIFF structure: {msg}") from exc
 
 
+def _too_large_plain_image(path: Path, li: Any) -> str | None:
+    """Why large_image would not open a plain (untiled, non-TIFF) image such
+    as a PNG or JPEG: larger than the size its PIL source reads whole
+    (``max_small_image_size``, 4096 px); None for any other file."""
+    from PIL import Image
+
+    limit = int(li.config.getConfig("max_small_image_size", 4096))
+    bomb = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None  # only the header is read
+    try:
+        with Image.open(path) as im:
+            fmt, (w, h) = im.format, im.size
+    except Exception:
+        return None
+    finally:
+        Image.MAX_IMAGE_PIXELS = bomb
+    if fmt == "TIFF" or max(w, h) <= limit:
+        return None
+    return (
+        f"{path.name}: a plain {fmt} image of {w}x{h} px is larger than the {limit} px "
+        "large_image reads whole; save it as a tiled, pyramidal TIFF (e.g. with vips "
+        "tiffsave --tile --pyramid) and run on that"
+    )
+
+
 def open_slide(path: str | os.PathLike[str], *, input_mpp: float | None = None) -> Slide:
     """Open a slide (SVS, NDPI, pyramidal or plain TIFF, PNG, JPEG).
 
@@ -257,6 +282,8 @@ def open_slide(path: str | os.PathLike[str], *, input_mpp: float | None = None) 
         source = li.open(str(p))
         meta = source.getMetadata()
     except Exception as exc:
+        if too_large := _too_large_plain_image(p, li):
+            raise SlideError(too_large) from exc
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise SlideError(
             f"{p.name}: cannot open as a slide or image (unsupported or corrupt): {msg}"
