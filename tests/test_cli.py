@@ -640,6 +640,40 @@ def test_the_modality_check_looks_at_the_analysis_region() -> None:
         assert all(e in warnings[0] for e in expected)
 
 
+def test_a_greyscale_slide_is_warned_about_with_a_colour_model(
+    shared_data: Path, tmp_path: Path
+) -> None:
+    """A grey scan of H&E runs with the H&E model, warned that it misses
+    nuclei without colour; the colour sample and CCAgT's pale silver stains
+    (median chroma 6-14) are not warned about, nor a fluorescence model."""
+    import tifffile
+    from PIL import Image
+
+    from nucleus_models.detection import colourless
+    from nucleus_models.models import get_spec
+
+    colour = tifffile.imread(REPO / "samples" / "CMU-1-Small-Region-crop.tif")[..., :3]
+    luma = np.asarray(Image.fromarray(colour).convert("L"))
+    grey = np.repeat(luma[..., None], 3, axis=2)
+    path = tmp_path / "grey.tif"
+    tifffile.imwrite(path, grey, resolution=(1e4 / 0.499, 1e4 / 0.499), resolutionunit="CENTIMETER")
+    out = tmp_path / "grey.anot"
+    res = run_cli("NucleusDetection", str(path), str(out))
+    assert res.returncode == 0, res.stderr
+    warned = [line for line in res.stderr.splitlines() if "no colour" in line]
+    assert len(warned) == 1 and "unet-monuseg" in warned[0]
+    (recorded,) = json.loads(out.read_text())["attributes"]["warnings"]
+    assert recorded in warned[0]
+
+    he, fl = get_spec("unet-monuseg"), get_spec("unet-bbbc038")
+    whole = [0, 0, colour.shape[1], colour.shape[0]]
+    assert colourless(grey, 1.0, whole, he) and colourless(grey, 1.0, whole, fl) is None
+    assert colourless(colour, 1.0, whole, he) is None
+    for jpg in sorted((shared_data / "ccagt_agnor" / "images").glob("*.jpg")):
+        silver = np.asarray(Image.open(jpg).convert("RGB"))[::4, ::4]
+        assert colourless(silver, 0.25, [0, 0, 1600, 1200], he) is None, jpg.name
+
+
 @pytest.mark.parametrize(
     ("raised", "says"),
     [
