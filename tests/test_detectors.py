@@ -423,3 +423,32 @@ def test_a_detector_config_with_rotation_or_elastic_augmentation_is_refused(
         cfg["augment"] = aug
         with pytest.raises(ValueError, match="are for U-Nets"):
             detectors.train_from_config(cfg, out_dir=tmp_path / "out")
+
+
+def test_an_unknown_arch_is_refused_when_the_config_is_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A misspelt ``arch`` is one line and exit 2 before any image loads or
+    the run folder is made (it used to load every image, make ``OUT/final``
+    and only then fail in the detector builder)."""
+    from benchmark.__main__ import main
+    from benchmark.training import run
+    from nucleus_models.models.torchvision_detectors import ARCHS as DETECTORS
+
+    def no_images(cfg: dict) -> list:
+        raise AssertionError("images loaded for a config that cannot train")
+
+    monkeypatch.setattr(run, "_images", no_images)
+    for arch in ('"fasterrcn"', '"MaskRCNN"', "3"):
+        cfg = tmp_path / "bad.toml"
+        cfg.write_text(
+            f'arch = {arch}\n[data]\ndataset = "monuseg"\nroot = "{tmp_path}"\n'
+            "[model]\nmpp = 0.5\n[train]\nsteps = 2\nbatch_size = 2\npatch_size = 64\n"
+        )
+        out = tmp_path / "run"
+        assert main(["train", "--config", str(cfg), "--out", str(out), "--skip_cv"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and "arch = " in err[0], err
+        assert "fasterrcnn, fcos, maskrcnn" in err[0]
+        assert not out.exists()
+    assert set(run.ARCHS) == {"unet", *DETECTORS}

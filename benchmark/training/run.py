@@ -40,6 +40,9 @@ from .unet import starting_weights, unet_arch
 # instances of the setting chosen at most this many times (after the first
 # search on the foreground map) to reach the setting it was measured with
 MAX_SIZE_PASSES = 3
+#: the config's ``arch``: the U-Net, or one of torchvision's detectors
+#: (:data:`nucleus_models.models.torchvision_detectors.ARCHS`)
+ARCHS = ("unet", "fasterrcnn", "fcos", "maskrcnn")
 
 __all__ = ["load_config", "train_from_config", "kfold"]
 
@@ -170,7 +173,7 @@ def check_config(cfg: dict[str, Any], where: str) -> None:
     """One ``ValueError`` line for what would otherwise fail late or not at
     all: an unknown table or key (a misspelt ``[augmnet]`` trained without
     augmentation), a missing table or key the training reads, a value of the
-    wrong type or out of range, an unknown dataset or CV metric, 0 steps
+    wrong type or out of range, an unknown architecture, dataset or CV metric, 0 steps
     without starting weights, fewer than 2 folds."""
     import difflib
 
@@ -196,6 +199,9 @@ def check_config(cfg: dict[str, Any], where: str) -> None:
     for key in cfg:
         if key not in CONFIG_KEYS[""] and not key.startswith("_"):
             raise unknown("", key, cfg[key])
+    arch = cfg.get("arch", "unet")
+    if not isinstance(arch, str) or arch not in ARCHS:
+        raise ValueError(f"{where}: arch = {arch!r}: expected one of {', '.join(ARCHS)}")
     for table in ("data", "model", "train"):
         if table not in cfg:
             raise ValueError(f"{where}: no [{table}] table")
