@@ -452,3 +452,30 @@ def test_an_unknown_arch_is_refused_when_the_config_is_read(
         assert "fasterrcnn, fcos, maskrcnn" in err[0]
         assert not out.exists()
     assert set(run.ARCHS) == {"unet", *DETECTORS}
+
+
+def test_resuming_with_fewer_steps_than_trained_is_refused(tmp_path: Path) -> None:
+    """``--resume`` with fewer steps than the checkpoint has trained (the
+    config's 6 after a ``--steps 9`` run, or a lowered ``cv.steps``) used to
+    go on silently, and the card said 6 steps of a 9-step model (the
+    cross-validation record, the folds' lowered step count): one line
+    naming both counts, nothing written."""
+    from benchmark.training.detectors import cross_validate, train_detector
+
+    cfg = _cfg("fcos")
+    imgs = _images()
+    out = tmp_path / "run"
+    ckpt = train_detector(cfg, imgs, out, steps=4, progress=False)
+    before, log = ckpt.read_bytes(), (out / "train.log").read_text()
+    with pytest.raises(ValueError, match=r"has trained 4 steps, more than the 2 asked for"):
+        train_detector(cfg, imgs, out, steps=2, resume=True, progress=False)
+    assert ckpt.read_bytes() == before and (out / "train.log").read_text() == log
+    # the same checkpoint and step count go on as before (nothing left to train)
+    assert train_detector(cfg, imgs, out, steps=4, resume=True, progress=False) == ckpt
+
+    cfg["data"] = {"dataset": "monuseg", "root": str(tmp_path)}
+    cfg["cv"] = {"folds": 3, "steps": 4, "score_thresholds": [0.05], "nms_ious": [0.3]}
+    cross_validate(cfg, imgs, tmp_path / "cv", resume=False, only_fold=0)
+    cfg["cv"]["steps"] = 2
+    with pytest.raises(ValueError, match=r"fold0.*has trained 4 steps, more than the 2"):
+        cross_validate(cfg, imgs, tmp_path / "cv", resume=True)

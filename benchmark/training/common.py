@@ -424,10 +424,19 @@ def train_loop(
     record for this invocation when it trains at least one step: first and
     last step, command line, machine and seconds; it is saved in the
     checkpoint so that a model card can say how a continued run was made.
+    A restored ``step`` past ``total`` is a ``ValueError``.
     """
     from tqdm import tqdm
 
     ckpt = out / "checkpoint.pt"
+    if step > total:
+        # a model is not un-trained: going on would export (or score) it as a
+        # `total`-step model, the card and cross-validation record saying so
+        raise ValueError(
+            f"{ckpt} has trained {step} steps, more than the {total} asked for: ask for "
+            f"{step} or more (--steps or train.steps for the final model, cv.steps for the "
+            "cross-validation folds), or train again without --resume"
+        )
 
     def _save(at: int) -> None:
         extra = {k: v() if callable(v) else v for k, v in checkpoint_extra.items()}
