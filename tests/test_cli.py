@@ -651,6 +651,7 @@ def test_a_greyscale_slide_is_warned_about_with_a_colour_model(
 
     from nucleus_models.detection import colourless
     from nucleus_models.models import get_spec
+    from nucleus_models.wsi.tissue import tissue_mask
 
     colour = tifffile.imread(REPO / "samples" / "CMU-1-Small-Region-crop.tif")[..., :3]
     luma = np.asarray(Image.fromarray(colour).convert("L"))
@@ -667,11 +668,15 @@ def test_a_greyscale_slide_is_warned_about_with_a_colour_model(
 
     he, fl = get_spec("unet-monuseg"), get_spec("unet-bbbc038")
     whole = [0, 0, colour.shape[1], colour.shape[0]]
-    assert colourless(grey, 1.0, whole, he) and colourless(grey, 1.0, whole, fl) is None
-    assert colourless(colour, 1.0, whole, he) is None
+
+    def check(rgb: np.ndarray, scale: float, region: list[int], spec: object) -> str | None:
+        return colourless(rgb, tissue_mask(rgb), scale, region, spec)
+
+    assert check(grey, 1.0, whole, he) and check(grey, 1.0, whole, fl) is None
+    assert check(colour, 1.0, whole, he) is None
     for jpg in sorted((shared_data / "ccagt_agnor" / "images").glob("*.jpg")):
         silver = np.asarray(Image.open(jpg).convert("RGB"))[::4, ::4]
-        assert colourless(silver, 0.25, [0, 0, 1600, 1200], he) is None, jpg.name
+        assert check(silver, 0.25, [0, 0, 1600, 1200], he) is None, jpg.name
 
 
 @pytest.mark.parametrize(
