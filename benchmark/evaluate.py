@@ -14,6 +14,7 @@ and before being written to ``predictions/<id>.csv``.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -22,7 +23,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -204,17 +205,28 @@ def _option_value(key: str, value: Any, kind: Any) -> Any:
     raise ParameterError(f"model option {key}={value}: expected {want}")
 
 
-def _staging(out: Path) -> tempfile.TemporaryDirectory[str]:
-    """A fresh folder in ``out`` (made if need be) to write this run's outputs in."""
+@contextlib.contextmanager
+def _staging(out: Path) -> Iterator[str]:
+    """A fresh folder in ``out`` (made if need be) to write this run's outputs
+    in; a run that fails takes away the folders it made for ``out``."""
     from nucleus_models.errors import ParameterError
 
     if out.exists() and not out.is_dir():
         raise ParameterError(f"--out {out} is a file, not a folder")
+    made = [p for p in (out, *out.parents) if not p.exists()]  # innermost first
     try:
         out.mkdir(parents=True, exist_ok=True)
-        return tempfile.TemporaryDirectory(prefix=".eval-", dir=out)
+        staging = tempfile.TemporaryDirectory(prefix=".eval-", dir=out)
     except OSError as exc:
         raise ParameterError(f"cannot write to --out {out}: {exc.strerror}") from None
+    try:
+        with staging as path:
+            yield path
+    except BaseException:
+        for folder in made:
+            with contextlib.suppress(OSError):  # (not empty: another writer's)
+                folder.rmdir()
+        raise
 
 
 def _prf(tp: int, fp: int, fn: int) -> dict[str, float]:

@@ -185,3 +185,45 @@ def test_ctrl_c_is_one_line_exit_130_and_keeps_the_earlier_run(
     assert _one_error_line(capsys) == "error: interrupted"
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "predictions"]
+
+
+def test_a_run_that_fails_midway_leaves_no_folder_it_made(
+    monuseg_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An image that cannot be read, found while evaluating: one line, and
+    the --out folders the run made are gone; a folder that was there stays."""
+    root = tmp_path / "root"
+    (root / "images").mkdir(parents=True)
+    (root / "annotations").mkdir()
+    xml = sorted((monuseg_root / "annotations").glob("*.xml"))[0]
+    (root / "annotations" / xml.name).write_bytes(xml.read_bytes())
+    tif = (monuseg_root / "images" / xml.name).with_suffix(".tif")
+    (root / "images" / tif.name).write_bytes(tif.read_bytes()[:5000])  # truncated
+    out = tmp_path / "new" / "out"
+    assert main(_eval(root, out)) == 2
+    _one_error_line(capsys)
+    assert not (tmp_path / "new").exists()
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    assert main(_eval(root, kept)) == 2
+    _one_error_line(capsys)
+    assert kept.is_dir() and not any(kept.iterdir())
+
+
+@pytest.mark.parametrize("suffix", [".tif", ".png"])
+def test_a_truncated_image_file_is_one_line(tmp_path: Path, suffix: str) -> None:
+    """tifffile returns no pixels for a TIFF cut short and Pillow raises for
+    a PNG: either is one DatasetError naming the file, not a traceback."""
+    from PIL import Image
+
+    from benchmark.datasets import DatasetError
+    from benchmark.datasets.base import read_image
+
+    whole = tmp_path / f"whole{suffix}"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (256, 256, 3), dtype=np.uint8)).save(whole)
+    cut = tmp_path / f"cut{suffix}"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 3])
+    assert read_image(whole).shape == (256, 256, 3)
+    with pytest.raises(DatasetError, match=f"cut{suffix}: cannot read the image"):
+        read_image(cut)

@@ -266,7 +266,28 @@ def natural_key(text: str) -> list[Any]:
 
 
 def read_image(path: Path) -> np.ndarray:
-    """Read an image file keeping its dtype (TIFF via tifffile, others via Pillow)."""
+    """Read an image file keeping its dtype (TIFF via tifffile, others via Pillow).
+
+    Raises
+    ------
+    DatasetError
+        One line naming the file when it cannot be read or holds no pixels
+        (truncated or corrupt: tifffile returns an empty array for a TIFF
+        cut short, Pillow raises).
+    """
+    try:
+        image = _read_pixels(path)
+    except Exception as exc:  # the readers' many error types, for one message
+        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DatasetError(
+            f"{path}: cannot read the image (truncated or corrupt?): {why}"
+        ) from None
+    if image.ndim < 2 or image.size == 0:
+        raise DatasetError(f"{path}: cannot read the image (truncated or corrupt?): no pixels")
+    return image
+
+
+def _read_pixels(path: Path) -> np.ndarray:
     if path.suffix.lower() in {".tif", ".tiff"}:
         import tifffile
 
