@@ -479,3 +479,26 @@ def test_resuming_with_fewer_steps_than_trained_is_refused(tmp_path: Path) -> No
     cfg["cv"]["steps"] = 2
     with pytest.raises(ValueError, match=r"fold0.*has trained 4 steps, more than the 2"):
         cross_validate(cfg, imgs, tmp_path / "cv", resume=True)
+
+
+@pytest.mark.parametrize("arch", ["unet", "fasterrcnn"])
+def test_a_config_without_training_images_makes_no_run_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], arch: str
+) -> None:
+    """No labelled image under ``data.root``: one line, exit 2, and no run
+    folder (it used to be made, empty, before the images were looked for)."""
+    from benchmark.__main__ import main
+
+    empty = tmp_path / "empty"
+    (empty / "images").mkdir(parents=True)
+    (empty / "annotations").mkdir()
+    shipped = Path(__file__).resolve().parents[1] / "configs" / f"{arch}-monuseg.toml"
+    lines = shipped.read_text().splitlines()
+    kept = [ln for ln in lines if not ln.startswith(("root =", "foreground_only_masks ="))]
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("\n".join(kept).replace("[data]", f'[data]\nroot = "{empty}"', 1) + "\n")
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(cfg), "--out", str(out), "--skip_cv"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert not out.exists()

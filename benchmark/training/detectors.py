@@ -514,10 +514,10 @@ def train_from_config(
             f"model.stain_normalisation is for U-Nets; {cfg.get('arch')} does not take it"
         )
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     images = [im for im in _images(cfg) if im.has_instances]
     if not images:
         raise ValueError(f"no training images with instances under {cfg['data']['root']}")
+    out.mkdir(parents=True, exist_ok=True)  # (after the data: a run without any makes none)
     cv, t_cv = cv_stage(
         cross_validate,
         cfg,

@@ -1241,10 +1241,10 @@ def train_from_config(
     from .unet import train_unet
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     images = _images(cfg)
     if not images:
         raise ValueError(f"no training images with labels under {cfg['data']['root']}")
+    out.mkdir(parents=True, exist_ok=True)  # (after the data: a run without any makes none)
     init = starting_weights(cfg)
     seen = sorted({im.id for im in images} & set(init["images"])) if init else []
     if init is not None and seen:
