@@ -519,6 +519,10 @@ def modality_mismatch(thumb: np.ndarray, tscale: float, region: list[int], spec:
 #: median chroma (max - min of R, G, B) of a region's tissue below which it
 #: is grey: MoNuSeg's H&E 30-92, CCAgT's silver stains 6-14; a grey scan 0
 GREY_CHROMA = 3
+#: brightest channel below which a thumbnail pixel is black, not stain: a
+#: slide's unscanned area (transparent, read as black) or black fill, which
+#: the brightfield tissue mask takes for tissue (stained tissue: under 0.1%)
+NEAR_BLACK = 16
 
 
 def colourless(
@@ -536,12 +540,16 @@ def colourless(
         return None
     x, y, w, h = region
     box = (x, y, x + w, y + h)
-    # every other thumbnail pixel: the same median, a quarter of the work
-    window = thumbnail_window(thumb, box, tscale)[::2, ::2, :3]
-    inside = thumbnail_window(tissue, box, tscale)[::2, ::2]
-    if inside.sum() < 64:
-        return None
+    window = thumbnail_window(thumb, box, tscale)[..., :3]
+    inside = thumbnail_window(tissue, box, tscale)
+    if inside.size > 256 * 256:
+        # every other thumbnail pixel: the same median, a quarter of the work
+        # (not for a small region, whose every pixel counts towards the 64)
+        window, inside = window[::2, ::2], inside[::2, ::2]
     pixels = window[inside]
+    pixels = pixels[pixels.max(axis=-1) >= NEAR_BLACK]  # black fill is no stain
+    if len(pixels) < 64:
+        return None
     chroma = pixels.max(axis=-1).astype(np.int16) - pixels.min(axis=-1)
     if float(np.median(chroma)) >= GREY_CHROMA:
         return None

@@ -679,6 +679,38 @@ def test_a_greyscale_slide_is_warned_about_with_a_colour_model(
         assert check(silver, 0.25, [0, 0, 1600, 1200], he) is None, jpg.name
 
 
+def test_the_greyscale_check_ignores_black_fill_and_sees_a_small_region() -> None:
+    """A colour slide whose unscanned area reads as black (transparent) is
+    not called greyscale: the brightfield tissue mask takes the black for
+    tissue, and with more black than stain its median chroma was 0. A grey
+    region of 12x12 thumbnail pixels, all tissue, is warned about (every
+    other pixel of it left 36, fewer than the 64 the check needs)."""
+    import tifffile
+    from PIL import Image
+
+    from nucleus_models.detection import colourless
+    from nucleus_models.models import get_spec
+    from nucleus_models.wsi.tissue import tissue_mask
+
+    he = get_spec("unet-monuseg")
+    colour = tifffile.imread(REPO / "samples" / "CMU-1-Small-Region-crop.tif")[..., :3]
+    h, w = colour.shape[:2]
+    slide = np.full((h, 3 * w, 3), 240, np.uint8)  # glass beside the scanned tissue
+    slide[:, :w] = colour
+    slide[:, 2 * w :] = 0  # the unscanned third
+    whole = [0, 0, 3 * w, h]
+    assert colourless(slide, tissue_mask(slide), 1.0, whole, he) is None
+    grey = np.repeat(np.asarray(Image.fromarray(slide).convert("L"))[..., None], 3, axis=2)
+    assert colourless(grey, tissue_mask(grey), 1.0, whole, he)  # (grey tissue is still seen)
+
+    small = np.full((100, 100, 3), 240, np.uint8)
+    texture = np.random.default_rng(0).integers(60, 170, (12, 12), dtype=np.uint8)
+    small[40:52, 40:52] = texture[..., None]  # 12x12 px of grey tissue
+    tissue = tissue_mask(small)
+    assert tissue[40:52, 40:52].all()
+    assert colourless(small, tissue, 1.0, [40, 40, 12, 12], he)
+
+
 @pytest.mark.parametrize(
     ("raised", "says"),
     [
