@@ -261,26 +261,28 @@ def main(argv: list[str] | None = None) -> None:
     _print_table(rows)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        record = {"rows": rows, "provenance": _provenance(args)}
+        record = {"rows": rows, "provenance": _provenance(args, argv)}
         Path(args.out).write_text(json.dumps(record, indent=1))
 
 
-def _provenance(args: argparse.Namespace) -> dict[str, Any]:
+def _provenance(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
     """What the timings were measured with: package and library versions
     (girder-client's too), the server (a throw-away test server unless
-    ``--api-url``), the options, the command line and the time."""
+    ``--api-url``), the options, the command line (``argv``, as :func:`main`
+    was given it; the process's own arguments without) and the time."""
     from datetime import datetime, timezone
 
     from nucleus_models import __version__
     from nucleus_models.detection import library_versions
 
+    given = sys.argv[1:] if argv is None else argv
     return {
         "package_version": __version__,
         "libraries": {**library_versions(), "girder_client": _version("girder-client")},
         "server": args.api_url or "test server (tests/girder_server.py, mongomock)",
         "params": {k: v for k, v in vars(args).items() if k != "api_url"},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": shlex.join([sys.executable, "-m", "benchmark.push_speed", *sys.argv[1:]]),
+        "command": shlex.join([sys.executable, "-m", "benchmark.push_speed", *given]),
     }
 
 
