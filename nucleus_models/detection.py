@@ -215,11 +215,12 @@ def detect_nuclei(params: DetectionParams, *, progress: Progress | None = None) 
 
     thumb, tscale = slide.thumbnail(2048)
     tissue = tissue_mask(thumb, modality=spec.modality)
-    mismatch = modality_mismatch(thumb, tscale, region.as_list(), spec)
-    if mismatch := mismatch or colourless(thumb, tissue, tscale, region.as_list(), spec):
-        warn(mismatch)
     if region.polygons:
         tissue = tissue & _polygon_mask(region.polygons, tissue.shape, tscale)
+    mismatch = modality_mismatch(thumb, tscale, region.as_list(), spec)
+    # (colour: of the tissue the analysis reads, inside a polygon ROI's outline)
+    if mismatch := mismatch or colourless(thumb, tissue, tscale, region.as_list(), spec):
+        warn(mismatch)
     analysis_mpp = spec.mpp
     target = spec.thresholds.get("diameter_px")
     if target and tissue.any():  # (no tissue: the one-line error below, nothing loaded)
@@ -774,9 +775,9 @@ def _tissue_windows(
 def _in_polygons(points: np.ndarray, polygons: tuple[np.ndarray, ...]) -> np.ndarray:
     import shapely
 
-    from .wsi.tiling import polygon_geometry
+    from .wsi.tiling import roi_geometry
 
-    geom = shapely.union_all([polygon_geometry(p) for p in polygons])
+    geom = roi_geometry(polygons)
     shapely.prepare(geom)
     return shapely.contains_xy(geom, points[:, 0], points[:, 1])
 

@@ -679,6 +679,40 @@ def test_a_greyscale_slide_is_warned_about_with_a_colour_model(
         assert check(silver, 0.25, [0, 0, 1600, 1200], he) is None, jpg.name
 
 
+def test_the_greyscale_check_reads_the_tissue_inside_a_polygon_roi(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``colourless`` is given the tissue the analysis reads: inside a
+    polygon ROI's outline, not its whole bounding box."""
+    from nucleus_models import detection
+    from nucleus_models.detection import DetectionParams, detect_nuclei
+
+    seen: list[np.ndarray] = []
+
+    class Seen(Exception):
+        pass
+
+    def record(thumb: np.ndarray, tissue: np.ndarray, *args: object) -> None:
+        seen.append(tissue.copy())
+        raise Seen
+
+    monkeypatch.setattr(detection, "colourless", record)
+    # a triangle (a fourth vertex on its long side) over the 1024-px sample's top right
+    roi = [0.0, 0.0, 1023.0, 0.0, 1023.0, 1023.0, 512.0, 512.0]
+    with pytest.raises(Seen):
+        detect_nuclei(
+            DetectionParams(
+                inputImageFile=str(REPO / "samples" / "CMU-1-Small-Region-crop.tif"),
+                outputNucleiAnnotationFile=str(tmp_path / "n.anot"),
+                analysis_roi=roi,
+            )
+        )
+    (tissue,) = seen
+    h, w = tissue.shape
+    assert tissue[: h // 10, -w // 10 :].any()  # inside, near the right angle
+    assert not tissue[-h // 10 :, : w // 10].any()  # the box's bottom-left, outside
+
+
 def test_the_greyscale_check_ignores_black_fill_and_sees_a_small_region() -> None:
     """A colour slide whose unscanned area reads as black (transparent) is
     not called greyscale: the brightfield tissue mask takes the black for
