@@ -142,11 +142,9 @@ def _area_mpx(slide: str, roi: str, input_mpp: float) -> float:
         return r.width * r.height / 1e6
     import shapely
 
-    from nucleus_models.wsi.tiling import polygon_geometry
+    from nucleus_models.wsi.tiling import roi_geometry
 
-    inside = shapely.union_all([polygon_geometry(p) for p in r.polygons]).intersection(
-        shapely.box(0, 0, s.width, s.height)
-    )
+    inside = roi_geometry(r.polygons).intersection(shapely.box(0, 0, s.width, s.height))
     return float(inside.area) / 1e6
 
 

@@ -227,3 +227,5 @@ def test_a_truncated_image_file_is_one_line(tmp_path: Path, suffix: str) -> None
     assert read_image(whole).shape == (256, 256, 3)
     with pytest.raises(DatasetError, match=f"cut{suffix}: cannot read the image"):
         read_image(cut)
+    with pytest.raises(DatasetError, match="gone.png: no such file"):
+        read_image(tmp_path / "gone.png")

@@ -277,6 +277,10 @@ def read_image(path: Path) -> np.ndarray:
     """
     try:
         image = _read_pixels(path)
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: no such file") from None
+    except MemoryError:
+        raise
     except Exception as exc:  # the readers' many error types, for one message
         why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise DatasetError(

@@ -200,9 +200,8 @@ def load_training_images(
     with an ``N x N`` square first (:func:`erode_foreground_mask`), to bring
     them to the rasterisation of the outlines they are trained with.
     """
-    from PIL import Image
-
     from benchmark.datasets import get_dataset
+    from benchmark.datasets.base import read_image
     from nucleus_models.wsi.slide import to_rgb_uint8
 
     ds = get_dataset(dataset, root)
@@ -224,8 +223,9 @@ def load_training_images(
             img_path = next(iter(sorted(img_dir.glob(f"{sid}.*"))), None)
             if sid in labelled or img_path is None:
                 continue
-            img = np.asarray(Image.open(img_path).convert("RGB"))
-            fg = np.asarray(Image.open(mask_path).convert("L")) > 127
+            img = to_rgb_uint8(read_image(img_path), stretch=True)
+            mask = read_image(mask_path)
+            fg = (mask[..., :3].mean(axis=-1) if mask.ndim == 3 else mask) > 127
             if foreground_mask_erosion > 1:
                 fg = erode_foreground_mask(fg, foreground_mask_erosion)
             scale = (default_mpp or mpp) / mpp
