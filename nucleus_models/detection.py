@@ -543,11 +543,11 @@ def colourless(
     box = (x, y, x + w, y + h)
     window = thumbnail_window(thumb, box, tscale)[..., :3]
     inside = thumbnail_window(tissue, box, tscale)
-    if inside.size > 256 * 256:
-        # every other thumbnail pixel: the same median, a quarter of the work
-        # (not for a small region, whose every pixel counts towards the 64)
-        window, inside = window[::2, ::2], inside[::2, ::2]
-    pixels = window[inside]
+    # a grid of at least 256 x 256 of the window's pixels (all of a small
+    # region, whose every pixel counts towards the 64): the same median as
+    # all of a 2048-px thumbnail's, ~40x faster
+    step = max(1, min(inside.shape) // 256)
+    pixels = window[::step, ::step][inside[::step, ::step]]
     pixels = pixels[pixels.max(axis=-1) >= NEAR_BLACK]  # black fill is no stain
     if len(pixels) < 64:
         return None
