@@ -502,3 +502,35 @@ def test_a_config_without_training_images_makes_no_run_folder(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: "), err
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("arch", "extra", "says"),
+    [
+        (
+            "fasterrcnn",
+            "[train]\ninit_from = 'x.pt'\nprecision = 'bfloat16'",
+            "train.init_from, train.precision: for U-Nets",
+        ),
+        ("maskrcnn", "[model]\nbase = 16", "model.base: for U-Nets"),
+        ("fcos", "[cv]\nmin_scores = [0.5]", "cv.min_scores: for U-Nets"),
+        ("unet", "[model]\nfpn_channels = 32", "model.fpn_channels: for the detectors"),
+        ("unet", "[cv]\nscore_thresholds = [0.5]", "cv.score_thresholds: for the detectors"),
+    ],
+)
+def test_a_setting_of_the_other_kind_of_model_is_refused(
+    tmp_path: Path, arch: str, extra: str, says: str
+) -> None:
+    """A U-Net's setting in a detector's config (``train.precision =
+    "bfloat16"`` trained in float32, silently) or a detector's in a U-Net's:
+    one line when the config is read."""
+    from benchmark.training.run import load_config
+
+    shipped = Path(__file__).resolve().parents[1] / "configs" / f"{arch}-monuseg.toml"
+    text = shipped.read_text()
+    table, _, line = extra.partition("\n")
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(text.replace(table, f"{table}\n{line}", 1))
+    with pytest.raises(ValueError, match=says.replace(".", r"\.")):
+        load_config(cfg)
+    load_config(shipped)  # the shipped config itself is fine

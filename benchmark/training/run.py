@@ -94,11 +94,7 @@ def load_config(path: str | Path) -> dict[str, Any]:
     cfg.setdefault("name", p.stem)
     cfg.setdefault("arch", "unet")
     cfg["_config_path"] = str(p)
-    if cfg.get("train", {}).get("init_from"):
-        if cfg["arch"] != "unet":
-            raise ValueError(
-                f"{p}: train.init_from fine-tunes a U-Net; this config's arch is {cfg['arch']}"
-            )
+    if cfg.get("train", {}).get("init_from"):  # (a U-Net's: check_config refused it elsewhere)
         try:
             init = starting_weights(cfg)
         except ValueError as exc:
@@ -152,6 +148,27 @@ CONFIG_KEYS: dict[str, frozenset[str]] = {
     ),
     "card": frozenset({"data", "description", "license", "earlier_training"}),
 }  # fmt: skip
+#: keys only the U-Net trainer reads, and only the torchvision detectors
+#: (``check_config`` refuses each in a config of the other kind: a detector
+#: given ``train.precision = "bfloat16"`` trained in float32, silently)
+_UNET_ONLY: dict[str, frozenset[str]] = {
+    "model": frozenset({"normalisation", "base", "depth", "channels", "cpu_bfloat16", "cpu_int8", "tta"}),
+    "train": frozenset(
+        {
+            "precision", "ema", "boundary_target", "boundary_weight", "distance_weight",
+            "outline_weight", "outline_band_px", "focal_gamma", "init_from", "init_sha256",
+        }
+    ),
+    "cv": frozenset(
+        {"fg_thresholds", "seed_thresholds", "hmax_h", "hmax_smooth", "min_areas", "min_scores", "tune_on"}
+    ),
+}  # fmt: skip
+_DETECTOR_ONLY: dict[str, frozenset[str]] = {
+    "model": frozenset(
+        {"fpn_channels", "detections_per_img", "score_threshold", "nms_iou", "mask_threshold"}
+    ),
+    "cv": frozenset({"score_thresholds", "nms_ious", "mask_thresholds"}),
+}
 #: keys whose value is a whole number / a number, and the least each may be
 _WHOLE = {
     "seed": 0, "steps": 0, "batch_size": 1, "patch_size": 16, "threads": 1, "folds": 2,
@@ -205,6 +222,13 @@ def check_config(cfg: dict[str, Any], where: str) -> None:
     for table in ("data", "model", "train"):
         if table not in cfg:
             raise ValueError(f"{where}: no [{table}] table")
+    other, kind = (_DETECTOR_ONLY, "the detectors") if arch == "unet" else (_UNET_ONLY, "U-Nets")
+    for table, keys in other.items():
+        if isinstance(cfg.get(table), dict) and (used := sorted(keys & cfg[table].keys())):
+            raise ValueError(
+                f"{where}: {', '.join(f'{table}.{k}' for k in used)}: for {kind}; "
+                f"arch {arch!r} does not read {'it' if len(used) == 1 else 'them'}"
+            )
     checks: list[tuple[str, dict[str, Any]]] = [("", cfg)]
     for table in CONFIG_KEYS:
         head, _, sub = table.partition(".")
