@@ -250,6 +250,28 @@ def _runtime_text(runtime: dict | None) -> str:
     return text if precision == "not applicable" else f"{text} in {precision}"
 
 
+def _model_scale_text(model: dict) -> str:
+    """The model's resolution for a report's header: a size-normalised model
+    (``unet-bbbc038``) has a nominal one and picks each image's scale from
+    its nuclei, so a figure in um on images without a resolution is at the
+    nominal one.
+
+    >>> _model_scale_text({"name": "unet-monuseg", "mpp": 0.4})
+    '0.4 um/px'
+    >>> _model_scale_text({"name": "unet-bbbc038", "mpp": 0.5})
+    "nominal 0.5 um/px: it picks each image's scale from the size of its nuclei"
+    """
+    from nucleus_models.models import get_spec
+
+    try:
+        normalised = bool(get_spec(model["name"]).thresholds.get("diameter_px"))
+    except Exception:  # a model no longer registered here: say what was recorded
+        normalised = False
+    if not normalised:
+        return f"{model['mpp']} um/px"
+    return f"nominal {model['mpp']} um/px: it picks each image's scale from the size of its nuclei"
+
+
 def _resolution_text(rows: list[dict]) -> str:
     """Where the images' resolutions came from, for a report's header.
 
@@ -310,7 +332,7 @@ def _blocks(metrics: dict, figs: list[tuple[str, str]]) -> list[Block]:
         (
             "ul",
             [
-                f"model: {mod['name']} (sha256 {mod['sha256']}, {mod['mpp']} um/px)"
+                f"model: {mod['name']} (sha256 {mod['sha256']}, {_model_scale_text(mod)})"
                 + _runtime_text(prov.get("runtime")),
                 f"dataset: {ds['name']} at {ds['root']} ({ds['n_samples']} samples, fingerprint {ds['fingerprint'][:16]})",
                 *filter(
