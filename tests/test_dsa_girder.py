@@ -394,6 +394,8 @@ def test_folder_job_runs_skips_replaces_and_records_failures(
     out = {o.item_name: o for o in run_folder_job(client, params, progress=fractions.append)}
     assert [(k, o.status) for k, o in out.items()] == [*DONE2, ("white.tif", "failed")]
     assert "no tissue" in out["white.tif"].error and fractions[-1] == 1.0
+    # named by the slide's file, not the short name it was downloaded as
+    assert out["white.tif"].error.startswith("white.tif: no tissue")
     assert fractions == sorted(fractions)
     recs = assert_consistent(client, folder["_id"])
     assert recs["white.tif"]["status"] == "failed" and "no tissue" in recs["white.tif"]["error"]
@@ -407,6 +409,8 @@ def test_folder_job_runs_skips_replaces_and_records_failures(
     pushed = _stored(client, recs["cmu.tif"]["annotation_id"])
     assert (pushed["name"], pushed["description"]) == (cli_doc["name"], cli_doc["description"])
     assert pushed["elements"] == cli_doc["elements"]
+    assert pushed["attributes"]["slide"]["file"] == SAMPLE.name
+    assert recs["cmu.tif"]["provenance"]["slide"]["file"] == SAMPLE.name
     # same analysis, model and parameters: skipped; the failure is tried again
     again = {o.item_name: o.status for o in run_folder_job(client, params)}
     assert again == {"cmu.tif": "skipped", "disks0.tif": "skipped", "white.tif": "failed"}

@@ -300,7 +300,10 @@ def _sanitize(prov: dict[str, Any], file_name: str) -> dict[str, Any]:
     params["inputImageFile"] = file_name
     for k in [k for k in params if k.startswith("output")]:
         params.pop(k)
-    return {**prov, "params": params}
+    out = {**prov, "params": params}
+    if isinstance(prov.get("slide"), dict):  # named as downloaded (local_name): the slide's name
+        out["slide"] = {**prov["slide"], "file": file_name}
+    return out
 
 
 def _process(
@@ -318,7 +321,13 @@ def _process(
     fname = os.path.basename(client.get(f"file/{file_id}")["name"]) or "slide"
     with tempfile.TemporaryDirectory(prefix="nm-folder-job-", dir=workdir) as tmp:
         slide = client.download_file(file_id, os.path.join(tmp, local_name(fname)))
-        out = ANALYSES[params.analysis](params, slide, tmp, progress)
+        try:
+            out = ANALYSES[params.analysis](params, slide, tmp, progress)
+        except NucleusModelsError as exc:
+            # its message names the file as downloaded (local_name): name the slide's file
+            msg = str(exc).replace(slide, fname).replace(os.path.basename(slide), fname)
+            exc.args = (msg,)
+            raise
     prov = _sanitize(out.provenance, fname)
     girder = {"item_id": item["_id"], "file_id": file_id, "folder_id": item["folderId"]}
     doc = dataclasses.replace(out.document, attributes={**prov, "girder": girder})
