@@ -560,6 +560,40 @@ def test_a_cancelled_cron_job_cleans_up(
     assert _lease_of(_client(girder), folder["_id"]) is None
 
 
+def test_a_job_cancelled_mid_push_or_before_the_record_leaves_no_stray_annotation(
+    girder: GirderServer, slides: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM once a slide's new annotation is stored but before the older
+    one is removed, or before the item's record names it: the new annotation
+    is taken back (not two of one key, nor one no record names)."""
+    from nucleus_models.cli_support import Terminated
+    from nucleus_models.dsa import annotations, folder_job
+
+    def cancelled(*args: Any, **kwargs: Any) -> Any:
+        raise Terminated()
+
+    folder = _folder(girder, slides, ["disks0"], "cancel-push")
+    client = _client(girder)
+    params = FolderJobParams(inputFolder=folder["_id"], nuclei_annotation_format="point")
+    (first,) = run_folder_job(client, params)
+    other = FolderJobParams(inputFolder=folder["_id"], nuclei_annotation_format="box")
+    monkeypatch.setattr(annotations, "dedupe", cancelled)  # mid-push
+    with pytest.raises(Terminated):
+        run_folder_job(client, other)
+    monkeypatch.undo()
+    recs = assert_consistent(client, folder["_id"])
+    assert recs["disks0.tif"]["annotation_id"] == first.annotation_id
+    monkeypatch.setattr(folder_job, "write_record", cancelled)  # pushed, not recorded
+    with pytest.raises(Terminated):
+        run_folder_job(client, other)
+    monkeypatch.undo()
+    # the older one was replaced by the push; the new one is taken back
+    assert find_annotations(client, first.item_id, KEY) == []
+    assert _lease_of(client, folder["_id"]) is None
+    assert [o.status for o in run_folder_job(client, other)] == ["done"]
+    assert_consistent(client, folder["_id"])
+
+
 def _slicer(girder: GirderServer, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "cli", "NucleusFolderJob", *args, "--api-url", girder.api_url],

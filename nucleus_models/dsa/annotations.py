@@ -296,37 +296,44 @@ def push_annotation(
     push_id = uuid.uuid4().hex
     attrs = dict(_attributes(doc) or {})
     attrs[ATTR_NS] = {**(record or {}), "analysis_key": analysis_key, "push_id": push_id}
-    with _body(doc, attrs, workdir) as (body, nbytes, n_elements):
-        attempt = _post(client, item_id, doc, body, nbytes, n_elements, push_id)
-    stored = _find_push(client, item_id, push_id)
-    if not stored:
-        raise DSAError(f"item {item_id}: Girder accepted the annotation but does not list it")
-    ann_id = stored[0]["_id"]
-    for copy in stored[1:]:  # a retried POST that landed twice: identical copies
-        delete_annotation(client, copy["_id"])
-    count = int(stored[0].get("_elementCount", -1))
-    if count != n_elements:
-        delete_annotation(client, ann_id)
-        raise DSAError(
-            f"item {item_id}: Girder stored {count} of {n_elements} elements; push undone"
-        )
-    replaced: list[str] = []
-    if replace:
-        try:
-            legacy_name = _name(doc) if legacy else None
-            replaced = dedupe(client, item_id, analysis_key, ann_id, legacy_name=legacy_name)
-        except DSAError:
-            # the older one could not be removed (e.g. 403: not ours to delete):
-            # take the new one back, so a failed replacement never leaves two
-            with contextlib.suppress(DSAError):
-                delete_annotation(client, ann_id)
-            raise
-    if attempt:  # a POST whose answer was lost may still land late: look once more
-        client._sleep(max(client.retry.backoff, 0.5))
-        for stray in _find_push(client, item_id, push_id):
-            if stray["_id"] != ann_id:
-                delete_annotation(client, stray["_id"])
-                replaced.append(stray["_id"])
+    try:
+        with _body(doc, attrs, workdir) as (body, nbytes, n_elements):
+            attempt = _post(client, item_id, doc, body, nbytes, n_elements, push_id)
+        stored = _find_push(client, item_id, push_id)
+        if not stored:
+            raise DSAError(f"item {item_id}: Girder accepted the annotation but does not list it")
+        ann_id = stored[0]["_id"]
+        for copy in stored[1:]:  # a retried POST that landed twice: identical copies
+            delete_annotation(client, copy["_id"])
+        count = int(stored[0].get("_elementCount", -1))
+        if count != n_elements:
+            delete_annotation(client, ann_id)
+            raise DSAError(
+                f"item {item_id}: Girder stored {count} of {n_elements} elements; push undone"
+            )
+        replaced: list[str] = []
+        if replace:
+            try:
+                legacy_name = _name(doc) if legacy else None
+                replaced = dedupe(client, item_id, analysis_key, ann_id, legacy_name=legacy_name)
+            except DSAError:
+                # the older one could not be removed (e.g. 403: not ours to delete):
+                # take the new one back, so a failed replacement never leaves two
+                with contextlib.suppress(DSAError):
+                    delete_annotation(client, ann_id)
+                raise
+        if attempt:  # a POST whose answer was lost may still land late: look once more
+            client._sleep(max(client.retry.backoff, 0.5))
+            for stray in _find_push(client, item_id, push_id):
+                if stray["_id"] != ann_id:
+                    delete_annotation(client, stray["_id"])
+                    replaced.append(stray["_id"])
+    except BaseException as exc:
+        if not isinstance(exc, Exception):  # SIGTERM (a cancelled job) or Ctrl-C mid-push:
+            with contextlib.suppress(Exception):  # take back what landed of this push
+                for stored_copy in _find_push(client, item_id, push_id):
+                    delete_annotation(client, stored_copy["_id"])
+        raise
     return PushResult(
         annotation_id=ann_id,
         element_count=count,

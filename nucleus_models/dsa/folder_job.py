@@ -13,6 +13,7 @@ summary and the item's metadata) and the job goes on.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -28,7 +29,13 @@ from pathlib import PurePath
 from typing import Any
 
 from ..errors import NucleusModelsError
-from .annotations import BatchedDocument, dedupe, find_annotations, push_annotation
+from .annotations import (
+    BatchedDocument,
+    dedupe,
+    delete_annotation,
+    find_annotations,
+    push_annotation,
+)
 from .client import (
     AuthenticationError,
     DSAClient,
@@ -353,7 +360,14 @@ def _process(
         "scores": out.scores,
         "provenance": {**prov, "girder": girder, "job": params.public()},
     }
-    write_record(client, item["_id"], key, record)
+    try:
+        write_record(client, item["_id"], key, record)
+    except BaseException:
+        # failed or cancelled (SIGTERM) before its record: no annotation the item's record
+        # does not name is left behind (the slide is redone by the next run)
+        with contextlib.suppress(Exception):
+            delete_annotation(client, push.annotation_id)
+        raise
     outcome = ItemOutcome(
         item["_id"],
         item["name"],
