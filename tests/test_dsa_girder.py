@@ -590,8 +590,19 @@ def test_a_job_cancelled_mid_push_or_before_the_record_leaves_no_stray_annotatio
     # the older one was replaced by the push; the new one is taken back
     assert find_annotations(client, first.item_id, KEY) == []
     assert _lease_of(client, folder["_id"]) is None
-    assert [o.status for o in run_folder_job(client, other)] == ["done"]
-    assert_consistent(client, folder["_id"])
+    write = folder_job.write_record
+
+    def landed_then_cancelled(*args: Any, **kwargs: Any) -> Any:
+        write(*args, **kwargs)
+        raise Terminated()
+
+    monkeypatch.setattr(folder_job, "write_record", landed_then_cancelled)  # recorded: kept
+    with pytest.raises(Terminated):
+        run_folder_job(client, other)
+    monkeypatch.undo()
+    recs = assert_consistent(client, folder["_id"])
+    assert recs["disks0.tif"]["params_hash"] == other.params_hash()
+    assert [o.status for o in run_folder_job(client, other)] == ["skipped"]
 
 
 def _slicer(girder: GirderServer, *args: str) -> subprocess.CompletedProcess[str]:

@@ -363,10 +363,13 @@ def _process(
     try:
         write_record(client, item["_id"], key, record)
     except BaseException:
-        # failed or cancelled (SIGTERM) before its record: no annotation the item's record
-        # does not name is left behind (the slide is redone by the next run)
+        # failed or cancelled (SIGTERM) before its record landed: no annotation the item's
+        # record does not name is left behind (the slide is redone by the next run)
         with contextlib.suppress(Exception):
-            delete_annotation(client, push.annotation_id)
+            if (read_record(client, item["_id"], key) or {}).get("annotation_id") != (
+                push.annotation_id
+            ):
+                delete_annotation(client, push.annotation_id)
         raise
     outcome = ItemOutcome(
         item["_id"],
