@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import json
 import logging
+import re
 import shlex
 import sys
 from collections.abc import Sequence
@@ -378,6 +379,21 @@ def model_records() -> list[dict[str, Any]]:
     return out
 
 
+def short_license(text: str) -> str:
+    """A card's license for the models table: each license's name without its
+    explanation, the starting weights' of a fine-tuned model included.
+
+    >>> short_license("CC0")
+    'CC0'
+    >>> short_license("CC BY-NC-SA 4.0 (inherited from the MoNuSeg training data): non-commercial")
+    'CC BY-NC-SA 4.0'
+    >>> short_license("CC BY 4.0; from the starting weights (unet-monuseg): CC BY-NC-SA 4.0 (x): y")
+    'CC BY 4.0 + CC BY-NC-SA 4.0'
+    """
+    parts = re.split(r";\s*from the starting weights \([^)]*\):\s*", text or "")
+    return " + ".join(p.split(" (")[0].strip() or "-" for p in parts)
+
+
 def _cmd_models(args: argparse.Namespace) -> int:
     records = model_records()
     if args.json:
@@ -394,7 +410,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
             else f"{'(no training, no CV)':>27}"
         )
         sha = spec["sha256"][:12] if spec["weights"] else "-"
-        license_ = (spec["license"] or "-").split(" (")[0]
+        license_ = short_license(spec["license"])
         name = f"{r['name']}*" if r["cli_default"] else r["name"]
         print(
             f"{name:<24}{spec['modality']:<14}{spec['mpp']:>6.2f}  {scores}  {sha:<12}  {license_}"

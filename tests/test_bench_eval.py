@@ -461,3 +461,23 @@ def test_an_mpp_the_images_do_not_need_is_said_to_be_unused(
         )
     assert [r["mpp_source"] for r in res["rows"]] == ["sample"]  # the images' own (0.2527)
     assert any("--mpp 0.5 not used" in r.getMessage() for r in caplog.records)
+
+
+def test_models_table_keeps_a_fine_tuned_models_inherited_license(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The license column of a fine-tuned model names the starting weights'
+    license too (a non-commercial one was cut off after the user's own)."""
+    import benchmark.__main__ as bench
+
+    license_ = (
+        "CC BY 4.0; from the starting weights (unet-monuseg): CC BY-NC-SA 4.0 "
+        "(inherited from the MoNuSeg training data): non-commercial use only"
+    )
+    spec = {"modality": "brightfield", "mpp": 0.4, "weights": "x.pt", "sha256": "ab" * 32}
+    record = {"name": "site", "cli_default": False, "cv": None}
+    record["spec"] = {**spec, "license": license_}
+    monkeypatch.setattr(bench, "model_records", lambda: [record])
+    assert main(["models"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("site "))
+    assert row.endswith("CC BY 4.0 + CC BY-NC-SA 4.0")
