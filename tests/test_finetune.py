@@ -402,3 +402,61 @@ def test_finetune_writes_its_run_where_train_looks_for_it(
     assert main([*args, "--license", "CC BY 4.0", "--config_only"]) == 0
     assert (work / "runs" / "site-x" / "config.yaml").is_file()
     assert "config: runs/site-x/config.yaml" in capsys.readouterr().out
+
+
+def _random_fields(root: Path, n: int = 2) -> None:
+    from PIL import Image
+
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), np.uint8)).save(
+            root / "images" / f"f{i}.png"
+        )
+        lab = np.zeros((64, 64), np.uint16)
+        lab[10:20, 10:20] = 1
+        Image.fromarray(lab).save(root / "masks" / f"f{i}.png")
+    (root / "mpp.txt").write_text("0.25\n")
+
+
+def test_a_name_taken_by_any_model_is_refused_and_an_export_says_how_to_continue(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """A weight-free model's name (classical-he) would shadow the export, which
+    the registry then never loads: refused like a shipped name, before anything
+    is written, by `finetune` and by `train --export`. The user's own earlier
+    export is not called shipped, and the message says how to export it again."""
+    import shutil
+
+    from benchmark.__main__ import main
+    from benchmark.training.finetune import finetune_config
+    from benchmark.training.run import REPO, train_from_config
+    from nucleus_models.models import weights
+
+    root = tmp_path / "mine"
+    _random_fields(root)
+    args = ["finetune", "--from", "unet-monuseg", "--root", str(root), "--config_only"]
+    for name in ("classical-he", "histomicstk-kofahi"):
+        assert main([*args, "--name", name, "--out", str(tmp_path / "run")]) == 2
+        assert f"--name {name!r} is a shipped model" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    text = (REPO / "configs" / "unet-monuseg.toml").read_text()
+    config = tmp_path / "builtin.toml"
+    config.write_text(text.replace('name = "unet-monuseg"', 'name = "classical-he"', 1))
+    with pytest.raises(ValueError, match="'classical-he' is a built-in model without weights"):
+        train_from_config(config, out_dir=tmp_path / "run", export_to=tmp_path / "w")
+    assert not (tmp_path / "run").exists() and not (tmp_path / "w").exists()
+
+    # an earlier export of the user's own fine-tuning
+    wdir = tmp_path / "weights"
+    wdir.mkdir()
+    shutil.copy(weights.WEIGHTS_DIR / "unet-monuseg.json", wdir)
+    mine = {"init_from": {"name": "unet-monuseg"}, "config": "runs/site/config.yaml"}
+    (wdir / "site.json").write_text(json.dumps({"spec": {"name": "site"}, "training": mine}))
+    monkeypatch.setattr(weights, "WEIGHTS_DIR", wdir)
+    with pytest.raises(ValueError) as err:
+        finetune_config("unet-monuseg", dataset="folder", root=str(root), name="site")
+    message = str(err.value)
+    assert "shipped" not in message and "already exported" in message
+    assert "nucleus-bench train --config runs/site/config.yaml --out runs/site --resume" in message

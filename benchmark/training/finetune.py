@@ -61,7 +61,6 @@ def finetune_config(
     images (a cross-validation needs two).
     """
     from nucleus_models.detection import mpp_problem
-    from nucleus_models.models.weights import WEIGHTS_DIR
 
     from ..datasets import DatasetError, get_dataset
     from .run import load_config
@@ -79,10 +78,7 @@ def finetune_config(
             f"--name {name!r}: letters, digits, '.', '_' and '-' only, e.g. unet-monuseg-mysite"
         )
     card = json.loads(shipped_card(start, "--from").read_text())
-    if (WEIGHTS_DIR / f"{name}.json").exists() or name == start:
-        raise ValueError(
-            f"--name {name!r} is a shipped model: pick a new name (e.g. {start}-mysite)"
-        )
+    name_clash(name, start)
     their_config = REPO / str(card.get("training", {}).get("config", ""))
     if not their_config.is_file():
         raise ValueError(
@@ -149,6 +145,33 @@ def finetune_config(
         "license": license or f"not stated (the terms of the images at {root})",
     }
     return cfg
+
+
+def name_clash(name: str, start: str) -> None:
+    """A one-line ``ValueError`` when ``name`` is already a registered model:
+    a weight-free one (its name would shadow the export, which is then never
+    loaded), a shipped one, or an earlier export (then: how to continue it)."""
+    from nucleus_models.models import list_models
+    from nucleus_models.models.weights import WEIGHTS_DIR
+
+    card_path = WEIGHTS_DIR / f"{name}.json"
+    if name != start and name not in list_models() and not card_path.exists():
+        return
+    other = f"{start}-mysite" if name != f"{start}-mysite" else f"{name}-2"
+    try:
+        training = json.loads(card_path.read_text()).get("training", {})
+    except (OSError, ValueError):
+        training = {}
+    config = training.get("config")
+    if training.get("init_from") and config:
+        run = Path(config).parent
+        raise ValueError(
+            f"--name {name!r} is already exported, a fine-tune of "
+            f"{training['init_from'].get('name', '?')} ({card_path}): pick a new name "
+            f"(e.g. {other}), or continue or export that run again with "
+            f"`nucleus-bench train --config {config} --out {run} --resume --export`"
+        )
+    raise ValueError(f"--name {name!r} is a shipped model: pick a new name (e.g. {other})")
 
 
 def write_config(cfg: dict[str, Any], out_dir: str | Path) -> Path:

@@ -1247,6 +1247,16 @@ def train_from_config(
         cv_only = True
     if cv_only and export_to is not None:
         raise ValueError("--cv_only trains no final model to export")
+    if export_to is not None:
+        from nucleus_models.models import get_spec, list_models
+
+        name = str(cfg["name"])
+        if name in list_models() and not get_spec(name).weights:
+            # its card would be skipped when the registry loads: never served
+            raise ValueError(
+                f"{config}: name {name!r} is a built-in model without weights: "
+                "exported under it, these weights would never be loaded; rename it"
+            )
     if cfg["arch"] != "unet":
         from . import detectors  # torchvision detectors share the command
 
