@@ -496,7 +496,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
-    from .training.finetune import DEFAULT_LR, DEFAULT_STEPS, finetune_config, write_config
+    from .training.finetune import (
+        DEFAULT_LR,
+        DEFAULT_STEPS,
+        check_resume,
+        finetune_config,
+        write_config,
+    )
     from .training.run import train_from_config
 
     # as `train`'s default: runs/<name> under the current folder, so that the
@@ -516,6 +522,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
             data_description=args.data_description,
             description=args.description,
         )
+        if args.resume:
+            check_resume(cfg, out)
         path = write_config(cfg, out)
         print(f"config: {path}")
         if args.config_only:

@@ -460,3 +460,30 @@ def test_a_name_taken_by_any_model_is_refused_and_an_export_says_how_to_continue
     message = str(err.value)
     assert "shipped" not in message and "already exported" in message
     assert "nucleus-bench train --config runs/site/config.yaml --out runs/site --resume" in message
+
+
+def test_finetune_resume_with_other_settings_keeps_the_runs_config(tmp_path: Path, capsys) -> None:
+    """`finetune --resume` with an option the run's checkpoints were not made
+    with is refused before its config.yaml is replaced: the run keeps the
+    config its checkpoints match (the one `train --resume --export` needs)."""
+    import torch
+
+    from benchmark.__main__ import main
+    from benchmark.training.common import training_settings
+    from benchmark.training.run import load_config
+
+    root, out = tmp_path / "mine", tmp_path / "run"
+    _random_fields(root)
+    args = ["finetune", "--from", "unet-monuseg", "--root", str(root), "--name", "site-y"]
+    args += ["--out", str(out), "--steps", "1", "--folds", "2"]
+    assert main([*args, "--config_only"]) == 0
+    before = (out / "config.yaml").read_text()
+    # a fold checkpoint as training leaves it (only what the check reads)
+    settings = training_settings(load_config(out / "config.yaml"))
+    (out / "cv" / "fold0").mkdir(parents=True)
+    torch.save({"training_settings": settings}, out / "cv" / "fold0" / "checkpoint.pt")
+    capsys.readouterr()
+    assert main([*args, "--lr", "0.001", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "train.lr differ" in err and err.count("\n") == 1
+    assert (out / "config.yaml").read_text() == before

@@ -174,6 +174,39 @@ def name_clash(name: str, start: str) -> None:
     raise ValueError(f"--name {name!r} is a shipped model: pick a new name (e.g. {other})")
 
 
+def check_resume(cfg: dict[str, Any], out_dir: str | Path) -> None:
+    """Before ``--resume`` rewrites ``<out_dir>/config.yaml``: a one-line
+    ``ValueError`` when the run's checkpoints were trained with other
+    settings than ``cfg`` (training would refuse them, and the run's own
+    config would be lost to the refused one)."""
+    import tempfile
+
+    import torch
+
+    from .common import changed_settings, training_settings
+    from .run import load_config
+
+    out = Path(out_dir)
+    ckpts = sorted(out.glob("cv/fold*/checkpoint.pt")) + sorted(out.glob("final/checkpoint.pt"))
+    if not ckpts:
+        return
+    with tempfile.TemporaryDirectory() as tmp:  # read back as training reads it
+        want = training_settings(load_config(write_config(cfg, tmp)))
+    for path in ckpts:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except (RuntimeError, EOFError, OSError):
+            continue  # (training names an unreadable checkpoint itself)
+        recorded = state.get("training_settings") if isinstance(state, dict) else None
+        changed = changed_settings(recorded, want) if recorded is not None else []
+        if changed:
+            raise ValueError(
+                f"--resume: {path} was trained with other settings ({', '.join(changed[:5])} "
+                f"differ); {out / 'config.yaml'} is left as it was: give the options the run "
+                "was made with, or train again without --resume"
+            )
+
+
 def write_config(cfg: dict[str, Any], out_dir: str | Path) -> Path:
     """``cfg`` as ``<out_dir>/config.yaml`` (written whole); returns the path."""
     import yaml
