@@ -379,22 +379,11 @@ def test_finetune_writes_its_run_where_train_looks_for_it(
     """Without --out both commands use runs/<name> under the current folder,
     so the README's `train --config runs/<name>/config.yaml` follow-up finds
     the config wherever the user works (not in the installed package's tree)."""
-    from PIL import Image
 
     from benchmark.__main__ import main
 
     root = tmp_path / "mine"
-    (root / "images").mkdir(parents=True)
-    (root / "masks").mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(2):
-        Image.fromarray(rng.integers(0, 255, (64, 64, 3), np.uint8)).save(
-            root / "images" / f"f{i}.png"
-        )
-        lab = np.zeros((64, 64), np.uint16)
-        lab[10:20, 10:20] = 1
-        Image.fromarray(lab).save(root / "masks" / f"f{i}.png")
-    (root / "mpp.txt").write_text("0.25\n")
+    _random_fields(root)
     work = tmp_path / "elsewhere"
     work.mkdir()
     monkeypatch.chdir(work)
