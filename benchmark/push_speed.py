@@ -272,27 +272,20 @@ def _provenance(args: argparse.Namespace, argv: list[str] | None) -> dict[str, A
     was given it; the process's own arguments without) and the time."""
     from datetime import datetime, timezone
 
+    import girder_client
+
     from nucleus_models import __version__
     from nucleus_models.detection import library_versions
 
     given = sys.argv[1:] if argv is None else argv
     return {
         "package_version": __version__,
-        "libraries": {**library_versions(), "girder_client": _version("girder-client")},
+        "libraries": {**library_versions(), "girder_client": girder_client.__version__},
         "server": args.api_url or "test server (tests/girder_server.py, mongomock)",
         "params": {k: v for k, v in vars(args).items() if k != "api_url"},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": shlex.join([sys.executable, "-m", "benchmark.push_speed", *given]),
     }
-
-
-def _version(dist: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return "not installed"
 
 
 def _print_table(rows: list[dict[str, Any]]) -> None:

@@ -535,19 +535,15 @@ def colourless(
     miss nuclei (MoNuSeg's 13 outlined training images made grey,
     ``unet-monuseg``: AJI 0.49 / det F1 0.79 against 0.61 / 0.87 in colour);
     None for colour, fluorescence models or too little tissue."""
-    from .wsi.tissue import thumbnail_window
+    from .wsi.tissue import grid_sample, thumbnail_window
 
     if spec.modality != "brightfield":
         return None
     x, y, w, h = region
     box = (x, y, x + w, y + h)
-    window = thumbnail_window(thumb, box, tscale)[..., :3]
-    inside = thumbnail_window(tissue, box, tscale)
-    # a grid of at least 256 x 256 of the window's pixels (all of a small
-    # region, whose every pixel counts towards the 64): the same median as
-    # all of a 2048-px thumbnail's, ~40x faster
-    step = max(1, min(inside.shape) // 256)
-    pixels = window[::step, ::step][inside[::step, ::step]]
+    # (a small region: every pixel, towards the 64)
+    window = grid_sample(thumbnail_window(thumb, box, tscale)[..., :3])
+    pixels = window[grid_sample(thumbnail_window(tissue, box, tscale))]
     pixels = pixels[pixels.max(axis=-1) >= NEAR_BLACK]  # black fill is no stain
     if len(pixels) < 64:
         return None

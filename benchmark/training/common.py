@@ -342,6 +342,17 @@ def changed_settings(old: Any, new: Any, prefix: str = "") -> list[str]:
     return out
 
 
+def settings_changes(state: Any, settings: dict[str, Any]) -> list[str]:
+    """The keys of ``settings`` (:func:`training_settings`) a checkpoint's
+    ``state`` was trained with other values of (none when it recorded none).
+
+    >>> settings_changes({"training_settings": {"seed": 0}}, {"seed": 1}), settings_changes({}, {})
+    (['seed'], [])
+    """
+    recorded = state.get("training_settings") if isinstance(state, dict) else None
+    return [] if recorded is None else changed_settings(recorded, settings)
+
+
 def restore_checkpoint(
     path: Path,
     *,
@@ -371,14 +382,11 @@ def restore_checkpoint(
     for key, want in (expect or {}).items():
         if state.get(key) != want:
             raise ValueError(f"{path} holds a {state.get(key)!r} model, not {want!r}")
-    recorded = state.get("training_settings")
-    if settings is not None and recorded is not None:
-        changed = changed_settings(recorded, settings)
-        if changed:
-            raise ValueError(
-                f"{path} was trained with another config ({', '.join(changed[:5])} differ): "
-                "put them back to continue it, or train again without --resume"
-            )
+    if settings is not None and (changed := settings_changes(state, settings)):
+        raise ValueError(
+            f"{path} was trained with another config ({', '.join(changed[:5])} differ): "
+            "put them back to continue it, or train again without --resume"
+        )
     net.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])

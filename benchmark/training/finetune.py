@@ -183,7 +183,7 @@ def check_resume(cfg: dict[str, Any], out_dir: str | Path) -> None:
 
     import torch
 
-    from .common import changed_settings, training_settings
+    from .common import settings_changes, training_settings
     from .run import load_config
 
     out = Path(out_dir)
@@ -197,9 +197,7 @@ def check_resume(cfg: dict[str, Any], out_dir: str | Path) -> None:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except (RuntimeError, EOFError, OSError):
             continue  # (training names an unreadable checkpoint itself)
-        recorded = state.get("training_settings") if isinstance(state, dict) else None
-        changed = changed_settings(recorded, want) if recorded is not None else []
-        if changed:
+        if changed := settings_changes(state, want):
             raise ValueError(
                 f"--resume: {path} was trained with other settings ({', '.join(changed[:5])} "
                 f"differ); {out / 'config.yaml'} is left as it was: give the options the run "

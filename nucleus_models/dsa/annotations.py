@@ -296,7 +296,7 @@ def push_annotation(
     push_id = uuid.uuid4().hex
     attrs = dict(_attributes(doc) or {})
     attrs[ATTR_NS] = {**(record or {}), "analysis_key": analysis_key, "push_id": push_id}
-    try:
+    with _undone_if_interrupted(client, item_id, push_id):
         with _body(doc, attrs, workdir) as (body, nbytes, n_elements):
             attempt = _post(client, item_id, doc, body, nbytes, n_elements, push_id)
         stored = _find_push(client, item_id, push_id)
@@ -328,12 +328,6 @@ def push_annotation(
                 if stray["_id"] != ann_id:
                     delete_annotation(client, stray["_id"])
                     replaced.append(stray["_id"])
-    except BaseException as exc:
-        if not isinstance(exc, Exception):  # SIGTERM (a cancelled job) or Ctrl-C mid-push:
-            with contextlib.suppress(Exception):  # take back what landed of this push
-                for stored_copy in _find_push(client, item_id, push_id):
-                    delete_annotation(client, stored_copy["_id"])
-        raise
     return PushResult(
         annotation_id=ann_id,
         element_count=count,
@@ -342,6 +336,21 @@ def push_annotation(
         upload_bytes=nbytes,
         attempts=attempt + 1,
     )
+
+
+@contextlib.contextmanager
+def _undone_if_interrupted(client: DSAClient, item_id: str, push_id: str) -> Iterator[None]:
+    """A push interrupted by SIGTERM (a cancelled job) or Ctrl-C takes back
+    what landed of it; an error (an ``Exception``) is the push's to handle."""
+    try:
+        yield
+    except Exception:
+        raise
+    except BaseException:
+        with contextlib.suppress(Exception):
+            for stored in _find_push(client, item_id, push_id):
+                delete_annotation(client, stored["_id"])
+        raise
 
 
 def _name(doc: Document) -> str | None:

@@ -62,6 +62,19 @@ def _flat(rgb: np.ndarray, tolerance: int = 2) -> bool:
     return spread(rgb[::16, ::16]) <= tolerance and spread(rgb) <= tolerance
 
 
+def grid_sample(arr: np.ndarray, side: int = 256) -> np.ndarray:
+    """Every ``step``-th row and column of ``arr``, ``step`` as large as
+    leaves at least ``side`` x ``side`` pixels (all of a smaller array): the
+    same median as of every pixel of a 2048-px thumbnail, ~40x faster.
+    Arrays of one shape are sampled alike (an image and its mask).
+
+    >>> grid_sample(np.zeros((1024, 2048))).shape, grid_sample(np.zeros((100, 100))).shape
+    ((256, 512), (100, 100))
+    """
+    step = max(1, min(arr.shape[:2]) // side)
+    return arr[::step, ::step]
+
+
 def apparent_modality(rgb: np.ndarray) -> str | None:
     """What an RGB uint8 image (a slide's thumbnail) looks like from its
     background: ``"fluorescence"`` when most of it is dark (median brightness
@@ -77,8 +90,7 @@ def apparent_modality(rgb: np.ndarray) -> str | None:
     """
     if rgb.size == 0:
         return None
-    step = max(1, min(rgb.shape[:2]) // 256)  # a grid of >= 256 x 256 pixels: the same median
-    median = float(np.median(rgb[::step, ::step, :3].mean(axis=-1)))
+    median = float(np.median(grid_sample(rgb)[..., :3].mean(axis=-1)))
     if median < 50:
         return "fluorescence"
     if median > 150:
