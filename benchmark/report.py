@@ -42,6 +42,30 @@ _TABLE_METRICS = {
     "points": ("f1", "precision", "recall"),
 }
 Block = tuple[Any, ...]
+#: What each column of a report means, for a reader without the code (the
+#: names alone do not say which AJI, nor that det_f1 matches by centroid)
+_METRIC_DEFINITIONS = {
+    "instances": (
+        "det_f1, precision, recall: detection by hit-in-mask (a predicted nucleus is a true "
+        "positive when its centroid lies inside a true nucleus that no higher-scoring "
+        "prediction has hit; no distance radius); f1_iou50, precision_iou50, recall_iou50: "
+        "one-to-one matches at IoU > 0.5; aji: Aggregated Jaccard Index as Kumar et al. 2017 "
+        "define it (each true nucleus takes the prediction of highest IoU, which several "
+        "nuclei may share; not AJI+); dice: Dice of the foreground pixels; pq, dq, sq: "
+        "panoptic quality and its detection and segmentation parts (Kirillov et al. 2019) at "
+        "IoU > 0.5; map_dsb: the Data Science Bowl 2018 score, TP / (TP + FP + FN) averaged "
+        "over IoU thresholds 0.50-0.95; ap: area under the pooled precision-recall curve of "
+        "the hit-in-mask detections ranked by score. Pooled values are computed from the "
+        "counts of all images together; aji, dice, pq and map_dsb are per-image scores, shown "
+        "as their mean."
+    ),
+    "points": (
+        "f1, precision, recall: predictions matched one to one to true points (the most "
+        "pairs, then the higher-scoring predictions, then the shortest distances) within the "
+        "radius; ap: area under the pooled precision-recall curve of the predictions ranked "
+        "by score. Pooled values are computed from the counts of all images together."
+    ),
+}
 
 
 def _fmt(v: Any) -> str:
@@ -363,6 +387,7 @@ def _blocks(metrics: dict, figs: list[tuple[str, str]]) -> list[Block]:
             [[k, _fmt(mean.get(k)), _fmt(pooled.get(k))] for k in mkeys],
         )
     )
+    blocks.append(("p", _METRIC_DEFINITIONS[kind]))
     errors = pooled.get("errors")
     if errors:
         from .evaluate import error_sentences

@@ -8,6 +8,7 @@ prostate point set has no images.
 
 from __future__ import annotations
 
+import html
 import json
 import logging
 import os
@@ -154,6 +155,19 @@ def test_eval_report(monuseg_eval: Path) -> None:
     (monuseg_eval / "report.md").unlink()
     assert main(["report", str(monuseg_eval), "--overlays", "1"]) == 0
     assert (monuseg_eval / "report.md").is_file()
+
+
+def test_a_report_says_what_its_metrics_are(monuseg_eval: Path) -> None:
+    """A reader without the code learns which AJI (Kumar et al.'s, not AJI+),
+    that det_f1 matches by centroid in mask rather than within a radius, and
+    which values are per-image scores that have no pooled form."""
+    md = (monuseg_eval / "report.md").read_text()
+    html_text = html.unescape((monuseg_eval / "report.html").read_text())
+    for text in (md, html_text):
+        assert "Kumar et al. 2017" in text and "not AJI+" in text
+        assert "centroid lies inside a true nucleus" in text
+        assert "IoU > 0.5" in text and "Data Science Bowl 2018" in text
+        assert "per-image scores, shown as their mean" in text
 
 
 def _one_error(capsys: pytest.CaptureFixture[str]) -> str:
