@@ -403,6 +403,12 @@ def _blocks(metrics: dict, figs: list[tuple[str, str]]) -> list[Block]:
             )
         )
         blocks.append(("ul", error_sentences(errors)))
+    if metrics["groups"]:
+        # (under a heading of their own: they are not part of the error profile above)
+        blocks.append(("h2", "By group"))
+        blocks.append(
+            ("p", "Means over the images of each group (n: images), as the mean column above.")
+        )
     for gkey, block in metrics["groups"].items():
         blocks.append(("h3", f"By {gkey}"))
         body = [[g, _fmt(v["n"]), *[_fmt(v.get(k)) for k in keys]] for g, v in block.items()]
@@ -410,7 +416,14 @@ def _blocks(metrics: dict, figs: list[tuple[str, str]]) -> list[Block]:
     if "density" in metrics:
         d = metrics["density"]
         blocks.append(("h2", "Detection by local density"))
-        blocks.append(("p", f"Density: other true nuclei within {d['density_radius_um']} um."))
+        blocks.append(
+            (
+                "p",
+                f"Density: other true nuclei within {d['density_radius_um']} um (an unmatched "
+                "prediction: true nuclei within that distance of it); counts summed over all "
+                "images.",
+            )
+        )
         hdr = ["neighbours", "n_true", "recall", "n_pred", "precision"]
         cols = ("n_true", "recall", "n_pred", "precision")
         body = [[_bin_name(b), *[_fmt(b[k]) for k in cols]] for b in d["bins"]]

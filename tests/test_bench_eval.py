@@ -170,6 +170,22 @@ def test_a_report_says_what_its_metrics_are(monuseg_eval: Path) -> None:
         assert "per-image scores, shown as their mean" in text
 
 
+def test_a_reports_group_tables_say_they_are_means_of_images(
+    monuseg_eval: Path, tmp_path: Path
+) -> None:
+    """The per-group tables (means over each group's images) stood under the
+    pooled error profile's heading, as if part of it, and said neither; the
+    density table (counts summed over images) now says it is pooled."""
+    md = (monuseg_eval / "report.md").read_text()
+    errors = md.partition("## Where the errors are")[2].partition("### By organ")[0]
+    assert "## By group" in errors
+    assert "Means over the images of each group (n: images)" in errors
+    out = tmp_path / "points"
+    evaluate(_FakePoints(tmp_path), model="classical-he", out_dir=out, progress=False)
+    density = (out / "report.md").read_text().partition("## Detection by local density")[2]
+    assert "summed over all images" in density.partition("|")[0]
+
+
 def _one_error(capsys: pytest.CaptureFixture[str]) -> str:
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), lines
