@@ -296,6 +296,26 @@ def _model_scale_text(model: dict) -> str:
     return f"nominal {model['mpp']} um/px: it picks each image's scale from the size of its nuclei"
 
 
+def _options_text(params: dict) -> str:
+    """The model options a run was given, for a report's header (empty if none):
+    two runs of one model with other thresholds are otherwise told apart only
+    by a command line, which from Python is the script's.
+
+    >>> _options_text({"model_option": {"foreground_threshold": 80.0}})
+    'model options: foreground_threshold=80'
+    >>> _options_text({"model_options": {}}), _options_text({})
+    ('', '')
+    """
+    # (the CLI records its --model_option as model_option, evaluate() as model_options)
+    options = params.get("model_options") or params.get("model_option") or {}
+    if not options:
+        return ""
+    text = ", ".join(
+        f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in options.items()
+    )
+    return f"model options: {text}"
+
+
 def _resolution_text(rows: list[dict]) -> str:
     """Where the images' resolutions came from, for a report's header.
 
@@ -362,6 +382,7 @@ def _blocks(metrics: dict, figs: list[tuple[str, str]]) -> list[Block]:
                 *filter(
                     None,
                     [
+                        _options_text(prov.get("params", {})),
                         _resolution_text(metrics["rows"]),
                         _modality_text(metrics["rows"], prov["model"].get("modality")),
                     ],

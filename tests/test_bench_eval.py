@@ -350,6 +350,25 @@ def test_a_point_radius_that_is_not_a_number_of_microns_is_refused(
         )
 
 
+def test_a_report_names_the_model_options_it_ran_with(tmp_path: Path) -> None:
+    """Two reports of one model at other thresholds, written from Python (a
+    sweep), differed only in their numbers: the header names the options."""
+    for threshold in (80, 100):
+        out = tmp_path / f"fg{threshold}"
+        evaluate(
+            _FakePoints(tmp_path),
+            model="classical-he",
+            out_dir=out,
+            model_options={"foreground_threshold": threshold},
+            command="python sweep.py",
+            progress=False,
+        )
+        header = (out / "report.md").read_text().partition("## ")[0]
+        assert f"model options: foreground_threshold={threshold}\n" in header
+    evaluate(_FakePoints(tmp_path), model="classical-he", out_dir=tmp_path / "d", progress=False)
+    assert "model options" not in (tmp_path / "d" / "report.md").read_text()
+
+
 class _PointsWithoutImageB(_FakePoints):
     def load(self, sample_id: str) -> Sample:
         if sample_id == "b":  # its image moved away since the eval
