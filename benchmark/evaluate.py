@@ -651,6 +651,9 @@ def _run(
             "seconds": round(seg.seconds, 4),
             "mpp": s_mpp,
             "mpp_source": mpp_source,
+            # the resolution the model ran at: its own, or the one a size-normalised
+            # model (unet-bbbc038) picked for this image from its nuclei
+            "analysis_mpp": round(seg.analysis_mpp, 4),
         }
         if points_mode:
             metrics, is_tp, n_true, bins = _score_points(

@@ -334,6 +334,26 @@ def _resolution_text(rows: list[dict]) -> str:
     return "resolution: " + "; ".join(f"{text} for {n}" for text, n in parts)
 
 
+def _analysis_scale_text(rows: list[dict], model: dict) -> str:
+    """The resolutions the model ran at, for a report's header, where they are
+    not its own: those a size-normalised model (``unet-bbbc038``) picked for
+    each image from its nuclei, or an image's own within the tolerance of the
+    model's (empty when every image ran at the model's resolution).
+
+    >>> rows = [{"analysis_mpp": 0.2414}, {"analysis_mpp": 0.5}, {"analysis_mpp": 0.2978}]
+    >>> _analysis_scale_text(rows, {"mpp": 0.5})
+    'model run at 0.2414-0.5 um/px (analysis_mpp of each row of metrics.json)'
+    >>> _analysis_scale_text([{"analysis_mpp": 0.4}], {"mpp": 0.4}), _analysis_scale_text([{}], {"mpp": 0.4})
+    ('', '')
+    """
+    picked = [float(r["analysis_mpp"]) for r in rows if r.get("analysis_mpp") is not None]
+    if not picked or all(abs(m / float(model["mpp"]) - 1) < 0.01 for m in picked):
+        return ""  # (or a metrics.json of before analysis_mpp was recorded)
+    lo, hi = min(picked), max(picked)
+    scale = f"{lo:g} um/px" if lo == hi else f"{lo:g}-{hi:g} um/px"
+    return f"model run at {scale} (analysis_mpp of each row of metrics.json)"
+
+
 def other_modalities(rows: list[dict], model_modality: str) -> Counter[str]:
     """How many of an evaluation's ``rows`` are of each kind of image other
     than the model's (their ``groups.modality``; unknown ones not counted).
@@ -384,6 +404,7 @@ def _blocks(metrics: dict, figs: list[tuple[str, str]]) -> list[Block]:
                     [
                         _options_text(prov.get("params", {})),
                         _resolution_text(metrics["rows"]),
+                        _analysis_scale_text(metrics["rows"], mod),
                         _modality_text(metrics["rows"], prov["model"].get("modality")),
                     ],
                 ),

@@ -369,6 +369,24 @@ def test_a_report_names_the_model_options_it_ran_with(tmp_path: Path) -> None:
     assert "model options" not in (tmp_path / "d" / "report.md").read_text()
 
 
+def test_the_scale_a_size_normalised_model_picked_is_recorded(tmp_path: Path) -> None:
+    """unet-bbbc038 picks each image's scale from its nuclei; metrics.json
+    recorded only the nominal resolution, so the scale each image was
+    segmented at was lost; the rows and the report's header now say it."""
+    root = _shared_root() / "dsb2018_bbbc038"
+    if not root.is_dir():
+        pytest.fail(f"shared data not found at {root} (set NUCLEUS_SHARED_DATA)", pytrace=False)
+    out = tmp_path / "out"
+    res = evaluate(
+        get_dataset("bbbc038", root), model="unet-bbbc038", out_dir=out, limit=3, progress=False
+    )
+    picked = [r["analysis_mpp"] for r in res["rows"]]
+    assert all(r["mpp"] == 0.5 for r in res["rows"])  # no resolution: the nominal one
+    assert len(set(picked)) > 1 and min(picked) < 0.4, picked
+    header = (out / "report.md").read_text().partition("## ")[0]
+    assert f"model run at {min(picked):g}-{max(picked):g} um/px" in header
+
+
 class _PointsWithoutImageB(_FakePoints):
     def load(self, sample_id: str) -> Sample:
         if sample_id == "b":  # its image moved away since the eval
