@@ -56,8 +56,8 @@ _METRIC_DEFINITIONS = {
         "IoU > 0.5; map_dsb: the Data Science Bowl 2018 score, TP / (TP + FP + FN) averaged "
         "over IoU thresholds 0.50-0.95; ap: area under the pooled precision-recall curve of "
         "the hit-in-mask detections ranked by score. Pooled values are computed from the "
-        "counts of all images together; aji, dice, pq and map_dsb are per-image scores, shown "
-        "as their mean."
+        "counts of all images together; aji, dice, pq, dq, sq and map_dsb are per-image scores, "
+        "shown as their mean."
     ),
     "points": (
         "f1, precision, recall: predictions matched one to one to true points (the most "
