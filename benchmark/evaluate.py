@@ -549,6 +549,13 @@ def evaluate(
     from nucleus_models.models import get_spec
 
     spec = get_spec(model)  # unknown model fails before any work
+    if radius_um is not None and dataset.kind != "points":
+        logger.warning(
+            "radius_um %g is not used: %s has outlined nuclei, scored by their masks "
+            "(det_f1: a prediction's centroid inside a true nucleus), not points within a radius",
+            radius_um,
+            dataset.name,
+        )
     radius_um = DEFAULT_RADIUS_UM if radius_um is None else float(radius_um)
     if not (math.isfinite(radius_um) and radius_um > 0):
         # (nan matched nothing and inf everything, each scored as if real)

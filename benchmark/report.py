@@ -18,6 +18,7 @@ import html
 import io
 import json
 import logging
+import re
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -421,6 +422,13 @@ def _blocks(metrics: dict, figs: list[tuple[str, str]]) -> list[Block]:
         within = f" within {radius:g} um" if radius is not None else ""
         match = f"predictions matched one to one to true points{within}"
     blocks.append(("p", f"Mean over samples and pooled over all nuclei ({match})."))
+    if skipped := metrics.get("skipped"):
+        # (in no mean, pooled count or table below: a reader comparing two runs must know)
+        reasons = Counter(str(s.get("reason", "?")) for s in skipped)
+        ids = ", ".join(str(s.get("id")) for s in skipped[:20])
+        more = f" and {len(skipped) - 20} more" if len(skipped) > 20 else ""
+        why = "; ".join(f"{n} {reason}" for reason, n in reasons.items())
+        blocks.append(("p", f"Not scored: {len(skipped)} of the samples ({why}): {ids}{more}."))
     mkeys = [*metrics["metric_keys"], "ap", "n_true", "n_pred", "seconds"]
     blocks.append(
         (
@@ -515,6 +523,15 @@ def _embed(path: Path, max_png_bytes: int = 400_000) -> tuple[str, str]:
     return mime, base64.b64encode(raw).decode("ascii")
 
 
+def _inline_html(text: str) -> str:
+    """A block's text as HTML: escaped, its Markdown `code` spans as <code>.
+
+    >>> _inline_html("command: `nucleus-bench eval --root a<b`")
+    'command: <code>nucleus-bench eval --root a&lt;b</code>'
+    """
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text))
+
+
 def _html(blocks: list[Block], out: Path) -> str:
     esc = html.escape
     parts = [
@@ -526,9 +543,9 @@ def _html(blocks: list[Block], out: Path) -> str:
     for b in blocks:
         kind = b[0]
         if kind in ("h1", "h2", "h3", "p"):
-            parts.append(f"<{kind}>{esc(b[1])}</{kind}>")
+            parts.append(f"<{kind}>{_inline_html(b[1])}</{kind}>")
         elif kind == "ul":
-            parts.append("<ul>" + "".join(f"<li>{esc(i)}</li>" for i in b[1]) + "</ul>")
+            parts.append("<ul>" + "".join(f"<li>{_inline_html(i)}</li>" for i in b[1]) + "</ul>")
         elif kind == "table":
             head = "".join(f"<th>{esc(str(c))}</th>" for c in b[1])
             body = "".join(

@@ -403,6 +403,61 @@ def test_a_point_report_says_its_matching_radius(tmp_path: Path) -> None:
     assert "within 4 um" in (out / "report.html").read_text()
 
 
+class _PointsWithoutAnnotationB(_FakePoints):
+    def load(self, sample_id: str) -> Sample:
+        sample = super().load(sample_id)
+        if sample_id == "b":  # an image nobody has annotated yet
+            sample.points = None
+        return sample
+
+
+def test_a_report_names_the_samples_it_did_not_score(tmp_path: Path) -> None:
+    """A sample without an annotation is in no mean or count: the report said
+    nothing of it, so two runs over different shares of a dataset read alike."""
+    out = tmp_path / "out"
+    res = evaluate(_PointsWithoutAnnotationB(tmp_path), model="classical-he", out_dir=out)
+    assert [r["id"] for r in res["rows"]] == ["a"]
+    for name in ("report.md", "report.html"):
+        text = (out / name).read_text()
+        assert "Not scored: 1 of the samples (1 no annotation): b." in text, name
+
+
+def test_the_html_report_shows_code_as_code(monuseg_eval: Path) -> None:
+    """The command line stood in the HTML between literal Markdown backticks."""
+    text = (monuseg_eval / "report.html").read_text()
+    assert "<code>" in text and "`" not in text.partition("<body>")[2].partition("<img")[0]
+    assert re.search(r"command: <code>[^<]*eval --dataset monuseg", text)
+
+
+class _FakeOutlined(_FakePoints):
+    name = "fake_outlined"
+    kind = "instances"
+
+    def load(self, sample_id: str) -> Sample:
+        img, centres = _disk_image(0 if sample_id == "a" else 1)
+        yy, xx = np.mgrid[0 : img.shape[0], 0 : img.shape[1]]
+        labels = np.zeros(img.shape[:2], np.int32)
+        for i, (cx, cy) in enumerate(centres, 1):
+            labels[(xx - cx) ** 2 + (yy - cy) ** 2 <= 49] = i
+        return Sample(id=sample_id, image=img, labels=labels, mpp=0.5)
+
+
+def test_a_matching_radius_for_outlined_nuclei_is_said_to_be_unused(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """--radius_um scores point datasets only: given for outlined nuclei it
+    was silently ignored, as if it had changed the detection scores."""
+    ds = _FakeOutlined(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="benchmark.evaluate"):
+        evaluate(ds, model="classical-he", out_dir=tmp_path / "a", radius_um=3, progress=False)
+        evaluate(ds, model="classical-he", out_dir=tmp_path / "b", progress=False)
+    warned = [r.getMessage() for r in caplog.records if "radius_um" in r.getMessage()]
+    assert len(warned) == 1 and "radius_um 3 is not used: fake_outlined" in warned[0], warned
+    a, b = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in "ab")
+    a["mean"].pop("seconds"), b["mean"].pop("seconds")
+    assert a["mean"] == b["mean"]
+
+
 def test_a_report_redrawn_without_one_samples_image_leaves_its_overlay_out(
     tmp_path: Path,
 ) -> None:
