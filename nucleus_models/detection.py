@@ -303,6 +303,7 @@ def detect_nuclei(params: DetectionParams, *, progress: Progress | None = None) 
         downsample=downsample,
         image_size=(image_w, image_h),
         analysis_mpp=analysis_mpp,
+        base_size=(slide.width, slide.height),
     )
 
     def tick(done: int, total: int) -> None:

@@ -202,15 +202,20 @@ class Nuclei:
         )
 
     def transformed(
-        self, *, scale: float = 1.0, offset: tuple[float, float] = (0.0, 0.0)
+        self,
+        *,
+        scale: float | tuple[float, float] = 1.0,
+        offset: tuple[float, float] = (0.0, 0.0),
     ) -> Nuclei:
-        """Return coordinates mapped by ``xy * scale + offset`` (measurements unchanged)."""
+        """Return coordinates mapped by ``xy * scale + offset`` (``scale`` one
+        number or one per axis; measurements unchanged)."""
         off = np.asarray(offset, np.float64)
         box_off = np.concatenate([off, off])
+        sxy = np.broadcast_to(np.asarray(scale, np.float64), (2,))
         return Nuclei(
-            centroids=self.centroids * scale + off,
-            boxes=self.boxes * scale + box_off,
-            polygon_vertices=(self.polygon_vertices.astype(np.float64) * scale + off).astype(
+            centroids=self.centroids * sxy + off,
+            boxes=self.boxes * np.concatenate([sxy, sxy]) + box_off,
+            polygon_vertices=(self.polygon_vertices.astype(np.float64) * sxy + off).astype(
                 np.float32
             ),
             polygon_offsets=self.polygon_offsets.copy(),

@@ -52,7 +52,7 @@ class TileJob:
     """Everything a worker needs, picklable.
 
     ``downsample`` is base pixels per analysis pixel; ``image_size`` the
-    slide size in analysis pixels.
+    slide size in analysis pixels, ``base_size`` in base pixels.
     """
 
     slide_path: str
@@ -63,6 +63,7 @@ class TileJob:
     downsample: float = 1.0
     image_size: tuple[int, int] = (0, 0)
     analysis_mpp: float = 0.5
+    base_size: tuple[int, int] = (0, 0)
 
 
 def cgroup_cpu_limit(root: str = "/sys/fs/cgroup") -> float | None:
@@ -146,21 +147,41 @@ def _built_model(name: str, options: tuple[tuple[str, Any], ...]) -> Any:
     return get_model(name, **dict(options))
 
 
+def _base_window(job: TileJob, tile: Tile) -> tuple[int, int, int, int]:
+    """The base pixels a tile's read window is read from: its analysis-pixel
+    edges times the downsample, rounded to whole pixels (within the slide:
+    its size from ``base_size``, which spares a post-processing process the
+    slide's opening)."""
+    x0, y0, x1, y1 = tile.read
+    d = job.downsample
+    width, height = job.base_size
+    if width <= 0 or height <= 0:
+        slide = _slide(job.slide_path, job.input_mpp)
+        width, height = slide.width, slide.height
+    bx0, by0 = int(round(x0 * d)), int(round(y0 * d))
+    return bx0, by0, min(int(round(x1 * d)), width), min(int(round(y1 * d)), height)
+
+
 def read_tile(job: TileJob, tile: Tile) -> np.ndarray:
     """Read a tile's window at the analysis resolution."""
     slide = _slide(job.slide_path, job.input_mpp)
     x0, y0, x1, y1 = tile.read
-    d = job.downsample
-    bx0, by0 = int(round(x0 * d)), int(round(y0 * d))
-    bx1 = min(int(round(x1 * d)), slide.width)
-    by1 = min(int(round(y1 * d)), slide.height)
+    bx0, by0, bx1, by1 = _base_window(job, tile)
     return slide.read_region(bx0, by0, bx1 - bx0, by1 - by0, out_w=x1 - x0, out_h=y1 - y0)
 
 
 def _tile_nuclei(job: TileJob, tile: Tile, inst: Any) -> Nuclei:
     """Keep the tile's own, uncut nuclei and map them to base pixels (only
-    their outlines are traced)."""
+    their outlines are traced).
+
+    The window's pixels are mapped back to the base pixels it was read from
+    (:func:`_base_window`), not to its edges times the downsample: those are
+    rounded to whole base pixels, differently in each tile, so a nucleus on
+    a seam was placed up to half a base pixel apart by its two tiles, and
+    could be kept by both (or neither)."""
     rx0, ry0, rx1, ry1 = tile.read
+    bx0, by0, bx1, by1 = _base_window(job, tile)
+    scale = ((bx1 - bx0) / (rx1 - rx0), (by1 - by0) / (ry1 - ry0))  # base px per window px
     W, H = job.image_size
 
     def own(centroids: np.ndarray, boxes: np.ndarray) -> np.ndarray:
@@ -172,20 +193,23 @@ def _tile_nuclei(job: TileJob, tile: Tile, inst: Any) -> Nuclei:
             | ((b[:, 2] >= rx1) & (rx1 < W))
             | ((b[:, 3] >= ry1) & (ry1 < H))
         )
-        return in_core(centroids + (rx0, ry0), tile.core) & ~cut
+        # the centroid where it lies on the slide, on the grid the cores partition
+        at = (centroids * scale + (bx0, by0)) / job.downsample
+        return in_core(at, tile.core) & ~cut
 
+    base_mpp = job.analysis_mpp / job.downsample
     nuc = nuclei_from_labels(
         inst.labels,
         scores=inst.scores,
         classes=inst.classes,
-        pixel_area_um2=job.analysis_mpp**2,
+        pixel_area_um2=base_mpp**2 * scale[0] * scale[1],
         keep=own,
     )
     if not len(nuc):
         return nuc
-    # area_px counts analysis pixels: in base pixels, as every coordinate is
-    nuc.measurements["area_px"] = nuc.measurements["area_px"] * job.downsample**2
-    return nuc.transformed(offset=(rx0, ry0)).transformed(scale=job.downsample)
+    # area_px counts window pixels: in base pixels, as every coordinate is
+    nuc.measurements["area_px"] = nuc.measurements["area_px"] * scale[0] * scale[1]
+    return nuc.transformed(scale=scale, offset=(bx0, by0))
 
 
 def process_tiles(
