@@ -123,6 +123,9 @@ class DetectionResult:
         counts = {
             name: int(np.sum(self.nuclei.labels == i)) for i, name in enumerate(self.spec.classes)
         }
+        # the thresholds the run used: the model's, with those the user set
+        used = self.params.model_options()
+        thresholds = {k: used.get(k, v) for k, v in self.spec.thresholds.items()}
         return {
             "software": "nucleus-models",
             "version": self.version,
@@ -133,7 +136,7 @@ class DetectionResult:
                 "sha256": self.spec.sha256,
                 "mpp": self.spec.mpp,
                 "classes": list(self.spec.classes),
-                "thresholds": dict(self.spec.thresholds),
+                "thresholds": thresholds,
             },
             "slide": self.slide,
             "analysis_region": self.region,

@@ -509,6 +509,32 @@ def test_settings_a_model_does_not_use_are_reported(tmp_path: Path) -> None:
     assert workers.startswith("num_workers 500 is more than twice the")
 
 
+def test_the_thresholds_a_run_used_are_recorded() -> None:
+    """A classical model's thresholds set for the run are what its outputs
+    record as the model's (they recorded the model's defaults instead:
+    min_radius 4 for a run with min_radius 3)."""
+    from nucleus_models.detection import DetectionParams, detect_nuclei
+
+    sample = REPO / "samples" / "CMU-1-Small-Region-crop.tif"
+    res = detect_nuclei(
+        DetectionParams(
+            inputImageFile=str(sample),
+            model="classical-he",
+            analysis_roi=[0, 0, 300, 300],
+            min_radius=3,
+            foreground_threshold=100,
+        )
+    )
+    assert res.provenance()["model"]["thresholds"] == {
+        "foreground_threshold": 100,
+        "min_radius": 3,
+        "max_radius": 12.0,
+        "local_max_search_radius": 4.0,
+        "min_nucleus_area": 20,
+    }
+    assert res.provenance()["params"]["min_radius"] == 3
+
+
 def test_library_rejects_unknown_model() -> None:
     from nucleus_models.errors import ModelError
     from nucleus_models.models import get_model
