@@ -461,6 +461,21 @@ def check_params(params: DetectionParams) -> None:
     for k in MODEL_OPTION_NAMES:
         if not math.isfinite(getattr(params, k)):
             raise ParameterError(f"{k} must be a number, got {getattr(params, k)}")
+    thresholds = get_spec(params.model).thresholds
+    if {"min_radius", "max_radius"} <= thresholds.keys():
+        # (histomicstk-kofahi then finds no nuclei at all, silently)
+        radii = [
+            (getattr(params, k), "")
+            if getattr(params, k) >= 0
+            else (thresholds[k], ", the model's")
+            for k in ("min_radius", "max_radius")
+        ]
+        (lo, lo_whose), (hi, hi_whose) = radii
+        if lo > hi:
+            raise ParameterError(
+                f"min_radius ({lo:g}{lo_whose}) must not be larger than max_radius"
+                f" ({hi:g}{hi_whose}) of model {params.model}"
+            )
 
 
 #: the CLI's output parameters and their descriptions

@@ -295,6 +295,14 @@ def _bad_cases(tmp: Path, shared: Path) -> dict[str, tuple[list[str], str]]:
         "tile fraction": ([sample, "--min_fgnd_frac", "5"], "min_fgnd_frac"),
         "tile size 0": ([sample, "--analysis_tile_size", "0"], "analysis_tile_size must be"),
         "batch size": ([sample, "--batch_size", "-9"], "batch_size must be"),
+        "radii crossed": (
+            [sample, "--model", "histomicstk-kofahi", "--min_radius", "15", "--max_radius", "10"],
+            "min_radius (15) must not be larger than max_radius (10)",
+        ),
+        "radius above the model's": (
+            [sample, "--model", "classical-he", "--min_radius", "15"],
+            "max_radius (12, the model's)",
+        ),
         # what the value should be, not argparse's "invalid parseValue value"
         "roi not numbers": ([sample, "--analysis_roi", "1,2,x,4"], "'1,2,x,4': expected numbers"),
         "not a whole number": ([sample, "--batch_size", "abc"], "(Batch size): 'abc': expected a"),
