@@ -825,6 +825,34 @@ def annotation_options(result: DetectionResult) -> dict[str, Any]:
     }
 
 
+def summary_line(result: DetectionResult, written: list[str]) -> str:
+    """What a run found, for the job's log (HistomicsUI shows it): the count,
+    the model and how it ran, the region analysed, the time and the files.
+
+    >>> from nucleus_models.models import get_spec
+    >>> r = DetectionResult(
+    ...     nuclei=Nuclei.empty(), params=DetectionParams("s.tif", model="classical-he"),
+    ...     spec=get_spec("classical-he"), slide={}, region=[0, 0, 2000, 1000],
+    ...     tiles={"total": 4, "analysed": 3}, timings={"total": 2.04},
+    ...     runtime={"device": "cpu"}, warnings=["w"])
+    >>> summary_line(r, ["/out/n.anot"])
+    '0 nuclei (classical-he on cpu) in a 2000 x 1000 px region (3 of its 4 tiles held tissue), 2.0 s, 1 warning above; wrote n.anot'
+    """
+    runtime = result.runtime
+    how = " ".join(filter(None, [str(runtime.get("precision", "")), "on", str(runtime["device"])]))
+    _, _, w, h = result.region
+    tiles = result.tiles
+    n_warn = len(result.warnings)
+    return (
+        f"{len(result.nuclei)} nuclei ({result.spec.name} {how}) in a {w} x {h} px region "
+        f"({tiles['analysed']} of its {tiles['total']} tiles held tissue), "
+        f"{result.timings['total']:.1f} s"
+        + (f", {n_warn} warning{'s' * (n_warn > 1)} above" if n_warn else "")
+        + "; wrote "
+        + ", ".join(os.path.basename(f) for f in written)
+    )
+
+
 def write_outputs(result: DetectionResult) -> list[str]:
     """Write every output the parameters ask for; return the paths written.
 

@@ -589,6 +589,10 @@ def test_learned_model_finds_the_annotated_nuclei(
     assert res.returncode == 0, res.stderr
     doc = json.loads(out.read_text())
     validate_annotation(doc)
+    # the job log (HistomicsUI shows it) says what was found and written
+    (summary,) = [ln for ln in res.stdout.splitlines() if " nuclei (" in ln]
+    assert summary.startswith(f"{doc['attributes']['nuclei_count']} nuclei ({model} "), summary
+    assert summary.endswith("; wrote n.anot, n.csv"), summary
     assert (
         doc["attributes"]["model"]["name"] == model
         and len(doc["attributes"]["model"]["sha256"]) == 64

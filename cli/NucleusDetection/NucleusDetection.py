@@ -10,7 +10,7 @@ Params = DetectionParams
 
 
 def main(args):
-    from nucleus_models.detection import detect_nuclei, write_outputs
+    from nucleus_models.detection import detect_nuclei, summary_line, write_outputs
     from nucleus_models.progress import FilterProgress
 
     params = Params.from_namespace(args)
@@ -18,7 +18,8 @@ def main(args):
     progress.start()
     t0 = time.perf_counter()
     result = detect_nuclei(params, progress=progress)
-    write_outputs(result)
+    written = write_outputs(result)
+    print(summary_line(result, written), flush=True)
     progress.end(time.perf_counter() - t0)
 
 
