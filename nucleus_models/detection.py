@@ -172,6 +172,10 @@ def library_versions() -> dict[str, str]:
 Progress = Callable[[float], None]
 
 
+#: how far --input_mpp may differ from a slide's own resolution unremarked
+MPP_OVERRIDE_TOLERANCE = 0.1
+
+
 def detect_nuclei(params: DetectionParams, *, progress: Progress | None = None) -> DetectionResult:
     """Detect nuclei in ``params.inputImageFile``.
 
@@ -242,6 +246,17 @@ def detect_nuclei(params: DetectionParams, *, progress: Progress | None = None) 
             base_mpp,
             "check --input_mpp ('Input resolution (um/px)') or the slide's resolution",
         )
+    own_mpp, own_source = slide.metadata_mpp()
+    if input_mpp and own_mpp and abs(input_mpp / own_mpp - 1) > MPP_OVERRIDE_TOLERANCE:
+        # (after the errors above; a preset's value or a typo: every size the model sees follows it)
+        factor = f"{input_mpp / own_mpp:.2g}x"
+        warn(
+            f"--input_mpp {input_mpp:g} overrides the slide's own {own_mpp:.4g} um/px (from its "
+            f"{own_source}): if the slide's is right, "
+            + ("" if target else f"nuclei are analysed at {factor} their size and ")
+            + f"lengths in um are recorded at {factor} theirs; "
+            "'Input resolution (um/px)' -1 uses the slide's"
+        )
     image_w = max(1, int(math.floor(slide.width / downsample)))
     image_h = max(1, int(math.floor(slide.height / downsample)))
     tile_size = params.analysis_tile_size if params.analysis_tile_size > 0 else spec.tile_size
@@ -261,7 +276,8 @@ def detect_nuclei(params: DetectionParams, *, progress: Progress | None = None) 
     # after tile_grid: a tile size <= overlap is a one-line error, not a warning first
     if params.analysis_tile_overlap >= 0 and overlap < min_overlap:
         warn(
-            f"tile overlap {overlap} px is smaller than the largest nucleus ({min_overlap} px): "
+            f"tile overlap {overlap} px is smaller than the largest nucleus ({min_overlap} px; "
+            f"pixels at the analysis resolution, {analysis_mpp:.3g} um/px): "
             "nuclei may be cut at seams"
         )
 

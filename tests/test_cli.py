@@ -543,6 +543,45 @@ def test_the_thresholds_a_run_used_are_recorded() -> None:
     assert res.provenance()["params"]["min_radius"] == 3
 
 
+def test_an_input_mpp_unlike_the_slides_own_is_warned_about() -> None:
+    """--input_mpp replaced a slide's recorded resolution without a word
+    (0.25 on the 0.499 um/px sample: every nucleus analysed at half its
+    size); within 10 % of it (a rounder value), nothing is said."""
+    from nucleus_models.detection import DetectionParams, detect_nuclei
+
+    sample = REPO / "samples" / "CMU-1-Small-Region-crop.tif"
+    runs = {
+        mpp: detect_nuclei(
+            DetectionParams(
+                inputImageFile=str(sample),
+                model="classical-he",
+                analysis_roi=[0, 0, 300, 300],
+                input_mpp=mpp,
+            )
+        ).warnings
+        for mpp in (0.25, 0.5, -1.0)
+    }
+    (warned,) = runs[0.25]
+    assert warned.startswith("--input_mpp 0.25 overrides the slide's own 0.499 um/px"), warned
+    assert "analysed at 0.5x their size" in warned
+    assert runs[0.5] == runs[-1.0] == []
+
+
+def test_a_small_tile_overlap_is_warned_about_in_the_pixels_it_means() -> None:
+    """An overlap below the largest nucleus may cut nuclei at seams: said,
+    with the grid its pixels are on (the model's, not the slide's)."""
+    from nucleus_models.detection import DetectionParams, detect_nuclei
+
+    sample = REPO / "samples" / "CMU-1-Small-Region-crop.tif"
+    params = DetectionParams(
+        inputImageFile=str(sample), model="unet-monuseg", analysis_roi=[0, 0, 400, 400]
+    )
+    params.analysis_tile_overlap = 8
+    (warned,) = detect_nuclei(params).warnings
+    assert warned.startswith("tile overlap 8 px is smaller than the largest nucleus ("), warned
+    assert "px; pixels at the analysis resolution, 0.4 um/px): nuclei may be cut" in warned
+
+
 def test_library_rejects_unknown_model() -> None:
     from nucleus_models.errors import ModelError
     from nucleus_models.models import get_model

@@ -65,6 +65,12 @@ class Slide:
             )
         return self.mpp
 
+    def metadata_mpp(self) -> tuple[float | None, str]:
+        """The resolution the slide's own metadata gives and where from
+        (``"metadata"``, ``"magnification"`` or ``"unknown"``), even where
+        ``input_mpp`` overrides it."""
+        return _mpp_from_metadata(self.metadata)
+
     def read_region(
         self, x: int, y: int, w: int, h: int, *, out_w: int | None = None, out_h: int | None = None
     ) -> np.ndarray:
