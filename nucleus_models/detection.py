@@ -474,6 +474,11 @@ def check_params(params: DetectionParams) -> None:
             f"unknown scheduler {params.scheduler!r}: use '', 'multithreading', 'multiprocessing',"
             " 'pipeline' or tcp://host:port"
         )
+    if ":" in sched and (why := _address_problem(sched)):
+        raise ParameterError(
+            f"scheduler {params.scheduler!r} is not a dask scheduler's address ({why}):"
+            " use tcp://host:port"
+        )
     for k in MODEL_OPTION_NAMES:
         if not math.isfinite(getattr(params, k)):
             raise ParameterError(f"{k} must be a number, got {getattr(params, k)}")
@@ -492,6 +497,26 @@ def check_params(params: DetectionParams) -> None:
                 f"min_radius ({lo:g}{lo_whose}) must not be larger than max_radius"
                 f" ({hi:g}{hi_whose}) of model {params.model}"
             )
+
+
+def _address_problem(address: str) -> str | None:
+    """Why ``address`` (``tcp://host:port`` or ``host:port``) cannot be a dask
+    scheduler's (None when it can): dask's own parsing, which otherwise
+    failed in a traceback once the tiles were about to run.
+
+    >>> _address_problem("tcp://127.0.0.1:8786"), _address_problem("host:abc")
+    (None, "invalid literal for int() with base 10: 'abc'")
+    """
+    from distributed.comm.addressing import get_address_host_port, parse_address
+
+    address = address if "://" in address else f"tcp://{address}"
+    try:
+        if parse_address(address)[0] == "inproc":  # a cluster in this process: no port
+            return None
+        _, port = get_address_host_port(address)
+    except ValueError as exc:
+        return str(exc)
+    return None if 0 < port < 65536 else f"port {port} is not 1-65535"
 
 
 #: the CLI's output parameters and their descriptions

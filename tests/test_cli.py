@@ -285,6 +285,12 @@ def _bad_cases(tmp: Path, shared: Path) -> dict[str, tuple[list[str], str]]:
         "unknown parameter": ([sample, "--no_such_flag", "1"], "unrecognized arguments"),
         "bad roi": ([sample, "--analysis_roi", "1,2,3"], "analysis_roi"),
         "bad scheduler": ([sample, "--scheduler", "carrier-pigeon"], "scheduler"),
+        # dask's own parsing failed in a traceback once the tiles were about to run
+        "bad scheduler address": (
+            [sample, "--scheduler", "localhost:abc"],
+            "not a dask scheduler's address",
+        ),
+        "inproc address": ([sample, "--scheduler", "inproc://x"], "cannot reach dask scheduler"),
         "bad precision": ([sample, "--precision", "float16"], "invalid choice"),
         # resolutions no microscope has: a 256 px image once grew 200x and hung
         "mpp too coarse": ([sample, "--input_mpp", "100"], "250x finer than the image"),

@@ -641,7 +641,7 @@ def _run_dask(
         address = sched if "://" in sched else f"tcp://{sched}"
         try:
             client = Client(address, timeout="20s")
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # (ValueError: an inproc address not of this process)
             raise ParameterError(f"cannot reach dask scheduler {address}: {exc}") from exc
     try:
         futs = [client.submit(process_tiles, job, b, pure=False) for b in batches]
