@@ -547,6 +547,11 @@ def check_output_paths(params: DetectionParams) -> None:
             raise ParameterError(f"{what} is written as PNG: name it .png, got {path!r}")
         if os.path.isdir(real):
             raise ParameterError(f"{what} {path!r} is a folder, not a file name")
+        if os.path.exists(real) and not os.path.isfile(real):
+            # (renamed over, /dev/null or a named pipe became a regular file)
+            raise ParameterError(
+                f"{what} {path!r} is not a regular file (a device or a pipe): name a file"
+            )
         folder = os.path.dirname(real)
         while not os.path.exists(folder):  # created when written
             folder = os.path.dirname(folder)

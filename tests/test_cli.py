@@ -7,7 +7,9 @@ import csv
 import dataclasses
 import importlib.util
 import json
+import os
 import shutil
+import stat
 import subprocess
 import sys
 import time
@@ -346,7 +348,9 @@ def test_bad_output_paths_fail_before_the_analysis(tmp_path: Path) -> None:
     before = sample.read_bytes()
     anot = str(tmp_path / "o" / "n.anot")
     (tmp_path / "folder.anot").mkdir()
+    os.mkfifo(tmp_path / "pipe.csv")  # (as /dev/null: written over by the rename, as root)
     cases = {
+        "a pipe": ([anot, "--nuclei_csv", str(tmp_path / "pipe.csv")], "not a regular file"),
         "input as output": ([str(sample)], "is the input image"),
         "input as csv": ([anot, "--nuclei_csv", str(sample)], "is the input image"),
         "under a file": ([anot, "--nuclei_csv", f"{sample}/n.csv"], "is a file, not a folder"),
@@ -366,6 +370,7 @@ def test_bad_output_paths_fail_before_the_analysis(tmp_path: Path) -> None:
         assert sample.read_bytes() == before, case
         assert not (tmp_path / "o").exists() and not (tmp_path / "o.jpg").exists(), case
     assert list((tmp_path / "folder.anot").iterdir()) == []
+    assert stat.S_ISFIFO(os.stat(tmp_path / "pipe.csv").st_mode)
 
 
 def test_a_cancelled_run_writes_nothing(shared_data: Path, tmp_path: Path) -> None:
