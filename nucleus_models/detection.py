@@ -482,21 +482,20 @@ def check_params(params: DetectionParams) -> None:
     for k in MODEL_OPTION_NAMES:
         if not math.isfinite(getattr(params, k)):
             raise ParameterError(f"{k} must be a number, got {getattr(params, k)}")
-    thresholds = get_spec(params.model).thresholds
-    if {"min_radius", "max_radius"} <= thresholds.keys():
-        # (histomicstk-kofahi then finds no nuclei at all, silently)
-        radii = [
-            (getattr(params, k), "")
-            if getattr(params, k) >= 0
-            else (thresholds[k], ", the model's")
-            for k in ("min_radius", "max_radius")
-        ]
-        (lo, lo_whose), (hi, hi_whose) = radii
-        if lo > hi:
+        if getattr(params, k) < 0 and getattr(params, k) != -1:  # (was taken for -1)
             raise ParameterError(
-                f"min_radius ({lo:g}{lo_whose}) must not be larger than max_radius"
-                f" ({hi:g}{hi_whose}) of model {params.model}"
+                f"{k} must be -1 (the model's tuned value) or at least 0, got {getattr(params, k):g}"
             )
+    if params.foreground_threshold > 255:
+        raise ParameterError(
+            "foreground_threshold is a hematoxylin intensity, 0-255 (-1: the model's tuned"
+            f" value), got {params.foreground_threshold:g}"
+        )
+    spec = get_spec(params.model)
+    if "min_radius" in spec.thresholds:  # the classical models
+        from .models.classical import check_thresholds
+
+        check_thresholds(spec, params.model_options())
 
 
 def _address_problem(address: str) -> str | None:

@@ -50,6 +50,10 @@ def _one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
         ("unet-monuseg-fast", "fg_threshold=7", ["fg_threshold=7", "expected 0-1"]),
         ("classical-he", "foreground_threshold=300", ["expected 0-255"]),
         ("classical-he", "min_radius=-2", ["min_radius=-2", "expected 0-inf"]),
+        # radii no detector can use: HistomicsTK's divides by min_radius (a
+        # traceback), and a min_radius above max_radius kept nothing
+        ("histomicstk-kofahi", "min_radius=0", ["min_radius must be above 0"]),
+        ("classical-he", "min_radius=13", ["min_radius 13 is larger than max_radius 12"]),
         # unknown keys: named, with the model's own
         ("classical-he", "bogus=3", ["'bogus'", "foreground_threshold", "min_radius"]),
         ("unet-monuseg", "foreground_threshold=80", ["'foreground_threshold'", "fg_threshold"]),

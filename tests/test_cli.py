@@ -303,13 +303,19 @@ def _bad_cases(tmp: Path, shared: Path) -> dict[str, tuple[list[str], str]]:
         "tile fraction": ([sample, "--min_fgnd_frac", "5"], "min_fgnd_frac"),
         "tile size 0": ([sample, "--analysis_tile_size", "0"], "analysis_tile_size must be"),
         "batch size": ([sample, "--batch_size", "-9"], "batch_size must be"),
+        # the classical models' thresholds: HistomicsTK's detector divides by
+        # min_radius (a traceback), crossed radii kept no nucleus, a negative
+        # value other than -1 was taken for -1, an intensity past 255 for all
+        "radius 0": ([sample, "--model", "histomicstk-kofahi", "--max_radius", "0"], "max_radius"),
         "radii crossed": (
-            [sample, "--model", "histomicstk-kofahi", "--min_radius", "15", "--max_radius", "10"],
-            "min_radius (15) must not be larger than max_radius (10)",
+            [sample, "--model", "classical-he", "--min_radius", "10", "--max_radius", "2"],
+            "min_radius 10 is larger than max_radius 2",
         ),
+        "threshold -5": ([sample, "--model", "classical-he", "--min_radius", "-5"], "-1 (the"),
+        "intensity 300": ([sample, "--foreground_threshold", "300"], "0-255"),
         "radius above the model's": (
             [sample, "--model", "classical-he", "--min_radius", "15"],
-            "max_radius (12, the model's)",
+            "max_radius 12 (max_radius: model classical-he's own)",
         ),
         # what the value should be, not argparse's "invalid parseValue value"
         "roi not numbers": ([sample, "--analysis_roi", "1,2,x,4"], "'1,2,x,4': expected numbers"),

@@ -22,7 +22,7 @@ from ..stain import reinhard_stats, reinhard_to_reference
 from .base import ModelSpec, NucleusModel, TileInstances
 from .registry import register_model
 
-__all__ = ["ClassicalParams", "ClassicalHE", "HistomicsKofahi"]
+__all__ = ["ClassicalParams", "ClassicalHE", "HistomicsKofahi", "check_thresholds"]
 
 # HistomicsTK's NucleiDetection default stains.
 HE_STAINS = ("hematoxylin", "eosin", "null")
@@ -48,6 +48,36 @@ class ClassicalParams:
         return cls(**{k: v for k, v in options.items() if k in names and v is not None})
 
 
+def check_thresholds(spec: ModelSpec, options: dict[str, Any]) -> None:
+    """One-line errors for radii no run of the model of ``spec`` can use
+    (``options`` over its tuned thresholds): HistomicsTK's detector divides
+    by ``min_radius`` (0 ended in a traceback), and a ``min_radius`` above
+    ``max_radius`` kept no nucleus at all, silently.
+
+    Raises
+    ------
+    nucleus_models.errors.ParameterError
+    """
+    from ..errors import ParameterError
+
+    p = ClassicalParams.from_options({**spec.thresholds, **options})
+    kofahi = spec.name == HISTOMICSTK_KOFAHI.name
+    if p.min_radius < 0 or (kofahi and p.min_radius == 0):
+        least = "above" if kofahi else "at least"
+        raise ParameterError(
+            f"min_radius must be {least} 0 pixels for model {spec.name}, got {p.min_radius:g}"
+        )
+    if p.max_radius <= 0:
+        raise ParameterError(f"max_radius must be above 0 pixels, got {p.max_radius:g}")
+    if p.min_radius > p.max_radius:
+        tuned = [k for k in ("min_radius", "max_radius") if k not in options]
+        note = f" ({tuned[0]}: model {spec.name}'s own)" if tuned else ""
+        raise ParameterError(
+            f"min_radius {p.min_radius:g} is larger than max_radius {p.max_radius:g}{note}:"
+            " no nucleus would be kept; give a min_radius no larger than max_radius"
+        )
+
+
 def _stain_matrix() -> np.ndarray:
     from histomicstk.preprocessing.color_deconvolution import stain_color_map
 
@@ -63,6 +93,7 @@ class _HEBase(NucleusModel):
 
     def __init__(self, spec: ModelSpec, **options: Any) -> None:
         self.spec = spec
+        check_thresholds(spec, options)
         self.params = ClassicalParams.from_options({**spec.thresholds, **options})
         self._w = _stain_matrix()
 
