@@ -169,3 +169,26 @@ def test_a_plain_image_too_large_for_large_image_says_so(tmp_path: Path, fmt: st
     broken.write_bytes(b"not an image at all")
     with pytest.raises(SlideError, match="unsupported or corrupt"):
         open_slide(broken)
+
+
+def test_a_window_narrower_than_a_base_pixel_reads_one(tmp_path: Path) -> None:
+    """Upsampled (the slide coarser than the model), a read window of a
+    pixel or two rounded to no base pixel: a tile size of 1, or without
+    overlap a last tile one pixel wide, ended in OpenCV's traceback."""
+    from conftest import write_pyramidal_tiff
+
+    from nucleus_models.wsi.runner import TileJob, read_tile
+    from nucleus_models.wsi.tiling import tile_grid
+
+    img = np.random.default_rng(0).integers(0, 255, (250, 250, 3), np.uint8)
+    path = write_pyramidal_tiff(tmp_path / "coarse.tif", img, mpp=1.0)
+    d = 0.2497  # base pixels per analysis pixel: 1001 x 1001 analysis pixels
+    size = (1001, 1001)
+    job = TileJob(str(path), None, "classical-he", (), downsample=d, image_size=size)
+    for tile_size, overlap in ((10, 0), (1, 0)):  # (10: a last core at 1000)
+        tiles = tile_grid(
+            (990, 990, 1001, 1001), tile_size=tile_size, overlap=overlap, image_size=size
+        )
+        for t in tiles:
+            w, h = t.read_size
+            assert read_tile(job, t).shape == (h, w, 3), (tile_size, t)

@@ -158,8 +158,13 @@ def _base_window(job: TileJob, tile: Tile) -> tuple[int, int, int, int]:
     if width <= 0 or height <= 0:
         slide = _slide(job.slide_path, job.input_mpp)
         width, height = slide.width, slide.height
-    bx0, by0 = int(round(x0 * d)), int(round(y0 * d))
-    return bx0, by0, min(int(round(x1 * d)), width), min(int(round(y1 * d)), height)
+    # at least one base pixel: upsampled, a window of a pixel or two (a tile
+    # size of 1, or a last tile one pixel wide without overlap) rounded to none
+    bx0 = min(int(round(x0 * d)), width - 1)
+    by0 = min(int(round(y0 * d)), height - 1)
+    bx1 = min(max(int(round(x1 * d)), bx0 + 1), width)
+    by1 = min(max(int(round(y1 * d)), by0 + 1), height)
+    return bx0, by0, bx1, by1
 
 
 def read_tile(job: TileJob, tile: Tile) -> np.ndarray:
