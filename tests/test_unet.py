@@ -1723,6 +1723,9 @@ _TINY = (
         # 0 steps from random weights would export untrained weights
         (("steps = 2", "steps = 0"), "train.steps = 0 trains nothing"),
         (("steps = 2", "steps = -5"), "train.steps = -5: expected at least 0"),
+        # TOML's inf: a traceback for the steps, NaN losses for the learning rate
+        (("steps = 2", "steps = inf"), "train.steps = inf: expected a whole number"),
+        (("lr = 0.01", "lr = inf"), "train.lr = inf: expected a number"),
         (("lr = 0.01", 'lr = 0.01\n[cv]\nmetric = "ajj"'), "cv.metric 'ajj' is not one of"),
         (("lr = 0.01", "lr = 0.01\n[cv]\nfolds = 1"), "cv.folds = 1: expected at least 2"),
         (('"bbbc038"', '"monusegg"'), "unknown dataset 'monusegg'; known:"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -246,7 +247,9 @@ def check_config(cfg: dict[str, Any], where: str) -> None:
             if key in _WHOLE or key in _NUMBER:
                 whole = key in _WHOLE
                 ok = isinstance(value, int | float) and not isinstance(value, bool)
-                if not ok or (whole and float(value) != int(value)) or value != value:
+                # (TOML's inf: steps = inf ended in a traceback, lr = inf trained NaNs)
+                ok = ok and math.isfinite(value)
+                if not ok or (whole and float(value) != int(value)):
                     want = "a whole number" if whole else "a number"
                     raise ValueError(f"{where}: {name} = {value!r}: expected {want}")
                 least = _WHOLE[key] if whole else _NUMBER[key]
