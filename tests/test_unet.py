@@ -1726,6 +1726,14 @@ _TINY = (
         # TOML's inf: a traceback for the steps, NaN losses for the learning rate
         (("steps = 2", "steps = inf"), "train.steps = inf: expected a whole number"),
         (("lr = 0.01", "lr = inf"), "train.lr = inf: expected a number"),
+        # words read only when the training got to them: after the images
+        # loaded and the run folder was made, or in a torch traceback
+        (
+            ("lr = 0.01", 'lr = 0.01\nprecision = "float16"'),
+            "train.precision = 'float16': expected float32 or bfloat16",
+        ),
+        (("lr = 0.01", 'lr = 0.01\ndevice = "tpu"'), "train.device = 'tpu': expected auto or cpu"),
+        (("depth = 3", 'depth = 3\nnormalisation = "zscore"'), "model.normalisation = 'zscore'"),
         (("lr = 0.01", 'lr = 0.01\n[cv]\nmetric = "ajj"'), "cv.metric 'ajj' is not one of"),
         (("lr = 0.01", "lr = 0.01\n[cv]\nfolds = 1"), "cv.folds = 1: expected at least 2"),
         (('"bbbc038"', '"monusegg"'), "unknown dataset 'monusegg'; known:"),

@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -186,6 +187,23 @@ _NUMBER = {
     "synthetic_max_overlap": 0.0, "weight": 0.0,
 }  # fmt: skip
 
+#: keys whose value is one of a few words, and those words (read only when
+#: the training got to them: train.precision = "float16" was refused after
+#: the images loaded and runs/<name>/final was made, train.device = "tpu"
+#: ended in a torch traceback); ``cuda:N`` is a device too
+_WORDS: dict[str, tuple[str, ...]] = {
+    "train.precision": ("float32", "bfloat16"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "train.optimizer": ("adamw", "sgd"),
+    "train.boundary_target": ("thick", "thin"),
+    "data.label_resize": ("area", "corner", "nearest"),
+    # nucleus_models.models.unet.NORMALISATIONS, STAIN_NORMALISATIONS
+    "model.normalisation": ("rgb", "percentile", "od"),
+    "model.stain_normalisation": ("none", "reinhard"),
+    "model.modality": ("brightfield", "fluorescence"),
+    "data.extra.modality": ("brightfield", "fluorescence"),
+}
+
 
 def check_config(cfg: dict[str, Any], where: str) -> None:
     """One ``ValueError`` line for what would otherwise fail late or not at
@@ -255,6 +273,13 @@ def check_config(cfg: dict[str, Any], where: str) -> None:
                 least = _WHOLE[key] if whole else _NUMBER[key]
                 if value < least:
                     raise ValueError(f"{where}: {name} = {value!r}: expected at least {least}")
+            if words := _WORDS.get(name):
+                word = value.lower() if key == "optimizer" and isinstance(value, str) else value
+                cuda_n = (
+                    key == "device" and isinstance(value, str) and re.fullmatch(r"cuda:\d+", value)
+                )
+                if word not in words and not cuda_n:
+                    raise ValueError(f"{where}: {name} = {value!r}: expected {' or '.join(words)}")
             if key in ("mpp", "default_mpp") and table in ("model", "data", "data.extra"):
                 if why := mpp_problem(value):
                     raise ValueError(f"{where}: {name} = {value!r}: {why}")
