@@ -1734,6 +1734,13 @@ _TINY = (
         ),
         (("lr = 0.01", 'lr = 0.01\ndevice = "tpu"'), "train.device = 'tpu': expected auto or cpu"),
         (("depth = 3", 'depth = 3\nnormalisation = "zscore"'), "model.normalisation = 'zscore'"),
+        # lists read only once the folds had trained ("0.5" as "0", "." and "5")
+        (
+            ("lr = 0.01", 'lr = 0.01\n[cv]\nfg_thresholds = "0.5"'),
+            "cv.fg_thresholds = '0.5': expected a non-empty list of numbers from 0 to 1",
+        ),
+        (("lr = 0.01", "lr = 0.01\n[cv]\nmin_scores = [7]"), "cv.min_scores = [7]: expected"),
+        (("lr = 0.01", "lr = 0.01\nscale_range = [1.2, 0.8]"), "expected [least, most] scale"),
         (("lr = 0.01", 'lr = 0.01\n[cv]\nmetric = "ajj"'), "cv.metric 'ajj' is not one of"),
         (("lr = 0.01", "lr = 0.01\n[cv]\nfolds = 1"), "cv.folds = 1: expected at least 2"),
         (('"bbbc038"', '"monusegg"'), "unknown dataset 'monusegg'; known:"),

@@ -204,6 +204,22 @@ _WORDS: dict[str, tuple[str, ...]] = {
     "data.extra.modality": ("brightfield", "fluorescence"),
 }
 
+#: keys whose value is a list of numbers (cross-validation's grids, read only
+#: when the folds had trained: fg_thresholds = "0.5" was tried as "0", "." and
+#: "5"), the least and most each may be, and whether the list may be empty
+_NUMBER_LISTS: dict[str, tuple[float, float, bool]] = {
+    "cv.fg_thresholds": (0.0, 1.0, False),
+    "cv.seed_thresholds": (0.0, 1.0, True),
+    "cv.hmax_h": (0.0, math.inf, True),
+    "cv.hmax_smooth": (0.0, math.inf, False),
+    "cv.min_areas": (0.0, math.inf, True),
+    "cv.min_scores": (0.0, 1.0, False),
+    "cv.score_thresholds": (0.0, 1.0, False),
+    "cv.nms_ious": (0.0, 1.0, False),
+    "cv.mask_thresholds": (0.0, 1.0, False),
+    "train.scale_range": (0.0, math.inf, False),
+}
+
 
 def check_config(cfg: dict[str, Any], where: str) -> None:
     """One ``ValueError`` line for what would otherwise fail late or not at
@@ -273,6 +289,21 @@ def check_config(cfg: dict[str, Any], where: str) -> None:
                 least = _WHOLE[key] if whole else _NUMBER[key]
                 if value < least:
                     raise ValueError(f"{where}: {name} = {value!r}: expected at least {least}")
+            if (limits := _NUMBER_LISTS.get(name)) is not None:
+                lo, hi, may_be_empty = limits
+                numbers = isinstance(value, list) and all(
+                    isinstance(v, int | float) and not isinstance(v, bool) and lo <= v <= hi
+                    for v in value
+                )
+                if not numbers or not (value or may_be_empty):
+                    raise ValueError(
+                        f"{where}: {name} = {value!r}: expected a{'' if may_be_empty else ' non-empty'}"
+                        f" list of numbers from {lo:g} to {hi:g}"
+                    )
+                if key == "scale_range" and not (len(value) == 2 and 0 < value[0] <= value[1]):
+                    raise ValueError(
+                        f"{where}: {name} = {value!r}: expected [least, most] scale, 0 < least <= most"
+                    )
             if words := _WORDS.get(name):
                 word = value.lower() if key == "optimizer" and isinstance(value, str) else value
                 cuda_n = (
