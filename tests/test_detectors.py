@@ -516,6 +516,8 @@ def test_a_config_without_training_images_makes_no_run_folder(
         ("fcos", "[cv]\nmin_scores = [0.5]", "cv.min_scores: for U-Nets"),
         ("unet", "[model]\nfpn_channels = 32", "model.fpn_channels: for the detectors"),
         ("unet", "[cv]\nscore_thresholds = [0.5]", "cv.score_thresholds: for the detectors"),
+        # the U-Net trainer reads neither: AdamW, unclipped, silently
+        ("unet", "[train]\noptimizer = 'sgd'\nclip_grad = 1.0", "train.clip_grad, train.optimizer"),
     ],
 )
 def test_a_setting_of_the_other_kind_of_model_is_refused(

@@ -169,6 +169,8 @@ _DETECTOR_ONLY: dict[str, frozenset[str]] = {
     "model": frozenset(
         {"fpn_channels", "detections_per_img", "score_threshold", "nms_iou", "mask_threshold"}
     ),
+    # (a U-Net trains with AdamW, unclipped, whatever these say)
+    "train": frozenset({"optimizer", "clip_grad", "min_instance_area"}),
     "cv": frozenset({"score_thresholds", "nms_ious", "mask_thresholds"}),
 }
 #: keys whose value is a whole number / a number, and the least each may be
