@@ -468,6 +468,20 @@ def test_cron_bad_input_one_line_error(case: str, server: str) -> None:
     assert TOKEN not in res.stderr
 
 
+@pytest.mark.parametrize("timeout", ["0", "-5", "nan", "inf"])
+def test_a_timeout_of_no_time_is_refused_before_any_request(timeout: str) -> None:
+    """requests refused 0 and negative time-outs in a traceback at the first
+    request; NaN and infinity are no time-outs either."""
+    res = _cron(
+        "folder-job", "--api-url", "http://127.0.0.1:9/api/v1", "--folder", "x",
+        "--retries", "1", "--timeout", timeout,
+    )  # fmt: skip
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.returncode == 2 and len(lines) == 1, res.stderr
+    assert lines[0].startswith("error: ") and "--timeout" in lines[0], lines[0]
+    assert "positive number of seconds" in lines[0], lines[0]
+
+
 def test_the_cron_takes_every_parameter_of_the_folder_job_in_either_spelling() -> None:
     """What a HistomicsUI run was given can be given to the cron: each
     FolderJobParams field (the token comes from $GIRDER_TOKEN) has a flag,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 from typing import Any, NoReturn
@@ -33,6 +34,18 @@ def _roi(text: str) -> list[float]:
         return [float(v) for v in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a list of numbers: {text!r}") from None
+
+
+def _seconds(text: str) -> float:
+    """A positive, finite number of seconds (requests refused 0 and
+    negative time-outs in a traceback, at the first request)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -105,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
         add(f"--{name.replace('_', '-')}", dest=name, type=float, default=-1.0)
     add("--scheduler", default="")
     add("--num-workers", dest="num_workers", type=int, default=0)
-    add("--timeout", type=float, default=120.0, help="seconds per request")
+    add("--timeout", type=_seconds, default=120.0, help="seconds per request")
     add("--retries", type=int, default=5, help="tries per request")
     add("--workdir", default=None, help="where slides are downloaded (temporary)")
     add("--strict", action="store_true", help="exit 1 when any slide failed")
