@@ -25,13 +25,22 @@ import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from .datasets.base import DatasetError
 
 __all__ = ["build_parser", "main"]
 
 logger = logging.getLogger("benchmark")
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one ``error: ...`` line and exit status 2 (argparse
+    prints its usage first: five lines for ``eval``), as the CLIs do."""
+
+    def error(self, message: str) -> NoReturn:  # noqa: D102
+        print(f"error: {self.prog}: {' '.join(message.split())}", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def _model_option(text: str) -> tuple[str, Any]:
@@ -99,7 +108,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     The ``speed`` subcommand's options come from :mod:`benchmark.speed`, which is
     imported only when ``argv`` selects that subcommand.
     """
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog="nucleus-bench", description="Benchmark nucleus models on public datasets."
     )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")

@@ -74,6 +74,23 @@ def test_a_bad_model_option_is_refused_before_anything_is_written(
     assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["eval"], "the following arguments are required: --dataset"),
+        (["eval", "--dataset", "x", "--root", "r", "--model", "m", "--out", "o", "--limit", "a"],
+         "nucleus-bench eval: argument --limit: invalid int value: 'a'"),
+        (["trian"], "invalid choice: 'trian'"),
+    ],
+)  # fmt: skip
+def test_a_usage_error_is_one_line_without_the_usage(
+    capsys: pytest.CaptureFixture[str], argv: list[str], words: str
+) -> None:
+    """argparse printed its usage before the error (five lines for eval)."""
+    assert main(argv) == 2
+    assert words in _one_error_line(capsys)
+
+
 def test_model_options_are_read_as_the_types_the_model_takes() -> None:
     from benchmark.evaluate import check_model_options
     from nucleus_models.models import get_spec
