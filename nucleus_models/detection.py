@@ -530,6 +530,9 @@ _OUTPUTS = {
 def check_output_paths(params: DetectionParams) -> None:
     """One-line errors for output paths that cannot be written, or would
     overwrite the input or each other."""
+    if params.outputNucleiAnnotationFile == "":  # (None: a library call that writes none)
+        # the CLI's required output: the run analysed the slide, wrote nothing, exit 0
+        raise ParameterError("the annotation file's path is empty: name the .anot file to write")
     source = os.path.realpath(params.inputImageFile)
     seen: dict[str, str] = {}
     for name, what in _OUTPUTS.items():

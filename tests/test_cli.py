@@ -361,6 +361,8 @@ def test_bad_output_paths_fail_before_the_analysis(tmp_path: Path) -> None:
         "input as csv": ([anot, "--nuclei_csv", str(sample)], "is the input image"),
         "under a file": ([anot, "--nuclei_csv", f"{sample}/n.csv"], "is a file, not a folder"),
         "a folder": ([str(tmp_path / "folder.anot")], "is a folder"),
+        # analysed, wrote nothing, exit 0
+        "empty path": ([""], "path is empty"),
         "one file twice": ([anot, "--nuclei_csv", anot], "are the same file"),
         "overlay not png": ([anot, "--overlay_image", str(tmp_path / "o.jpg")], "name it .png"),
     }
