@@ -324,6 +324,7 @@ def test_finetune_command_writes_the_config_and_trains_from_a_shipped_model(
         (["--mpp", "0"], "--mpp 0 (the images' resolution): expected"),
         (["--dataset", "nope"], "unknown dataset 'nope'"),
         (["--lr", "-1"], "--lr -1"),
+        (["--lr", "inf"], "--lr inf: expected a positive learning rate"),
         (["--name", "x y/../z"], "letters, digits"),
     ]:
         assert main([*args, *bad, "--out", str(tmp_path / "bad")]) == 2

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -70,7 +71,7 @@ def finetune_config(
         raise ValueError(f"--mpp {mpp:g} (the images' resolution): {why}")
     if int(steps) < 0:
         raise ValueError(f"--steps {steps}: expected 0 or more")
-    if not float(lr) > 0:
+    if not (math.isfinite(float(lr)) and float(lr) > 0):  # (inf: NaN weights, exported)
         raise ValueError(f"--lr {lr}: expected a positive learning rate (default 1e-4)")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", name):
         # (it names the weight files and the CLI's menu entry)
