@@ -274,6 +274,7 @@ def _bad_cases(tmp: Path, shared: Path) -> dict[str, tuple[list[str], str]]:
     white = _white(tmp / "white.tif", mpp=0.5)
     return {
         "missing": ([str(tmp / "nope.svs")], "not found"),
+        "empty input path": ([""], "the input image's path is empty"),
         "corrupt": ([str(corrupt)], "cannot open"),
         "truncated": ([str(truncated)], "truncated"),
         "no resolution": ([str(nompp)], "--input_mpp"),

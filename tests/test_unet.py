@@ -1741,6 +1741,11 @@ _TINY = (
         ),
         (("lr = 0.01", "lr = 0.01\n[cv]\nmin_scores = [7]"), "cv.min_scores = [7]: expected"),
         (("lr = 0.01", "lr = 0.01\nscale_range = [1.2, 0.8]"), "expected [least, most] scale"),
+        # a string "false" was read as true: the patches were rotated
+        (
+            ("noise = 0.02", 'noise = 0.02\nrotate = "false"'),
+            "augment.rotate = 'false': expected true",
+        ),
         (("lr = 0.01", 'lr = 0.01\n[cv]\nmetric = "ajj"'), "cv.metric 'ajj' is not one of"),
         (("lr = 0.01", "lr = 0.01\n[cv]\nfolds = 1"), "cv.folds = 1: expected at least 2"),
         (('"bbbc038"', '"monusegg"'), "unknown dataset 'monusegg'; known:"),

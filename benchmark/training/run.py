@@ -206,6 +206,12 @@ _WORDS: dict[str, tuple[str, ...]] = {
     "data.extra.modality": ("brightfield", "fluorescence"),
 }
 
+#: keys whose value is yes or no: true/false, or 1/0 (a string such as
+#: "false" was read as true: augment.rotate = "false" rotated)
+_BOOLEAN = frozenset(
+    {"data.pseudo_instances", "augment.rotate", "model.cpu_bfloat16", "model.cpu_int8", "model.tta"}
+)
+
 #: keys whose value is a list of numbers (cross-validation's grids, read only
 #: when the folds had trained: fg_thresholds = "0.5" was tried as "0", "." and
 #: "5"), the least and most each may be, and whether the list may be empty
@@ -306,6 +312,8 @@ def check_config(cfg: dict[str, Any], where: str) -> None:
                     raise ValueError(
                         f"{where}: {name} = {value!r}: expected [least, most] scale, 0 < least <= most"
                     )
+            if name in _BOOLEAN and not (isinstance(value, bool) or value in (0, 1)):
+                raise ValueError(f"{where}: {name} = {value!r}: expected true or false")
             if words := _WORDS.get(name):
                 word = value.lower() if key == "optimizer" and isinstance(value, str) else value
                 cuda_n = (

@@ -275,6 +275,8 @@ def open_slide(path: str | os.PathLike[str], *, input_mpp: float | None = None) 
     SlideError
         Missing, unreadable or corrupt file.
     """
+    if not str(path).strip():  # (Path("") is ".", a folder: "not a file: .")
+        raise SlideError("the input image's path is empty: name the slide or image to analyse")
     p = Path(path)
     if not p.exists():
         raise SlideError(f"slide not found: {p}")
