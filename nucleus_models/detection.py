@@ -465,9 +465,19 @@ def check_params(params: DetectionParams) -> None:
             raise ParameterError(
                 f"{name} must be -1 (the model's default) or at least {least}, got {value}"
             )
+    # (the model's defaults for the one not given: checked here, before any warning)
+    spec = get_spec(params.model)
     tile, overlap = params.analysis_tile_size, params.analysis_tile_overlap
-    if tile > 0 and overlap >= 0 and tile <= overlap:
-        raise ParameterError(f"tile size ({tile}) must be larger than the tile overlap ({overlap})")
+    if tile > 0 or overlap >= 0:
+        tile_note = "" if tile > 0 else ", the model's default"
+        overlap_note = "" if overlap >= 0 else ", the model's default"
+        tile = tile if tile > 0 else spec.tile_size
+        overlap = overlap if overlap >= 0 else _default_overlap(spec)
+        if tile <= overlap:
+            raise ParameterError(
+                f"tile size ({tile}{tile_note}) must be larger than the tile overlap "
+                f"({overlap}{overlap_note})"
+            )
     sched = (params.scheduler or "").strip()
     if sched not in ("", "multithreading", "multiprocessing", "pipeline") and ":" not in sched:
         raise ParameterError(
@@ -491,7 +501,6 @@ def check_params(params: DetectionParams) -> None:
             "foreground_threshold is a hematoxylin intensity, 0-255 (-1: the model's tuned"
             f" value), got {params.foreground_threshold:g}"
         )
-    spec = get_spec(params.model)
     if "min_radius" in spec.thresholds:  # the classical models
         from .models.classical import check_thresholds
 

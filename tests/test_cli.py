@@ -303,6 +303,11 @@ def _bad_cases(tmp: Path, shared: Path) -> dict[str, tuple[list[str], str]]:
         "roi flat polygon": ([sample, "--analysis_roi", "0,0,10,10,20,20,30,30"], "no area"),
         "tile fraction": ([sample, "--min_fgnd_frac", "5"], "min_fgnd_frac"),
         "tile size 0": ([sample, "--analysis_tile_size", "0"], "analysis_tile_size must be"),
+        # (below the model's own overlap: a modality warning came before the error)
+        "tile under the overlap": (
+            [sample, "--model", "unet-bbbc038", "--analysis_tile_size", "37"],
+            "tile size (37) must be larger than the tile overlap (64, the model's default)",
+        ),
         "batch size": ([sample, "--batch_size", "-9"], "batch_size must be"),
         # the classical models' thresholds: HistomicsTK's detector divides by
         # min_radius (a traceback), crossed radii kept no nucleus, a negative
