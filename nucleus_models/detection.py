@@ -891,12 +891,13 @@ def summary_line(result: DetectionResult, written: list[str]) -> str:
     ...     nuclei=Nuclei.empty(), params=DetectionParams("s.tif", model="classical-he"),
     ...     spec=get_spec("classical-he"), slide={}, region=[0, 0, 2000, 1000],
     ...     tiles={"total": 4, "analysed": 3}, timings={"total": 2.04},
-    ...     runtime={"device": "cpu"}, warnings=["w"])
+    ...     runtime={"device": "cpu", "precision": "not applicable"}, warnings=["w"])
     >>> summary_line(r, ["/out/n.anot"])
     '0 nuclei (classical-he on cpu) in a 2000 x 1000 px region (3 of its 4 tiles held tissue), 2.0 s, 1 warning above; wrote n.anot'
     """
     runtime = result.runtime
-    how = " ".join(filter(None, [str(runtime.get("precision", "")), "on", str(runtime["device"])]))
+    precision = str(runtime.get("precision", ""))
+    how = f"{'' if precision in ('', 'not applicable') else precision + ' '}on {runtime['device']}"
     _, _, w, h = result.region
     tiles = result.tiles
     n_warn = len(result.warnings)
@@ -974,7 +975,7 @@ def _write_overlay(
     result: DetectionResult, provenance: dict[str, Any], path: str, max_size: int = 2048
 ) -> None:
     from .io import write_overlay
-    from .wsi import open_slide
+    from .wsi import open_slide, parse_roi
 
     p = result.params
     slide = open_slide(p.inputImageFile, input_mpp=p.input_mpp if p.input_mpp > 0 else None)
@@ -989,6 +990,7 @@ def _write_overlay(
         origin=(x, y),
         scale=out_w / w,
         class_colors=result.spec.class_colors,
+        roi_polygons=parse_roi(p.analysis_roi).polygons,
         provenance=provenance,
     )
 

@@ -169,3 +169,19 @@ def test_no_nuclei_have_no_polygons_and_an_overlay_of_none_is_the_image(tmp_path
         class_colors=["rgb(0,200,255)"],
     )
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "o.png")), img)
+
+
+def test_an_overlay_draws_a_polygon_rois_outline() -> None:
+    """The overlay of a polygon ROI showed the nuclei inside it but not the
+    area analysed: its outline is drawn (in ROI_COLOR), apart from the nuclei."""
+    from nucleus_models.io import render_overlay
+    from nucleus_models.io.overlay import ROI_COLOR
+
+    img = np.zeros((60, 80, 3), np.uint8)
+    roi = [np.array([[110.0, 210.0], [150.0, 210.0], [150.0, 240.0]])]
+    kw = {"origin": (100.0, 200.0), "scale": 1.0, "class_colors": ["rgb(0,255,0)", "rgb(0,0,255)"]}
+    drawn = render_overlay(img, _two(), roi_polygons=roi, **kw)
+    plain = render_overlay(img, _two(), **kw)
+    ys, xs = np.nonzero((drawn == ROI_COLOR).all(-1))
+    assert len(xs) > 100 and (xs.min(), xs.max(), ys.min(), ys.max()) == (9, 51, 9, 41)
+    assert not (plain == ROI_COLOR).all(-1).any()

@@ -19,6 +19,10 @@ def _rgb(color: str) -> tuple[int, int, int]:
     return r, g, b
 
 
+#: colour of an ROI's outline (the area a polygon ROI analysed)
+ROI_COLOR = (255, 215, 0)
+
+
 def render_overlay(
     image: np.ndarray,
     nuclei: Nuclei,
@@ -26,17 +30,22 @@ def render_overlay(
     origin: tuple[float, float],
     scale: float,
     class_colors: Sequence[str],
+    roi_polygons: Sequence[np.ndarray] = (),
 ) -> np.ndarray:
     """Draw outlines on ``image`` (a region whose base-pixel origin is ``origin``,
-    at ``scale`` image pixels per base pixel)."""
+    at ``scale`` image pixels per base pixel), and the outline of each of
+    ``roi_polygons`` (base pixels), the area a polygon ROI analysed."""
     import cv2
+
+    def points(poly: np.ndarray) -> np.ndarray:
+        return ((poly.astype(np.float64) - origin) * scale).round().astype(np.int32)
 
     out = np.ascontiguousarray(image[..., :3].copy())
     for i, poly in enumerate(nuclei.polygons()):
-        pts = ((poly.astype(np.float64) - origin) * scale).round().astype(np.int32)
-        cv2.polylines(
-            out, [pts.reshape(-1, 1, 2)], True, _rgb(class_colors[int(nuclei.labels[i])]), 1
-        )
+        color = _rgb(class_colors[int(nuclei.labels[i])])
+        cv2.polylines(out, [points(poly).reshape(-1, 1, 2)], True, color, 1)
+    for poly in roi_polygons:
+        cv2.polylines(out, [points(poly).reshape(-1, 1, 2)], True, ROI_COLOR, 2)
     return out
 
 
