@@ -596,10 +596,6 @@ def modality_mismatch(thumb: np.ndarray, tscale: float, region: list[int], spec:
 #: median chroma (max - min of R, G, B) of a region's tissue below which it
 #: is grey: MoNuSeg's H&E 30-92, CCAgT's silver stains 6-14; a grey scan 0
 GREY_CHROMA = 3
-#: brightest channel below which a thumbnail pixel is black, not stain: a
-#: slide's unscanned area (transparent, read as black) or black fill, which
-#: the brightfield tissue mask takes for tissue (stained tissue: under 0.1%)
-NEAR_BLACK = 16
 
 
 def colourless(
@@ -611,7 +607,7 @@ def colourless(
     miss nuclei (MoNuSeg's 13 outlined training images made grey,
     ``unet-monuseg``: AJI 0.49 / det F1 0.79 against 0.61 / 0.87 in colour);
     None for colour, fluorescence models or too little tissue."""
-    from .wsi.tissue import grid_sample, thumbnail_window
+    from .wsi.tissue import NEAR_BLACK, grid_sample, thumbnail_window
 
     if spec.modality != "brightfield":
         return None

@@ -154,6 +154,42 @@ def test_an_all_black_image_has_no_tissue(tmp_path: Path, model: str) -> None:
         detect_nuclei(DetectionParams(inputImageFile=str(path), model=model))
 
 
+def test_a_black_corner_is_not_tissue_nor_in_the_slides_stain_statistics(
+    tmp_path: Path, shared_data: Path
+) -> None:
+    """A slide's unscanned area read as black (or black fill) is no tissue:
+    the brightfield mask took it for the densest tissue, its tiles were
+    analysed, and it was in the stain statistics of the slide. A 40x slide
+    of 60k x 40k px with 28 MP of MoNuSeg tissue and a 4000 x 3000 px black
+    corner: 6 of the 40 tiles analysed were the corner's, the Reinhard mean
+    L was -11.4 instead of 8.5 and ``classical-he`` found 0 nuclei in a
+    3000-px fragment where it finds 1714 without the corner."""
+    from conftest import write_pyramidal_tiff
+
+    from nucleus_models.detection import DetectionParams, detect_nuclei
+    from nucleus_models.stain import reinhard_stats
+
+    he = np.asarray(
+        Image.open(shared_data / "monuseg2018/train/images/TCGA-18-5592-01Z-00-DX1.tif")
+    )
+    img = np.full((600, 800, 3), 242, np.uint8)
+    img[50:350, 50:350] = he[:300, :300, :3]
+    clean = img.copy()
+    img[:200, 600:] = 0  # the black corner, away from the tissue
+    mask = tissue_mask(img)
+    assert not mask[:210, 590:].any()
+    assert np.array_equal(mask, tissue_mask(clean))
+    assert reinhard_stats(img, mask) == reinhard_stats(clean, tissue_mask(clean))
+
+    found = []
+    for name, pixels in (("black.tif", img), ("clean.tif", clean)):
+        path = write_pyramidal_tiff(tmp_path / name, pixels, mpp=0.5)
+        params = DetectionParams(str(path), model="classical-he", analysis_tile_size=256)
+        res = detect_nuclei(params)
+        found.append((len(res.nuclei), res.tiles["analysed"]))
+    assert found[0] == found[1] == (found[1][0], 4) and found[1][0] > 50, found  # (old: 0, 6)
+
+
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
 def test_a_plain_image_too_large_for_large_image_says_so(tmp_path: Path, fmt: str) -> None:
     """A PNG or JPEG over large_image's 4096 px is neither unsupported nor

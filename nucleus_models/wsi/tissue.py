@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = [
+    "NEAR_BLACK",
     "apparent_modality",
     "optical_density",
     "thumbnail_window",
@@ -13,11 +14,20 @@ __all__ = [
 ]
 
 
+#: brightest channel below which a thumbnail pixel is black, not stain: a
+#: slide's unscanned area (transparent, read as black) or black fill
+#: (stained tissue: under 0.1 % of its pixels; MoNuSeg's 30 images: none)
+NEAR_BLACK = 16
+
+
 def tissue_mask(thumbnail: np.ndarray, *, modality: str = "brightfield") -> np.ndarray:
     """Boolean tissue mask of an RGB uint8 thumbnail.
 
     Brightfield: summed optical density above 0.2 (white glass is ~0.05,
-    pale eosin ~0.3), closed and hole-filled.  Fluorescence: brighter than
+    pale eosin ~0.3), closed and hole-filled; black (brightest channel below
+    :data:`NEAR_BLACK`: a slide's unscanned area, black fill) and the
+    2-pixel rim the thumbnail blurs around it are not tissue, though their
+    optical density is the highest.  Fluorescence: brighter than
     half of Otsu's threshold on the mean channel (dark background).
     Thresholds are fixed, so the mask does not depend on how the slide is cut.
     An image of one flat colour (blank, all black) has no tissue.
@@ -40,6 +50,9 @@ def tissue_mask(thumbnail: np.ndarray, *, modality: str = "brightfield") -> np.n
         if _flat(rgb):
             return np.zeros(rgb.shape[:2], bool)  # one flat colour (e.g. all black)
         mask = optical_density(rgb).sum(axis=2) > 0.2
+        black = rgb.max(axis=2) < NEAR_BLACK
+        if black.any():
+            mask &= ~ndi.binary_dilation(black, iterations=2)
     mask = ndi.binary_closing(mask, iterations=2, border_value=0) | mask
     return ndi.binary_fill_holes(mask)
 
