@@ -221,7 +221,8 @@ def detect_nuclei(params: DetectionParams, *, progress: Progress | None = None) 
         log.warning("%s", msg)
 
     thumb, tscale = slide.thumbnail(2048)
-    tissue = tissue_mask(thumb, modality=spec.modality)
+    # (its resolution: a hole larger than a lumen, e.g. glass inside a pen ring, is not tissue)
+    tissue = tissue_mask(thumb, modality=spec.modality, um_per_px=base_mpp / tscale)
     if region.polygons:
         tissue = tissue & _polygon_mask(region.polygons, tissue.shape, tscale)
     mismatch = modality_mismatch(thumb, tscale, region.as_list(), spec)
