@@ -7,6 +7,8 @@ from nucleus_models.detection import DetectionParams
 
 #: The parameter object; its fields are this CLI's XML parameter names.
 Params = DetectionParams
+#: the share of the progress bar the tiles fill; writing the outputs, the rest
+TILES_SHARE = 0.95
 
 
 def main(args):
@@ -17,8 +19,10 @@ def main(args):
     progress = FilterProgress("NucleusDetection", f"model {params.model}")
     progress.start()
     t0 = time.perf_counter()
-    result = detect_nuclei(params, progress=progress)
+    # the tiles up to 0.95, the outputs the rest (a million nuclei: ~45 s)
+    result = detect_nuclei(params, progress=lambda done: progress(TILES_SHARE * done))
     written = write_outputs(result)
+    progress(1.0)
     print(summary_line(result, written), flush=True)
     progress.end(time.perf_counter() - t0)
 
