@@ -218,7 +218,9 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     )
     ft.add_argument("--steps", type=int, default=None, help="training steps (default 1000)")
     ft.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-4)")
-    ft.add_argument("--folds", type=int, default=3, help="CV folds, at most one per image")
+    ft.add_argument(
+        "--folds", type=int, default=3, help="CV folds, 2 or more (at most one per image)"
+    )
     ft.add_argument("--license", default="", help="the terms of your images, for the card")
     ft.add_argument("--data_description", default="", help="what the images are, for the card")
     ft.add_argument("--description", default="", help="what the model is for, for the card")

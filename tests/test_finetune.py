@@ -325,6 +325,7 @@ def test_finetune_command_writes_the_config_and_trains_from_a_shipped_model(
         (["--dataset", "nope"], "unknown dataset 'nope'"),
         (["--lr", "-1"], "--lr -1"),
         (["--lr", "inf"], "--lr inf: expected a positive learning rate"),
+        (["--folds", "1"], "--folds 1: a cross-validation needs 2 or more"),
         (["--name", "x y/../z"], "letters, digits"),
     ]:
         assert main([*args, *bad, "--out", str(tmp_path / "bad")]) == 2

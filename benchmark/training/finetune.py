@@ -71,6 +71,8 @@ def finetune_config(
         raise ValueError(f"--mpp {mpp:g} (the images' resolution): {why}")
     if int(steps) < 0:
         raise ValueError(f"--steps {steps}: expected 0 or more")
+    if int(folds) < 2:  # (it was raised to 2 unsaid; the card then said 2-fold)
+        raise ValueError(f"--folds {folds}: a cross-validation needs 2 or more")
     if not (math.isfinite(float(lr)) and float(lr) > 0):  # (inf: NaN weights, exported)
         raise ValueError(f"--lr {lr}: expected a positive learning rate (default 1e-4)")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", name):
