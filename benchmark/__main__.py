@@ -371,6 +371,8 @@ def model_records() -> list[dict[str, Any]]:
             "spec": asdict(spec),
             "card": None,
             "cv": None,
+            # (a card whose weights were deleted is still registered; using it is an error)
+            "weights_present": not spec.weights or (WEIGHTS_DIR / spec.weights).is_file(),
         }
         card_json = WEIGHTS_DIR / f"{name}.json"
         if spec.weights and card_json.is_file():
@@ -421,12 +423,17 @@ def _cmd_models(args: argparse.Namespace) -> int:
             else f"{'(no training, no CV)':>27}"
         )
         sha = spec["sha256"][:12] if spec["weights"] else "-"
+        if not r["weights_present"]:
+            sha = "no weights!"
         license_ = short_license(spec["license"])
         name = f"{r['name']}*" if r["cli_default"] else r["name"]
         print(
             f"{name:<24}{spec['modality']:<14}{spec['mpp']:>6.2f}  {scores}  {sha:<12}  {license_}"
         )
     print("\n* NucleusDetection's default (what a HistomicsUI user gets without choosing)")
+    for r in records:
+        if not r["weights_present"]:
+            print(f"{r['name']}: its weights file {r['spec']['weights']} is missing: it cannot run")
     for r in records:
         if r["cv"]:
             card = Path(r["card"])

@@ -597,9 +597,28 @@ def test_models_table_keeps_a_fine_tuned_models_inherited_license(
         "(inherited from the MoNuSeg training data): non-commercial use only"
     )
     spec = {"modality": "brightfield", "mpp": 0.4, "weights": "x.pt", "sha256": "ab" * 32}
-    record = {"name": "site", "cli_default": False, "cv": None}
+    record = {"name": "site", "cli_default": False, "cv": None, "weights_present": True}
     record["spec"] = {**spec, "license": license_}
     monkeypatch.setattr(bench, "model_records", lambda: [record])
     assert main(["models"]) == 0
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("site "))
     assert row.endswith("CC BY 4.0 + CC BY-NC-SA 4.0")
+
+
+def test_models_says_which_models_lack_their_weights(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model whose .pt was deleted (its card left) was listed as if it
+    could run; using it is then an error. The table says so."""
+    import nucleus_models.models.weights as weights
+
+    monkeypatch.setattr(weights, "WEIGHTS_DIR", tmp_path)  # (no weights file at all)
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("unet-bbbc038 "))
+    assert "no weights!" in row
+    assert "unet-bbbc038: its weights file unet-bbbc038.pt is missing: it cannot run" in out
+    assert "classical-he: its weights" not in out  # (weight-free)
+    monkeypatch.undo()
+    assert main(["models"]) == 0
+    assert "no weights!" not in capsys.readouterr().out
