@@ -11,6 +11,9 @@ from scipy.optimize import linear_sum_assignment
 
 from nucleus_models.detection import DetectionParams, detect_nuclei
 from nucleus_models.errors import ParameterError
+from nucleus_models.instances import nuclei_from_labels
+from nucleus_models.models.base import TileInstances
+from nucleus_models.wsi.runner import TileJob
 
 
 def _match(found: np.ndarray, truth: np.ndarray, tol: float = 1.5) -> tuple[int, int, int]:
@@ -361,3 +364,63 @@ def test_area_px_is_in_base_pixels_like_the_coordinates(tmp_path: Path) -> None:
     disk = np.pi * radius**2
     np.testing.assert_allclose(nuc.measurements["area_px"], disk, rtol=0.15)
     np.testing.assert_allclose(nuc.measurements["area_um2"], disk * 0.25**2, rtol=0.15)
+
+
+def _tile_job(downsample: float, size: tuple[int, int]) -> TileJob:
+    base = (int(size[0] * downsample), int(size[1] * downsample))
+    return TileJob("", None, "", (), downsample=downsample, image_size=size, base_size=base)
+
+
+def _instances(labels: np.ndarray) -> TileInstances:
+    n = int(labels.max())
+    return TileInstances(labels.astype(np.int32), np.ones(n + 1, np.float32), np.zeros(n + 1))
+
+
+def test_a_tile_drops_nuclei_cut_at_its_inner_edges_and_keeps_those_at_the_slides() -> None:
+    """With an overlap smaller than a nucleus, a nucleus touching an inner
+    edge of the read window is cut (its centroid may still lie in the core):
+    dropped. One touching the slide's own edge is whole: kept. Both corner
+    tiles of a 100 x 100 slide, each read 3 px past its core."""
+    from nucleus_models.wsi.runner import _tile_nuclei
+    from nucleus_models.wsi.tiling import Tile
+
+    lab = np.zeros((43, 43), np.int32)
+    lab[10:20, 0:8] = 1  # touches the window's left edge; centroid 4 px inside
+    lab[0:8, 10:20] = 2  # touches its top edge
+    lab[20:30, 35:43] = 3  # touches its right edge
+    lab[35:43, 20:30] = 4  # touches its bottom edge
+    lab[15:25, 15:25] = 5  # touches nothing
+    job = _tile_job(1.0, (100, 100))
+    # the bottom-right tile: left and top are inner edges, right and bottom the slide's
+    far = _tile_nuclei(job, Tile(3, (60, 60, 100, 100), (57, 57, 100, 100)), _instances(lab))
+    assert sorted(far.centroids.tolist()) == [[77, 77], [82, 96], [96, 82]]  # 5, 4, 3
+    # the top-left tile (the same nuclei mirrored): left and top are the slide's
+    near = _tile_nuclei(job, Tile(0, (0, 0, 40, 40), (0, 0, 43, 43)), _instances(lab[::-1, ::-1]))
+    assert sorted(near.centroids.tolist()) == [[4, 18], [18, 4], [23, 23]]  # 3, 4, 5
+
+
+def test_a_tile_keeps_a_nucleus_by_where_it_reports_it() -> None:
+    """Resampled (1.5 base px per analysis px), a window starts on a rounded
+    base pixel; a tile keeps exactly the nuclei whose reported centroid, in
+    analysis pixels, lies in its core: judged from the window's own edges
+    instead, a nucleus near a seam went to both tiles or to neither."""
+    from scipy import ndimage as ndi
+
+    from nucleus_models.wsi.runner import _base_window, _tile_nuclei
+    from nucleus_models.wsi.tiling import Tile, in_core
+
+    rng = np.random.default_rng(0)
+    blobs = np.zeros((80, 80), bool)
+    blobs[10:70, 10:70] = rng.random((60, 60)) < 0.45  # ~350 nuclei, none at the edges
+    lab, _ = ndi.label(blobs)
+    inst = _instances(lab)
+    job = _tile_job(1.5, (200, 200))
+    for x0 in (1, 3, 5):  # windows at 1.5, 4.5, 7.5 base px: rounded, 0.5 px off
+        tile = Tile(0, (x0 + 20, x0 + 20, x0 + 60, x0 + 60), (x0, x0, x0 + 80, x0 + 80))
+        bx0, by0, bx1, by1 = _base_window(job, tile)
+        every = nuclei_from_labels(lab).transformed(
+            scale=((bx1 - bx0) / 80, (by1 - by0) / 80), offset=(bx0, by0)
+        )
+        want = every.centroids[in_core(every.centroids / 1.5, tile.core)]
+        got = _tile_nuclei(job, tile, inst).centroids
+        np.testing.assert_allclose(got[np.lexsort(got.T)], want[np.lexsort(want.T)])
