@@ -56,6 +56,17 @@ def test_hit_in_mask_rounds_half_up_and_uses_xy_order():
     assert hit_in_mask([(0.0, 1.0)], lab)["tp"] == 0  # (y, x) swapped would hit
 
 
+def test_hit_in_mask_points_past_the_bottom_or_right_of_a_wide_or_tall_map():
+    # a 3 x 8 map (rows, cols): y = 5 is below it, though 5 < its width
+    wide = np.zeros((3, 8), dtype=int)
+    wide[2, 5] = 1
+    r = hit_in_mask([(5, 2), (2, 5), (7.4, 2.4)], wide)
+    assert (r["tp"], r["fp"], r["fn"]) == (1, 2, 0)
+    # and its transpose: x = 5 is right of an 8 x 3 map
+    r = hit_in_mask([(2, 5), (5, 2), (2.4, 7.4)], wide.T)
+    assert (r["tp"], r["fp"], r["fn"]) == (1, 2, 0)
+
+
 def test_hit_in_mask_empty_cases():
     lab = _labels_6x6()
     r = hit_in_mask(np.zeros((0, 2)), lab)  # nothing predicted, 3 nuclei

@@ -128,6 +128,46 @@ def test_aji_vs_aji_plus_on_a_merge():
     assert aji_plus(t, p) == pytest.approx(1 / 3)
 
 
+def test_aji_takes_each_nucleus_best_prediction_and_the_lowest_id_on_a_tie():
+    # 1x20 strip, T1 cols 0-9 (10 px).
+    # P7 cols 0-5: IoU 6/10; P8 cols 6-11: IoU 4/12. AJI takes P7: C = 6,
+    # U = 10 + 6 (P8 unused) -> 3/8 (P8 instead: 4 / (12 + 6) = 2/9).
+    t = np.zeros((1, 20), int)
+    t[0, 0:10] = 1
+    p = np.zeros((1, 20), int)
+    p[0, 0:6], p[0, 6:12] = 7, 8
+    assert aggregated_jaccard_index(t, p) == pytest.approx(3 / 8)
+    # P5 cols 0-1: I 2, U 10 -> IoU .2; P3 cols 6-19: I 4, U 20 -> IoU .2 too.
+    # The tie goes to the lower id, P3: C = 4, U = 20 + 2 (P5 unused) -> 2/11
+    # (P5 instead: 2 / (10 + 14) = 1/12).
+    p = np.zeros((1, 20), int)
+    p[0, 0:2], p[0, 6:20] = 5, 3
+    assert aggregated_jaccard_index(t, p) == pytest.approx(2 / 11)
+
+
+def test_aji_plus_pairs_for_the_largest_total_iou_not_the_most_pairs():
+    # 1x12 strip: T1 cols 0-9, T2 cols 10-11; P1 cols 1-10, P2 col 0.
+    # IoU T1-P1 9/11, T2-P1 1/11, T1-P2 1/10. The largest total IoU pairs
+    # T1-P1 alone: C = 9, U = 11 + 2 (T2) + 1 (P2) -> 9/14; two pairs
+    # (T1-P2, T2-P1) would give 2/21.
+    t = np.zeros((1, 12), int)
+    t[0, 0:10], t[0, 10:12] = 1, 2
+    p = np.zeros((1, 12), int)
+    p[0, 1:11], p[0, 0] = 1, 2
+    assert aji_plus(t, p) == pytest.approx(9 / 14)
+    # AJI lets both nuclei take P1: C = 9 + 1, U = 11 + 11 + 1 (P2) -> 10/23
+    assert aggregated_jaccard_index(t, p) == pytest.approx(10 / 23)
+
+
+def test_a_map_against_itself_scores_perfectly():
+    # the nuclei lie off the diagonal: a centroid read as (y, x) misses
+    t = np.zeros((10, 12), int)
+    t[0:3, 6:10] = 4
+    t[7:10, 10:12] = 9
+    m = instance_metrics(t, t)
+    assert all(v == 1.0 for v in m.values()), m
+
+
 def test_low_threshold_uses_optimal_matching():
     # 1x20 strip: T1 cols 0-3 (4 px), T2 cols 4-11 (8 px);
     # P1 cols 2-8 (7 px): IoU(T1) = 2/9 = .222, IoU(T2) = 5/10 = .5
