@@ -46,6 +46,23 @@ def test_every_form_validates(form: str) -> None:
         assert len(doc["elements"][0]["points"]) == 4
 
 
+def test_point_and_box_elements_sit_on_each_nucleus() -> None:
+    """A point is the centroid (x, y); a rectangle is the box, its centre and
+    its width (x) and height (y); the nuclei are neither square nor on the
+    diagonal, so a swapped axis shows."""
+    nuc = _nuclei()
+    points = annotation_document(nuc, name="p", form="point", class_names=("a", "b"))
+    boxes = annotation_document(nuc, name="b", form="box", class_names=("a", "b"))
+    for i, (x, y) in enumerate(nuc.centroids.tolist()):
+        assert points["elements"][i]["center"] == [round(x, 1), round(y, 1), 0]
+        x0, y0, x1, y1 = nuc.boxes[i].tolist()
+        rect = boxes["elements"][i]
+        assert rect["center"] == [(x0 + x1) / 2, (y0 + y1) / 2, 0]
+        assert (rect["width"], rect["height"]) == (x1 - x0, y1 - y0)
+    assert points["elements"][0]["center"] == [15, 14, 0]
+    assert (boxes["elements"][0]["width"], boxes["elements"][0]["height"]) == (11, 9)
+
+
 def test_schema_check_can_fail() -> None:
     doc = annotation_document(_nuclei(), name="x", class_names=("a", "b"))
     doc["elements"][0]["points"] = [[1, 2]]  # too few coordinates per vertex
@@ -76,6 +93,7 @@ def test_geojson_qupath_shape() -> None:
     f = gj["features"][1]
     ring = f["geometry"]["coordinates"][0]
     assert ring[0] == ring[-1] and len(ring) == 4
+    assert f["properties"]["measurements"] == {"score": 0.4, "area_um2": 8.5}
     assert f["properties"]["objectType"] == "detection"
     assert f["properties"]["classification"] == {"name": "b", "color": [4, 5, 6]}
     import shapely.geometry
@@ -92,6 +110,9 @@ def test_csv_and_atomic_write(tmp_path: Path) -> None:
         and rows[1]["class"] == "b"
         and float(rows[0]["x_um"]) == pytest.approx(7.5, abs=0.01)
     )
+    for row, (x, y) in zip(rows, _nuclei().centroids.tolist(), strict=True):
+        assert (float(row["x"]), float(row["y"])) == pytest.approx((x, y), abs=1e-3)
+        assert (float(row["x_um"]), float(row["y_um"])) == pytest.approx((x / 2, y / 2), abs=0.01)
     # a failure while writing leaves nothing behind
     target = tmp_path / "a.anot"
     with pytest.raises(RuntimeError), atomic_write(target) as f:

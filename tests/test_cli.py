@@ -174,6 +174,9 @@ def test_end_to_end_on_cmu_small_region(shared_data: Path, tmp_path: Path) -> No
     off = np.hypot(*(pts - xy).T)
     assert np.median(off) < 1.0 and off.max() < 10
     assert doc["attributes"]["slide"]["mpp"] == pytest.approx(0.499, abs=1e-3)
+    # the CSV's microns are its pixels at the slide's resolution
+    um = np.array([[float(r["x_um"]), float(r["y_um"])] for r in _csv_rows(tmp_path / "n.csv")])
+    np.testing.assert_allclose(um, xy * doc["attributes"]["slide"]["mpp"], atol=0.006)
     assert doc["attributes"]["warnings"] == [] and "WARNING" not in res.stderr
     # the versions of the libraries the run imported (the image's are not CI's)
     import histomicstk
