@@ -91,6 +91,22 @@ def test_outlines_enclose_the_pixels_area_on_a_coarser_grid() -> None:
         assert abs(area - n.measurements["area_px"][i]) < 0.05 * n.measurements["area_px"][i]
 
 
+@pytest.mark.parametrize("flip", [False, True])
+def test_a_nucleus_in_two_parts_is_outlined_by_its_larger_part(flip: bool) -> None:
+    """A label in two pieces (a watershed region can be): its outline is
+    the larger piece's, whichever piece comes first on the image."""
+    lab = np.zeros((20, 20), np.int32)
+    lab[1:3, 1:3] = 7  # a 2 x 2 scrap
+    lab[8:18, 6:16] = 7  # the 10 x 10 nucleus
+    if flip:
+        lab = lab[::-1, ::-1]
+    poly = nuclei_from_labels(lab, simplify=0).polygons()[0]
+    x, y = poly[:, 0], poly[:, 1]
+    area = 0.5 * abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1)))
+    assert area == pytest.approx(100 - 4 / 8)  # the 10 x 10 square, 4 corners cut
+    assert (x.min(), y.min(), x.max(), y.max()) == ((4, 2, 14, 12) if flip else (6, 8, 16, 18))
+
+
 def test_keep_returns_what_selecting_afterwards_does_and_traces_only_those(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -76,3 +76,7 @@ def test_clip_region() -> None:
     assert clip_region(Region(90, 40, 30, 30), 100, 50).as_list() == [90, 40, 10, 10]
     with pytest.raises(ParameterError, match="outside the slide"):
         clip_region(Region(200, 0, 10, 10), 100, 50)
+    # one that only touches the slide's edge holds none of its pixels either
+    for touching in (Region(100, 0, 10, 10), Region(-10, 0, 10, 10), Region(0, 50, 10, 5)):
+        with pytest.raises(ParameterError, match="outside the slide"):
+            clip_region(touching, 100, 50)
