@@ -38,6 +38,11 @@ def test_concat_select_transform_roundtrip() -> None:
     np.testing.assert_allclose(s.centroids[1], [111, 12])
     d = a.transformed(scale=2.0, offset=(1, 1))
     assert d.boxes[0].tolist() == [1, 1, 11, 7]
+    # per-axis scale and offset: boxes, centroids and outlines move alike
+    e = a.transformed(scale=(2.0, 3.0), offset=(100, 7))
+    assert e.boxes[0].tolist() == [100, 7, 110, 16]
+    np.testing.assert_allclose(e.centroids, a.centroids * (2, 3) + (100, 7))
+    np.testing.assert_allclose(e.polygon(1), a.polygon(1) * (2, 3) + (100, 7))
     assert len(c.select(np.zeros(4, bool))) == 0
 
 
