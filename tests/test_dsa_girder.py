@@ -775,6 +775,29 @@ def test_a_slide_put_in_an_item_since_or_named_past_the_file_system_limit(
     ]
 
 
+def test_a_slide_whose_recorded_annotation_was_deleted_is_analysed_again(
+    girder: GirderServer, slides: dict[str, Path]
+) -> None:
+    """Its record says done, but the annotation it names is gone (deleted in
+    DSA): analysed again, not skipped, also where another annotation of the
+    key is left on the item (a copy of it, or a crashed push's)."""
+    folder = _folder(girder, slides, ["disks0"], "deleted")
+    gc, client = girder.client(), _client(girder)
+    params = FolderJobParams(inputFolder=folder["_id"], nuclei_annotation_format="point")
+    (first,) = run_folder_job(client, params)
+    assert first.status == "done"
+    gc.delete(f"annotation/{first.annotation_id}")
+    assert [o.status for o in run_folder_job(client, params)] == ["done"]
+    rec = assert_consistent(client, folder["_id"])["disks0.tif"]
+    # a copy left beside the recorded one, which is then deleted
+    doc = client.get(f"annotation/{rec['annotation_id']}")["annotation"]
+    copy = gc.post("annotation", parameters={"itemId": first.item_id}, json=doc)
+    gc.delete(f"annotation/{rec['annotation_id']}")
+    assert [a["_id"] for a in find_annotations(client, first.item_id, KEY)] == [copy["_id"]]
+    assert [o.status for o in run_folder_job(client, params)] == ["done"]
+    assert assert_consistent(client, folder["_id"])["disks0.tif"]["annotation_id"] != copy["_id"]
+
+
 def test_a_server_that_stops_answering_stops_the_job(
     girder: GirderServer, slides: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:

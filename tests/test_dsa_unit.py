@@ -216,6 +216,19 @@ def test_check_elements_names_the_bad_element() -> None:
         check_elements([{"type": "blob"}])
 
 
+def test_records_are_made_fit_for_mongo() -> None:
+    """Item metadata is stored by Mongo, which refuses keys with a dot or a
+    leading ``$`` and has no NaN or infinity: such keys are renamed (nested
+    too) and such numbers become null; everything else is kept."""
+    from nucleus_models.dsa.metadata import clean_for_mongo
+
+    rec = {"scores": {"f1.5": 0.5, "$where": [1.0, float("nan")], "n": 3}, "$": float("inf")}
+    assert clean_for_mongo(rec) == {
+        "scores": {"f1_5": 0.5, "where": [1.0, None], "n": 3},
+        "_": None,
+    }
+
+
 def test_params_hash_and_token_never_in_provenance() -> None:
     a = FolderJobParams(inputFolder="f", girderToken=TOKEN)
     assert a.params_hash() == FolderJobParams(inputFolder="g").params_hash()  # not the folder
