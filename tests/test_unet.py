@@ -479,6 +479,10 @@ def test_filters_drop_small_and_faint_instances_and_are_tuned_after_the_seeds() 
     faint = instances_from_maps(fg, bd, dist, seed_threshold=0.3, min_area=4, min_score=0.6)
     small = instances_from_maps(fg, bd, dist, seed_threshold=0.3, min_area=12)
     assert (n_all, faint.labels.max(), small.labels.max()) == (5, 4, 4)
+    # min_area is the least area kept: the 3 x 3 blob stays at 9, goes at 10
+    for least, n in ((9, 5), (10, 4)):
+        kept = instances_from_maps(fg, bd, dist, seed_threshold=0.3, min_area=least)
+        assert kept.labels.max() == n, least
     assert faint.scores[1:].min() >= 0.6
     cfg = {
         "model": {"min_area": 4},
