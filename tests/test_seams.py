@@ -136,36 +136,51 @@ def test_downsampled_analysis_maps_back_to_base_pixels(tmp_path: Path) -> None:
     )
 
 
-def test_resampled_tiles_place_nuclei_where_they_are(tmp_path: Path) -> None:
-    """A 0.35 um/px slide analysed at 0.5 um/px in small tiles: each tile's
-    window starts on a rounded base pixel, and its nuclei are placed from
-    that pixel, so they land where one large tile puts them (the windows'
+@pytest.mark.parametrize(
+    ("mpp", "rms", "worst"),
+    [
+        (0.35, 0.15, 0.5),  # one 1024 px tile: rms 0.116 (the base layer, read and shrunk)
+        (0.12, 0.5, 1.5),  # one tile: 0.353 (a 4x pyramid level, read by large_image)
+    ],
+)
+def test_resampled_tiles_place_nuclei_where_they_are(
+    tmp_path: Path, mpp: float, rms: float, worst: float
+) -> None:
+    """A slide finer than the model's 0.5 um/px analysed in small tiles: each
+    tile's window starts on a rounded base pixel, and its nuclei are placed
+    from that pixel, so they land where one large tile puts them (the windows'
     edges times the downsample put them up to 0.75 px off, differently in
-    each tile: a nucleus on a seam could be kept by both tiles or neither)."""
+    each tile: a nucleus on a seam could be kept by both tiles or neither).
+    Shrunk 2x or more, large_image reads a pyramid level and floors the
+    window's edges to its pixels: the windows start on them (at 0.12 um/px,
+    placed from the unfloored edges, nuclei were up to 3.8 base px off, rms
+    1.65, and 3 of 729 were misplaced past 1.5 px)."""
     from conftest import draw_disks, write_pyramidal_tiff
 
-    radius = 8.0
+    k = 0.35 / mpp  # (the same field in um as at 0.35 um/px)
+    radius = 8.0 * k
     rng = np.random.default_rng(1)
+    size = int(1200 * k), int(1000 * k)
     centres = np.array(
         [
             (x + rng.uniform(-3, 3), y + rng.uniform(-3, 3))
-            for x in np.arange(30, 1170, 45.0)
-            for y in np.arange(30, 970, 45.0)
+            for x in np.arange(30, size[0] - 30, 45.0 * k)
+            for y in np.arange(30, size[1] - 30, 45.0 * k)
         ]
     )
-    path = write_pyramidal_tiff(
-        tmp_path / "035.tif", draw_disks(1200, 1000, centres, radius), mpp=0.35
-    )
+    path = write_pyramidal_tiff(tmp_path / "fine.tif", draw_disks(*size, centres, radius), mpp=mpp)
     res = _run(path, analysis_tile_size=100, analysis_tile_overlap=24)
     assert res.tiles["total"] > 30
     tp, fp, fn = _match(res.nuclei.centroids, centres)
-    assert (fp, fn) == (0, 0) and tp == len(centres)
+    # (a nucleus within a tenth of a pixel of a seam can still be found by both
+    # tiles: their windows sample it at different phases; 1 of 600 at 0.12)
+    assert fn == 0 and fp <= (0 if mpp == 0.35 else 1) and tp == len(centres), (tp, fp, fn)
     d = np.hypot(*(res.nuclei.centroids[:, None, :] - centres[None]).transpose(2, 0, 1))
     off = res.nuclei.centroids - centres[d.argmin(axis=1)]
-    assert np.sqrt(np.mean(off**2)) < 0.15  # one 1024 px tile: 0.116
-    assert np.abs(off).max() < 0.5
+    assert np.sqrt(np.mean(off**2)) < rms
+    assert np.abs(off).max() < worst
     area = res.nuclei.measurements["area_um2"] / res.nuclei.measurements["area_px"]
-    np.testing.assert_allclose(area, 0.35**2, rtol=1e-4)
+    np.testing.assert_allclose(area, mpp**2, rtol=1e-4)
 
 
 def test_roi_rectangle_and_polygon(disk_slide) -> None:

@@ -38,6 +38,7 @@ import numpy as np
 from ..errors import ParameterError
 from ..instances import nuclei_from_labels
 from ..types import Nuclei
+from .slide import level_multiple
 from .tiling import Tile, in_core
 
 __all__ = ["TileJob", "run_tiles", "resolve_workers"]
@@ -158,13 +159,30 @@ def _base_window(job: TileJob, tile: Tile) -> tuple[int, int, int, int]:
     if width <= 0 or height <= 0:
         slide = _slide(job.slide_path, job.input_mpp)
         width, height = slide.width, slide.height
-    # at least one base pixel: upsampled, a window of a pixel or two (a tile
-    # size of 1, or a last tile one pixel wide without overlap) rounded to none
-    bx0 = min(int(round(x0 * d)), width - 1)
-    by0 = min(int(round(y0 * d)), height - 1)
-    bx1 = min(max(int(round(x1 * d)), bx0 + 1), width)
-    by1 = min(max(int(round(y1 * d)), by0 + 1), height)
-    return bx0, by0, bx1, by1
+    out_w, out_h = x1 - x0, y1 - y0
+    f = 1
+    while True:
+        # edges on multiples of f base pixels (1: whole pixels; more where the
+        # read is from a pyramid level, which large_image floors them to), at
+        # least f wide: upsampled, a window of a pixel or two (a tile size of
+        # 1, or a last tile one pixel wide without overlap) rounded to none
+        bx0, bx1 = _snapped(x0 * d, x1 * d, f, width)
+        by0, by1 = _snapped(y0 * d, y1 * d, f, height)
+        need = level_multiple(bx1 - bx0, by1 - by0, out_w, out_h)
+        if need <= f:  # (powers of two: a multiple of f is one of need)
+            return bx0, by0, bx1, by1
+        f = need
+
+
+def _snapped(a0: float, a1: float, f: int, size: int) -> tuple[int, int]:
+    """``[a0, a1)`` with its edges rounded to multiples of ``f``, within
+    ``[0, size)``: the last edge at most the last multiple of ``f`` in it
+    (large_image reads no partial level pixel), where the window is not
+    narrower than ``f`` there."""
+    last = size - size % f if size >= f else size
+    lo = min(f * int(round(a0 / f)), max(last - f, 0))
+    hi = min(max(f * int(round(a1 / f)), lo + f), last if last > lo else size)
+    return lo, hi
 
 
 def read_tile(job: TileJob, tile: Tile) -> np.ndarray:

@@ -6,6 +6,7 @@ This package is the only place in the project that imports ``large_image``.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ import numpy as np
 
 from ..errors import SlideError
 
-__all__ = ["Slide", "open_slide", "to_rgb_uint8"]
+__all__ = ["Slide", "level_multiple", "open_slide", "to_rgb_uint8"]
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,34 @@ def _large_image() -> Any:
     for name in ("tifffile", "tifftools"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
     return large_image
+
+
+#: :meth:`Slide.read_region` reads the base layer itself when shrinking by less than this
+LEVEL_READ_SHRINK = 2.0
+
+
+def level_multiple(w: int, h: int, out_w: int, out_h: int) -> int:
+    """The base pixels a ``w x h`` region read to ``out_w x out_h`` should
+    start and end on a multiple of, for :meth:`Slide.read_region` to read
+    exactly that region: 1 where it reads the base layer; from
+    :data:`LEVEL_READ_SHRINK` on, large_image reads a pyramid level and
+    floors the region's edges to that level's pixels (a window starting at
+    base pixel 1001 of a 4x level was read from 1000), so the power of two
+    no level it can pick is coarser than (a generous bound: a larger one
+    only moves the edges further).
+
+    >>> level_multiple(480, 480, 300, 300), level_multiple(601, 601, 300, 300)
+    (1, 2)
+    >>> level_multiple(1250, 1250, 300, 300), level_multiple(800, 800, 200, 200)
+    (4, 4)
+    """
+    shrink = max(w / max(out_w, 1), h / max(out_h, 1))
+    if shrink < LEVEL_READ_SHRINK:
+        return 1
+    # (large_image sizes its output preserving the aspect ratio, in whole
+    # pixels: its shrink can exceed this one by a pixel's worth)
+    shrink *= 1 + 2 / max(1, min(out_w, out_h))
+    return 1 << int(math.floor(math.log2(shrink) + 1e-4))
 
 
 @dataclass
@@ -90,8 +119,13 @@ class Slide:
         # as the training and evaluation images are (large_image's Lanczos
         # took ~75 of the ~90 ms a 1792-px 40x tile took to read at 0.4 um/px);
         # from 2x on, large_image reads a coarser layer
+        # (level_multiple: which region a level read reads exactly)
         shrink = max(w / max(out_w, 1), h / max(out_h, 1))
-        output = {} if shrink < 2 else {"output": {"maxWidth": out_w, "maxHeight": out_h}}
+        output = (
+            {}
+            if shrink < LEVEL_READ_SHRINK
+            else {"output": {"maxWidth": out_w, "maxHeight": out_h}}
+        )
         try:
             arr, _ = self.source.getRegion(
                 region=region, format=li.constants.TILE_FORMAT_NUMPY, **output
