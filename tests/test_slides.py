@@ -190,6 +190,19 @@ def test_a_black_corner_is_not_tissue_nor_in_the_slides_stain_statistics(
     assert found[0] == found[1] == (found[1][0], 4) and found[1][0] > 50, found  # (old: 0, 6)
 
 
+def test_black_inside_the_tissue_is_not_tissue_either() -> None:
+    """Black enclosed by tissue (a black ink dot, a scanner's black fill) was
+    masked out and then filled back as a hole: in the stain statistics and
+    the tiles' tissue fractions after all."""
+    img = np.full((200, 200, 3), 242, np.uint8)
+    img[20:180, 20:180] = (200, 120, 180)
+    img[80:120, 80:120] = 0
+    for um_per_px in (None, 10.0):  # (a 0.16 mm^2 hole: one that is filled)
+        mask = tissue_mask(img, um_per_px=um_per_px)
+        assert not mask[79:121, 79:121].any()
+        assert mask[20:76, 20:180].all()
+
+
 def test_glass_inside_a_pen_ring_is_not_tissue(tmp_path: Path, shared_data: Path) -> None:
     """A pen ring drawn round the tissue (as pathologists circle a tumour)
     enclosed glass that the mask's hole filling made "tissue": every tile

@@ -54,6 +54,7 @@ def tissue_mask(
     from scipy import ndimage as ndi
 
     rgb = thumbnail[..., :3]
+    black_rim = None  # black and the rim blurred around it: never tissue, not even as a hole
     if modality == "fluorescence":
         from skimage.filters import threshold_otsu
 
@@ -68,16 +69,19 @@ def tissue_mask(
         # (channel by channel: rgb.max(axis=2) took 77 ms on a 2048-px thumbnail, this 3)
         black = np.maximum(np.maximum(rgb[..., 0], rgb[..., 1]), rgb[..., 2]) < NEAR_BLACK
         if black.any():
-            mask &= ~ndi.binary_dilation(black, iterations=2)
+            black_rim = ndi.binary_dilation(black, iterations=2)
+            mask &= ~black_rim
     mask = ndi.binary_closing(mask, iterations=2, border_value=0) | mask
     filled = ndi.binary_fill_holes(mask)
-    if um_per_px is None:
-        return filled
-    holes, n = ndi.label(filled & ~mask)
-    if n:
-        large = np.bincount(holes.ravel()) > MAX_FILLED_HOLE_MM2 * 1e6 / um_per_px**2
-        large[0] = False  # (not a hole)
-        filled &= ~large[holes]
+    if um_per_px is not None:
+        holes, n = ndi.label(filled & ~mask)
+        if n:
+            large = np.bincount(holes.ravel()) > MAX_FILLED_HOLE_MM2 * 1e6 / um_per_px**2
+            large[0] = False  # (not a hole)
+            filled &= ~large[holes]
+    if black_rim is not None:
+        # (black inside the tissue, a black ink dot or fill, is a hole the filling took back)
+        filled &= ~black_rim
     return filled
 
 
