@@ -159,7 +159,12 @@ def check_model_options(spec: Any, options: Mapping[str, Any]) -> dict[str, Any]
         raise ParameterError(
             f"model {spec.name} has no option {unknown[0]!r}; its options: {', '.join(sorted(kinds))}"
         )
-    return {key: _option_value(key, value, kinds[key]) for key, value in options.items()}
+    checked = {key: _option_value(key, value, kinds[key]) for key, value in options.items()}
+    if "min_radius" in spec.thresholds:  # a classical model's radii, before any sample is read
+        from nucleus_models.models.classical import check_thresholds
+
+        check_thresholds(spec, checked)
+    return checked
 
 
 #: the values a model option can take (probabilities, 8-bit intensities, sizes)

@@ -103,6 +103,20 @@ def test_model_options_are_read_as_the_types_the_model_takes() -> None:
     assert check_model_options(get_spec("unet-monuseg"), unet) == {**unet, "tta": 1}
 
 
+def test_a_classical_models_radii_are_checked_with_its_other_options() -> None:
+    """Crossed radii (given, or one the model's own) are refused with the
+    other options, before any sample is read: the model refused them only
+    when the first sample was segmented."""
+    from benchmark.evaluate import check_model_options
+    from nucleus_models.errors import ParameterError
+    from nucleus_models.models import get_spec
+
+    with pytest.raises(ParameterError, match="min_radius 10 is larger than max_radius 2"):
+        check_model_options(get_spec("classical-he"), {"min_radius": "10", "max_radius": "2"})
+    with pytest.raises(ParameterError, match="max_radius: model histomicstk-kofahi's own"):
+        check_model_options(get_spec("histomicstk-kofahi"), {"min_radius": 25})
+
+
 @pytest.mark.parametrize("where", ["a file", "under a file", "unwritable"])
 def test_an_out_that_cannot_be_written_is_one_line(
     monuseg_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], where: str
