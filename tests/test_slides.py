@@ -203,6 +203,19 @@ def test_black_inside_the_tissue_is_not_tissue_either() -> None:
         assert mask[20:76, 20:180].all()
 
 
+def test_a_fluorescence_masks_large_holes_are_still_filled() -> None:
+    """The hole-size limit is for brightfield pen rings: in a fluorescence
+    thumbnail the dim stretches between nuclei are holes of the bright mask
+    and stay tissue, however large."""
+    img = np.zeros((40, 40, 3), np.uint8)
+    img[5:35, 5:35] = 120
+    img[10:30, 10:30] = 0  # 400 px: 40 mm^2 at 316 um/px
+    kept = tissue_mask(img, modality="fluorescence", um_per_px=316)
+    assert kept.sum() == 900 and kept[20, 20]
+    img = 255 - img  # (the same shapes, brightfield: the hole stays glass)
+    assert not tissue_mask(img, um_per_px=316)[20, 20]
+
+
 def test_glass_inside_a_pen_ring_is_not_tissue(tmp_path: Path, shared_data: Path) -> None:
     """A pen ring drawn round the tissue (as pathologists circle a tumour)
     enclosed glass that the mask's hole filling made "tissue": every tile

@@ -32,8 +32,8 @@ def tissue_mask(
     thumbnail: np.ndarray, *, modality: str = "brightfield", um_per_px: float | None = None
 ) -> np.ndarray:
     """Boolean tissue mask of an RGB uint8 thumbnail (``um_per_px``: its
-    resolution, if known; then only holes up to :data:`MAX_FILLED_HOLE_MM2`
-    are filled).
+    resolution, if known; then a brightfield mask's holes are filled only
+    up to :data:`MAX_FILLED_HOLE_MM2`).
 
     Brightfield: summed optical density above 0.2 (white glass is ~0.05,
     pale eosin ~0.3), closed and hole-filled; black (brightest channel below
@@ -73,7 +73,9 @@ def tissue_mask(
             mask &= ~black_rim
     mask = ndi.binary_closing(mask, iterations=2, border_value=0) | mask
     filled = ndi.binary_fill_holes(mask)
-    if um_per_px is not None:
+    if um_per_px is not None and modality != "fluorescence":
+        # (a pen ring is drawn on brightfield slides; a fluorescence slide's dim
+        # stretches between nuclei are holes of its bright-pixel mask)
         holes, n = ndi.label(filled & ~mask)
         if n:
             large = np.bincount(holes.ravel()) > MAX_FILLED_HOLE_MM2 * 1e6 / um_per_px**2
