@@ -1021,6 +1021,12 @@ def test_training_configs_read_as_toml_or_yaml_with_one_line_errors(tmp_path: Pa
         load_config(listy)
     with pytest.raises(ValueError, match=r"\.toml, \.yaml or \.yml, not '\.json'"):
         load_config(tmp_path / "x.json")
+    # PyYAML reads 1e-4 as text (TOML as a number): the message says how to write it
+    text = yml.read_text()
+    assert "lr: 0.002\n" in text
+    yml.write_text(text.replace("lr: 0.002\n", "lr: 2e-3\n"))
+    with pytest.raises(ValueError, match=r"train\.lr = '2e-3': expected a number \(YAML reads"):
+        load_config(yml)
 
 
 def test_a_broken_config_is_a_one_line_error_from_the_command_line(

@@ -195,7 +195,7 @@ _NUMBER = {
 #: ended in a torch traceback); ``cuda:N`` is a device too
 _WORDS: dict[str, tuple[str, ...]] = {
     "train.precision": ("float32", "bfloat16"),
-    "train.device": ("auto", "cpu", "cuda"),
+    "train.device": ("auto", "cpu", "cuda", "mps", ""),
     "train.optimizer": ("adamw", "sgd"),
     "train.boundary_target": ("thick", "thin"),
     "data.label_resize": ("area", "corner", "nearest"),
@@ -227,6 +227,19 @@ _NUMBER_LISTS: dict[str, tuple[float, float, bool]] = {
     "cv.mask_thresholds": (0.0, 1.0, False),
     "train.scale_range": (0.0, math.inf, False),
 }
+
+
+def _looks_numeric(text: str) -> bool:
+    """Whether ``text`` is a number written as YAML leaves it text.
+
+    >>> _looks_numeric("1e-4"), _looks_numeric("fast")
+    (True, False)
+    """
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def check_config(cfg: dict[str, Any], where: str) -> None:
@@ -293,6 +306,9 @@ def check_config(cfg: dict[str, Any], where: str) -> None:
                 ok = ok and math.isfinite(value)
                 if not ok or (whole and float(value) != int(value)):
                     want = "a whole number" if whole else "a number"
+                    if isinstance(value, str) and _looks_numeric(value):
+                        # (PyYAML reads 1e-4 and 1e3 as text; TOML as numbers)
+                        want += f" (YAML reads {value} as text: write it with a point, e.g. 1.0e-4)"
                     raise ValueError(f"{where}: {name} = {value!r}: expected {want}")
                 least = _WHOLE[key] if whole else _NUMBER[key]
                 if value < least:
@@ -320,7 +336,8 @@ def check_config(cfg: dict[str, Any], where: str) -> None:
                     key == "device" and isinstance(value, str) and re.fullmatch(r"cuda:\d+", value)
                 )
                 if word not in words and not cuda_n:
-                    raise ValueError(f"{where}: {name} = {value!r}: expected {' or '.join(words)}")
+                    said = " or ".join(w or '""' for w in words)
+                    raise ValueError(f"{where}: {name} = {value!r}: expected {said}")
             if key in ("mpp", "default_mpp") and table in ("model", "data", "data.extra"):
                 if why := mpp_problem(value):
                     raise ValueError(f"{where}: {name} = {value!r}: {why}")
