@@ -260,13 +260,8 @@ def detect_nuclei(params: DetectionParams, *, progress: Progress | None = None) 
         )
     image_w = max(1, int(math.floor(slide.width / downsample)))
     image_h = max(1, int(math.floor(slide.height / downsample)))
-    tile_size = params.analysis_tile_size if params.analysis_tile_size > 0 else spec.tile_size
+    tile_size, overlap = tiling(params, spec)
     min_overlap = _min_overlap(spec)
-    overlap = (
-        params.analysis_tile_overlap
-        if params.analysis_tile_overlap >= 0
-        else _default_overlap(spec)
-    )
     bounds = (
         int(math.floor(region.left / downsample)),
         int(math.floor(region.top / downsample)),
@@ -468,17 +463,14 @@ def check_params(params: DetectionParams) -> None:
             )
     # (the model's defaults for the one not given: checked here, before any warning)
     spec = get_spec(params.model)
-    tile, overlap = params.analysis_tile_size, params.analysis_tile_overlap
-    if tile > 0 or overlap >= 0:
-        tile_note = "" if tile > 0 else ", the model's default"
-        overlap_note = "" if overlap >= 0 else ", the model's default"
-        tile = tile if tile > 0 else spec.tile_size
-        overlap = overlap if overlap >= 0 else _default_overlap(spec)
-        if tile <= overlap:
-            raise ParameterError(
-                f"tile size ({tile}{tile_note}) must be larger than the tile overlap "
-                f"({overlap}{overlap_note})"
-            )
+    tile, overlap = tiling(params, spec)
+    if tile <= overlap:
+        tile_note = "" if params.analysis_tile_size > 0 else ", the model's default"
+        overlap_note = "" if params.analysis_tile_overlap >= 0 else ", the model's default"
+        raise ParameterError(
+            f"tile size ({tile}{tile_note}) must be larger than the tile overlap "
+            f"({overlap}{overlap_note})"
+        )
     sched = (params.scheduler or "").strip()
     if sched not in ("", "multithreading", "multiprocessing", "pipeline") and ":" not in sched:
         raise ParameterError(
@@ -712,6 +704,14 @@ def model_runtime(model: Any) -> dict[str, Any]:
 def _min_overlap(spec: ModelSpec) -> int:
     """Model pixels of tile context needed so the largest nucleus is never cut."""
     return int(math.ceil(spec.max_nucleus_diameter_um / spec.mpp))
+
+
+def tiling(params: DetectionParams, spec: ModelSpec) -> tuple[int, int]:
+    """The tile size and overlap a run uses: those asked for, or the model's
+    (-1)."""
+    tile = params.analysis_tile_size if params.analysis_tile_size > 0 else spec.tile_size
+    given = params.analysis_tile_overlap
+    return tile, given if given >= 0 else _default_overlap(spec)
 
 
 def _default_overlap(spec: ModelSpec) -> int:

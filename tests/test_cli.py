@@ -323,7 +323,14 @@ def _bad_cases(tmp: Path, shared: Path) -> dict[str, tuple[list[str], str]]:
         # the classical models' thresholds: HistomicsTK's detector divides by
         # min_radius (a traceback), crossed radii kept no nucleus, a negative
         # value other than -1 was taken for -1, an intensity past 255 for all
-        "radius 0": ([sample, "--model", "histomicstk-kofahi", "--max_radius", "0"], "max_radius"),
+        "radius 0": (
+            [sample, "--model", "histomicstk-kofahi", "--max_radius", "0"],
+            "max_radius must be above 0 pixels, got 0",
+        ),
+        "kofahi min radius 0": (
+            [sample, "--model", "histomicstk-kofahi", "--min_radius", "0"],
+            "min_radius must be above 0 pixels for model histomicstk-kofahi, got 0",
+        ),
         "radii crossed": (
             [sample, "--model", "classical-he", "--min_radius", "10", "--max_radius", "2"],
             "min_radius 10 is larger than max_radius 2",
