@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -632,6 +633,10 @@ def test_slicer_cli_folder_job_reports_progress_and_never_shows_the_token(
         last.startswith("error: 1 of 2 slide(s) failed (first: white.tif: ") and "no tissue" in last
     )
     assert "nucleus_models_summary_NucleusDetection.csv" in last
+    # the job log says what became of each slide and the totals (it showed
+    # only warnings: the outcomes were INFO lines under a WARNING level)
+    assert re.search(r"item \d/\d 'disks1\.tif': done \d+", res.stderr), res.stderr
+    assert "done 1, skipped 0, failed 1, not_analysed 1" in res.stderr, res.stderr
     lines = res.stdout.splitlines()
     assert lines[0].startswith("<filter-start>") and lines[-1].startswith("<filter-end>")
     assert "<filter-progress>1.0000</filter-progress>" in lines

@@ -7,6 +7,8 @@ status 1 (one ``error:`` line) when any slide failed, after the others' results
 and the summary are saved, so that HistomicsUI shows the job as failed.
 """
 
+import logging
+import os
 import time
 
 from nucleus_models.cli_support import fail, run_cli
@@ -21,6 +23,10 @@ def main(args):
     from nucleus_models.progress import FilterProgress
 
     install_log_redaction()
+    if not os.environ.get("NUCLEUS_LOG_LEVEL"):
+        # the job log (HistomicsUI shows it) says what became of each slide and
+        # the totals, as the cron command does, not only warnings and progress
+        logging.getLogger("nucleus_models.dsa").setLevel(logging.INFO)
     params = Params.from_namespace(args)
     params.check()  # before connecting
     progress = FilterProgress("NucleusFolderJob", f"{params.analysis} with model {params.model}")
