@@ -69,22 +69,47 @@ def tissue_mask(
         # (channel by channel: rgb.max(axis=2) took 77 ms on a 2048-px thumbnail, this 3)
         black = np.maximum(np.maximum(rgb[..., 0], rgb[..., 1]), rgb[..., 2]) < NEAR_BLACK
         if black.any():
-            black_rim = ndi.binary_dilation(black, iterations=2)
+            black_rim = _grown(black, 2)
             mask &= ~black_rim
     mask = ndi.binary_closing(mask, iterations=2, border_value=0) | mask
     filled = ndi.binary_fill_holes(mask)
     if um_per_px is not None and modality != "fluorescence":
         # (a pen ring is drawn on brightfield slides; a fluorescence slide's dim
         # stretches between nuclei are holes of its bright-pixel mask)
-        holes, n = ndi.label(filled & ~mask)
-        if n:
-            large = np.bincount(holes.ravel()) > MAX_FILLED_HOLE_MM2 * 1e6 / um_per_px**2
+        in_holes = filled & ~mask
+        largest = MAX_FILLED_HOLE_MM2 * 1e6 / um_per_px**2  # (thumbnail pixels)
+        if in_holes.sum() > largest:  # (else no hole is larger: no labelling, ~20 ms)
+            holes, _ = ndi.label(in_holes)
+            large = np.bincount(holes.ravel()) > largest
             large[0] = False  # (not a hole)
-            filled &= ~large[holes]
+            if large.any():
+                filled &= ~large[holes]
     if black_rim is not None:
         # (black inside the tissue, a black ink dot or fill, is a hole the filling took back)
         filled &= ~black_rim
     return filled
+
+
+def _grown(mask: np.ndarray, px: int) -> np.ndarray:
+    """``mask`` dilated by ``px`` pixels (cross-shaped steps), computed in its
+    bounding box only (a few black pixels: ~0.1 ms instead of 19 on a
+    2048-px thumbnail).
+
+    >>> m = np.zeros((6, 8), bool); m[2, 3] = True
+    >>> int(_grown(m, 2).sum()), bool(_grown(m, 2)[0, 3]), bool(_grown(m, 2)[1, 2])
+    (13, True, True)
+    """
+    from scipy import ndimage as ndi
+
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    out = np.zeros_like(mask)
+    if len(rows):
+        box = (
+            slice(max(rows[0] - px, 0), rows[-1] + px + 1),
+            slice(max(cols[0] - px, 0), cols[-1] + px + 1),
+        )
+        out[box] = ndi.binary_dilation(mask[box], iterations=px)
+    return out
 
 
 def _flat(rgb: np.ndarray, tolerance: int = 2) -> bool:
