@@ -497,8 +497,9 @@ def run_folder_job(
                 f"; {len(not_analysed)} item(s) are not (yet) one, e.g. {o.item_name!r}: {o.error}"
             )
         raise DSAError(f"folder {folder['name']!r} holds no large image{where}")
-    log.info("folder %s: %d large image(s), analysis %s", folder["name"], len(items), key)
     lease = FolderLease.acquire(client, folder, key)  # FolderBusy while another run holds it
+    # (after the lease: a run refused for a busy folder says only that)
+    log.info("folder %s: %d large image(s), analysis %s", folder["name"], len(items), key)
     try:
         outcomes = _run_items(client, params, folder, items, lease, progress, workdir)
     finally:
