@@ -713,6 +713,20 @@ def cross_validate(
 
     cv = cfg.get("cv", {})
     folds = cv_folds(cfg, images, only_fold)
+    # cv.tune_on = "key=value": choose the setting on that group of held-out
+    # images only (e.g. the modality a model serves); all are still reported.
+    # Checked before any fold trains (a misspelt group failed after all had)
+    tune_on = str(cv.get("tune_on", ""))
+    tune_key, _, tune_value = tune_on.partition("=")
+    in_cv = {i for held in folds for i in held}
+    cv_groups = sorted(
+        {f"{k}={v}" for im in images if im.id in in_cv for k, v in im.groups.items()}
+    )
+    if tune_on and tune_on not in cv_groups:
+        raise ValueError(
+            f"cv.tune_on = {tune_on!r}: no cross-validated image is in that group; "
+            f"theirs: {', '.join(cv_groups) or 'none'}"
+        )
     truth_of, at_native = truth_source(cfg)
     truths, ids, groups, held_out = [], [], [], []
     for i, held in enumerate(folds):
@@ -737,15 +751,9 @@ def cross_validate(
         return {"folds": folds, "trained_fold": only_fold}
     metric = cv.get("metric", "aji")
     size_normalised = bool(cfg["data"].get("rescale_to_diameter"))
-    # cv.tune_on = "key=value": choose the setting on that group of held-out
-    # images only (e.g. the modality a model serves); all are still reported
-    tune_on = str(cv.get("tune_on", ""))
     tuned = list(range(len(ids)))
-    if tune_on:
-        key, _, value = tune_on.partition("=")
-        tuned = [i for i, g in enumerate(groups) if str(g.get(key)) == value]
-        if not tuned:
-            raise ValueError(f"cv.tune_on = {tune_on!r}: no held-out image is in that group")
+    if tune_on:  # (not empty: checked above)
+        tuned = [i for i, g in enumerate(groups) if str(g.get(tune_key)) == tune_value]
     maps = [held_out_maps(net, image, cfg) for net, image in held_out]
     grid = tune_thresholds([maps[i] for i in tuned], [truths[i] for i in tuned], cfg)
     best, at_best = best_setting(grid, metric)
