@@ -269,7 +269,6 @@ def detect_nuclei(params: DetectionParams, *, progress: Progress | None = None) 
         min(int(math.ceil((region.top + region.height) / downsample)), image_h),
     )
     tiles = tile_grid(bounds, tile_size=tile_size, overlap=overlap, image_size=(image_w, image_h))
-    # after tile_grid: a tile size <= overlap is a one-line error, not a warning first
     if params.analysis_tile_overlap >= 0 and overlap < min_overlap:
         warn(
             f"tile overlap {overlap} px is smaller than the largest nucleus ({min_overlap} px; "
@@ -600,7 +599,7 @@ def colourless(
     miss nuclei (MoNuSeg's 13 outlined training images made grey,
     ``unet-monuseg``: AJI 0.49 / det F1 0.79 against 0.61 / 0.87 in colour);
     None for colour, fluorescence models or too little tissue."""
-    from .wsi.tissue import NEAR_BLACK, grid_sample, thumbnail_window
+    from .wsi.tissue import grid_sample, thumbnail_window
 
     if spec.modality != "brightfield":
         return None
@@ -608,8 +607,8 @@ def colourless(
     box = (x, y, x + w, y + h)
     # (a small region: every pixel, towards the 64)
     window = grid_sample(thumbnail_window(thumb, box, tscale)[..., :3])
+    # (black fill is no stain, and the tissue mask leaves it out)
     pixels = window[grid_sample(thumbnail_window(tissue, box, tscale))]
-    pixels = pixels[pixels.max(axis=-1) >= NEAR_BLACK]  # black fill is no stain
     if len(pixels) < 64:
         return None
     chroma = pixels.max(axis=-1).astype(np.int16) - pixels.min(axis=-1)

@@ -18,6 +18,11 @@ import numpy as np
 
 from nucleus_models.instances import labels_to_grid, resize_labels
 
+#: ``train.boundary_target`` values (:func:`make_targets`' ``boundary``)
+BOUNDARY_TARGETS = ("thick", "thin")
+#: ``data.label_resize`` values (:func:`_resize`'s ``nearest`` for label maps)
+LABEL_RESIZES = ("area", "corner", "nearest")
+
 __all__ = [
     "median_nucleus_diameter",
     "rescale_to_diameter",
@@ -68,7 +73,7 @@ def make_targets(
     from scipy import ndimage as ndi
     from skimage.segmentation import find_boundaries
 
-    if boundary not in ("thick", "thin"):
+    if boundary not in BOUNDARY_TARGETS:
         raise ValueError(f"boundary must be 'thick' or 'thin', not {boundary!r}")
     fg = (labels > 0).astype(np.float32)
     bd = find_boundaries(labels, mode="inner").astype(np.float32)

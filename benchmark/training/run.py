@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import tomllib
 
+from nucleus_models.models.unet import NORMALISATIONS, STAIN_NORMALISATIONS
+
 from .common import (
     REPO,
     cv_fingerprint,
@@ -29,6 +31,8 @@ from .common import (
     write_weights,
 )
 from .data import (
+    BOUNDARY_TARGETS,
+    LABEL_RESIZES,
     TrainImage,
     input_normalisation,
     label_resize_of,
@@ -36,7 +40,7 @@ from .data import (
     stain_normalisation_of,
     stain_normalise_images,
 )
-from .unet import starting_weights, unet_arch
+from .unet import TRAIN_PRECISIONS, starting_weights, unet_arch
 
 # a size-normalised model's CV searches the scale again on the final
 # instances of the setting chosen at most this many times (after the first
@@ -194,14 +198,13 @@ _NUMBER = {
 #: the images loaded and runs/<name>/final was made, train.device = "tpu"
 #: ended in a torch traceback); ``cuda:N`` is a device too
 _WORDS: dict[str, tuple[str, ...]] = {
-    "train.precision": ("float32", "bfloat16"),
+    "train.precision": TRAIN_PRECISIONS,
     "train.device": ("auto", "cpu", "cuda", "mps", ""),
     "train.optimizer": ("adamw", "sgd"),
-    "train.boundary_target": ("thick", "thin"),
-    "data.label_resize": ("area", "corner", "nearest"),
-    # nucleus_models.models.unet.NORMALISATIONS, STAIN_NORMALISATIONS
-    "model.normalisation": ("rgb", "percentile", "od"),
-    "model.stain_normalisation": ("none", "reinhard"),
+    "train.boundary_target": BOUNDARY_TARGETS,
+    "data.label_resize": LABEL_RESIZES,
+    "model.normalisation": NORMALISATIONS,
+    "model.stain_normalisation": STAIN_NORMALISATIONS,
     "model.modality": ("brightfield", "fluorescence"),
     "data.extra.modality": ("brightfield", "fluorescence"),
 }

@@ -51,6 +51,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+#: ``train.precision`` values (the weights, optimiser and loss stay float32)
+TRAIN_PRECISIONS = ("float32", "bfloat16")
+
 
 def unet_arch(model: dict[str, Any]) -> dict[str, Any]:
     """The U-Net's shape from a config's ``[model]`` table, as ``build_unet``
@@ -462,7 +465,7 @@ def train_unet(
     # train.precision = "bfloat16": forward under autocast, channels-last
     # (weights, optimiser and loss stay float32)
     precision = str(tr.get("precision", "float32"))
-    if precision not in ("float32", "bfloat16"):
+    if precision not in TRAIN_PRECISIONS:
         raise ValueError(f"train.precision must be float32 or bfloat16, not {precision!r}")
     bf16 = precision == "bfloat16"
     if bf16:

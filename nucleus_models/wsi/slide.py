@@ -36,6 +36,12 @@ def _large_image() -> Any:
 LEVEL_READ_SHRINK = 2.0
 
 
+def _shrink(w: int, h: int, out_w: int, out_h: int) -> float:
+    """How many base pixels a ``w x h`` region read to ``out_w x out_h``
+    puts in one output pixel, along its more shrunk side."""
+    return max(w / max(out_w, 1), h / max(out_h, 1))
+
+
 def level_multiple(w: int, h: int, out_w: int, out_h: int) -> int:
     """The base pixels a ``w x h`` region read to ``out_w x out_h`` should
     start and end on a multiple of, for :meth:`Slide.read_region` to read
@@ -51,7 +57,7 @@ def level_multiple(w: int, h: int, out_w: int, out_h: int) -> int:
     >>> level_multiple(1250, 1250, 300, 300), level_multiple(800, 800, 200, 200)
     (4, 4)
     """
-    shrink = max(w / max(out_w, 1), h / max(out_h, 1))
+    shrink = _shrink(w, h, out_w, out_h)
     if shrink < LEVEL_READ_SHRINK:
         return 1
     # (large_image sizes its output preserving the aspect ratio, in whole
@@ -120,12 +126,8 @@ class Slide:
         # took ~75 of the ~90 ms a 1792-px 40x tile took to read at 0.4 um/px);
         # from 2x on, large_image reads a coarser layer
         # (level_multiple: which region a level read reads exactly)
-        shrink = max(w / max(out_w, 1), h / max(out_h, 1))
-        output = (
-            {}
-            if shrink < LEVEL_READ_SHRINK
-            else {"output": {"maxWidth": out_w, "maxHeight": out_h}}
-        )
+        level_read = _shrink(w, h, out_w, out_h) >= LEVEL_READ_SHRINK
+        output = {"output": {"maxWidth": out_w, "maxHeight": out_h}} if level_read else {}
         try:
             arr, _ = self.source.getRegion(
                 region=region, format=li.constants.TILE_FORMAT_NUMPY, **output

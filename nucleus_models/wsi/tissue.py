@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = [
-    "NEAR_BLACK",
     "apparent_modality",
     "optical_density",
     "thumbnail_window",
