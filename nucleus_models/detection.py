@@ -176,8 +176,25 @@ Progress = Callable[[float], None]
 MPP_OVERRIDE_TOLERANCE = 0.1
 
 
-def detect_nuclei(params: DetectionParams, *, progress: Progress | None = None) -> DetectionResult:
+#: the size of the overview (thumbnail) the tissue mask is made from, px
+OVERVIEW_PX = 2048
+#: the share of ``progress`` the overview takes where it is read tile by tile
+#: (a slide without a pyramid: ~20 s for 30000 x 30000 px on 2 cores)
+OVERVIEW_SHARE = 0.1
+
+
+def detect_nuclei(
+    params: DetectionParams,
+    *,
+    progress: Progress | None = None,
+    note: Callable[[str], None] | None = None,
+) -> DetectionResult:
     """Detect nuclei in ``params.inputImageFile``.
+
+    ``progress`` is told the fraction done: the tiles analysed, after the
+    overview where that is read tile by tile (a slide without a pyramid;
+    its first :data:`OVERVIEW_SHARE`). ``note`` (default: the log, at
+    INFO) is told, in a line, what a long step before the tiles does.
 
     Raises
     ------
@@ -220,7 +237,20 @@ def detect_nuclei(params: DetectionParams, *, progress: Progress | None = None) 
         warnings.append(msg)
         log.warning("%s", msg)
 
-    thumb, tscale = slide.thumbnail(2048)
+    share = 0.0
+    if (level := slide.overview_level(OVERVIEW_PX)) is not None:
+        share = OVERVIEW_SHARE
+        f = 2 ** (slide.source.levels - 1 - level)
+        (note or log.info)(
+            f"reading the tissue overview from {-(-slide.width // f)} x {-(-slide.height // f)}"
+            f" px of the slide (it has no pyramid level near {OVERVIEW_PX} px; saved as a pyramidal"
+            " TIFF, e.g. vips tiffsave --tile --pyramid, it reads in a second)"
+        )
+    t_overview = time.perf_counter()
+    thumb, tscale = slide.thumbnail(
+        OVERVIEW_PX, progress=None if progress is None else (lambda f: progress(share * f))
+    )
+    t_overview = time.perf_counter() - t_overview
     # (its resolution: a hole larger than a lumen, e.g. glass inside a pen ring, is not tissue)
     tissue = tissue_mask(thumb, modality=spec.modality, um_per_px=base_mpp / tscale)
     if region.polygons:
@@ -286,6 +316,11 @@ def detect_nuclei(params: DetectionParams, *, progress: Progress | None = None) 
         raise NoTissueError(
             f"{slide.path.rsplit('/', 1)[-1]}: no tissue found in the analysis region {region.as_list()}"
         )
+    if share:  # (and the job's progress message no longer says it reads the overview)
+        (note or log.info)(
+            f"overview read in {t_overview:.0f} s; analysing the {len(keep)} of {len(tiles)}"
+            " tiles that hold tissue"
+        )
     if model is None:
         model = shared_model(spec.name, params.model_options())
     if model.precision_note:
@@ -318,11 +353,12 @@ def detect_nuclei(params: DetectionParams, *, progress: Progress | None = None) 
         image_size=(image_w, image_h),
         analysis_mpp=analysis_mpp,
         base_size=(slide.width, slide.height),
+        white=slide.white,
     )
 
     def tick(done: int, total: int) -> None:
         if progress is not None:
-            progress(done / max(total, 1))
+            progress(share + (1 - share) * done / max(total, 1))
 
     scheduler, workers = effective_scheduler(
         params.scheduler,

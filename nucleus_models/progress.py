@@ -1,13 +1,15 @@
 """slicer_cli_web progress lines (``<filter-progress>``) on stdout.
 
-These are the only lines the library writes to stdout: slicer_cli_web turns
-them into job progress in HistomicsUI.
+These, and a line saying what a long step does (:meth:`FilterProgress.note`),
+are the only lines the library writes to stdout: slicer_cli_web turns the
+tags into job progress in HistomicsUI and shows the rest in the job's log.
 """
 
 from __future__ import annotations
 
 import sys
 from typing import TextIO
+from xml.sax.saxutils import escape
 
 __all__ = ["FilterProgress"]
 
@@ -32,8 +34,16 @@ class FilterProgress:
         """Announce the filter."""
         self._write(
             f"<filter-start><filter-name>{self.name}</filter-name>"
-            f"<filter-comment>{self.comment}</filter-comment></filter-start>"
+            f"<filter-comment>{escape(self.comment)}</filter-comment></filter-start>"
         )
+
+    def note(self, text: str) -> None:
+        """Say what the filter is doing: a line in the job's log, and the
+        comment HistomicsUI shows with its progress (slicer_cli_web takes
+        the last ``<filter-comment>`` as the job's progress message)."""
+        self.comment = text
+        self._write(text)
+        self._write(f"<filter-comment>{escape(text)}</filter-comment>")
 
     def __call__(self, fraction: float) -> None:
         """Report progress in [0, 1] (throttled to ``step``)."""

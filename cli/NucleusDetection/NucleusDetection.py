@@ -20,7 +20,9 @@ def main(args):
     progress.start()
     t0 = time.perf_counter()
     # the tiles up to 0.95, the outputs the rest (a million nuclei: ~45 s)
-    result = detect_nuclei(params, progress=lambda done: progress(TILES_SHARE * done))
+    result = detect_nuclei(
+        params, progress=lambda done: progress(TILES_SHARE * done), note=progress.note
+    )
     written = write_outputs(result)
     progress(1.0)
     print(summary_line(result, written), flush=True)

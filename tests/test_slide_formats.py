@@ -1,0 +1,139 @@
+"""Slides large_image reads slowly or not as 8-bit RGB: no pyramid, 12-bit
+samples, an alpha channel."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from nucleus_models.wsi import open_slide
+
+
+def _he(shared_data: Path, side: int) -> np.ndarray:
+    """A ``side`` x ``side`` H&E image tiled from a MoNuSeg crop."""
+    path = sorted((shared_data / "monuseg2018/train/images").glob("*.tif"))[0]
+    crop = np.asarray(Image.open(path).convert("RGB"))[:512, :512]
+    reps = -(-side // 512)
+    return np.ascontiguousarray(np.tile(crop, (reps, reps, 1))[:side, :side])
+
+
+def _single_level(path: Path, img: np.ndarray) -> Path:
+    """A tiled TIFF of one level (no pyramid), as a scanner's export or a
+    stitched mosaic may be."""
+    import tifffile
+
+    tifffile.imwrite(path, img, tile=(128, 128), photometric="rgb" if img.ndim == 3 else None)
+    return path
+
+
+def test_an_overview_without_a_pyramid_level_is_read_tile_by_tile(
+    shared_data: Path, tmp_path: Path
+) -> None:
+    """A slide with no stored level near the overview's scale is read a row
+    of tiles at a time and shrunk with INTER_AREA, telling its progress (large_image
+    made the missing levels with PIL: a 30000 px slide's 2048 px overview
+    took 64 s, silent; ~24 s this way), and gives the same overview."""
+    import cv2
+    from conftest import write_pyramidal_tiff
+
+    img = _he(shared_data, 1024)
+    flat = open_slide(_single_level(tmp_path / "flat.tif", img), input_mpp=0.25)
+    assert flat.overview_level(256) == flat.source.levels - 1  # the base
+    seen: list[float] = []
+    thumb, scale = flat.thumbnail(256, progress=seen.append)
+    assert thumb.shape == (256, 256, 3) and scale == 0.25
+    assert len(seen) >= 8 and seen == sorted(seen) and seen[-1] == 1.0
+    ref = cv2.resize(img, (256, 256), interpolation=cv2.INTER_AREA)
+    assert int(np.abs(thumb.astype(int) - ref).max()) <= 1
+    # a pyramid, or a shrink large_image makes from the next level: its own read
+    pyramid = open_slide(write_pyramidal_tiff(tmp_path / "p.tif", img, mpp=0.25))
+    assert pyramid.overview_level(256) is None and flat.overview_level(600) is None
+
+
+def test_detection_says_when_it_reads_the_overview_tile_by_tile(
+    shared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The job log and HistomicsUI's progress message say what the run does
+    while it reads a slide without a pyramid, and the progress bar moves."""
+    from nucleus_models import detection
+    from nucleus_models.detection import DetectionParams, detect_nuclei
+    from nucleus_models.progress import FilterProgress
+
+    monkeypatch.setattr(detection, "OVERVIEW_PX", 256)  # (a 1024 px slide, not 30000)
+    path = _single_level(tmp_path / "flat.tif", _he(shared_data, 1024))
+    notes: list[str] = []
+    bar: list[float] = []
+    params = DetectionParams(
+        inputImageFile=str(path), model="classical-he", input_mpp=0.5, analysis_roi=[0, 0, 512, 512]
+    )
+    result = detect_nuclei(params, progress=bar.append, note=notes.append)
+    assert len(result.nuclei) > 50
+    assert len(notes) == 2, notes
+    assert notes[0].startswith("reading the tissue overview from 1024 x 1024 px of the slide")
+    assert notes[1].startswith("overview read in ") and "tiles that hold tissue" in notes[1]
+    overview = [f for f in bar if f <= detection.OVERVIEW_SHARE]
+    assert len(overview) >= 8 and bar == sorted(bar) and bar[-1] == 1.0
+    # in the CLI: a line in the job's log, and the progress message
+    out = io.StringIO()
+    FilterProgress("NucleusDetection", stream=out).note("reading <it> & more")
+    assert out.getvalue().splitlines() == [
+        "reading <it> & more",
+        "<filter-comment>reading &lt;it&gt; &amp; more</filter-comment>",
+    ]
+
+
+def test_a_12_bit_slide_is_scaled_by_its_bit_depth(shared_data: Path, tmp_path: Path) -> None:
+    """RGB samples of 0-4095 in a 16-bit TIFF read as the 8-bit image they
+    came from (divided by 257, the model saw them at most 16 of 255: no
+    tissue, no nuclei), in the overview, the tiles and the detection."""
+    from nucleus_models.detection import DetectionParams, detect_nuclei
+    from nucleus_models.wsi.runner import TileJob, read_tile
+    from nucleus_models.wsi.tiling import Tile
+
+    img = _he(shared_data, 512)
+    deep = (img.astype(np.uint32) * 4095 // 255).astype(np.uint16)
+    p8, p12 = _single_level(tmp_path / "u8.tif", img), _single_level(tmp_path / "u12.tif", deep)
+    s8, s12 = open_slide(p8, input_mpp=0.25), open_slide(p12, input_mpp=0.25)
+    region = s12.read_region(100, 50, 300, 200)  # before the overview: it reads it
+    assert int(np.abs(region.astype(int) - s8.read_region(100, 50, 300, 200)).max()) <= 1
+    assert s12.white == 4095
+    t8, t12 = s8.thumbnail(128)[0], s12.thumbnail(128)[0]
+    assert int(np.abs(t12.astype(int) - t8).max()) <= 1
+    # a tile worker opens the slide itself: the run's white level comes with the job
+    job = TileJob(str(p12), 0.25, "classical-he", (), base_size=(512, 512), white=4095.0)
+    tile = read_tile(job, Tile(0, (0, 0, 256, 256), (0, 0, 256, 256)))
+    assert int(np.abs(tile.astype(int) - img[:256, :256]).max()) <= 1
+    counts = [
+        len(
+            detect_nuclei(
+                DetectionParams(inputImageFile=str(p), model="classical-he", input_mpp=0.5)
+            ).nuclei
+        )
+        for p in (p8, p12)
+    ]
+    assert counts[0] > 50 and abs(counts[1] - counts[0]) <= 0.02 * counts[0], counts
+
+
+def test_transparent_pixels_are_not_analysed(shared_data: Path, tmp_path: Path) -> None:
+    """An RGBA image's transparent pixels (alpha 0, the colour under them
+    kept) read black, as large_image's level reads already made them, so
+    no nucleus is found there; opaque pixels read as they are."""
+    from nucleus_models.detection import DetectionParams, detect_nuclei
+
+    img = _he(shared_data, 512)
+    rgba = np.dstack([img, np.full(img.shape[:2], 255, np.uint8)])
+    rgba[:, 256:, 3] = 0
+    Image.fromarray(rgba).save(tmp_path / "rgba.png")
+    slide = open_slide(tmp_path / "rgba.png", input_mpp=0.25)
+    region = slide.read_region(0, 0, 512, 512)
+    assert np.array_equal(region[:, :256], img[:, :256]) and not region[:, 256:].any()
+    nuclei = detect_nuclei(
+        DetectionParams(
+            inputImageFile=str(tmp_path / "rgba.png"), model="classical-he", input_mpp=0.5
+        )
+    ).nuclei
+    assert len(nuclei) > 20 and nuclei.centroids[:, 0].max() < 256 + 8
