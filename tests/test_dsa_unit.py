@@ -459,7 +459,7 @@ def test_cron_bad_input_one_line_error(case: str, server: str) -> None:
 
     dead = f"http://127.0.0.1:{free_port()}/api/v1"
     args, token, expected = {
-        "unreachable": (["--api-url", dead, "--folder", "x", "--retries", "2"], TOKEN, "failed"),
+        "unreachable": (["--api-url", dead, "--folder", "x", "--retries", "1"], TOKEN, "failed"),
         "bad token": (["--api-url", server, "--folder", "x"], "nope-0123456789", "not accepted"),
         "no token": (["--api-url", server, "--folder", "x"], None, "GIRDER_TOKEN"),
         "bad url": (["--api-url", "ftp://x", "--folder", "x"], TOKEN, "http://"),
@@ -543,3 +543,42 @@ def test_the_log_level_is_read_in_any_case(monkeypatch: pytest.MonkeyPatch) -> N
     with pytest.raises(SystemExit) as exc:
         log_level()
     assert exc.value.code == 2
+
+
+@pytest.mark.parametrize("retries", ["-1", "-5", "two"])
+def test_a_negative_number_of_retries_is_refused(retries: str) -> None:
+    """--retries -1 was taken as one try, silently (max(1, n))."""
+    res = _cron(
+        "folder-job", "--api-url", "http://127.0.0.1:9/api/v1", "--folder", "x",
+        "--retries", retries,
+    )  # fmt: skip
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.returncode == 2 and len(lines) == 1, res.stderr
+    assert lines[0].startswith("error: ") and "--retries" in lines[0], lines[0]
+    assert "0 or more" in lines[0], lines[0]
+
+
+@pytest.mark.parametrize(
+    ("retries", "tries"), [(["--retries", "0"], 1), (["--retries", "2"], 3), ([], 5)]
+)
+def test_retries_are_after_the_first_try(
+    retries: list[str], tries: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--retries 0 tries each request once, as curl's --retry 0; --retries 1
+    was one try too (the value was the number of tries, clamped to 1)."""
+    from nucleus_models.dsa import __main__ as cron
+    from nucleus_models.dsa import client
+    from nucleus_models.errors import NucleusModelsError
+
+    seen = []
+
+    def refuse(url: str, token: str | None, *, retry: Any) -> None:
+        seen.append(retry.attempts)
+        raise NucleusModelsError("stop here")
+
+    monkeypatch.setattr(client, "connect", refuse)
+    monkeypatch.setenv("GIRDER_TOKEN", TOKEN)
+    argv = ["folder-job", "--api-url", "http://127.0.0.1:9/api/v1", "--folder", "x", *retries]
+    with pytest.raises(SystemExit):
+        cron.main(argv)
+    assert seen == [tries]

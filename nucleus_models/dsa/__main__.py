@@ -48,6 +48,19 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _retries(text: str) -> int:
+    """A whole number of retries, 0 or more (0: each request tried once)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(
+            f"expected a whole number of retries, 0 or more (0: no retry), got {text!r}"
+        )
+    return value
+
+
 class _OneLineParser(argparse.ArgumentParser):
     """Usage errors as one ``error: ...`` line and exit status 2."""
 
@@ -119,7 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--scheduler", default="")
     add("--num-workers", dest="num_workers", type=int, default=0)
     add("--timeout", type=_seconds, default=120.0, help="seconds per request")
-    add("--retries", type=int, default=5, help="tries per request")
+    add(
+        "--retries",
+        type=_retries,
+        default=4,
+        help="retries of a failed request after its first try (0: none; default 4: 5 tries)",
+    )
     add("--workdir", default=None, help="where slides are downloaded (temporary)")
     add("--strict", action="store_true", help="exit 1 when any slide failed")
     return ap
@@ -164,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         join_negative_values(sys.argv[1:] if argv is None else argv)
     )
     params = FolderJobParams.from_namespace(ns)
-    policy = RetryPolicy(attempts=max(1, ns.retries), read_timeout=ns.timeout)
+    policy = RetryPolicy(attempts=1 + ns.retries, read_timeout=ns.timeout)
     try:
         params.check()  # before connecting
         client = connect(params.girderApiUrl, os.environ.get(TOKEN_ENV), retry=policy)
