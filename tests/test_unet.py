@@ -374,6 +374,12 @@ def test_cross_validation_can_choose_the_setting_on_one_group(
     with pytest.raises(ValueError, match=r"no cross-validated image .*theirs: .*part=a, part=b"):
         cross_validate(cfg, imgs, tmp_path / "cv2", resume=False)
     assert not (tmp_path / "cv2").exists()
+    # a misspelt group key: no group reported, silently, once every fold had trained
+    cfg["cv"]["tune_on"] = "part=a"
+    cfg["cv"]["report_groups"] = ["prat"]
+    with pytest.raises(ValueError, match=r"report_groups: .*'prat'; theirs: .*part"):
+        cross_validate(cfg, imgs, tmp_path / "cv3", resume=False)
+    assert not (tmp_path / "cv3").exists()
 
 
 def test_wrong_sha256_is_rejected(tmp_path: Path) -> None:
@@ -1761,6 +1767,21 @@ _TINY = (
         ),
         (("lr = 0.01", 'lr = 0.01\n[cv]\nmetric = "ajj"'), "cv.metric 'ajj' is not one of"),
         (("lr = 0.01", "lr = 0.01\n[cv]\nfolds = 1"), "cv.folds = 1: expected at least 2"),
+        # a whole number past any training's: failed in the first batch
+        (("batch_size = 2", "batch_size = 1e30"), "train.batch_size = 1e+30: expected at most"),
+        (("patch_size = 64", "patch_size = 100000"), "train.patch_size = 100000: expected at most"),
+        # read when the network was built, after the images had loaded
+        (("depth = 3", 'depth = 3\nchannels = "16"'), "model.channels = '16': U-Net channels must"),
+        (("depth = 3", "depth = 3\nchannels = [8, 0]"), "model.channels = [8, 0]: U-Net channels"),
+        # a string was read letter by letter: groups "o", "r", "g", "a", "n", none reported
+        (
+            ("lr = 0.01", 'lr = 0.01\n[cv]\nreport_groups = "organ"'),
+            "cv.report_groups = 'organ': expected a list of group names",
+        ),
+        (
+            ("lr = 0.01", 'lr = 0.01\n[cv]\ntune_on = "fluorescence"'),
+            "cv.tune_on = 'fluorescence': expected one group as \"key=value\"",
+        ),
         (('"bbbc038"', '"monusegg"'), "unknown dataset 'monusegg'; known:"),
         (("mpp = 0.5", "mpp = 0"), "model.mpp = 0: expected microns per pixel"),
         (("[train]\nsteps = 2\nbatch_size = 2\npatch_size = 64\nlr = 0.01\n", ""), "no [train]"),

@@ -184,6 +184,14 @@ _WHOLE = {
     "log_every": 1, "checkpoint_every": 1, "synthetic_images": 0,
     "foreground_mask_erosion": 0,
 }  # fmt: skip
+#: the most each of these whole numbers may be: far past any training's,
+#: short of a typo's (train.batch_size = 1e30 passed as a whole number and
+#: failed in the first batch, after the images had loaded)
+_MOST = {
+    "steps": 10**8, "batch_size": 4096, "patch_size": 8192, "threads": 1024, "folds": 1000,
+    "base": 1024, "depth": 10, "tile_size": 16384, "tile_overlap": 4096,
+    "synthetic_images": 10**6, "foreground_mask_erosion": 1000,
+}  # fmt: skip
 _NUMBER = {
     "lr": 0.0, "weight_decay": 0.0, "clip_grad": 0.0, "ema": 0.0, "boundary_weight": 0.0,
     "distance_weight": 0.0, "outline_weight": 0.0, "outline_band_px": 0.0, "focal_gamma": 0.0,
@@ -316,6 +324,8 @@ def check_config(cfg: dict[str, Any], where: str) -> None:
                 least = _WHOLE[key] if whole else _NUMBER[key]
                 if value < least:
                     raise ValueError(f"{where}: {name} = {value!r}: expected at least {least}")
+                if whole and key in _MOST and value > _MOST[key]:
+                    raise ValueError(f"{where}: {name} = {value!r}: expected at most {_MOST[key]}")
             if (limits := _NUMBER_LISTS.get(name)) is not None:
                 lo, hi, may_be_empty = limits
                 numbers = isinstance(value, list) and all(
@@ -341,6 +351,27 @@ def check_config(cfg: dict[str, Any], where: str) -> None:
                 if word not in words and not cuda_n:
                     said = " or ".join(w or '""' for w in words)
                     raise ValueError(f"{where}: {name} = {value!r}: expected {said}")
+            if name == "model.channels":
+                from nucleus_models.models.unet import unet_channels
+
+                try:  # (read when the network is built: after the images loaded)
+                    unet_channels(channels=value)
+                except ValueError as exc:
+                    raise ValueError(f"{where}: {name} = {value!r}: {exc}") from None
+            if name == "cv.report_groups" and not (
+                isinstance(value, list) and all(isinstance(v, str) and v for v in value)
+            ):
+                # (a string "organ" was read as the groups "o", "r", "g", "a", "n")
+                raise ValueError(
+                    f'{where}: {name} = {value!r}: expected a list of group names, e.g. ["organ"]'
+                )
+            if name == "cv.tune_on" and not (
+                isinstance(value, str) and re.fullmatch(r"[^=\s]+=[^=]+", value)
+            ):
+                raise ValueError(
+                    f"{where}: {name} = {value!r}: expected one group as"
+                    ' "key=value", e.g. "modality=fluorescence"'
+                )
             if key in ("mpp", "default_mpp") and table in ("model", "data", "data.extra"):
                 if why := mpp_problem(value):
                     raise ValueError(f"{where}: {name} = {value!r}: {why}")
@@ -729,6 +760,13 @@ def cross_validate(
         raise ValueError(
             f"cv.tune_on = {tune_on!r}: no cross-validated image is in that group; "
             f"theirs: {', '.join(cv_groups) or 'none'}"
+        )
+    # (a misspelt group key reported nothing, silently, once every fold had trained)
+    keys = sorted({g.split("=", 1)[0] for g in cv_groups})
+    if missing := [k for k in cv.get("report_groups", []) if k not in keys]:
+        raise ValueError(
+            f"cv.report_groups: no cross-validated image has the group {', '.join(map(repr, missing))};"
+            f" theirs: {', '.join(keys) or 'none'}"
         )
     truth_of, at_native = truth_source(cfg)
     truths, ids, groups, held_out = [], [], [], []
