@@ -98,7 +98,18 @@ class Nuclei:
         """Build from a list of ``(K_i, 2)`` x, y vertex arrays.
 
         Centroids default to the polygon's vertex mean; boxes are the vertex
-        extents (x1, y1 exclusive, i.e. max + 1 on the pixel grid).
+        extents, ``(min x, min y, max x, max y)``: the outlines this package
+        writes run along the pixels' edges (pixel ``i`` spans ``[i, i + 1]``,
+        :func:`~nucleus_models.instances.nuclei_from_labels`), so the
+        extents of a nucleus's outline are its pixel box (``max + 1``, the
+        box of an outline through pixel centres, was a pixel too large to
+        the right and below for them).
+
+        >>> from nucleus_models.instances import nuclei_from_labels
+        >>> lab = np.zeros((6, 6), np.int32); lab[1:3, 1:4] = 1
+        >>> n = nuclei_from_labels(lab)
+        >>> n.boxes.tolist(), Nuclei.from_polygons(n.polygons()).boxes.tolist()
+        ([[1.0, 1.0, 4.0, 3.0]], [[1.0, 1.0, 4.0, 3.0]])
         """
         n = len(polygons)
         if n == 0:
@@ -113,7 +124,7 @@ class Nuclei:
             centroids = np.add.reduceat(verts.astype(np.float64), starts, axis=0) / lengths[:, None]
         return cls(
             centroids=centroids,
-            boxes=np.hstack([mins, maxs + 1]).astype(np.float64),
+            boxes=np.hstack([mins, maxs]).astype(np.float64),
             polygon_vertices=verts,
             polygon_offsets=offsets,
             scores=np.ones(n, np.float32) if scores is None else np.asarray(scores),

@@ -60,7 +60,7 @@ def test_point_and_box_elements_sit_on_each_nucleus() -> None:
         assert rect["center"] == [(x0 + x1) / 2, (y0 + y1) / 2, 0]
         assert (rect["width"], rect["height"]) == (x1 - x0, y1 - y0)
     assert points["elements"][0]["center"] == [15, 14, 0]
-    assert (boxes["elements"][0]["width"], boxes["elements"][0]["height"]) == (11, 9)
+    assert (boxes["elements"][0]["width"], boxes["elements"][0]["height"]) == (10, 8)
 
 
 def test_schema_check_can_fail() -> None:

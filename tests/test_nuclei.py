@@ -21,9 +21,22 @@ def _two() -> Nuclei:
 def test_from_polygons_boxes_and_centroids() -> None:
     n = _two()
     assert len(n) == 2
-    assert n.boxes.tolist() == [[0, 0, 5, 3], [10, 10, 13, 15]]
+    assert n.boxes.tolist() == [[0, 0, 4, 2], [10, 10, 12, 14]]
     np.testing.assert_allclose(n.centroids[1], [11, 12])
     assert n.polygon(1).shape == (4, 2)
+
+
+def test_from_polygons_gives_the_boxes_of_the_outlines_the_package_writes() -> None:
+    """Outlines run along the pixels' edges: their vertex extents are the
+    nuclei's pixel boxes (max + 1 made them a pixel too large, right and below)."""
+    lab = np.zeros((40, 50), np.int32)
+    lab[3:9, 4:15] = 1
+    yy, xx = np.mgrid[0:40, 0:50]
+    lab[(yy - 25) ** 2 + (xx - 30) ** 2 <= 49] = 2
+    n = nuclei_from_labels(lab)
+    again = Nuclei.from_polygons(n.polygons())
+    np.testing.assert_array_equal(again.boxes, n.boxes)
+    assert n.boxes.tolist()[0] == [4, 3, 15, 9]
 
 
 def test_concat_select_transform_roundtrip() -> None:
@@ -37,10 +50,10 @@ def test_concat_select_transform_roundtrip() -> None:
     np.testing.assert_allclose(s.polygon(1), b.polygon(1))
     np.testing.assert_allclose(s.centroids[1], [111, 12])
     d = a.transformed(scale=2.0, offset=(1, 1))
-    assert d.boxes[0].tolist() == [1, 1, 11, 7]
+    assert d.boxes[0].tolist() == [1, 1, 9, 5]
     # per-axis scale and offset: boxes, centroids and outlines move alike
     e = a.transformed(scale=(2.0, 3.0), offset=(100, 7))
-    assert e.boxes[0].tolist() == [100, 7, 110, 16]
+    assert e.boxes[0].tolist() == [100, 7, 108, 13]
     np.testing.assert_allclose(e.centroids, a.centroids * (2, 3) + (100, 7))
     np.testing.assert_allclose(e.polygon(1), a.polygon(1) * (2, 3) + (100, 7))
     assert len(c.select(np.zeros(4, bool))) == 0
