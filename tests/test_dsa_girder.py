@@ -564,9 +564,10 @@ def test_a_cancelled_cron_job_cleans_up(
 def test_a_job_cancelled_mid_push_or_before_the_record_leaves_no_stray_annotation(
     girder: GirderServer, slides: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """SIGTERM once a slide's new annotation is stored but before the older
-    one is removed, or before the item's record names it: the new annotation
-    is taken back (not two of one key, nor one no record names)."""
+    """SIGTERM once a slide's new annotation is stored but before the item's
+    record names it: the new annotation is taken back and the older one, which
+    the record still names, stays (not two of one key, nor one no record names,
+    nor none); once the record names the new one, the older one goes."""
     from nucleus_models.cli_support import Terminated
     from nucleus_models.dsa import annotations, folder_job
 
@@ -578,7 +579,15 @@ def test_a_job_cancelled_mid_push_or_before_the_record_leaves_no_stray_annotatio
     params = FolderJobParams(inputFolder=folder["_id"], nuclei_annotation_format="point")
     (first,) = run_folder_job(client, params)
     other = FolderJobParams(inputFolder=folder["_id"], nuclei_annotation_format="box")
-    monkeypatch.setattr(annotations, "dedupe", cancelled)  # mid-push
+    find_push, finds = annotations._find_push, []
+
+    def found_then_cancelled(*args: Any, **kwargs: Any) -> Any:  # mid-push, once stored
+        finds.append(1)
+        if len(finds) == 1:
+            raise Terminated()
+        return find_push(*args, **kwargs)
+
+    monkeypatch.setattr(annotations, "_find_push", found_then_cancelled)
     with pytest.raises(Terminated):
         run_folder_job(client, other)
     monkeypatch.undo()
@@ -588,9 +597,25 @@ def test_a_job_cancelled_mid_push_or_before_the_record_leaves_no_stray_annotatio
     with pytest.raises(Terminated):
         run_folder_job(client, other)
     monkeypatch.undo()
-    # the older one was replaced by the push; the new one is taken back
-    assert find_annotations(client, first.item_id, KEY) == []
+    # the new one is taken back; the older one, which the record names, stays
+    recs = assert_consistent(client, folder["_id"])
+    assert recs["disks0.tif"]["annotation_id"] == first.annotation_id
     assert _lease_of(client, folder["_id"]) is None
+    dedupe, calls = folder_job.dedupe, []
+
+    def cancelled_once(*args: Any, **kwargs: Any) -> Any:  # recorded, older one not yet removed
+        calls.append(1)
+        if len(calls) == 1:
+            raise Terminated()
+        return dedupe(*args, **kwargs)
+
+    monkeypatch.setattr(folder_job, "dedupe", cancelled_once)
+    with pytest.raises(Terminated):
+        run_folder_job(client, other)
+    monkeypatch.undo()
+    recs = assert_consistent(client, folder["_id"])
+    assert recs["disks0.tif"]["params_hash"] == other.params_hash()
+    other = FolderJobParams(inputFolder=folder["_id"], nuclei_annotation_format="polygon")
     write = folder_job.write_record
 
     def landed_then_cancelled(*args: Any, **kwargs: Any) -> Any:
@@ -604,6 +629,45 @@ def test_a_job_cancelled_mid_push_or_before_the_record_leaves_no_stray_annotatio
     recs = assert_consistent(client, folder["_id"])
     assert recs["disks0.tif"]["params_hash"] == other.params_hash()
     assert [o.status for o in run_folder_job(client, other)] == ["skipped"]
+
+
+def test_a_push_cancelled_while_its_post_is_unanswered_is_taken_back_when_it_lands(
+    girder: GirderServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM once the whole body is sent, before the answer: the server goes
+    on storing the document (it lands a moment later); the push waits for it
+    and takes it back, so the item keeps its older annotation alone."""
+    from nucleus_models.cli_support import Terminated
+
+    item_id = _item(girder, "cancel-in-flight")
+    client = _client(girder)
+    first = push_annotation(client, item_id, _point_doc(4), analysis_key=KEY)
+    send = client.sendRestRequest
+    landed: list[threading.Thread] = []
+
+    def post_lands_later(method: str, path: str, *args: Any, **kwargs: Any) -> Any:
+        if method != "POST" or path != "annotation":
+            return send(method, path, *args, **kwargs)
+        data = kwargs["data"]
+        body = data if isinstance(data, bytes) else b"".join(iter(lambda: data.read(1 << 16), b""))
+
+        def post() -> None:  # the server, still storing what it was sent
+            time.sleep(1.0)
+            kwargs["data"] = body
+            send(method, path, *args, **kwargs).close()
+
+        landed.append(threading.Thread(target=post))
+        landed[0].start()
+        raise Terminated()  # the signal, while the answer is awaited
+
+    monkeypatch.setattr(client, "sendRestRequest", post_lands_later)
+    big = BatchedDocument.from_document(_point_doc(300, seed=2), 100)
+    with pytest.raises(Terminated):
+        push_annotation(client, item_id, big, analysis_key=KEY)
+    landed[0].join(timeout=30)
+    monkeypatch.undo()
+    time.sleep(0.5)
+    assert [a["_id"] for a in find_annotations(client, item_id, KEY)] == [first.annotation_id]
 
 
 def _slicer(girder: GirderServer, *args: str) -> subprocess.CompletedProcess[str]:

@@ -248,6 +248,12 @@ def _find_push(client: DSAClient, item_id: str, push_id: str) -> list[dict[str, 
     return [a for a in list_annotations(client, item_id) if _record(a).get("push_id") == push_id]
 
 
+#: The longest a push interrupted while its POST is unanswered waits for the
+#: server to store the document, to take it back (a cancelled job has ~10 s
+#: before docker kills it).
+LANDING_WAIT_S = 5.0
+
+
 def _push_timeout(client: DSAClient, nbytes: int) -> tuple[float, float]:
     # the test server parses, validates and stores ~1 MB/s of elements: allow 5 s per MB
     connect, read = client.retry.timeout
@@ -296,9 +302,10 @@ def push_annotation(
     push_id = uuid.uuid4().hex
     attrs = dict(_attributes(doc) or {})
     attrs[ATTR_NS] = {**(record or {}), "analysis_key": analysis_key, "push_id": push_id}
-    with _undone_if_interrupted(client, item_id, push_id):
+    sent = _Sent()
+    with _undone_if_interrupted(client, item_id, push_id, sent):
         with _body(doc, attrs, workdir) as (body, nbytes, n_elements):
-            attempt = _post(client, item_id, doc, body, nbytes, n_elements, push_id)
+            attempt = _post(client, item_id, doc, body, nbytes, n_elements, push_id, sent)
         stored = _find_push(client, item_id, push_id)
         if not stored:
             raise DSAError(f"item {item_id}: Girder accepted the annotation but does not list it")
@@ -338,18 +345,55 @@ def push_annotation(
     )
 
 
+class _Sent:
+    """Whether a POST's whole body went out unanswered: the server may then
+    store the document although this side never reads the answer."""
+
+    def __init__(self) -> None:
+        self.unanswered = False
+
+
+class _Reader:
+    """A body file that marks ``sent`` when ``requests`` has read all of it."""
+
+    def __init__(self, f: IO[bytes], sent: _Sent):
+        self._f, self._sent = f, sent
+
+    def read(self, n: int = -1) -> bytes:
+        block = self._f.read(n)
+        if not block:
+            self._sent.unanswered = True
+        return block
+
+    def __getattr__(self, name: str) -> Any:  # fileno, seek, tell, mode: the file's
+        return getattr(self._f, name)
+
+
 @contextlib.contextmanager
-def _undone_if_interrupted(client: DSAClient, item_id: str, push_id: str) -> Iterator[None]:
+def _undone_if_interrupted(
+    client: DSAClient, item_id: str, push_id: str, sent: _Sent
+) -> Iterator[None]:
     """A push interrupted by SIGTERM (a cancelled job) or Ctrl-C takes back
-    what landed of it; an error (an ``Exception``) is the push's to handle."""
+    what landed of it; an error (an ``Exception``) is the push's to handle.
+
+    Interrupted while its POST's answer is awaited, the server goes on
+    storing the document (elements first, the annotation last): it is
+    waited for, up to :data:`LANDING_WAIT_S`, and taken back, not left beside
+    the older one. One that lands later still is removed by the next run."""
     try:
         yield
     except Exception:
         raise
     except BaseException:
+        deadline = time.monotonic() + (LANDING_WAIT_S if sent.unanswered else 0.0)
         with contextlib.suppress(Exception):
-            for stored in _find_push(client, item_id, push_id):
-                delete_annotation(client, stored["_id"])
+            while True:
+                stored = _find_push(client, item_id, push_id)
+                for ann in stored:
+                    delete_annotation(client, ann["_id"])
+                if stored or time.monotonic() >= deadline:
+                    break
+                time.sleep(0.25)
         raise
 
 
@@ -402,6 +446,7 @@ def _post(
     nbytes: int,
     n_elements: int,
     push_id: str,
+    sent: _Sent | None = None,
 ) -> int:
     """POST the body (retried; after a lost answer the item is searched for
     ``push_id`` first); return the index of the attempt that stored it.
@@ -411,24 +456,28 @@ def _post(
     is not read: the new annotation is found by its ``push_id``."""
     timeout = _push_timeout(client, nbytes)
     attempts = max(1, client.retry.attempts)
+    sent = sent or _Sent()
     for attempt in range(attempts):
         if not isinstance(body, bytes):
             body.seek(0)
+        sent.unanswered |= isinstance(body, bytes)  # a file: once read to its end
         try:
             answer = client.sendRestRequest(
                 "POST",
                 "annotation",
                 {"itemId": item_id},
-                data=body,
+                data=body if isinstance(body, bytes) else _Reader(body, sent),
                 headers={"Content-Type": "application/json"},
                 jsonResp=False,
                 stream=True,
                 attempts=1,
                 timeout=timeout,
             )
+            sent.unanswered = False  # answered: stored, and found by its push_id
             answer.close()
             return attempt
         except GirderRequestError as exc:
+            sent.unanswered = False  # answered: nothing was stored
             if exc.status == 400 and "Validation" in exc.text:
                 _remove_stray(client, item_id, push_id)
                 raise AnnotationRejected(

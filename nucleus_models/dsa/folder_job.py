@@ -338,14 +338,16 @@ def _process(
     prov = _sanitize(out.provenance, fname)
     girder = {"item_id": item["_id"], "file_id": file_id, "folder_id": item["folderId"]}
     doc = dataclasses.replace(out.document, attributes={**prov, "girder": girder})
+    previous = read_record(client, item["_id"], key)
+    # the older annotation is removed only once the item's record names the new
+    # one: a job cancelled in between leaves the item as it was, never bare
     push = push_annotation(
         client,
         item["_id"],
         doc,
         analysis_key=key,
         record={"params_hash": phash, "analysis": params.analysis, "model": params.model},
-        # a key of the user's own keeps the annotations NucleusDetection made by hand
-        legacy=key == params.analysis,
+        replace=False,
         workdir=workdir,
     )
     log.info("item %s: annotation %s pushed", item["_id"], push.annotation_id)
@@ -360,16 +362,39 @@ def _process(
         "scores": out.scores,
         "provenance": {**prov, "girder": girder, "job": params.public()},
     }
+    # a key of the user's own keeps the annotations NucleusDetection made by hand
+    legacy_name = doc.name if key == params.analysis else None
+
+    def replace_older() -> None:
+        dedupe(client, item["_id"], key, push.annotation_id, legacy_name=legacy_name)
+
     try:
         write_record(client, item["_id"], key, record)
     except BaseException:
-        # failed or cancelled (SIGTERM) before its record landed: no annotation the item's
-        # record does not name is left behind (the slide is redone by the next run)
+        # failed or cancelled (SIGTERM) before its record landed: the new annotation is
+        # taken back and the older one, still named by the record, stays (the slide is
+        # redone by the next run); landed: the older one goes
         with contextlib.suppress(Exception):
             if (read_record(client, item["_id"], key) or {}).get("annotation_id") != (
                 push.annotation_id
             ):
                 delete_annotation(client, push.annotation_id)
+            else:
+                replace_older()
+        raise
+    try:
+        replace_older()
+    except DSAError:
+        # the older one cannot be removed (e.g. 403: not ours to delete): the new one
+        # and its record are taken back, so a failed replacement never leaves two
+        with contextlib.suppress(Exception):
+            undo = previous or {"status": "failed", "params_hash": phash}
+            write_record(client, item["_id"], key, undo)
+            delete_annotation(client, push.annotation_id)
+        raise
+    except BaseException:  # cancelled midway: the record names the new one; finish
+        with contextlib.suppress(Exception):
+            replace_older()
         raise
     outcome = ItemOutcome(
         item["_id"],
