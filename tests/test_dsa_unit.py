@@ -3,6 +3,7 @@ connections and token redaction, against a tiny HTTP server on 127.0.0.1."""
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import logging
@@ -64,6 +65,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(200, None)
         elif path == "flaky":  # two 5xx, then fine
             self._send(503 if n <= 2 else 200, {"n": n})
+        elif path == "ratelimited":  # a proxy's rate limit, then fine
+            self._send(429 if n == 1 else 200, {"n": n})
         elif path == "always500":
             self._send(500, {"message": "boom"})
         elif path == "slow":  # the first answer comes too late
@@ -276,6 +279,8 @@ def test_items_named_like_slides_that_are_not_large_images() -> None:
     assert "not a large image" in str(not_analysed_reason(item("Case 1.NDPI")))
     converting = item("b.tiff", {"expected": True, "jobId": "j", "originalId": "f"})
     assert "conversion job running" in str(not_analysed_reason(converting))
+    job_only = item("b.tiff", {"jobId": "j", "originalId": "f"})
+    assert "conversion job running" in str(not_analysed_reason(job_only))
     assert "has no file" in str(not_analysed_reason(item("c.svs", {"originalId": "f"})))
     for other in ("notes.txt", "nucleus_models_summary_NucleusDetection.csv", "report.pdf"):
         assert not_analysed_reason(item(other)) is None
@@ -582,3 +587,140 @@ def test_retries_are_after_the_first_try(
     with pytest.raises(SystemExit):
         cron.main(argv)
     assert seen == [tries]
+
+
+def test_a_rate_limited_request_429_is_retried(server: str) -> None:
+    """A proxy in front of DSA answering 429 (too many requests) is waited
+    out, not taken for a failed slide."""
+    sleeps: list[float] = []
+    assert _client(server, sleeps).get("ratelimited") == {"n": 2}
+    assert len(sleeps) == 1
+
+
+class _Items:
+    """A client whose folder lists ``items`` (the folder job's unit fakes)."""
+
+    def __init__(self, items: list[dict[str, Any]], access: int = 2):
+        self.items, self.access = items, access
+
+    def listItem(self, folder_id: str) -> list[dict[str, Any]]:  # noqa: N802
+        return self.items
+
+    def get(self, path: str) -> dict[str, Any]:
+        return {"_id": "F", "name": "slides", "_accessLevel": self.access}
+
+
+def test_an_item_still_being_converted_is_not_analysed_and_no_slide_is_skipped_wrongly(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An item whose conversion to a large image is running is listed as not
+    analysed (not a failed slide); a slide is skipped only when its record is
+    done with these parameters, and a second annotation of the key is removed."""
+    from nucleus_models.dsa import folder_job
+
+    items = [
+        {"_id": "b", "name": "b.svs", "largeImage": {"fileId": "f2"}},
+        {"_id": "a", "name": "a.svs", "largeImage": {"jobId": "j", "originalId": "f1"}},
+    ]
+    large, others = folder_job._large_images(_Items(items), "F")  # type: ignore[arg-type]
+    assert [i["_id"] for i in large] == ["b"]
+    assert [(o.item_id, o.status) for o in others] == [("a", "not_analysed")]
+    records: dict[str, Any] = {}
+    anns = [{"_id": "A1"}, {"_id": "A2"}]
+    deduped: list[str] = []
+    monkeypatch.setattr(folder_job, "read_record", lambda c, i, k: records.get(i))
+    monkeypatch.setattr(folder_job, "find_annotations", lambda c, i, k: anns)
+    monkeypatch.setattr(folder_job, "dedupe", lambda c, i, k, keep: deduped.append(keep))
+    item = large[0]
+    records["b"] = {"status": "failed", "params_hash": "h", "annotation_id": "A2"}
+    assert folder_job._done_record(None, item, "K", "h") is None  # type: ignore[arg-type]
+    records["b"] = {"status": "done", "params_hash": "h", "annotation_id": "A2"}
+    assert folder_job._done_record(None, item, "K", "other") is None  # type: ignore[arg-type]
+    assert folder_job._done_record(None, item, "K", "h") == records["b"]  # type: ignore[arg-type]
+    assert deduped == ["A2"]  # the stray copy A1 goes, the recorded one stays
+
+
+def test_a_failure_keeps_the_done_record_and_the_summary_shows_zero_nuclei(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A later failure of a done slide is noted beside its result (the result
+    and its annotation stay named); a slide with no nuclei shows 0, not blank."""
+    from nucleus_models.dsa import folder_job
+
+    done = {"status": "done", "annotation_id": "A", "params_hash": "h"}
+    written: list[dict[str, Any]] = []
+    monkeypatch.setattr(folder_job, "read_record", lambda c, i, k: done)
+    monkeypatch.setattr(folder_job, "write_record", lambda c, i, k, r: written.append(r))
+    item = {"_id": "i", "name": "a.svs"}
+    rec = folder_job._record_failure(None, item, "K", "h2", "boom")  # type: ignore[arg-type]
+    assert rec == written[0] and rec is not None
+    assert rec["status"] == "done" and rec["annotation_id"] == "A"
+    assert rec["last_failure"]["error"] == "boom"
+    params = FolderJobParams(inputFolder="F")
+    outcomes = [folder_job.ItemOutcome("i", "white.svs", "done", nuclei_count=0)]
+    rows = list(
+        csv.DictReader(io.StringIO(folder_job._summary_csv(outcomes, params, "h").decode()))
+    )
+    assert rows[0]["nuclei_count"] == "0"
+
+
+def test_a_read_only_token_is_refused_before_any_slide(monkeypatch: pytest.MonkeyPatch) -> None:
+    from nucleus_models.dsa import folder_job
+
+    client = _Items([{"_id": "b", "name": "b.svs", "largeImage": {"fileId": "f"}}], access=0)
+    with pytest.raises(folder_job.DSAError, match="read access only"):
+        folder_job.run_folder_job(client, FolderJobParams(inputFolder="F"))  # type: ignore[arg-type]
+
+
+class _NoLease:
+    def check(self) -> bool:
+        return False
+
+
+def test_bad_slides_do_not_stop_the_job_and_force_redoes_done_ones(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Slides that fail for themselves (not an unanswered server) never stop
+    the job, however many in a row; --force redoes a slide that is done."""
+    from nucleus_models.dsa import folder_job
+    from nucleus_models.errors import NucleusModelsError
+
+    monkeypatch.setattr(folder_job, "SWEEP_SETTLE_S", 0.0)
+    monkeypatch.setattr(folder_job, "read_record", lambda c, i, k: None)
+    monkeypatch.setattr(folder_job, "write_record", lambda c, i, k, r: r)
+    monkeypatch.setattr(folder_job, "find_annotations", lambda c, i, k: [])
+    monkeypatch.setattr(folder_job, "dedupe", lambda *a, **k: [])
+    done = {"status": "done", "annotation_id": "A"}
+    monkeypatch.setattr(folder_job, "_done_record", lambda c, i, k, h: done)
+
+    def bad(client: Any, params: Any, item: dict[str, Any], *rest: Any) -> Any:
+        raise NucleusModelsError(f"{item['name']}: cannot be read")
+
+    monkeypatch.setattr(folder_job, "_process", bad)
+    items = [{"_id": str(i), "name": f"{i}.svs"} for i in range(4)]
+    force = FolderJobParams(inputFolder="F", force=True)
+    folder = {"name": "slides"}
+    out = folder_job._run_items(None, force, folder, items, _NoLease(), None, None)  # type: ignore[arg-type]
+    assert [o.status for o in out] == ["failed"] * 4
+
+
+def test_the_cron_exits_1_for_failed_slides_only_with_strict(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from nucleus_models.dsa import __main__ as cron
+    from nucleus_models.dsa import client, folder_job
+
+    failed = [folder_job.ItemOutcome("i", "a.svs", "failed", error="boom")]
+    monkeypatch.setattr(client, "connect", lambda *a, **k: None)
+    monkeypatch.setattr(folder_job, "run_folder_job", lambda *a, **k: failed)
+    args = ["folder-job", "--api-url", "http://127.0.0.1:9/api/v1", "--folder", "F"]
+    assert cron.main(args) == 0
+    assert cron.main([*args, "--strict"]) == 1
+
+
+def test_a_live_lease_is_renewed_well_before_it_goes_stale() -> None:
+    """A run whose heartbeat came less often than a lease goes stale would
+    be taken over while alive, and its slides analysed twice at once."""
+    from nucleus_models.dsa import lease
+
+    assert lease.HEARTBEAT_EVERY_S * 3 <= lease.STALE_AFTER_S
