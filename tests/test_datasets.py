@@ -455,3 +455,119 @@ def test_fingerprint_real_is_stable(shared: Path) -> None:
     ds = get_dataset("pt_fixation", need(shared, "prostate_fixation_pt"), points_only=True)
     assert fingerprint(ds) == fingerprint(ds)
     assert len(ds.files()) == 48
+
+
+# -- mutation-test gaps: exact geometry, ids, channels ----------------------------
+def test_monuseg_outline_rasterises_at_pixel_centres_with_sequential_ids() -> None:
+    from benchmark.datasets.monuseg import rasterize_polygons
+
+    # x 2..12, y 3..7: a wide rectangle, so an x/y swap or a one-pixel shift shows
+    rect = np.array([(2, 3), (12, 3), (12, 7), (2, 7)], float)
+    inner = np.array([(3, 4), (5, 4), (5, 6), (3, 6)], float)  # fully overwritten
+    other = np.array([(14, 10), (16, 10), (16, 12), (14, 12)], float)
+    lab = rasterize_polygons([inner, rect, other], (16, 20))
+    rr, cc = np.nonzero(lab == 1)
+    assert (rr.min(), rr.max(), cc.min(), cc.max()) == (3, 7, 2, 12)
+    assert (lab == 1).sum() == 5 * 11
+    # the region drawn over leaves no gap in the ids: 1..N
+    assert sorted(np.unique(lab).tolist()) == [0, 1, 2]
+
+
+def test_natural_order_uint16_masks_and_modality_guess(tmp_path: Path) -> None:
+    from benchmark.datasets.base import natural_key, to_rgb_uint8
+    from benchmark.datasets.bbbc038 import guess_modality
+
+    assert sorted(["a_10", "a_2", "a_1"], key=natural_key) == ["a_1", "a_2", "a_10"]
+    # a 16-bit file whose values fit 8 bits (up to 255 itself) converts
+    assert to_rgb_uint8(np.array([[0, 255]], np.uint16)).max() == 255
+    rng = np.random.default_rng(0)
+    dark_colour = rng.integers(0, 90, (32, 32, 3)).astype(np.uint8)  # colourful, dark
+    assert guess_modality(dark_colour) == "brightfield"
+    assert guess_modality(np.full((32, 32, 3), 200, np.uint8)) == "brightfield"  # bright grey
+    dapi = np.zeros((32, 32, 3), np.uint8)
+    dapi[8:12, 8:12] = 180
+    assert guess_modality(dapi) == "fluorescence"
+
+
+def test_bbbc039_diagonal_pixels_are_one_object_and_val_is_validation(tmp_path: Path) -> None:
+    from benchmark.datasets.bbbc039 import decode_bbbc039_mask
+
+    assert decode_bbbc039_mask(np.array([[1, 0], [0, 1]], np.uint8)).max() == 1
+    _write_bbbc039(tmp_path)
+    (tmp_path / "metadata" / "validation.txt").write_text("IXMtest_B03_s2_w1BBBB.png\n")
+    (tmp_path / "metadata" / "test.txt").write_text("")
+    ds = get_dataset("bbbc039", tmp_path)
+    assert ds.ids("val") == ds.ids("validation") == ["IXMtest_B03_s2_w1BBBB"]
+
+
+def test_kromp_colour_masks_channel_first_images_and_comma_csv(tmp_path: Path) -> None:
+    from benchmark.datasets.kromp2020 import to_label_map
+
+    colour = np.zeros((6, 6, 3), np.uint8)
+    colour[1:3, 1:3] = (200, 10, 10)
+    colour[3:5, 3:5] = (10, 200, 10)
+    lab = to_label_map(colour)
+    assert lab[0, 0] == 0 and lab.max() == 2 and lab[1, 1] != lab[3, 3] != 0
+    _write_kromp(tmp_path)
+    raw = np.zeros((3, 16, 24), np.uint8)
+    raw[0, 1:5, 1:5] = 90  # channel-first RGB as some TIFF writers store it
+    tifffile.imwrite(tmp_path / "rawimages" / "Neuroblastoma_7.tif", raw, photometric="minisblack")
+    csv_text = (tmp_path / "image_description.csv").read_text().replace(";", ",")
+    (tmp_path / "image_description.csv").write_text(csv_text)
+    ds = get_dataset("kromp2020", tmp_path)
+    s = ds.load("Neuroblastoma_7")
+    assert s.image.shape == (16, 24, 3) and s.image[2, 2, 0] == 90
+    assert s.groups["split"] == "test" and ds.ids("train") == ["Ganglioneuroblastoma_0"]
+
+
+def test_ccagt_colours_cover_the_tile_and_nors_go_to_their_nucleus() -> None:
+    from benchmark.datasets.ccagt import build_instances, segments_from_panoptic
+
+    pan = np.zeros((10, 12, 3), np.uint8)
+    pan[:, :6] = (1, 0, 0)  # colours differing only in which channel holds the 1
+    pan[:, 6:] = (0, 1, 0)
+    sem = np.ones((10, 12), np.int64)
+    seg, cls = segments_from_panoptic(pan, sem)
+    assert seg.min() == 1 and len(np.unique(seg)) == 2  # no black: every pixel a segment
+    # one nucleus with a square cluster and two square satellites painted over it
+    sem = np.zeros((20, 20), np.int64)
+    sem[2:18, 2:18] = 1
+    pan = np.zeros((20, 20, 3), np.uint8)
+    pan[2:18, 2:18] = (10, 20, 30)
+    for (y, x), c, colour in (
+        ((5, 5), 2, (50, 0, 0)),
+        ((12, 5), 3, (0, 50, 0)),
+        ((12, 12), 3, (0, 0, 50)),
+    ):
+        sem[y : y + 3, x : x + 3] = c
+        pan[y : y + 3, x : x + 3] = colour
+    inst = build_instances(*segments_from_panoptic(pan, sem))
+    assert inst["nor_parent"] == {1: 1, 2: 1, 3: 1}
+    assert inst["cluster_counts"] == {1: 1} and inst["satellite_counts"] == {1: 2}
+    assert inst["agnor_counts"] == {1: 3} and (inst["labels"] == 1).sum() == 16 * 16
+
+
+def test_deepliif_image_is_the_ihc_panel_and_points_lie_on_their_nuclei(shared: Path) -> None:
+    from benchmark.datasets.base import read_image
+
+    ds = get_dataset("deepliif", need(shared, "deepliif"))
+    s = ds.load("Bladder1")
+    full = read_image(next(p for p in ds.files() if p.stem == "Bladder1"))[..., :3]
+    np.testing.assert_array_equal(s.image, full[:, :512])
+    x, y = np.rint(s.points).astype(int).T
+    on_own = s.labels[y, x] == np.arange(1, len(s.points) + 1)
+    assert on_own.mean() > 0.9
+
+
+def test_folder_binary_masks_join_diagonal_pixels_and_mpp_txt_is_used(tmp_path: Path) -> None:
+    from benchmark.datasets.folder import instance_labels
+
+    diag = np.zeros((4, 4), np.uint8)
+    diag[1, 1] = diag[2, 2] = 255
+    assert instance_labels(diag)[0].max() == 1
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    Image.fromarray(np.full((8, 8, 3), 200, np.uint8)).save(tmp_path / "images" / "a.png")
+    Image.fromarray(diag.repeat(2, 0).repeat(2, 1)).save(tmp_path / "masks" / "a.png")
+    (tmp_path / "mpp.txt").write_text("0.5\n")
+    assert get_dataset("folder", tmp_path).load("a").mpp == pytest.approx(0.5)
