@@ -115,6 +115,6 @@ def test_synthetic_images_paste_each_nucleus_with_its_own_pixels() -> None:
     item = TrainImage("src", img, lab, lab > 0)
     for seed in range(8):
         s = synthetic_image([item], np.random.default_rng(seed), size=32, n_nuclei=4)
-        assert s.labels.max() > 0
+        assert s.labels is not None and s.labels.max() > 0
         assert s.image[s.labels > 0].max() < 100  # nuclei carry nucleus pixels
         assert s.image[s.labels == 0].min() > 150  # a nucleus-free background
