@@ -284,3 +284,68 @@ def test_a_window_narrower_than_a_base_pixel_reads_one(tmp_path: Path) -> None:
         for t in tiles:
             w, h = t.read_size
             assert read_tile(job, t).shape == (h, w, 3), (tile_size, t)
+
+
+def test_a_black_frame_round_the_glass_encloses_no_tissue() -> None:
+    """A scan padded with black on every side (an unscanned margin, a crop's
+    letterbox), its black noisy as a JPEG's (values up to 12): the black is
+    no tissue, and neither is the glass it frames, which hole filling would
+    take for a hole in it if the black counted."""
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 13, (120, 160, 3)).astype(np.uint8)  # near-black
+    img[10:110, 10:150] = 242  # glass
+    img[40:80, 50:100] = (200, 120, 180)  # tissue
+    for um_per_px in (None, 10.0):  # (the framed glass: 1.3 mm^2, a hole too large at 10)
+        mask = tissue_mask(img, um_per_px=um_per_px)
+        assert mask[40:80, 50:100].all()
+        assert mask.sum() == 40 * 50
+
+
+def test_a_dim_nucleus_is_fluorescence_tissue() -> None:
+    """Fluorescence tissue is anything brighter than half of Otsu's threshold:
+    a dim nucleus beside bright ones (Otsu's threshold falls in the gap
+    between them) is kept, not left out of the analysis."""
+    from skimage.filters import threshold_otsu
+
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 11, (100, 100))  # dark background
+    for rows, cols in ((slice(10, 30), slice(10, 30)), (slice(50, 70), slice(10, 30))):
+        grey[rows, cols] = rng.integers(150, 256, (20, 20))  # bright nuclei
+    grey[50:70, 50:70] = rng.integers(40, 61, (20, 20))  # a dim one
+    img = np.repeat(grey[..., None], 3, axis=2).astype(np.uint8)
+    assert 60 < threshold_otsu(img.mean(axis=2)) < 150
+    mask = tissue_mask(img, modality="fluorescence")
+    assert mask[50:70, 50:70].all() and mask.sum() == 3 * 400
+
+
+def test_pale_tissue_on_grey_glass_is_not_a_flat_image() -> None:
+    """Only an image whose every channel varies by 2 levels or less is one
+    flat colour with no tissue: pale stain 18 levels below a greyish glass
+    (summed optical density 0.24 against 0.13) is tissue."""
+    img = np.full((60, 60, 3), 230, np.uint8)
+    img[20:40, 20:40] = 212
+    mask = tissue_mask(img)
+    assert mask[20:40, 20:40].all() and mask.sum() == 400
+
+
+def test_silver_stained_cells_look_brightfield(shared_data: Path) -> None:
+    """CCAgT's AgNOR silver stains, their medians 153-212 of 255, are
+    brightfield (a model given them is not warned about the modality)."""
+    from nucleus_models.wsi.tissue import apparent_modality
+
+    jpgs = sorted((shared_data / "ccagt_agnor" / "images").glob("*.jpg"))
+    assert len(jpgs) == 4
+    for jpg in jpgs:
+        assert apparent_modality(np.asarray(Image.open(jpg).convert("RGB"))) == "brightfield"
+
+
+def test_stain_statistics_of_an_image_without_tissue_are_of_the_whole_image() -> None:
+    """An empty tissue mask (a blank region, a mask that found nothing) gives
+    the whole image's Reinhard statistics, not NaN from no pixels at all."""
+    from nucleus_models.stain import reinhard_stats
+
+    img = np.full((40, 40, 3), 200, np.uint8)
+    img[:20] = (150, 80, 170)
+    got = reinhard_stats(img, np.zeros((40, 40), bool))
+    assert got == reinhard_stats(img)
+    assert np.isfinite(np.asarray(got["src_mu_lab"])).all()
