@@ -144,3 +144,50 @@ def test_segment_image_returns_nuclei_where_they_are() -> None:
             d.append(found[int(hit)] - np.array(r.centroid))
     assert len(d) >= 38
     assert np.abs(np.mean(d, axis=0)).max() < 0.2
+
+
+def _few_disks(h: int, w: int) -> np.ndarray:
+    yy, xx = np.mgrid[:h, :w]
+    lab = np.zeros((h, w), np.int32)
+    for k, (cy, cx, r) in enumerate([(8, 9, 4.3), (20, 30, 5.1), (22, 10, 3.6), (7, 33, 4.8)], 1):
+        lab[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = k
+    return lab
+
+
+def test_labels_grown_onto_a_wider_grid_fill_their_outlines() -> None:
+    """A model's labels grown back to a non-square image (``segment_image``):
+    each grown pixel whose centre lies inside a nucleus's outline (as
+    ``nuclei_from_labels`` draws it on the model's grid) is that nucleus,
+    and every other pixel is background."""
+    from matplotlib.path import Path as Polygon
+
+    from nucleus_models.instances import nuclei_from_labels, resize_labels
+
+    lab = _few_disks(30, 44)
+    f = 3
+    big = resize_labels(lab, (44 * f, 30 * f))
+    assert big.shape == (30 * f, 44 * f)
+    n = nuclei_from_labels(lab, simplify=0)
+    yy, xx = np.mgrid[: 30 * f, : 44 * f]
+    centres = np.c_[(xx.ravel() + 0.5) / f, (yy.ravel() + 0.5) / f]
+    want = np.zeros(centres.shape[0], np.int32)
+    for i in range(len(n)):
+        outline = n.polygon_vertices[n.polygon_offsets[i] : n.polygon_offsets[i + 1]]
+        want[Polygon(outline).contains_points(centres)] = i + 1
+    assert np.array_equal(big, want.reshape(big.shape))
+
+
+def test_labels_shrunk_onto_a_wider_grid_keep_the_pixels_mostly_covered() -> None:
+    """Shrinking 4x to a non-square grid: a pixel is foreground when most of
+    its 4 x 4 block is, and takes the id of the nucleus there."""
+    from nucleus_models.instances import resize_labels
+
+    lab = _few_disks(30, 44)
+    big = labels_to_grid(lab, (120, 176))  # 4x, on pixel centres
+    small = resize_labels(big, (44, 30))
+    assert small.shape == (30, 44)
+    cover = (big > 0).reshape(30, 4, 44, 4).mean(axis=(1, 3))
+    decided = np.abs(cover - 0.5) > 1e-6
+    assert np.array_equal((small > 0)[decided], (cover > 0.5)[decided])
+    ids = np.unique(small[small > 0])
+    assert len(ids) == 4 and all((lab[small == k] == k).mean() > 0.9 for k in ids)
