@@ -415,6 +415,24 @@ def test_targets_and_watershed_roundtrip() -> None:
     assert aggregated_jaccard_index(lab, inst.labels) > 0.95
 
 
+def test_a_settings_instances_of_a_batch_are_cropped_to_each_tiles_shape() -> None:
+    """A slide's last column and row of tiles are narrower or shorter than the
+    batch the network ran on: each tile's maps are cropped to its own
+    (height, width) before the watershed, so its nuclei stay where they are."""
+    from benchmark.training.data import make_targets
+    from nucleus_models.models.unet import WatershedSetting
+
+    lab = np.zeros((40, 64), np.int32)
+    yy, xx = np.mgrid[0:40, 0:64]
+    lab[(yy - 10) ** 2 + (xx - 40) ** 2 <= 36] = 1  # inside a 20 x 48 tile
+    raw = np.zeros((2, 3, 40, 64), np.float32)
+    raw[:] = np.stack(make_targets(lab))
+    wide, tall = WatershedSetting()(raw, [(20, 48), (40, 24)])
+    assert wide.labels.shape == (20, 48) and tall.labels.shape == (40, 24)
+    assert np.array_equal(wide.labels > 0, lab[:20, :48] > 0)
+    assert tall.labels.max() == 0
+
+
 def _three_disks(scale: int = 1) -> np.ndarray:
     n = 60 * scale
     lab = np.zeros((n, n), np.int32)
