@@ -191,3 +191,19 @@ def test_labels_shrunk_onto_a_wider_grid_keep_the_pixels_mostly_covered() -> Non
     assert np.array_equal((small > 0)[decided], (cover > 0.5)[decided])
     ids = np.unique(small[small > 0])
     assert len(ids) == 4 and all((lab[small == k] == k).mean() > 0.9 for k in ids)
+
+
+def test_classical_scores_say_how_much_darker_than_the_threshold_a_nucleus_is() -> None:
+    """``classical-he``'s score is (threshold - mean haematoxylin) / threshold:
+    dark nuclei score high, paler ones lower, none 0."""
+    from nucleus_models.models.registry import get_model
+
+    model = get_model("classical-he")
+    hema = np.full((80, 80), 220.0, np.float32)
+    yy, xx = np.mgrid[:80, :80]
+    hema[(yy - 20) ** 2 + (xx - 20) ** 2 < 64] = 18.0  # dark: (90 - 18) / 90 = 0.8
+    hema[(yy - 55) ** 2 + (xx - 55) ** 2 < 64] = 63.0  # paler: 0.3
+    inst = model._segment(hema)
+    assert inst.labels.max() == 2
+    got = sorted(inst.scores[1:].tolist())
+    assert got == pytest.approx([0.3, 0.8], abs=0.05)
