@@ -207,3 +207,18 @@ def test_classical_scores_say_how_much_darker_than_the_threshold_a_nucleus_is() 
     assert inst.labels.max() == 2
     got = sorted(inst.scores[1:].tolist())
     assert got == pytest.approx([0.3, 0.8], abs=0.05)
+
+
+def test_training_images_shrink_by_area_and_grow_bilinearly() -> None:
+    """Images (not labels) resampled for training and cross-validation: shrunk
+    4x, one dark column in four averages into every pixel (area; bilinear
+    reads two pale columns and loses it); grown 4x, an edge becomes a ramp
+    (bilinear; area repeats each pixel). A mutation run swapping the two
+    passed the suite (shrinking by exactly 2, the two agree)."""
+    fine = np.full((8, 16), 200, np.uint8)
+    fine[:, ::4] = 0
+    assert np.all(_resize(fine, 0.25) == 150)  # bilinear: 200 (the dark columns lost)
+    coarse = np.zeros((4, 4), np.uint8)
+    coarse[:, 2:] = 200
+    row = _resize(coarse, 4.0)[0].astype(int)
+    assert np.all(np.diff(row) >= 0) and len(set(row.tolist()) - {0, 200}) >= 3
