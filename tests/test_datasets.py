@@ -571,3 +571,21 @@ def test_folder_binary_masks_join_diagonal_pixels_and_mpp_txt_is_used(tmp_path: 
     Image.fromarray(diag.repeat(2, 0).repeat(2, 1)).save(tmp_path / "masks" / "a.png")
     (tmp_path / "mpp.txt").write_text("0.5\n")
     assert get_dataset("folder", tmp_path).load("a").mpp == pytest.approx(0.5)
+
+
+def test_kromp_synonym_columns_the_first_filled_one_wins(tmp_path: Path) -> None:
+    """A CSV with two columns for one group (``Preparation`` and ``Sample
+    preparation``; ``Train-/Testset split`` and ``Split``): the first one
+    with a value gives it, a later synonym only fills it where the first is
+    empty (a mutation run letting the later column overwrite passed the suite)."""
+    from benchmark.datasets.kromp2020 import read_image_description
+
+    path = tmp_path / "image_description.csv"
+    path.write_text(
+        "Image_Name;Preparation;Train-/Testset split;Sample preparation;Split\n"
+        "a.tif;tissue section;train;cytospin;test\n"
+        "b.tif;;test;touch imprint;train\n"
+    )
+    meta = read_image_description(path)
+    assert meta["a"]["preparation"] == "tissue section" and meta["a"]["split"] == "train"
+    assert meta["b"]["preparation"] == "touch imprint" and meta["b"]["split"] == "test"
