@@ -38,8 +38,15 @@ REPO = Path(__file__).resolve().parents[1]
 TOKEN = "tok3nSECRETvalue0123456789abcdef"
 
 
+#: a slide's bytes, and where a dropped download of it breaks off
+SLIDE = bytes(range(256)) * 1200
+CUT_AT = 100_000
+
+
 class _Handler(BaseHTTPRequestHandler):
     counts: Counter[str] = Counter()
+    bodies: dict[str, list[bytes]] = {}
+    annotations: list[dict[str, Any]] = []
 
     def log_message(self, *args: object) -> None:  # keep pytest output clean
         pass
@@ -80,8 +87,78 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, {"n": n})
         elif path == "echo400":
             self._send(400, {"message": f"bad request with token={token}", "type": "validation"})
+        elif path == "cutjson":  # the first answer is cut off mid-body
+            if n == 1:
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", "40")
+                self.end_headers()
+                self.wfile.write(b'{"n": 1, "pad')
+                self.wfile.flush()
+                self.close_connection = True
+                self.connection.shutdown(2)
+                return
+            self._send(200, {"n": n})
+        elif path.startswith("file/") and path.endswith("/download"):
+            self._download(path.split("/")[1], n)
+        elif path.startswith("file/"):
+            self._send(200, {"_id": path[5:], "name": "case 1.svs", "size": len(SLIDE)})
+        elif path == "annotation":
+            self._send(200, self.annotations)
         else:
             self._send(404, {"message": "no such route"})
+
+    def _download(self, file_id: str, n: int) -> None:
+        """``cut<k>``: the first k answers drop the connection after
+        :data:`CUT_AT` bytes of their Content-Length; ``nolength<k>``: the
+        same without a Content-Length (the end of the answer is the close);
+        ``cutall``: every answer drops."""
+        cuts = (
+            10**9
+            if file_id == "cutall"
+            else int(file_id.removeprefix("cut").removeprefix("nolength"))
+        )
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        if not file_id.startswith("nolength"):
+            self.send_header("Content-Length", str(len(SLIDE)))
+        self.end_headers()
+        self.wfile.write(SLIDE[:CUT_AT] if n <= cuts else SLIDE)
+        self.wfile.flush()
+        self.close_connection = True
+        self.connection.shutdown(2)
+
+    def _body(self) -> bytes:
+        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+    def do_POST(self) -> None:  # noqa: N802
+        self._write_request()
+
+    def do_PUT(self) -> None:  # noqa: N802
+        self._write_request()
+
+    def _write_request(self) -> None:
+        """A write whose first try gets a 503 after its body was read: the
+        bodies each try sent are kept in ``bodies``."""
+        path = self.path.split("?")[0].removeprefix("/api/v1/")
+        n = self.counts[path] = self.counts[path] + 1
+        body = self._body()
+        self.bodies.setdefault(path, []).append(body)
+        if path == "file":  # girder_client's upload: the upload, then its chunks
+            self._send(200, {"_id": "upload1"})
+        elif n == 1:
+            self._send(503, {"message": "busy"})
+        elif path == "annotation":  # stored (as Girder lists it) when it parses
+            try:
+                doc = json.loads(body)
+            except ValueError:
+                self._send(400, {"message": "Invalid JSON", "type": "rest"})
+                return
+            els = doc.pop("elements")
+            self.annotations.append({"_id": f"A{n}", "annotation": doc, "_elementCount": len(els)})
+            self._send(200, {"_id": f"A{n}"})
+        else:
+            self._send(200, {"_id": "file1", "size": len(body)})
 
     def do_DELETE(self) -> None:  # noqa: N802
         path = self.path.split("?")[0].removeprefix("/api/v1/")
@@ -96,6 +173,7 @@ class _Handler(BaseHTTPRequestHandler):
 @pytest.fixture()
 def server() -> Iterator[str]:
     _Handler.counts = Counter()
+    _Handler.bodies, _Handler.annotations = {}, []
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     httpd.daemon_threads = True
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.1})
@@ -724,3 +802,106 @@ def test_a_live_lease_is_renewed_well_before_it_goes_stale() -> None:
     from nucleus_models.dsa import lease
 
     assert lease.HEARTBEAT_EVERY_S * 3 <= lease.STALE_AFTER_S
+
+
+def test_a_download_cut_off_mid_transfer_is_retried_whole(
+    server: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A slide's download whose connection drops mid-transfer is tried again
+    from the start under the retry policy, saying so; what ends in place is
+    the whole file, and no partial one stays beside it."""
+    sleeps: list[float] = []
+    dest = tmp_path / "slide.svs"
+    with caplog.at_level(logging.WARNING, logger="nucleus_models.dsa.client"):
+        assert _client(server, sleeps).download_file("cut2", str(dest)) == str(dest)
+    assert dest.read_bytes() == SLIDE and list(tmp_path.iterdir()) == [dest]
+    assert _Handler.counts["file/cut2/download"] == 3 and len(sleeps) == 2
+    retried = [r.getMessage() for r in caplog.records if "retry" in r.getMessage()]
+    assert len(retried) == 2, retried
+    assert f"the connection dropped mid-download, after {CUT_AT} bytes; retry 1/3" in retried[0]
+
+
+def test_a_download_without_a_length_is_checked_against_the_file_size(
+    server: str, tmp_path: Path
+) -> None:
+    """An answer without a Content-Length ends where the connection closes:
+    cut off, it looked complete, and the slide was analysed from a truncated
+    file. Checked against the file's size in Girder, it is retried."""
+    sleeps: list[float] = []
+    dest = tmp_path / "slide.svs"
+    _client(server, sleeps).download_file("nolength1", str(dest), size=len(SLIDE))
+    assert dest.read_bytes() == SLIDE and len(sleeps) == 1
+    assert list(tmp_path.iterdir()) == [dest]
+
+
+def test_a_download_that_keeps_failing_leaves_no_partial_file(server: str, tmp_path: Path) -> None:
+    sleeps: list[float] = []
+    with pytest.raises(GirderUnavailable) as info:
+        _client(server, sleeps, attempts=3).download_file(
+            "cutall", str(tmp_path / "slide.svs"), size=len(SLIDE)
+        )
+    assert _Handler.counts["file/cutall/download"] == 3 and len(sleeps) == 2
+    msg = str(info.value)
+    assert "\n" not in msg and "failed 3 time(s) on GET file/cutall/download" in msg
+    assert f"dropped mid-download, after {CUT_AT} of {len(SLIDE)} bytes" in msg, msg
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_answer_cut_off_mid_body_is_retried(server: str) -> None:
+    """A JSON answer whose connection drops mid-body was a one-line error at
+    once (requests' ChunkedEncodingError was not taken for a dropped connection)."""
+    sleeps: list[float] = []
+    assert _client(server, sleeps).get("cutjson") == {"n": 2}
+    assert len(sleeps) == 1
+
+
+def _analysis_stub(seen: list[bytes]) -> Any:
+    """An analysis that keeps the bytes of the slide it is given."""
+    from nucleus_models.dsa.annotations import BatchedDocument
+    from nucleus_models.dsa.folder_job import AnalysisOutput
+
+    def run(params: Any, slide: str, workdir: str, *rest: Any) -> AnalysisOutput:
+        seen.append(Path(slide).read_bytes())
+        doc = BatchedDocument(name="Nuclei (stub)", batches=lambda: [])
+        return AnalysisOutput(document=doc, scores={"nuclei_count": 0}, provenance={})
+
+    return run
+
+
+def _quiet_ledger(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The folder job's records and pushes stubbed out (every push stores "NEW")."""
+    from nucleus_models.dsa import folder_job
+    from nucleus_models.dsa.annotations import PushResult
+
+    monkeypatch.setattr(folder_job, "SWEEP_SETTLE_S", 0.0)
+    monkeypatch.setattr(folder_job, "read_record", lambda c, i, k: None)
+    monkeypatch.setattr(folder_job, "write_record", lambda c, i, k, r: None)
+    monkeypatch.setattr(folder_job, "push_annotation", lambda *a, **k: PushResult("NEW", 0))
+
+
+def test_the_folder_job_analyses_whole_downloads_only(
+    server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Slides whose downloads drop mid-transfer (with or without a
+    Content-Length) are analysed from the whole file; one that keeps
+    dropping fails with a one-line reason, is never analysed, and leaves
+    nothing in the workdir."""
+    from nucleus_models.dsa import folder_job
+
+    _quiet_ledger(monkeypatch)
+    monkeypatch.setattr(folder_job, "find_annotations", lambda *a, **k: [])
+    seen: list[bytes] = []
+    monkeypatch.setitem(folder_job.ANALYSES, "NucleusDetection", _analysis_stub(seen))
+    items = [
+        {"_id": f"i{k}", "name": f"{k}.svs", "folderId": "F", "largeImage": {"fileId": fid}}
+        for k, fid in enumerate(["cut1", "nolength2", "cutall"])
+    ]
+    work = tmp_path / "work"
+    work.mkdir()
+    client = _client(server, [], attempts=3)
+    params = FolderJobParams(inputFolder="F")
+    out = folder_job._run_items(client, params, {"name": "F"}, items, _NoLease(), None, str(work))  # type: ignore[arg-type]
+    assert seen == [SLIDE, SLIDE]
+    assert [o.status for o in out] == ["done", "done", "failed"]
+    assert "\n" not in out[2].error and "mid-download" in out[2].error, out[2].error
+    assert list(work.iterdir()) == []

@@ -9,6 +9,7 @@ a timeout, is retried with exponential backoff (and jitter) on 5xx answers,
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
@@ -21,6 +22,7 @@ from typing import Any
 
 import girder_client
 import requests
+import urllib3
 
 from ..errors import NucleusModelsError
 
@@ -156,17 +158,42 @@ class RetryPolicy:
         return (self.connect_timeout, self.read_timeout)
 
 
+class IncompleteDownload(requests.ConnectionError):
+    """A download that ended short of the file: the connection dropped or
+    timed out mid-transfer, or the answer was shorter than the file's size."""
+
+    def __init__(self, got: int, size: int | None, cause: BaseException | None = None):
+        of = f" of {size}" if size is not None else ""
+        if size is not None and got > size:
+            text = f"the download gave {got} bytes, the file has {size}"
+        elif cause is None:  # (an answer without a length, closed early)
+            text = f"the download ended after {got}{of} bytes"
+        else:
+            timed_out = any(isinstance(a, urllib3.exceptions.TimeoutError) for a in cause.args)
+            how = "timed out" if timed_out else "the connection dropped"
+            text = f"{how} mid-download, after {got}{of} bytes"
+        super().__init__(text)
+        self.got, self.size = got, size
+
+
 def is_transient(exc: BaseException) -> bool:
-    """Whether ``exc`` is worth a retry: time-out, dropped connection, 5xx or 429."""
+    """Whether ``exc`` is worth a retry: time-out, dropped connection (also
+    mid-answer), 5xx or 429."""
     if isinstance(exc, girder_client.HttpError):
         return exc.status in RETRY_STATUS
-    return isinstance(exc, requests.ConnectionError | requests.Timeout)
+    return isinstance(
+        exc, requests.ConnectionError | requests.Timeout | requests.exceptions.ChunkedEncodingError
+    )
 
 
 def describe(exc: BaseException) -> str:
     """One line for ``exc`` (no response bodies, no token)."""
     if isinstance(exc, girder_client.HttpError):
         return f"HTTP {exc.status} on {exc.method} {_path(exc.url)}: {_message(exc.responseText)}"
+    if isinstance(exc, IncompleteDownload):
+        return str(exc)
+    if isinstance(exc, requests.exceptions.ChunkedEncodingError):
+        return f"the connection dropped mid-answer ({type(exc).__name__})"
     if isinstance(exc, requests.Timeout):
         return f"time-out ({type(exc).__name__})"
     if isinstance(exc, requests.ConnectionError):
@@ -247,14 +274,32 @@ class DSAClient(girder_client.GirderClient):  # type: ignore[misc]
             A non-retryable error status (the token is redacted from it).
         """
         kwargs.setdefault("timeout", self.retry.timeout)
+        send = super().sendRestRequest
+
+        def once(attempt: int) -> Any:
+            if attempt and hasattr(data, "seek"):
+                data.seek(0)  # a retried POST/PUT sends its whole body again
+            return send(method, path, parameters, data, files, json, headers, jsonResp, **kwargs)
+
+        return self._retrying(
+            method, path, once, attempts=attempts, retry_log_level=retry_log_level
+        )
+
+    def _retrying(
+        self,
+        method: str,
+        path: str,
+        once: Callable[[int], Any],
+        *,
+        attempts: int | None = None,
+        retry_log_level: int = logging.WARNING,
+    ) -> Any:
+        """``once(attempt)`` until it returns, retried on transient errors
+        under :attr:`retry` (see :meth:`sendRestRequest`)."""
         n = max(1, attempts if attempts is not None else self.retry.attempts)
         for attempt in range(n):
-            if attempt and hasattr(data, "seek"):
-                data.seek(0)
             try:
-                return super().sendRestRequest(
-                    method, path, parameters, data, files, json, headers, jsonResp, **kwargs
-                )
+                return once(attempt)
             except (girder_client.HttpError, requests.RequestException) as exc:
                 if attempt and method.upper() == "DELETE" and _gone(exc):
                     return None  # an earlier try did delete it: its answer was lost
@@ -279,26 +324,52 @@ class DSAClient(girder_client.GirderClient):  # type: ignore[misc]
                 self._sleep(wait)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def download_file(self, file_id: str, dest: str, *, chunk: int = 1 << 22) -> str:
-        """Download a Girder file to ``dest`` (retried whole; written to a temp name first)."""
+    def download_file(
+        self, file_id: str, dest: str, *, size: int | None = None, chunk: int = 1 << 22
+    ) -> str:
+        """Download a Girder file to ``dest``, whole or not at all.
+
+        It is written to ``dest + ".part"`` and renamed ``dest`` once
+        complete. A transfer that breaks off (the connection dropped or timed
+        out mid-transfer, an answer shorter than its Content-Length, or than
+        ``size``, the file's size in Girder, which also catches a dropped
+        answer that had no length) is retried from the start under
+        :attr:`retry`, as every request is; the partial file is removed,
+        also when every try fails.
+
+        Raises
+        ------
+        GirderUnavailable
+            Still failing after the policy's attempts (one line).
+        GirderRequestError
+            A non-retryable error status (e.g. 404: no such file).
+        """
         tmp = dest + ".part"
-        for attempt in range(self.retry.attempts):
-            try:
-                resp = self.sendRestRequest(
-                    "GET", f"file/{file_id}/download", jsonResp=False, stream=True
-                )
-                with open(tmp, "wb") as f:
+        path = f"file/{file_id}/download"
+        send = super().sendRestRequest
+
+        def once(attempt: int) -> str:
+            resp = send("GET", path, jsonResp=False, stream=True, timeout=self.retry.timeout)
+            got = 0
+            with resp, open(tmp, "wb") as f:
+                try:
                     for block in resp.iter_content(chunk):
                         f.write(block)
-                os.replace(tmp, dest)
-                return dest
-            except requests.RequestException as exc:
-                if attempt + 1 >= self.retry.attempts:
-                    raise GirderUnavailable(
-                        f"download of file {file_id} failed: {describe(exc)}"
-                    ) from None
-                self._sleep(self.retry.delay(attempt))
-        raise AssertionError("unreachable")  # pragma: no cover
+                        got += len(block)
+                except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as exc:
+                    # (bytes that came before the drop in a block never written count too)
+                    got = max(got, int(getattr(resp.raw, "tell", lambda: 0)() or 0))
+                    raise IncompleteDownload(got, size, exc) from None
+            if size is not None and got != size:
+                raise IncompleteDownload(got, size)
+            os.replace(tmp, dest)
+            return dest
+
+        try:
+            return str(self._retrying("GET", path, once))
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)  # a partial download never stays behind
 
     def upload_bytes_to_item(self, item_id: str, name: str, payload: bytes, mime: str) -> Any:
         """Upload ``payload`` as a new file of ``item_id`` (the whole upload is retried)."""

@@ -325,9 +325,12 @@ def _process(
     t0 = time.perf_counter()
     key = params.key()
     file_id = item["largeImage"]["fileId"]
-    fname = os.path.basename(client.get(f"file/{file_id}")["name"]) or "slide"
+    gfile = client.get(f"file/{file_id}")
+    fname = os.path.basename(gfile["name"]) or "slide"
+    size = gfile.get("size")  # a download that ends short of it is retried, never analysed
+    size = size if isinstance(size, int) and not isinstance(size, bool) else None
     with tempfile.TemporaryDirectory(prefix="nm-folder-job-", dir=workdir) as tmp:
-        slide = client.download_file(file_id, os.path.join(tmp, local_name(fname)))
+        slide = client.download_file(file_id, os.path.join(tmp, local_name(fname)), size=size)
         try:
             out = ANALYSES[params.analysis](params, slide, tmp, progress)
         except NucleusModelsError as exc:
