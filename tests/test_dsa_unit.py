@@ -905,3 +905,115 @@ def test_the_folder_job_analyses_whole_downloads_only(
     assert [o.status for o in out] == ["done", "done", "failed"]
     assert "\n" not in out[2].error and "mid-download" in out[2].error, out[2].error
     assert list(work.iterdir()) == []
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT"])
+def test_a_retried_write_sends_its_whole_body_again(server: str, method: str) -> None:
+    """A body read to its end by the try that got a 503 is rewound: the
+    retry does not send an empty one."""
+    payload = b"x" * 5000 + b"end"
+    _client(server, []).sendRestRequest(method, "thing", data=io.BytesIO(payload))
+    assert _Handler.bodies["thing"] == [payload, payload]
+
+
+def test_a_retried_upload_chunk_is_sent_whole_again(server: str) -> None:
+    """The summary CSV's upload: girder_client POSTs each chunk from a
+    BytesIO; its retry after a 503 sends the chunk again, not nothing."""
+    payload = b"item_id,status\n" + b"i,done\n" * 500
+    new = _client(server, []).upload_bytes_to_item("I", "summary.csv", payload, "text/csv")
+    assert new["size"] == len(payload)
+    assert _Handler.bodies["file/chunk"] == [payload, payload]
+
+
+def test_a_retried_push_uploads_its_whole_document_again(server: str, tmp_path: Path) -> None:
+    """A push of a document written to a file (a slide's nuclei, a batch at
+    a time) whose first POST got a 503 sends the whole file again."""
+    from nucleus_models.dsa import BatchedDocument, push_annotation
+
+    els = [{"type": "point", "center": [float(i), 2.0, 0]} for i in range(300)]
+    doc = BatchedDocument.from_document({"name": "Nuclei (test)", "elements": els}, 50)
+    res = push_annotation(_client(server, []), "I", doc, analysis_key="K", workdir=str(tmp_path))
+    first, second = _Handler.bodies["annotation"]
+    assert first == second and len(first) == res.upload_bytes > 5000
+    assert res.element_count == 300 and res.attempts == 2
+
+
+class _Annotations:
+    """A client holding an item's annotations (listed, deleted) and a slide."""
+
+    def __init__(self, anns: list[dict[str, Any]]):
+        self.anns, self.deleted = anns, []
+
+    def get(self, path: str, parameters: Any = None) -> Any:
+        if path == "annotation":
+            return [a for a in self.anns if a["_id"] not in self.deleted]
+        return {"_id": path, "name": "case 1.svs", "size": 4}
+
+    def sendRestRequest(self, method: str, path: str, *a: Any, **k: Any) -> None:  # noqa: N802
+        assert method == "DELETE" and path.startswith("annotation/")
+        self.deleted.append(path.removeprefix("annotation/"))
+
+    def download_file(self, file_id: str, dest: str, *, size: int | None = None) -> str:
+        Path(dest).write_bytes(b"tiff")
+        return dest
+
+
+def _ann(ann_id: str, name: str, attributes: dict[str, Any]) -> dict[str, Any]:
+    return {"_id": ann_id, "annotation": {"name": name, "attributes": attributes}}
+
+
+_CLI_MADE = {"software": "nucleus-models", "params": {}}  # NucleusDetection's .anot: no key
+
+
+def test_legacy_annotations_are_found_by_name_and_software_only() -> None:
+    """An annotation NucleusDetection wrote (our software, no key) is the
+    analysis's own when it has the same name; no other is."""
+    from nucleus_models.dsa.annotations import find_annotations
+
+    client = _Annotations(
+        [
+            _ann("cli", "Nuclei (stub)", _CLI_MADE),
+            _ann("other-model", "Nuclei (classical-he)", _CLI_MADE),
+            _ann("by-hand", "Nuclei (stub)", {}),
+            _ann("someone-else", "Nuclei (stub)", {"software": "qupath"}),
+            _ann("keyed", "Nuclei (stub)", {**_CLI_MADE, "nucleus_models": {"analysis_key": "X"}}),
+            _ann("ours", "Other", {**_CLI_MADE, "nucleus_models": {"analysis_key": "K"}}),
+            {"_id": "nameless", "annotation": {"attributes": _CLI_MADE}},
+        ]
+    )
+    ids = [a["_id"] for a in find_annotations(client, "I", "K", legacy_name="Nuclei (stub)")]  # type: ignore[arg-type]
+    assert ids == ["cli", "ours"]
+    assert [a["_id"] for a in find_annotations(client, "I", "K")] == ["ours"]  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("analysis_key", ["", "batch-2026"])
+def test_the_folder_job_replaces_the_cli_made_annotation_of_its_name_under_the_default_key(
+    analysis_key: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """With the default key, the annotation NucleusDetection made from
+    HistomicsUI under the same name is replaced (removed once the new one is
+    recorded); a key of the user's own keeps it. Others are kept either way."""
+    from nucleus_models.dsa import folder_job
+
+    _quiet_ledger(monkeypatch)
+    monkeypatch.setitem(folder_job.ANALYSES, "NucleusDetection", _analysis_stub([]))
+    client = _Annotations(
+        [
+            _ann("cli", "Nuclei (stub)", _CLI_MADE),
+            _ann("other-model", "Nuclei (classical-he)", _CLI_MADE),
+            _ann("by-hand", "Nuclei (stub)", {}),
+        ]
+    )
+    item = {"_id": "I", "name": "case 1.svs", "folderId": "F", "largeImage": {"fileId": "f"}}
+    params = FolderJobParams(inputFolder="F", analysis_key=analysis_key)
+    (outcome,) = folder_job._run_items(
+        client,
+        params,
+        {"name": "F"},
+        [item],
+        _NoLease(),
+        None,
+        str(tmp_path),  # type: ignore[arg-type]
+    )
+    assert outcome.status == "done" and outcome.annotation_id == "NEW"
+    assert client.deleted == ([] if analysis_key else ["cli"])
