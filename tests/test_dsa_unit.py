@@ -1017,3 +1017,64 @@ def test_the_folder_job_replaces_the_cli_made_annotation_of_its_name_under_the_d
     )
     assert outcome.status == "done" and outcome.annotation_id == "NEW"
     assert client.deleted == ([] if analysis_key else ["cli"])
+
+
+class _FlatSlide(_Annotations):
+    """A client whose slide is ``path`` (one level, no pyramid)."""
+
+    def __init__(self, path: Path):
+        super().__init__([])
+        self.path = path
+
+    def download_file(self, file_id: str, dest: str, *, size: int | None = None) -> str:
+        Path(dest).write_bytes(self.path.read_bytes())
+        return dest
+
+
+@pytest.mark.parametrize("logs_as", ["NucleusFolderJob", "cron"])
+def test_the_folder_job_log_says_when_it_reads_an_overview_tile_by_tile(
+    logs_as: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The ~20 s a slide without a pyramid takes before its first tile is
+    said in the job's log, naming the slide: the NucleusFolderJob CLI logs
+    nucleus_models.dsa at INFO and the rest at WARNING (detection's line,
+    logged on its own logger at INFO, was not shown), the cron all at INFO."""
+    import tifffile
+    from conftest import disk_centres, draw_disks
+
+    from nucleus_models import detection
+    from nucleus_models.dsa import folder_job
+
+    monkeypatch.setattr(detection, "OVERVIEW_PX", 256)  # (a 1024 px slide, not 30000)
+    img = draw_disks(1024, 1024, disk_centres(1024, 1024, (128,), radius=6.0), 6.0)
+    flat = tmp_path / "flat.tif"
+    tifffile.imwrite(flat, img, tile=(128, 128), photometric="rgb")
+    _quiet_ledger(monkeypatch)
+    item = {"_id": "I", "name": "flat.tif", "folderId": "F", "largeImage": {"fileId": "f"}}
+    params = FolderJobParams(
+        inputFolder="F", model="classical-he", input_mpp=0.5, nuclei_annotation_format="point"
+    )
+    root, dsa = logging.getLogger(), logging.getLogger("nucleus_models.dsa")
+    before = root.level, dsa.level
+    root.setLevel(logging.INFO if logs_as == "cron" else logging.WARNING)
+    dsa.setLevel(logging.NOTSET if logs_as == "cron" else logging.INFO)
+    try:
+        (outcome,) = folder_job._run_items(
+            _FlatSlide(flat),
+            params,
+            {"name": "F"},
+            [item],
+            _NoLease(),
+            None,
+            str(tmp_path),  # type: ignore[arg-type]
+        )
+    finally:
+        root.setLevel(before[0])
+        dsa.setLevel(before[1])
+    assert outcome.status == "done", outcome.error
+    said = [r.getMessage() for r in caplog.records if "overview" in r.getMessage()]
+    assert len(said) == 2, said
+    assert said[0].startswith(
+        "item 1/1 'flat.tif': reading the tissue overview from 1024 x 1024 px of the slide"
+    )
+    assert said[1].startswith("item 1/1 'flat.tif': overview read in ")

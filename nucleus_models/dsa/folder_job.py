@@ -66,6 +66,8 @@ SWEEP_SETTLE_S = 0.5
 UNANSWERED_SLIDES = 3
 
 Progress = Callable[[float], None]
+#: told, in a line, what a long step of a slide's analysis does (the job's log)
+Note = Callable[[str], None]
 
 _DETECTION_FIELDS = (
     "model",
@@ -192,7 +194,9 @@ class ItemOutcome:
     warnings: list[str] = field(default_factory=list)
 
 
-def _run_detection(params: FolderJobParams, slide: str, workdir: str, progress: Progress) -> Any:
+def _run_detection(
+    params: FolderJobParams, slide: str, workdir: str, progress: Progress, note: Note
+) -> Any:
     from ..detection import DetectionParams, annotation_options, detect_nuclei
     from ..io import annotation_batches
 
@@ -201,7 +205,7 @@ def _run_detection(params: FolderJobParams, slide: str, workdir: str, progress: 
         outputNucleiAnnotationFile=os.path.join(workdir, "nuclei.anot"),  # named, not written
         **{k: getattr(params, k) for k in _DETECTION_FIELDS + _RUNTIME_FIELDS},
     )
-    result = detect_nuclei(det, progress=progress)
+    result = detect_nuclei(det, progress=progress, note=note)
     # the document the NucleusDetection CLI writes, made a batch at a time when pushed
     opts = annotation_options(result)
     name, description = opts.pop("name"), opts.pop("description")
@@ -221,8 +225,9 @@ def _run_detection(params: FolderJobParams, slide: str, workdir: str, progress: 
     return AnalysisOutput(document=doc, scores=scores, provenance=prov)
 
 
-#: Analyses the folder job can run: name -> runner(params, slide path, workdir, progress).
-ANALYSES: dict[str, Callable[[FolderJobParams, str, str, Progress], AnalysisOutput]] = {
+#: Analyses the folder job can run: name -> runner(params, slide path, workdir,
+#: progress, note); ``note`` is told what a long step does (a line in the job's log).
+ANALYSES: dict[str, Callable[[FolderJobParams, str, str, Progress, Note], AnalysisOutput]] = {
     "NucleusDetection": _run_detection,
 }
 
@@ -320,6 +325,7 @@ def _process(
     phash: str,
     workdir: str | None,
     progress: Progress,
+    note: Note,
 ) -> tuple[ItemOutcome, dict[str, Any]]:
     """The item analysed, pushed and recorded: its outcome and the record written."""
     t0 = time.perf_counter()
@@ -332,7 +338,7 @@ def _process(
     with tempfile.TemporaryDirectory(prefix="nm-folder-job-", dir=workdir) as tmp:
         slide = client.download_file(file_id, os.path.join(tmp, local_name(fname)), size=size)
         try:
-            out = ANALYSES[params.analysis](params, slide, tmp, progress)
+            out = ANALYSES[params.analysis](params, slide, tmp, progress, note)
         except NucleusModelsError as exc:
             # its message names the file as downloaded (local_name): name the slide's file
             msg = str(exc).replace(slide, fname).replace(os.path.basename(slide), fname)
@@ -572,6 +578,10 @@ def _run_items(
         def sub(frac: float, i: int = i) -> None:
             report((i + min(max(frac, 0.0), 1.0) * 0.95) / max(len(items), 1))
 
+        def said(text: str, label: str = label) -> None:
+            # (on this logger: the job's log shows it, the analysis's own may be quiet)
+            log.info("%s: %s", label, text)
+
         if lease.check():  # read now: a heartbeat may be 30 s away
             raise FolderBusy(
                 f"folder {folder['name']!r}: another run of {key} took the folder over"
@@ -592,7 +602,9 @@ def _run_items(
                     warnings=list((rec.get("provenance") or {}).get("warnings") or []),
                 )
             else:
-                outcome, written[item["_id"]] = _process(client, params, item, phash, workdir, sub)
+                outcome, written[item["_id"]] = _process(
+                    client, params, item, phash, workdir, sub, said
+                )
         except AuthenticationError:
             raise  # the token expired or was revoked: every later slide would fail too
         except Exception as exc:  # one slide's failure never stops the job
