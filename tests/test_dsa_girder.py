@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 import numpy as np
 import pytest
@@ -39,6 +40,7 @@ from nucleus_models.dsa import (
     AnnotationRejected,
     BatchedDocument,
     FolderJobParams,
+    GirderUnavailable,
     RetryPolicy,
     connect,
     find_annotations,
@@ -343,6 +345,55 @@ def test_5xx_and_lost_answers_mid_push_leave_one_annotation(
         anns = find_annotations(client, item_id, KEY)
         assert [a["_id"] for a in anns] == [res.annotation_id], mode
     client._session.post = real_post
+
+
+def test_an_upload_with_lost_answers_or_failing_chunks_leaves_no_unfinished_upload(
+    girder: GirderServer, request: pytest.FixtureRequest
+) -> None:
+    """The summary CSV's upload against Girder itself, in chunks: chunks
+    stored whose answers are lost (one mid-upload, the last) make one file
+    with the payload; a chunk that keeps failing with 500 fails the upload,
+    which is cancelled. Girder is left with no unfinished upload."""
+    item_id = _item(girder, "upload")
+    client = _client(girder, attempts=3, backoff=0.05)
+    client.MAX_CHUNK_SIZE = 1000
+    real_post = client._session.post
+    payload = b"item_id,status\n" + b"".join(b"i%04d,done\n" % i for i in range(300))  # 3315 B
+    faults: dict[str, str] = {}  # chunk offset: what it gets
+
+    def post(url: str, *args: Any, **kwargs: Any) -> Any:
+        query = dict(parse_qsl(urlsplit(url).query), **(kwargs.get("params") or {}))
+        offset = str(query.get("offset", ""))
+        if "/file/chunk" in url and faults.get(offset) == "lost":
+            del faults[offset]
+            real_post(url, *args, **kwargs)  # stored, but the answer is lost
+            raise requests.ConnectionError("connection dropped after the request was sent")
+        if "/file/chunk" in url and faults.get(offset) == "500":
+            resp = requests.Response()
+            resp.status_code, resp.url = 500, url
+            resp._content = b'{"message": "injected failure", "type": "internal"}'
+            return resp
+        return real_post(url, *args, **kwargs)
+
+    client._session.post = post
+    gc = girder.client()
+    min_chunk = {"key": "core.upload_minimum_chunk_size"}
+    gc.put("system/setting", parameters={**min_chunk, "value": 0})  # (default: 5 MB)
+    request.addfinalizer(lambda: gc.delete("system/setting", parameters=min_chunk))
+    for lost in ("1000", "3000"):  # a middle chunk, the last one
+        faults.update({lost: "lost"})
+        new = client.upload_bytes_to_item(item_id, f"s{lost}.csv", payload, "text/csv")
+        assert not faults and new["size"] == len(payload)
+        buf = io.BytesIO()
+        gc.downloadFile(new["_id"], buf)
+        assert buf.getvalue() == payload
+    faults.update({"2000": "500"})
+    with pytest.raises(GirderUnavailable, match="failed 3 time"):
+        client.upload_bytes_to_item(item_id, "s500.csv", payload, "text/csv")
+    client._session.post = real_post
+    csvs = sorted(f["name"] for f in gc.listFile(item_id) if f["name"].endswith(".csv"))
+    assert csvs == ["s1000.csv", "s3000.csv"]
+    assert [u for u in gc.get("system/uploads") if u.get("parentId") == item_id] == []
 
 
 def test_server_hanging_mid_push(girder: GirderServer) -> None:

@@ -925,6 +925,168 @@ def test_a_retried_upload_chunk_is_sent_whole_again(server: str) -> None:
     assert _Handler.bodies["file/chunk"] == [payload, payload]
 
 
+class _Uploads(BaseHTTPRequestHandler):
+    """Girder's chunked upload, as Girder does it: ``POST file`` starts an
+    upload, ``POST file/chunk`` must give the offset Girder has, the last
+    chunk makes the file (and ends the upload), ``GET file/offset`` and
+    ``DELETE file/upload/{id}``. ``faults`` says what the successive chunk
+    POSTs get: ``503`` (nothing stored), ``403``, ``lost`` (stored, the
+    answer lost), ``ok``; ``init403``: the upload itself is refused."""
+
+    faults: list[str] = []
+    uploads: dict[str, dict[str, Any]] = {}
+    files: list[dict[str, Any]] = []
+    calls: list[str] = []
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def _send(self, status: int, body: object) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _route(self) -> tuple[str, dict[str, str]]:
+        from urllib.parse import parse_qsl, urlsplit
+
+        url = urlsplit(self.path)
+        path = url.path.removeprefix("/api/v1/")
+        self.calls.append(f"{self.command} {path}")
+        return path, dict(parse_qsl(url.query))
+
+    def do_POST(self) -> None:  # noqa: N802
+        path, q = self._route()
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if path == "file":
+            if "init403" in self.faults:
+                self._send(403, {"message": "Write access denied for folder.", "type": "access"})
+                return
+            uid = f"u{len(self.calls)}"
+            self.uploads[uid] = {"_id": uid, "received": 0, "size": int(q["size"]), "data": b""}
+            self.uploads[uid].update(
+                name=q["name"], created=f"2030-01-01T00:00:{len(self.calls):02d}.123456+00:00"
+            )
+            self._send(200, {k: v for k, v in self.uploads[uid].items() if k != "data"})
+            return
+        up = self.uploads.get(q["uploadId"])
+        if up is None:
+            self._send(400, {"message": f"Invalid upload id ({q['uploadId']}).", "type": "rest"})
+            return
+        if up["received"] != int(q["offset"]):
+            msg = (
+                f"Server has received {up['received']} bytes, but client sent offset {q['offset']}."
+            )
+            self._send(400, {"message": msg, "type": "rest"})
+            return
+        fault = self.faults.pop(0) if self.faults else "ok"
+        if fault in ("503", "403"):
+            self._send(int(fault), {"message": "injected", "type": "rest"})
+            return
+        up["data"] += body
+        up["received"] += len(body)
+        answer = {k: v for k, v in up.items() if k != "data"}
+        if up["received"] == up["size"]:  # the last chunk: the file is made
+            del self.uploads[up["_id"]]
+            n = len(self.files)
+            answer = {"_id": f"f{n}", "name": up["name"], "size": up["size"], "data": up["data"]}
+            answer["created"] = f"2030-01-01T00:01:{n:02d}.123000+00:00"
+            self.files.append(answer)
+            answer = {k: v for k, v in answer.items() if k != "data"}
+        if fault == "lost":
+            self.close_connection = True
+            self.connection.shutdown(2)
+            return
+        self._send(200, answer)
+
+    def do_GET(self) -> None:  # noqa: N802
+        path, q = self._route()
+        if path == "file/offset" and q["uploadId"] in self.uploads:
+            self._send(200, {"offset": self.uploads[q["uploadId"]]["received"]})
+        elif path == "item/I/files":
+            self._send(200, [{k: v for k, v in f.items() if k != "data"} for f in self.files])
+        else:
+            self._send(400, {"message": "Invalid upload id.", "type": "rest"})
+
+    def do_DELETE(self) -> None:  # noqa: N802
+        path, _ = self._route()
+        if self.uploads.pop(path.removeprefix("file/upload/"), None) is None:
+            self._send(400, {"message": "Invalid upload id.", "type": "rest"})
+        else:
+            self._send(200, {"message": "Upload canceled."})
+
+
+@pytest.fixture()
+def uploads() -> Iterator[str]:
+    _Uploads.faults, _Uploads.uploads, _Uploads.files, _Uploads.calls = [], {}, [], []
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Uploads)
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.1})
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/api/v1"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=10)
+
+
+#: three chunks of 1000 bytes and one of 500 (``MAX_CHUNK_SIZE`` 1000)
+PAYLOAD = bytes(range(250)) * 14
+
+
+def _upload(url: str, sleeps: list[float], faults: list[str]) -> Any:
+    _Uploads.faults = faults
+    client = _client(url, sleeps)
+    client.MAX_CHUNK_SIZE = 1000
+    return client.upload_bytes_to_item("I", "summary.csv", PAYLOAD, "text/csv")
+
+
+@pytest.mark.parametrize("where", ["upload", "chunk"])
+def test_an_upload_refused_fails_at_once_and_is_cancelled(uploads: str, where: str) -> None:
+    """A 403 (starting the upload, or on a chunk) cannot succeed: one try,
+    no back-off, the one-line error; a started upload is cancelled."""
+    sleeps: list[float] = []
+    faults = ["init403"] if where == "upload" else ["ok", "403"]
+    with pytest.raises(GirderRequestError, match="HTTP 403") as info:
+        _upload(uploads, sleeps, faults)
+    assert info.value.status == 403 and "\n" not in str(info.value) and not sleeps
+    assert _Uploads.calls.count("POST file") == 1 and not _Uploads.uploads and not _Uploads.files
+    assert _Uploads.calls.count("POST file/chunk") == (0 if where == "upload" else 2)
+
+
+def test_an_upload_chunk_failing_with_5xx_is_tried_under_the_policy_once(uploads: str) -> None:
+    """A chunk that keeps getting a 503 is sent ``attempts`` times in all
+    (not attempts squared, the whole upload again each time), then the
+    upload is cancelled in Girder and the error is one line."""
+    sleeps: list[float] = []
+    with pytest.raises(GirderUnavailable, match="failed 4 time") as info:
+        _upload(uploads, sleeps, ["ok"] + ["503"] * 50)
+    assert "\n" not in str(info.value) and len(sleeps) == 3
+    assert _Uploads.calls.count("POST file") == 1
+    assert _Uploads.calls.count("POST file/chunk") == 1 + 4
+    assert not _Uploads.uploads and not _Uploads.files  # cancelled: nothing left behind
+
+
+@pytest.mark.parametrize("lost", [0, 1, 3], ids=["first", "middle", "last"])
+def test_an_upload_chunk_whose_answer_was_lost_is_resumed(uploads: str, lost: int) -> None:
+    """Girder stored the chunk but its answer was lost, so the chunk's retry
+    is refused (wrong offset): the upload goes on from Girder's offset, or,
+    after the last chunk, gives the file Girder made. One upload, one file
+    with the payload, nothing left unfinished."""
+    sleeps: list[float] = []
+    old = {"_id": "old", "name": "summary.csv", "size": len(PAYLOAD), "data": b"x" * len(PAYLOAD)}
+    _Uploads.files.append({**old, "created": "2029-12-31T23:59:59.999000+00:00"})
+    new = _upload(uploads, sleeps, ["ok"] * lost + ["lost"])
+    assert _Uploads.calls.count("POST file") == 1
+    (f,) = _Uploads.files[1:]  # not the item's older file of that name and size
+    assert f["data"] == PAYLOAD and new["_id"] == f["_id"] and new["size"] == len(PAYLOAD)
+    assert not _Uploads.uploads
+    assert _Uploads.calls.count("POST file/chunk") == 4 + 1  # the lost one's retry, refused
+
+
 def test_a_retried_push_uploads_its_whole_document_again(server: str, tmp_path: Path) -> None:
     """A push of a document written to a file (a slide's nuclei, a batch at
     a time) whose first POST got a 503 sends the whole file again."""

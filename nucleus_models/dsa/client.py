@@ -372,17 +372,97 @@ class DSAClient(girder_client.GirderClient):  # type: ignore[misc]
                 os.remove(tmp)  # a partial download never stays behind
 
     def upload_bytes_to_item(self, item_id: str, name: str, payload: bytes, mime: str) -> Any:
-        """Upload ``payload`` as a new file of ``item_id`` (the whole upload is retried)."""
-        for attempt in range(self.retry.attempts):
-            try:
-                return self.uploadFile(
-                    item_id, io.BytesIO(payload), name, len(payload), "item", mimeType=mime
+        """Upload ``payload`` as a new file of ``item_id``; returns the file.
+
+        Girder's chunked upload (``POST file``, then ``POST file/chunk`` per
+        :attr:`MAX_CHUNK_SIZE`), each request retried on transient errors
+        under :attr:`retry` (by :meth:`sendRestRequest`, not again around
+        it). A chunk whose retry is refused with a wrong offset (Girder stored
+        it but its answer was lost) resumes from the offset Girder reports
+        (``GET file/offset``); if that was the last chunk, Girder finished the
+        file and it is returned. An upload that fails is cancelled in Girder
+        (``DELETE file/upload/{id}``) where it can be.
+
+        Raises
+        ------
+        GirderUnavailable
+            A request still failing after the policy's attempts.
+        GirderRequestError
+            A non-retryable error status (e.g. 403), at once.
+        """
+        size = len(payload)
+        upload = self.sendRestRequest(
+            "POST",
+            "file",
+            parameters={
+                "parentType": "item",
+                "parentId": item_id,
+                "name": name,
+                "size": size,
+                "mimeType": mime,
+            },
+        )
+        if size == 0:
+            return upload  # Girder made the (empty) file at once
+        upload_id = upload["_id"]
+        offset, resumes = 0, 0
+        try:
+            while True:
+                chunk = payload[offset : offset + self.MAX_CHUNK_SIZE]
+                path = f"file/chunk?offset={offset}&uploadId={upload_id}"  # (logged so)
+                try:
+                    answer = self.sendRestRequest("POST", path, data=io.BytesIO(chunk))
+                except GirderRequestError as exc:
+                    if exc.status != 400 or resumes >= self.retry.attempts:
+                        raise
+                    resumes += 1
+                    try:  # a lost answer: the retry was refused as Girder has the chunk
+                        server = int(
+                            self.get("file/offset", parameters={"uploadId": upload_id})["offset"]
+                        )
+                    except GirderRequestError:  # no such upload (any more)
+                        if offset + len(chunk) < size:
+                            raise exc from None
+                        answer = self._finished_file(
+                            item_id, name, size, str(upload.get("created", ""))
+                        )
+                        if answer is None:
+                            raise exc from None
+                        return answer
+                    if server == offset or not 0 <= server < size:
+                        raise exc from None
+                    log.info(
+                        "upload %s of %s: Girder has %d bytes, resuming there",
+                        upload_id,
+                        name,
+                        server,
+                    )
+                    offset = server
+                    continue
+                offset += len(chunk)
+                if offset >= size:
+                    return answer
+        except BaseException:
+            with contextlib.suppress(DSAError):  # best effort: the server may be gone
+                self.sendRestRequest(
+                    "DELETE", f"file/upload/{upload_id}", attempts=2, retry_log_level=logging.DEBUG
                 )
-            except DSAError:
-                if attempt + 1 >= self.retry.attempts:
-                    raise
-                self._sleep(self.retry.delay(attempt))
-        raise AssertionError("unreachable")  # pragma: no cover
+            raise
+
+    def _finished_file(
+        self, item_id: str, name: str, size: int, since: str
+    ) -> dict[str, Any] | None:
+        """The newest file of ``item_id`` named ``name`` of ``size`` bytes made
+        since ``since`` (the upload's start): the file an upload whose last
+        chunk's answer was lost made."""
+        # (compared to the second: the upload's answer has microseconds, Mongo keeps ms)
+        files = [
+            f
+            for f in self.listFile(item_id)
+            if (f.get("name"), f.get("size")) == (name, size)
+            and str(f.get("created", ""))[:19] >= since[:19]
+        ]
+        return max(files, key=lambda f: str(f.get("created", "")), default=None)
 
 
 def _gone(exc: BaseException) -> bool:
