@@ -930,8 +930,8 @@ class _Uploads(BaseHTTPRequestHandler):
     upload, ``POST file/chunk`` must give the offset Girder has, the last
     chunk makes the file (and ends the upload), ``GET file/offset`` and
     ``DELETE file/upload/{id}``. ``faults`` says what the successive chunk
-    POSTs get: ``503`` (nothing stored), ``403``, ``lost`` (stored, the
-    answer lost), ``ok``; ``init403``: the upload itself is refused."""
+    POSTs get: ``503``, ``408``, ``429`` (nothing stored), ``403``, ``lost``
+    (stored, the answer lost), ``ok``; ``init403``: the upload is refused."""
 
     faults: list[str] = []
     uploads: dict[str, dict[str, Any]] = {}
@@ -982,7 +982,7 @@ class _Uploads(BaseHTTPRequestHandler):
             self._send(400, {"message": msg, "type": "rest"})
             return
         fault = self.faults.pop(0) if self.faults else "ok"
-        if fault in ("503", "403"):
+        if fault in ("503", "403", "408", "429"):
             self._send(int(fault), {"message": "injected", "type": "rest"})
             return
         up["data"] += body
@@ -1085,6 +1085,18 @@ def test_an_upload_chunk_whose_answer_was_lost_is_resumed(uploads: str, lost: in
     assert f["data"] == PAYLOAD and new["_id"] == f["_id"] and new["size"] == len(PAYLOAD)
     assert not _Uploads.uploads
     assert _Uploads.calls.count("POST file/chunk") == 4 + 1  # the lost one's retry, refused
+
+
+@pytest.mark.parametrize("status", ["408", "429"])
+def test_an_upload_chunk_timed_out_or_rate_limited_is_retried(uploads: str, status: str) -> None:
+    """408 (a proxy's request time-out) and 429 say "try again", unlike the
+    rest of 4xx: the chunk is sent again after a back-off and the upload
+    completes."""
+    sleeps: list[float] = []
+    new = _upload(uploads, sleeps, ["ok", status])
+    (f,) = _Uploads.files
+    assert f["data"] == PAYLOAD and new["_id"] == f["_id"] and len(sleeps) == 1
+    assert _Uploads.calls.count("POST file/chunk") == 4 + 1
 
 
 def test_a_retried_push_uploads_its_whole_document_again(server: str, tmp_path: Path) -> None:

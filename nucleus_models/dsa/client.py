@@ -3,7 +3,7 @@
 :func:`connect` checks the server and the token once and returns a
 :class:`DSAClient`: a ``girder_client.GirderClient`` whose every REST call has
 a timeout, is retried with exponential backoff (and jitter) on 5xx answers,
-429, time-outs and dropped connections, and fails with a one-line
+429, 408, time-outs and dropped connections, and fails with a one-line
 :class:`DSAError` whose text has the token redacted.
 """
 
@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 TOKEN_ENV = "GIRDER_TOKEN"
 #: or a Girder API key (long-lived, for cron), exchanged for a token at the start
 API_KEY_ENV = "GIRDER_API_KEY"
-RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
+RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 _SECRET_PATTERNS = (
     re.compile(r"(?i)((?:girder[-_]?)?token['\"]?\s*[=:]\s*['\"]?)([^&\s'\",}]+)"),
     re.compile(r"(?i)(girderToken\s+)(\S+)"),
@@ -178,7 +178,7 @@ class IncompleteDownload(requests.ConnectionError):
 
 def is_transient(exc: BaseException) -> bool:
     """Whether ``exc`` is worth a retry: time-out, dropped connection (also
-    mid-answer), 5xx or 429."""
+    mid-answer), 5xx, 429 (too many requests) or 408 (a proxy's request time-out)."""
     if isinstance(exc, girder_client.HttpError):
         return exc.status in RETRY_STATUS
     return isinstance(
