@@ -570,6 +570,9 @@ def _print_training(result: dict) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``nucleus-bench``; return the exit status (0 ok, 2 bad input, 130 interrupted).
 
+    Output into a pipe whose reader has gone (``nucleus-bench models --json
+    | head``) ends quietly with status 141, as ``cat``'s does.
+
     Parameters
     ----------
     argv : sequence of str, optional
@@ -580,6 +583,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     int
         Exit status.
     """
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        from nucleus_models.cli_support import stdout_closed
+
+        stdout_closed()
+
+
+def _main(argv: Sequence[str] | None) -> int:
     from nucleus_models.errors import NucleusModelsError
 
     args_list = list(sys.argv[1:] if argv is None else argv)

@@ -26,6 +26,7 @@ __all__ = [
     "handle_termination",
     "join_negative_values",
     "run_cli",
+    "stdout_closed",
 ]
 
 log = logging.getLogger("nucleus_models.cli")
@@ -80,6 +81,19 @@ def build_parser(xml_path: str) -> Any:
             fail(f"{os.path.basename(xml_path)[:-4]}: {_explained(message, xml_path)}")
 
     return _Parser(xml_path)
+
+
+def stdout_closed(code: int = 141) -> NoReturn:
+    """Exit quietly when stdout's reader has gone (``... --xml | head`` once
+    head has its lines), as ``cat`` does, with the shell's status for
+    SIGPIPE: printing went on into a ``BrokenPipeError`` traceback, and a
+    second one when Python flushed stdout at exit."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # no stdout file to replace
+        pass
+    raise SystemExit(code)
 
 
 class Terminated(BaseException):
@@ -153,7 +167,10 @@ def run_cli(main: Callable[[Any], Any], script_file: str) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     handle_termination()
     parser = build_parser(os.path.splitext(os.path.abspath(script_file))[0] + ".xml")
-    args = parser.parse_args(join_negative_values(sys.argv[1:]))
+    try:  # --xml, --help and --version print here
+        args = parser.parse_args(join_negative_values(sys.argv[1:]))
+    except BrokenPipeError:
+        stdout_closed()
     try:
         main(args)
     except NucleusModelsError as exc:

@@ -264,3 +264,27 @@ def test_a_truncated_image_file_is_one_line(tmp_path: Path, suffix: str) -> None
         read_image(cut)
     with pytest.raises(DatasetError, match="gone.png: no such file"):
         read_image(tmp_path / "gone.png")
+
+
+@pytest.mark.parametrize("args", [["models", "--json"], ["datasets"]])
+def test_output_into_a_closed_pipe_is_quiet(args: list[str]) -> None:
+    """``nucleus-bench models --json | head`` ended in a BrokenPipeError
+    traceback once head had its lines; now it stops quietly, as cat does."""
+    import os
+    import subprocess
+    import sys
+
+    read, write = os.pipe()
+    os.close(read)  # the reader has gone before the first line
+    try:
+        res = subprocess.run(
+            [sys.executable, "-m", "benchmark", *args],
+            cwd=Path(__file__).resolve().parents[1],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        os.close(write)
+    assert res.stderr == "" and res.returncode == 141

@@ -95,6 +95,27 @@ def test_xml_flag_prints_the_xml(name: str) -> None:
     assert res.stdout.strip() == (REPO / "cli" / name / f"{name}.xml").read_text().strip()
 
 
+def _into_a_closed_pipe(cmd: list[str]) -> subprocess.CompletedProcess[str]:
+    """Run ``cmd`` with stdout a pipe nobody reads any more (``... | head``
+    after head has exited)."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        return subprocess.run(
+            cmd, cwd=REPO, stdout=write, stderr=subprocess.PIPE, text=True, timeout=120
+        )
+    finally:
+        os.close(write)
+
+
+@pytest.mark.parametrize("name", sorted(CLI_LIST))
+def test_xml_into_a_closed_pipe_is_quiet(name: str) -> None:
+    """``python -m cli NucleusDetection --xml | head`` printed a BrokenPipeError
+    traceback once head had its lines; now it stops quietly, as cat does."""
+    res = _into_a_closed_pipe([sys.executable, "-m", "cli", name, "--xml"])
+    assert res.stderr == "" and res.returncode == 141
+
+
 def _csv_rows(path: Path) -> list[dict[str, str]]:
     with path.open() as f:
         return list(csv.DictReader(ln for ln in f if not ln.startswith("#")))
