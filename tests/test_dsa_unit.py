@@ -261,6 +261,18 @@ def test_unreachable_server_fails_fast() -> None:
     assert time.monotonic() - t0 < 10
 
 
+@pytest.mark.parametrize(("attempts", "tries"), [(1, 1), (2, 2), (5, 3)])
+def test_the_first_call_tries_no_more_than_the_policy(attempts: int, tries: int) -> None:
+    """``folder-job --retries 0`` said "failed 3 time(s) on GET user/me": the
+    token check tried three times whatever the policy; now at most the
+    policy's tries (and still at most three, to fail fast)."""
+    from girder_server import free_port
+
+    url = f"http://127.0.0.1:{free_port()}/api/v1"
+    with pytest.raises(GirderUnavailable, match=f"failed {tries} time\\(s\\)"):
+        connect(url, TOKEN, retry=RetryPolicy(attempts=attempts, backoff=0.01))
+
+
 def test_redact_removes_tokens_everywhere() -> None:
     DSAClient("http://127.0.0.1:1/api/v1", TOKEN)  # registers the token
     text = f"GET /x?token={TOKEN}&a=1 Girder-Token: {TOKEN} {{'girderToken': '{TOKEN}'}}"

@@ -500,7 +500,8 @@ def connect(
         A Girder token; default: the ``GIRDER_TOKEN`` environment variable.
     connect_attempts : int
         Tries for the first call (an unreachable server fails quickly, and
-        quietly: the caller reports the one-line error).
+        quietly: the caller reports the one-line error), and no more than
+        ``retry``'s (``--retries 0``: one).
 
     Raises
     ------
@@ -519,6 +520,7 @@ def connect(
             f"${API_KEY_ENV} from cron)"
         )
     client = DSAClient(api_url, token, retry=retry)
+    connect_attempts = min(connect_attempts, client.retry.attempts)
     try:
         if api_key:  # a long-lived key (cron): exchanged for a token of its scope
             register_secret(api_key)
