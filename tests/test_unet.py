@@ -1056,6 +1056,34 @@ def test_training_configs_read_as_toml_or_yaml_with_one_line_errors(tmp_path: Pa
         load_config(yml)
 
 
+def test_a_quoted_number_in_a_config_is_called_so(tmp_path: Path) -> None:
+    """``steps = "5500"`` in a TOML config was answered "(YAML reads 5500 as
+    text: write it with a point, e.g. 1.0e-4)": neither YAML nor a point has
+    to do with it (a quoted number is text in both formats); the hint says
+    to drop the quotes. YAML's own ``2e-3`` keeps its hint, with that value."""
+    from benchmark.training.run import load_config
+
+    text = (Path(__file__).resolve().parents[1] / "configs" / "unet-monuseg.toml").read_text()
+    assert "\nsteps = 5500\n" in text
+    bad = tmp_path / "quoted.toml"
+    bad.write_text(text.replace("\nsteps = 5500\n", '\nsteps = "5500"\n', 1))
+    with pytest.raises(ValueError) as info:
+        load_config(bad)
+    msg = str(info.value)
+    assert "train.steps = '5500': expected a whole number" in msg, msg
+    assert "quotes" in msg and "YAML" not in msg and "1.0e-4" not in msg, msg
+    yml = tmp_path / "c.yaml"
+    yml.write_text("arch: unet\ndata: {dataset: monuseg, root: x}\nmodel: {mpp: 0.4}\n"
+                   "train: {steps: 10, lr: 2e-3}\n")  # fmt: skip
+    with pytest.raises(
+        ValueError, match=r"YAML reads 2e-3 as text: write it with a point, 2\.0e-3"
+    ):
+        load_config(yml)
+    yml.write_text(yml.read_text().replace("lr: 2e-3", "lr: '0.002'"))
+    with pytest.raises(ValueError, match=r"train\.lr = '0\.002': expected a number \(in quotes"):
+        load_config(yml)
+
+
 def test_a_broken_config_is_a_one_line_error_from_the_command_line(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:

@@ -253,6 +253,26 @@ def _looks_numeric(text: str) -> bool:
     return True
 
 
+def _number_as_text(value: str, where: str) -> str:
+    """Why the number ``value`` of config file ``where`` was read as text.
+
+    PyYAML reads ``1e-4`` and ``1e3`` unquoted as text (YAML 1.1 floats need
+    a point; TOML reads them as numbers); any other number is text because
+    it was written in quotes.
+
+    >>> _number_as_text("2e-3", "c.yaml")
+    'YAML reads 2e-3 as text: write it with a point, 2.0e-3'
+    >>> _number_as_text("5500", "c.toml")
+    'in quotes, it is text: write the number without them'
+    """
+    import yaml
+
+    if where.endswith((".yaml", ".yml")) and isinstance(yaml.safe_load(value), str):
+        pointed = re.sub(r"^([-+]?[0-9]+)([eE])", r"\1.0\2", value)
+        return f"YAML reads {value} as text: write it with a point, {pointed}"
+    return "in quotes, it is text: write the number without them"
+
+
 def check_config(cfg: dict[str, Any], where: str) -> None:
     """One ``ValueError`` line for what would otherwise fail late or not at
     all: an unknown table or key (a misspelt ``[augmnet]`` trained without
@@ -318,8 +338,7 @@ def check_config(cfg: dict[str, Any], where: str) -> None:
                 if not ok or (whole and float(value) != int(value)):
                     want = "a whole number" if whole else "a number"
                     if isinstance(value, str) and _looks_numeric(value):
-                        # (PyYAML reads 1e-4 and 1e3 as text; TOML as numbers)
-                        want += f" (YAML reads {value} as text: write it with a point, e.g. 1.0e-4)"
+                        want += f" ({_number_as_text(value, where)})"
                     raise ValueError(f"{where}: {name} = {value!r}: expected {want}")
                 least = _WHOLE[key] if whole else _NUMBER[key]
                 if value < least:
