@@ -612,6 +612,42 @@ def test_the_cron_takes_every_parameter_of_the_folder_job_in_either_spelling() -
     assert (params.analysis_tile_size, params.nuclei_annotation_format) == (512, "point")
 
 
+def test_the_crons_help_explains_every_flag_with_the_xmls_default() -> None:
+    """README: the cron flags are NucleusFolderJob's parameters, "--help lists
+    them"; it listed most bare (``--model MODEL``, no default, no choices), and
+    ``--analysis-key`` said "default: analysis". Each flag now says what it is
+    and its default, the default being the CLI XML's."""
+    from ctk_cli import CLIModule
+    from slicer_cli_web import CLIArgumentParser  # noqa: F401  (its ctk_cli adjustments)
+
+    from nucleus_models.dsa.__main__ import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    fj = sub.choices["folder-job"]  # type: ignore[attr-defined]
+    text = " ".join(fj.format_help().split())
+    for action in fj._actions:
+        assert action.help, f"{action.option_strings} has no help"
+    xml = Path(__file__).resolve().parents[1] / "cli" / "NucleusFolderJob" / "NucleusFolderJob.xml"
+    by_dest = {a.dest: a for a in fj._actions}
+    for p in CLIModule(str(xml)).parameters():
+        if p.name in ("inputFolder", "girderApiUrl", "girderToken"):
+            continue
+        action = by_dest[p.name]
+        want = p.default if p.default is not None else ""
+        assert action.default == want, (p.name, action.default, want)
+        if not (want is False or want == ""):
+            shown = (
+                ",".join(f"{v:g}" for v in want)
+                if isinstance(want, list)
+                else f"{want:g}"
+                if isinstance(want, float)
+                else str(want)
+            )
+            assert f"(default: {shown})" in " ".join(action.help.split()), (p.name, shown)
+    assert "default: analysis" not in text and "default: the --analysis name" in text
+    assert "unet-monuseg-fast, unet-monuseg-reinhard" in by_dest["model"].help  # the choices
+
+
 def test_a_workdir_that_cannot_be_written_is_refused_before_any_request(tmp_path: Path) -> None:
     from nucleus_models.dsa import run_folder_job
     from nucleus_models.errors import NucleusModelsError

@@ -72,6 +72,7 @@ class _OneLineParser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line (flags mirror the NucleusFolderJob CLI's parameters)."""
+    from ..models import list_models
     from .folder_job import ANALYSES, FolderJobParams
 
     d = FolderJobParams(inputFolder="")
@@ -85,35 +86,91 @@ def build_parser() -> argparse.ArgumentParser:
 
     def add(*flags: str, **kwargs: Any) -> None:
         """Flags, each also spelt with underscores (``--input_mpp``, the CLI's
-        and the error messages' spelling, as well as ``--input-mpp``)."""
+        and the error messages' spelling, as well as ``--input-mpp``); the
+        help ends with the default, when there is one to show."""
         also = ["--" + f[2:].replace("-", "_") for f in flags if "-" in f[2:]]
+        default = kwargs.get("default")
+        if not (default is None or default is False or default == ""):
+            shown = (
+                ",".join(f"{v:g}" for v in default)
+                if isinstance(default, list)
+                else f"{default:g}"
+                if isinstance(default, float)
+                else str(default)
+            )
+            kwargs["help"] = f"{kwargs['help']} (default: {shown})"
         fj.add_argument(*flags, *also, **kwargs)
 
+    models = ", ".join(list_models())
     add("--api-url", dest="girderApiUrl", required=True, help="Girder API root URL")
     add("--folder", dest="inputFolder", required=True, help="Girder folder id")
-    add("--analysis", choices=sorted(ANALYSES), default=d.analysis)
-    add("--analysis-key", dest="analysis_key", default="", help="default: analysis")
+    add(
+        "--analysis",
+        choices=sorted(ANALYSES),
+        default=d.analysis,
+        help="analysis run on each slide",
+    )
+    add(
+        "--analysis-key",
+        dest="analysis_key",
+        default="",
+        help="identity of this analysis on each item (default: the --analysis name); a re-run "
+        "with the same key replaces its annotation and metadata, another key keeps both",
+    )
     add("--force", action="store_true", help="redo items that are already done")
-    add("--model", default=d.model)
-    add("--analysis-roi", dest="analysis_roi", type=_roi, default=d.analysis_roi)
-    add("--input-mpp", dest="input_mpp", type=float, default=d.input_mpp)
+    add("--model", default=d.model, help=f"nucleus model: {models}")
+    add(
+        "--analysis-roi",
+        dest="analysis_roi",
+        type=_roi,
+        default=d.analysis_roi,
+        help="region of every slide: left,top,width,height in base pixels, or polygon "
+        "vertices x1,y1,x2,y2,...; -1,-1,-1,-1 is the whole slide",
+    )
+    add(
+        "--input-mpp",
+        dest="input_mpp",
+        type=float,
+        default=d.input_mpp,
+        help="microns per base pixel, for slides without one; -1: the slide's own",
+    )
     add(
         "--format",
         "--nuclei-annotation-format",
         dest="nuclei_annotation_format",
         choices=["polygon", "point", "box"],
         default=d.nuclei_annotation_format,
+        help="element drawn per nucleus",
     )
-    add("--annotation-name", dest="annotation_name", default="")
-    add("--tile-size", "--analysis-tile-size", dest="analysis_tile_size", type=int, default=-1)
+    add(
+        "--annotation-name",
+        dest="annotation_name",
+        default="",
+        help='name of the annotation (default: "Nuclei (<model>)")',
+    )
+    add(
+        "--tile-size",
+        "--analysis-tile-size",
+        dest="analysis_tile_size",
+        type=int,
+        default=-1,
+        help="tile size in pixels at the model's resolution; -1: the model's",
+    )
     add(
         "--tile-overlap",
         "--analysis-tile-overlap",
         dest="analysis_tile_overlap",
         type=int,
         default=-1,
+        help="context read around each tile (pixels at the model's resolution); -1: the model's",
     )
-    add("--min-fgnd-frac", dest="min_fgnd_frac", type=float, default=0.0)
+    add(
+        "--min-fgnd-frac",
+        dest="min_fgnd_frac",
+        type=float,
+        default=0.0,
+        help="tiles with at most this fraction of tissue are skipped",
+    )
     add(
         "--test-time-flips",
         dest="test_time_flips",
@@ -128,15 +185,32 @@ def build_parser() -> argparse.ArgumentParser:
         "local_max_search_radius",
         "min_nucleus_area",
     ):
-        add(f"--{name.replace('_', '-')}", dest=name, type=float, default=-1.0)
-    add("--scheduler", default="")
-    add("--num-workers", dest="num_workers", type=int, default=0)
+        add(
+            f"--{name.replace('_', '-')}",
+            dest=name,
+            type=float,
+            default=-1.0,
+            help="classical models' setting (HistomicsTK's name); -1: the model's own",
+        )
+    add(
+        "--scheduler",
+        default="",
+        help="empty: a thread pool on a CPU, a pipeline on a GPU; or multithreading, "
+        "pipeline, multiprocessing, tcp://host:port (a dask scheduler)",
+    )
+    add(
+        "--num-workers",
+        dest="num_workers",
+        type=int,
+        default=0,
+        help="workers; 0: all the cores this process may use, negative: that many fewer",
+    )
     add("--timeout", type=_seconds, default=120.0, help="seconds per request")
     add(
         "--retries",
         type=_retries,
         default=4,
-        help="retries of a failed request after its first try (0: none; default 4: 5 tries)",
+        help="retries of a failed request after its first try (0: none; 4: 5 tries)",
     )
     add("--workdir", default=None, help="where slides are downloaded (temporary)")
     add("--strict", action="store_true", help="exit 1 when any slide failed")
