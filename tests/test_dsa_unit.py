@@ -24,6 +24,7 @@ from nucleus_models.dsa import (
     AnnotationRejected,
     AuthenticationError,
     DSAClient,
+    DSAError,
     FolderJobParams,
     GirderRequestError,
     GirderUnavailable,
@@ -249,6 +250,15 @@ def test_connect_checks_the_token(server: str, monkeypatch: pytest.MonkeyPatch) 
     assert "wrong-token-0123456789" not in str(info.value)
     monkeypatch.setenv("GIRDER_TOKEN", TOKEN)
     assert connect(server).token == TOKEN
+
+
+def test_a_missing_api_url_is_called_missing() -> None:
+    """``python -m cli NucleusFolderJob FOLDER`` from a shell (HistomicsUI
+    fills the URL in) said "must start with http:// or https://, got ''"."""
+    with pytest.raises(DSAError, match=r"^no Girder API URL was given \(--api-url"):
+        connect("", TOKEN)
+    with pytest.raises(DSAError, match="must start with http:// or https://, got 'x.org'"):
+        connect("x.org", TOKEN)
 
 
 def test_unreachable_server_fails_fast() -> None:

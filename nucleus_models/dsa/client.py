@@ -512,7 +512,11 @@ def connect(
     """
     token = token or os.environ.get(TOKEN_ENV, "")
     api_key = "" if token else os.environ.get(API_KEY_ENV, "").strip()
-    if not api_url or not api_url.startswith(("http://", "https://")):
+    if not api_url:  # HistomicsUI fills it in; from a shell it is easily left out
+        raise DSAError(
+            "no Girder API URL was given (--api-url, e.g. https://dsa.example.org/api/v1)"
+        )
+    if not api_url.startswith(("http://", "https://")):
         raise DSAError(f"the Girder API URL must start with http:// or https://, got {api_url!r}")
     if not token and not api_key:
         raise AuthenticationError(
