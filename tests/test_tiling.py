@@ -71,6 +71,16 @@ def test_parse_roi_rejects_bad_values(bad: object) -> None:
         parse_roi(bad)  # type: ignore[arg-type]
 
 
+def test_a_wrong_count_of_roi_numbers_names_every_form() -> None:
+    """A count like "1,2,3" was answered with the four-number, whole-slide and polygon
+    forms only, though six numbers (HistomicsTK's centre and half-size) are
+    taken too, and are what a triangle's six read as."""
+    with pytest.raises(ParameterError) as info:
+        parse_roi("1,2,3")
+    msg = str(info.value)
+    assert "x,y,z,rx,ry,rz" in msg and "four vertices or more" in msg and "got 3" in msg, msg
+
+
 def test_clip_region() -> None:
     assert clip_region(Region(-1, -1, -1, -1), 100, 50).as_list() == [0, 0, 100, 50]
     assert clip_region(Region(90, 40, 30, 30), 100, 50).as_list() == [90, 40, 10, 10]

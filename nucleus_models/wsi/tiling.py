@@ -128,8 +128,9 @@ def parse_roi(values: Sequence[float] | str | None) -> Region:
         return Region(left, top, width, height)
     if len(vals) < 8 or len(vals) % 2:
         raise ParameterError(
-            "analysis_roi must be -1,-1,-1,-1, left,top,width,height, or polygon vertices "
-            f"x1,y1,x2,y2,x3,y3,...; got {len(vals)} numbers"
+            "analysis_roi must be -1,-1,-1,-1 (the whole slide), left,top,width,height, "
+            "x,y,z,rx,ry,rz (centre and half-size), or polygon vertices x1,y1,x2,y2,... "
+            f"(four vertices or more); got {len(vals)} numbers"
         )
     pts = np.asarray(vals, dtype=np.float64).reshape(-1, 2)
     polys: list[np.ndarray] = []
