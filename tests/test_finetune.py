@@ -318,7 +318,7 @@ def test_finetune_command_writes_the_config_and_trains_from_a_shipped_model(
     for bad, message in [
         (["--name", "unet-monuseg"], "is a shipped model"),
         (["--from", "unet-nosuch"], "no shipped model 'unet-nosuch'"),
-        (["--from", "classical-he"], "no shipped model 'classical-he'"),
+        (["--from", "classical-he"], "'classical-he' has no trained weights to start from"),
         # (-1 resized every image to 1 x 1 px and trained on that)
         (["--mpp", "-1"], "--mpp -1 (the images' resolution): expected microns per pixel"),
         (["--mpp", "0"], "--mpp 0 (the images' resolution): expected"),
@@ -478,3 +478,17 @@ def test_finetune_resume_with_other_settings_keeps_the_runs_config(tmp_path: Pat
     err = capsys.readouterr().err
     assert "train.lr differ" in err and err.count("\n") == 1
     assert (out / "config.yaml").read_text() == before
+
+
+def test_a_weight_free_model_as_the_start_is_called_so() -> None:
+    """``finetune --from classical-he`` said "no shipped model 'classical-he'",
+    though the model ships and runs; what it lacks is weights to start from."""
+    from benchmark.training.unet import shipped_card
+
+    with pytest.raises(ValueError) as info:
+        shipped_card("classical-he", "--from")
+    msg = str(info.value)
+    assert msg.startswith("--from: 'classical-he' has no trained weights to start from"), msg
+    assert "unet-monuseg" in msg and "no shipped model" not in msg, msg
+    with pytest.raises(ValueError, match="no shipped model 'unet-nope'"):
+        shipped_card("unet-nope", "--from")

@@ -155,7 +155,14 @@ def shipped_card(name: str, flag: str, hint: str = "") -> Path:
 
     card_path = WEIGHTS_DIR / f"{name}.json"
     if not card_path.is_file():
+        from nucleus_models.models import list_models
+
         shipped = sorted(c.stem for c in WEIGHTS_DIR.glob("*.json"))
+        if name in list_models():  # classical-he: registered, weight-free
+            raise ValueError(
+                f"{flag}: {name!r} has no trained weights to start from "
+                f"(models with weights: {', '.join(shipped)}{hint})"
+            )
         raise ValueError(f"{flag}: no shipped model {name!r} (shipped: {', '.join(shipped)}{hint})")
     return card_path
 
