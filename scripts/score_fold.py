@@ -1,9 +1,9 @@
-"""Score finished cross-validation folds of a U-Net run on their own held-out
+"""Score finished cross-validation folds of a run on their own held-out
 images (a screen for one change before training every fold, or a check of
 another arithmetic; the card's numbers come from the whole CV).
 
     .venv/bin/python scripts/score_fold.py --config CONFIG --run RUN --fold K [K ...]
-        [--precision float32|bfloat16] [--at_cv_setting [--outlines]]
+        [--precision float32|bfloat16|int8] [--at_cv_setting [--outlines]]
 
 Without ``--at_cv_setting`` the post-processing setting is tuned on the
 folds' held-out images (as the CV tunes it on all of them); with it, the
@@ -43,17 +43,23 @@ def main() -> int:
     )
     from benchmark.training.unet import best_setting, full_setting, score_images, tune_thresholds
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", required=True)
-    ap.add_argument("--run", required=True)
-    ap.add_argument("--fold", type=int, nargs="+", required=True)
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
+    ap.add_argument("--config", required=True, help="the config the run was trained with")
+    ap.add_argument("--run", required=True, help="run folder with cv/fold*/ (runs/<name>)")
+    ap.add_argument(
+        "--fold", type=int, nargs="+", required=True, help="the folds to score (0-based)"
+    )
     ap.add_argument(
         "--precision",
         default="float32",
         choices=["float32", "bfloat16", "int8"],
         help="int8: each fold model calibrated on its own training images, then quantized",
     )
-    ap.add_argument("--at_cv_setting", action="store_true")
+    ap.add_argument(
+        "--at_cv_setting",
+        action="store_true",
+        help="post-process at the run's cv/cv.json setting instead of tuning it on these folds",
+    )
     ap.add_argument("--outlines", action="store_true", help="score the annotation's outlines")
     ap.add_argument(
         "--blur_um",

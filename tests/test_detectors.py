@@ -536,3 +536,21 @@ def test_a_setting_of_the_other_kind_of_model_is_refused(
     with pytest.raises(ValueError, match=says.replace(".", r"\.")):
         load_config(cfg)
     load_config(shipped)  # the shipped config itself is fine
+
+
+def test_score_fold_help_says_what_it_does_and_each_option() -> None:
+    """``scripts/score_fold.py --help`` (the README's command for scoring
+    folds) cut its description mid-sentence ("... on their own held-out")
+    and left --config, --run, --fold and --at_cv_setting unexplained."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "score_fold.py"
+    res = subprocess.run(
+        [sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert res.returncode == 0, res.stderr
+    text = " ".join(res.stdout.split())
+    assert "on their own held-out images" in text, text
+    for words in ("the config the run was trained with", "run folder", "0-based", "cv/cv.json"):
+        assert words in text, (words, text)
