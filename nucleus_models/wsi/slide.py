@@ -5,6 +5,7 @@ This package is the only place in the project that imports ``large_image``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -233,6 +234,12 @@ class Slide:
 
         f = 2 ** (int(self.source.levels) - 1 - level)
         lw, lh = -(-self.width // f), -(-self.height // f)
+        # a stored level's own size where the source says it (libtiff's directory):
+        # a level may be rounded down (1025 px base, 256 px quarter), a tile fewer
+        with contextlib.suppress(Exception):
+            stored = self.source._nonemptyLevelsList()[level]
+            lw = int(getattr(stored, "imageWidth", 0) or 0) or lw
+            lh = int(getattr(stored, "imageHeight", 0) or 0) or lh
         tw, th = int(self.source.tileWidth), int(self.source.tileHeight)
         nx, ny = -(-lw // tw), -(-lh // th)
 
@@ -256,12 +263,22 @@ class Slide:
                     out = np.zeros((out_h, out_w, row.shape[2]), row.dtype)
                 r0, r1 = round(y0 * out_h / lh), round(y1 * out_h / lh)
                 if r1 > r0:
+                    if row.dtype not in _CV_RESIZE_TYPES:  # (e.g. int32: OpenCV refuses it)
+                        row = row.astype(np.float64)
                     small = cv2.resize(row, (out_w, r1 - r0), interpolation=cv2.INTER_AREA)
+                    if small.dtype != out.dtype:
+                        small = np.rint(small)
                     out[r0:r1] = small.reshape(r1 - r0, out_w, -1)
                 if progress is not None:
                     progress((ty + 1) / ny)
         assert out is not None
         return out
+
+
+#: the sample types OpenCV's INTER_AREA resize takes
+_CV_RESIZE_TYPES = tuple(
+    np.dtype(t) for t in (np.uint8, np.uint16, np.int16, np.float32, np.float64)
+)
 
 
 def _first_line(exc: BaseException) -> str:
