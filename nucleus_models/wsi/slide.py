@@ -294,12 +294,19 @@ def white_level(overview: np.ndarray) -> float:
     """The sample value to read as 255 for a slide of integer samples wider
     than 8 bits: ``2**bits - 1`` for the fewest bits that hold the
     overview's brightest colour sample, rounded up to a camera's bit depth
-    (8, 10, 12, 14, 16, ...: an even number). A 12-bit camera's scan saved as
-    a 16-bit TIFF (0-4095) was divided by 257 like 16-bit data: the model saw
-    it at most 16 of 255, nearly black, and found no tissue. (The overview
-    averages pixels, so a tile can be brighter than its brightest sample: a
-    dim 12-bit image whose overview peaks at 2000 is still read as 12-bit,
-    not clipped at 2047.)
+    (8, 10, 12, 14, 16, ...: an even number), and at most the samples' own.
+    A 12-bit camera's scan saved as a 16-bit TIFF (0-4095) was divided by
+    257 like 16-bit data: the model saw it at most 16 of 255, nearly black,
+    and found no tissue.
+
+    The overview averages pixels, so a tile can be brighter than the
+    overview's brightest sample: rounding up to an even number of bits
+    leaves 2-4x of room (a dim 12-bit image whose overview peaks at 2000 is
+    read as 12-bit, not clipped at 2047). On a dark ground (most of the
+    overview under a quarter of its peak: fluorescence), small bright
+    nuclei average down the most, so two more bits are left (a sparse 12-bit
+    image whose overview peaks at 1000 is still read as 12-bit), never
+    darker than the samples' full range (16-bit data / 257, as before).
 
     >>> white_level(np.array([[[4000, 2000, 100, 65535]]], np.uint16))  # (alpha left out)
     4095.0
@@ -307,11 +314,17 @@ def white_level(overview: np.ndarray) -> float:
     (4095.0, 16383.0)
     >>> white_level(np.array([[[60000, 10, 10]]], np.uint16)), white_level(np.full((1, 1, 3), 200, np.uint16))
     (65535.0, 255.0)
+    >>> dark = np.full((4, 4, 1), 50, np.uint16); dark[0, 0] = 1000  # (fluorescence)
+    >>> white_level(dark), white_level(np.where(dark > 50, 20000, dark).astype(np.uint16))
+    (4095.0, 65535.0)
     """
     colour = overview[..., :3] if overview.shape[-1] >= 3 else overview[..., :1]
-    top = max(int(colour.max(initial=0)), 1)
+    brightest = colour.max(axis=-1)
+    top = max(int(brightest.max(initial=0)), 1)
     bits = max(8, int(math.ceil(math.log2(top + 1))))
-    bits += bits % 2
+    if brightest.size and float(np.median(brightest)) < top / 4:
+        bits += 2  # (a dark ground: small bright objects average down in the overview)
+    bits = min(bits + bits % 2, 8 * overview.dtype.itemsize)
     return float(2**bits - 1)
 
 
