@@ -263,6 +263,34 @@ def test_a_plain_image_too_large_for_large_image_says_so(tmp_path: Path, fmt: st
         open_slide(broken)
 
 
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_a_corrupt_plain_image_over_4096_px_is_corrupt_not_too_large(
+    tmp_path: Path, fmt: str
+) -> None:
+    """A PNG or JPEG whose header says 4200 px wide but whose data is cut
+    short (a failed upload) was 'larger than the 4096 px large_image reads
+    whole; save it as a tiled TIFF': only the header was read, and the
+    advice fails too. It is corrupt."""
+    whole = tmp_path / f"whole.{fmt.lower()}"
+    rng = np.random.default_rng(0)  # noise: data that does not compress to nothing
+    Image.fromarray(rng.integers(0, 255, (16, 4200, 3), np.uint8)).save(whole, format=fmt)
+    data = whole.read_bytes()
+    for name, payload in (("cut", data[: len(data) // 2]), ("flipped", _flip_mid(data))):
+        path = tmp_path / f"{name}.{fmt.lower()}"
+        path.write_bytes(payload)
+        with Image.open(path) as im:
+            assert im.size == (4200, 16)  # the header is whole
+        with pytest.raises(SlideError, match="corrupt") as err:
+            open_slide(path)
+        assert "larger than" not in str(err.value), (name, str(err.value))
+
+
+def _flip_mid(data: bytes) -> bytes:
+    """``data`` with the bytes in its middle inverted (same length)."""
+    mid = len(data) // 2
+    return data[:mid] + bytes(255 - b for b in data[mid : mid + 64]) + data[mid + 64 :]
+
+
 def test_a_window_narrower_than_a_base_pixel_reads_one(tmp_path: Path) -> None:
     """Upsampled (the slide coarser than the model), a read window of a
     pixel or two rounded to no base pixel: a tile size of 1, or without

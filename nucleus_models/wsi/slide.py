@@ -471,24 +471,40 @@ def check_tiff_integrity(path: Path) -> None:
         raise SlideError(f"{path.name}: damaged TIFF structure: {msg}") from exc
 
 
-def _too_large_plain_image(path: Path, li: Any) -> str | None:
+def _plain_image_problem(path: Path, li: Any) -> str | None:
     """Why large_image would not open a plain (untiled, non-TIFF) image such
-    as a PNG or JPEG: larger than the size its PIL source reads whole
-    (``max_small_image_size``, 4096 px); None for any other file."""
+    as a PNG or JPEG larger than the size its PIL source reads whole
+    (``max_small_image_size``, 4096 px): too large, or, when its data is cut
+    short or damaged, corrupt (only the header was read, so a truncated
+    upload was called too large, and converting it fails too); None for any
+    other file. A PNG's chunks are checked against their checksums (not
+    decompressed); a JPEG is decoded at 1/8 scale (its DCT's cheap draft)."""
     from PIL import Image
 
     limit = int(li.config.getConfig("max_small_image_size", 4096))
     bomb = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = None  # only the header is read
+    Image.MAX_IMAGE_PIXELS = None  # the header, then the data at most at 1/8 scale
     try:
         with Image.open(path) as im:
             fmt, (w, h) = im.format, im.size
+            if fmt == "TIFF" or max(w, h) <= limit:
+                return None
+            try:
+                if fmt == "PNG":
+                    im.verify()
+                elif fmt == "JPEG":
+                    im.draft("RGB", (max(1, w // 8), max(1, h // 8)))
+                    im.load()
+            except Exception as exc:
+                msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                return (
+                    f"{path.name}: cannot open as a slide or image (corrupt: a {fmt} image of"
+                    f" {w}x{h} px whose data is cut short or damaged): {msg}"
+                )
     except Exception:
         return None
     finally:
         Image.MAX_IMAGE_PIXELS = bomb
-    if fmt == "TIFF" or max(w, h) <= limit:
-        return None
     return (
         f"{path.name}: a plain {fmt} image of {w}x{h} px is larger than the {limit} px "
         "large_image reads whole; save it as a tiled, pyramidal TIFF (e.g. with vips "
@@ -528,8 +544,8 @@ def open_slide(path: str | os.PathLike[str], *, input_mpp: float | None = None) 
         source = li.open(str(p))
         meta = source.getMetadata()
     except Exception as exc:
-        if too_large := _too_large_plain_image(p, li):
-            raise SlideError(too_large) from exc
+        if problem := _plain_image_problem(p, li):
+            raise SlideError(problem) from exc
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise SlideError(
             f"{p.name}: cannot open as a slide or image (unsupported or corrupt): {msg}"
