@@ -723,10 +723,8 @@ def _run_dask(
             address = sched if "://" in sched else f"tcp://{sched}"
             try:
                 client = Client(address, timeout="20s")
-            except (
-                OSError,
-                ValueError,
-            ) as exc:  # (ValueError: an inproc address not of this process)
+            # (ValueError: an inproc address not of this process)
+            except (OSError, ValueError) as exc:
                 raise ParameterError(f"cannot reach dask scheduler {address}: {exc}") from exc
         futs = [client.submit(process_tiles, job, b, pure=False) for b in batches]
         sizes = {f.key: len(b) for f, b in zip(futs, batches, strict=True)}
