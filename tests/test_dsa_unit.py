@@ -630,7 +630,7 @@ def test_the_crons_help_explains_every_flag_with_the_xmls_default() -> None:
     from ctk_cli import CLIModule
     from slicer_cli_web import CLIArgumentParser  # noqa: F401  (its ctk_cli adjustments)
 
-    from nucleus_models.dsa.__main__ import build_parser
+    from nucleus_models.dsa.__main__ import build_parser, shown_default
 
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     fj = sub.choices["folder-job"]  # type: ignore[attr-defined]
@@ -645,14 +645,7 @@ def test_the_crons_help_explains_every_flag_with_the_xmls_default() -> None:
         action = by_dest[p.name]
         want = p.default if p.default is not None else ""
         assert action.default == want, (p.name, action.default, want)
-        if not (want is False or want == ""):
-            shown = (
-                ",".join(f"{v:g}" for v in want)
-                if isinstance(want, list)
-                else f"{want:g}"
-                if isinstance(want, float)
-                else str(want)
-            )
+        if shown := shown_default(want):
             assert f"(default: {shown})" in " ".join(action.help.split()), (p.name, shown)
     assert "default: analysis" not in text and "default: the --analysis name" in text
     assert "unet-monuseg-fast, unet-monuseg-reinhard" in by_dest["model"].help  # the choices

@@ -61,6 +61,20 @@ def _retries(text: str) -> int:
     return value
 
 
+def shown_default(default: Any) -> str:
+    """A flag's default as ``--help`` shows it; "" where none is shown (no
+    default, a switch, an empty string).
+
+    >>> shown_default([0.5, 2.0]), shown_default(0.25), shown_default(False), shown_default("x")
+    ('0.5,2', '0.25', '', 'x')
+    """
+    if default is None or default is False or default == "":
+        return ""
+    if isinstance(default, list):
+        return ",".join(f"{v:g}" for v in default)
+    return f"{default:g}" if isinstance(default, float) else str(default)
+
+
 class _OneLineParser(argparse.ArgumentParser):
     """Usage errors as one ``error: ...`` line and exit status 2."""
 
@@ -89,15 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
         and the error messages' spelling, as well as ``--input-mpp``); the
         help ends with the default, when there is one to show."""
         also = ["--" + f[2:].replace("-", "_") for f in flags if "-" in f[2:]]
-        default = kwargs.get("default")
-        if not (default is None or default is False or default == ""):
-            shown = (
-                ",".join(f"{v:g}" for v in default)
-                if isinstance(default, list)
-                else f"{default:g}"
-                if isinstance(default, float)
-                else str(default)
-            )
+        if shown := shown_default(kwargs.get("default")):
             kwargs["help"] = f"{kwargs['help']} (default: {shown})"
         fj.add_argument(*flags, *also, **kwargs)
 
