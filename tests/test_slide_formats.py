@@ -179,3 +179,84 @@ def test_an_overview_of_samples_opencv_cannot_resize_is_read(
     assert slide.white == 4095
     ref = cv2.resize(img, (64, 64), interpolation=cv2.INTER_AREA)
     assert thumb.shape == (64, 64, 3) and int(np.abs(thumb.astype(int) - ref).max()) <= 1
+
+
+def test_an_overview_of_a_slide_not_a_whole_number_of_tiles_is_the_whole_slide(
+    shared_data: Path, tmp_path: Path
+) -> None:
+    """Read tile by tile, the overview of a slide whose width and height are
+    not whole numbers of tiles (as most are) holds its last column and row
+    of tiles, cut to the slide, neither stretched nor padded."""
+    import cv2
+
+    img = _he(shared_data, 1000)[:700]  # 1000 x 700 px: tiles of 128, the last ones partial
+    flat = open_slide(_single_level(tmp_path / "flat.tif", img), input_mpp=0.25)
+    assert flat.overview_level(250) == flat.source.levels - 1
+    thumb, scale = flat.thumbnail(250)
+    assert thumb.shape == (175, 250, 3) and scale == 0.25
+    ref = cv2.resize(img, (250, 175), interpolation=cv2.INTER_AREA)
+    assert int(np.abs(thumb.astype(int) - ref).max()) <= 1
+
+
+def test_a_pyramid_with_a_level_every_4x_is_read_by_large_image(tmp_path: Path) -> None:
+    """A slide storing every other level (an SVS: 1, 1/4, 1/16) has a
+    stored level at, or one finer than, each overview's scale: large_image
+    reads it quickly, so the overview is not read tile by tile (nor the
+    4x finer level read where the level asked for is stored)."""
+    import cv2
+    import tifffile
+
+    img = np.random.default_rng(0).integers(0, 255, (1024, 1024, 3), np.uint8)
+    with tifffile.TiffWriter(tmp_path / "sparse.tif") as tw:
+        tw.write(img, tile=(128, 128), photometric="rgb", subfiletype=0)
+        quarter = cv2.resize(img, (256, 256), interpolation=cv2.INTER_AREA)
+        tw.write(quarter, tile=(128, 128), photometric="rgb", subfiletype=1)
+    s = open_slide(tmp_path / "sparse.tif", input_mpp=0.25)
+    stored = [v is not None for v in s.source._nonemptyLevelsList()]
+    assert stored == [False, True, False, True], stored  # (1/8, 1/4, 1/2, 1)
+    assert [s.overview_level(n) for n in (512, 256, 128)] == [None, None, None]
+
+
+def test_grey_alpha_and_many_bands_read_as_rgb() -> None:
+    """Grey + alpha is composited over black like RGBA and comes out RGB;
+    more than four bands keep the first three; 16-bit alpha is on its own
+    scale (65535 opaque)."""
+    from nucleus_models.wsi.slide import to_rgb_uint8
+
+    la = np.array([[[200, 255], [200, 0], [200, 128]]], np.uint8)
+    out = to_rgb_uint8(la)
+    assert out.shape == (1, 3, 3)
+    assert out[0, :, 0].tolist() == [200, 0, round(200 * 128 / 255)]
+    assert (out == out[:, :, :1]).all()  # grey in every band
+    bands = np.arange(5, dtype=np.uint8)[None, None, :] * 40 + np.zeros((2, 2, 1), np.uint8)
+    assert np.array_equal(to_rgb_uint8(bands), bands[:, :, :3])
+    rgba16 = np.array([[[65535, 32896, 0, 65535], [65535, 32896, 0, 32768]]], np.uint16)
+    out16 = to_rgb_uint8(rgba16)
+    assert out16[0, 0].tolist() == [255, 128, 0]
+    assert abs(int(out16[0, 1, 0]) - 128) <= 1 and abs(int(out16[0, 1, 1]) - 64) <= 1
+
+
+def test_detection_reads_a_deep_slides_overview_once(
+    shared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The white level the detection's overview set goes with the tile
+    jobs: a tile reader without it read a second overview of its own (for
+    a slide without a pyramid, as long as the first), each worker process
+    again."""
+    from nucleus_models.detection import DetectionParams, detect_nuclei
+    from nucleus_models.wsi.slide import Slide
+
+    img = _he(shared_data, 512)
+    deep = (img.astype(np.uint32) * 4095 // 255).astype(np.uint16)
+    path = _single_level(tmp_path / "u12.tif", deep)
+    calls: list[int] = []
+    thumbnail = Slide.thumbnail
+
+    def counted(self: Slide, *args: object, **kwargs: object) -> object:
+        calls.append(1)
+        return thumbnail(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Slide, "thumbnail", counted)
+    params = DetectionParams(inputImageFile=str(path), model="classical-he", input_mpp=0.5)
+    assert len(detect_nuclei(params).nuclei) > 50
+    assert len(calls) == 1
