@@ -898,6 +898,35 @@ def test_a_download_that_keeps_failing_leaves_no_partial_file(server: str, tmp_p
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_download_longer_than_the_file_is_not_taken(server: str, tmp_path: Path) -> None:
+    """An answer longer than the file's size in Girder (the file replaced
+    under the job) is not analysed as that file: retried, then one line."""
+    sleeps: list[float] = []
+    with pytest.raises(GirderUnavailable) as info:
+        _client(server, sleeps, attempts=2).download_file(
+            "cut0", str(tmp_path / "slide.svs"), size=len(SLIDE) - 1
+        )
+    assert f"the download gave {len(SLIDE)} bytes, the file has {len(SLIDE) - 1}" in str(info.value)
+    assert list(tmp_path.iterdir()) == [] and len(sleeps) == 1
+
+
+def test_a_download_that_timed_out_midway_says_so() -> None:
+    """requests reports a read time-out mid-body as a ConnectionError
+    wrapping urllib3's ReadTimeoutError: the message says it timed out, not
+    that the connection dropped (a slow server, not a broken network)."""
+    import requests
+    import urllib3
+
+    from nucleus_models.dsa.client import IncompleteDownload
+
+    slow = requests.ConnectionError(urllib3.exceptions.ReadTimeoutError(None, "/x", "timed out"))
+    assert str(IncompleteDownload(5, 10, slow)) == "timed out mid-download, after 5 of 10 bytes"
+    dropped = requests.ConnectionError(urllib3.exceptions.ProtocolError("Connection broken"))
+    assert "the connection dropped mid-download, after 5 bytes" in str(
+        IncompleteDownload(5, None, dropped)
+    )
+
+
 def test_an_answer_cut_off_mid_body_is_retried(server: str) -> None:
     """A JSON answer whose connection drops mid-body was a one-line error at
     once (requests' ChunkedEncodingError was not taken for a dropped connection)."""
@@ -1043,7 +1072,8 @@ class _Uploads(BaseHTTPRequestHandler):
             del self.uploads[up["_id"]]
             n = len(self.files)
             answer = {"_id": f"f{n}", "name": up["name"], "size": up["size"], "data": up["data"]}
-            answer["created"] = f"2030-01-01T00:01:{n:02d}.123000+00:00"
+            # (Girder's clock: the same second as the upload's start, later, in ms)
+            answer["created"] = up["created"][:20] + f"{900 + n:03d}000+00:00"
             self.files.append(answer)
             answer = {k: v for k, v in answer.items() if k != "data"}
         if fault == "lost":

@@ -1082,6 +1082,10 @@ def test_a_quoted_number_in_a_config_is_called_so(tmp_path: Path) -> None:
     yml.write_text(yml.read_text().replace("lr: 2e-3", "lr: '0.002'"))
     with pytest.raises(ValueError, match=r"train\.lr = '0\.002': expected a number \(in quotes"):
         load_config(yml)
+    short = tmp_path / "c.yml"  # (the other suffix of YAML configs: the same hint)
+    short.write_text(yml.read_text().replace("lr: '0.002'", "lr: 2e-3"))
+    with pytest.raises(ValueError, match=r"YAML reads 2e-3 as text: write it with a point"):
+        load_config(short)
 
 
 def test_a_broken_config_is_a_one_line_error_from_the_command_line(
