@@ -1274,6 +1274,44 @@ def test_the_folder_job_replaces_the_cli_made_annotation_of_its_name_under_the_d
     assert client.deleted == ([] if analysis_key else ["cli"])
 
 
+def test_an_older_annotation_that_cannot_be_removed_leaves_the_item_as_it_was(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The new annotation is recorded, then the older one cannot be removed
+    (HTTP 403: another user's): the item's record is written back as it was,
+    naming the older one, and the new annotation is taken back, so the item
+    never holds two; the slide fails with the reason."""
+    from nucleus_models.dsa import folder_job
+
+    _quiet_ledger(monkeypatch)
+    monkeypatch.setitem(folder_job.ANALYSES, "NucleusDetection", _analysis_stub([]))
+    before = {"status": "done", "annotation_id": "OLD", "params_hash": "h0"}
+    records: list[dict[str, Any]] = []
+    monkeypatch.setattr(folder_job, "read_record", lambda c, i, k: dict(before))
+    monkeypatch.setattr(folder_job, "write_record", lambda c, i, k, r: records.append(r))
+
+    def refused(*args: Any, **kwargs: Any) -> list[str]:
+        raise GirderRequestError("DELETE annotation/OLD failed: HTTP 403", status=403)
+
+    monkeypatch.setattr(folder_job, "dedupe", refused)
+    client = _Annotations([_ann("OLD", "Nuclei (stub)", _CLI_MADE)])
+    item = {"_id": "I", "name": "case 1.svs", "folderId": "F", "largeImage": {"fileId": "f"}}
+    params = FolderJobParams(inputFolder="F", force=True)
+    (outcome,) = folder_job._run_items(
+        client,
+        params,
+        {"name": "F"},
+        [item],
+        _NoLease(),
+        None,
+        str(tmp_path),  # type: ignore[arg-type]
+    )
+    assert outcome.status == "failed" and "403" in outcome.error
+    assert records[0]["annotation_id"] == "NEW" and records[1] == before
+    assert all(r.get("annotation_id") == "OLD" for r in records[1:]), records  # (+ last_failure)
+    assert client.deleted == ["NEW"]
+
+
 class _FlatSlide(_Annotations):
     """A client whose slide is ``path`` (one level, no pyramid)."""
 
