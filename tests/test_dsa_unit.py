@@ -171,11 +171,9 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(400, {"message": "Invalid annotation id", "type": "rest"})
 
 
-@pytest.fixture()
-def server() -> Iterator[str]:
-    _Handler.counts = Counter()
-    _Handler.bodies, _Handler.annotations = {}, []
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+def _serving(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
+    """Serve ``handler`` on a free loopback port; yield its API root URL."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     httpd.daemon_threads = True
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.1})
     thread.start()
@@ -185,6 +183,13 @@ def server() -> Iterator[str]:
         httpd.shutdown()
         httpd.server_close()
         thread.join(timeout=10)
+
+
+@pytest.fixture()
+def server() -> Iterator[str]:
+    _Handler.counts = Counter()
+    _Handler.bodies, _Handler.annotations = {}, []
+    yield from _serving(_Handler)
 
 
 def _client(url: str, sleeps: list[float], **policy: float) -> DSAClient:
@@ -1102,16 +1107,7 @@ class _Uploads(BaseHTTPRequestHandler):
 @pytest.fixture()
 def uploads() -> Iterator[str]:
     _Uploads.faults, _Uploads.uploads, _Uploads.files, _Uploads.calls = [], {}, [], []
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Uploads)
-    httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.1})
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}/api/v1"
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(timeout=10)
+    yield from _serving(_Uploads)
 
 
 #: three chunks of 1000 bytes and one of 500 (``MAX_CHUNK_SIZE`` 1000)
