@@ -1237,6 +1237,16 @@ def test_legacy_annotations_are_found_by_name_and_software_only() -> None:
     assert [a["_id"] for a in find_annotations(client, "I", "K")] == ["ours"]  # type: ignore[arg-type]
 
 
+def _run_one(client: Any, params: FolderJobParams, item: dict[str, Any], work: Path) -> Any:
+    """The folder job on one item of folder "F", its lease held: its outcome."""
+    from nucleus_models.dsa import folder_job
+
+    (outcome,) = folder_job._run_items(
+        client, params, {"name": "F"}, [item], _NoLease(), None, str(work)
+    )  # type: ignore[arg-type]
+    return outcome
+
+
 @pytest.mark.parametrize("analysis_key", ["", "batch-2026"])
 def test_the_folder_job_replaces_the_cli_made_annotation_of_its_name_under_the_default_key(
     analysis_key: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
@@ -1257,15 +1267,7 @@ def test_the_folder_job_replaces_the_cli_made_annotation_of_its_name_under_the_d
     )
     item = {"_id": "I", "name": "case 1.svs", "folderId": "F", "largeImage": {"fileId": "f"}}
     params = FolderJobParams(inputFolder="F", analysis_key=analysis_key)
-    (outcome,) = folder_job._run_items(
-        client,
-        params,
-        {"name": "F"},
-        [item],
-        _NoLease(),
-        None,
-        str(tmp_path),  # type: ignore[arg-type]
-    )
+    outcome = _run_one(client, params, item, tmp_path)
     assert outcome.status == "done" and outcome.annotation_id == "NEW"
     assert client.deleted == ([] if analysis_key else ["cli"])
 
@@ -1293,15 +1295,7 @@ def test_an_older_annotation_that_cannot_be_removed_leaves_the_item_as_it_was(
     client = _Annotations([_ann("OLD", "Nuclei (stub)", _CLI_MADE)])
     item = {"_id": "I", "name": "case 1.svs", "folderId": "F", "largeImage": {"fileId": "f"}}
     params = FolderJobParams(inputFolder="F", force=True)
-    (outcome,) = folder_job._run_items(
-        client,
-        params,
-        {"name": "F"},
-        [item],
-        _NoLease(),
-        None,
-        str(tmp_path),  # type: ignore[arg-type]
-    )
+    outcome = _run_one(client, params, item, tmp_path)
     assert outcome.status == "failed" and "403" in outcome.error
     assert records[0]["annotation_id"] == "NEW" and records[1] == before
     assert all(r.get("annotation_id") == "OLD" for r in records[1:]), records  # (+ last_failure)
@@ -1332,7 +1326,6 @@ def test_the_folder_job_log_says_when_it_reads_an_overview_tile_by_tile(
     from conftest import disk_centres, draw_disks
 
     from nucleus_models import detection
-    from nucleus_models.dsa import folder_job
 
     monkeypatch.setattr(detection, "OVERVIEW_PX", 256)  # (a 1024 px slide, not 30000)
     img = draw_disks(1024, 1024, disk_centres(1024, 1024, (128,), radius=6.0), 6.0)
@@ -1348,15 +1341,7 @@ def test_the_folder_job_log_says_when_it_reads_an_overview_tile_by_tile(
     root.setLevel(logging.INFO if logs_as == "cron" else logging.WARNING)
     dsa.setLevel(logging.NOTSET if logs_as == "cron" else logging.INFO)
     try:
-        (outcome,) = folder_job._run_items(
-            _FlatSlide(flat),
-            params,
-            {"name": "F"},
-            [item],
-            _NoLease(),
-            None,
-            str(tmp_path),  # type: ignore[arg-type]
-        )
+        outcome = _run_one(_FlatSlide(flat), params, item, tmp_path)
     finally:
         root.setLevel(before[0])
         dsa.setLevel(before[1])
