@@ -44,10 +44,8 @@ SLIDE = bytes(range(256)) * 1200
 CUT_AT = 100_000
 
 
-class _Handler(BaseHTTPRequestHandler):
-    counts: Counter[str] = Counter()
-    bodies: dict[str, list[bytes]] = {}
-    annotations: list[dict[str, Any]] = []
+class _JSONHandler(BaseHTTPRequestHandler):
+    """A fake server's handler: quiet, answering JSON."""
 
     def log_message(self, *args: object) -> None:  # keep pytest output clean
         pass
@@ -59,6 +57,12 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
+
+
+class _Handler(_JSONHandler):
+    counts: Counter[str] = Counter()
+    bodies: dict[str, list[bytes]] = {}
+    annotations: list[dict[str, Any]] = []
 
     def do_GET(self) -> None:  # noqa: N802
         path = self.path.split("?")[0].removeprefix("/api/v1/")
@@ -1010,7 +1014,7 @@ def test_a_retried_upload_chunk_is_sent_whole_again(server: str) -> None:
     assert _Handler.bodies["file/chunk"] == [payload, payload]
 
 
-class _Uploads(BaseHTTPRequestHandler):
+class _Uploads(_JSONHandler):
     """Girder's chunked upload, as Girder does it: ``POST file`` starts an
     upload, ``POST file/chunk`` must give the offset Girder has, the last
     chunk makes the file (and ends the upload), ``GET file/offset`` and
@@ -1022,17 +1026,6 @@ class _Uploads(BaseHTTPRequestHandler):
     uploads: dict[str, dict[str, Any]] = {}
     files: list[dict[str, Any]] = []
     calls: list[str] = []
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-    def _send(self, status: int, body: object) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
 
     def _route(self) -> tuple[str, dict[str, str]]:
         from urllib.parse import parse_qsl, urlsplit
