@@ -260,3 +260,78 @@ def test_detection_reads_a_deep_slides_overview_once(
     params = DetectionParams(inputImageFile=str(path), model="classical-he", input_mpp=0.5)
     assert len(detect_nuclei(params).nuclei) > 50
     assert len(calls) == 1
+
+
+def _pyramid(path: Path, base: np.ndarray, levels: int) -> Path:
+    """A tiled TIFF of ``base`` and ``levels`` stored halvings of it
+    (INTER_AREA, in its own sample type), as pyramid writers make them."""
+    import cv2
+    import tifffile
+
+    with tifffile.TiffWriter(path) as tw:
+        tw.write(base, tile=(128, 128), photometric="rgb", subifds=levels)
+        level = base.astype(np.float64)
+        for _ in range(levels):
+            size = (level.shape[1] // 2, level.shape[0] // 2)
+            level = cv2.resize(level, size, interpolation=cv2.INTER_AREA)
+            stored = np.rint(level) if np.issubdtype(base.dtype, np.integer) else level
+            tw.write(stored.astype(base.dtype), tile=(128, 128), photometric="rgb", subfiletype=1)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("kind", "scale", "dtype"),
+    [
+        ("float-0-1", 1 / 255, np.float32),
+        ("float-0-255", 1.0, np.float32),
+        ("int32-12bit", 4095 / 255, np.int32),
+        ("uint16-12bit", 4095 / 255, np.uint16),
+    ],
+)
+def test_every_level_of_a_pyramid_not_of_uint8_reads_like_the_base(
+    tmp_path: Path, kind: str, scale: float, dtype: type
+) -> None:
+    """A pyramid of samples other than uint8 read at a downsample (large_image
+    reads a level and shrinks it through PIL, cutting the samples to uint8
+    its own way first) read black for floats in [0, 1] (mean 0 for 127 at
+    the base), mid-grey for int32, 16 greys for 12-bit uint16; every level
+    and shrink now reads as the 8-bit image it holds, shrunk alike."""
+    import cv2
+
+    yy, xx = np.mgrid[0:1024, 0:1024]
+    img = np.dstack([xx // 4, yy // 4, (xx + yy) // 8]).astype(np.uint8)
+    base = img.astype(np.float64) * scale
+    base = (np.rint(base) if np.issubdtype(dtype, np.integer) else base).astype(dtype)
+    slide = open_slide(_pyramid(tmp_path / f"{kind}.tif", base, 3), input_mpp=0.25)
+    reads = [
+        (0, 0, 1024, 1024, 1024, 1024),  # the base
+        (0, 0, 1024, 1024, 300, 300),  # a level, shrunk
+        (96, 192, 600, 450, 200, 150),
+        (0, 0, 1024, 1024, 64, 64),  # the coarsest level, shrunk
+    ]
+    for x, y, w, h, ow, oh in reads:
+        got = slide.read_region(x, y, w, h, out_w=ow, out_h=oh).astype(int)
+        ref = cv2.resize(img[y : y + h, x : x + w], (ow, oh), interpolation=cv2.INTER_AREA)
+        diff = np.abs(got - ref)
+        assert got.shape == (oh, ow, 3)
+        assert diff.mean() < 2 and np.percentile(diff, 99) <= 6, (kind, ow, diff.mean())
+    thumb, _ = slide.thumbnail(128)
+    ref = cv2.resize(img, (128, 128), interpolation=cv2.INTER_AREA)
+    assert np.abs(thumb.astype(int) - ref).mean() < 1.0
+
+
+def test_a_dark_tile_of_a_float_slide_is_scaled_like_the_rest(tmp_path: Path) -> None:
+    """Float samples were scaled tile by tile: x 255 where a tile's samples
+    were all at most 1, as they are in a near-black tile of a [0, 255]
+    slide (read 204 of 255 for 0.8); the overview sets one scale for the
+    slide, [0, 1] or [0, 255], as it does for 12-bit data."""
+    img = np.full((512, 512, 3), 200.0, np.float32)
+    img[:256, :256] = 0.8
+    _single_level(tmp_path / "f255.tif", img)
+    _single_level(tmp_path / "f01.tif", img / 255)
+    f255 = open_slide(tmp_path / "f255.tif", input_mpp=0.25)
+    assert f255.read_region(0, 0, 128, 128).max() == 1  # before the overview: it reads it
+    assert f255.white == 255.0 and f255.read_region(300, 300, 128, 128).min() == 200
+    f01 = open_slide(tmp_path / "f01.tif", input_mpp=0.25)
+    assert f01.read_region(0, 0, 128, 128).max() == 1 and f01.white == 1.0
+    assert f01.read_region(300, 300, 128, 128).min() == 200

@@ -126,7 +126,7 @@ class Slide:
         out_w = w if out_w is None else out_w
         out_h = h if out_h is None else out_h
         arr = self._raw_region(x, y, w, h, out_w, out_h)
-        if self.white is None and _wide_integers(arr):
+        if self.white is None and _needs_white(arr):
             self.thumbnail(512)  # (sets the slide's white level from its overview)
         arr = to_rgb_uint8(arr, white=self.white)
         if arr.shape[0] != out_h or arr.shape[1] != out_w:
@@ -148,8 +148,27 @@ class Slide:
         # took ~75 of the ~90 ms a 1792-px 40x tile took to read at 0.4 um/px);
         # from 2x on, large_image reads a coarser layer
         # (level_multiple: which region a level read reads exactly)
-        level_read = _shrink(w, h, out_w, out_h) >= LEVEL_READ_SHRINK
-        output = {"output": {"maxWidth": out_w, "maxHeight": out_h}} if level_read else {}
+        shrink = _shrink(w, h, out_w, out_h)
+        level_read = shrink >= LEVEL_READ_SHRINK
+        output: dict[str, Any] = {}
+        own_resize = False
+        if level_read:
+            output = {"output": {"maxWidth": out_w, "maxHeight": out_h}}
+            if self._samples_not_uint8():
+                # large_image shrinks a level's region to the output through
+                # PIL, first cutting any samples but uint8 to uint8 its own
+                # way (floats clipped to 0-255: [0, 1] data read black;
+                # int32 offset by 2**31: mid-grey; uint16 / 256: 16 greys
+                # for 12-bit data). Ask it for the level's region at the
+                # level's own scale, untouched (resample=None: at most a
+                # pixel's nearest-neighbour fit, in the samples' own type),
+                # and shrink that here as the base layer is.
+                f = 1 << int(math.floor(math.log2(shrink) + 1e-4))
+                output = {
+                    "output": {"maxWidth": -(-w // f), "maxHeight": -(-h // f)},
+                    "resample": None,
+                }
+                own_resize = True
         try:
             arr, _ = self.source.getRegion(
                 region=region, format=li.constants.TILE_FORMAT_NUMPY, **output
@@ -160,7 +179,19 @@ class Slide:
                 f"(file truncated or corrupt?): {_first_line(exc)}"
             ) from exc
         arr = np.asarray(arr)
-        return arr[:, :, None] if arr.ndim == 2 else arr
+        arr = arr[:, :, None] if arr.ndim == 2 else arr
+        if own_resize and (arr.shape[0], arr.shape[1]) != (out_h, out_w):
+            arr = _resize_area(arr, out_w, out_h)
+        return arr
+
+    def _samples_not_uint8(self) -> bool:
+        """Whether the slide's samples are of a type other than uint8 (as
+        large_image's source says; False where it cannot say)."""
+        try:
+            dtype = np.dtype(self.source.dtype)
+        except Exception:
+            return False
+        return dtype != np.uint8
 
     def _thumbnail_size(self, max_size: int) -> tuple[int, int]:
         scale = min(1.0, max_size / max(self.width, self.height))
@@ -212,7 +243,7 @@ class Slide:
             raw = self._raw_region(0, 0, self.width, self.height, out_w, out_h)
         else:
             raw = self._overview_from_level(level, out_w, out_h, progress)
-        if self.white is None and _wide_integers(raw):
+        if self.white is None and _needs_white(raw):
             self.white = white_level(raw)
         img = to_rgb_uint8(raw, white=self.white)
         if img.shape[0] != out_h or img.shape[1] != out_w:
@@ -228,7 +259,6 @@ class Slide:
         """Stored level ``level`` shrunk to ``out_w x out_h`` with INTER_AREA,
         a row of its tiles at a time (read by a thread each core), in the
         slide's own type and bands."""
-        import cv2
 
         from .runner import available_cores
 
@@ -263,12 +293,7 @@ class Slide:
                     out = np.zeros((out_h, out_w, row.shape[2]), row.dtype)
                 r0, r1 = round(y0 * out_h / lh), round(y1 * out_h / lh)
                 if r1 > r0:
-                    if row.dtype not in _CV_RESIZE_TYPES:  # (e.g. int32: OpenCV refuses it)
-                        row = row.astype(np.float64)
-                    small = cv2.resize(row, (out_w, r1 - r0), interpolation=cv2.INTER_AREA)
-                    if small.dtype != out.dtype:
-                        small = np.rint(small)
-                    out[r0:r1] = small.reshape(r1 - r0, out_w, -1)
+                    out[r0:r1] = _resize_area(row, out_w, r1 - r0).astype(out.dtype)
                 if progress is not None:
                     progress((ty + 1) / ny)
         assert out is not None
@@ -281,6 +306,20 @@ _CV_RESIZE_TYPES = tuple(
 )
 
 
+def _resize_area(arr: np.ndarray, out_w: int, out_h: int) -> np.ndarray:
+    """``arr`` (H x W x C) shrunk to ``out_w x out_h`` with OpenCV's
+    INTER_AREA, in its own sample type (integers rounded; types OpenCV
+    refuses, e.g. int32, resized as float64)."""
+    import cv2
+
+    src = arr if arr.dtype in _CV_RESIZE_TYPES else arr.astype(np.float64)
+    small = cv2.resize(src, (out_w, out_h), interpolation=cv2.INTER_AREA)
+    small = small.reshape(out_h, out_w, -1)
+    if small.dtype != arr.dtype:
+        small = np.rint(small).astype(arr.dtype)
+    return small
+
+
 def _first_line(exc: BaseException) -> str:
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
@@ -290,9 +329,16 @@ def _wide_integers(arr: np.ndarray) -> bool:
     return np.issubdtype(arr.dtype, np.integer) and arr.dtype.itemsize > 1
 
 
+def _needs_white(arr: np.ndarray) -> bool:
+    """Samples whose scale the slide's overview sets (:func:`white_level`):
+    integers wider than 8 bits, and floats (in [0, 1] or in [0, 255])."""
+    return _wide_integers(arr) or np.issubdtype(arr.dtype, np.floating)
+
+
 def white_level(overview: np.ndarray) -> float:
     """The sample value to read as 255 for a slide of integer samples wider
-    than 8 bits: ``2**bits - 1`` for the fewest bits that hold the
+    than 8 bits, or of floats (1.0 where the overview lies in [0, 1], 255.0
+    in [0, 255]; else as integers): ``2**bits - 1`` for the fewest bits that hold the
     overview's brightest colour sample, rounded up to a camera's bit depth
     (8, 10, 12, 14, 16, ...: an even number), and at most the samples' own.
     A 12-bit camera's scan saved as a 16-bit TIFF (0-4095) was divided by
@@ -317,9 +363,14 @@ def white_level(overview: np.ndarray) -> float:
     >>> dark = np.full((4, 4, 1), 50, np.uint16); dark[0, 0] = 1000  # (fluorescence)
     >>> white_level(dark), white_level(np.where(dark > 50, 20000, dark).astype(np.uint16))
     (4095.0, 65535.0)
+    >>> white_level(np.full((1, 1, 3), 0.6, np.float32)), white_level(np.full((1, 1, 3), 153.0))
+    (1.0, 255.0)
     """
     colour = overview[..., :3] if overview.shape[-1] >= 3 else overview[..., :1]
+    colour = np.nan_to_num(colour, nan=0.0) if colour.dtype.kind == "f" else colour
     brightest = colour.max(axis=-1)
+    if colour.dtype.kind == "f" and float(brightest.max(initial=0)) <= 255.0:
+        return 1.0 if float(brightest.max(initial=0)) <= 1.0 else 255.0
     top = max(int(brightest.max(initial=0)), 1)
     bits = max(8, int(math.ceil(math.log2(top + 1))))
     if brightest.size and float(np.median(brightest)) < top / 4:
@@ -337,8 +388,8 @@ def to_rgb_uint8(
     level reads make them (and :func:`~nucleus_models.wsi.tissue.tissue_mask`
     counts black as no tissue): the colour kept under them was analysed as
     tissue where a tile was read from the base layer. Integer data wider
-    than 8 bits is scaled so that ``white`` (the slide's :attr:`Slide.white`)
-    is 255; without it by a fixed rule (floats in [0, 1] x 255, 16-bit /
+    than 8 bits, and floats, are scaled so that ``white`` (the slide's
+    :attr:`Slide.white`) is 255; without it by a fixed rule (floats in [0, 1] x 255, 16-bit /
     257), so tiles of one slide stay comparable.  ``stretch=True`` (whole
     in-memory images such as 12-bit fluorescence in a 16-bit container)
     maps the image's 0.5th-99.9th percentiles to 0-255 instead.
@@ -360,7 +411,7 @@ def to_rgb_uint8(
     if arr.shape[2] > 3:
         arr = arr[:, :, :3]
     if arr.dtype != np.uint8:
-        wide = _wide_integers(arr)
+        wide = _needs_white(arr)
         arr = arr.astype(np.float64)
         if wide and white:
             arr = arr * (255.0 / white)
