@@ -802,6 +802,41 @@ def test_a_failure_keeps_the_done_record_and_the_summary_shows_zero_nuclei(
     assert rows[0]["nuclei_count"] == "0"
 
 
+def test_few_nuclei_in_a_large_region_are_not_written_as_zero_per_mm2(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """nuclei_per_mm2 was rounded to 2 decimals: 1 nucleus in a 400 mm^2
+    region (20000 x 20000 px at 1 um/px) read 0.0 in the scores and the
+    summary CSV; it keeps 4 significant figures, and no nuclei stay 0."""
+    from types import SimpleNamespace
+
+    from nucleus_models import detection
+    from nucleus_models.dsa import folder_job
+
+    def fake_result(count: int) -> Any:
+        prov = {"nuclei_count": count, "class_counts": {"nucleus": count}}
+        return SimpleNamespace(
+            provenance=lambda: prov, region=(0, 0, 20000, 20000), slide={"mpp": 1.0}
+        )
+
+    monkeypatch.setattr(detection, "annotation_options", lambda r: {"name": "N", "description": ""})
+    params = FolderJobParams(inputFolder="F")
+    rates = []
+    for count in (1, 0, 123456):
+        monkeypatch.setattr(detection, "detect_nuclei", lambda *a, n=count, **k: fake_result(n))
+        out = folder_job._run_detection(params, "s.svs", "/nonexistent", lambda f: None, print)
+        rates.append(out.scores["nuclei_per_mm2"])
+    assert rates == [0.0025, 0.0, 308.64]
+    outcomes = [
+        folder_job.ItemOutcome("i", "big.svs", "done", nuclei_count=1, scores={"nuclei_per_mm2": r})
+        for r in rates
+    ]
+    rows = list(
+        csv.DictReader(io.StringIO(folder_job._summary_csv(outcomes, params, "h").decode()))
+    )
+    assert [float(r["nuclei_per_mm2"]) for r in rows] == rates
+
+
 def test_a_read_only_token_is_refused_before_any_slide(monkeypatch: pytest.MonkeyPatch) -> None:
     from nucleus_models.dsa import folder_job
 

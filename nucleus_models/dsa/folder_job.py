@@ -20,6 +20,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -220,9 +221,28 @@ def _run_detection(
     scores = {
         "nuclei_count": prov["nuclei_count"],
         "class_counts": prov["class_counts"],
-        "nuclei_per_mm2": round(prov["nuclei_count"] / area_mm2, 2) if area_mm2 else None,
+        "nuclei_per_mm2": nuclei_per_mm2(prov["nuclei_count"], area_mm2),
     }
     return AnalysisOutput(document=doc, scores=scores, provenance=prov)
+
+
+def nuclei_per_mm2(count: int, area_mm2: float) -> float | None:
+    """Nuclei per mm^2 of the region analysed, to 2 decimals or 4
+    significant figures, whichever keeps more (rounded to 2 decimals, a
+    few nuclei in a large region, 1 in 400 mm^2, read 0.0); 0 for no
+    nuclei, None for a region of no known area.
+
+    >>> nuclei_per_mm2(1, 400.0), nuclei_per_mm2(3, 7.0), nuclei_per_mm2(123456, 10.0)
+    (0.0025, 0.4286, 12345.6)
+    >>> nuclei_per_mm2(0, 400.0), nuclei_per_mm2(5, 0.0)
+    (0.0, None)
+    """
+    if not area_mm2 or area_mm2 <= 0:
+        return None
+    rate = count / area_mm2
+    if rate == 0:
+        return 0.0
+    return round(rate, max(2, 3 - math.floor(math.log10(abs(rate)))))
 
 
 #: Analyses the folder job can run: name -> runner(params, slide path, workdir,
