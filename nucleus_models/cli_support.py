@@ -80,6 +80,22 @@ def build_parser(xml_path: str) -> Any:
         ) -> NoReturn:  # argparse prints usage + error; we print one line
             fail(f"{os.path.basename(xml_path)[:-4]}: {_explained(message, xml_path)}")
 
+        def _print_message(self, message: str, file: Any = None) -> None:
+            # argparse's own (--help, --version) swallows a write's OSError, so
+            # into a closed pipe they exited 0 where --xml exits 141: written
+            # and flushed here, a closed pipe raises BrokenPipeError for
+            # run_cli to stop on quietly (stdout_closed), as --xml does
+            if not message:
+                return
+            file = file or sys.stderr
+            try:
+                file.write(message)
+                file.flush()
+            except BrokenPipeError:
+                raise
+            except (AttributeError, OSError):  # no file to write to (argparse's own)
+                pass
+
     return _Parser(xml_path)
 
 
