@@ -335,3 +335,21 @@ def test_a_dark_tile_of_a_float_slide_is_scaled_like_the_rest(tmp_path: Path) ->
     f01 = open_slide(tmp_path / "f01.tif", input_mpp=0.25)
     assert f01.read_region(0, 0, 128, 128).max() == 1 and f01.white == 1.0
     assert f01.read_region(300, 300, 128, 128).min() == 200
+
+
+def test_white_level_leaves_transparent_pixels_out_of_the_ground() -> None:
+    """A 12-bit brightfield scan (RGBA, 16-bit) whose unscanned margin is
+    transparent (alpha 0, colour 0): the margin, most of the overview, was
+    taken for fluorescence's dark ground, two bits added, and the tissue
+    read 4x too dark (4000 of 16383: 62 of 255)."""
+    from nucleus_models.wsi.slide import to_rgb_uint8, white_level
+
+    over = np.zeros((10, 10, 4), np.uint16)
+    over[:3, :, :3], over[:3, :, 3] = 4000, 65535  # scanned, opaque: near white
+    assert white_level(over) == 4095.0
+    assert to_rgb_uint8(over, white=white_level(over))[0, 0].tolist() == [249, 249, 249]
+    grey = over[..., [0, 3]]  # grey + alpha: the same
+    assert white_level(grey) == 4095.0
+    dark = np.full((10, 10, 4), 50, np.uint16)  # an opaque dark ground is still one
+    dark[..., 3], dark[0, 0, :3] = 65535, 1000
+    assert white_level(dark) == 4095.0 == white_level(dark[..., :3])

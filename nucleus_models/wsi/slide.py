@@ -353,6 +353,9 @@ def white_level(overview: np.ndarray) -> float:
     nuclei average down the most, so two more bits are left (a sparse 12-bit
     image whose overview peaks at 1000 is still read as 12-bit), never
     darker than the samples' full range (16-bit data / 257, as before).
+    Transparent pixels (alpha 0, shown black) are left
+    out: a brightfield slide's unscanned, transparent margin was taken for
+    a dark ground and its tissue read 4x too dark.
 
     >>> white_level(np.array([[[4000, 2000, 100, 65535]]], np.uint16))  # (alpha left out)
     4095.0
@@ -366,9 +369,12 @@ def white_level(overview: np.ndarray) -> float:
     >>> white_level(np.full((1, 1, 3), 0.6, np.float32)), white_level(np.full((1, 1, 3), 153.0))
     (1.0, 255.0)
     """
-    colour = overview[..., :3] if overview.shape[-1] >= 3 else overview[..., :1]
+    bands = overview.shape[-1]
+    colour = overview[..., :3] if bands >= 3 else overview[..., :1]
     colour = np.nan_to_num(colour, nan=0.0) if colour.dtype.kind == "f" else colour
     brightest = colour.max(axis=-1)
+    if bands in (2, 4):  # grey + alpha, RGBA: as :func:`to_rgb_uint8` reads them
+        brightest = brightest[overview[..., -1] > 0]  # (transparent: no ground, shown black)
     if colour.dtype.kind == "f" and float(brightest.max(initial=0)) <= 255.0:
         return 1.0 if float(brightest.max(initial=0)) <= 1.0 else 255.0
     top = max(int(brightest.max(initial=0)), 1)
