@@ -353,3 +353,14 @@ def test_white_level_leaves_transparent_pixels_out_of_the_ground() -> None:
     dark = np.full((10, 10, 4), 50, np.uint16)  # an opaque dark ground is still one
     dark[..., 3], dark[0, 0, :3] = 65535, 1000
     assert white_level(dark) == 4095.0 == white_level(dark[..., :3])
+
+
+def test_white_level_of_signed_samples_is_at_most_their_own_maximum() -> None:
+    """int16 samples hold at most 32767: a bright int16 slide was read as
+    16-bit (/ 257), at most 127 of 255, half as bright as it is."""
+    from nucleus_models.wsi.slide import white_level
+
+    assert white_level(np.full((2, 2, 3), 30000, np.int16)) == 32767.0
+    assert white_level(np.full((2, 2, 3), 30000, np.uint16)) == 65535.0
+    assert white_level(np.full((2, 2, 3), 3000, np.int16)) == 4095.0
+    assert white_level(np.full((2, 2, 3), 2**30, np.int32)) == 2.0**31 - 1

@@ -352,8 +352,8 @@ def white_level(overview: np.ndarray) -> float:
     overview under a quarter of its peak: fluorescence), small bright
     nuclei average down the most, so two more bits are left (a sparse 12-bit
     image whose overview peaks at 1000 is still read as 12-bit), never
-    darker than the samples' full range (16-bit data / 257, as before).
-    Transparent pixels (alpha 0, shown black) are left
+    darker than the samples' full range (16-bit data / 257, as before;
+    int16's is 32767). Transparent pixels (alpha 0, shown black) are left
     out: a brightfield slide's unscanned, transparent margin was taken for
     a dark ground and its tissue read 4x too dark.
 
@@ -381,7 +381,9 @@ def white_level(overview: np.ndarray) -> float:
     bits = max(8, int(math.ceil(math.log2(top + 1))))
     if brightest.size and float(np.median(brightest)) < top / 4:
         bits += 2  # (a dark ground: small bright objects average down in the overview)
-    bits = min(bits + bits % 2, 8 * overview.dtype.itemsize)
+    # (a signed type's own bits leave its sign out: int16 holds at most 32767)
+    own = 8 * overview.dtype.itemsize - int(np.issubdtype(overview.dtype, np.signedinteger))
+    bits = min(bits + bits % 2, own)
     return float(2**bits - 1)
 
 
