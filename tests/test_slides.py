@@ -285,6 +285,34 @@ def test_a_corrupt_plain_image_over_4096_px_is_corrupt_not_too_large(
         assert "larger than" not in str(err.value), (name, str(err.value))
 
 
+def test_a_progressive_jpeg_over_4096_px_is_not_decoded_to_say_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A progressive JPEG is held whole by libjpeg however small the draft
+    (~3 bytes a pixel: 342 MB for 10000 x 10000 px, ~11 GB for 60000 x
+    60000): a sound one was decoded to tell it from a corrupt one, and was
+    killed, or called corrupt on 'Insufficient memory' (simulated here). Its
+    end is checked instead: sound is too large, cut short is corrupt."""
+    from PIL import JpegImagePlugin
+
+    whole = tmp_path / "whole.jpg"
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 255, (16, 4200, 3), np.uint8))
+    img.save(whole, format="JPEG", progressive=True)
+    data = whole.read_bytes()
+
+    def out_of_memory(self: object) -> None:
+        raise OSError("Insufficient memory (case 4)")
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "load", out_of_memory)
+    with pytest.raises(SlideError, match="larger than the 4096 px"):
+        open_slide(whole)
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(SlideError, match="corrupt: a JPEG image of 4200x16 px"):
+        open_slide(cut)
+
+
 def _flip_mid(data: bytes) -> bytes:
     """``data`` with the bytes in its middle inverted (same length)."""
     mid = len(data) // 2
