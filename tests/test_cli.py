@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -507,6 +508,43 @@ def test_a_dask_run_stops_at_once_on_a_cancel_or_ctrl_c(shared_data: Path, tmp_p
         assert len(lines) == 1 and lines[0].startswith(f"error: {message}"), (sig, err)
         assert waited < 1.5, (sig, waited)
         assert not (tmp_path / "n.anot").exists()
+
+
+def test_the_dask_start_puts_both_signal_handlers_back_whatever_lands_between(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """While the local cluster starts, SIGINT is ignored and SIGTERM noted.
+    A signal landing between two of the handler changes (simulated: an
+    exception right after each change) left SIGINT ignored for the rest of
+    the process (after the first change), or SIGTERM only noted, a cancel
+    lost for the rest of the run (a Ctrl-C after SIGINT was put back)."""
+    import signal
+
+    from nucleus_models.wsi.runner import _signals_held
+
+    class Landed(BaseException):
+        pass
+
+    real = signal.signal
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    for nth in range(1, 5):
+        calls: list[int] = []
+
+        def changing(signum: int, handler: Any, nth: int = nth, calls: list[int] = calls) -> Any:
+            old = real(signum, handler)
+            calls.append(signum)
+            if len(calls) == nth:
+                raise Landed
+            return old
+
+        monkeypatch.setattr(signal, "signal", changing)
+        with contextlib.suppress(Landed), _signals_held():
+            pass
+        monkeypatch.setattr(signal, "signal", real)
+        after = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+        real(signal.SIGINT, before[0])
+        real(signal.SIGTERM, before[1])
+        assert after == before, nth
 
 
 def test_outputs_are_written_all_or_none(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -667,13 +667,18 @@ def _signals_held() -> Iterator[None]:
     def note(signum: int, frame: Any) -> None:
         got.append(signum)
 
-    before_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    before_term = signal.signal(signal.SIGTERM, note)
+    # (a signal can land between any two of these calls: each handler is
+    # put back whatever lands, SIGTERM's first, while SIGINT is still ignored)
+    before_int, before_term = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, note)
         yield
     finally:
-        signal.signal(signal.SIGINT, before_int)
-        signal.signal(signal.SIGTERM, before_term)
+        try:
+            signal.signal(signal.SIGTERM, before_term)
+        finally:
+            signal.signal(signal.SIGINT, before_int)
         if got:
             signal.raise_signal(signal.SIGTERM)  # (its handler raises, or the default ends us)
 
