@@ -162,10 +162,17 @@ class Slide:
                 # for 12-bit data). Ask it for the level's region at the
                 # level's own scale, untouched (resample=None: at most a
                 # pixel's nearest-neighbour fit, in the samples' own type),
-                # and shrink that here as the base layer is.
-                f = 1 << int(math.floor(math.log2(shrink) + 1e-4))
+                # and shrink that here as the base layer is. The size asked
+                # for is the region at the scale of the level large_image
+                # reads (a finer stored one where the level is missing, the
+                # coarsest where shrinking further), rounded down: rounded up
+                # (or at a scale it has no level for), it reads a finer level
+                # and fits it to that size by nearest neighbour.
+                f = self._level_factor(shrink)
+                cw = max(1, min(x + w, self.width) - max(x, 0))
+                ch = max(1, min(y + h, self.height) - max(y, 0))
                 output = {
-                    "output": {"maxWidth": -(-w // f), "maxHeight": -(-h // f)},
+                    "output": {"maxWidth": max(1, cw // f), "maxHeight": max(1, ch // f)},
                     "resample": None,
                 }
                 own_resize = True
@@ -183,6 +190,22 @@ class Slide:
         if own_resize and (arr.shape[0], arr.shape[1]) != (out_h, out_w):
             arr = _resize_area(arr, out_w, out_h)
         return arr
+
+    def _level_factor(self, shrink: float) -> int:
+        """Base pixels per pixel of the level large_image reads a region
+        from when shrinking it by ``shrink`` (2 or more): the power of two
+        at most ``shrink``, or that of the finer level large_image reads
+        where that one is not stored (or of the coarsest level it has)."""
+        k = int(math.floor(math.log2(shrink) + 1e-4))
+        levels = int(getattr(self.source, "levels", 0) or 0)
+        if levels < 1:
+            return 1 << k
+        k = min(k, levels - 1)
+        try:
+            level = int(self.source.getPreferredLevel(levels - 1 - k))
+        except Exception:
+            return 1 << k
+        return 1 << max(0, min(k, levels - 1 - level))
 
     def _samples_not_uint8(self) -> bool:
         """Whether the slide's samples are of a type other than uint8 (as
