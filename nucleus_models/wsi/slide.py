@@ -378,9 +378,10 @@ def white_level(overview: np.ndarray) -> float:
     darker than the samples' full range (16-bit data / 257, as before;
     int16's is 32767). Transparent pixels (alpha 0, shown black) are left
     out: a brightfield slide's unscanned, transparent margin was taken for
-    a dark ground and its tissue read 4x too dark; so is black (0) from the
-    ground, for an unscanned margin filled with 0 (a fluorescence ground
-    exactly 0 then gets no extra bits).
+    a dark ground and its tissue read 4x too dark; so is black (0) from a
+    colour (RGB: brightfield) overview's ground, for an unscanned margin
+    filled with 0. A grey (one-band: fluorescence) overview's 0 is ground:
+    a background-subtracted channel's.
 
     >>> white_level(np.array([[[4000, 2000, 100, 65535]]], np.uint16))  # (alpha left out)
     4095.0
@@ -394,8 +395,8 @@ def white_level(overview: np.ndarray) -> float:
     >>> white_level(np.full((1, 1, 3), 0.6, np.float32)), white_level(np.full((1, 1, 3), 153.0))
     (1.0, 255.0)
     >>> filled = np.zeros((4, 4, 3), np.uint16); filled[0] = 3800  # (brightfield, 3/4 black fill)
-    >>> white_level(filled)
-    4095.0
+    >>> white_level(filled), white_level(np.where(dark > 50, 1000, 0).astype(np.uint16))
+    (4095.0, 4095.0)
     """
     bands = overview.shape[-1]
     colour = overview[..., :3] if bands >= 3 else overview[..., :1]
@@ -407,7 +408,8 @@ def white_level(overview: np.ndarray) -> float:
         return 1.0 if float(brightest.max(initial=0)) <= 1.0 else 255.0
     top = max(int(brightest.max(initial=0)), 1)
     bits = max(8, int(math.ceil(math.log2(top + 1))))
-    ground = brightest[brightest > 0]  # (black: an unscanned margin's fill, not a ground)
+    # (RGB's black: an unscanned margin's fill; a grey channel's 0: its ground)
+    ground = brightest[brightest > 0] if colour.shape[-1] == 3 else brightest
     if ground.size and float(np.median(ground)) < top / 4:
         bits += 2  # (a dark ground: small bright objects average down in the overview)
     # (a signed type's own bits leave its sign out: int16 holds at most 32767)
