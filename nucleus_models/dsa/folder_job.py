@@ -230,14 +230,14 @@ def nuclei_per_mm2(count: int, area_mm2: float) -> float | None:
     """Nuclei per mm^2 of the region analysed, to 2 decimals or 4
     significant figures, whichever keeps more (rounded to 2 decimals, a
     few nuclei in a large region, 1 in 400 mm^2, read 0.0); 0 for no
-    nuclei, None for a region of no known area.
+    nuclei, None for a region of no known (or no finite) area.
 
     >>> nuclei_per_mm2(1, 400.0), nuclei_per_mm2(3, 7.0), nuclei_per_mm2(123456, 10.0)
     (0.0025, 0.4286, 12345.6)
-    >>> nuclei_per_mm2(0, 400.0), nuclei_per_mm2(5, 0.0)
-    (0.0, None)
+    >>> nuclei_per_mm2(0, 400.0), nuclei_per_mm2(5, 0.0), nuclei_per_mm2(5, float("nan"))
+    (0.0, None, None)
     """
-    if not area_mm2 or area_mm2 <= 0:
+    if not area_mm2 or not math.isfinite(area_mm2) or area_mm2 <= 0:
         return None
     rate = count / area_mm2
     if rate == 0:
