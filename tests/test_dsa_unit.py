@@ -1380,3 +1380,265 @@ def test_the_folder_job_log_says_when_it_reads_an_overview_tile_by_tile(
         "item 1/1 'flat.tif': reading the tissue overview from 1024 x 1024 px of the slide"
     )
     assert said[1].startswith("item 1/1 'flat.tif': overview read in ")
+
+
+class _Girder(_JSONHandler):
+    """Girder's annotation routes for one item: ``POST annotation`` stores
+    the document (listed without its elements, with ``_elementCount``),
+    ``GET annotation`` lists them, ``DELETE annotation/{id}`` removes one (a
+    400 for one already gone, as Girder answers; a 403 for one in
+    ``refused``). ``plan`` says what the successive POSTs do: ``ok``;
+    ``short`` (one element fewer stored); ``lost`` (read, the connection
+    dropped unanswered, stored only when :meth:`land` is called); ``slow``
+    (stored and answered after ``slow_s``)."""
+
+    anns: list[dict[str, Any]] = []
+    plan: list[str] = []
+    pending: list[dict[str, Any]] = []
+    refused: set[str] = set()
+    posts = 0
+    slow_s = 0.0
+
+    @classmethod
+    def store(cls, doc: dict[str, Any], count: int) -> str:
+        ann_id = f"A{len(cls.anns) + 1}-{count}"
+        cls.anns.append({"_id": ann_id, "annotation": doc, "_elementCount": count})
+        return ann_id
+
+    @classmethod
+    def land(cls) -> None:
+        """The documents of POSTs whose answers were lost are stored now."""
+        while cls.pending:
+            doc = cls.pending.pop(0)
+            cls.store(doc, len(doc.pop("elements")))
+
+    def do_POST(self) -> None:  # noqa: N802
+        type(self).posts += 1
+        doc = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        step = self.plan.pop(0) if self.plan else "ok"
+        if step == "lost":
+            self.pending.append(doc)
+            self.close_connection = True
+            self.connection.shutdown(2)
+            return
+        if step == "slow":
+            time.sleep(self.slow_s)
+        n = len(doc.pop("elements"))
+        self._send(200, {"_id": self.store(doc, n - 1 if step == "short" else n)})
+
+    def do_GET(self) -> None:  # noqa: N802
+        self._send(200, self.anns)
+
+    def do_DELETE(self) -> None:  # noqa: N802
+        ann_id = self.path.split("?")[0].rsplit("/", 1)[1]
+        if ann_id in self.refused:
+            self._send(403, {"message": "Access denied", "type": "access"})
+        elif ann_id not in [a["_id"] for a in self.anns]:
+            self._send(400, {"message": f"Invalid annotation id ({ann_id}).", "type": "rest"})
+        else:
+            type(self).anns = [a for a in self.anns if a["_id"] != ann_id]
+            self._send(200, {"message": "Deleted annotation."})
+
+
+@pytest.fixture()
+def girder() -> Iterator[str]:
+    _Girder.anns, _Girder.plan, _Girder.pending, _Girder.refused = [], [], [], set()
+    _Girder.posts, _Girder.slow_s = 0, 0.0
+    yield from _serving(_Girder)
+
+
+def _points(n: int) -> dict[str, Any]:
+    els = [{"type": "point", "center": [float(i), 2.0, 0]} for i in range(n)]
+    return {"name": "Nuclei (test)", "elements": els}
+
+
+def _ids() -> list[str]:
+    return [a["_id"] for a in _Girder.anns]
+
+
+def test_a_push_stored_short_of_its_elements_is_undone(girder: str) -> None:
+    """Girder listing fewer elements than were sent (a document cut short on
+    the way) is not taken for the analysis: the push is undone and fails."""
+    from nucleus_models.dsa import push_annotation
+
+    _Girder.plan = ["short"]
+    with pytest.raises(DSAError, match="Girder stored 2 of 3 elements; push undone"):
+        push_annotation(_client(girder, []), "I", _points(3), analysis_key="K")
+    assert _Girder.anns == []
+
+
+def test_a_retried_push_stored_twice_leaves_no_copy_when_the_older_cannot_go(
+    girder: str,
+) -> None:
+    """The first POST's answer was lost and its document landed with the
+    retry's: two copies. The older annotation of the key is not ours to
+    delete (403): the push fails and takes back both copies, leaving the
+    item with its older annotation alone, not with a stray copy beside it."""
+    from nucleus_models.dsa import push_annotation
+
+    old = {"name": "Nuclei (test)", "attributes": {"nucleus_models": {"analysis_key": "K"}}}
+    _Girder.store(old, 3)
+    _Girder.refused = {_ids()[0]}
+    _Girder.plan = ["lost"]
+    client = DSAClient(
+        girder, TOKEN, retry=RetryPolicy(attempts=4, backoff=0.2), sleep=lambda s: _Girder.land()
+    )
+    with pytest.raises(GirderRequestError, match="403"):
+        push_annotation(client, "I", _points(3), analysis_key="K")
+    assert _Girder.posts == 2 and _ids() == ["A1-3"]
+
+
+def test_a_lost_post_landing_after_the_push_is_removed_by_it(girder: str) -> None:
+    """A POST whose answer was lost lands only after its retry was stored
+    and checked: the push looks once more and removes that late copy."""
+    from nucleus_models.dsa import push_annotation
+
+    _Girder.plan = ["lost"]
+    sleeps: list[float] = []
+
+    def sleep(s: float) -> None:  # the late look: the lost POST lands just before it
+        sleeps.append(s)
+        if _Girder.anns:
+            _Girder.land()
+
+    client = DSAClient(girder, TOKEN, retry=RetryPolicy(attempts=4, backoff=0.2), sleep=sleep)
+    res = push_annotation(client, "I", _points(3), analysis_key="K")
+    assert res.attempts == 2 and len(sleeps) == 2 and not _Girder.pending
+    assert _ids() == [res.annotation_id] and len(res.replaced) == 1
+
+
+def test_removing_an_annotation_already_gone_is_fine(girder: str) -> None:
+    """Two runs sweeping an item at once: the annotation one lists may be
+    gone when it deletes it (Girder answers 400); that is done, not an error.
+    Any other refusal is."""
+    from nucleus_models.dsa.annotations import dedupe, find_annotations
+
+    rec = {"name": "N", "attributes": {"nucleus_models": {"analysis_key": "K"}}}
+    keep, gone, other = (_Girder.store(rec, 1) for _ in range(3))
+    client = _client(girder, [])
+    found = find_annotations(client, "I", "K")
+    _Girder.anns = [a for a in _Girder.anns if a["_id"] != gone]  # the other run's delete
+    assert dedupe(client, "I", "K", keep, found=found) == [gone, other]
+    assert _ids() == [keep]
+    _Girder.refused = {keep}
+    with pytest.raises(GirderRequestError, match="403"):
+        dedupe(client, "I", "K", "none")
+
+
+def test_a_large_push_is_given_time_in_proportion_to_its_size(girder: str) -> None:
+    """Girder validates a document before it answers (~1 MB/s): a 300 kB
+    push answered after longer than the read time-out is waited for, not
+    timed out and sent again."""
+    from nucleus_models.dsa import push_annotation
+
+    _Girder.plan, _Girder.slow_s = ["slow"], 0.8
+    res = push_annotation(
+        _client(girder, [], read_timeout=0.3), "I", _points(8000), analysis_key="K"
+    )
+    assert res.upload_bytes > 300_000 and res.attempts == 1
+    assert _Girder.posts == 1 and _ids() == [res.annotation_id]
+
+
+def _sweep_job(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, at_end: Any, *, fails: bool = False, **kw: Any
+) -> tuple[Any, _Annotations, dict[str, Any]]:
+    """The folder job on item "I" (its records in the dict returned, its push
+    storing "NEW"); ``at_end(client, records)`` is what happens on the
+    server once the item is done, before the job's final sweep."""
+    from nucleus_models.dsa import folder_job
+    from nucleus_models.dsa.annotations import PushResult
+    from nucleus_models.errors import NucleusModelsError
+
+    _quiet_ledger(monkeypatch)
+    params = FolderJobParams(inputFolder="F", **kw)
+    mine = {"nucleus_models": {"analysis_key": params.key()}}
+    records: dict[str, Any] = {}
+    client = _Annotations([])
+
+    def push(*a: Any, **k: Any) -> PushResult:
+        client.anns.append(_ann("NEW", "Nuclei (stub)", mine))
+        return PushResult("NEW", 0)
+
+    def broken(*a: Any) -> Any:
+        raise NucleusModelsError("case 1.svs: cannot be read")
+
+    monkeypatch.setattr(folder_job, "push_annotation", push)
+    monkeypatch.setattr(folder_job, "read_record", lambda c, i, k: records.get(i))
+    monkeypatch.setattr(folder_job, "write_record", lambda c, i, k, r: records.update({i: r}))
+    analysis = broken if fails else _analysis_stub([])
+    monkeypatch.setitem(folder_job.ANALYSES, "NucleusDetection", analysis)
+    item = {"_id": "I", "name": "case 1.svs", "folderId": "F", "largeImage": {"fileId": "f"}}
+
+    def progress(frac: float) -> None:
+        if frac == 1.0:
+            at_end(client, records, mine)
+
+    (outcome,) = folder_job._run_items(
+        client, params, {"name": "F"}, [item], _NoLease(), progress, str(tmp_path)
+    )  # type: ignore[arg-type]
+    return outcome, client, records
+
+
+@pytest.mark.parametrize("status", ["done", "skipped"])
+def test_the_final_sweep_removes_a_late_copy_of_the_items_annotation(
+    status: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A copy of the key's annotation landing after the item was done (a
+    push's lost POST, late) is removed by the job's final sweep, for a
+    slide analysed and for one skipped as done alike; the recorded one stays."""
+    from nucleus_models.dsa import folder_job
+
+    def land(client: _Annotations, records: dict[str, Any], mine: dict[str, Any]) -> None:
+        client.anns.append(_ann("LATE", "Nuclei (stub)", mine))
+
+    if status == "skipped":  # done before with these parameters: its annotation is "NEW"
+        phash = FolderJobParams(inputFolder="F").params_hash()
+        before = {"status": "done", "params_hash": phash, "annotation_id": "NEW"}
+        monkeypatch.setattr(folder_job, "_done_record", lambda c, i, k, h: before)
+    outcome, client, _ = _sweep_job(monkeypatch, tmp_path, land)
+    assert outcome.status == status and outcome.annotation_id == "NEW"
+    assert client.deleted == ["LATE"]
+
+
+def test_the_final_sweep_keeps_the_annotation_a_later_run_recorded(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Another run of the same key finished the item after this one and
+    recorded its own annotation: the sweep keeps that one (and reports it),
+    removing this run's, never the one the item's record names."""
+
+    def newer(client: _Annotations, records: dict[str, Any], mine: dict[str, Any]) -> None:
+        client.anns.append(_ann("OTHER", "Nuclei (stub)", mine))
+        records["I"] = {**records["I"], "annotation_id": "OTHER"}
+
+    outcome, client, records = _sweep_job(monkeypatch, tmp_path, newer)
+    assert outcome.annotation_id == "OTHER" == records["I"]["annotation_id"]
+    assert client.deleted == ["NEW"]
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["done", "failed"])
+def test_the_final_sweep_writes_back_a_record_another_write_undid(
+    fails: bool, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Another job's write of the item's metadata undid this run's record
+    (Girder's PUT rewrites the whole document): the sweep writes it again,
+    for a slide done and for a slide's failure; an intact one is left alone."""
+    written: list[dict[str, Any]] = []
+
+    def undo(client: _Annotations, records: dict[str, Any], mine: dict[str, Any]) -> None:
+        written.append(records.pop("I"))
+
+    outcome, client, records = _sweep_job(monkeypatch, tmp_path, undo, fails=fails)
+    assert outcome.status == ("failed" if fails else "done")
+    assert records["I"] == written[0] and client.deleted == []
+    assert records["I"]["status"] == outcome.status
+    if fails:
+        assert records["I"]["error"] == "case 1.svs: cannot be read"
+    else:
+        assert records["I"]["annotation_id"] == "NEW"
+
+    def keep(client: _Annotations, records: dict[str, Any], mine: dict[str, Any]) -> None:
+        records["I"] = {**records["I"], "seen": True}  # kept by another key's write: intact
+
+    _, _, records = _sweep_job(monkeypatch, tmp_path, keep, fails=fails)
+    assert records["I"].get("seen") is True
