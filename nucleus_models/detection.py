@@ -240,9 +240,9 @@ def detect_nuclei(
     share = 0.0
     if (level := slide.overview_level(OVERVIEW_PX)) is not None:
         share = OVERVIEW_SHARE
-        f = 2 ** (slide.source.levels - 1 - level)
+        lw, lh = slide.level_size(level)
         (note or log.info)(
-            f"reading the tissue overview from {-(-slide.width // f)} x {-(-slide.height // f)}"
+            f"reading the tissue overview from {lw} x {lh}"
             f" px of the slide (it has no pyramid level near {OVERVIEW_PX} px; saved as a pyramidal"
             " TIFF, e.g. vips tiffsave --tile --pyramid, it reads in a second)"
         )

@@ -121,20 +121,12 @@ class Slide:
         Returns an ``(out_h, out_w, C)`` uint8 array (RGB for colour slides,
         one channel repeated to three for single-channel images).
         """
-        import cv2
-
         out_w = w if out_w is None else out_w
         out_h = h if out_h is None else out_h
         arr = self._raw_region(x, y, w, h, out_w, out_h)
         if self.white is None and _needs_white(arr):
             self.thumbnail(512)  # (sets the slide's white level from its overview)
-        arr = to_rgb_uint8(arr, white=self.white)
-        if arr.shape[0] != out_h or arr.shape[1] != out_w:
-            interp = cv2.INTER_AREA if arr.shape[1] > out_w else cv2.INTER_LINEAR
-            arr = cv2.resize(arr, (out_w, out_h), interpolation=interp)
-            if arr.ndim == 2:
-                arr = arr[:, :, None]
-        return arr
+        return _fit(to_rgb_uint8(arr, white=self.white), out_w, out_h)
 
     def _raw_region(self, x: int, y: int, w: int, h: int, out_w: int, out_h: int) -> np.ndarray:
         """A region as large_image gives it (its own type and bands), from
@@ -258,8 +250,6 @@ class Slide:
         a time, ``progress`` told the fraction read after each row. Integer
         samples wider than 8 bits set :attr:`white` from the overview
         (:func:`white_level`) unless it is set."""
-        import cv2
-
         out_w, out_h = self._thumbnail_size(max_size)
         level = self.overview_level(max_size)
         if level is None:
@@ -268,13 +258,24 @@ class Slide:
             raw = self._overview_from_level(level, out_w, out_h, progress)
         if self.white is None and _needs_white(raw):
             self.white = white_level(raw)
-        img = to_rgb_uint8(raw, white=self.white)
-        if img.shape[0] != out_h or img.shape[1] != out_w:
-            interp = cv2.INTER_AREA if img.shape[1] > out_w else cv2.INTER_LINEAR
-            img = cv2.resize(img, (out_w, out_h), interpolation=interp)
+        img = _fit(to_rgb_uint8(raw, white=self.white), out_w, out_h)
         if progress is not None:
             progress(1.0)
         return img, out_w / self.width
+
+    def level_size(self, level: int) -> tuple[int, int]:
+        """The width and height in pixels of stored level ``level``
+        (large_image's numbering, the base is ``levels - 1``): its own
+        where the source says it (libtiff's directory: a level may be
+        rounded down, a 1025 px base's quarter 256 px), else the base's
+        rounded up."""
+        f = 2 ** (int(self.source.levels) - 1 - level)
+        lw, lh = -(-self.width // f), -(-self.height // f)
+        with contextlib.suppress(Exception):
+            stored = self.source._nonemptyLevelsList()[level]
+            lw = int(getattr(stored, "imageWidth", 0) or 0) or lw
+            lh = int(getattr(stored, "imageHeight", 0) or 0) or lh
+        return lw, lh
 
     def _overview_from_level(
         self, level: int, out_w: int, out_h: int, progress: Callable[[float], None] | None
@@ -285,14 +286,7 @@ class Slide:
 
         from .runner import available_cores
 
-        f = 2 ** (int(self.source.levels) - 1 - level)
-        lw, lh = -(-self.width // f), -(-self.height // f)
-        # a stored level's own size where the source says it (libtiff's directory):
-        # a level may be rounded down (1025 px base, 256 px quarter), a tile fewer
-        with contextlib.suppress(Exception):
-            stored = self.source._nonemptyLevelsList()[level]
-            lw = int(getattr(stored, "imageWidth", 0) or 0) or lw
-            lh = int(getattr(stored, "imageHeight", 0) or 0) or lh
+        lw, lh = self.level_size(level)
         tw, th = int(self.source.tileWidth), int(self.source.tileHeight)
         nx, ny = -(-lw // tw), -(-lh // th)
 
@@ -316,7 +310,7 @@ class Slide:
                     out = np.zeros((out_h, out_w, row.shape[2]), row.dtype)
                 r0, r1 = round(y0 * out_h / lh), round(y1 * out_h / lh)
                 if r1 > r0:
-                    out[r0:r1] = _resize_area(row, out_w, r1 - r0).astype(out.dtype)
+                    out[r0:r1] = _resize_area(row, out_w, r1 - r0)
                 if progress is not None:
                     progress((ty + 1) / ny)
         assert out is not None
@@ -327,6 +321,18 @@ class Slide:
 _CV_RESIZE_TYPES = tuple(
     np.dtype(t) for t in (np.uint8, np.uint16, np.int16, np.float32, np.float64)
 )
+
+
+def _fit(img: np.ndarray, out_w: int, out_h: int) -> np.ndarray:
+    """uint8 ``img`` at ``out_w x out_h``: as it is where it has that size,
+    else shrunk by area or grown bilinearly."""
+    import cv2
+
+    if img.shape[0] == out_h and img.shape[1] == out_w:
+        return img
+    interp = cv2.INTER_AREA if img.shape[1] > out_w else cv2.INTER_LINEAR
+    img = cv2.resize(img, (out_w, out_h), interpolation=interp)
+    return img[:, :, None] if img.ndim == 2 else img
 
 
 def _resize_area(arr: np.ndarray, out_w: int, out_h: int) -> np.ndarray:
@@ -404,9 +410,10 @@ def white_level(overview: np.ndarray) -> float:
     brightest = colour.max(axis=-1)
     if bands in (2, 4):  # grey + alpha, RGBA: as :func:`to_rgb_uint8` reads them
         brightest = brightest[overview[..., -1] > 0]  # (transparent: no ground, shown black)
-    if colour.dtype.kind == "f" and float(brightest.max(initial=0)) <= 255.0:
-        return 1.0 if float(brightest.max(initial=0)) <= 1.0 else 255.0
-    top = max(int(brightest.max(initial=0)), 1)
+    peak = float(brightest.max(initial=0))
+    if colour.dtype.kind == "f" and peak <= 255.0:
+        return 1.0 if peak <= 1.0 else 255.0
+    top = max(int(peak), 1)
     bits = max(8, int(math.ceil(math.log2(top + 1))))
     # (RGB's black: an unscanned margin's fill; a grey channel's 0: its ground)
     ground = brightest[brightest > 0] if colour.shape[-1] == 3 else brightest
