@@ -415,3 +415,43 @@ def test_a_uint16_pyramid_read_at_a_level_it_lacks_is_shrunk_by_area(
     )
     assert got.shape == (oh, ow, 3)
     assert np.abs(got - ref).mean() < 1.5
+
+
+def _sparse_nuclei(
+    value: int, side: int = 1024, n: int = 12, r: int = 3
+) -> tuple[np.ndarray, np.ndarray]:
+    """A 16-bit RGB fluorescence composite: black everywhere but ``n``
+    small nuclei (discs of radius ``r``) of ``value`` in every band; and
+    their centres (x, y)."""
+    img = np.zeros((side, side, 3), np.uint16)
+    centres = np.random.default_rng(1).integers(16, side - 16, (n, 2))
+    yy, xx = np.mgrid[0:side, 0:side]
+    for cx, cy in centres:
+        img[(xx - cx) ** 2 + (yy - cy) ** 2 <= r * r] = value
+    return img, centres
+
+
+@pytest.mark.parametrize(("value", "white"), [(40000, 65535.0), (4000, 4095.0)])
+@pytest.mark.parametrize("layout", ["single-level", "pyramid"])
+def test_sparse_bright_nuclei_on_a_black_ground_are_not_clipped(
+    tmp_path: Path, value: int, white: float, layout: str
+) -> None:
+    """Small nuclei on an RGB composite's black ground average down in the
+    overview (a 7 px nucleus in a 16 px overview pixel: a fifth of its
+    value), and the black, an RGB overview's unscanned fill, is no dark
+    ground: the white level was set from the averaged peak (16383 for
+    nuclei of 40000, 1023 for 12-bit ones of 4000) and every nucleus read
+    255, clipped. The base pixels under the overview's brightest say how
+    bright they are."""
+    img, centres = _sparse_nuclei(value)
+    path = tmp_path / f"{layout}.tif"
+    slide = open_slide(
+        _single_level(path, img) if layout == "single-level" else _pyramid(path, img, 4),
+        input_mpp=0.25,
+    )
+    thumb, _ = slide.thumbnail(64)
+    assert slide.white == white
+    expected = round(value * 255 / white)
+    for cx, cy in centres:
+        assert slide.read_region(int(cx) - 1, int(cy) - 1, 3, 3).max() == expected
+    assert 0 < thumb.max() < expected  # (the overview: averaged, not clipped)

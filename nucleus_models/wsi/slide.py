@@ -38,6 +38,10 @@ def _large_image() -> Any:
 #: :meth:`Slide.read_region` reads the base layer itself when shrinking by less than this
 LEVEL_READ_SHRINK = 2.0
 
+#: the overview pixels whose base pixels :meth:`Slide.thumbnail` reads for
+#: the slide's brightest sample (:func:`white_level`'s ``base_peak``)
+BASE_PEAK_PIXELS = 16
+
 
 def _shrink(w: int, h: int, out_w: int, out_h: int) -> float:
     """How many base pixels a ``w x h`` region read to ``out_w x out_h``
@@ -257,11 +261,44 @@ class Slide:
         else:
             raw = self._overview_from_level(level, out_w, out_h, progress)
         if self.white is None and _needs_white(raw):
-            self.white = white_level(raw)
+            self.white = white_level(raw, base_peak=self._base_peak(raw))
         img = _fit(to_rgb_uint8(raw, white=self.white), out_w, out_h)
         if progress is not None:
             progress(1.0)
         return img, out_w / self.width
+
+    def _base_peak(self, overview: np.ndarray) -> float | None:
+        """The brightest colour sample of the base pixels under the
+        :data:`BASE_PEAK_PIXELS` brightest pixels of ``overview`` (the
+        slide's, in its own type), transparent ones left out; None for
+        samples other than integers wider than 8 bits, or where the
+        overview's own peak already needs the samples' full range.
+
+        The overview averages a nucleus smaller than its pixel with the
+        ground around it: sparse bright nuclei on a black ground (a 16-bit
+        fluorescence composite) peaked at a quarter of their value or less,
+        the white level was set from that and every nucleus read clipped at
+        255. The base pixels say how bright the brightest ones are."""
+        if not _wide_integers(overview) or overview.size == 0:
+            return None
+        brightest = _brightest(overview)
+        if white_level(overview) >= _own_max(overview.dtype):
+            return None
+        brightest = np.where(_opaque(overview), brightest, 0).ravel()
+        k = min(BASE_PEAK_PIXELS, brightest.size)
+        picks = np.argpartition(brightest, brightest.size - k)[brightest.size - k :]
+        oh, ow = overview.shape[:2]
+        sx, sy = self.width / ow, self.height / oh
+        peak = 0.0
+        for i in picks[brightest[picks] > 0]:
+            r, c = divmod(int(i), ow)
+            # (a base pixel's margin: large_image's overview floors edges)
+            x0, y0 = max(0, int(c * sx) - 1), max(0, int(r * sy) - 1)
+            x1 = min(self.width, int(math.ceil((c + 1) * sx)) + 1)
+            y1 = min(self.height, int(math.ceil((r + 1) * sy)) + 1)
+            base = self._raw_region(x0, y0, x1 - x0, y1 - y0, x1 - x0, y1 - y0)
+            peak = max(peak, float(_brightest(base)[_opaque(base)].max(initial=0)))
+        return peak
 
     def level_size(self, level: int) -> tuple[int, int]:
         """The width and height in pixels of stored level ``level``
@@ -364,7 +401,28 @@ def _needs_white(arr: np.ndarray) -> bool:
     return _wide_integers(arr) or np.issubdtype(arr.dtype, np.floating)
 
 
-def white_level(overview: np.ndarray) -> float:
+def _brightest(arr: np.ndarray) -> np.ndarray:
+    """Each pixel's brightest colour sample (of RGB, or the grey band;
+    alpha left out)."""
+    bands = arr.shape[-1]
+    colour = arr[..., :3] if bands >= 3 else arr[..., :1]
+    colour = np.nan_to_num(colour, nan=0.0) if colour.dtype.kind == "f" else colour
+    return colour.max(axis=-1)
+
+
+def _opaque(arr: np.ndarray) -> np.ndarray:
+    """Which pixels are not transparent (alpha, the last of 2 or 4 bands, above 0)."""
+    if arr.shape[-1] in (2, 4):  # grey + alpha, RGBA: as :func:`to_rgb_uint8` reads them
+        return np.asarray(arr[..., -1] > 0)
+    return np.ones(arr.shape[:-1], bool)
+
+
+def _own_max(dtype: np.dtype[Any]) -> float:
+    """The largest value of an integer type (int16: 32767)."""
+    return float(np.iinfo(dtype).max)
+
+
+def white_level(overview: np.ndarray, *, base_peak: float | None = None) -> float:
     """The sample value to read as 255 for a slide of integer samples wider
     than 8 bits, or of floats (1.0 where the overview lies in [0, 1], 255.0
     in [0, 255]; else as integers): ``2**bits - 1`` for the fewest bits that hold the
@@ -389,6 +447,13 @@ def white_level(overview: np.ndarray) -> float:
     filled with 0. A grey (one-band: fluorescence) overview's 0 is ground:
     a background-subtracted channel's.
 
+    ``base_peak``, the brightest sample of the base pixels under the
+    overview's brightest (:meth:`Slide.thumbnail` reads them), raises the
+    level to the bit depth that holds it: small nuclei average down in
+    the overview however its ground looks (on an RGB composite's black
+    ground, left out above, by 4x or more), and a base sample is never
+    brighter than its camera's depth.
+
     >>> white_level(np.array([[[4000, 2000, 100, 65535]]], np.uint16))  # (alpha left out)
     4095.0
     >>> white_level(np.array([[[2000, 10, 10]]], np.uint16)), white_level(np.array([[[5000]]], np.uint16))
@@ -403,22 +468,23 @@ def white_level(overview: np.ndarray) -> float:
     >>> filled = np.zeros((4, 4, 3), np.uint16); filled[0] = 3800  # (brightfield, 3/4 black fill)
     >>> white_level(filled), white_level(np.where(dark > 50, 1000, 0).astype(np.uint16))
     (4095.0, 4095.0)
+    >>> sparse = np.zeros((4, 4, 3), np.uint16); sparse[0, 0] = 9000  # (nuclei averaged down)
+    >>> white_level(sparse), white_level(sparse, base_peak=40000), white_level(filled, base_peak=4095)
+    (16383.0, 65535.0, 4095.0)
     """
-    bands = overview.shape[-1]
-    colour = overview[..., :3] if bands >= 3 else overview[..., :1]
-    colour = np.nan_to_num(colour, nan=0.0) if colour.dtype.kind == "f" else colour
-    brightest = colour.max(axis=-1)
-    if bands in (2, 4):  # grey + alpha, RGBA: as :func:`to_rgb_uint8` reads them
-        brightest = brightest[overview[..., -1] > 0]  # (transparent: no ground, shown black)
+    # (transparent: no ground, shown black)
+    brightest = _brightest(overview)[_opaque(overview)]
     peak = float(brightest.max(initial=0))
-    if colour.dtype.kind == "f" and peak <= 255.0:
+    if overview.dtype.kind == "f" and peak <= 255.0:
         return 1.0 if peak <= 1.0 else 255.0
     top = max(int(peak), 1)
     bits = max(8, int(math.ceil(math.log2(top + 1))))
     # (RGB's black: an unscanned margin's fill; a grey channel's 0: its ground)
-    ground = brightest[brightest > 0] if colour.shape[-1] == 3 else brightest
+    ground = brightest[brightest > 0] if overview.shape[-1] >= 3 else brightest
     if ground.size and float(np.median(ground)) < top / 4:
         bits += 2  # (a dark ground: small bright objects average down in the overview)
+    if base_peak is not None and overview.dtype.kind in "iu":
+        bits = max(bits, int(math.ceil(math.log2(max(int(base_peak), 1) + 1))))
     # (a signed type's own bits leave its sign out: int16 holds at most 32767)
     own = 8 * overview.dtype.itemsize - int(np.issubdtype(overview.dtype, np.signedinteger))
     bits = min(bits + bits % 2, own)
