@@ -354,6 +354,7 @@ def detect_nuclei(
         analysis_mpp=analysis_mpp,
         base_size=(slide.width, slide.height),
         white=slide.white,
+        alpha_white=slide.alpha_white,
     )
 
     def tick(done: int, total: int) -> None:

@@ -455,3 +455,45 @@ def test_sparse_bright_nuclei_on_a_black_ground_are_not_clipped(
     for cx, cy in centres:
         assert slide.read_region(int(cx) - 1, int(cy) - 1, 3, 3).max() == expected
     assert 0 < thumb.max() < expected  # (the overview: averaged, not clipped)
+
+
+def test_a_12_bit_alpha_is_opaque_at_4095(tmp_path: Path) -> None:
+    """A 12-bit RGBA scan in a 16-bit TIFF stores alpha 0-4095 as it does
+    its colour: alpha was taken over 16 bits (65535 opaque) and every
+    pixel read 16x too dark (3000 of 4095: 12, not 187). Opaque is the bit
+    depth of the slide's own largest alpha, in the overview, the tiles
+    (base and level reads) and a tile worker's reads (a tile whose alpha
+    is all 1000 is a quarter opaque, not nearly opaque at 10 bits); 0
+    black. On a dark fluorescence ground (a white level 2 bits above
+    12) the alpha is still 12-bit."""
+    import tifffile
+
+    from nucleus_models.wsi.runner import TileJob, read_tile
+    from nucleus_models.wsi.tiling import Tile
+
+    img = np.zeros((512, 512, 4), np.uint16)
+    img[..., :3], img[..., 3] = 3000, 4095
+    img[:, 256:, 3], img[:128, :128, 3] = 0, 1000
+    opaque, part = round(3000 * 255 / 4095), round(3000 * 1000 / 4095 * 255 / 4095)
+    path = tmp_path / "rgba12.tif"
+    kw = {"tile": (128, 128), "photometric": "rgb", "extrasamples": [2]}  # (unassociated alpha)
+    tifffile.imwrite(path, img, **kw)
+    slide = open_slide(path, input_mpp=0.25)
+    base = slide.read_region(0, 0, 512, 512)[..., 0]
+    assert (base[200, 200], base[64, 64], base[200, 400]) == (opaque, part, 0)
+    assert slide.white == 4095 and slide.alpha_white == 4095
+    level = slide.read_region(0, 0, 512, 512, out_w=128, out_h=128)[..., 0]
+    assert (level[50, 50], level[16, 16], level[50, 100]) == (opaque, part, 0)
+    thumb = slide.thumbnail(64)[0][..., 0]
+    assert (thumb[30, 30], thumb[8, 8], thumb[30, 50]) == (opaque, part, 0)
+    job = TileJob(
+        str(path), 0.25, "classical-he", (), base_size=(512, 512), white=4095.0, alpha_white=4095.0
+    )
+    corner = read_tile(job, Tile(0, (0, 0, 128, 128), (0, 0, 128, 128)))
+    assert int(corner.min()) == int(corner.max()) == part
+    dark = img.copy()
+    dark[..., :3], dark[200:204, 200:204, :3] = 20, 3000  # (fluorescence: a dark ground)
+    tifffile.imwrite(tmp_path / "dark.tif", dark, **kw)
+    fl = open_slide(tmp_path / "dark.tif", input_mpp=0.25)
+    assert fl.read_region(200, 200, 4, 4).min() == round(3000 * 255 / fl.white)
+    assert fl.white == 16383 and fl.alpha_white == 4095

@@ -68,6 +68,8 @@ class TileJob:
     #: the slide's :attr:`~.slide.Slide.white` (from its overview), so a
     #: worker that opens the slide scales its samples as the run did
     white: float | None = None
+    #: and its :attr:`~.slide.Slide.alpha_white`
+    alpha_white: float | None = None
 
 
 def cgroup_cpu_limit(root: str = "/sys/fs/cgroup") -> float | None:
@@ -114,11 +116,16 @@ def resolve_workers(num_workers: int) -> int:
 
 
 @lru_cache(maxsize=4)
-def _slide(path: str, input_mpp: float | None, white: float | None = None) -> Any:
+def _slide(
+    path: str,
+    input_mpp: float | None,
+    white: float | None = None,
+    alpha_white: float | None = None,
+) -> Any:
     from .slide import open_slide
 
     slide = open_slide(path, input_mpp=input_mpp)
-    slide.white = white
+    slide.white, slide.alpha_white = white, alpha_white
     return slide
 
 
@@ -162,7 +169,7 @@ def _base_window(job: TileJob, tile: Tile) -> tuple[int, int, int, int]:
     d = job.downsample
     width, height = job.base_size
     if width <= 0 or height <= 0:
-        slide = _slide(job.slide_path, job.input_mpp, job.white)
+        slide = _slide(job.slide_path, job.input_mpp, job.white, job.alpha_white)
         width, height = slide.width, slide.height
     out_w, out_h = x1 - x0, y1 - y0
     f = 1
@@ -192,7 +199,7 @@ def _snapped(a0: float, a1: float, f: int, size: int) -> tuple[int, int]:
 
 def read_tile(job: TileJob, tile: Tile) -> np.ndarray:
     """Read a tile's window at the analysis resolution."""
-    slide = _slide(job.slide_path, job.input_mpp, job.white)
+    slide = _slide(job.slide_path, job.input_mpp, job.white, job.alpha_white)
     x0, y0, x1, y1 = tile.read
     bx0, by0, bx1, by1 = _base_window(job, tile)
     return slide.read_region(bx0, by0, bx1 - bx0, by1 - by0, out_w=x1 - x0, out_h=y1 - y0)

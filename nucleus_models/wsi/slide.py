@@ -19,7 +19,7 @@ import numpy as np
 
 from ..errors import SlideError
 
-__all__ = ["Slide", "level_multiple", "open_slide", "to_rgb_uint8", "white_level"]
+__all__ = ["Slide", "alpha_level", "level_multiple", "open_slide", "to_rgb_uint8", "white_level"]
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +100,10 @@ class Slide:
     #: bits; :func:`white_level`): from the overview, once read, so every
     #: tile of the slide is scaled alike; None: not yet known or not needed
     white: float | None = None
+    #: the alpha value read as opaque (integer data wider than 8 bits with
+    #: an alpha band; :func:`alpha_level`), from the overview as ``white``;
+    #: None: not yet known or not needed
+    alpha_white: float | None = None
 
     def require_mpp(self) -> float:
         """Return the resolution or raise a clear error if it is unknown."""
@@ -130,7 +134,8 @@ class Slide:
         arr = self._raw_region(x, y, w, h, out_w, out_h)
         if self.white is None and _needs_white(arr):
             self.thumbnail(512)  # (sets the slide's white level from its overview)
-        return _fit(to_rgb_uint8(arr, white=self.white), out_w, out_h)
+        rgb = to_rgb_uint8(arr, white=self.white, alpha_white=self.alpha_white)
+        return _fit(rgb, out_w, out_h)
 
     def _raw_region(self, x: int, y: int, w: int, h: int, out_w: int, out_h: int) -> np.ndarray:
         """A region as large_image gives it (its own type and bands), from
@@ -262,7 +267,10 @@ class Slide:
             raw = self._overview_from_level(level, out_w, out_h, progress)
         if self.white is None and _needs_white(raw):
             self.white = white_level(raw, base_peak=self._base_peak(raw))
-        img = _fit(to_rgb_uint8(raw, white=self.white), out_w, out_h)
+            if raw.shape[-1] in (2, 4) and _wide_integers(raw):
+                self.alpha_white = alpha_level(raw)
+        rgb = to_rgb_uint8(raw, white=self.white, alpha_white=self.alpha_white)
+        img = _fit(rgb, out_w, out_h)
         if progress is not None:
             progress(1.0)
         return img, out_w / self.width
@@ -491,15 +499,50 @@ def white_level(overview: np.ndarray, *, base_peak: float | None = None) -> floa
     return float(2**bits - 1)
 
 
+def alpha_level(arr: np.ndarray) -> float:
+    """The alpha value that is opaque in ``arr`` (its last band: grey +
+    alpha, RGBA): 255 for uint8, 1.0 for floats; for integers wider than
+    8 bits ``2**bits - 1`` for the fewest bits, rounded up to an even
+    number (8, 10, 12, ...: a camera's depth), that hold its largest alpha,
+    at most the samples' own.
+
+    A 12-bit scan's alpha is stored 0-4095 as its colour is; taken over
+    16 bits (65535 opaque) every opaque pixel was multiplied by 1/16. The
+    colour's white level is no scale for it: it is two bits more on a dark
+    fluorescence ground (a 12-bit alpha 4x short of opaque), and a 12-bit
+    colour's alpha may be written at its container's full 65535 or at
+    255. Its own largest value alone is none either: an image whose alpha
+    is half throughout would read opaque.
+
+    >>> a = np.zeros((1, 3, 4), np.uint16); a[0, :, 3] = 4095, 2048, 0
+    >>> alpha_level(a), alpha_level(a[..., [0, 3]] * 16), alpha_level(a // 16)
+    (4095.0, 65535.0, 255.0)
+    >>> alpha_level(np.full((1, 1, 4), 1500, np.uint16)), alpha_level(a.astype(np.uint8))
+    (4095.0, 255.0)
+    """
+    if not _wide_integers(arr):  # (uint8: 255)
+        return float(np.iinfo(arr.dtype).max) if np.issubdtype(arr.dtype, np.integer) else 1.0
+    top = max(int(arr[..., -1].max(initial=0)), 1)
+    bits = max(8, int(math.ceil(math.log2(top + 1))))
+    own = 8 * arr.dtype.itemsize - int(np.issubdtype(arr.dtype, np.signedinteger))
+    return float(2 ** min(bits + bits % 2, own) - 1)
+
+
 def to_rgb_uint8(
-    arr: np.ndarray, *, stretch: bool = False, white: float | None = None
+    arr: np.ndarray,
+    *,
+    stretch: bool = False,
+    white: float | None = None,
+    alpha_white: float | None = None,
 ) -> np.ndarray:
     """Composite alpha over black, keep at most three channels, and scale to uint8 RGB.
 
     Transparent pixels (alpha 0) come out black, as large_image's own
     level reads make them (and :func:`~nucleus_models.wsi.tissue.tissue_mask`
     counts black as no tissue): the colour kept under them was analysed as
-    tissue where a tile was read from the base layer. Integer data wider
+    tissue where a tile was read from the base layer. Alpha is scaled so
+    that ``alpha_white`` (the slide's :attr:`Slide.alpha_white`) is opaque;
+    without it by :func:`alpha_level` of ``arr``. Integer data wider
     than 8 bits, and floats, are scaled so that ``white`` (the slide's
     :attr:`Slide.white`) is 255; without it by a fixed rule (floats in [0, 1] x 255, 16-bit /
     257), so tiles of one slide stay comparable.  ``stretch=True`` (whole
@@ -515,7 +558,7 @@ def to_rgb_uint8(
     if arr.ndim == 2:
         arr = arr[:, :, None]
     if arr.shape[2] in (2, 4):  # grey + alpha, RGBA
-        arr = _over_black(arr)
+        arr = _over_black(arr, alpha_white)
     if stretch and arr.dtype != np.uint8:
         x = arr.astype(np.float32)
         lo, hi = float(np.percentile(x, 0.5)), float(np.percentile(x, 99.9))
@@ -537,12 +580,13 @@ def to_rgb_uint8(
     return np.ascontiguousarray(arr)
 
 
-def _over_black(arr: np.ndarray) -> np.ndarray:
+def _over_black(arr: np.ndarray, alpha_white: float | None = None) -> np.ndarray:
     """Colour (or grey) bands times alpha, the last band, over its full
-    scale (255 for uint8, 65535 for uint16, 1 for floats); alpha dropped.
-    An image that is opaque throughout is returned as it is, less alpha."""
+    scale (255 for uint8, 1 for floats; for wider integers ``alpha_white``,
+    else :func:`alpha_level` of ``arr``); alpha dropped. An image that is
+    opaque throughout is returned as it is, less alpha."""
     colour, alpha = arr[:, :, :-1], arr[:, :, -1:]
-    full = np.iinfo(arr.dtype).max if np.issubdtype(arr.dtype, np.integer) else 1.0
+    full = alpha_white if alpha_white and _wide_integers(arr) else alpha_level(arr)
     if alpha.size == 0 or alpha.min() >= full:
         return colour
     out = colour.astype(np.float32) * (np.minimum(alpha, full).astype(np.float32) / full)
