@@ -266,7 +266,9 @@ class Slide:
         else:
             raw = self._overview_from_level(level, out_w, out_h, progress)
         if self.white is None and _needs_white(raw):
-            self.white = white_level(raw, base_peak=self._base_peak(raw))
+            self.white = white_level(raw)
+            if _wide_integers(raw) and self.white < np.iinfo(raw.dtype).max:
+                self.white = white_level(raw, base_peak=self._base_peak(raw))
             if raw.shape[-1] in (2, 4) and _wide_integers(raw):
                 self.alpha_white = alpha_level(raw)
         rgb = to_rgb_uint8(raw, white=self.white, alpha_white=self.alpha_white)
@@ -275,24 +277,17 @@ class Slide:
             progress(1.0)
         return img, out_w / self.width
 
-    def _base_peak(self, overview: np.ndarray) -> float | None:
+    def _base_peak(self, overview: np.ndarray) -> float:
         """The brightest colour sample of the base pixels under the
         :data:`BASE_PEAK_PIXELS` brightest pixels of ``overview`` (the
-        slide's, in its own type), transparent ones left out; None for
-        samples other than integers wider than 8 bits, or where the
-        overview's own peak already needs the samples' full range.
+        slide's, in its own type), transparent ones left out.
 
         The overview averages a nucleus smaller than its pixel with the
         ground around it: sparse bright nuclei on a black ground (a 16-bit
         fluorescence composite) peaked at a quarter of their value or less,
         the white level was set from that and every nucleus read clipped at
         255. The base pixels say how bright the brightest ones are."""
-        if not _wide_integers(overview) or overview.size == 0:
-            return None
-        brightest = _brightest(overview)
-        if white_level(overview) >= _own_max(overview.dtype):
-            return None
-        brightest = np.where(_opaque(overview), brightest, 0).ravel()
+        brightest = np.where(_opaque(overview), _brightest(overview), 0).ravel()
         k = min(BASE_PEAK_PIXELS, brightest.size)
         picks = np.argpartition(brightest, brightest.size - k)[brightest.size - k :]
         oh, ow = overview.shape[:2]
@@ -423,11 +418,6 @@ def _opaque(arr: np.ndarray) -> np.ndarray:
     if arr.shape[-1] in (2, 4):  # grey + alpha, RGBA: as :func:`to_rgb_uint8` reads them
         return np.asarray(arr[..., -1] > 0)
     return np.ones(arr.shape[:-1], bool)
-
-
-def _own_max(dtype: np.dtype[Any]) -> float:
-    """The largest value of an integer type (int16: 32767)."""
-    return float(np.iinfo(dtype).max)
 
 
 def white_level(overview: np.ndarray, *, base_peak: float | None = None) -> float:
