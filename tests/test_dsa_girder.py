@@ -353,7 +353,8 @@ def test_an_upload_with_lost_answers_or_failing_chunks_leaves_no_unfinished_uplo
     """The summary CSV's upload against Girder itself, in chunks: chunks
     stored whose answers are lost (one mid-upload, the last) make one file
     with the payload; a chunk that keeps failing with 500 fails the upload,
-    which is cancelled. Girder is left with no unfinished upload."""
+    which is cancelled; a lost answer to the upload's start makes one file.
+    Girder is left with no unfinished upload."""
     item_id = _item(girder, "upload")
     client = _client(girder, attempts=3, backoff=0.05)
     client.MAX_CHUNK_SIZE = 1000
@@ -364,6 +365,10 @@ def test_an_upload_with_lost_answers_or_failing_chunks_leaves_no_unfinished_uplo
     def post(url: str, *args: Any, **kwargs: Any) -> Any:
         query = dict(parse_qsl(urlsplit(url).query), **(kwargs.get("params") or {}))
         offset = str(query.get("offset", ""))
+        if url.endswith("/file") and faults.get("start") == "lost":
+            del faults["start"]
+            real_post(url, *args, **kwargs)  # the upload started (or made), the answer lost
+            raise requests.ConnectionError("connection dropped after the request was sent")
         if "/file/chunk" in url and faults.get(offset) == "lost":
             del faults[offset]
             real_post(url, *args, **kwargs)  # stored, but the answer is lost
@@ -390,9 +395,20 @@ def test_an_upload_with_lost_answers_or_failing_chunks_leaves_no_unfinished_uplo
     faults.update({"2000": "500"})
     with pytest.raises(GirderUnavailable, match="failed 3 time"):
         client.upload_bytes_to_item(item_id, "s500.csv", payload, "text/csv")
+    # the start's answer lost: chunked (an admin's token clears the first
+    # upload), and in one request (Girder made the file before answering)
+    faults.clear()
+    for name, chunk in (("start-chunked.csv", 1000), ("start-whole.csv", 1 << 20)):
+        client.MAX_CHUNK_SIZE = chunk
+        faults.update({"start": "lost"})
+        new = client.upload_bytes_to_item(item_id, name, payload, "text/csv")
+        assert not faults and new["size"] == len(payload)
+        buf = io.BytesIO()
+        gc.downloadFile(new["_id"], buf)
+        assert buf.getvalue() == payload
     client._session.post = real_post
     csvs = sorted(f["name"] for f in gc.listFile(item_id) if f["name"].endswith(".csv"))
-    assert csvs == ["s1000.csv", "s3000.csv"]
+    assert csvs == ["s1000.csv", "s3000.csv", "start-chunked.csv", "start-whole.csv"]
     assert [u for u in gc.get("system/uploads") if u.get("parentId") == item_id] == []
 
 

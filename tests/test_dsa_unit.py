@@ -110,6 +110,8 @@ class _Handler(_JSONHandler):
             self._send(200, {"_id": path[5:], "name": "case 1.svs", "size": len(SLIDE)})
         elif path == "annotation":
             self._send(200, self.annotations)
+        elif path.startswith("item/") and path.endswith("/files"):
+            self._send(200, [])
         else:
             self._send(404, {"message": "no such route"})
 
@@ -1041,12 +1043,14 @@ def test_a_retried_write_sends_its_whole_body_again(server: str, method: str) ->
 
 
 def test_a_retried_upload_chunk_is_sent_whole_again(server: str) -> None:
-    """The summary CSV's upload: girder_client POSTs each chunk from a
-    BytesIO; its retry after a 503 sends the chunk again, not nothing."""
+    """A chunked upload (a payload over ``MAX_CHUNK_SIZE``) POSTs each chunk
+    from a BytesIO; its retry after a 503 sends the chunk again, not nothing."""
     payload = b"item_id,status\n" + b"i,done\n" * 500
-    new = _client(server, []).upload_bytes_to_item("I", "summary.csv", payload, "text/csv")
-    assert new["size"] == len(payload)
-    assert _Handler.bodies["file/chunk"] == [payload, payload]
+    client = _client(server, [])
+    client.MAX_CHUNK_SIZE = len(payload) - 7
+    client.upload_bytes_to_item("I", "summary.csv", payload, "text/csv")
+    first = payload[: client.MAX_CHUNK_SIZE]
+    assert _Handler.bodies["file/chunk"] == [first, first, payload[-7:]]
 
 
 class _Uploads(_JSONHandler):
@@ -1061,6 +1065,10 @@ class _Uploads(_JSONHandler):
     uploads: dict[str, dict[str, Any]] = {}
     files: list[dict[str, Any]] = []
     calls: list[str] = []
+    #: what the successive ``POST file`` get: ``lost`` (acted on, the answer
+    #: lost), ``500`` (the upload started, then Girder failed), ``ok``
+    starts: list[str] = []
+    admin = True  # whether the token may list and clear system/uploads
 
     def _route(self) -> tuple[str, dict[str, str]]:
         from urllib.parse import parse_qsl, urlsplit
@@ -1080,9 +1088,25 @@ class _Uploads(_JSONHandler):
             uid = f"u{len(self.calls)}"
             self.uploads[uid] = {"_id": uid, "received": 0, "size": int(q["size"]), "data": b""}
             self.uploads[uid].update(
-                name=q["name"], created=f"2030-01-01T00:00:{len(self.calls):02d}.123456+00:00"
+                name=q["name"],
+                created=f"2030-01-01T00:00:{len(self.calls):02d}.123456+00:00",
+                userId="me",
+                parentId=q["parentId"],
             )
-            self._send(200, {k: v for k, v in self.uploads[uid].items() if k != "data"})
+            start = self.starts.pop(0) if self.starts else "ok"
+            if start == "500":
+                self._send(500, {"message": "injected", "type": "internal"})
+                return
+            if body and self.headers.get("Content-Type") == "application/octet-stream":
+                # Girder takes a body that is not a form as the upload's first chunk
+                answer = self._chunk(self.uploads[uid], body)
+            else:
+                answer = {k: v for k, v in self.uploads[uid].items() if k != "data"}
+            if start == "lost":
+                self.close_connection = True
+                self.connection.shutdown(2)
+                return
+            self._send(200, answer)
             return
         up = self.uploads.get(q["uploadId"])
         if up is None:
@@ -1098,6 +1122,15 @@ class _Uploads(_JSONHandler):
         if fault in ("503", "403", "408", "429"):
             self._send(int(fault), {"message": "injected", "type": "rest"})
             return
+        answer = self._chunk(up, body)
+        if fault == "lost":
+            self.close_connection = True
+            self.connection.shutdown(2)
+            return
+        self._send(200, answer)
+
+    def _chunk(self, up: dict[str, Any], body: bytes) -> dict[str, Any]:
+        """Girder's handling of a chunk: the upload, or the file it made."""
         up["data"] += body
         up["received"] += len(body)
         answer = {k: v for k, v in up.items() if k != "data"}
@@ -1109,11 +1142,7 @@ class _Uploads(_JSONHandler):
             answer["created"] = up["created"][:20] + f"{900 + n:03d}000+00:00"
             self.files.append(answer)
             answer = {k: v for k, v in answer.items() if k != "data"}
-        if fault == "lost":
-            self.close_connection = True
-            self.connection.shutdown(2)
-            return
-        self._send(200, answer)
+        return answer
 
     def do_GET(self) -> None:  # noqa: N802
         path, q = self._route()
@@ -1121,6 +1150,17 @@ class _Uploads(_JSONHandler):
             self._send(200, {"offset": self.uploads[q["uploadId"]]["received"]})
         elif path == "item/I/files":
             self._send(200, [{k: v for k, v in f.items() if k != "data"} for f in self.files])
+        elif path == "user/me":
+            self._send(200, {"_id": "me", "login": "ada", "admin": self.admin})
+        elif path == "system/uploads" and not self.admin:
+            self._send(403, {"message": "Administrator access required.", "type": "access"})
+        elif path == "system/uploads":
+            ups = [
+                {k: v for k, v in u.items() if k != "data"}
+                for u in self.uploads.values()
+                if (u["parentId"], u["userId"]) == (q.get("parentId"), q.get("userId"))
+            ]
+            self._send(200, ups)
         else:
             self._send(400, {"message": "Invalid upload id.", "type": "rest"})
 
@@ -1135,6 +1175,7 @@ class _Uploads(_JSONHandler):
 @pytest.fixture()
 def uploads() -> Iterator[str]:
     _Uploads.faults, _Uploads.uploads, _Uploads.files, _Uploads.calls = [], {}, [], []
+    _Uploads.starts, _Uploads.admin = [], True
     yield from _serving(_Uploads)
 
 
@@ -1190,6 +1231,49 @@ def test_an_upload_chunk_whose_answer_was_lost_is_resumed(uploads: str, lost: in
     assert f["data"] == PAYLOAD and new["_id"] == f["_id"] and new["size"] == len(PAYLOAD)
     assert not _Uploads.uploads
     assert _Uploads.calls.count("POST file/chunk") == 4 + 1  # the lost one's retry, refused
+
+
+@pytest.mark.parametrize("start", ["lost", "500"])
+def test_an_upload_whose_start_went_unanswered_leaves_no_unfinished_upload(
+    uploads: str, start: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The summary CSV (a payload of one chunk) whose ``POST file`` was acted
+    on by Girder but answered with nothing (``lost``) or a 500 once the upload
+    had started: it used to be started again, the first upload left
+    unfinished in Girder for an admin to clear. One file with the payload,
+    no unfinished upload, no second file, no warning of one."""
+    _Uploads.starts = [start]
+    client = _client(uploads, [])
+    with caplog.at_level(logging.WARNING):
+        new = client.upload_bytes_to_item("I", "summary.csv", PAYLOAD, "text/csv")
+    (f,) = _Uploads.files
+    assert f["data"] == PAYLOAD and new["_id"] == f["_id"] and not _Uploads.uploads
+    assert _Uploads.calls.count("POST file") == (1 if start == "lost" else 2)
+    assert not [r for r in caplog.records if "unfinished" in r.getMessage()]
+
+
+@pytest.mark.parametrize("admin", [True, False], ids=["admin", "user"])
+def test_a_chunked_upload_whose_start_went_unanswered_is_cleared_or_named(
+    uploads: str, admin: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A chunked upload whose first ``POST file`` started an upload in Girder
+    but its answer was lost: the retry starts another and completes it; the
+    first, whose id this side never learnt, is found among this user's
+    unfinished uploads to the item and cancelled (an admin's token), or one
+    warning line says what an admin may have to clear."""
+    _Uploads.starts, _Uploads.admin = ["lost"], admin
+    with caplog.at_level(logging.WARNING):
+        new = _upload(uploads, [], [])
+    assert [f["_id"] for f in _Uploads.files] == [new["_id"]]
+    assert _Uploads.files[0]["data"] == PAYLOAD and _Uploads.calls.count("POST file") == 2
+    warned = [r.getMessage() for r in caplog.records if "unfinished" in r.getMessage()]
+    if admin:
+        assert not _Uploads.uploads and not warned
+    else:
+        (orphan,) = _Uploads.uploads  # listing it needs an admin: said in one line
+        (line,) = warned
+        assert "unfinished upload of summary.csv in item I" in line and "\n" not in line
+        assert "needs an admin" in line and "DELETE system/uploads?parentId=I" in line
 
 
 @pytest.mark.parametrize("status", ["408", "429"])

@@ -374,14 +374,28 @@ class DSAClient(girder_client.GirderClient):  # type: ignore[misc]
     def upload_bytes_to_item(self, item_id: str, name: str, payload: bytes, mime: str) -> Any:
         """Upload ``payload`` as a new file of ``item_id``; returns the file.
 
-        Girder's chunked upload (``POST file``, then ``POST file/chunk`` per
-        :attr:`MAX_CHUNK_SIZE`), each request retried on transient errors
-        under :attr:`retry` (by :meth:`sendRestRequest`, not again around
-        it). A chunk whose retry is refused with a wrong offset (Girder stored
-        it but its answer was lost) resumes from the offset Girder reports
-        (``GET file/offset``); if that was the last chunk, Girder finished the
-        file and it is returned. An upload that fails is cancelled in Girder
-        (``DELETE file/upload/{id}``) where it can be.
+        Up to :attr:`MAX_CHUNK_SIZE` (the summary CSV), in one request: the
+        payload is the body of ``POST file``, which Girder answers only once
+        it has made the file and ended the upload. A try whose answer is lost
+        is not sent again blindly: the item is first searched for a file of
+        that name and size it did not hold before, so a lost answer leaves
+        neither a second file nor an unfinished upload.
+
+        Larger, Girder's chunked upload (``POST file``, then ``POST
+        file/chunk`` per :attr:`MAX_CHUNK_SIZE`), each request retried on
+        transient errors under :attr:`retry` (by :meth:`sendRestRequest`, not
+        again around it). A chunk whose retry is refused with a wrong offset
+        (Girder stored it but its answer was lost) resumes from the offset
+        Girder reports (``GET file/offset``); if that was the last chunk,
+        Girder finished the file and it is returned. An upload that fails is
+        cancelled in Girder (``DELETE file/upload/{id}``) where it can be.
+
+        A ``POST file`` try that may have reached Girder unanswered (time-out,
+        dropped connection, 500, 504) may have started an upload whose id
+        this side never learnt: this user's unfinished uploads of that name
+        and size to the item are cancelled (listing them, ``GET
+        system/uploads``, needs an admin's token; without one, one warning
+        line says what an admin may have to clear).
 
         Raises
         ------
@@ -391,63 +405,181 @@ class DSAClient(girder_client.GirderClient):  # type: ignore[misc]
             A non-retryable error status (e.g. 403), at once.
         """
         size = len(payload)
-        upload = self.sendRestRequest(
-            "POST",
-            "file",
-            parameters={
-                "parentType": "item",
-                "parentId": item_id,
-                "name": name,
-                "size": size,
-                "mimeType": mime,
-            },
+        params = {
+            "parentType": "item",
+            "parentId": item_id,
+            "name": name,
+            "size": size,
+            "mimeType": mime,
+        }
+        if 0 < size <= self.MAX_CHUNK_SIZE:
+            return self._upload_whole(item_id, params, payload)
+        missed: list[BaseException] = []  # tries of POST file that may have reached Girder
+        send = super().sendRestRequest
+
+        def start(attempt: int) -> Any:
+            try:
+                return send("POST", "file", params, timeout=self.retry.timeout)
+            except (girder_client.HttpError, requests.RequestException) as exc:
+                if _may_have_landed(exc):
+                    missed.append(exc)
+                raise
+
+        upload_id = None
+        try:
+            upload = self._retrying("POST", "file", start)
+            if size == 0:
+                return upload  # Girder made the (empty) file at once
+            upload_id = upload["_id"]
+            return self._upload_chunks(item_id, name, payload, upload)
+        except BaseException:
+            if upload_id is not None:
+                with contextlib.suppress(DSAError):  # best effort: the server may be gone
+                    self.sendRestRequest(
+                        "DELETE",
+                        f"file/upload/{upload_id}",
+                        attempts=2,
+                        retry_log_level=logging.DEBUG,
+                    )
+            raise
+        finally:
+            if missed:
+                self._clear_unfinished(item_id, name, size, keep=upload_id, cause=missed[-1])
+
+    def _upload_whole(self, item_id: str, params: dict[str, Any], payload: bytes) -> Any:
+        """``payload`` as the body of ``POST file`` (see :meth:`upload_bytes_to_item`)."""
+        name, size = params["name"], params["size"]
+        missed: list[BaseException] = []  # tries that may have reached Girder
+        before = {f["_id"] for f in self._files(item_id)}
+        send = super().sendRestRequest
+        made: list[Any] = []
+
+        def once(attempt: int) -> Any:
+            if missed:  # an earlier try may have made the file, its answer lost
+                with contextlib.suppress(DSAError):
+                    made.extend(
+                        f
+                        for f in self._files(item_id, attempts=1)
+                        if f["_id"] not in before and (f.get("name"), f.get("size")) == (name, size)
+                    )
+                if made:
+                    log.info(
+                        "upload of %s to item %s: made although its answer was lost", name, item_id
+                    )
+                    return max(made, key=lambda f: str(f.get("created", "")))
+            try:
+                return send(
+                    "POST",
+                    "file",
+                    params,
+                    data=payload,
+                    headers={"Content-Type": "application/octet-stream"},
+                    timeout=self.retry.timeout,
+                )
+            except (girder_client.HttpError, requests.RequestException) as exc:
+                if _may_have_landed(exc):
+                    missed.append(exc)
+                raise
+
+        try:
+            return self._retrying("POST", "file", once)
+        finally:
+            if missed and not made:  # (a file made ended its upload: none is left)
+                self._clear_unfinished(item_id, name, size, cause=missed[-1])
+
+    def _files(self, item_id: str, attempts: int | None = None) -> list[dict[str, Any]]:
+        """The item's files (all of them: ``limit=0``)."""
+        return list(
+            self.sendRestRequest(
+                "GET", f"item/{item_id}/files", parameters={"limit": 0}, attempts=attempts
+            )
+            or []
         )
-        if size == 0:
-            return upload  # Girder made the (empty) file at once
+
+    def _clear_unfinished(
+        self, item_id: str, name: str, size: int, *, cause: BaseException, keep: str | None = None
+    ) -> None:
+        """Cancel this user's unfinished uploads of ``name`` (``size`` bytes)
+        to ``item_id`` but ``keep``: ones a ``POST file`` whose answer was lost
+        may have started. Girder lists them to admins only; for anyone else
+        one warning line says what an admin may have to clear."""
+        try:
+            me = self.sendRestRequest("GET", "user/me", attempts=2, retry_log_level=logging.DEBUG)
+            started = self.sendRestRequest(
+                "GET",
+                "system/uploads",
+                parameters={
+                    "parentId": item_id,
+                    "userId": (me or {}).get("_id", ""),
+                    "includeUntracked": "false",
+                    "limit": 0,
+                },
+                attempts=2,
+                retry_log_level=logging.DEBUG,
+            )
+            for up in started or []:
+                if up.get("_id") != keep and (up.get("name"), up.get("size")) == (name, size):
+                    self.sendRestRequest(
+                        "DELETE", f"file/upload/{up['_id']}", retry_log_level=logging.DEBUG
+                    )
+                    log.info("cancelled the unfinished upload %s of %s", up["_id"], name)
+        except DSAError as exc:
+            refused = isinstance(exc, GirderRequestError) and exc.status in (401, 403)
+            why = "listing unfinished uploads needs an admin" if refused else str(exc)
+            log.warning(
+                "Girder may keep an unfinished upload of %s in item %s (a request to start it "
+                "went unanswered: %s; %s): an admin can clear it with DELETE "
+                "system/uploads?parentId=%s",
+                name,
+                item_id,
+                describe(cause),
+                why,
+                item_id,
+            )
+
+    def _upload_chunks(
+        self, item_id: str, name: str, payload: bytes, upload: dict[str, Any]
+    ) -> Any:
+        """Send ``payload`` to the started ``upload`` a chunk at a time (see
+        :meth:`upload_bytes_to_item`); returns the file made."""
+        size = len(payload)
         upload_id = upload["_id"]
         offset, resumes = 0, 0
-        try:
-            while True:
-                chunk = payload[offset : offset + self.MAX_CHUNK_SIZE]
-                path = f"file/chunk?offset={offset}&uploadId={upload_id}"  # (logged so)
-                try:
-                    answer = self.sendRestRequest("POST", path, data=io.BytesIO(chunk))
-                except GirderRequestError as exc:
-                    if exc.status != 400 or resumes >= self.retry.attempts:
-                        raise
-                    resumes += 1
-                    try:  # a lost answer: the retry was refused as Girder has the chunk
-                        server = int(
-                            self.get("file/offset", parameters={"uploadId": upload_id})["offset"]
-                        )
-                    except GirderRequestError:  # no such upload (any more)
-                        if offset + len(chunk) < size:
-                            raise exc from None
-                        answer = self._finished_file(
-                            item_id, name, size, str(upload.get("created", ""))
-                        )
-                        if answer is None:
-                            raise exc from None
-                        return answer
-                    if server == offset or not 0 <= server < size:
-                        raise exc from None
-                    log.info(
-                        "upload %s of %s: Girder has %d bytes, resuming there",
-                        upload_id,
-                        name,
-                        server,
+        while True:
+            chunk = payload[offset : offset + self.MAX_CHUNK_SIZE]
+            path = f"file/chunk?offset={offset}&uploadId={upload_id}"  # (logged so)
+            try:
+                answer = self.sendRestRequest("POST", path, data=io.BytesIO(chunk))
+            except GirderRequestError as exc:
+                if exc.status != 400 or resumes >= self.retry.attempts:
+                    raise
+                resumes += 1
+                try:  # a lost answer: the retry was refused as Girder has the chunk
+                    server = int(
+                        self.get("file/offset", parameters={"uploadId": upload_id})["offset"]
                     )
-                    offset = server
-                    continue
-                offset += len(chunk)
-                if offset >= size:
+                except GirderRequestError:  # no such upload (any more)
+                    if offset + len(chunk) < size:
+                        raise exc from None
+                    answer = self._finished_file(
+                        item_id, name, size, str(upload.get("created", ""))
+                    )
+                    if answer is None:
+                        raise exc from None
                     return answer
-        except BaseException:
-            with contextlib.suppress(DSAError):  # best effort: the server may be gone
-                self.sendRestRequest(
-                    "DELETE", f"file/upload/{upload_id}", attempts=2, retry_log_level=logging.DEBUG
+                if server == offset or not 0 <= server < size:
+                    raise exc from None
+                log.info(
+                    "upload %s of %s: Girder has %d bytes, resuming there",
+                    upload_id,
+                    name,
+                    server,
                 )
-            raise
+                offset = server
+                continue
+            offset += len(chunk)
+            if offset >= size:
+                return answer
 
     def _finished_file(
         self, item_id: str, name: str, size: int, since: str
@@ -463,6 +595,19 @@ class DSAClient(girder_client.GirderClient):  # type: ignore[misc]
             and str(f.get("created", ""))[:19] >= since[:19]
         ]
         return max(files, key=lambda f: str(f.get("created", "")), default=None)
+
+
+def _may_have_landed(exc: BaseException) -> bool:
+    """Whether a request that failed with ``exc`` may have reached Girder and
+    been acted on: its answer timed out or was cut off, or Girder (or the proxy
+    waiting on it) failed midway; not a refused connection, nor a 502/503/429."""
+    if isinstance(exc, girder_client.HttpError):
+        return exc.status in (500, 504)
+    if isinstance(exc, requests.ConnectTimeout):
+        return False
+    if isinstance(exc, requests.ConnectionError):
+        return "NewConnectionError" not in repr(exc.args) and "refused" not in str(exc)
+    return isinstance(exc, requests.Timeout | requests.exceptions.ChunkedEncodingError)
 
 
 def _gone(exc: BaseException) -> bool:
