@@ -1726,3 +1726,97 @@ def test_the_final_sweep_writes_back_a_record_another_write_undid(
 
     _, _, records = _sweep_job(monkeypatch, tmp_path, keep, fails=fails)
     assert records["I"].get("seen") is True
+
+
+def _rerun(
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    ann_ids: list[str],
+    record: dict[str, Any] | None,
+    *,
+    fails: bool = False,
+    **kw: Any,
+) -> tuple[Any, list[str]]:
+    """The folder job run again on item "I", which holds annotations of the
+    key ``ann_ids`` (a killed run's pushes among them) and ``record`` (None:
+    none); its push stores "NEW". The outcome, and the key's annotations left."""
+    from nucleus_models.dsa import folder_job
+    from nucleus_models.dsa.annotations import PushResult, find_annotations
+    from nucleus_models.errors import NucleusModelsError
+
+    _quiet_ledger(monkeypatch)
+    params = FolderJobParams(inputFolder="F", **kw)
+    mine = {"nucleus_models": {"analysis_key": params.key(), "push_id": "p"}}
+    client = _Annotations([_ann(a, "Nuclei (stub)", mine) for a in ann_ids])
+    records = {"I": record} if record else {}
+
+    def push(*a: Any, **k: Any) -> PushResult:
+        client.anns.append(_ann("NEW", "Nuclei (stub)", mine))
+        return PushResult("NEW", 0)
+
+    def broken(*a: Any) -> Any:
+        raise NucleusModelsError("case 1.svs: cannot be read")
+
+    monkeypatch.setattr(folder_job, "push_annotation", push)
+    monkeypatch.setattr(folder_job, "read_record", lambda c, i, k: records.get(i))
+    monkeypatch.setattr(folder_job, "write_record", lambda c, i, k, r: records.update({i: r}))
+    analysis = broken if fails else _analysis_stub([])
+    monkeypatch.setitem(folder_job.ANALYSES, "NucleusDetection", analysis)
+    item = {"_id": "I", "name": "case 1.svs", "folderId": "F", "largeImage": {"fileId": "f"}}
+    outcome = _run_one(client, params, item, tmp_path)
+    left = [a["_id"] for a in find_annotations(client, "I", params.key())]  # type: ignore[arg-type]
+    return outcome, left
+
+
+def _done(**kw: Any) -> dict[str, Any]:
+    """A done record of "I" naming annotation "OLD", made with ``kw``'s parameters."""
+    phash = FolderJobParams(inputFolder="F", **kw).params_hash()
+    prov = {"girder": {"file_id": "f"}}
+    return {"status": "done", "params_hash": phash, "annotation_id": "OLD", "provenance": prov}
+
+
+@pytest.mark.parametrize("strays", [1, 2])
+def test_the_next_run_removes_a_killed_runs_unrecorded_annotation(
+    strays: int, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A run killed (SIGKILL) between a slide's annotation POST and its
+    record, or a server that stored a cancelled push after the push stopped
+    waiting (> 5 s): the item holds its recorded annotation and one or more
+    of the key no record names. The next run with the same parameters skips
+    the slide and leaves the recorded one alone."""
+    late = [f"LATE{i}" for i in range(strays)]
+    outcome, left = _rerun(monkeypatch, tmp_path, ["OLD", *late], _done())
+    assert outcome.status == "skipped" and outcome.annotation_id == "OLD"
+    assert left == ["OLD"]
+
+
+@pytest.mark.parametrize("record", ["none", "failed", "other-params"])
+def test_the_next_run_leaves_one_annotation_where_none_is_recorded(
+    record: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Two annotations of the key on an item whose record names neither
+    (no record: two runs killed before theirs; a failure recorded; a record
+    of other parameters naming one since deleted): the slide is analysed
+    again and the run leaves exactly its own."""
+    rec = {
+        "none": None,
+        "failed": {"status": "failed", "error": "x", "params_hash": "h"},
+        "other-params": {**_done(model="classical-he"), "annotation_id": "GONE"},
+    }[record]
+    outcome, left = _rerun(monkeypatch, tmp_path, ["A", "B"], rec)
+    assert outcome.status == "done" and outcome.annotation_id == "NEW"
+    assert left == ["NEW"]
+
+
+@pytest.mark.parametrize("how", ["force", "other-params"])
+def test_a_slide_failing_again_keeps_only_its_recorded_annotation(
+    how: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A killed run's unrecorded annotation beside the recorded one, and the
+    slide is redone (``force``, or other parameters) but fails this time: the
+    item keeps the annotation its record names, alone, not the stray copy
+    "until the next run" that succeeds."""
+    kw: dict[str, Any] = {"force": True} if how == "force" else {"model": "classical-he"}
+    outcome, left = _rerun(monkeypatch, tmp_path, ["OLD", "LATE"], _done(), fails=True, **kw)
+    assert outcome.status == "failed" and "cannot be read" in outcome.error
+    assert left == ["OLD"]

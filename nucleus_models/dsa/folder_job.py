@@ -652,16 +652,24 @@ def _run_items(
     if written:
         time.sleep(SWEEP_SETTLE_S)
     for o in outcomes:
-        if o.status == "failed" and o.item_id in written:
+        if o.status == "failed":
             try:
-                mine = written[o.item_id]
-                if _failure_of(read_record(client, o.item_id, key)) != _failure_of(mine):
+                rec = read_record(client, o.item_id, key)
+                mine = written.get(o.item_id)
+                if mine is not None and _failure_of(rec) != _failure_of(mine):
                     log.warning(
                         "item %s: its failure record was undone by another write of the "
                         "item's metadata; written again",
                         o.item_id,
                     )
                     write_record(client, o.item_id, key, mine)
+                    rec = mine
+                # a slide that failed this time keeps the annotation its (done)
+                # record names, alone: an earlier run's unrecorded copy goes
+                recorded = (rec or {}).get("annotation_id")
+                found = find_annotations(client, o.item_id, key) if recorded else []
+                if any(a["_id"] == recorded for a in found):
+                    dedupe(client, o.item_id, key, str(recorded), found=found)
             except DSAError as exc:
                 log.warning("item %s: final check failed: %s", o.item_id, exc)
         if o.status in ("done", "skipped"):
