@@ -1,0 +1,115 @@
+"""Pen ink (blue, green, black marker on the glass) is not tissue in a
+brightfield mask at a known scale, while H&E and IHC tissue (haematoxylin
+counterstain as blue as ink, pixel by pixel) keeps every pixel."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from nucleus_models.wsi.tissue import optical_density, pen_ink, tissue_mask
+
+#: optical density of each ink at full strength (red, green, blue channels)
+INKS = {"blue": (0.85, 0.42, 0.12), "green": (0.80, 0.30, 0.50), "black": (1.05, 1.05, 1.00)}
+
+
+def _stroke(shape: tuple[int, int], y0: int, y1: int, width: float) -> np.ndarray:
+    """Ink density 0..1 of a marker stroke from (20, y0) to (cols - 20, y1):
+    soft edges (the thumbnail's blur) and streaks along it."""
+    rows, cols = np.mgrid[: shape[0], : shape[1]].astype(np.float32)
+    x0, x1 = 20.0, shape[1] - 20.0
+    t = np.clip((cols - x0) / (x1 - x0), 0, 1)
+    dist = np.hypot(rows - (y0 + t * (y1 - y0)), cols - (x0 + t * (x1 - x0)))
+    edge = np.clip((width / 2 + 1.5 - dist) / 3.0, 0, 1)
+    streaks = 0.7 + 0.3 * np.sin(cols / 7.0) ** 2  # the marker's uneven laydown
+    return edge * streaks
+
+
+def _with_ink(rgb: np.ndarray, density: np.ndarray, ink: tuple[float, float, float]) -> np.ndarray:
+    """``rgb`` with ink on it: optical densities add (ink over tissue too)."""
+    od = optical_density(rgb) + density[..., None] * np.asarray(ink, np.float32)
+    return np.clip(np.round(255 * 10.0**-od), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("colour", sorted(INKS))
+def test_a_pen_stroke_is_not_tissue_and_the_tissue_is_kept(shared_data: Path, colour: str) -> None:
+    """An H&E field (MoNuSeg: purple nuclei, pink and pale stroma) on glass
+    with a marker stroke across glass and tissue, as a 10 um/px overview: the
+    stroke on the glass was tissue (its tiles analysed, nuclei found in the
+    ink); now none of it is, and every tissue pixel away from it is kept.
+    (Ink over the tissue is not told from it by colour: it stays tissue.)"""
+    he = np.asarray(
+        Image.open(shared_data / "monuseg2018/train/images/TCGA-18-5592-01Z-00-DX1.tif")
+    )[:300, :300, :3]
+    clean = np.full((400, 600, 3), 242, np.uint8)
+    clean[50:350, 250:450] = he[:, :200]
+    density = _stroke(clean.shape[:2], 40, 380, width=14)
+    img = _with_ink(clean, density, INKS[colour])
+    um_per_px = 10.0  # (the stroke: ~0.14 mm wide, 6 mm long)
+
+    mask = tissue_mask(img, um_per_px=um_per_px)
+    on_glass = (density > 0.05) & ~tissue_mask(clean, um_per_px=um_per_px)
+    assert on_glass.sum() > 2000
+    assert not (mask & on_glass).any(), int((mask & on_glass).sum())
+    from scipy import ndimage as ndi
+
+    away = ~ndi.binary_dilation(density > 0, iterations=3)
+    assert np.array_equal(mask & away, tissue_mask(clean, um_per_px=um_per_px) & away)
+
+
+def test_a_pen_ring_round_the_tissue_leaves_no_glass_inside_it(shared_data: Path) -> None:
+    """A blue ring drawn round a tumour: neither the ring nor the glass it
+    encloses (not a hole of the tissue any more) is tissue."""
+    he = np.asarray(
+        Image.open(shared_data / "monuseg2018/train/images/TCGA-18-5592-01Z-00-DX1.tif")
+    )[:150, :150, :3]
+    img = np.full((300, 300, 3), 242, np.uint8)
+    img[75:225, 75:225] = he
+    rows, cols = np.mgrid[:300, :300]
+    ring = np.clip(1 - np.abs(np.hypot(rows - 150, cols - 150) - 130) / 6, 0, 1)
+    inked = _with_ink(img, ring, INKS["blue"])
+    mask = tissue_mask(inked, um_per_px=8.0)
+    assert mask.sum() == tissue_mask(img, um_per_px=8.0).sum() == 150 * 150
+
+
+def _real_brightfield(root: Path) -> list[tuple[str, np.ndarray]]:
+    def rgb(p: Path) -> np.ndarray:
+        return np.asarray(Image.open(p).convert("RGB"))
+
+    images = []
+    for p in sorted((root / "deepliif/Sample_Dataset/train").glob("*.png")):
+        panels = rgb(p)
+        side = panels.shape[0]
+        images.append((f"{p.name} IHC", panels[:, :side]))
+        images.append((f"{p.name} haematoxylin", panels[:, side : 2 * side]))
+    for p in sorted((root / "deepliif/Sample_Large_Tissues").glob("*.png")):
+        images.append((p.name, rgb(p)))
+    images.append(("skimage ihc", rgb(root / "bundled_samples/skimage/ihc.png")))
+    for p in sorted((root / "monuseg2018/train/images").glob("*.tif"))[::6]:
+        images.append((p.name, rgb(p)))
+    for p in sorted((root / "ccagt_agnor/images").glob("*.jpg"))[:2]:
+        images.append((p.name, rgb(p)))
+    return images
+
+
+def _area_mean(rgb: np.ndarray, f: int) -> np.ndarray:
+    h, w = rgb.shape[0] // f * f, rgb.shape[1] // f * f
+    blocks = rgb[:h, :w].reshape(h // f, f, w // f, f, 3).astype(np.float32)
+    return blocks.mean(axis=(1, 3)).round().astype(np.uint8)
+
+
+def test_ihc_and_he_tissue_is_never_ink(shared_data: Path) -> None:
+    """Haematoxylin-blue IHC (DeepLIIF: royal-blue nuclei, cyan-tinted
+    stroma), brown DAB, H&E and AgNOR silver: no pixel is ink at their own
+    resolution (~0.25 um/px) or read as if 16x coarser (nuclei as blue and as
+    dark as ink, in patches 256x their true size), nor when averaged 4x and
+    8x as an overview averages them."""
+    for name, rgb in _real_brightfield(shared_data):
+        for f in (1, 4, 8):
+            img = rgb if f == 1 else _area_mean(rgb, f)
+            for um_per_px in (0.25 * f, 4.0 * f):
+                found = int(pen_ink(img, um_per_px).sum())
+                assert found == 0, (name, f, um_per_px, found)
