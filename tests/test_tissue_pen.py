@@ -113,3 +113,32 @@ def test_ihc_and_he_tissue_is_never_ink(shared_data: Path) -> None:
             for um_per_px in (0.25 * f, 4.0 * f):
                 found = int(pen_ink(img, um_per_px).sum())
                 assert found == 0, (name, f, um_per_px, found)
+
+
+def test_the_tiles_of_a_pen_stroke_on_the_glass_are_not_analysed(
+    tmp_path: Path, shared_data: Path
+) -> None:
+    """A slide with an H&E fragment and a blue marker stroke on the glass
+    beside it: the stroke's tiles were analysed as tissue; now the run
+    analyses the tiles and finds the nuclei of the slide without it."""
+    from conftest import write_pyramidal_tiff
+
+    from nucleus_models.detection import DetectionParams, detect_nuclei
+
+    he = np.asarray(
+        Image.open(shared_data / "monuseg2018/train/images/TCGA-18-5592-01Z-00-DX1.tif")
+    )[:300, :300, :3]
+    clean = np.full((1200, 1600, 3), 242, np.uint8)
+    clean[100:400, 100:400] = he
+    rows, cols = np.mgrid[:1200, :1600].astype(np.float32)
+    # (a stroke 150 px = 75 um wide, 0.07 mm^2, from the lower left to the right edge)
+    density = np.clip((75 + 1.5 - np.abs(rows - 1000 + 0.3 * (cols - 200))) / 3, 0, 1)
+    density[:, :200] = 0
+    inked = _with_ink(clean, density, INKS["blue"])
+    found = []
+    for name, pixels in (("inked.tif", inked), ("clean.tif", clean)):
+        path = write_pyramidal_tiff(tmp_path / name, pixels, mpp=0.5)
+        params = DetectionParams(str(path), model="classical-he", analysis_tile_size=256)
+        res = detect_nuclei(params)
+        found.append((len(res.nuclei), res.tiles["analysed"]))
+    assert found[0] == found[1] and found[1][0] > 50, found
