@@ -114,17 +114,20 @@ def pen_ink(rgb: np.ndarray, um_per_px: float) -> np.ndarray:
     By colour, in optical density (OD): blue and green ink absorb red far
     more than green (OD red >= 1.7x OD green, and OD blue <= 0.8x OD red),
     which haematoxylin, eosin and DAB do not (their OD green is at least
-    their OD red: on MoNuSeg's 30 H&E images, CMU-1 and CCAgT, 99.9 % of
-    tissue pixels have OD green >= 0.66x OD red); black ink is dark (every
-    channel at most 60), grey (the densest channel's OD at most 1.3x the
-    palest's; dense haematoxylin is purple) and not brown (OD red at least
-    0.9x the densest's: the darkest DAB and AgNOR silver are red-brown).  By size:
-    IHC's haematoxylin nuclei are as blue as ink pixel by pixel (DeepLIIF's
-    bladder and lung fields), so only a connected patch of such pixels of
-    at least :data:`MIN_INK_MM2` whose ink-coloured pixels are more than
-    half of it is ink.  Paler pixels of the ink's hue joined to it (a
-    stroke's streaks and edges) are part of it.  Red ink is not looked
-    for: it is the colour of blood and of eosin-rich tissue.
+    their OD red: on MoNuSeg's 30 H&E images and CCAgT's silver stains,
+    99.9 % of tissue pixels have OD green >= 0.66x OD red; CMU-1's
+    green-blue margin dye specks are ink-coloured, but a few um^2); black
+    ink is dark (every channel at most 60), grey (the densest channel's OD
+    at most 1.3x the palest's; dense haematoxylin is purple) and not brown
+    (OD red at least 0.9x the densest's: the darkest DAB and AgNOR silver
+    are red-brown).  By size: IHC's haematoxylin nuclei are as blue as ink
+    pixel by pixel (DeepLIIF's bladder and lung fields), so only a
+    connected patch of such pixels of at least :data:`MIN_INK_MM2` whose
+    ink-coloured pixels are more than half of it is ink.  Paler pixels of
+    the ink's hue (grey for black ink) joined to it, a stroke's streaks and
+    edges, are part of it.  Ink over tissue is not told from the tissue
+    (their densities add).  Red ink is not looked for: it is the colour of
+    blood and of eosin-rich tissue.
 
     >>> img = np.full((60, 60, 3), 240, np.uint8); img[20:40, :] = (40, 90, 170)  # blue stroke
     >>> [int(pen_ink(img, u).sum()) for u in (20.0, 2.0)]  # 0.48 mm^2, 0.0048 mm^2
@@ -145,12 +148,12 @@ def pen_ink(rgb: np.ndarray, um_per_px: float) -> np.ndarray:
     dark = grey & (low >= -np.log10(60 / 255))
     candidate = pale | grey
     inky = strong | dark
-    if not inky.any():
+    smallest = MIN_INK_MM2 * 1e6 / um_per_px**2
+    if np.count_nonzero(inky) < smallest:  # (no patch can be large enough: no labelling)
         return np.zeros(rgb.shape[:2], bool)
     labels, n = ndi.label(candidate, structure=np.ones((3, 3), bool))
     size = np.bincount(labels.ravel(), minlength=n + 1)
     solid = np.bincount(labels.ravel(), weights=inky.ravel(), minlength=n + 1)
-    smallest = MIN_INK_MM2 * 1e6 / um_per_px**2
     ink = (solid >= smallest) & (solid > 0.5 * size)
     ink[0] = False
     return ink[labels]
