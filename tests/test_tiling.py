@@ -90,3 +90,32 @@ def test_clip_region() -> None:
     for touching in (Region(100, 0, 10, 10), Region(-10, 0, 10, 10), Region(0, 50, 10, 5)):
         with pytest.raises(ParameterError, match="outside the slide"):
             clip_region(touching, 100, 50)
+
+
+@pytest.mark.parametrize(
+    "drawn,expected",
+    [
+        ([600, 600, 800, 600, 800, 800, 600, 800], [600, 600, 201, 201]),  # "Add polygon"
+        (
+            [600, 600, 800, 600, 800, 800, 600, 800, -1, -1, 900, 900, 950, 900, 950, 950],
+            [600, 600, 351, 351],
+        ),  # then another "Add polygon"
+    ],
+)
+def test_histomicsui_add_polygon_on_the_whole_slide_region_is_the_drawn_shape(
+    drawn: list[float], expected: list[int]
+) -> None:
+    """HistomicsUI's region widget merges a shape drawn with "Add polygon" into
+    the region it holds; still at the whole slide's -1,-1,-1,-1 it is not
+    recognised (large_image's ``_mergeRegions`` compares the array by
+    identity) and becomes a rectangle's corners at (-1, -1) to (-2, -2) and a
+    separator in front of the shape. That triangle was kept: a 200 x 200 px
+    square at (600, 600) ran as an 801 x 801 px region from (-2, -2)."""
+    merged = [-1, -1, -2, -1, -2, -2, -1, -2, -1, -1, *drawn]
+    region = parse_roi(merged)
+    assert region.as_list() == expected
+    assert region.as_list() == parse_roi(drawn).as_list()
+    assert len(region.polygons) == len(parse_roi(drawn).polygons)
+    assert all((p >= 600).all() for p in region.polygons)
+    # the same as a string, as slicer_cli_web passes it
+    assert parse_roi(",".join(str(v) for v in merged)).as_list() == expected

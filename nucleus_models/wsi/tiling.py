@@ -86,6 +86,14 @@ def roi_geometry(polygons: Sequence[np.ndarray]) -> Any:
     return shapely.union_all([polygon_geometry(p) for p in polygons])
 
 
+#: what HistomicsUI's region widget puts in front of a shape drawn with
+#: "Add polygon" / "Add rectangle" while the region is still the whole slide:
+#: large_image's ``_mergeRegions`` never recognises ``-1,-1,-1,-1`` (it
+#: compares the array by identity), so it merges it as a rectangle at
+#: (-1, -1) of size -1 x -1, its four corners, then the ``-1,-1`` separator
+UNSET_REGION_MERGED = (-1.0, -1.0, -2.0, -1.0, -2.0, -2.0, -1.0, -2.0, -1.0, -1.0)
+
+
 def parse_roi(values: Sequence[float] | str | None) -> Region:
     """Parse an ``analysis_roi`` value as HistomicsTK's CLIs accept it.
 
@@ -101,6 +109,13 @@ def parse_roi(values: Sequence[float] | str | None) -> Region:
     [10, 20, 30, 40]
     >>> parse_roi("0,0, 100,0, 100,50, 0,50").as_list()
     [0, 0, 101, 51]
+
+    HistomicsUI's "Add polygon" on a region that is still the whole slide
+    sends :data:`UNSET_REGION_MERGED` before the drawn shape; that prefix
+    is dropped (it had made the region the box from (-2, -2) to the shape):
+
+    >>> parse_roi("-1,-1,-2,-1,-2,-2,-1,-2,-1,-1, 600,600,800,600,800,800,600,800").as_list()
+    [600, 600, 201, 201]
     """
     if values is None:
         return Region(-1, -1, -1, -1)
@@ -116,6 +131,9 @@ def parse_roi(values: Sequence[float] | str | None) -> Region:
         vals = [float(v) for v in values]
     if not all(math.isfinite(v) for v in vals):
         raise ParameterError(f"analysis_roi must be finite numbers, got {values!r}")
+    n = len(UNSET_REGION_MERGED)
+    while len(vals) > n and tuple(vals[:n]) == UNSET_REGION_MERGED:
+        vals = vals[n:]
     if not vals or (len(vals) == 4 and all(v == -1 for v in vals)):
         return Region(-1, -1, -1, -1)
     if len(vals) == 6:
