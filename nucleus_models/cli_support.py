@@ -75,6 +75,15 @@ def build_parser(xml_path: str) -> Any:
     from slicer_cli_web import CLIArgumentParser
 
     class _Parser(CLIArgumentParser):  # type: ignore[misc, valid-type]
+        def add_argument(self, *args: Any, **kwargs: Any) -> Any:
+            # ctk_cli passes each XML description as argparse help, which
+            # argparse formats with %: a "%" in one (a site's model
+            # description, "40 % of our cohort", joins the model menu) made
+            # --help end in a traceback
+            if isinstance(kwargs.get("help"), str):
+                kwargs["help"] = kwargs["help"].replace("%", "%%")
+            return super().add_argument(*args, **kwargs)
+
         def error(
             self, message: str
         ) -> NoReturn:  # argparse prints usage + error; we print one line

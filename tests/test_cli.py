@@ -121,6 +121,33 @@ def test_xml_into_a_closed_pipe_is_quiet(name: str, flag: str) -> None:
     assert res.stderr == "" and res.returncode == 141
 
 
+@pytest.mark.parametrize("name", sorted(CLI_LIST))
+def test_help_shows_a_percent_sign_in_a_description(
+    name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """ctk_cli hands each XML description to argparse as help, which
+    argparse formats with ``%``: a site's fine-tuned model whose description
+    says "40 % of our cohort", added to the menus by sync_cli_models, made
+    ``--help`` of both CLIs end in a traceback."""
+    from nucleus_models.cli_support import build_parser
+
+    spec = importlib.util.spec_from_file_location(
+        "sync_cli_models", REPO / "scripts" / "sync_cli_models.py"
+    )
+    assert spec is not None and spec.loader is not None
+    sync = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sync)
+    models = {**sync.registered(), "unet-mysite": "H&E, fine-tuned on 40 % of our cohort."}
+    xml = tmp_path / f"{name}.xml"
+    xml.write_text(sync.sync_xml((REPO / "cli" / name / f"{name}.xml").read_text(), models)[0])
+    with pytest.raises(SystemExit) as exit_:
+        build_parser(str(xml)).parse_args(["--help"])
+    assert exit_.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps the lines
+    assert "unet-mysite: H&E, fine-tuned on 40 % of our cohort." in out
+    assert "(default: unet-monuseg)" in out
+
+
 def _csv_rows(path: Path) -> list[dict[str, str]]:
     with path.open() as f:
         return list(csv.DictReader(ln for ln in f if not ln.startswith("#")))
