@@ -62,6 +62,45 @@ def test_xml_parses_and_matches_the_parameter_object(name: str) -> None:
             assert p.reference == "inputImageFile" and p.fileExtensions == [".anot"]
 
 
+def _slicer_cli_web_warnings(xml: str) -> list[str]:
+    """What slicer_cli_web says while it registers a CLI from ``xml`` (its
+    ctk_cli parser logs, and otherwise ignores, an unknown attribute, an
+    unparsable default, a missing one, a parameter that cannot be passed)."""
+    import logging
+
+    from slicer_cli_web.cli_utils import as_model, get_cli_parameters
+
+    class _Keep(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__(logging.WARNING)
+            self.messages: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.messages.append(record.getMessage())
+
+    keep = _Keep()
+    logger = logging.getLogger("ctk_cli")
+    logger.addHandler(keep)
+    try:
+        get_cli_parameters(as_model(xml))  # raises on a type it cannot run
+    finally:
+        logger.removeHandler(keep)
+    return keep.messages
+
+
+@pytest.mark.parametrize("name", sorted(CLI_LIST))
+def test_slicer_cli_web_registers_the_xml_without_a_warning(name: str) -> None:
+    xml = (REPO / "cli" / name / f"{name}.xml").read_text()
+    assert _slicer_cli_web_warnings(xml) == []
+    # the check hears what slicer_cli_web only logs: here, a menu left
+    # without its default
+    broken = xml.replace("<default>polygon</default>", "", 1)
+    assert broken != xml
+    assert _slicer_cli_web_warnings(broken) == [
+        "No <default> provided for element of type <string-enumeration> (nuclei_annotation_format)"
+    ]
+
+
 def test_slicer_cli_web_hands_the_slide_over_as_a_file() -> None:
     """slicer_cli_web gives the CLI a local path for an input it sees as on
     Girder, and tags the outputs with that input's item, by which HistomicsUI
