@@ -59,6 +59,7 @@ __all__ = [
     "evaluate",
     "jsonable",
     "provenance",
+    "training_image_ids",
 ]
 
 logger = logging.getLogger(__name__)
@@ -383,6 +384,42 @@ def _warn_unknown_resolution(
     )
 
 
+def training_image_ids(spec: Any) -> set[str] | None:
+    """The ids of the images the model of ``spec`` was trained on, as its
+    card (``<name>.json`` beside the weights) lists them; ``None`` for a model
+    without a card or whose card lists none (the classical ones)."""
+    from nucleus_models.models.weights import WEIGHTS_DIR
+
+    card_path = WEIGHTS_DIR / f"{spec.name}.json"
+    if not spec.sha256 or not card_path.is_file():
+        return None
+    try:
+        card = json.loads(card_path.read_text())
+    except (OSError, ValueError):
+        return None
+    if card.get("spec", {}).get("sha256") != spec.sha256:
+        return None  # (a card of other weights than those registered)
+    images = card.get("training", {}).get("images")
+    return {str(i) for i in images} if images else None
+
+
+def _warn_training_images(rows: list[dict[str, Any]], name: str, spec: Any) -> None:
+    """Warn when some images were among those the model was trained on: its
+    scores there are in-sample, higher than on images it has not seen, and
+    nothing else in the numbers says so."""
+    n = sum(1 for r in rows if r.get("training_image"))
+    if n:
+        logger.warning(
+            "%s: %d of the %d images were among %s's training images (its card lists them): "
+            "their scores are in-sample, not held out (the report's training_image table "
+            "shows them apart; `nucleus-bench models` gives its held-out cross-validation)",
+            name,
+            n,
+            len(rows),
+            spec.name,
+        )
+
+
 def _warn_other_modality(rows: list[dict[str, Any]], name: str, spec: Any) -> None:
     """Warn when some images are of another kind than the model's (fluorescence
     for an H&E model, say): its scores there say little, and nothing else
@@ -637,6 +674,7 @@ def _run(
     all_tp: list[np.ndarray] = []
     density: list[list[dict[str, float]]] = []
     n_true_total = 0
+    trained_on = training_image_ids(spec)
     t_start = time.perf_counter()
     bar = tqdm(ids, desc=f"{dataset.name}/{model}", unit="img", disable=None if progress else True)
     for sample_id in bar:
@@ -655,6 +693,9 @@ def _run(
         scores = seg.nuclei.scores.astype(np.float64)
         groups = {str(k): str(v) for k, v in sample.groups.items()}
         groups.setdefault("modality", sample.modality)
+        if trained_on is not None:
+            # (a model's scores on its own training images are in-sample)
+            groups["training_image"] = "yes" if sample_id in trained_on else "no"
         row: dict[str, Any] = {
             "id": sample_id,
             "groups": groups,
@@ -667,6 +708,8 @@ def _run(
             # model (unet-bbbc038) picked for this image from its nuclei
             "analysis_mpp": round(seg.analysis_mpp, 4),
         }
+        if trained_on is not None:
+            row["training_image"] = sample_id in trained_on
         if points_mode:
             metrics, is_tp, n_true, bins = _score_points(
                 sample, xy, scores, radius_um / s_mpp, DENSITY_RADIUS_UM / s_mpp
@@ -689,6 +732,7 @@ def _run(
         raise DatasetError(f"{dataset.name}: {dataset.root}: no annotated samples to evaluate")
     _warn_unknown_resolution(rows, dataset.name, spec, mpp)
     _warn_other_modality(rows, dataset.name, spec)
+    _warn_training_images(rows, dataset.name, spec)
 
     metric_keys = list(POINT_METRICS if points_mode else INSTANCE_METRICS)
     mean = {k: float(np.nanmean([r[k] for r in rows])) for k in metric_keys}
@@ -736,6 +780,10 @@ def _run(
             "fingerprint": fingerprint(dataset),
             "n_samples": len(rows),
             "split": split,
+            # how many of them the model was trained on (None: its card lists none)
+            "training_images": (
+                None if trained_on is None else sum(bool(r["training_image"]) for r in rows)
+            ),
         },
         "seconds_total": round(time.perf_counter() - t_start, 3),
     }

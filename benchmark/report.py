@@ -387,6 +387,24 @@ def _modality_text(rows: list[dict], model_modality: str | None) -> str:
     return f"images of another kind than the model ({model_modality}): {kinds} of {len(rows)}"
 
 
+def _training_text(rows: list[dict]) -> str:
+    """The images the model was trained on, for a report's header: its scores
+    there are in-sample (empty when there are none, or its card lists none).
+
+    >>> _training_text([{"training_image": True}, {"training_image": False}])
+    'images the model was trained on: 1 of 2 (their scores are in-sample, not held out)'
+    >>> _training_text([{"training_image": False}]), _training_text([{}])
+    ('', '')
+    """
+    n = sum(1 for r in rows if r.get("training_image"))
+    if not n:
+        return ""
+    return (
+        f"images the model was trained on: {n} of {len(rows)} "
+        "(their scores are in-sample, not held out)"
+    )
+
+
 def _blocks(metrics: dict, figs: list[tuple[str, str]]) -> list[Block]:
     prov, kind = metrics["provenance"], metrics["kind"]
     keys = list(_TABLE_METRICS[kind])
@@ -407,6 +425,7 @@ def _blocks(metrics: dict, figs: list[tuple[str, str]]) -> list[Block]:
                         _resolution_text(metrics["rows"]),
                         _analysis_scale_text(metrics["rows"], mod),
                         _modality_text(metrics["rows"], prov["model"].get("modality")),
+                        _training_text(metrics["rows"]),
                     ],
                 ),
                 f"nucleus-models {prov['package_version']}, created {prov['created']}",

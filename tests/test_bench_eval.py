@@ -622,3 +622,51 @@ def test_models_says_which_models_lack_their_weights(
     monkeypatch.undo()
     assert main(["models"]) == 0
     assert "no weights!" not in capsys.readouterr().out
+
+
+class _PointsOneSeenInTraining(_FakePoints):
+    """Image "a" named as one of unet-monuseg-fast's training images."""
+
+    seen = "TCGA-21-5784-01Z-00-DX1"
+
+    def ids(self, split: str | None = None) -> list[str]:
+        return [self.seen, "b"]
+
+    def load(self, sample_id: str) -> Sample:
+        sample = super().load("a" if sample_id == self.seen else sample_id)
+        sample.id = sample_id
+        return sample
+
+
+def test_scores_on_the_models_own_training_images_are_said_to_be_in_sample(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`eval --dataset monuseg --model unet-monuseg` scored the model on the
+    images it was trained on (its card lists them) and said nothing: the
+    numbers read as held-out ones. The rows, provenance, log and report say so."""
+    from benchmark.evaluate import training_image_ids
+    from nucleus_models.models import get_spec
+
+    spec = get_spec("unet-monuseg-fast")
+    assert _PointsOneSeenInTraining.seen in (training_image_ids(spec) or set())
+    assert training_image_ids(get_spec("classical-he")) is None  # no card, no training images
+    out = tmp_path / "out"
+    with caplog.at_level(logging.WARNING, logger="benchmark.evaluate"):
+        res = evaluate(
+            _PointsOneSeenInTraining(tmp_path),
+            model="unet-monuseg-fast",
+            out_dir=out,
+            progress=False,
+            model_options={"precision": "float32"},
+        )
+    assert [r["training_image"] for r in res["rows"]] == [True, False]
+    assert res["provenance"]["dataset"]["training_images"] == 1
+    assert set(res["groups"]["training_image"]) == {"yes", "no"}
+    (warned,) = [r.getMessage() for r in caplog.records if "in-sample" in r.getMessage()]
+    assert "1 of the 2 images were among unet-monuseg-fast's training images" in warned
+    header = (out / "report.md").read_text().partition("## ")[0]
+    assert "images the model was trained on: 1 of 2 (their scores are in-sample" in header
+    # a model without training images says nothing of them
+    res = evaluate(_FakePoints(tmp_path), model="classical-he", out_dir=tmp_path / "c")
+    assert "training_image" not in res["rows"][0] and "training_image" not in res["groups"]
+    assert res["provenance"]["dataset"]["training_images"] is None
