@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import json
 import logging
 import math
@@ -59,6 +60,7 @@ __all__ = [
     "evaluate",
     "jsonable",
     "provenance",
+    "sample_digest",
     "training_image_ids",
 ]
 
@@ -336,6 +338,32 @@ def error_sentences(profile: Mapping[str, Any]) -> list[str]:
         f"a true outline), {100 * p['fn_px_rate']:.1f} % true but not predicted "
         f"({100 * p['fn_band_share']:.0f} % near an outline)",
     ]
+
+
+def _array_digest(h: Any, a: np.ndarray) -> None:
+    a = np.ascontiguousarray(a)
+    h.update(f"{a.dtype.str}{a.shape}".encode())
+    h.update(memoryview(a).cast("B"))
+
+
+def sample_digest(sample_id: str, image: np.ndarray, truth: np.ndarray) -> str:
+    """sha256 of one scored sample as it was scored: its id, its image's pixels
+    and its annotation (label map or points), each with dtype and shape.
+
+    The dataset's ``fingerprint`` hashes file names and sizes only, so an
+    annotation corrected in place (a vertex moved in an XML, a label painted
+    over in a TIFF) keeps it; this hash of what was read does not.
+
+    >>> a = np.zeros((2, 2), np.int32)
+    >>> b = a.copy(); b[0, 0] = 1
+    >>> img = np.zeros((2, 2, 3), np.uint8)
+    >>> sample_digest("x", img, a) == sample_digest("x", img, b)
+    False
+    """
+    h = hashlib.sha256(sample_id.encode() + b"\0")
+    _array_digest(h, np.asarray(image))
+    _array_digest(h, np.asarray(truth))
+    return h.hexdigest()
 
 
 def _sample_mpp(sample: Sample, mpp: float | None, model_mpp: float) -> tuple[float, str]:
@@ -675,6 +703,7 @@ def _run(
     density: list[list[dict[str, float]]] = []
     n_true_total = 0
     trained_on = training_image_ids(spec)
+    digests: list[str] = []  # of the scored samples, for the provenance's content_sha256
     t_start = time.perf_counter()
     bar = tqdm(ids, desc=f"{dataset.name}/{model}", unit="img", disable=None if progress else True)
     for sample_id in bar:
@@ -686,6 +715,7 @@ def _run(
             continue
         if sample.image.size == 0:
             raise DatasetError(f"{dataset.name}: sample {sample_id!r} has no image")
+        digests.append(f"{sample_id}\t{sample_digest(sample_id, sample.image, truth)}")
         s_mpp, mpp_source = _sample_mpp(sample, mpp, spec.mpp)
         seg = segment_image(sample.image, mpp=s_mpp, model=model, model_options=model_options)
         runtime = seg.runtime
@@ -777,7 +807,9 @@ def _run(
         "dataset": {
             "name": dataset.name,
             "root": str(dataset.root.resolve()),
+            # file names and sizes of the whole dataset, and what the scored samples held
             "fingerprint": fingerprint(dataset),
+            "content_sha256": hashlib.sha256("\n".join(digests).encode()).hexdigest(),
             "n_samples": len(rows),
             "split": split,
             # how many of them the model was trained on (None: its card lists none)

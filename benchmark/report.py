@@ -417,7 +417,12 @@ def _blocks(metrics: dict, figs: list[tuple[str, str]]) -> list[Block]:
             [
                 f"model: {mod['name']} (sha256 {mod['sha256']}, {_model_scale_text(mod)})"
                 + _runtime_text(prov.get("runtime")),
-                f"dataset: {ds['name']} at {ds['root']} ({ds['n_samples']} samples, fingerprint {ds['fingerprint'][:16]})",
+                f"dataset: {ds['name']} at {ds['root']} ({ds['n_samples']} samples, fingerprint {ds['fingerprint'][:16]}"
+                + (
+                    f", content sha256 {ds['content_sha256'][:16]})"
+                    if ds.get("content_sha256")
+                    else ")"
+                ),
                 *filter(
                     None,
                     [

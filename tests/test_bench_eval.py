@@ -670,3 +670,37 @@ def test_scores_on_the_models_own_training_images_are_said_to_be_in_sample(
     res = evaluate(_FakePoints(tmp_path), model="classical-he", out_dir=tmp_path / "c")
     assert "training_image" not in res["rows"][0] and "training_image" not in res["groups"]
     assert res["provenance"]["dataset"]["training_images"] is None
+
+
+def test_an_annotation_corrected_in_place_changes_the_recorded_provenance(
+    tmp_path: Path,
+) -> None:
+    """The dataset fingerprint hashes file names and sizes: a mask corrected
+    in place (one nucleus painted out of an uncompressed TIFF) left it, and
+    every other provenance field, as it was, so two runs on different ground
+    truth read as runs on the same data. The content hash of the scored
+    samples tells them apart."""
+    from skimage.measure import label
+
+    root = tmp_path / "mine"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    img, _ = _disk_image(0)
+    labels = label(img[..., 0] < 128).astype(np.uint16)
+    tifffile.imwrite(root / "images" / "f1.tif", img)
+    tifffile.imwrite(root / "masks" / "f1.tif", labels)
+    (root / "mpp.txt").write_text("0.5\n")
+    kw = {"model": "classical-he", "progress": False, "report": False}
+    first = evaluate(get_dataset("folder", root), out_dir=tmp_path / "a", **kw)
+    size = (root / "masks" / "f1.tif").stat().st_size
+    labels[labels == 1] = 0  # the first nucleus was not one
+    tifffile.imwrite(root / "masks" / "f1.tif", labels)
+    assert (root / "masks" / "f1.tif").stat().st_size == size
+    second = evaluate(get_dataset("folder", root), out_dir=tmp_path / "b", **kw)
+    assert first["rows"][0]["n_true"] == second["rows"][0]["n_true"] + 1
+    d1, d2 = first["provenance"]["dataset"], second["provenance"]["dataset"]
+    assert d1["fingerprint"] == d2["fingerprint"]  # (names and sizes only)
+    assert len(d1["content_sha256"]) == 64 and d1["content_sha256"] != d2["content_sha256"]
+    # the same data gives the same hash
+    again = evaluate(get_dataset("folder", root), out_dir=tmp_path / "c", **kw)
+    assert again["provenance"]["dataset"]["content_sha256"] == d2["content_sha256"]
