@@ -635,7 +635,8 @@ def evaluate(
     if mpp is not None and (why := mpp_problem(mpp)):
         raise ParameterError(f"mpp {mpp:g} um/px is not a microscope's resolution: {why}")
     model_options = check_model_options(spec, model_options or {}) or None
-    ids = dataset.ids(split)[:limit]
+    available = dataset.ids(split)
+    ids = available[:limit]
     if not ids:
         raise DatasetError(f"{dataset.name}: {dataset.root}: no samples to evaluate")
     out = Path(out_dir)
@@ -656,6 +657,8 @@ def evaluate(
             mpp=mpp,
             progress=progress,
         )
+        # (how many --limit left out: a report of the first 3 images read as one of all 30)
+        result["provenance"]["dataset"] |= {"n_selected": len(ids), "n_available": len(available)}
         result["provenance"] = {**provenance(spec, run_params, command), **result["provenance"]}
         result = jsonable(result)
         (Path(staging) / "metrics.json").write_text(json.dumps(result, indent=1) + "\n")

@@ -387,6 +387,31 @@ def _modality_text(rows: list[dict], model_modality: str | None) -> str:
     return f"images of another kind than the model ({model_modality}): {kinds} of {len(rows)}"
 
 
+def _dataset_text(ds: dict) -> str:
+    """The dataset line of a report's header: which samples of which split
+    were scored (``--limit`` keeps the first ones), and its hashes.
+
+    >>> ds = {"name": "monuseg", "root": "/d", "n_samples": 3, "fingerprint": "ab" * 32}
+    >>> _dataset_text({**ds, "n_selected": 3, "n_available": 30})
+    'dataset: monuseg at /d (the first 3 of its 30 samples; fingerprint abababababababab)'
+    >>> _dataset_text({**ds, "n_selected": 3, "n_available": 3, "split": "test", "content_sha256": "cd" * 32})
+    'dataset: monuseg at /d (3 samples of split test; fingerprint abababababababab, content sha256 cdcdcdcdcdcdcdcd)'
+    >>> _dataset_text({**ds, "n_samples": 1})  # a metrics.json of before 0.2.11
+    'dataset: monuseg at /d (1 sample; fingerprint abababababababab)'
+    """
+    n, selected, available = int(ds["n_samples"]), ds.get("n_selected"), ds.get("n_available")
+    split = f" of split {ds['split']}" if ds.get("split") else ""
+    if selected is not None and available is not None and int(available) > int(selected):
+        count = f"the first {selected} of its {available} samples{split}"
+        count += f", {n} scored" if n != int(selected) else ""
+    else:
+        count = f"{n} sample{'s' if n != 1 else ''}{split}"
+    hashes = f"fingerprint {ds['fingerprint'][:16]}"
+    if ds.get("content_sha256"):
+        hashes += f", content sha256 {ds['content_sha256'][:16]}"
+    return f"dataset: {ds['name']} at {ds['root']} ({count}; {hashes})"
+
+
 def _training_text(rows: list[dict]) -> str:
     """The images the model was trained on, for a report's header: its scores
     there are in-sample (empty when there are none, or its card lists none).
@@ -417,12 +442,7 @@ def _blocks(metrics: dict, figs: list[tuple[str, str]]) -> list[Block]:
             [
                 f"model: {mod['name']} (sha256 {mod['sha256']}, {_model_scale_text(mod)})"
                 + _runtime_text(prov.get("runtime")),
-                f"dataset: {ds['name']} at {ds['root']} ({ds['n_samples']} samples, fingerprint {ds['fingerprint'][:16]}"
-                + (
-                    f", content sha256 {ds['content_sha256'][:16]})"
-                    if ds.get("content_sha256")
-                    else ")"
-                ),
+                _dataset_text(ds),
                 *filter(
                     None,
                     [

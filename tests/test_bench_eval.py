@@ -704,3 +704,17 @@ def test_an_annotation_corrected_in_place_changes_the_recorded_provenance(
     # the same data gives the same hash
     again = evaluate(get_dataset("folder", root), out_dir=tmp_path / "c", **kw)
     assert again["provenance"]["dataset"]["content_sha256"] == d2["content_sha256"]
+
+
+def test_a_report_of_the_first_samples_says_they_are_not_all_of_them(tmp_path: Path) -> None:
+    """`eval --limit 1` wrote "fake_points at ... (1 samples, ...)": its means
+    read as the dataset's, with nothing but the command line to say that
+    only the first of two images was scored."""
+    out = tmp_path / "out"
+    res = evaluate(_FakePoints(tmp_path), model="classical-he", out_dir=out, limit=1)
+    ds = res["provenance"]["dataset"]
+    assert (ds["n_samples"], ds["n_selected"], ds["n_available"]) == (1, 1, 2)
+    header = (out / "report.md").read_text().partition("## ")[0]
+    assert "(the first 1 of its 2 samples;" in header
+    evaluate(_FakePoints(tmp_path), model="classical-he", out_dir=out)
+    assert "(2 samples;" in (out / "report.md").read_text()
