@@ -119,3 +119,27 @@ def test_histomicsui_add_polygon_on_the_whole_slide_region_is_the_drawn_shape(
     assert all((p >= 600).all() for p in region.polygons)
     # the same as a string, as slicer_cli_web passes it
     assert parse_roi(",".join(str(v) for v in merged)).as_list() == expected
+
+
+def test_seam_duplicates_leave_one_of_four_sightings_at_a_corner() -> None:
+    """Four tiles meeting at (10, 10) each outlined one nucleus there a
+    little differently, each centroid in its own core: one stays, the one
+    deepest inside its own core. Distinct nuclei of other tiles that touch
+    a sighting, or overlap it by a sliver, stay too."""
+    from nucleus_models.wsi.tiling import seam_duplicates
+
+    cores = [(0, 0, 10, 10), (10, 0, 20, 10), (0, 10, 10, 20), (10, 10, 20, 20)]
+    sq = np.array([[0, 0], [4, 0], [4, 4], [0, 4]], float)
+    # the sightings' centroids 0.1, 0.2, 0.1 and 0.4 px inside their cores
+    corners = [(7.8, 7.9), (8.2, 7.8), (7.7, 8.1), (8.4, 8.5)]
+    polys = [sq + c for c in corners]
+    polys.append(sq + (12.4, 5.0))  # core 1: touches sighting 3 (core 3), no area
+    polys.append(sq + (6.0, 10.5))  # core 2: a fifth of it under sightings 0 and 3
+    boxes = np.array([[*p.min(axis=0), *p.max(axis=0)] for p in polys])
+    cent = boxes.reshape(-1, 2, 2).mean(axis=1)
+    drop = seam_duplicates(cent, boxes, polys.__getitem__, cores)
+    assert drop.tolist() == [True, True, True, False, False, False]
+    # no nucleus reaches out of its core: nothing to compare
+    inner = [sq + (1, 1), sq + (11, 1)]
+    inner_boxes = np.array([[1, 1, 5, 5], [11, 1, 15, 5]], float)
+    assert not seam_duplicates(inner_boxes[:, :2] + 2, inner_boxes, inner.__getitem__, cores).any()

@@ -3,7 +3,9 @@
 Each tile is read with ``overlap`` pixels of context on every side, the model
 segments the whole read window, and only nuclei whose centroid lies in the
 tile's *core* are kept (cores partition the analysis region; see
-:mod:`.tiling`).  Nuclei touching an inner edge of the read window are cut
+:mod:`.tiling`), and a nucleus on a seam that two tiles outlined a little
+differently, each with the centroid in its own core, once (the sighting
+farther inside its own tile's core).  Nuclei touching an inner edge of the read window are cut
 and dropped: their centroid can only lie in a neighbour's core, where they
 are whole.  So every nucleus is reported once, uncut, whatever the tile size
 or overlap, as long as the overlap exceeds the largest nucleus.
@@ -39,7 +41,7 @@ from ..errors import ParameterError
 from ..instances import nuclei_from_labels
 from ..types import Nuclei
 from .slide import level_multiple
-from .tiling import Tile, in_core
+from .tiling import Tile, in_core, seam_duplicates
 
 __all__ = ["TileJob", "run_tiles", "resolve_workers"]
 
@@ -533,6 +535,16 @@ def run_tiles(
     if len(merged):
         order = np.lexsort((merged.centroids[:, 0], merged.centroids[:, 1]))
         merged = merged.select(order)
+        # (in that order, so which of a seam duplicate's two goes does not
+        # depend on the scheduler either)
+        twice = seam_duplicates(
+            merged.centroids / job.downsample,
+            merged.boxes / job.downsample,
+            merged.polygon,
+            [t.core for t in tiles],
+        )
+        if twice.any():
+            merged = merged.select(~twice)
     return merged
 
 
