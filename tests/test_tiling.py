@@ -126,7 +126,7 @@ def test_seam_duplicates_leave_one_of_four_sightings_at_a_corner() -> None:
     little differently, each centroid in its own core: one stays, the one
     deepest inside its own core. Distinct nuclei of other tiles that touch
     a sighting, or overlap it by a sliver, stay too."""
-    from nucleus_models.wsi.tiling import seam_duplicates
+    from nucleus_models.wsi.tiling import polygon_share, seam_duplicates
 
     cores = [(0, 0, 10, 10), (10, 0, 20, 10), (0, 10, 10, 20), (10, 10, 20, 20)]
     sq = np.array([[0, 0], [4, 0], [4, 4], [0, 4]], float)
@@ -137,9 +137,11 @@ def test_seam_duplicates_leave_one_of_four_sightings_at_a_corner() -> None:
     polys.append(sq + (6.0, 10.5))  # core 2: a fifth of it under sightings 0 and 3
     boxes = np.array([[*p.min(axis=0), *p.max(axis=0)] for p in polys])
     cent = boxes.reshape(-1, 2, 2).mean(axis=1)
-    drop = seam_duplicates(cent, boxes, polys.__getitem__, cores)
+    drop = seam_duplicates(cent, boxes, cores, polygon_share(polys.__getitem__))
     assert drop.tolist() == [True, True, True, False, False, False]
     # no nucleus reaches out of its core: nothing to compare
     inner = [sq + (1, 1), sq + (11, 1)]
     inner_boxes = np.array([[1, 1, 5, 5], [11, 1, 15, 5]], float)
-    assert not seam_duplicates(inner_boxes[:, :2] + 2, inner_boxes, inner.__getitem__, cores).any()
+    assert not seam_duplicates(
+        inner_boxes[:, :2] + 2, inner_boxes, cores, polygon_share(inner.__getitem__)
+    ).any()

@@ -41,7 +41,7 @@ from ..errors import ParameterError
 from ..instances import nuclei_from_labels
 from ..types import Nuclei
 from .slide import level_multiple
-from .tiling import Tile, in_core, seam_duplicates
+from .tiling import Tile, in_core, polygon_share, seam_duplicates
 
 __all__ = ["TileJob", "run_tiles", "resolve_workers"]
 
@@ -540,8 +540,8 @@ def run_tiles(
         twice = seam_duplicates(
             merged.centroids / job.downsample,
             merged.boxes / job.downsample,
-            merged.polygon,
             [t.core for t in tiles],
+            polygon_share(merged.polygon),
         )
         if twice.any():
             merged = merged.select(~twice)
@@ -777,11 +777,16 @@ def segment_array(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Segment an in-memory RGB image (at the model's resolution) tile by tile.
 
-    The same seam rule as :func:`run_tiles`: each tile contributes the uncut
-    instances whose centroid lies in its core.  Returns one ``(H, W)`` int32
+    The same seam rules as :func:`run_tiles`: each tile contributes the uncut
+    instances whose centroid lies in its core, and of a nucleus two tiles
+    both kept (outlined a little differently) the deeper sighting stays
+    (:func:`.tiling.seam_duplicates`, with the overlap from the two tiles'
+    label maps).  Returns one ``(H, W)`` int32
     label map (instances numbered in tile order, 1..N) and the per-label
     ``scores`` and ``classes`` (indexed by label id, entry 0 unused).
     """
+    from scipy import ndimage as ndi
+
     from .tiling import tile_grid
 
     h, w = image.shape[:2]
@@ -797,9 +802,10 @@ def segment_array(
         ]
         for t, inst in zip(batch, model.predict_batch(crops, context), strict=True):
             found[t.index] = inst
+    # each tile's own, uncut instances: (tile, label id, centroid, box, area)
+    own: list[tuple[Tile, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
     for t in tiles:  # numbered in tile order, whatever order the batches ran in
-        inst = found[t.index]
-        lab = inst.labels
+        lab = found[t.index].labels
         n = int(lab.max(initial=0))
         if n == 0:
             continue
@@ -822,12 +828,57 @@ def segment_array(
         keep &= ~edge
         keep[0] = False
         ids = np.flatnonzero(keep)
-        remap = np.zeros(n + 1, np.int32)
+        slices = ndi.find_objects(lab)
+        box = np.array(
+            [(s[1].start, s[0].start, s[1].stop, s[0].stop) for s in (slices[i - 1] for i in ids)],
+            np.float64,
+        ).reshape(-1, 4) + (rx0, ry0, rx0, ry0)
+        own.append((t, ids, np.c_[cx, cy][ids], box, cnt[ids]))
+    which = np.array([k for k, o in enumerate(own) for _ in o[1]], np.int64)
+    label = np.concatenate([o[1] for o in own]) if own else np.zeros(0, np.int64)
+    area = np.concatenate([o[4] for o in own]) if own else np.zeros(0)
+
+    def share(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """The share of the smaller of instances a[k], b[k] (of two tiles)
+        that the other covers, from the two tiles' label maps."""
+        out = np.zeros(len(a))
+        for k, (i, j) in enumerate(zip(a, b, strict=True)):
+            ti, tj = own[which[i]][0], own[which[j]][0]
+            x0, y0 = max(ti.read[0], tj.read[0]), max(ti.read[1], tj.read[1])
+            x1, y1 = min(ti.read[2], tj.read[2]), min(ti.read[3], tj.read[3])
+            if x1 <= x0 or y1 <= y0:
+                continue
+            li, lj = found[ti.index].labels, found[tj.index].labels
+            mi = li[y0 - ti.read[1] : y1 - ti.read[1], x0 - ti.read[0] : x1 - ti.read[0]]
+            mj = lj[y0 - tj.read[1] : y1 - tj.read[1], x0 - tj.read[0] : x1 - tj.read[0]]
+            both = np.count_nonzero((mi == label[i]) & (mj == label[j]))
+            out[k] = both / max(min(area[i], area[j]), 1)
+        return out
+
+    twice = (
+        seam_duplicates(
+            np.concatenate([o[2] for o in own]),
+            np.concatenate([o[3] for o in own]),
+            [t.core for t in tiles],
+            share,
+        )
+        if own
+        else np.zeros(0, bool)
+    )
+    at = 0
+    for t, ids, *_ in own:
+        gone = twice[at : at + len(ids)]
+        at += len(ids)
+        ids = ids[~gone]
+        lab = found[t.index].labels
+        inst = found[t.index]
+        remap = np.zeros(int(lab.max()) + 1, np.int32)
         remap[ids] = np.arange(next_id, next_id + len(ids), dtype=np.int32)
         next_id += len(ids)
         scores.append(np.asarray(inst.scores, np.float32)[ids])
         classes.append(np.asarray(inst.classes, np.int32)[ids])
         new = remap[lab]
+        rx0, ry0, rx1, ry1 = t.read
         view = out[ry0:ry1, rx0:rx1]
         view[new > 0] = new[new > 0]
     return out, np.concatenate(scores), np.concatenate(classes)

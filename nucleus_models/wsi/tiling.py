@@ -31,6 +31,7 @@ __all__ = [
     "tile_grid",
     "in_core",
     "seam_duplicates",
+    "polygon_share",
 ]
 
 #: the share of the smaller of two nuclei from different tiles that the
@@ -271,11 +272,32 @@ def in_core(points: np.ndarray, core: tuple[float, float, float, float]) -> np.n
     return (x >= core[0]) & (x < core[2]) & (y >= core[1]) & (y < core[3])
 
 
+def polygon_share(
+    polygon: Callable[[int], np.ndarray],
+) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """For :func:`seam_duplicates`: the share of the smaller of nuclei
+    ``a[k]`` and ``b[k]`` that the other covers, from their outlines
+    (``polygon(i)``: nucleus ``i``'s ``(K, 2)`` vertices)."""
+    import shapely
+
+    def share(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        shape = {}
+        for i in np.unique(np.concatenate([a, b])):
+            xy = np.asarray(polygon(int(i)), np.float64)
+            shape[int(i)] = shapely.make_valid(shapely.Polygon(xy if len(xy) >= 3 else None))
+        ga = np.array([shape[int(i)] for i in a])
+        gb = np.array([shape[int(i)] for i in b])
+        smaller = np.minimum(shapely.area(ga), shapely.area(gb))
+        return np.asarray(shapely.area(shapely.intersection(ga, gb)) / np.maximum(smaller, 1e-12))
+
+    return share
+
+
 def seam_duplicates(
     centroids: np.ndarray,
     boxes: np.ndarray,
-    polygon: Callable[[int], np.ndarray],
     cores: Sequence[tuple[int, int, int, int]],
+    share: Callable[[np.ndarray, np.ndarray], np.ndarray],
     *,
     min_overlap: float = SEAM_DUPLICATE_OVERLAP,
 ) -> np.ndarray:
@@ -284,10 +306,11 @@ def seam_duplicates(
 
     ``centroids`` ``(N, 2)`` and ``boxes`` ``(N, 4)`` are in the cores' pixels
     (analysis pixels), each nucleus kept by the tile whose core holds its
-    centroid; ``polygon(i)`` is nucleus ``i``'s outline in any units that
-    are the same for all (only ratios of areas are used). Two nuclei of
-    different tiles are one when their outlines overlap by ``min_overlap``
-    of the smaller one's area (nuclei of one tile never overlap). Of such a
+    centroid; ``share(a, b)`` gives, for index arrays, the share of the
+    smaller of nuclei ``a[k]`` and ``b[k]`` that the other covers (from
+    their outlines, :func:`polygon_share`, or their pixels). Two nuclei of
+    different tiles are one when that is ``min_overlap`` or more (nuclei of
+    one tile never overlap). Of such a
     pair the one whose centroid lies less deep inside its own core (nearer
     a seam: its tile saw the nucleus with less context on one side) is
     dropped; a tie, the later one. So of three or four sightings at a
@@ -303,7 +326,8 @@ def seam_duplicates(
     >>> polys = [sq + (8, 2), sq + (8.2, 2), sq + (12, 2)]  # one nucleus twice, one beside
     >>> cent = np.array([[9.8, 4], [10.1, 4], [14, 4]])  # the second nearer the seam
     >>> boxes = np.array([[8, 2, 12, 6], [8.2, 2, 12.2, 6], [12, 2, 16, 6]])
-    >>> seam_duplicates(cent, boxes, polys.__getitem__, [(0, 0, 10, 10), (10, 0, 20, 10)]).tolist()
+    >>> cores = [(0, 0, 10, 10), (10, 0, 20, 10)]
+    >>> seam_duplicates(cent, boxes, cores, polygon_share(polys.__getitem__)).tolist()
     [False, True, False]
     """
     import shapely
@@ -346,20 +370,12 @@ def seam_duplicates(
     a, b = a[pair], b[pair]
     if not len(a):
         return drop
-    ids = np.unique(np.concatenate([a, b]))
-    shape = {}
-    for i in ids:
-        xy = np.asarray(polygon(int(i)), np.float64)
-        shape[int(i)] = shapely.make_valid(shapely.Polygon(xy if len(xy) >= 3 else None))
-    ga = np.array([shape[int(i)] for i in a])
-    gb = np.array([shape[int(i)] for i in b])
-    smaller = np.minimum(shapely.area(ga), shapely.area(gb))
-    share = shapely.area(shapely.intersection(ga, gb)) / np.maximum(smaller, 1e-12)
-    same = share >= min_overlap
-    a, b, share = a[same], b[same], share[same]
+    shared = share(a, b)
+    same = shared >= min_overlap
+    a, b, shared = a[same], b[same], shared[same]
 
     deep = inside(*centroids.T, *centroids.T)
-    for k in np.lexsort((b, a, -share)):
+    for k in np.lexsort((b, a, -shared)):
         i, j = int(a[k]), int(b[k])
         if drop[i] or drop[j]:
             continue
