@@ -3,12 +3,13 @@
 Each tile is read with ``overlap`` pixels of context on every side, the model
 segments the whole read window, and only nuclei whose centroid lies in the
 tile's *core* are kept (cores partition the analysis region; see
-:mod:`.tiling`), and a nucleus on a seam that two tiles outlined a little
-differently, each with the centroid in its own core, once (the sighting
-farther inside its own tile's core).  Nuclei touching an inner edge of the read window are cut
+:mod:`.tiling`).  Nuclei touching an inner edge of the read window are cut
 and dropped: their centroid can only lie in a neighbour's core, where they
-are whole.  So every nucleus is reported once, uncut, whatever the tile size
-or overlap, as long as the overlap exceeds the largest nucleus.
+are whole.  A nucleus on a seam that two tiles outlined a little
+differently, each with its centroid in its own core, is kept once: the
+sighting deeper inside its own core.  So every nucleus is reported once,
+uncut, whatever the tile size or overlap, as long as the overlap exceeds
+the largest nucleus.
 
 Schedulers (HistomicsTK's names): ``""`` serial (reads prefetched on a
 thread), ``"multithreading"`` (a thread pool), ``"multiprocessing"`` (a local
