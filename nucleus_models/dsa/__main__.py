@@ -87,7 +87,8 @@ class _OneLineParser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     """The command line (flags mirror the NucleusFolderJob CLI's parameters)."""
     from ..models import list_models
-    from .folder_job import ANALYSES, FolderJobParams
+    from ..models.unet import PRECISIONS
+    from .folder_job import ANALYSES, DEVICES, FolderJobParams
 
     d = FolderJobParams(inputFolder="")
     ap = _OneLineParser(
@@ -176,6 +177,28 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=0.0,
         help="tiles with at most this fraction of tissue are skipped",
+    )
+    add(
+        "--batch-size",
+        dest="batch_size",
+        type=int,
+        default=d.batch_size,
+        help="tiles per model call; -1: the model's",
+    )
+    add(
+        "--device",
+        choices=list(DEVICES),
+        default=d.device,
+        help="where learned models run: auto picks a GPU when one is available",
+    )
+    add(
+        "--precision",
+        choices=list(PRECISIONS),
+        default=d.precision,
+        help="arithmetic of learned U-Nets: auto is int8 on x86 CPUs (else bfloat16 where the "
+        "CPU has it in hardware, else float32) and float32 on GPUs; int8 runs on CPUs only; "
+        "any but auto redoes the slides done with auto (a few nuclei can differ), while "
+        "--device and --batch-size redo none",
     )
     add(
         "--test-time-flips",

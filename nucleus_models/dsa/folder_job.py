@@ -85,12 +85,20 @@ _DETECTION_FIELDS = (
     "local_max_search_radius",
     "min_nucleus_area",
     "test_time_flips",
+    "precision",
 )
-_RUNTIME_FIELDS = ("scheduler", "num_workers")
+#: where and how fast a run goes, not what it finds: outside the settings hash
+#: (a slide done on the GPU is not redone on the CPU, nor for another batch size)
+_RUNTIME_FIELDS = ("scheduler", "num_workers", "device", "batch_size")
 #: detection fields added after results were stored under settings hashes,
 #: with the value all those results had: a field at that value is left out
-#: of the hash, so results made before the field existed are not redone
-_LATER_FIELDS: dict[str, Any] = {"test_time_flips": False}
+#: of the hash, so results made before the field existed are not redone.
+#: ``precision``: int8 or bfloat16 asked for can change a few nuclei against
+#: float32, so asking for one redoes slides; ``auto`` (every earlier result)
+#: is the machine's choice, as the device is, and redoes none
+_LATER_FIELDS: dict[str, Any] = {"test_time_flips": False, "precision": "auto"}
+#: the values of ``device`` (NucleusDetection's menu)
+DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass
@@ -117,6 +125,9 @@ class FolderJobParams:
     local_max_search_radius: float = -1.0
     min_nucleus_area: float = -1.0
     test_time_flips: bool = False
+    batch_size: int = -1
+    device: str = "auto"
+    precision: str = "auto"
     scheduler: str = ""
     num_workers: int = 0
 
@@ -136,10 +147,32 @@ class FolderJobParams:
             raise NucleusModelsError(
                 f"unknown analysis {self.analysis!r}; available: {', '.join(ANALYSES)}"
             )
-        get_spec(self.model)
+        spec = get_spec(self.model)
         fields = {k: getattr(self, k) for k in _DETECTION_FIELDS + _RUNTIME_FIELDS}
-        check_params(DetectionParams(inputImageFile="", **fields))
+        det = DetectionParams(inputImageFile="", **fields)
+        check_params(det)
         parse_roi(self.analysis_roi)
+        self._check_runtime(spec.name, det.model_options())
+
+    def _check_runtime(self, model: str, options: dict[str, Any]) -> None:
+        """A device or precision no slide could run with (``cuda`` without a
+        GPU, ``int8`` on a GPU, a model without int8) fails here, in
+        NucleusDetection's words, not once per slide: the model is built
+        as each slide's analysis builds it (and is then reused by it)."""
+        from ..errors import ParameterError
+        from ..models.unet import PRECISIONS
+
+        if self.device not in DEVICES:
+            raise ParameterError(f"device must be one of {', '.join(DEVICES)}, not {self.device!r}")
+        if self.precision not in PRECISIONS:
+            raise ParameterError(
+                f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}"
+            )
+        if self.device == "auto" and self.precision == "auto":
+            return  # (nothing to refuse: the model is built with the first slide)
+        from ..wsi.runner import shared_model
+
+        shared_model(model, options)
 
     def key(self) -> str:
         """The analysis key: annotations and metadata records are per key."""
