@@ -4,7 +4,10 @@ passed to each slide's detection, recorded; which of them redo a done slide."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -174,10 +177,11 @@ def test_device_cuda_without_a_gpu_is_the_line_nucleus_detection_gives(
 
 
 def test_the_parameters_reach_each_slides_detection_and_what_ran_is_recorded(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """batch_size, device and precision reach the detection; the annotation
-    and the item's record say how the model ran; the record of a
+    """batch_size, device and precision reach the detection; the annotation,
+    the item's record, the summary's row and the job's log line say how the
+    model ran (the summary and log did not); the record of a
     slide done on the CPU still counts as done for another device or batch
     size, not for another arithmetic."""
     import tifffile
@@ -220,13 +224,19 @@ def test_the_parameters_reach_each_slides_detection_and_what_ran_is_recorded(
     params = FolderJobParams(
         inputFolder="F", input_mpp=0.4, device="cpu", precision="float32", batch_size=3
     )
-    (out,) = folder_job._run_items(Slide(), params, {"name": "F"}, [item], _Lease(), None, None)  # type: ignore[arg-type]
+    with caplog.at_level(logging.INFO, logger="nucleus_models.dsa"):
+        (out,) = folder_job._run_items(Slide(), params, {"name": "F"}, [item], _Lease(), None, None)  # type: ignore[arg-type]
     assert out.status == "done", out.error
     assert (seen[0].batch_size, seen[0].device, seen[0].precision) == (3, "cpu", "float32")
     runtime = {"device": "cpu", "precision": "float32"}
     assert pushed[0].attributes["runtime"] == runtime
     assert records["I"]["provenance"]["runtime"] == runtime
     assert records["I"]["provenance"]["job"]["batch_size"] == 3
+    assert out.runtime == "float32 on cpu"
+    rows = list(csv.DictReader(io.StringIO(folder_job._summary_csv([out], params, "h").decode())))
+    assert rows[0]["runtime"] == "float32 on cpu"
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("item 1/1")]
+    assert said[-1] == f"item 1/1 'disks.tif': done {out.nuclei_count} (float32 on cpu)", said
 
     def done_for(**kw: Any) -> bool:
         again = FolderJobParams(**{**params.public(), **kw})
@@ -234,8 +244,9 @@ def test_the_parameters_reach_each_slides_detection_and_what_ran_is_recorded(
 
     assert done_for(device="auto", batch_size=-1) and done_for(device="cuda")
     assert not done_for(precision="int8") and not done_for(precision="auto")
+    # a skipped slide's row says how it ran when it was done
     (skip,) = folder_job._run_items(Slide(), params, {"name": "F"}, [item], _Lease(), None, None)  # type: ignore[arg-type]
-    assert skip.status == "skipped"
+    assert skip.status == "skipped" and skip.runtime == "float32 on cpu"
 
 
 class _Lease:

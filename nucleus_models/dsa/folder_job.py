@@ -226,6 +226,8 @@ class ItemOutcome:
     scores: dict[str, Any] = field(default_factory=dict)
     #: the analysis's warnings (e.g. a fluorescence slide given a brightfield model)
     warnings: list[str] = field(default_factory=list)
+    #: how the model ran (``int8 on cpu``), as NucleusDetection's log line says it
+    runtime: str = ""
 
 
 def _run_detection(
@@ -257,6 +259,21 @@ def _run_detection(
         "nuclei_per_mm2": nuclei_per_mm2(prov["nuclei_count"], area_mm2),
     }
     return AnalysisOutput(document=doc, scores=scores, provenance=prov)
+
+
+def how_it_ran(runtime: Any) -> str:
+    """A provenance's ``runtime`` as NucleusDetection's summary line says it;
+    "" where none is recorded.
+
+    >>> how_it_ran({"device": "cuda:0", "precision": "float32"}), how_it_ran(
+    ...     {"device": "cpu", "precision": "not applicable"}), how_it_ran(None)
+    ('float32 on cuda:0', 'on cpu', '')
+    """
+    if not isinstance(runtime, dict) or not runtime.get("device"):
+        return ""
+    precision = str(runtime.get("precision") or "")
+    arithmetic = "" if precision in ("", "not applicable") else precision + " "
+    return f"{arithmetic}on {runtime['device']}"
 
 
 def nuclei_per_mm2(count: int, area_mm2: float) -> float | None:
@@ -467,6 +484,7 @@ def _process(
         seconds=time.perf_counter() - t0,
         scores=out.scores,
         warnings=list(prov.get("warnings") or []),
+        runtime=how_it_ran(prov.get("runtime")),
     )
     return outcome, record
 
@@ -501,7 +519,7 @@ def _summary_csv(outcomes: list[ItemOutcome], params: FolderJobParams, phash: st
     buf = io.StringIO()
     cols = ["item_id", "item_name", "status", "analysis", "analysis_key", "model"]
     cols += ["params_hash", "nuclei_count", "nuclei_per_mm2", "annotation_id", "seconds", "error"]
-    cols += ["warnings"]
+    cols += ["warnings", "runtime"]
     w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
     w.writeheader()
     for o in outcomes:
@@ -520,6 +538,7 @@ def _summary_csv(outcomes: list[ItemOutcome], params: FolderJobParams, phash: st
                 "seconds": f"{o.seconds:.2f}",
                 "error": o.error,
                 "warnings": "; ".join(o.warnings),
+                "runtime": o.runtime,
             }
         )
     return buf.getvalue().encode()
@@ -653,6 +672,7 @@ def _run_items(
                     nuclei_count=scores.get("nuclei_count"),
                     scores=scores,
                     warnings=list((rec.get("provenance") or {}).get("warnings") or []),
+                    runtime=how_it_ran((rec.get("provenance") or {}).get("runtime")),
                 )
             else:
                 outcome, written[item["_id"]] = _process(
@@ -675,7 +695,9 @@ def _run_items(
         else:
             unanswered = 0
         outcomes.append(outcome)
-        log.info("%s: %s %s", label, outcome.status, outcome.nuclei_count or "")
+        count = "" if outcome.nuclei_count is None else str(outcome.nuclei_count)
+        ran = f"({outcome.runtime})" if outcome.runtime and outcome.status == "done" else ""
+        log.info("%s: %s", label, " ".join(w for w in (outcome.status, count, ran) if w))
         report((i + 1) / max(len(items), 1))
     # Late copies of a push whose answer was lost may arrive after it, and an
     # item's record may have been undone by another write of the item's
