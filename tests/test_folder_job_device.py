@@ -1,6 +1,7 @@
 """The folder job's device, precision and batch size (NucleusDetection's
 parameters): taken by both of its entry points, checked before any request,
-passed to each slide's detection, recorded; which of them redo a done slide."""
+passed to each slide's detection, recorded; which of them redo a done slide;
+and a slide that runs out of memory."""
 
 from __future__ import annotations
 
@@ -252,3 +253,75 @@ def test_the_parameters_reach_each_slides_detection_and_what_ran_is_recorded(
 class _Lease:
     def check(self) -> bool:
         return False
+
+
+@pytest.mark.parametrize(("raised", "wrapped"), [("gpu", False), ("ram", False), ("gpu", True)])
+def test_a_slide_out_of_memory_fails_alone_in_a_line_naming_the_folder_jobs_parameters(
+    raised: str, wrapped: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A GPU out of memory on one slide was that slide's failure, but said in
+    torch's words ("CUDA out of memory. Tried to allocate ...", no advice),
+    and a RAM one as a bare "MemoryError"; now the line names the folder
+    job's batch_size and analysis_tile_size with their values (and device
+    cpu for the GPU), the next slide still runs, and the GPU memory torch
+    kept cached for the failed batch is given back."""
+    import torch
+
+    from nucleus_models.dsa import folder_job
+    from nucleus_models.models import get_spec
+
+    monkeypatch.setattr(folder_job, "SWEEP_SETTLE_S", 0.0)
+    monkeypatch.setattr(folder_job, "read_record", lambda c, i, k: None)
+    monkeypatch.setattr(folder_job, "write_record", lambda c, i, k, r: r)
+    monkeypatch.setattr(folder_job, "find_annotations", lambda *a, **k: [])
+    monkeypatch.setattr(folder_job, "dedupe", lambda *a, **k: [])
+    emptied: list[bool] = []
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))
+    error = {
+        "gpu": torch.cuda.OutOfMemoryError(
+            "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of"
+            " 79.19 GiB of which 1.5 GiB is free.\nIncluding non-PyTorch memory ..."
+        ),
+        "ram": MemoryError(),
+    }[raised]
+
+    def process(client: Any, params: Any, item: dict[str, Any], *rest: Any) -> Any:
+        if item["_id"] == "0" and not wrapped:
+            raise error  # (a tile worker's error reaches the job as it was raised)
+        if item["_id"] == "0":
+            try:
+                raise error
+            except Exception as exc:
+                raise RuntimeError("a tile failed") from exc
+        return folder_job.ItemOutcome(item["_id"], item["name"], "done", nuclei_count=5), {}
+
+    monkeypatch.setattr(folder_job, "_process", process)
+    items = [{"_id": str(i), "name": f"{i}.svs"} for i in range(2)]
+    params = FolderJobParams(inputFolder="F", batch_size=16)
+    out = folder_job._run_items(None, params, {"name": "F"}, items, _Lease(), None, None)  # type: ignore[arg-type]
+    assert [o.status for o in out] == ["failed", "done"]
+    tile = get_spec(params.model).tile_size
+    now = f"with batch_size 16 and analysis_tile_size {tile} (the model's): "
+    want = {
+        "gpu": f"GPU out of memory {now}use a smaller batch_size or analysis_tile_size, or device"
+        " cpu (CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of"
+        " 79.19 GiB of which 1.5 GiB is free)",
+        "ram": f"out of memory {now}use a smaller analysis_tile_size or batch_size",
+    }[raised]
+    assert out[0].error == want
+    if raised == "gpu":
+        assert emptied == [True]
+    for flag in ("--batch_size", "--analysis_tile_size", "--device"):  # the cron's spellings
+        assert any(flag in a.option_strings for a in _all_cron_actions()), flag
+
+
+def _all_cron_actions() -> list[Any]:
+    sub = next(a for a in _cron_parser()._actions if a.dest == "command")
+    return list(sub.choices["folder-job"]._actions)  # type: ignore[attr-defined]
+
+
+def test_other_failures_keep_their_own_words() -> None:
+    from nucleus_models.dsa import folder_job
+
+    assert folder_job._out_of_memory(RuntimeError("boom"), FolderJobParams(inputFolder="F")) is None

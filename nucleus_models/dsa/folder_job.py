@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -509,6 +510,74 @@ def _record_failure(
         return None
 
 
+def _memory_error(exc: BaseException) -> BaseException | None:
+    """``exc``, or an error it was raised from or during, when it is one of
+    memory: torch's ``OutOfMemoryError`` (a RuntimeError, matched by name),
+    ``MemoryError`` or a worker process killed (``BrokenProcessPool``)."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    seen: BaseException | None = exc
+    for _ in range(4):
+        if seen is None:
+            return None
+        if isinstance(seen, MemoryError | BrokenProcessPool):
+            return seen
+        if type(seen).__name__ == "OutOfMemoryError":
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _out_of_memory(exc: BaseException, params: FolderJobParams) -> str | None:
+    """A slide's failure for memory as the folder job's parameters to change,
+    with their values (None for another failure).
+
+    The NucleusDetection CLI says "use a smaller batch_size or
+    analysis_tile_size"; the folder job gave torch's own text ("CUDA out of
+    memory. Tried to allocate ...") or a bare ``MemoryError`` as the slide's
+    error.
+    """
+    from concurrent.futures.process import BrokenProcessPool
+
+    from ..models import get_spec
+
+    seen = _memory_error(exc)
+    if seen is None:
+        return None
+    if isinstance(seen, BrokenProcessPool):
+        return (
+            "a post-processing worker process died (killed, e.g. for memory):"
+            " use fewer num_workers, or the scheduler 'multithreading'"
+        )
+    spec = get_spec(params.model)
+    batch, tile = params.batch_size, params.analysis_tile_size
+    own = " (the model's)"
+    now = (
+        f"batch_size {batch if batch > 0 else f'{spec.batch_size}{own}'} and"
+        f" analysis_tile_size {tile if tile > 0 else f'{spec.tile_size}{own}'}"
+    )
+    if isinstance(seen, MemoryError):
+        return f"out of memory with {now}: use a smaller analysis_tile_size or batch_size"
+    # torch's first sentences: what was asked for, and how much of the GPU was
+    # free (on a shared GPU, whether others held it)
+    said = ". ".join(" ".join(str(seen).split()).split(". ")[:3])
+    return (
+        f"GPU out of memory with {now}: use a smaller batch_size or analysis_tile_size,"
+        f" or device cpu{f' ({said})' if said else ''}"
+    )
+
+
+def _free_gpu_cache() -> None:
+    """Hand the GPU memory torch's caching allocator keeps reserved back to
+    the driver: after an out-of-memory error the failed batch's blocks stay
+    reserved by this process (not free for others sharing the GPU) through
+    the slides after it."""
+    torch = sys.modules.get("torch")
+    with contextlib.suppress(Exception):
+        if torch is not None and torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
+
+
 def _failure_of(rec: dict[str, Any] | None) -> tuple[Any, Any]:
     """The (error, time) of the failure a record notes (a done record's last one)."""
     f = (rec or {}).get("last_failure", rec or {})
@@ -681,7 +750,9 @@ def _run_items(
         except AuthenticationError:
             raise  # the token expired or was revoked: every later slide would fail too
         except Exception as exc:  # one slide's failure never stops the job
-            msg = " ".join(redact(exc).split())[:500] or type(exc).__name__
+            if (oom := _out_of_memory(exc, params)) is not None:
+                _free_gpu_cache()
+            msg = " ".join((oom or redact(exc)).split())[:500] or type(exc).__name__
             log.warning("%s failed: %s", label, msg)
             unanswered = unanswered + 1 if isinstance(exc, GirderUnavailable) else 0
             if unanswered >= UNANSWERED_SLIDES:  # the server is down, not one slide bad
