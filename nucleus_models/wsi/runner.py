@@ -671,8 +671,9 @@ def _signals_held() -> Iterator[None]:
     The worker processes started meanwhile inherit that SIGINT is ignored
     (Python leaves an ignored SIGINT so): a terminal's Ctrl-C, sent to the
     whole process group, reached each worker, which printed two screens of
-    dask's asyncio traceback; now only this process gets it and stops them.
-    A Ctrl-C while the cluster starts is lost (press it again). And a
+    dask's asyncio traceback; now only this process gets it and stops them
+    (a worker its nanny restarts later is set so by ``dask_worker``). A
+    Ctrl-C while the cluster starts is lost (press it again). And a
     signal raised inside ``LocalCluster()`` left a cluster half started and
     unreachable, closed at exit by dask's finalizers with their INFO lines.
     Outside the main thread (a library caller's thread) nothing is held:
@@ -742,6 +743,8 @@ def _run_dask(
                     # of its own on loopback, not 8787 (taken by another run: a warning)
                     dashboard_address="127.0.0.1:0",
                     silence_logs=logging.ERROR,
+                    # SIGINT ignored in a worker its nanny restarts too
+                    preload=["nucleus_models.wsi.dask_worker"],
                 )
             client = Client(cluster)
         else:

@@ -1,0 +1,63 @@
+"""The local dask cluster (``--scheduler multiprocessing``) and signals: a
+worker restarted by its nanny. Each test starts
+a real cluster of one worker (~3-5 s on 2 busy cores)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from typing import Any
+
+import psutil
+import pytest
+
+
+def _sigint_where_run(job: Any, batch: list[int]) -> tuple[int, bool]:
+    """A batch's work in a worker (by reference: this module is on the
+    workers' path): this worker's pid, and whether it ignores SIGINT."""
+    time.sleep(batch[0])
+    return os.getpid(), signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+
+
+def _workers(pid: int) -> list[psutil.Process]:
+    """The dask worker processes under ``pid`` (spawned: spawn_main)."""
+    out = []
+    for p in psutil.Process(pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if any("spawn_main" in a for a in p.cmdline()):
+                out.append(p)
+    return out
+
+
+def _close_leftover_clusters() -> None:
+    from distributed.deploy.spec import SpecCluster
+
+    for cluster in list(SpecCluster._instances):
+        with contextlib.suppress(Exception):
+            cluster.close()
+
+
+def test_a_restarted_dask_worker_ignores_sigint_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first workers inherit that SIGINT is ignored (a terminal's Ctrl-C,
+    sent to the process group, is this process's to handle, not each
+    worker's to print a traceback); one that its nanny restarted (after a
+    crash, or killed for memory) took a Ctrl-C itself."""
+    from nucleus_models.wsi import runner
+
+    monkeypatch.setattr(runner, "process_tiles", _sigint_where_run)
+    got: list[tuple[int, bool]] = []
+
+    def collect(result: tuple[int, bool], n: int) -> None:
+        got.append(result)
+        if len(got) == 1:  # the second batch (1 s) running: its worker killed, restarted
+            os.kill(result[0], signal.SIGKILL)
+
+    try:
+        runner._run_dask(None, [[0], [1]], "multiprocessing", 1, collect)  # type: ignore[arg-type]
+    finally:
+        _close_leftover_clusters()
+    assert len(got) == 2 and got[0][0] != got[1][0], got  # (the second on a restarted worker)
+    assert got[0][1] and got[1][1], got
+    assert not _workers(os.getpid())
