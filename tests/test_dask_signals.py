@@ -1,5 +1,5 @@
 """The local dask cluster (``--scheduler multiprocessing``) and signals: a
-worker restarted by its nanny. Each test starts
+worker restarted by its nanny, a signal during the closing. Each test starts
 a real cluster of one worker (~3-5 s on 2 busy cores)."""
 
 from __future__ import annotations
@@ -61,3 +61,32 @@ def test_a_restarted_dask_worker_ignores_sigint_too(monkeypatch: pytest.MonkeyPa
     assert len(got) == 2 and got[0][0] != got[1][0], got  # (the second on a restarted worker)
     assert got[0][1] and got[1][1], got
     assert not _workers(os.getpid())
+
+
+def test_a_signal_during_the_dask_client_close_still_closes_the_cluster(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A Ctrl-C or cancel landing in ``client.close()`` (simulated: raised
+    as it returns) skipped ``cluster.close()``: the worker processes were
+    left running."""
+    from distributed import Client
+
+    from nucleus_models.wsi import runner
+
+    monkeypatch.setattr(runner, "process_tiles", _sigint_where_run)
+    real_close = Client.close
+
+    def interrupted_close(self: Any, *args: Any, **kwargs: Any) -> Any:
+        real_close(self, *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Client, "close", interrupted_close)
+    pids: list[int] = []
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            runner._run_dask(None, [[0]], "multiprocessing", 1, lambda r, n: pids.append(r[0]))  # type: ignore[arg-type]
+        left = [p.pid for p in _workers(os.getpid())]
+    finally:
+        _close_leftover_clusters()
+    assert len(pids) == 1
+    assert left == [], left
