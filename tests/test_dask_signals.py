@@ -1,17 +1,23 @@
 """The local dask cluster (``--scheduler multiprocessing``) and signals: a
-worker restarted by its nanny, a signal during the closing. Each test starts
-a real cluster of one worker (~3-5 s on 2 busy cores)."""
+Ctrl-C while its workers start, a worker restarted by its nanny, a signal
+during the closing. Each test starts a real cluster of one worker (~3-5 s
+on 2 busy cores)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _sigint_where_run(job: Any, batch: list[int]) -> tuple[int, bool]:
@@ -90,3 +96,45 @@ def test_a_signal_during_the_dask_client_close_still_closes_the_cluster(
         _close_leftover_clusters()
     assert len(pids) == 1
     assert left == [], left
+
+
+def test_a_ctrl_c_while_the_dask_workers_start_stops_the_run(
+    shared_data: Path, tmp_path: Path
+) -> None:
+    """A Ctrl-C (SIGINT to the process group, as a terminal sends) while the
+    local cluster's workers start (2-5 s) was ignored (press it again, or
+    wait for the whole run): now it is the usual one line and exit 130 at
+    once, with no worker left and no traceback."""
+    cmd = [sys.executable, "-m", "cli", "NucleusDetection"]
+    cmd += [str(shared_data / "wsi" / "CMU-1-Small-Region.svs"), str(tmp_path / "n.anot")]
+    cmd += ["--model", "classical-he", "--scheduler", "multiprocessing", "--num_workers", "1"]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # a process group of its own, as a terminal's job is
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not (workers := _workers(proc.pid)) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert workers, "no dask worker was spawned"
+        time.sleep(0.3)  # (spawned; starting takes seconds more)
+        os.killpg(proc.pid, signal.SIGINT)
+        t0 = time.monotonic()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=8)
+        waited = time.monotonic() - t0
+        left = [p.pid for p in workers if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        _, err = proc.communicate()
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert proc.returncode == 130, (waited, err)
+    assert len(lines) == 1 and lines[0].startswith("error: interrupted"), err
+    assert waited < 2, waited
+    assert left == [], left
+    assert not (tmp_path / "n.anot").exists()

@@ -22,6 +22,7 @@ post-processing setting, so only small, picklable descriptions travel.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import logging
 import os
@@ -665,19 +666,21 @@ def _quiet_distributed() -> Iterator[None]:
 
 @contextmanager
 def _signals_held() -> Iterator[None]:
-    """A cancel (SIGTERM) held back while a local dask cluster starts, then
-    raised as usual (late by the start, ~2 s), and SIGINT ignored meanwhile.
+    """A cancel (SIGTERM) held back while a local dask cluster's scheduler
+    starts and its workers are spawned (~0.1 s), then raised as usual, and
+    SIGINT ignored meanwhile.
 
-    The worker processes started meanwhile inherit that SIGINT is ignored
+    The worker processes spawned meanwhile inherit that SIGINT is ignored
     (Python leaves an ignored SIGINT so): a terminal's Ctrl-C, sent to the
     whole process group, reached each worker, which printed two screens of
     dask's asyncio traceback; now only this process gets it and stops them
     (a worker its nanny restarts later is set so by ``dask_worker``). A
-    Ctrl-C while the cluster starts is lost (press it again). And a
-    signal raised inside ``LocalCluster()`` left a cluster half started and
-    unreachable, closed at exit by dask's finalizers with their INFO lines.
-    Outside the main thread (a library caller's thread) nothing is held:
-    signals are the main thread's."""
+    Ctrl-C in this short while is lost (press it again); one while the
+    workers start stops the run. And a signal raised inside
+    ``LocalCluster()`` left a cluster half started and unreachable, closed
+    at exit by dask's finalizers with their INFO lines. Outside the main
+    thread (a library caller's thread) nothing is held: signals are the
+    main thread's."""
     import signal
 
     if threading.current_thread() is not threading.main_thread():
@@ -704,15 +707,50 @@ def _signals_held() -> Iterator[None]:
             signal.raise_signal(signal.SIGTERM)  # (its handler raises, or the default ends us)
 
 
+def _nannies(cluster: Any) -> set[Any]:
+    """A local cluster's nannies, those still starting their worker too (a
+    cluster lists them in ``workers`` only once all have started)."""
+    nannies = set(getattr(cluster, "workers", {}).values())
+    nannies.update(getattr(cluster, "_created", ()))
+    return nannies
+
+
+def _start_workers(cluster: Any, n: int) -> concurrent.futures.Future[None]:
+    """Start ``n`` workers of a local cluster, not waiting for them (2-5 s),
+    once their processes are spawned (~0.1 s, or 10 s at most).
+
+    ``LocalCluster(n_workers=n)`` waited for them with SIGINT ignored (the
+    workers inherit it), so a Ctrl-C meanwhile was lost. What
+    ``cluster.scale(n)`` starts, but as a future of this caller's: a Ctrl-C
+    or cancel that kills the workers as they start fails their start, which
+    ``scale`` left to tornado's log (an ERROR traceback of 20 lines)."""
+    import asyncio
+
+    for _ in range(n):
+        cluster.worker_spec.update(cluster.new_worker_spec())
+
+    async def correct() -> None:
+        await cluster._correct_state()
+
+    started = asyncio.run_coroutine_threadsafe(correct(), cluster.loop.asyncio_loop)
+    deadline = time.monotonic() + 10
+    while sum(1 for nanny in _nannies(cluster) if nanny.pid) < n and not started.done():
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
+    return started
+
+
 def _stop_workers_now(cluster: Any) -> None:
     """Kill a local cluster's worker processes, not waiting for their tiles:
     on a cancel, ``cluster.close()`` waited for every batch in progress
     (2.5-3 s on 2 busy cores, ~5 s reported on a loaded host, of the 10 s
     docker allows before SIGKILL). Their nannies are told first that the
-    workers are going, or they start new ones."""
+    workers are going, or they start new ones. Workers still starting are
+    killed too (a Ctrl-C or cancel while the cluster starts)."""
     import signal
 
-    for nanny in list(getattr(cluster, "workers", {}).values()):
+    for nanny in _nannies(cluster):
         with contextlib.suppress(Exception):  # (a worker not started, or gone)
             nanny.close_gracefully(reason="cancelled")
             pid = nanny.pid
@@ -737,9 +775,10 @@ def _close_dask(client: Any, cluster: Any) -> None:
                 cluster.close()
     except BaseException:
         if cluster is not None:
-            with _signals_held():
+            # (a close that failed midway leaves the cluster "closing": waited for at most 5 s)
+            with _signals_held(), contextlib.suppress(Exception):
                 _stop_workers_now(cluster)
-                cluster.close()
+                cluster.close(timeout=5)
         raise
 
 
@@ -757,9 +796,11 @@ def _run_dask(
     client = None
     try:
         if sched == "multiprocessing":
+            # the scheduler, and the workers' processes spawned; then their
+            # start, when a Ctrl-C or cancel stops the run at once
             with _signals_held():
                 cluster = LocalCluster(
-                    n_workers=resolve_workers(num_workers),
+                    n_workers=0,
                     threads_per_worker=1,
                     processes=True,
                     # dask's HTTP server runs anyway (no bokeh, no dashboard): on a port
@@ -769,7 +810,10 @@ def _run_dask(
                     # SIGINT ignored in a worker its nanny restarts too
                     preload=["nucleus_models.wsi.dask_worker"],
                 )
-            client = Client(cluster)
+                # (before the workers: a client made while they start waited for them)
+                client = Client(cluster)
+                started = _start_workers(cluster, resolve_workers(num_workers))
+            started.result()
         else:
             address = sched if "://" in sched else f"tcp://{sched}"
             try:
