@@ -20,11 +20,21 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _sigint_where_run(job: Any, batch: list[int]) -> tuple[int, bool]:
+#: set in a worker by dask_setup, when dask's config names this module a preload
+_PRELOADED = False
+
+
+def dask_setup(worker: Any) -> None:
+    global _PRELOADED
+    _PRELOADED = True
+
+
+def _sigint_where_run(job: Any, batch: list[int]) -> tuple[int, bool, bool]:
     """A batch's work in a worker (by reference: this module is on the
-    workers' path): this worker's pid, and whether it ignores SIGINT."""
+    workers' path): this worker's pid, whether it ignores SIGINT, and
+    whether this module was its preload."""
     time.sleep(batch[0])
-    return os.getpid(), signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    return os.getpid(), signal.getsignal(signal.SIGINT) == signal.SIG_IGN, _PRELOADED
 
 
 def _workers(pid: int) -> list[psutil.Process]:
@@ -49,23 +59,28 @@ def test_a_restarted_dask_worker_ignores_sigint_too(monkeypatch: pytest.MonkeyPa
     """The first workers inherit that SIGINT is ignored (a terminal's Ctrl-C,
     sent to the process group, is this process's to handle, not each
     worker's to print a traceback); one that its nanny restarted (after a
-    crash, or killed for memory) took a Ctrl-C itself."""
+    crash, or killed for memory) took a Ctrl-C itself. The preloads of
+    dask's config still run (the runner's own is added to them)."""
+    import dask
+
     from nucleus_models.wsi import runner
 
     monkeypatch.setattr(runner, "process_tiles", _sigint_where_run)
-    got: list[tuple[int, bool]] = []
+    got: list[tuple[int, bool, bool]] = []
 
-    def collect(result: tuple[int, bool], n: int) -> None:
+    def collect(result: tuple[int, bool, bool], n: int) -> None:
         got.append(result)
         if len(got) == 1:  # the second batch (1 s) running: its worker killed, restarted
             os.kill(result[0], signal.SIGKILL)
 
     try:
-        runner._run_dask(None, [[0], [1]], "multiprocessing", 1, collect)  # type: ignore[arg-type]
+        with dask.config.set({"distributed.worker.preload": [__name__]}):
+            runner._run_dask(None, [[0], [1]], "multiprocessing", 1, collect)  # type: ignore[arg-type]
     finally:
         _close_leftover_clusters()
     assert len(got) == 2 and got[0][0] != got[1][0], got  # (the second on a restarted worker)
     assert got[0][1] and got[1][1], got
+    assert got[0][2] and got[1][2], got
     assert not _workers(os.getpid())
 
 

@@ -707,6 +707,10 @@ def _signals_held() -> Iterator[None]:
             signal.raise_signal(signal.SIGTERM)  # (its handler raises, or the default ends us)
 
 
+#: the dask preload run at every start of a local cluster's worker
+_WORKER_SETUP = "nucleus_models.wsi.dask_worker"
+
+
 def _nannies(cluster: Any) -> set[Any]:
     """A local cluster's nannies, those still starting their worker too (a
     cluster lists them in ``workers`` only once all have started)."""
@@ -790,6 +794,7 @@ def _run_dask(
     num_workers: int,
     collect: Callable[[tuple[Nuclei, dict[str, float]], int], None],
 ) -> None:
+    import dask
     from dask.distributed import Client, LocalCluster, as_completed
 
     cluster = None
@@ -807,8 +812,9 @@ def _run_dask(
                     # of its own on loopback, not 8787 (taken by another run: a warning)
                     dashboard_address="127.0.0.1:0",
                     silence_logs=logging.ERROR,
-                    # SIGINT ignored in a worker its nanny restarts too
-                    preload=["nucleus_models.wsi.dask_worker"],
+                    # SIGINT ignored in a worker its nanny restarts too (after
+                    # those of dask's config, which this argument replaced)
+                    preload=[*dask.config.get("distributed.worker.preload", []), _WORKER_SETUP],
                 )
                 # (before the workers: a client made while they start waited for them)
                 client = Client(cluster)
