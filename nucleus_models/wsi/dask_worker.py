@@ -15,7 +15,8 @@ def dask_setup(worker: Any) -> None:
     A terminal's Ctrl-C reaches the whole process group, the workers with
     it: the run's process stops them, and a worker taking it itself printed
     two screens of dask's asyncio traceback. A worker restarted by its nanny
-    (after a crash, or killed for memory) is started by this process's
-    event loop thread, with SIGINT as this process has it again by then."""
+    (after a crash, or killed for memory) is spawned by the run's process
+    once its SIGINT handler is back, so it inherits nothing: this sets it,
+    ~1 s into the worker's start (a Ctrl-C before then still reaches it)."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.SIG_IGN)
