@@ -78,6 +78,10 @@ class DetectionParams:
     local_max_search_radius: float = -1.0
     min_nucleus_area: float = -1.0
     test_time_flips: bool = False
+    #: the frame of a multi-frame slide to analyse: an index or a channel name
+    #: (any case); empty: the slide's nuclear-stain channel, else frame 0
+    #: (:func:`~nucleus_models.wsi.slide.choose_frame`)
+    frame: str = ""
 
     @classmethod
     def from_namespace(cls, ns: Any) -> DetectionParams:
@@ -211,6 +215,7 @@ def detect_nuclei(
         tile_tissue_fraction,
         tissue_mask,
     )
+    from .wsi.slide import choose_frame
 
     t0 = time.perf_counter()
     spec = get_spec(params.model)  # unknown model fails before any I/O
@@ -219,6 +224,8 @@ def detect_nuclei(
     roi = parse_roi(params.analysis_roi)
     input_mpp = params.input_mpp if params.input_mpp and params.input_mpp > 0 else None
     slide = open_slide(params.inputImageFile, input_mpp=input_mpp)
+    frame = choose_frame(slide, params.frame)  # (an unknown channel: before anything is read)
+    slide.frame = frame.read_frame
     base_mpp = slide.require_mpp()
     if why := mpp_problem(base_mpp):
         where = "--input_mpp" if input_mpp else f"the slide's metadata ({slide.mpp_source})"
@@ -237,6 +244,10 @@ def detect_nuclei(
         warnings.append(msg)
         log.warning("%s", msg)
 
+    if frame.warning:
+        warn(frame.warning)
+    elif frame.note:
+        (note or log.info)(frame.note)
     share = 0.0
     if (level := slide.overview_level(OVERVIEW_PX)) is not None:
         share = OVERVIEW_SHARE
@@ -355,6 +366,7 @@ def detect_nuclei(
         base_size=(slide.width, slide.height),
         white=slide.white,
         alpha_white=slide.alpha_white,
+        frame=slide.frame,
     )
 
     def tick(done: int, total: int) -> None:
@@ -405,6 +417,8 @@ def detect_nuclei(
             "height": slide.height,
             "mpp": base_mpp,
             "mpp_source": slide.mpp_source,
+            # (a multi-frame slide's, or one asked for: which frame was read)
+            **({"frame": frame.record()} if frame.frames > 1 or frame.how == "given" else {}),
         },
         region=region.as_list(),
         tiles={
@@ -934,8 +948,16 @@ def summary_line(result: DetectionResult, written: list[str]) -> str:
     _, _, w, h = result.region
     tiles = result.tiles
     n_warn = len(result.warnings)
+    frame = (
+        result.slide.get("frame") if result.slide.get("frame", {}).get("frames", 1) > 1 else None
+    )
+    of_frame = (
+        f" of frame {frame['index']}" + (f" ({frame['channel']})" if frame["channel"] else "")
+        if frame
+        else ""
+    )
     return (
-        f"{len(result.nuclei)} nuclei ({result.spec.name} {how}) in a {w} x {h} px region "
+        f"{len(result.nuclei)} nuclei ({result.spec.name} {how}) in a {w} x {h} px region{of_frame} "
         f"({tiles['analysed']} of its {tiles['total']} tiles held tissue), "
         f"{result.timings['total']:.1f} s"
         + (f", {n_warn} warning{'s' * (n_warn > 1)} above" if n_warn else "")
@@ -1012,6 +1034,8 @@ def _write_overlay(
 
     p = result.params
     slide = open_slide(p.inputImageFile, input_mpp=p.input_mpp if p.input_mpp > 0 else None)
+    if slide.frame_count > 1:  # (the frame the nuclei were found in)
+        slide.frame = int(result.slide.get("frame", {}).get("index", 0))
     x, y, w, h = result.region
     scale = min(1.0, max_size / max(w, h))
     out_w, out_h = max(1, round(w * scale)), max(1, round(h * scale))

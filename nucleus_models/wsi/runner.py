@@ -74,6 +74,8 @@ class TileJob:
     white: float | None = None
     #: and its :attr:`~.slide.Slide.alpha_white`
     alpha_white: float | None = None
+    #: and its :attr:`~.slide.Slide.frame` (the frame of a multi-frame slide read)
+    frame: int | None = None
 
 
 def cgroup_cpu_limit(root: str = "/sys/fs/cgroup") -> float | None:
@@ -125,11 +127,12 @@ def _slide(
     input_mpp: float | None,
     white: float | None = None,
     alpha_white: float | None = None,
+    frame: int | None = None,
 ) -> Any:
     from .slide import open_slide
 
     slide = open_slide(path, input_mpp=input_mpp)
-    slide.white, slide.alpha_white = white, alpha_white
+    slide.white, slide.alpha_white, slide.frame = white, alpha_white, frame
     return slide
 
 
@@ -173,7 +176,7 @@ def _base_window(job: TileJob, tile: Tile) -> tuple[int, int, int, int]:
     d = job.downsample
     width, height = job.base_size
     if width <= 0 or height <= 0:
-        slide = _slide(job.slide_path, job.input_mpp, job.white, job.alpha_white)
+        slide = _slide(job.slide_path, job.input_mpp, job.white, job.alpha_white, job.frame)
         width, height = slide.width, slide.height
     out_w, out_h = x1 - x0, y1 - y0
     f = 1
@@ -203,7 +206,7 @@ def _snapped(a0: float, a1: float, f: int, size: int) -> tuple[int, int]:
 
 def read_tile(job: TileJob, tile: Tile) -> np.ndarray:
     """Read a tile's window at the analysis resolution."""
-    slide = _slide(job.slide_path, job.input_mpp, job.white, job.alpha_white)
+    slide = _slide(job.slide_path, job.input_mpp, job.white, job.alpha_white, job.frame)
     x0, y0, x1, y1 = tile.read
     bx0, by0, bx1, by1 = _base_window(job, tile)
     return slide.read_region(bx0, by0, bx1 - bx0, by1 - by0, out_w=x1 - x0, out_h=y1 - y0)

@@ -6,9 +6,11 @@ This package is the only place in the project that imports ``large_image``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
+import re
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -19,7 +21,16 @@ import numpy as np
 
 from ..errors import SlideError
 
-__all__ = ["Slide", "alpha_level", "level_multiple", "open_slide", "to_rgb_uint8", "white_level"]
+__all__ = [
+    "FrameChoice",
+    "Slide",
+    "alpha_level",
+    "choose_frame",
+    "level_multiple",
+    "open_slide",
+    "to_rgb_uint8",
+    "white_level",
+]
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +115,18 @@ class Slide:
     #: an alpha band; :func:`alpha_level`), from the overview as ``white``;
     #: None: not yet known or not needed
     alpha_white: float | None = None
+    #: the frame of a multi-frame slide (a channel, z-plane, ...; large_image's
+    #: index) every read uses (:func:`choose_frame`); None: large_image's
+    #: default, its first
+    frame: int | None = None
+
+    @property
+    def frame_count(self) -> int:
+        """The frames the slide has (1 for a plain slide)."""
+        return max(1, len(self.metadata.get("frames") or []))
+
+    def _frame_kw(self) -> dict[str, Any]:
+        return {} if self.frame is None else {"frame": self.frame}
 
     def require_mpp(self) -> float:
         """Return the resolution or raise a clear error if it is unknown."""
@@ -179,7 +202,7 @@ class Slide:
                 own_resize = True
         try:
             arr, _ = self.source.getRegion(
-                region=region, format=li.constants.TILE_FORMAT_NUMPY, **output
+                region=region, format=li.constants.TILE_FORMAT_NUMPY, **output, **self._frame_kw()
             )
         except Exception as exc:  # large_image / openslide / tifffile errors
             raise SlideError(
@@ -332,7 +355,9 @@ class Slide:
 
         def tile(tx: int, ty: int) -> np.ndarray:
             try:
-                t = np.asarray(self.source.getTile(tx, ty, level, numpyAllowed="always"))
+                t = np.asarray(
+                    self.source.getTile(tx, ty, level, numpyAllowed="always", **self._frame_kw())
+                )
             except Exception as exc:  # large_image / tifffile errors
                 raise SlideError(
                     f"{Path(self.path).name}: cannot read tile {tx},{ty} of level {level} "
@@ -594,6 +619,195 @@ def _mpp_from_metadata(meta: dict[str, Any]) -> tuple[float | None, str]:
         # The usual scanner convention: 40x ~ 0.25 um/px.
         return 10.0 / float(mag), "magnification"
     return None, "unknown"
+
+
+#: channel names of a nuclear counterstain (DAPI, Hoechst 33342, DRAQ5,
+#: imaging mass cytometry's DNA1): the frame read where none is given
+NUCLEAR_CHANNEL = re.compile(r"dapi|hoechst|draq\s*[57]|(?<![a-z])dna\d*(?![a-z])", re.IGNORECASE)
+#: the frames an error or warning lists at most
+_LISTED_FRAMES = 24
+
+
+@dataclass(frozen=True)
+class FrameChoice:
+    """The frame of a slide a run reads (:func:`choose_frame`)."""
+
+    #: large_image's frame index (0 for a plain slide)
+    index: int
+    #: its channel's name, where the slide names its channels
+    channel: str | None
+    #: the frames the slide has
+    frames: int
+    #: how it was chosen: ``"given"`` (by index or channel name), ``"nuclear
+    #: channel"`` (the slide's one DAPI/Hoechst-like channel), ``"first"``
+    #: (frame 0 of a multi-frame slide, nothing better known) or ``"only"``
+    how: str
+    #: a line for the log saying what a multi-frame slide's run reads
+    note: str | None = None
+    #: what the user should know (frame 0 taken for want of a better one)
+    warning: str | None = None
+
+    @property
+    def read_frame(self) -> int | None:
+        """The frame to read (:attr:`Slide.frame`): None for a plain slide,
+        large_image's default read as before."""
+        return self.index if self.frames > 1 else None
+
+    def record(self) -> dict[str, Any]:
+        """The provenance entry: ``index``, ``channel``, ``frames``, ``chosen``."""
+        return {
+            "index": self.index,
+            "channel": self.channel,
+            "frames": self.frames,
+            "chosen": self.how,
+        }
+
+    def describe(self) -> str:
+        """``frame 1 (DAPI)``, or ``frame 2`` where channels have no names."""
+        return f"frame {self.index}" + (f" ({self.channel})" if self.channel else "")
+
+
+def frame_channels(slide: Slide) -> list[str | None]:
+    """The channel name of each of the slide's frames (None where unknown):
+    from large_image's metadata (``channels`` and each frame's ``IndexC``,
+    or a frame's ``Channel``), else from an OME-TIFF's OME-XML (its
+    ``Channel`` names, which the tiff and tifffile sources do not read),
+    placed by the frames' ``IndexC`` or the XML's ``DimensionOrder``."""
+    frames = slide.metadata.get("frames") or []
+    n = max(1, len(frames))
+    names = slide.metadata.get("channels")
+    out: list[str | None] = [None] * n
+    if isinstance(names, list) and names:
+        for i, f in enumerate(frames):
+            c = f.get("IndexC", i if len(names) == n else None)
+            if isinstance(c, int) and 0 <= c < len(names):
+                out[i] = str(names[c])
+    for i, f in enumerate(frames):
+        if out[i] is None and f.get("Channel"):
+            out[i] = str(f["Channel"])
+    if n > 1 and not any(out):
+        out = _ome_channels(Path(slide.path), frames) or out
+    return out
+
+
+def _ome_channels(path: Path, frames: list[dict[str, Any]]) -> list[str | None] | None:
+    """Each frame's channel name from an OME-TIFF's OME-XML, or None."""
+    import xml.etree.ElementTree as ET
+
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) not in _TIFF_MAGIC:
+                return None
+        import tifffile
+
+        with tifffile.TiffFile(str(path)) as tif:
+            xml = tif.ome_metadata
+        if not xml:
+            return None
+        root = ET.fromstring(xml)
+    except Exception:
+        return None
+    pixels = next((e for e in root.iter() if e.tag.rsplit("}", 1)[-1] == "Pixels"), None)
+    if pixels is None:
+        return None
+    names = [c.get("Name") for c in pixels if c.tag.rsplit("}", 1)[-1] == "Channel"]
+    try:
+        sizes = {d: int(pixels.get(f"Size{d}", "1")) for d in "CZT"}
+    except ValueError:
+        return None
+    if not any(names) or len(names) != sizes["C"]:
+        return None
+    order = (pixels.get("DimensionOrder") or "XYCZT").upper()[2:]
+    stride = 1
+    for d in order[: max(order.find("C"), 0)]:  # (the dimensions that vary faster than C)
+        stride *= sizes.get(d, 1)
+    out: list[str | None] = []
+    for i, frame in enumerate(frames):
+        c = frame.get("IndexC")
+        if not isinstance(c, int):
+            if len(frames) != sizes["C"] * sizes["Z"] * sizes["T"]:
+                return None
+            c = (i // stride) % sizes["C"]
+        out.append(names[c] if 0 <= c < len(names) and names[c] else None)
+    return out
+
+
+def _frame_listing(names: list[str | None]) -> str:
+    """``3 frames: 0 CD3, 1 DAPI, 2 CK`` (at most :data:`_LISTED_FRAMES`),
+    or ``5 frames (0-4; no channel names)``."""
+    n = len(names)
+    if n == 1:
+        return "1 frame (0)"
+    if not any(names):
+        return f"{n} frames (0-{n - 1}; no channel names)"
+    shown = ", ".join(f"{i} {nm or '(unnamed)'}" for i, nm in enumerate(names[:_LISTED_FRAMES]))
+    return f"{n} frames: {shown}" + (
+        f", ... ({n - _LISTED_FRAMES} more)" if n > _LISTED_FRAMES else ""
+    )
+
+
+def choose_frame(slide: Slide, frame: str | int | None = "") -> FrameChoice:
+    """The frame of ``slide`` to analyse: ``frame`` an index (``"2"``) or a
+    channel name (``"dapi"``, any case; the first frame of that channel);
+    empty (or ``-1``) for the slide's only frame or, on a multi-frame slide
+    (multiplex fluorescence, a z-stack), its one channel named as a nuclear
+    stain (:data:`NUCLEAR_CHANNEL`: DAPI, Hoechst, ...), else frame 0 with a
+    warning that lists the frames and names the parameter.
+
+    Raises
+    ------
+    ParameterError
+        An index out of range or a name no channel has (one line, listing
+        the slide's frames).
+    """
+    from ..errors import ParameterError
+
+    text = "" if frame is None else str(frame).strip()
+    n = slide.frame_count
+    names: list[str | None] = frame_channels(slide) if n > 1 else [None]
+    file = Path(slide.path).name
+    if text and text != "-1":
+        if re.fullmatch(r"\+?\d+", text):
+            index = int(text)
+            if index >= n:
+                raise ParameterError(
+                    f"frame {text} is out of range: {file} has {_frame_listing(names)}"
+                )
+        else:
+            hits = [i for i, nm in enumerate(names) if nm and nm.casefold() == text.casefold()]
+            if not hits:
+                raise ParameterError(
+                    f"frame {text!r}: {file} has no channel of that name; it has "
+                    f"{_frame_listing(names)} (give a channel's name or a frame's index)"
+                )
+            index = hits[0]
+        how = "given"
+    elif n == 1:
+        return FrameChoice(0, None, 1, "only")
+    else:
+        nuclear = [i for i, nm in enumerate(names) if nm and NUCLEAR_CHANNEL.search(nm)]
+        one = len({str(names[i]).casefold() for i in nuclear}) == 1
+        index, how = (nuclear[0], "nuclear channel") if one else (0, "first")
+    choice = FrameChoice(index, names[index], n, how)
+    if n == 1:
+        return choice
+    note = f"analysing {choice.describe()} of {n} frames"
+    if how == "nuclear channel":
+        note += (
+            ", the slide's nuclear-stain channel (--frame, 'Frame' in HistomicsUI, picks another)"
+        )
+    warning = None
+    if how == "first":
+        why = (
+            f"several are nuclear stains ({', '.join(str(names[i]) for i in nuclear)})"
+            if nuclear
+            else "none is named as a nuclear stain (DAPI, Hoechst)"
+        )
+        warning = (
+            f"{file} has {_frame_listing(names)}; {why}: analysing {choice.describe()}; choose"
+            " the nuclei's frame with --frame, an index or a channel name ('Frame' in HistomicsUI)"
+        )
+    return dataclasses.replace(choice, note=note, warning=warning)
 
 
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
