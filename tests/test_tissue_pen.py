@@ -142,3 +142,34 @@ def test_the_tiles_of_a_pen_stroke_on_the_glass_are_not_analysed(
         res = detect_nuclei(params)
         found.append((len(res.nuclei), res.tiles["analysed"]))
     assert found[0] == found[1] and found[1][0] > 50, found
+
+
+def test_a_marker_running_dry_is_ink_down_to_its_faintest_end() -> None:
+    """A blue stroke on the glass whose marker ran dry, fading along its
+    length from full strength to a fifth: its faint end, pale ink-hued
+    pixels joined to the dense ones, is ink too, not a strip of tissue
+    whose tiles are analysed."""
+    img = np.full((200, 600, 3), 242, np.uint8)
+    rows, cols = np.mgrid[:200, :600].astype(np.float32)
+    edge = np.clip((7 + 1.5 - np.abs(rows - 100)) / 3.0, 0, 1) * (cols >= 20) * (cols < 580)
+    density = edge * np.interp(cols, (20, 580), (1.0, 0.2))
+    inked = _with_ink(img, density, INKS["blue"])
+    mask = tissue_mask(inked, um_per_px=10.0)
+    assert tissue_mask(inked).sum() > 5000  # (without a scale: all tissue)
+    assert not mask.any(), int(mask.sum())
+
+
+def test_a_black_dot_in_the_tissue_stays_out_of_a_mask_with_pen_ink() -> None:
+    """A slide with a marker stroke on its glass and a black dot too small
+    to be ink (0.04 mm^2) inside its tissue: the dot and its rim are still
+    no tissue, as on a slide without ink (the ink's rim replaced the
+    black's: the dot was tissue)."""
+    img = np.full((400, 600, 3), 242, np.uint8)
+    img[50:300, 250:450] = (200, 120, 180)
+    img[190:210, 340:360] = 0
+    density = _stroke(img.shape[:2], 360, 360, width=14)
+    inked = _with_ink(img, density, INKS["blue"])
+    assert pen_ink(inked, 10.0)[300:].any() and not pen_ink(inked, 10.0)[:300].any()
+    mask = tissue_mask(inked, um_per_px=10.0)
+    assert not mask[189:211, 339:361].any()
+    assert np.array_equal(mask[:300], tissue_mask(img, um_per_px=10.0)[:300])
