@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -497,3 +498,120 @@ def test_a_12_bit_alpha_is_opaque_at_4095(tmp_path: Path) -> None:
     fl = open_slide(tmp_path / "dark.tif", input_mpp=0.25)
     assert fl.read_region(200, 200, 4, 4).min() == round(3000 * 255 / fl.white)
     assert fl.white == 16383 and fl.alpha_white == 4095
+
+
+def test_the_brightest_of_nuclei_of_unlike_brightness_sets_the_white_level(
+    tmp_path: Path,
+) -> None:
+    """Eleven 12-bit nuclei (4000) and one of 40000 on a black ground: the
+    white level is the bit depth of the brightest base sample under any of
+    the overview's brightest pixels, not of whichever was read last (16383:
+    the bright nucleus read 255, clipped)."""
+    img, centres = _sparse_nuclei(4000)
+    cx, cy = centres[-1]
+    yy, xx = np.mgrid[0 : img.shape[0], 0 : img.shape[1]]
+    img[(xx - cx) ** 2 + (yy - cy) ** 2 <= 9] = 40000
+    slide = open_slide(_single_level(tmp_path / "mixed.tif", img), input_mpp=0.25)
+    slide.thumbnail(64)
+    assert slide.white == 65535
+    read = [int(slide.read_region(int(x) - 1, int(y) - 1, 3, 3).max()) for x, y in centres]
+    assert read == [round(4000 * 255 / 65535)] * 11 + [round(40000 * 255 / 65535)]
+
+
+def test_a_transparent_margins_stored_colour_does_not_set_the_white_level(
+    tmp_path: Path,
+) -> None:
+    """A 12-bit RGBA scan whose unscanned tiles are transparent with their
+    colour stored at the container's 65535, sparse nuclei of 4000 on its
+    black ground, one beside the margin: the base pixels that set the white
+    level are the opaque ones under the overview's brightest opaque pixels
+    (the margin's colour taken: 65535, every nucleus 16 not 249; the
+    margin's pixels picked instead of the nuclei: 1023, all clipped)."""
+    import tifffile
+
+    img, centres = _sparse_nuclei(4000)
+    rgba = np.zeros((*img.shape[:2], 4), np.uint16)
+    rgba[..., :3], rgba[..., 3] = img, 4095
+    yy, xx = np.mgrid[0 : img.shape[0], 0 : img.shape[1]]
+    rgba[(xx - 764) ** 2 + (yy - 500) ** 2 <= 9, :3] = 4000  # (beside the margin)
+    rgba[:, 768:, :3], rgba[:, 768:, 3] = 65535, 0  # (6 tiles of 128 scanned)
+    kw = {"tile": (128, 128), "photometric": "rgb", "extrasamples": [2]}
+    tifffile.imwrite(tmp_path / "margin.tif", rgba, **kw)
+    slide = open_slide(tmp_path / "margin.tif", input_mpp=0.25)
+    slide.thumbnail(64)
+    assert slide.white == 4095
+    nuclei = [(int(x), int(y)) for x, y in centres if x < 760] + [(764, 500)]
+    assert len(nuclei) > 5
+    for x, y in nuclei:
+        assert slide.read_region(x - 1, y - 1, 3, 3).max() == round(4000 * 255 / 4095)
+
+
+def test_a_runs_tiles_are_read_with_the_slides_alpha_level(
+    shared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 12-bit RGBA scan (alpha 4095 opaque) with a corner of alpha 1000:
+    the run hands the tiles its slide's alpha level as it does its white
+    level, so the corner tile reads a quarter opaque like the overview, not
+    nearly opaque (its own largest alpha, 1000, at 10 bits)."""
+    import tifffile
+
+    import nucleus_models.wsi as wsi
+    from nucleus_models.detection import DetectionParams, detect_nuclei
+    from nucleus_models.wsi.runner import read_tile
+    from nucleus_models.wsi.tiling import Tile
+
+    rgba = np.zeros((512, 512, 4), np.uint16)
+    rgba[..., :3] = _he(shared_data, 512).astype(np.uint32) * 4095 // 255
+    rgba[..., 3], rgba[:128, :128, 3] = 4095, 1000
+    path = tmp_path / "rgba12.tif"
+    tifffile.imwrite(path, rgba, tile=(128, 128), photometric="rgb", extrasamples=[2])
+    jobs = []
+
+    class Captured(Exception):
+        pass
+
+    def run_tiles(job: Any, *a: Any, **k: Any) -> Any:
+        jobs.append(job)
+        raise Captured  # (the job is all this test needs)
+
+    monkeypatch.setattr(wsi, "run_tiles", run_tiles)
+    with pytest.raises(Captured):
+        detect_nuclei(DetectionParams(str(path), model="classical-he", input_mpp=0.5))
+    (job,) = jobs
+    ref = open_slide(path, input_mpp=0.5)
+    ref.thumbnail(64)
+    assert ref.alpha_white == 4095
+    corner = read_tile(job, Tile(0, (0, 0, 100, 100), (0, 0, 100, 100)))
+    assert np.array_equal(corner, ref.read_region(0, 0, 100, 100))
+
+
+@pytest.mark.parametrize("bands", ["rgba", "grey+alpha"])
+def test_a_12_bit_scans_8_bit_alpha_is_opaque_at_255(tmp_path: Path, bands: str) -> None:
+    """A 12-bit scan in a 16-bit TIFF whose alpha is written 0-255: its
+    alpha's own bit depth is opaque (255), whatever its colour's (4095: each
+    pixel 16x too dark), in the overview and in a run's tiles (the
+    slide's alpha level, handed to them: a tile whose alpha is all 128 is
+    half opaque, not opaque at 8 bits)."""
+    import tifffile
+
+    from nucleus_models.wsi.runner import TileJob, read_tile
+    from nucleus_models.wsi.tiling import Tile
+
+    n = 4 if bands == "rgba" else 2
+    img = np.zeros((512, 512, n), np.uint16)
+    img[..., : n - 1], img[..., -1] = 3000, 255
+    img[:128, :128, -1] = 128
+    path = tmp_path / f"{bands}.tif"
+    photometric = "rgb" if bands == "rgba" else "minisblack"
+    tifffile.imwrite(path, img, tile=(128, 128), photometric=photometric, extrasamples=[2])
+    slide = open_slide(path, input_mpp=0.25)
+    thumb = slide.thumbnail(64)[0][..., 0]
+    assert slide.white == 4095 and slide.alpha_white == 255
+    opaque, half = round(3000 * 255 / 4095), round(3000 * 128 / 255 * 255 / 4095)
+    assert (thumb[40, 40], thumb[8, 8]) == (opaque, half)
+    assert slide.read_region(200, 200, 8, 8).min() == opaque
+    job = TileJob(
+        str(path), 0.25, "classical-he", (), base_size=(512, 512), white=4095.0, alpha_white=255.0
+    )
+    corner = read_tile(job, Tile(0, (0, 0, 64, 64), (0, 0, 64, 64)))
+    assert int(corner.min()) == int(corner.max()) == half
