@@ -1066,7 +1066,8 @@ class _Uploads(_JSONHandler):
     files: list[dict[str, Any]] = []
     calls: list[str] = []
     #: what the successive ``POST file`` get: ``lost`` (acted on, the answer
-    #: lost), ``500`` (the upload started, then Girder failed), ``ok``
+    #: lost), ``500`` or ``504`` (the upload started, then Girder failed or
+    #: the proxy stopped waiting), ``ok``
     starts: list[str] = []
     admin = True  # whether the token may list and clear system/uploads
 
@@ -1094,8 +1095,8 @@ class _Uploads(_JSONHandler):
                 parentId=q["parentId"],
             )
             start = self.starts.pop(0) if self.starts else "ok"
-            if start == "500":
-                self._send(500, {"message": "injected", "type": "internal"})
+            if start in ("500", "504"):  # (504: a proxy gave up waiting on Girder)
+                self._send(int(start), {"message": "injected", "type": "internal"})
                 return
             if body and self.headers.get("Content-Type") == "application/octet-stream":
                 # Girder takes a body that is not a form as the upload's first chunk
@@ -1249,6 +1250,40 @@ def test_an_upload_whose_start_went_unanswered_leaves_no_unfinished_upload(
     (f,) = _Uploads.files
     assert f["data"] == PAYLOAD and new["_id"] == f["_id"] and not _Uploads.uploads
     assert _Uploads.calls.count("POST file") == (1 if start == "lost" else 2)
+    assert not [r for r in caplog.records if "unfinished" in r.getMessage()]
+
+
+@pytest.mark.parametrize("start", ["lost", "500", "504"])
+def test_an_unanswered_upload_start_is_not_taken_for_the_items_older_file(
+    uploads: str, start: str
+) -> None:
+    """The folder job's summary item holds the last run's CSV, of the same
+    name and (all slides skipped) the same size. A lost answer or a 500 or
+    504 to the new one's ``POST file``: the file looked for before trying
+    again is one the item did not hold before (the older one taken: the
+    upload "done", the stale summary kept and the new one never sent); the
+    upload a 500 or 504 left started is cancelled."""
+    old = {"_id": "old", "name": "summary.csv", "size": len(PAYLOAD), "data": b"x" * len(PAYLOAD)}
+    _Uploads.files.append({**old, "created": "2029-12-31T23:59:59.999000+00:00"})
+    _Uploads.starts = [start]
+    new = _client(uploads, []).upload_bytes_to_item("I", "summary.csv", PAYLOAD, "text/csv")
+    older, f = _Uploads.files
+    assert older["_id"] == "old" and f["data"] == PAYLOAD and new["_id"] == f["_id"]
+    assert not _Uploads.uploads
+
+
+def test_a_lost_answer_to_a_file_made_warns_of_no_unfinished_upload(
+    uploads: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The summary CSV's ``POST file`` made the file, its answer lost, under
+    a token that may not list unfinished uploads: the file found made ended
+    its upload, so there is nothing an admin may have to clear and no
+    warning says there may be."""
+    _Uploads.starts, _Uploads.admin = ["lost"], False
+    with caplog.at_level(logging.WARNING):
+        new = _client(uploads, []).upload_bytes_to_item("I", "summary.csv", PAYLOAD, "text/csv")
+    (f,) = _Uploads.files
+    assert new["_id"] == f["_id"] and f["data"] == PAYLOAD and not _Uploads.uploads
     assert not [r for r in caplog.records if "unfinished" in r.getMessage()]
 
 
@@ -1818,5 +1853,32 @@ def test_a_slide_failing_again_keeps_only_its_recorded_annotation(
     "until the next run" that succeeds."""
     kw: dict[str, Any] = {"force": True} if how == "force" else {"model": "classical-he"}
     outcome, left = _rerun(monkeypatch, tmp_path, ["OLD", "LATE"], _done(), fails=True, **kw)
+    assert outcome.status == "failed" and "cannot be read" in outcome.error
+    assert left == ["OLD"]
+
+
+def test_a_slide_failing_again_whose_recorded_annotation_is_gone_keeps_its_others(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The record names an annotation since deleted (in HistomicsUI), and the
+    slide redone fails: the annotations of the key that are left (a killed
+    run's copy) are the slide's only results and stay, not all deleted for
+    the sake of one that is not there."""
+    record = {**_done(), "annotation_id": "GONE"}
+    outcome, left = _rerun(monkeypatch, tmp_path, ["LATE"], record, fails=True, force=True)
+    assert outcome.status == "failed" and "cannot be read" in outcome.error
+    assert left == ["LATE"]
+
+
+def test_a_slide_failing_again_whose_failure_went_unrecorded_keeps_its_recorded_annotation(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The slide redone fails and its failure cannot be noted (Girder
+    refused the metadata write): the final sweep still leaves the
+    annotation its done record names alone, the killed run's copy gone."""
+    from nucleus_models.dsa import folder_job
+
+    monkeypatch.setattr(folder_job, "_record_failure", lambda *a: None)  # (could not be written)
+    outcome, left = _rerun(monkeypatch, tmp_path, ["OLD", "LATE"], _done(), fails=True, force=True)
     assert outcome.status == "failed" and "cannot be read" in outcome.error
     assert left == ["OLD"]
