@@ -40,7 +40,7 @@ def test_every_form_validates(form: str) -> None:
     assert len(doc["elements"]) == 2
     assert [e["lineColor"] for e in doc["elements"]] == ["rgb(0,0,255)", "rgb(255,0,0)"]
     assert [e["group"] for e in doc["elements"]] == ["negative", "positive"]
-    assert doc["elements"][1]["user"] == {"score": 0.4, "area_um2": 8.5}
+    assert doc["elements"][1]["user"] == {"nucleus_id": 2, "score": 0.4, "area_um2": 8.5}
     if form in ("polygon", "boundary"):  # each nucleus gets its own vertices, z = 0
         assert doc["elements"][1]["points"] == [[40, 5, 0], [48, 9, 0], [44, 15, 0]]
         assert len(doc["elements"][0]["points"]) == 4
@@ -192,3 +192,54 @@ def test_annotation_written_in_batches_holds_one_batch_in_memory(tmp_path: Path)
     with pytest.raises(ValueError, match="JSON compliant"):
         write_annotation_document(str(tmp_path / "c.anot"), nuc, name="n", batch=500)
     assert not list(tmp_path.glob("c.anot*")) and not list(tmp_path.glob(".c.anot*"))
+
+
+@pytest.mark.parametrize("form", ["polygon", "point", "box"])
+def test_elements_join_the_csv_rows_by_nucleus_id(tmp_path: Path, form: str) -> None:
+    """Each element's ``user.nucleus_id`` is its nucleus's CSV ``id`` (and
+    GeoJSON feature ``id``), numbered on across batches. Girder stores an
+    annotation's elements 10000 at a time in parallel threads, so they come
+    back in another order than the file's: the id is what joins them (the
+    elements are shuffled here as Girder may)."""
+    import pandas as pd
+
+    from nucleus_models.io import write_annotation_document, write_geojson_document
+
+    classes, colors = ("tumour", "other"), ("rgb(255,0,0)", "rgb(0,0,255)")
+    nuc = _many_nuclei(257, seed=3)
+    write_csv(str(tmp_path / "n.csv"), nuc, class_names=classes, mpp=0.5, provenance={"v": 1})
+    write_annotation_document(
+        str(tmp_path / "n.anot"),
+        nuc,
+        name="n",
+        form=form,
+        class_names=classes,
+        class_colors=colors,
+        batch=7,
+    )
+    write_geojson_document(
+        str(tmp_path / "n.geojson"), nuc, class_names=classes, class_colors=colors, batch=10
+    )
+    table = pd.read_csv(tmp_path / "n.csv", comment="#").set_index("id")
+    elements = json.loads((tmp_path / "n.anot").read_text())["elements"]
+    validate_annotation({"name": "n", "elements": elements})
+    ids = [el["user"]["nucleus_id"] for el in elements]
+    assert sorted(ids) == table.index.tolist() == list(range(1, 258))
+    for k in np.random.default_rng(0).permutation(len(elements)):
+        el, row = elements[k], table.loc[elements[k]["user"]["nucleus_id"]]
+        assert el["group"] == row["class"] and el["user"]["score"] == pytest.approx(
+            row["score"], abs=1e-3
+        )
+        if form == "polygon":
+            xy = np.array(el["points"])[:, :2]
+            box = [*xy.min(0), *xy.max(0)]  # the outline's extents are the box
+            assert box == pytest.approx([row.x0, row.y0, row.x1, row.y1], abs=0.06)
+        else:
+            assert el["center"][:2] == pytest.approx(
+                [row.x, row.y]
+                if form == "point"
+                else [(row.x0 + row.x1) / 2, (row.y0 + row.y1) / 2],
+                abs=0.11,  # the box rounded to 0.1 px, then its centre
+            )
+    features = json.loads((tmp_path / "n.geojson").read_text())["features"]
+    assert [f["id"] for f in features] == table.index.tolist()

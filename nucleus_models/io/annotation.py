@@ -3,7 +3,11 @@
 One document per run: ``{"name", "description", "elements", "attributes"}``.
 Elements are ``polyline`` (closed, nucleus outline), ``point`` or
 ``rectangle``, coloured by class, with the class name as ``group`` and the
-per-nucleus score and measurements under ``user``.
+per-nucleus score and measurements under ``user``, and the nucleus's row
+``id`` in the CSV (and the GeoJSON feature's ``id``) as ``user.nucleus_id``:
+Girder stores a large annotation's elements 10000 at a time in parallel
+threads, so their order as read back is not the file's. (Named apart from
+the element's own ``id``, the ObjectId Girder gives it.)
 """
 
 from __future__ import annotations
@@ -51,8 +55,10 @@ def _elements(
     class_names: Sequence[str],
     class_colors: Sequence[str],
     decimals: int,
+    first_id: int = 1,
 ) -> list[dict[str, Any]]:
-    """One annotation element per nucleus (``form`` already checked)."""
+    """One annotation element per nucleus (``form`` already checked), the
+    first one's ``user.nucleus_id`` ``first_id``."""
     colors = list(class_colors) + ["rgb(255,255,0)"] * max(0, len(class_names) - len(class_colors))
     fills = [_fill(c) for c in colors]
     meas_keys = [k for k in nuclei.measurements if k != "area_px"]
@@ -93,7 +99,7 @@ def _elements(
         el["lineColor"] = colors[lab]
         el["lineWidth"] = 1
         el["group"] = class_names[lab]
-        user = {"score": scores[i]}
+        user = {"nucleus_id": first_id + i, "score": scores[i]}
         for k in meas_keys:
             user[k] = meas[k][i]
         el["user"] = user
@@ -187,8 +193,8 @@ def annotation_batches(
     form = _check_form(nuclei, form, class_names)
 
     def gen() -> Iterator[list[dict[str, Any]]]:
-        for _, part in nuclei.chunks(batch):
-            yield _elements(part, form, class_names, class_colors, decimals)
+        for a, part in nuclei.chunks(batch):
+            yield _elements(part, form, class_names, class_colors, decimals, first_id=a + 1)
 
     return gen()
 
