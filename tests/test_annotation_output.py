@@ -243,3 +243,29 @@ def test_elements_join_the_csv_rows_by_nucleus_id(tmp_path: Path, form: str) -> 
             )
     features = json.loads((tmp_path / "n.geojson").read_text())["features"]
     assert [f["id"] for f in features] == table.index.tolist()
+
+
+def test_geojson_rings_have_four_positions_for_qupath() -> None:
+    """A one-pixel-wide straight nucleus has a two-vertex outline; closed, its
+    ring ``[a, b, a]`` has 3 positions, which QuPath's reader (JTS
+    ``createLinearRing``: 0 or >= 4) rejects, failing the whole import. It
+    is written as its pixel box; other outlines are written as they are."""
+    import shapely.geometry
+
+    from nucleus_models.instances import nuclei_from_labels
+
+    lab = np.zeros((40, 40), np.int32)
+    lab[5, 2:30] = 1  # 1 x 28 px
+    lab[20:26, 10:17] = 2
+    nuc = nuclei_from_labels(lab)
+    assert np.diff(nuc.polygon_offsets).tolist()[0] == 2  # (the case in point)
+    gj = geojson_document(nuc, class_names=("n",), class_colors=("rgb(1,2,3)",))
+    for feature, pixels, outline in zip(gj["features"], (28, 42), nuc.polygons(), strict=True):
+        ring = feature["geometry"]["coordinates"][0]
+        assert len(ring) >= 4 and ring[0] == ring[-1]
+        shape = shapely.geometry.shape(feature["geometry"])
+        assert shape.is_valid and shape.area > 0
+        if len(outline) >= 3:
+            assert ring[:-1] == outline.tolist()
+        else:
+            assert shape.area == pixels and shape.bounds == (2, 5, 30, 6)

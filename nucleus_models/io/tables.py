@@ -53,15 +53,26 @@ def _rgb_triplet(color: str) -> list[int]:
 def _features(
     nuclei: Nuclei, class_names: Sequence[str], class_colors: Sequence[str], first_id: int = 1
 ) -> list[dict[str, Any]]:
-    """One GeoJSON Feature per nucleus, numbered from ``first_id``."""
+    """One GeoJSON Feature per nucleus, numbered from ``first_id``.
+
+    Each ring is closed and has at least 4 positions, as GeoJSON (and JTS,
+    which QuPath reads it with) requires: a one-pixel-wide straight nucleus
+    has a two-vertex outline (``[a, b, a]`` closed), and one such ring makes
+    QuPath refuse the whole file, so it is written as its pixel box instead.
+    """
     feats = []
     # one conversion for all vertices, sliced per nucleus
     verts = np.round(nuclei.polygon_vertices.astype(float), 2).tolist()
     offsets = nuclei.polygon_offsets.tolist()
+    boxes = np.round(nuclei.boxes, 2).tolist()
     for i in range(len(nuclei)):
         ring = verts[offsets[i] : offsets[i + 1]]
-        if ring and ring[0] != ring[-1]:
-            ring.append(ring[0])
+        if len(ring) > 1 and ring[0] == ring[-1]:
+            ring.pop()
+        if len(ring) < 3:
+            x0, y0, x1, y1 = boxes[i]
+            ring = [[x0, y0], [x1, y0], [x1, y1], [x0, y1]]
+        ring.append(ring[0])
         lab = int(nuclei.labels[i])
         meas = {"score": round(float(nuclei.scores[i]), 4)}
         meas.update({k: round(float(v[i]), 4) for k, v in nuclei.measurements.items()})
