@@ -1665,8 +1665,6 @@ def _sweep_job(
     storing "NEW"); ``at_end(client, records)`` is what happens on the
     server once the item is done, before the job's final sweep."""
     from nucleus_models.dsa import folder_job
-    from nucleus_models.dsa.annotations import PushResult
-    from nucleus_models.errors import NucleusModelsError
 
     _quiet_ledger(monkeypatch)
     params = FolderJobParams(inputFolder="F", **kw)
@@ -1674,19 +1672,7 @@ def _sweep_job(
     records: dict[str, Any] = {}
     client = _Annotations([])
 
-    def push(*a: Any, **k: Any) -> PushResult:
-        client.anns.append(_ann("NEW", "Nuclei (stub)", mine))
-        return PushResult("NEW", 0)
-
-    def broken(*a: Any) -> Any:
-        raise NucleusModelsError("case 1.svs: cannot be read")
-
-    monkeypatch.setattr(folder_job, "push_annotation", push)
-    monkeypatch.setattr(folder_job, "read_record", lambda c, i, k: records.get(i))
-    monkeypatch.setattr(folder_job, "write_record", lambda c, i, k, r: records.update({i: r}))
-    analysis = broken if fails else _analysis_stub([])
-    monkeypatch.setitem(folder_job.ANALYSES, "NucleusDetection", analysis)
-    item = {"_id": "I", "name": "case 1.svs", "folderId": "F", "largeImage": {"fileId": "f"}}
+    item = _stub_one_slide(monkeypatch, client, records, mine, fails)
 
     def progress(frac: float) -> None:
         if frac == 1.0:
@@ -1775,9 +1761,7 @@ def _rerun(
     """The folder job run again on item "I", which holds annotations of the
     key ``ann_ids`` (a killed run's pushes among them) and ``record`` (None:
     none); its push stores "NEW". The outcome, and the key's annotations left."""
-    from nucleus_models.dsa import folder_job
-    from nucleus_models.dsa.annotations import PushResult, find_annotations
-    from nucleus_models.errors import NucleusModelsError
+    from nucleus_models.dsa.annotations import find_annotations
 
     _quiet_ledger(monkeypatch)
     params = FolderJobParams(inputFolder="F", **kw)
@@ -1785,19 +1769,7 @@ def _rerun(
     client = _Annotations([_ann(a, "Nuclei (stub)", mine) for a in ann_ids])
     records = {"I": record} if record else {}
 
-    def push(*a: Any, **k: Any) -> PushResult:
-        client.anns.append(_ann("NEW", "Nuclei (stub)", mine))
-        return PushResult("NEW", 0)
-
-    def broken(*a: Any) -> Any:
-        raise NucleusModelsError("case 1.svs: cannot be read")
-
-    monkeypatch.setattr(folder_job, "push_annotation", push)
-    monkeypatch.setattr(folder_job, "read_record", lambda c, i, k: records.get(i))
-    monkeypatch.setattr(folder_job, "write_record", lambda c, i, k, r: records.update({i: r}))
-    analysis = broken if fails else _analysis_stub([])
-    monkeypatch.setitem(folder_job.ANALYSES, "NucleusDetection", analysis)
-    item = {"_id": "I", "name": "case 1.svs", "folderId": "F", "largeImage": {"fileId": "f"}}
+    item = _stub_one_slide(monkeypatch, client, records, mine, fails)
     outcome = _run_one(client, params, item, tmp_path)
     left = [a["_id"] for a in find_annotations(client, "I", params.key())]  # type: ignore[arg-type]
     return outcome, left
@@ -1882,3 +1854,32 @@ def test_a_slide_failing_again_whose_failure_went_unrecorded_keeps_its_recorded_
     outcome, left = _rerun(monkeypatch, tmp_path, ["OLD", "LATE"], _done(), fails=True, force=True)
     assert outcome.status == "failed" and "cannot be read" in outcome.error
     assert left == ["OLD"]
+
+
+def _stub_one_slide(
+    monkeypatch: pytest.MonkeyPatch,
+    client: Any,
+    records: dict[str, Any],
+    mine: dict[str, Any],
+    fails: bool,
+) -> dict[str, Any]:
+    """Stub a folder job's push, records and analysis for one slide, item
+    ``I`` (``case 1.svs``): the push adds annotation ``NEW`` with ``mine``
+    to ``client.anns``; the analysis raises one line where ``fails``."""
+    from nucleus_models.dsa import folder_job
+    from nucleus_models.dsa.annotations import PushResult
+    from nucleus_models.errors import NucleusModelsError
+
+    def push(*a: Any, **k: Any) -> PushResult:
+        client.anns.append(_ann("NEW", "Nuclei (stub)", mine))
+        return PushResult("NEW", 0)
+
+    def broken(*a: Any) -> Any:
+        raise NucleusModelsError("case 1.svs: cannot be read")
+
+    monkeypatch.setattr(folder_job, "push_annotation", push)
+    monkeypatch.setattr(folder_job, "read_record", lambda c, i, k: records.get(i))
+    monkeypatch.setattr(folder_job, "write_record", lambda c, i, k, r: records.update({i: r}))
+    analysis = broken if fails else _analysis_stub([])
+    monkeypatch.setitem(folder_job.ANALYSES, "NucleusDetection", analysis)
+    return {"_id": "I", "name": "case 1.svs", "folderId": "F", "largeImage": {"fileId": "f"}}
