@@ -189,3 +189,47 @@ def test_a_ctrl_c_while_the_dask_workers_start_stops_the_run(
     assert waited < 5, waited
     assert left == [], left
     assert not (tmp_path / "n.anot").exists()
+
+
+@pytest.mark.parametrize(
+    ("config", "preload", "argv"),
+    [
+        ({"preload": "json"}, ["json"], None),  # (one name: not one per character, "j", "s", ...)
+        ({"preload": ["json"], "preload-argv": [["--x", "1"]]}, ["json"], [["--x", "1"]]),
+        ({"preload": ["json"], "preload-argv": ["--x", "1"]}, ["json"], None),
+        ({}, [], None),
+    ],
+)
+def test_the_dask_workers_preloads_keep_dasks_config_as_dask_reads_it(
+    monkeypatch: pytest.MonkeyPatch, config: dict[str, Any], preload: list[str], argv: Any
+) -> None:
+    """dask's ``distributed.worker.preload`` may be one name, and its
+    ``preload-argv`` one list per preload: the runner's own preload, added
+    to them, made one preload per character of a name, and left the
+    argument lists one short (dask refused: no worker started)."""
+    import dask
+    import dask.distributed
+    from distributed.preloading import process_preloads
+
+    from nucleus_models.wsi import runner
+
+    seen: dict[str, Any] = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_cluster(**kwargs: Any) -> Any:
+        seen.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(dask.distributed, "LocalCluster", fake_cluster)
+    worker = {f"distributed.worker.{k}": v for k, v in config.items()}
+    with dask.config.set(worker), pytest.raises(Stop):
+        runner._run_dask(None, [], "multiprocessing", 1, lambda r, n: None)  # type: ignore[arg-type]
+    assert seen["preload"] == [*preload, runner._WORKER_SETUP]
+    assert seen.get("preload_argv") == (None if argv is None else [*argv, []])
+    # as a nanny hands them to its worker (the config's argv where none is given)
+    with dask.config.set(worker):
+        given = seen.get("preload_argv") or dask.config.get("distributed.worker.preload-argv")
+        names = [p.name for p in process_preloads(None, seen["preload"], given)]  # type: ignore[arg-type]
+    assert names == seen["preload"]

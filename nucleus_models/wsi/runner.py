@@ -714,6 +714,24 @@ def _signals_held() -> Iterator[None]:
 _WORKER_SETUP = "nucleus_models.wsi.dask_worker"
 
 
+def _worker_preloads(config: Any) -> dict[str, Any]:
+    """``LocalCluster``'s ``preload`` and ``preload_argv``: dask's configured
+    worker preloads, then :data:`_WORKER_SETUP`.
+
+    dask takes ``distributed.worker.preload`` as one name or a list, and
+    ``preload-argv`` as one argument list for all or one list per preload: a
+    name unpacked as a list became one preload per character (``No module
+    named 'm'``), and one list per preload was one short (dask's
+    "preload and preload_argv have mismatched lengths"): no worker started."""
+    preload = config.get("distributed.worker.preload", None) or []
+    preload = [preload] if isinstance(preload, str) else list(preload)
+    argv = config.get("distributed.worker.preload-argv", None) or []
+    out: dict[str, Any] = {"preload": [*preload, _WORKER_SETUP]}
+    if argv and not isinstance(argv[0], str):  # (one list per preload: none for ours)
+        out["preload_argv"] = [*argv, []]
+    return out
+
+
 def _nannies(cluster: Any) -> set[Any]:
     """A local cluster's nannies, those still starting their worker too (a
     cluster lists them in ``workers`` only once all have started)."""
@@ -817,7 +835,7 @@ def _run_dask(
                     silence_logs=logging.ERROR,
                     # SIGINT ignored in a worker its nanny restarts too (after
                     # those of dask's config, which this argument replaced)
-                    preload=[*dask.config.get("distributed.worker.preload", []), _WORKER_SETUP],
+                    **_worker_preloads(dask.config),
                 )
                 # (before the workers: a client made while they start waited for them)
                 client = Client(cluster)
