@@ -121,6 +121,20 @@ def test_histomicsui_add_polygon_on_the_whole_slide_region_is_the_drawn_shape(
     assert parse_roi(",".join(str(v) for v in merged)).as_list() == expected
 
 
+def test_histomicsui_add_polygon_of_a_triangle_on_the_whole_slide_region_is_the_triangle() -> None:
+    """A triangle drawn with "Add polygon" after the whole-slide prefix is six
+    numbers: vertices, as the prefix says (a shape was merged), not
+    HistomicsTK's centre and half-size form, which made the region of
+    (600, 600, 800, 600, 700, 800) the box from (0, -100) of 1200 x 1400."""
+    merged = [-1, -1, -2, -1, -2, -2, -1, -2, -1, -1, 600, 600, 800, 600, 700, 800]
+    region = parse_roi(merged)
+    assert region.as_list() == [600, 600, 201, 201]
+    assert len(region.polygons) == 1 and len(region.polygons[0]) == 3
+    # and two vertices after it are no shape, not a left, top, width, height
+    with pytest.raises(ParameterError):
+        parse_roi([*merged[:10], 600, 600, 800, 800])
+
+
 def test_seam_duplicates_leave_one_of_four_sightings_at_a_corner() -> None:
     """Four tiles meeting at (10, 10) each outlined one nucleus there a
     little differently, each centroid in its own core: one stays, the one

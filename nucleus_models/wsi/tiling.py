@@ -127,6 +127,12 @@ def parse_roi(values: Sequence[float] | str | None) -> Region:
 
     >>> parse_roi("-1,-1,-2,-1,-2,-2,-1,-2,-1,-1, 600,600,800,600,800,800,600,800").as_list()
     [600, 600, 201, 201]
+
+    What follows it are vertices, a triangle's six numbers too (not a
+    centre and half-size):
+
+    >>> parse_roi("-1,-1,-2,-1,-2,-2,-1,-2,-1,-1, 600,600,800,600,700,800").as_list()
+    [600, 600, 201, 201]
     """
     if values is None:
         return Region(-1, -1, -1, -1)
@@ -143,19 +149,20 @@ def parse_roi(values: Sequence[float] | str | None) -> Region:
     if not all(math.isfinite(v) for v in vals):
         raise ParameterError(f"analysis_roi must be finite numbers, got {values!r}")
     n = len(UNSET_REGION_MERGED)
+    merged = False  # (what follows the prefix is a drawn shape's vertices: a triangle's are six)
     while len(vals) > n and tuple(vals[:n]) == UNSET_REGION_MERGED:
-        vals = vals[n:]
-    if not vals or (len(vals) == 4 and all(v == -1 for v in vals)):
+        vals, merged = vals[n:], True
+    if not vals or (len(vals) == 4 and all(v == -1 for v in vals) and not merged):
         return Region(-1, -1, -1, -1)
-    if len(vals) == 6:
+    if len(vals) == 6 and not merged:
         x, y, _, rx, ry, _ = vals
         vals = [x - rx, y - ry, 2 * rx, 2 * ry]
-    if len(vals) == 4:
+    if len(vals) == 4 and not merged:
         left, top, width, height = (int(round(v)) for v in vals)
         if width <= 0 or height <= 0:
             raise ParameterError(f"analysis_roi width and height must be positive, got {vals}")
         return Region(left, top, width, height)
-    if len(vals) < 8 or len(vals) % 2:
+    if len(vals) < (6 if merged else 8) or len(vals) % 2:
         raise ParameterError(
             "analysis_roi must be -1,-1,-1,-1 (the whole slide), left,top,width,height, "
             "x,y,z,rx,ry,rz (centre and half-size), or polygon vertices x1,y1,x2,y2,... "
