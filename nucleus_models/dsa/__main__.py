@@ -142,6 +142,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="microns per base pixel, for slides without one; -1: the slide's own",
     )
     add(
+        "--frame",
+        default=d.frame,
+        help="the frame of multi-frame slides (multiplex fluorescence, z-stacks) to analyse: "
+        "its index (0 is the first) or its channel's name, any case (e.g. DAPI); empty: each "
+        "slide's one nuclear-stain channel (DAPI, Hoechst, DRAQ5, DNA), else frame 0 with a "
+        "warning; a slide without that channel fails alone",
+    )
+    add(
         "--format",
         "--nuclei-annotation-format",
         dest="nuclei_annotation_format",

@@ -87,6 +87,7 @@ _DETECTION_FIELDS = (
     "min_nucleus_area",
     "test_time_flips",
     "precision",
+    "frame",
 )
 #: where and how fast a run goes, not what it finds: outside the settings hash
 #: (a slide done on the GPU is not redone on the CPU, nor for another batch size)
@@ -96,8 +97,10 @@ _RUNTIME_FIELDS = ("scheduler", "num_workers", "device", "batch_size")
 #: of the hash, so results made before the field existed are not redone.
 #: ``precision``: int8 or bfloat16 asked for can change a few nuclei against
 #: float32, so asking for one redoes slides; ``auto`` (every earlier result)
-#: is the machine's choice, as the device is, and redoes none
-_LATER_FIELDS: dict[str, Any] = {"test_time_flips": False, "precision": "auto"}
+#: is the machine's choice, as the device is, and redoes none. ``frame``:
+#: empty (the automatic choice, what every earlier result was made with) keeps
+#: the hash; a frame asked for redoes the slides
+_LATER_FIELDS: dict[str, Any] = {"test_time_flips": False, "precision": "auto", "frame": ""}
 #: the values of ``device`` (NucleusDetection's menu)
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -129,6 +132,10 @@ class FolderJobParams:
     batch_size: int = -1
     device: str = "auto"
     precision: str = "auto"
+    #: the frame of a multi-frame slide: an index or a channel name (any
+    #: case); empty: each slide's nuclear-stain channel, else frame 0
+    #: (NucleusDetection's ``frame``)
+    frame: str = ""
     scheduler: str = ""
     num_workers: int = 0
 
@@ -185,6 +192,7 @@ class FolderJobParams:
 
         spec = get_spec(self.model)
         fields = {k: getattr(self, k) for k in _DETECTION_FIELDS}
+        fields["frame"] = frame_key(self.frame)
         return {
             "analysis": self.analysis,
             "model_sha256": spec.sha256,
@@ -201,6 +209,22 @@ class FolderJobParams:
         d = asdict(self)
         d.pop("girderToken", None)
         return d
+
+
+def frame_key(frame: str | None) -> str:
+    """``frame`` as the settings hash takes it: spellings of the same
+    choice alike (NucleusDetection reads channel names in any case, and
+    ``-1`` as empty).
+
+    >>> frame_key(" DAPI "), frame_key("-1"), frame_key("+02"), frame_key(None)
+    ('dapi', '', '2', '')
+    """
+    text = "" if frame is None else str(frame).strip()
+    if text == "-1":
+        return ""
+    if text.lstrip("+").isdigit() and text.lstrip("+").isascii():
+        return str(int(text))
+    return text.casefold()
 
 
 @dataclass
@@ -229,6 +253,8 @@ class ItemOutcome:
     warnings: list[str] = field(default_factory=list)
     #: how the model ran (``int8 on cpu``), as NucleusDetection's log line says it
     runtime: str = ""
+    #: the frame of a multi-frame slide analysed (``1 (DAPI)``); "" for a plain slide
+    frame: str = ""
 
 
 def _run_detection(
@@ -275,6 +301,25 @@ def how_it_ran(runtime: Any) -> str:
     precision = str(runtime.get("precision") or "")
     arithmetic = "" if precision in ("", "not applicable") else precision + " "
     return f"{arithmetic}on {runtime['device']}"
+
+
+def frame_read(provenance: Any) -> str:
+    """The frame a multi-frame slide's analysis read, from its provenance's
+    ``slide.frame`` (``1 (DAPI)``, or ``2`` where channels have no names);
+    "" for a plain slide or where none is recorded.
+
+    >>> frame_read({"slide": {"frame": {"index": 1, "channel": "DAPI", "frames": 3}}})
+    '1 (DAPI)'
+    >>> frame_read({"slide": {"frame": {"index": 0, "channel": None, "frames": 1}}}), frame_read({})
+    ('', '')
+    """
+    slide = provenance.get("slide") if isinstance(provenance, dict) else None
+    frame = slide.get("frame") if isinstance(slide, dict) else None
+    if not isinstance(frame, dict) or not isinstance(frame.get("frames"), int):
+        return ""
+    if frame["frames"] <= 1:
+        return ""
+    return f"{frame.get('index')}" + (f" ({frame['channel']})" if frame.get("channel") else "")
 
 
 def nuclei_per_mm2(count: int, area_mm2: float) -> float | None:
@@ -486,6 +531,7 @@ def _process(
         scores=out.scores,
         warnings=list(prov.get("warnings") or []),
         runtime=how_it_ran(prov.get("runtime")),
+        frame=frame_read(prov),
     )
     return outcome, record
 
@@ -588,7 +634,7 @@ def _summary_csv(outcomes: list[ItemOutcome], params: FolderJobParams, phash: st
     buf = io.StringIO()
     cols = ["item_id", "item_name", "status", "analysis", "analysis_key", "model"]
     cols += ["params_hash", "nuclei_count", "nuclei_per_mm2", "annotation_id", "seconds", "error"]
-    cols += ["warnings", "runtime"]
+    cols += ["warnings", "runtime", "frame"]
     w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
     w.writeheader()
     for o in outcomes:
@@ -608,6 +654,7 @@ def _summary_csv(outcomes: list[ItemOutcome], params: FolderJobParams, phash: st
                 "error": o.error,
                 "warnings": "; ".join(o.warnings),
                 "runtime": o.runtime,
+                "frame": o.frame,
             }
         )
     return buf.getvalue().encode()
@@ -742,6 +789,7 @@ def _run_items(
                     scores=scores,
                     warnings=list((rec.get("provenance") or {}).get("warnings") or []),
                     runtime=how_it_ran((rec.get("provenance") or {}).get("runtime")),
+                    frame=frame_read(rec.get("provenance")),
                 )
             else:
                 outcome, written[item["_id"]] = _process(
@@ -768,7 +816,8 @@ def _run_items(
         outcomes.append(outcome)
         count = "" if outcome.nuclei_count is None else str(outcome.nuclei_count)
         ran = f"({outcome.runtime})" if outcome.runtime and outcome.status == "done" else ""
-        log.info("%s: %s", label, " ".join(w for w in (outcome.status, count, ran) if w))
+        of = f"in frame {outcome.frame}" if outcome.frame else ""
+        log.info("%s: %s", label, " ".join(w for w in (outcome.status, count, of, ran) if w))
         report((i + 1) / max(len(items), 1))
     # Late copies of a push whose answer was lost may arrive after it, and an
     # item's record may have been undone by another write of the item's
