@@ -14,6 +14,7 @@ import re
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +98,8 @@ class Slide:
     mpp : float
         Microns per base pixel (from metadata or the ``input_mpp`` override).
     mpp_source : str
-        Where ``mpp`` came from: ``"metadata"``, ``"magnification"`` or ``"override"``.
+        Where ``mpp`` came from: ``"metadata"`` (large_image's), ``"ome-xml"``
+        (an OME-TIFF's ``PhysicalSizeX``), ``"magnification"`` or ``"override"``.
     """
 
     path: str
@@ -132,17 +134,18 @@ class Slide:
         """Return the resolution or raise a clear error if it is unknown."""
         if self.mpp is None:
             raise SlideError(
-                f"{Path(self.path).name}: resolution unknown (no microns-per-pixel or "
-                "magnification in its metadata); pass --input_mpp, the microns per base pixel "
+                f"{Path(self.path).name}: resolution unknown (no microns-per-pixel, OME-XML "
+                "PhysicalSizeX or magnification in its metadata); pass --input_mpp, the microns "
+                "per base pixel "
                 "('Input resolution (um/px)' in HistomicsUI)"
             )
         return self.mpp
 
     def metadata_mpp(self) -> tuple[float | None, str]:
         """The resolution the slide's own metadata gives and where from
-        (``"metadata"``, ``"magnification"`` or ``"unknown"``), even where
-        ``input_mpp`` overrides it."""
-        return _mpp_from_metadata(self.metadata)
+        (``"metadata"``, ``"ome-xml"``, ``"magnification"`` or
+        ``"unknown"``), even where ``input_mpp`` overrides it."""
+        return _slide_mpp(Path(self.path), self.metadata, self.width, self.height)
 
     def read_region(
         self, x: int, y: int, w: int, h: int, *, out_w: int | None = None, out_h: int | None = None
@@ -610,6 +613,20 @@ def _over_black(arr: np.ndarray, alpha_white: float | None = None) -> np.ndarray
     return out.astype(arr.dtype)
 
 
+def _slide_mpp(
+    path: Path, meta: dict[str, Any], width: int, height: int
+) -> tuple[float | None, str]:
+    """The slide's own resolution and where from: large_image's (``mm_x``),
+    else an OME-TIFF's OME-XML ``PhysicalSizeX`` (which the tiff and
+    tifffile sources do not read), else the magnification's guess."""
+    mpp, src = _mpp_from_metadata(meta)
+    if src == "metadata":
+        return mpp, src
+    if (ome := _mpp_from_ome(path, width, height)) is not None:
+        return ome, "ome-xml"
+    return mpp, src
+
+
 def _mpp_from_metadata(meta: dict[str, Any]) -> tuple[float | None, str]:
     mm_x = meta.get("mm_x")
     if mm_x:
@@ -619,6 +636,86 @@ def _mpp_from_metadata(meta: dict[str, Any]) -> tuple[float | None, str]:
         # The usual scanner convention: 40x ~ 0.25 um/px.
         return 10.0 / float(mag), "magnification"
     return None, "unknown"
+
+
+#: micrometres per unit of an OME-XML length (its ``UnitsLength`` symbols;
+#: the micro sign as U+00B5 or U+03BC, the angstrom as U+00C5 or U+212B)
+_OME_UM_PER_UNIT = {
+    "m": 1e6, "dm": 1e5, "cm": 1e4, "mm": 1e3, "\u00b5m": 1.0, "\u03bcm": 1.0, "um": 1.0,
+    "nm": 1e-3, "pm": 1e-6, "\u00c5": 1e-4, "\u212b": 1e-4, "in": 25400.0, "thou": 25.4,
+}  # fmt: skip
+
+
+def _xml_tag(element: Any) -> str:
+    return str(element.tag).rsplit("}", 1)[-1]
+
+
+def _ome_pixels(path: Path, width: int | None = None, height: int | None = None) -> Any:
+    """The OME-XML ``Pixels`` element of an OME-TIFF (that of the image of
+    ``width`` x ``height`` px where several are described, else the first),
+    or None for any other file."""
+    import xml.etree.ElementTree as ET
+
+    if (xml := _ome_xml(path)) is None:
+        return None
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError:
+        return None
+    pixels = [e for e in root.iter() if _xml_tag(e) == "Pixels"]
+    sized = [e for e in pixels if e.get("SizeX") == str(width) and e.get("SizeY") == str(height)]
+    return next(iter(sized or pixels), None)
+
+
+def _ome_xml(path: Path) -> str | None:
+    """An OME-TIFF's OME-XML (None for any other file), read once per file version."""
+    try:
+        st = path.stat()
+        return _read_ome_xml(str(path), st.st_mtime_ns, st.st_size)
+    except OSError:
+        return None
+
+
+@lru_cache(maxsize=16)
+def _read_ome_xml(path: str, mtime_ns: int, size: int) -> str | None:
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) not in _TIFF_MAGIC:
+                return None
+        import tifffile
+
+        with tifffile.TiffFile(path) as tif:
+            return tif.ome_metadata or None
+    except Exception:  # (a TIFF tifffile cannot read: large_image says so)
+        return None
+
+
+def _mpp_from_ome(path: Path, width: int, height: int) -> float | None:
+    """Microns per pixel from an OME-TIFF's ``PhysicalSizeX`` (else
+    ``PhysicalSizeY``) in its unit (``PhysicalSizeXUnit``, µm by default),
+    or None where there is none (or 0, or not a number, or in no unit of
+    length: ``pixel``). A nonsense value is returned as it is, to be refused
+    as any other slide's (:func:`~nucleus_models.detection.mpp_problem`)."""
+    pixels = _ome_pixels(path, width, height)
+    if pixels is None:
+        return None
+    for axis in "XY":
+        raw = pixels.get(f"PhysicalSize{axis}")
+        if raw is None:
+            continue
+        unit = (pixels.get(f"PhysicalSize{axis}Unit") or "\u00b5m").strip()
+        try:
+            value = float(raw)
+        except ValueError:
+            log.warning("%s: OME-XML PhysicalSize%s %r is not a number", path.name, axis, raw)
+            return None
+        if (factor := _OME_UM_PER_UNIT.get(unit)) is None:
+            log.warning(
+                "%s: OME-XML PhysicalSize%s is in %r, not a unit of length", path.name, axis, unit
+            )
+            return None
+        return value * factor if value else None
+    return None
 
 
 #: channel names of a nuclear counterstain (DAPI, Hoechst 33342, DRAQ5,
@@ -692,22 +789,7 @@ def frame_channels(slide: Slide) -> list[str | None]:
 
 def _ome_channels(path: Path, frames: list[dict[str, Any]]) -> list[str | None] | None:
     """Each frame's channel name from an OME-TIFF's OME-XML, or None."""
-    import xml.etree.ElementTree as ET
-
-    try:
-        with open(path, "rb") as f:
-            if f.read(4) not in _TIFF_MAGIC:
-                return None
-        import tifffile
-
-        with tifffile.TiffFile(str(path)) as tif:
-            xml = tif.ome_metadata
-        if not xml:
-            return None
-        root = ET.fromstring(xml)
-    except Exception:
-        return None
-    pixels = next((e for e in root.iter() if e.tag.rsplit("}", 1)[-1] == "Pixels"), None)
+    pixels = _ome_pixels(path)
     if pixels is None:
         return None
     names = [c.get("Name") for c in pixels if c.tag.rsplit("}", 1)[-1] == "Channel"]
@@ -986,7 +1068,7 @@ def open_slide(path: str | os.PathLike[str], *, input_mpp: float | None = None) 
     if input_mpp is not None and input_mpp > 0:
         mpp, src = float(input_mpp), "override"
     else:
-        mpp, src = _mpp_from_metadata(meta)
+        mpp, src = _slide_mpp(p, meta, width, height)
     log.info("opened %s: %dx%d, mpp=%s (%s)", p.name, width, height, mpp, src)
     return Slide(
         path=str(p),
