@@ -93,7 +93,7 @@ def test_geojson_qupath_shape() -> None:
     f = gj["features"][1]
     ring = f["geometry"]["coordinates"][0]
     assert ring[0] == ring[-1] and len(ring) == 4
-    assert f["properties"]["measurements"] == {"score": 0.4, "area_um2": 8.5}
+    assert f["properties"]["measurements"] == {"nucleus_id": 2, "score": 0.4, "area_um2": 8.5}
     assert f["properties"]["objectType"] == "detection"
     assert f["properties"]["classification"] == {"name": "b", "color": [4, 5, 6]}
     import shapely.geometry
@@ -243,6 +243,10 @@ def test_elements_join_the_csv_rows_by_nucleus_id(tmp_path: Path, form: str) -> 
             )
     features = json.loads((tmp_path / "n.geojson").read_text())["features"]
     assert [f["id"] for f in features] == table.index.tolist()
+    # QuPath drops a feature id that is not a UUID, but keeps the measurements
+    assert [f["properties"]["measurements"]["nucleus_id"] for f in features] == [
+        f["id"] for f in features
+    ]
 
 
 def test_geojson_rings_have_four_positions_for_qupath() -> None:

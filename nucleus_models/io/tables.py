@@ -74,7 +74,9 @@ def _features(
             ring = [[x0, y0], [x1, y0], [x1, y1], [x0, y1]]
         ring.append(ring[0])
         lab = int(nuclei.labels[i])
-        meas = {"score": round(float(nuclei.scores[i]), 4)}
+        # (QuPath keeps a feature's ``id`` only where it is a UUID: the CSV id
+        # goes with the measurements, which it keeps, so the two can be joined)
+        meas = {"nucleus_id": first_id + i, "score": round(float(nuclei.scores[i]), 4)}
         meas.update({k: round(float(v[i]), 4) for k, v in nuclei.measurements.items()})
         feats.append(
             {
