@@ -52,7 +52,9 @@ def tissue_mask(
     Thresholds are fixed, so the mask does not depend on how the slide is cut.
     An image of one flat colour (blank, all black) has no tissue.
     Where ``um_per_px`` is known, pen ink (:func:`pen_ink`: blue, green and
-    black marker) is not tissue either, on the glass or over the tissue.
+    black marker of 0.05 mm^2 or more) is not tissue either: on the glass,
+    and over tissue only where the ink's colour is what shows (ink and
+    stain add up; ink over tissue is mostly taken for tissue).
 
     >>> img = np.full((20, 20, 3), 245, np.uint8); img[5:15, 5:15] = (200, 120, 180)
     >>> int(tissue_mask(img).sum())
