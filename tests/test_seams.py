@@ -521,3 +521,52 @@ def test_an_in_memory_image_keeps_one_sighting_of_a_seam_nucleus_too() -> None:
     # takes the column where the two tiles' outlines of them overlap)
     assert areas[1:].tolist() == [72, 56, 72]
     assert nuclei_from_labels(lab).centroids.tolist() == [[31.5, 8.0], [27.5, 22.0], [35.5, 22.0]]
+
+
+class _UnequalSeamModel(_SeamModel):
+    """The left tile outlines the seam nucleus narrow (columns 29-33,
+    centroid x 31.5: its core), the right one whole (27-38, 33.0: its core):
+    the whole outline covers all of the narrow one, under half of itself."""
+
+    def postprocess(self, raw: object, images: list[np.ndarray], context: object) -> list[object]:
+        out = []
+        for img in images:
+            left = int(img[0, 0, 0])  # 0: the left tile, 16: the right one
+            full = np.zeros((32, 64), np.int32)
+            if left == 0:
+                full[4:12, 29:34] = 1
+            else:
+                full[4:12, 27:39] = 1
+            out.append(_instances(np.ascontiguousarray(full[:, left : left + img.shape[1]])))
+        return out
+
+
+@pytest.mark.parametrize("downsample", [1.0, 2.0])
+def test_a_seam_nucleus_one_tile_outlines_smaller_is_reported_once(
+    monkeypatch: pytest.MonkeyPatch, downsample: float
+) -> None:
+    """Two sightings of one nucleus of different sizes are one (the share is
+    of the smaller one), at a downsampled analysis too (the centroids and
+    boxes compared with the cores in analysis pixels, not base ones): the
+    whole one, deeper inside its core, stays. The same in memory."""
+    from nucleus_models.wsi import runner
+    from nucleus_models.wsi.runner import segment_array
+    from nucleus_models.wsi.tiling import tile_grid
+
+    job = _tile_job(downsample, (64, 32))
+    tiles = tile_grid((0, 0, 64, 32), tile_size=32, overlap=16)
+    monkeypatch.setattr(runner, "_model", lambda name, options: _UnequalSeamModel())
+    monkeypatch.setattr(
+        runner,
+        "read_tile",
+        lambda job, t: np.full(
+            (t.read[3] - t.read[1], t.read[2] - t.read[0], 3), t.read[0], np.uint8
+        ),
+    )
+    nuc = runner.run_tiles(job, tiles)
+    np.testing.assert_allclose(nuc.centroids, [[33.0 * downsample, 8.0 * downsample]])
+    image = np.zeros((32, 64, 3), np.uint8)
+    image[..., 0] = np.arange(64)
+    lab, scores, _ = segment_array(image, _UnequalSeamModel(), {}, tile_size=32, overlap=16)
+    assert len(scores) == 2 and np.bincount(lab.ravel())[1:].tolist() == [96]
+    assert nuclei_from_labels(lab).centroids.tolist() == [[33.0, 8.0]]

@@ -159,3 +159,24 @@ def test_seam_duplicates_leave_one_of_four_sightings_at_a_corner() -> None:
     assert not seam_duplicates(
         inner_boxes[:, :2] + 2, inner_boxes, cores, polygon_share(inner.__getitem__)
     ).any()
+
+
+def test_a_sighting_inside_its_own_core_is_one_with_a_bigger_one_across_the_seam() -> None:
+    """One tile outlined a nucleus small, wholly inside its own core; the
+    other outlined it whole, across the seam (its centroid just in its own
+    core). One nucleus: the whole outline covers all of the small one (the
+    share is of the smaller), and the small one's box, though inside its
+    core, comes within the farthest reach out of a core of its edge. The
+    sighting deeper inside its core stays."""
+    from nucleus_models.wsi.tiling import polygon_share, seam_duplicates
+
+    cores = [(0, 0, 10, 10), (10, 0, 20, 10)]
+    # core 0's, 0.5 px from the seam; the whole one's centroid x 10: core 1's
+    small = np.array([[7, 2], [9.5, 2], [9.5, 4.5], [7, 4.5]], float)
+    whole = np.array([[6, 1], [14, 1], [14, 7], [6, 7]], float)
+    polys = [small, whole]
+    boxes = np.array([[*p.min(axis=0), *p.max(axis=0)] for p in polys])
+    cent = boxes.reshape(-1, 2, 2).mean(axis=1)
+    drop = seam_duplicates(cent, boxes, cores, polygon_share(polys.__getitem__))
+    # (the small one's centroid 1.75 px inside its core, the whole one's 0)
+    assert drop.tolist() == [False, True]
