@@ -292,3 +292,33 @@ def test_a_plain_slide_records_no_frame(tmp_path: Path) -> None:
     r = _detect(path)
     assert "frame" not in r.slide and _found(r.nuclei.centroids) == len(CENTRES)
     write_outputs(r)  # (nothing asked for: nothing written)
+
+
+def test_channel_names_without_the_frames_channel_indices_are_not_guessed() -> None:
+    """large_image's ``channels`` with frames that carry no ``IndexC`` name
+    them in order only where there is a frame per channel: 4 frames of 2
+    channels (a z-stack, in an order nothing says) are not taken as the
+    channels and then unnamed planes, which read frame 1 as "DAPI" whatever
+    it holds; no channel is named, and frame 0 is read with a warning."""
+    from nucleus_models.wsi.slide import Slide, choose_frame, frame_channels
+
+    meta = {"frames": [{}, {}, {}, {}], "channels": ["CD8", "DAPI"]}
+    slide = Slide("x.tif", 10, 10, 0.5, "metadata", None, meta)
+    assert frame_channels(slide) == [None] * 4
+    choice = choose_frame(slide)
+    assert (choice.index, choice.how) == (0, "first") and choice.warning
+    meta = {"frames": [{}, {}], "channels": ["CD8", "DAPI"]}
+    two = Slide("x.tif", 10, 10, 0.5, "metadata", None, meta)
+    assert frame_channels(two) == ["CD8", "DAPI"] and choose_frame(two).index == 1
+
+
+@pytest.mark.parametrize("frame", ["-1", -1, " ", None])
+def test_minus_one_or_nothing_is_the_frame_picked(frame: object) -> None:
+    """``-1`` (HistomicsTK's "no frame") is the default pick, as empty is,
+    not a channel named "-1"."""
+    from nucleus_models.wsi.slide import Slide, choose_frame
+
+    meta = {"frames": [{"IndexC": c} for c in (0, 1)], "channels": ["CD8", "DAPI"]}
+    slide = Slide("x.tif", 10, 10, 0.5, "metadata", None, meta)
+    assert choose_frame(slide, frame) == choose_frame(slide, "")
+    assert choose_frame(slide, frame).index == 1
