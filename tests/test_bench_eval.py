@@ -718,3 +718,48 @@ def test_a_report_of_the_first_samples_says_they_are_not_all_of_them(tmp_path: P
     assert "(the first 1 of its 2 samples;" in header
     evaluate(_FakePoints(tmp_path), model="classical-he", out_dir=out)
     assert "(2 samples;" in (out / "report.md").read_text()
+
+
+def test_training_images_come_only_from_a_card_of_the_registered_weights(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A card beside other weights than those registered (weights replaced,
+    the card left from before) lists another training's images: none are
+    taken from it, so no image is called in-sample on its word."""
+    import dataclasses
+
+    from benchmark.evaluate import training_image_ids
+    from nucleus_models.models import get_spec, weights
+
+    monkeypatch.setattr(weights, "WEIGHTS_DIR", tmp_path)
+    card = {"spec": {"sha256": "ab" * 32}, "training": {"images": ["x", "y"]}}
+    (tmp_path / "mine.json").write_text(json.dumps(card))
+    spec = dataclasses.replace(get_spec("unet-monuseg-fast"), name="mine", sha256="ab" * 32)
+    assert training_image_ids(spec) == {"x", "y"}
+    assert training_image_ids(dataclasses.replace(spec, sha256="cd" * 32)) is None
+
+
+def test_a_samples_content_hash_covers_its_image_and_id_too() -> None:
+    """An image replaced in place (same name and size: the fingerprint
+    unchanged) is other data scored: the sample's content hash differs, as
+    for a corrected annotation; so does the same content under another id."""
+    from benchmark.evaluate import sample_digest
+
+    image = np.zeros((4, 4, 3), np.uint8)
+    truth = np.zeros((4, 4), np.int32)
+    other = image.copy()
+    other[1, 2, 0] = 9
+    digest = sample_digest("a", image, truth)
+    assert digest == sample_digest("a", image.copy(), truth.copy())
+    assert digest != sample_digest("a", other, truth)
+    assert digest != sample_digest("b", image, truth)
+
+
+def test_a_report_of_the_first_samples_says_how_many_were_scored() -> None:
+    """Of the first 3 of 30 samples, one without an annotation (skipped):
+    the header says 2 were scored, not only "the first 3 of its 30"."""
+    from benchmark.report import _dataset_text
+
+    ds = {"name": "d", "root": "/d", "fingerprint": "ab" * 32, "n_selected": 3, "n_available": 30}
+    assert "(the first 3 of its 30 samples, 2 scored;" in _dataset_text({**ds, "n_samples": 2})
+    assert "(the first 3 of its 30 samples;" in _dataset_text({**ds, "n_samples": 3})
