@@ -22,6 +22,18 @@ import pytest
 from annotation_schema import validate_annotation
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def _ctrl_c_heard() -> None:
+    """In the child: SIGINT as a terminal's job has it. A test run started
+    in the background of a non-interactive shell (``cmd &``, nohup) has
+    SIGINT ignored, which the child inherits and Python then keeps, so a
+    Ctrl-C sent to it would be lost whatever the code does."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 CLI_LIST = json.loads((REPO / "slicer_cli_list.json").read_text())
 
 
@@ -553,6 +565,7 @@ def test_a_dask_run_stops_at_once_on_a_cancel_or_ctrl_c(shared_data: Path, tmp_p
             stderr=subprocess.PIPE,
             text=True,
             start_new_session=True,  # a process group of its own, as a terminal's job is
+            preexec_fn=_ctrl_c_heard,
         )
         try:
             assert proc.stdout is not None

@@ -20,6 +20,16 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _ctrl_c_heard() -> None:
+    """In the child: SIGINT as a terminal's job has it. A test run started
+    in the background of a non-interactive shell (``cmd &``, nohup) has
+    SIGINT ignored, which the child inherits and Python then keeps, so a
+    Ctrl-C sent to it would be lost whatever the code does."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 #: set in a worker by dask_setup, when dask's config names this module a preload
 _PRELOADED = False
 
@@ -161,6 +171,7 @@ def test_a_ctrl_c_while_the_dask_workers_start_stops_the_run(
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,  # a process group of its own, as a terminal's job is
+        preexec_fn=_ctrl_c_heard,
     )
     try:
         deadline = time.monotonic() + 60
