@@ -161,6 +161,34 @@ def test_seam_duplicates_leave_one_of_four_sightings_at_a_corner() -> None:
     ).any()
 
 
+def test_a_blob_between_two_nuclei_in_depth_drops_neither_of_them() -> None:
+    """One tile outlined two touching nuclei on a seam as one blob; the
+    other tile outlined them apart, one deeper inside its core than the
+    blob, the other less deep. The blob is a sighting of each, so one of
+    the two sightings it shares a nucleus with goes, but a dropped sighting
+    must not drop another: the deeper nucleus is kept, the blob dropped as
+    its sighting, and the other nucleus, whose only partner is the dropped
+    blob, stays. Handled pair by pair (most overlap first), the blob first
+    dropped the shallower nucleus and was then dropped itself: one nucleus
+    left of two."""
+    from nucleus_models.wsi.tiling import polygon_share, seam_duplicates
+
+    cores = [(0, 0, 10, 20), (10, 0, 20, 20)]
+    # core 1: two nuclei apart, centroids 4 and 0.5 px inside it
+    deep = np.array([[12, 1], [16, 1], [16, 4], [12, 4]], float)
+    shallow = np.array([[8.5, 6], [12.5, 6], [12.5, 9.5], [8.5, 9.5]], float)
+    # core 0: the blob over both, its centroid 0.8 px inside its core (x 9.2)
+    blob = np.array([[4, 0], [14.4, 0], [14.4, 10], [4, 10]], float)
+    polys = [deep, shallow, blob]
+    boxes = np.array([[*p.min(axis=0), *p.max(axis=0)] for p in polys])
+    cent = boxes.reshape(-1, 2, 2).mean(axis=1)
+    share = polygon_share(polys.__getitem__)
+    # the blob holds 0.6 of the deep nucleus and all of the shallow one
+    assert share(np.array([0, 1]), np.array([2, 2])) == pytest.approx([0.6, 1.0])
+    drop = seam_duplicates(cent, boxes, cores, share)
+    assert drop.tolist() == [False, False, True]
+
+
 def test_a_sighting_inside_its_own_core_is_one_with_a_bigger_one_across_the_seam() -> None:
     """One tile outlined a nucleus small, wholly inside its own core; the
     other outlined it whole, across the seam (its centroid just in its own

@@ -317,11 +317,13 @@ def seam_duplicates(
     smaller of nuclei ``a[k]`` and ``b[k]`` that the other covers (from
     their outlines, :func:`polygon_share`, or their pixels). Two nuclei of
     different tiles are one when that is ``min_overlap`` or more (nuclei of
-    one tile never overlap). Of such a
-    pair the one whose centroid lies less deep inside its own core (nearer
-    a seam: its tile saw the nucleus with less context on one side) is
-    dropped; a tie, the later one. So of three or four sightings at a
-    corner the deepest is left.
+    one tile never overlap). The sightings are taken deepest first (the
+    centroid deepest inside its own core: its tile saw the nucleus with
+    most context round it; a tie, the earlier one), each kept unless one of
+    the same nucleus is kept already. So of three or four sightings at a
+    corner the deepest is left, and a sighting dropped drops no other (one
+    tile's blob over two touching nuclei that the other tile outlined
+    apart: the blob goes, or both of the two do, never one of each).
 
     Only nuclei whose box comes within ``pad`` of their own core's edge are
     compared, where ``pad`` is the farthest any box reaches out of its own
@@ -382,9 +384,18 @@ def seam_duplicates(
     a, b, shared = a[same], b[same], shared[same]
 
     deep = inside(*centroids.T, *centroids.T)
-    for k in np.lexsort((b, a, -shared)):
-        i, j = int(a[k]), int(b[k])
-        if drop[i] or drop[j]:
-            continue
-        drop[j if deep[i] >= deep[j] else i] = True
+    # deepest first (a tie: the earlier one), each kept unless a sighting of
+    # the same nucleus is kept already: a sighting dropped does not drop
+    # others (one tile's blob of two touching nuclei, the other's two apart,
+    # the blob between them in depth: both of the two stay, not one)
+    partners: dict[int, list[int]] = {}
+    for i, j in zip(a.tolist(), b.tolist(), strict=True):
+        partners.setdefault(i, []).append(j)
+        partners.setdefault(j, []).append(i)
+    kept = np.zeros(n, bool)
+    for i in sorted(partners, key=lambda k: (-float(deep[k]), k)):
+        if any(kept[p] for p in partners[i]):
+            drop[i] = True
+        else:
+            kept[i] = True
     return drop
