@@ -204,3 +204,31 @@ def test_each_slide_is_read_in_the_frame_given_and_one_without_that_channel_fail
     assert [r["frame"] for r in rows] == ["1 (DAPI)", ""]
     again = folder_job._run_items(client, params, {"name": "F"}, items[:1], lease, None, None)
     assert again[0].status == "skipped" and again[0].frame == "1 (DAPI)"
+
+
+def test_the_hash_reads_a_frame_as_nucleus_detection_does() -> None:
+    """``frame_key`` (the settings hash's frame) took ``++1`` for an index
+    and ended the job in a ValueError traceback before any slide (int()
+    refuses it), where NucleusDetection reads it as a channel's name (a
+    slide without one fails alone): spellings the hash takes alike are read
+    alike, and every spelling has a hash."""
+    from nucleus_models.dsa.folder_job import frame_key
+    from nucleus_models.errors import ParameterError
+    from nucleus_models.wsi.slide import Slide, choose_frame
+
+    meta = {"frames": [{"IndexC": c} for c in (0, 1)], "channels": ["CD8", "DAPI"]}
+    slide = Slide("x.tif", 10, 10, 0.5, "metadata", None, meta)
+
+    def read(frame: str) -> object:
+        try:
+            return choose_frame(slide, frame).index
+        except ParameterError:
+            return "refused"
+
+    spellings = ["", "-1", " ", "1", "+1", "01", " 1 ", "++1", "+-1", "1.0", "-0", "DAPI"]
+    spellings += ["dapi", "\u0661", "\u00b9"]
+    for a in spellings:
+        FolderJobParams(inputFolder="f", frame=a).params_hash()
+        for b in spellings:
+            if frame_key(a) == frame_key(b):
+                assert read(a) == read(b), (a, b)

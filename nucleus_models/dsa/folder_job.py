@@ -216,13 +216,15 @@ def frame_key(frame: str | None) -> str:
     choice alike (NucleusDetection reads channel names in any case, and
     ``-1`` as empty).
 
-    >>> frame_key(" DAPI "), frame_key("-1"), frame_key("+02"), frame_key(None)
-    ('dapi', '', '2', '')
+    >>> frame_key(" DAPI "), frame_key("-1"), frame_key("+02"), frame_key("++2"), frame_key(None)
+    ('dapi', '', '2', '++2', '')
     """
+    from ..wsi.slide import FRAME_INDEX
+
     text = "" if frame is None else str(frame).strip()
     if text == "-1":
         return ""
-    if text.lstrip("+").isdigit() and text.lstrip("+").isascii():
+    if FRAME_INDEX.fullmatch(text):  # (an index as choose_frame reads one)
         return str(int(text))
     return text.casefold()
 

@@ -723,6 +723,8 @@ def _mpp_from_ome(path: Path, width: int, height: int) -> float | None:
 NUCLEAR_CHANNEL = re.compile(r"dapi|hoechst|draq\s*[57]|(?<![a-z])dna\d*(?![a-z])", re.IGNORECASE)
 #: the frames an error or warning lists at most
 _LISTED_FRAMES = 24
+#: a ``frame`` that is a frame's index, not a channel's name
+FRAME_INDEX = re.compile(r"\+?\d+")
 
 
 @dataclass(frozen=True)
@@ -849,7 +851,7 @@ def choose_frame(slide: Slide, frame: str | int | None = "") -> FrameChoice:
     names: list[str | None] = frame_channels(slide) if n > 1 else [None]
     file = Path(slide.path).name
     if text and text != "-1":
-        if re.fullmatch(r"\+?\d+", text):
+        if FRAME_INDEX.fullmatch(text):
             index = int(text)
             if index >= n:
                 raise ParameterError(
