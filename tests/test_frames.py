@@ -322,3 +322,30 @@ def test_minus_one_or_nothing_is_the_frame_picked(frame: object) -> None:
     slide = Slide("x.tif", 10, 10, 0.5, "metadata", None, meta)
     assert choose_frame(slide, frame) == choose_frame(slide, "")
     assert choose_frame(slide, frame).index == 1
+
+
+def test_channel_names_come_from_the_slides_own_image_of_several(tmp_path: Path) -> None:
+    """An OME-TIFF describing several images (an overview or label first,
+    then the slide) named the frames from the first image's channels: the
+    slide's DAPI (its third channel) was unnamed and its first frame taken
+    for DAPI. The names are those of the image of the slide's size, as its
+    resolution is."""
+    import tifffile
+
+    from nucleus_models.wsi.slide import Slide, choose_frame, frame_channels
+
+    path = tmp_path / "two.ome.tif"
+    with tifffile.TiffWriter(path, ome=True) as tw:
+        tw.write(
+            np.zeros((2, 32, 32), np.uint16),
+            metadata={"axes": "CYX", "Channel": {"Name": ["DAPI", "CD3"]}},
+        )
+        names = ["CD3", "CK", "DAPI"]
+        tw.write(
+            np.zeros((3, 64, 64), np.uint16), metadata={"axes": "CYX", "Channel": {"Name": names}}
+        )
+    # (frames as a source that reads the second image gives them)
+    meta = {"sizeX": 64, "sizeY": 64, "frames": [{"IndexC": c} for c in range(3)]}
+    slide = Slide(str(path), 64, 64, 0.5, "metadata", None, meta)
+    assert frame_channels(slide) == names
+    assert choose_frame(slide).index == 2

@@ -785,13 +785,16 @@ def frame_channels(slide: Slide) -> list[str | None]:
         if out[i] is None and f.get("Channel"):
             out[i] = str(f["Channel"])
     if n > 1 and not any(out):
-        out = _ome_channels(Path(slide.path), frames) or out
+        out = _ome_channels(Path(slide.path), frames, slide.width, slide.height) or out
     return out
 
 
-def _ome_channels(path: Path, frames: list[dict[str, Any]]) -> list[str | None] | None:
-    """Each frame's channel name from an OME-TIFF's OME-XML, or None."""
-    pixels = _ome_pixels(path)
+def _ome_channels(
+    path: Path, frames: list[dict[str, Any]], width: int | None = None, height: int | None = None
+) -> list[str | None] | None:
+    """Each frame's channel name from an OME-TIFF's OME-XML (that of the
+    image of ``width`` x ``height`` px where it describes several), or None."""
+    pixels = _ome_pixels(path, width, height)
     if pixels is None:
         return None
     names = [c.get("Name") for c in pixels if c.tag.rsplit("}", 1)[-1] == "Channel"]
