@@ -349,3 +349,25 @@ def test_channel_names_come_from_the_slides_own_image_of_several(tmp_path: Path)
     slide = Slide(str(path), 64, 64, 0.5, "metadata", None, meta)
     assert frame_channels(slide) == names
     assert choose_frame(slide).index == 2
+
+
+def test_a_single_channel_slide_named_as_the_channel_asked_for_is_read(tmp_path: Path) -> None:
+    """``--frame DAPI`` (a folder job's, for all its slides) on a
+    single-channel OME-TIFF whose one channel is DAPI was refused ("has no
+    channel of that name; it has 1 frame"): a plain slide's channel name was
+    never looked up. It is read, and another name is still refused."""
+    from nucleus_models.wsi import open_slide
+    from nucleus_models.wsi.slide import choose_frame
+
+    path = _ome(tmp_path / "dapi.ome.tif", ("DAPI",), _planes(("DAPI",))[0], axes="YX")
+    slide = open_slide(path, input_mpp=0.5)
+    choice = choose_frame(slide, "dapi")
+    assert (choice.index, choice.channel, choice.how, choice.read_frame) == (
+        0,
+        "DAPI",
+        "given",
+        None,
+    )
+    with pytest.raises(ParameterError, match="no channel of that name"):
+        choose_frame(slide, "CD3")
+    assert choose_frame(slide).how == "only"

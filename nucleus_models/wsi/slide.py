@@ -772,8 +772,8 @@ def frame_channels(slide: Slide) -> list[str | None]:
     or a frame's ``Channel``), else from an OME-TIFF's OME-XML (its
     ``Channel`` names, which the tiff and tifffile sources do not read),
     placed by the frames' ``IndexC`` or the XML's ``DimensionOrder``."""
-    frames = slide.metadata.get("frames") or []
-    n = max(1, len(frames))
+    frames = slide.metadata.get("frames") or [{}]  # (large_image lists a plain slide's none)
+    n = len(frames)
     names = slide.metadata.get("channels")
     out: list[str | None] = [None] * n
     if isinstance(names, list) and names:
@@ -784,7 +784,7 @@ def frame_channels(slide: Slide) -> list[str | None]:
     for i, f in enumerate(frames):
         if out[i] is None and f.get("Channel"):
             out[i] = str(f["Channel"])
-    if n > 1 and not any(out):
+    if not any(out):
         out = _ome_channels(Path(slide.path), frames, slide.width, slide.height) or out
     return out
 
@@ -851,7 +851,10 @@ def choose_frame(slide: Slide, frame: str | int | None = "") -> FrameChoice:
 
     text = "" if frame is None else str(frame).strip()
     n = slide.frame_count
-    names: list[str | None] = frame_channels(slide) if n > 1 else [None]
+    # (a single-frame slide's channel name only where one is asked for: a
+    # single-channel DAPI OME-TIFF has the channel "DAPI")
+    asked = bool(text) and text != "-1" and not FRAME_INDEX.fullmatch(text)
+    names: list[str | None] = frame_channels(slide) if n > 1 or asked else [None]
     file = Path(slide.path).name
     if text and text != "-1":
         if FRAME_INDEX.fullmatch(text):
