@@ -99,3 +99,13 @@ def disk_slide(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarr
     img = draw_disks(1000, 800, centres, radius)
     path = write_pyramidal_tiff(tmp_path_factory.mktemp("slides") / "disks.tif", img, mpp=0.5)
     return path, centres, radius
+
+
+def ctrl_c_heard() -> None:
+    """In the child: SIGINT as a terminal's job has it. A test run started
+    in the background of a non-interactive shell (``cmd &``, nohup) has
+    SIGINT ignored, which the child inherits and Python then keeps, so a
+    Ctrl-C sent to it would be lost whatever the code does."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -24,16 +24,6 @@ from annotation_schema import validate_annotation
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _ctrl_c_heard() -> None:
-    """In the child: SIGINT as a terminal's job has it. A test run started
-    in the background of a non-interactive shell (``cmd &``, nohup) has
-    SIGINT ignored, which the child inherits and Python then keeps, so a
-    Ctrl-C sent to it would be lost whatever the code does."""
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 CLI_LIST = json.loads((REPO / "slicer_cli_list.json").read_text())
 
 
@@ -554,6 +544,8 @@ def test_a_dask_run_stops_at_once_on_a_cancel_or_ctrl_c(shared_data: Path, tmp_p
     cmd += [str(shared_data / "wsi" / "CMU-1-Small-Region.svs"), str(tmp_path / "n.anot")]
     cmd += ["--model", "classical-he", "--scheduler", "multiprocessing", "--num_workers", "2"]
     cmd += ["--analysis_tile_size", "1536"]  # ~2 s a tile here: the old close waited for them
+    from conftest import ctrl_c_heard
+
     for sig, code, message in (
         (signal.SIGTERM, 143, "terminated"),
         (signal.SIGINT, 130, "interrupted"),
@@ -565,7 +557,7 @@ def test_a_dask_run_stops_at_once_on_a_cancel_or_ctrl_c(shared_data: Path, tmp_p
             stderr=subprocess.PIPE,
             text=True,
             start_new_session=True,  # a process group of its own, as a terminal's job is
-            preexec_fn=_ctrl_c_heard,
+            preexec_fn=ctrl_c_heard,
         )
         try:
             assert proc.stdout is not None

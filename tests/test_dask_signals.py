@@ -20,16 +20,6 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _ctrl_c_heard() -> None:
-    """In the child: SIGINT as a terminal's job has it. A test run started
-    in the background of a non-interactive shell (``cmd &``, nohup) has
-    SIGINT ignored, which the child inherits and Python then keeps, so a
-    Ctrl-C sent to it would be lost whatever the code does."""
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 #: set in a worker by dask_setup, when dask's config names this module a preload
 _PRELOADED = False
 
@@ -164,6 +154,8 @@ def test_a_ctrl_c_while_the_dask_workers_start_stops_the_run(
     cmd = [sys.executable, "-m", "cli", "NucleusDetection"]
     cmd += [str(shared_data / "wsi" / "CMU-1-Small-Region.svs"), str(tmp_path / "n.anot")]
     cmd += ["--model", "classical-he", "--scheduler", "multiprocessing", "--num_workers", "1"]
+    from conftest import ctrl_c_heard
+
     proc = subprocess.Popen(
         cmd,
         cwd=REPO,
@@ -171,7 +163,7 @@ def test_a_ctrl_c_while_the_dask_workers_start_stops_the_run(
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,  # a process group of its own, as a terminal's job is
-        preexec_fn=_ctrl_c_heard,
+        preexec_fn=ctrl_c_heard,
     )
     try:
         deadline = time.monotonic() + 60
