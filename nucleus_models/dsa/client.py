@@ -415,19 +415,9 @@ class DSAClient(girder_client.GirderClient):  # type: ignore[misc]
         if 0 < size <= self.MAX_CHUNK_SIZE:
             return self._upload_whole(item_id, params, payload)
         missed: list[BaseException] = []  # tries of POST file that may have reached Girder
-        send = super().sendRestRequest
-
-        def start(attempt: int) -> Any:
-            try:
-                return send("POST", "file", params, timeout=self.retry.timeout)
-            except (girder_client.HttpError, requests.RequestException) as exc:
-                if _may_have_landed(exc):
-                    missed.append(exc)
-                raise
-
         upload_id = None
         try:
-            upload = self._retrying("POST", "file", start)
+            upload = self._retrying("POST", "file", lambda _: self._post_file(params, missed))
             if size == 0:
                 return upload  # Girder made the (empty) file at once
             upload_id = upload["_id"]
@@ -451,7 +441,6 @@ class DSAClient(girder_client.GirderClient):  # type: ignore[misc]
         name, size = params["name"], params["size"]
         missed: list[BaseException] = []  # tries that may have reached Girder
         before = {f["_id"] for f in self._files(item_id)}
-        send = super().sendRestRequest
         made: list[Any] = []
 
         def once(attempt: int) -> Any:
@@ -467,25 +456,27 @@ class DSAClient(girder_client.GirderClient):  # type: ignore[misc]
                         "upload of %s to item %s: made although its answer was lost", name, item_id
                     )
                     return max(made, key=lambda f: str(f.get("created", "")))
-            try:
-                return send(
-                    "POST",
-                    "file",
-                    params,
-                    data=payload,
-                    headers={"Content-Type": "application/octet-stream"},
-                    timeout=self.retry.timeout,
-                )
-            except (girder_client.HttpError, requests.RequestException) as exc:
-                if _may_have_landed(exc):
-                    missed.append(exc)
-                raise
+            return self._post_file(
+                params, missed, data=payload, headers={"Content-Type": "application/octet-stream"}
+            )
 
         try:
             return self._retrying("POST", "file", once)
         finally:
             if missed and not made:  # (a file made ended its upload: none is left)
                 self._clear_unfinished(item_id, name, size, cause=missed[-1])
+
+    def _post_file(self, params: dict[str, Any], missed: list[BaseException], **kwargs: Any) -> Any:
+        """One try of ``POST file`` (:meth:`_retrying` retries it), a failure
+        that may have reached Girder (:func:`_may_have_landed`) noted in ``missed``."""
+        try:
+            return super().sendRestRequest(
+                "POST", "file", params, timeout=self.retry.timeout, **kwargs
+            )
+        except (girder_client.HttpError, requests.RequestException) as exc:
+            if _may_have_landed(exc):
+                missed.append(exc)
+            raise
 
     def _files(self, item_id: str, attempts: int | None = None) -> list[dict[str, Any]]:
         """The item's files (all of them: ``limit=0``)."""

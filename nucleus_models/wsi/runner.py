@@ -932,15 +932,17 @@ def segment_array(
     which = np.array([k for k, o in enumerate(own) for _ in o[1]], np.int64)
     label = np.concatenate([o[1] for o in own]) if own else np.zeros(0, np.int64)
     area = np.concatenate([o[4] for o in own]) if own else np.zeros(0)
+    boxes = np.concatenate([o[3] for o in own]).astype(np.int64) if own else np.zeros((0, 4))
 
     def share(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         """The share of the smaller of instances a[k], b[k] (of two tiles)
-        that the other covers, from the two tiles' label maps."""
+        that the other covers, from the two tiles' label maps (where both
+        boxes are: each instance lies in its own)."""
         out = np.zeros(len(a))
         for k, (i, j) in enumerate(zip(a, b, strict=True)):
             ti, tj = own[which[i]][0], own[which[j]][0]
-            x0, y0 = max(ti.read[0], tj.read[0]), max(ti.read[1], tj.read[1])
-            x1, y1 = min(ti.read[2], tj.read[2]), min(ti.read[3], tj.read[3])
+            x0, y0 = np.maximum(boxes[i, :2], boxes[j, :2]).tolist()
+            x1, y1 = np.minimum(boxes[i, 2:], boxes[j, 2:]).tolist()
             if x1 <= x0 or y1 <= y0:
                 continue
             li, lj = found[ti.index].labels, found[tj.index].labels
@@ -953,7 +955,7 @@ def segment_array(
     twice = (
         seam_duplicates(
             np.concatenate([o[2] for o in own]),
-            np.concatenate([o[3] for o in own]),
+            boxes.astype(np.float64),
             [t.core for t in tiles],
             share,
         )

@@ -504,17 +504,27 @@ def white_level(overview: np.ndarray, *, base_peak: float | None = None) -> floa
     if overview.dtype.kind == "f" and peak <= 255.0:
         return 1.0 if peak <= 1.0 else 255.0
     top = max(int(peak), 1)
-    bits = max(8, int(math.ceil(math.log2(top + 1))))
+    bits = _bits_holding(top)
     # (RGB's black: an unscanned margin's fill; a grey channel's 0: its ground)
     ground = brightest[brightest > 0] if overview.shape[-1] >= 3 else brightest
     if ground.size and float(np.median(ground)) < top / 4:
         bits += 2  # (a dark ground: small bright objects average down in the overview)
     if base_peak is not None and overview.dtype.kind in "iu":
-        bits = max(bits, int(math.ceil(math.log2(max(int(base_peak), 1) + 1))))
-    # (a signed type's own bits leave its sign out: int16 holds at most 32767)
-    own = 8 * overview.dtype.itemsize - int(np.issubdtype(overview.dtype, np.signedinteger))
-    bits = min(bits + bits % 2, own)
-    return float(2**bits - 1)
+        bits = max(bits, _bits_holding(base_peak))
+    return _camera_level(bits, overview.dtype)
+
+
+def _bits_holding(value: float) -> int:
+    """The fewest bits, at least 8, that hold ``value``."""
+    return max(8, int(math.ceil(math.log2(max(int(value), 1) + 1))))
+
+
+def _camera_level(bits: int, dtype: np.dtype[Any]) -> float:
+    """``2**bits - 1`` for ``bits`` rounded up to an even number (a camera's
+    depth: 8, 10, 12, ...), at most ``dtype``'s own bits (a signed type's
+    leave its sign out: int16 holds at most 32767)."""
+    own = 8 * dtype.itemsize - int(np.issubdtype(dtype, np.signedinteger))
+    return float(2 ** min(bits + bits % 2, own) - 1)
 
 
 def alpha_level(arr: np.ndarray) -> float:
@@ -540,10 +550,7 @@ def alpha_level(arr: np.ndarray) -> float:
     """
     if not _wide_integers(arr):  # (uint8: 255)
         return float(np.iinfo(arr.dtype).max) if np.issubdtype(arr.dtype, np.integer) else 1.0
-    top = max(int(arr[..., -1].max(initial=0)), 1)
-    bits = max(8, int(math.ceil(math.log2(top + 1))))
-    own = 8 * arr.dtype.itemsize - int(np.issubdtype(arr.dtype, np.signedinteger))
-    return float(2 ** min(bits + bits % 2, own) - 1)
+    return _camera_level(_bits_holding(arr[..., -1].max(initial=0)), arr.dtype)
 
 
 def to_rgb_uint8(

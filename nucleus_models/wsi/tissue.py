@@ -77,14 +77,15 @@ def tissue_mask(
     else:
         if _flat(rgb):
             return np.zeros(rgb.shape[:2], bool)  # one flat colour (e.g. all black)
-        mask = optical_density(rgb).sum(axis=2) > 0.2
+        od = optical_density(rgb)
+        mask = od.sum(axis=2) > 0.2
         # (channel by channel: rgb.max(axis=2) took 77 ms on a 2048-px thumbnail, this 3)
         black = np.maximum(np.maximum(rgb[..., 0], rgb[..., 1]), rgb[..., 2]) < NEAR_BLACK
         if black.any():
             black_rim = _grown(black, 2)
         if um_per_px is not None:
             # (only at a known scale: whether a pen-coloured patch is ink is its size in mm^2)
-            ink = pen_ink(rgb, um_per_px)
+            ink = pen_ink(rgb, um_per_px, od=od)
             if ink.any():
                 ink = _grown(ink, 2)  # (and the rim the thumbnail blurs round it)
                 black_rim = ink if black_rim is None else black_rim | ink
@@ -109,7 +110,7 @@ def tissue_mask(
     return filled
 
 
-def pen_ink(rgb: np.ndarray, um_per_px: float) -> np.ndarray:
+def pen_ink(rgb: np.ndarray, um_per_px: float, *, od: np.ndarray | None = None) -> np.ndarray:
     """Pixels of an RGB uint8 brightfield image at ``um_per_px`` that are pen
     ink: blue, green or black marker drawn on the glass.
 
@@ -148,7 +149,7 @@ def pen_ink(rgb: np.ndarray, um_per_px: float) -> np.ndarray:
         maybe = (r8 <= 127) & ((g8 > r8) | ((g8 <= 60) & (rgb[..., 2] <= 60)))
         if np.count_nonzero(maybe) < smallest:
             return np.zeros(rgb.shape[:2], bool)
-    od = optical_density(rgb)
+    od = optical_density(rgb) if od is None else od  # (``od``: the caller's, of ``rgb``)
     r, g, b = od[..., 0], od[..., 1], od[..., 2]
     cool = (g * 1.7 <= r) & (b <= 0.8 * r)  # blue or green ink's hue
     pale = cool & (r >= 0.1)  # (also a stroke's paler edges and streaks)
