@@ -948,14 +948,10 @@ def summary_line(result: DetectionResult, written: list[str]) -> str:
     _, _, w, h = result.region
     tiles = result.tiles
     n_warn = len(result.warnings)
-    frame = (
-        result.slide.get("frame") if result.slide.get("frame", {}).get("frames", 1) > 1 else None
-    )
-    of_frame = (
-        f" of frame {frame['index']}" + (f" ({frame['channel']})" if frame["channel"] else "")
-        if frame
-        else ""
-    )
+    from .wsi.slide import frame_label
+
+    frame = frame_label(result.slide.get("frame"))
+    of_frame = f" of frame {frame}" if frame else ""
     return (
         f"{len(result.nuclei)} nuclei ({result.spec.name} {how}) in a {w} x {h} px region{of_frame} "
         f"({tiles['analysed']} of its {tiles['total']} tiles held tissue), "

@@ -315,13 +315,10 @@ def frame_read(provenance: Any) -> str:
     >>> frame_read({"slide": {"frame": {"index": 0, "channel": None, "frames": 1}}}), frame_read({})
     ('', '')
     """
+    from ..wsi.slide import frame_label
+
     slide = provenance.get("slide") if isinstance(provenance, dict) else None
-    frame = slide.get("frame") if isinstance(slide, dict) else None
-    if not isinstance(frame, dict) or not isinstance(frame.get("frames"), int):
-        return ""
-    if frame["frames"] <= 1:
-        return ""
-    return f"{frame.get('index')}" + (f" ({frame['channel']})" if frame.get("channel") else "")
+    return frame_label(slide.get("frame") if isinstance(slide, dict) else None)
 
 
 def nuclei_per_mm2(count: int, area_mm2: float) -> float | None:

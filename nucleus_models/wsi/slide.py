@@ -27,6 +27,7 @@ __all__ = [
     "Slide",
     "alpha_level",
     "choose_frame",
+    "frame_label",
     "level_multiple",
     "open_slide",
     "to_rgb_uint8",
@@ -769,8 +770,27 @@ class FrameChoice:
         }
 
     def describe(self) -> str:
-        """``frame 1 (DAPI)``, or ``frame 2`` where channels have no names."""
-        return f"frame {self.index}" + (f" ({self.channel})" if self.channel else "")
+        """``frame 1 (DAPI)``, or ``frame 2`` where channels have no names
+        (a multi-frame slide's)."""
+        return f"frame {frame_label(self.record())}"
+
+
+def frame_label(record: Any) -> str:
+    """A provenance's ``slide.frame`` (:meth:`FrameChoice.record`) as ``1
+    (DAPI)``, or ``2`` where channels have no names; "" for a plain slide's
+    or where none is recorded.
+
+    >>> frame_label({"index": 1, "channel": "DAPI", "frames": 3}), frame_label(
+    ...     {"index": 2, "channel": None, "frames": 3})
+    ('1 (DAPI)', '2')
+    >>> frame_label({"index": 0, "channel": None, "frames": 1}), frame_label(None)
+    ('', '')
+    """
+    if not isinstance(record, dict) or not isinstance(record.get("frames"), int):
+        return ""
+    if record["frames"] <= 1:
+        return ""
+    return f"{record.get('index')}" + (f" ({record['channel']})" if record.get("channel") else "")
 
 
 def frame_channels(slide: Slide) -> list[str | None]:
